@@ -1,0 +1,197 @@
+"""Guest RAM: one memfd, mapped into the VM and into any process that emulates devices.
+
+Guest-physical addresses are translated region by region and every access is
+bounds-checked, so a wild address from a guest driver raises GuestMemoryError
+instead of touching host memory outside guest RAM.  The backing is a memfd so
+that a sidecore *process* can map exactly the same pages (``GuestMemory.attach``).
+"""
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+
+PAGE_SIZE = 4096
+
+
+class GuestMemoryError(ValueError):
+    """A guest-physical access that falls (partly) outside guest RAM."""
+
+
+@dataclass(frozen=True)
+class Region:
+    """A contiguous run of guest-physical RAM backed by ``[offset, offset+size)`` of the memfd."""
+
+    gpa: int
+    size: int
+    offset: int
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+    def as_tuple(self) -> tuple[int, int, int]:
+        return (self.gpa, self.size, self.offset)
+
+
+class GuestMemory:
+    """Checked guest-physical access to RAM held in a memfd."""
+
+    def __init__(self, fd: int, regions: list[Region], *, owns_fd: bool = True):
+        if not regions:
+            raise GuestMemoryError("guest memory needs at least one region")
+        self.fd = fd
+        self._owns_fd = owns_fd
+        self.regions = sorted(regions, key=lambda r: r.gpa)
+        for a, b in zip(self.regions, self.regions[1:]):
+            if a.end > b.gpa:
+                raise GuestMemoryError(f"regions overlap: {a} and {b}")
+        self._maps: list[mmap.mmap] = []
+        self._views: list[memoryview] = []
+        for r in self.regions:
+            m = mmap.mmap(fd, r.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=r.offset)
+            self._maps.append(m)
+            self._views.append(memoryview(m))
+
+    # -- construction -------------------------------------------------
+    @classmethod
+    def create(cls, layout: list[tuple[int, int]], name: str = "exitless-guest-ram") -> "GuestMemory":
+        """Allocate a memfd big enough for ``layout`` (a list of (gpa, size)) and map it."""
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        regions, offset = [], 0
+        for gpa, size in layout:
+            if size <= 0 or size % PAGE_SIZE or gpa % PAGE_SIZE:
+                os.close(fd)
+                raise GuestMemoryError(f"region gpa={gpa:#x} size={size:#x} is not page aligned")
+            regions.append(Region(gpa, size, offset))
+            offset += size
+        os.ftruncate(fd, offset)
+        return cls(fd, regions)
+
+    @classmethod
+    def attach(cls, fd: int, regions: list[tuple[int, int, int]]) -> "GuestMemory":
+        """Map RAM that another process created (the fd was inherited or passed over a socket)."""
+        return cls(fd, [Region(*r) for r in regions], owns_fd=False)
+
+    def add_region(self, gpa: int, size: int) -> Region:
+        """Grow the memfd by ``size`` bytes and map them at ``gpa``.
+
+        Used for device pages that are RAM but not in the guest's e820 map: a
+        doorbell page shared with the sidecore lives in the MMIO hole this way.
+        """
+        if size <= 0 or size % PAGE_SIZE or gpa % PAGE_SIZE:
+            raise GuestMemoryError(f"region gpa={gpa:#x} size={size:#x} is not page aligned")
+        if any(r.gpa < gpa + size and gpa < r.end for r in self.regions):
+            raise GuestMemoryError(f"region gpa={gpa:#x} size={size:#x} overlaps guest memory")
+        offset = max(r.offset + r.size for r in self.regions)
+        os.ftruncate(self.fd, offset + size)
+        region = Region(gpa, size, offset)
+        m = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+        pairs = sorted(zip(self.regions + [region], self._maps + [m]), key=lambda p: p[0].gpa)
+        self.regions = [p[0] for p in pairs]
+        self._maps = [p[1] for p in pairs]
+        self._views = [memoryview(x) for x in self._maps]
+        return region
+
+    def describe(self) -> list[tuple[int, int, int]]:
+        """What a second process needs, beside the fd, to ``attach`` the same RAM."""
+        return [r.as_tuple() for r in self.regions]
+
+    @property
+    def size(self) -> int:
+        return sum(r.size for r in self.regions)
+
+    # -- translation --------------------------------------------------
+    def _locate(self, gpa: int, length: int) -> tuple[int, int]:
+        if length < 0 or gpa < 0:
+            raise GuestMemoryError(f"bad guest access gpa={gpa:#x} len={length}")
+        for i, r in enumerate(self.regions):
+            if r.gpa <= gpa < r.end or (length == 0 and gpa == r.end):
+                if gpa + length > r.end:
+                    break
+                return i, gpa - r.gpa
+        raise GuestMemoryError(f"guest access gpa={gpa:#x} len={length:#x} is outside guest RAM")
+
+    def contains(self, gpa: int, length: int = 1) -> bool:
+        try:
+            self._locate(gpa, length)
+            return True
+        except GuestMemoryError:
+            return False
+
+    def host_address(self, region: Region) -> int:
+        """Host virtual address of a region's mapping (for KVM_SET_USER_MEMORY_REGION)."""
+        i = self.regions.index(region)
+        return ctypes.addressof(ctypes.c_char.from_buffer(self._maps[i]))
+
+    # -- access -------------------------------------------------------
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A zero-copy window onto guest RAM; it must not cross a region boundary."""
+        i, off = self._locate(gpa, length)
+        return self._views[i][off:off + length]
+
+    def read(self, gpa: int, length: int) -> bytes:
+        return bytes(self.view(gpa, length))
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        self.view(gpa, len(data))[:] = data
+
+    def fill(self, gpa: int, length: int, byte: int = 0) -> None:
+        self.view(gpa, length)[:] = bytes([byte]) * length
+
+    def read_u8(self, gpa: int) -> int:
+        return self.view(gpa, 1)[0]
+
+    def read_u16(self, gpa: int) -> int:
+        return struct.unpack("<H", self.view(gpa, 2))[0]
+
+    def read_u32(self, gpa: int) -> int:
+        return struct.unpack("<I", self.view(gpa, 4))[0]
+
+    def read_u64(self, gpa: int) -> int:
+        return struct.unpack("<Q", self.view(gpa, 8))[0]
+
+    def write_u8(self, gpa: int, value: int) -> None:
+        self.view(gpa, 1)[0] = value & 0xFF
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        struct.pack_into("<H", self.view(gpa, 2), 0, value & 0xFFFF)
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        struct.pack_into("<I", self.view(gpa, 4), 0, value & 0xFFFFFFFF)
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        struct.pack_into("<Q", self.view(gpa, 8), 0, value & 0xFFFFFFFFFFFFFFFF)
+
+    # -- lifetime -----------------------------------------------------
+    def close(self) -> None:
+        for v in self._views:
+            v.release()
+        self._views.clear()
+        for m in self._maps:
+            try:
+                m.close()
+            except BufferError:
+                # A caller still holds a view; the mapping dies with the last reference.
+                pass
+        self._maps.clear()
+        if self._owns_fd and self.fd >= 0:
+            os.close(self.fd)
+        self.fd = -1
+
+    def __enter__(self) -> "GuestMemory":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def x86_layout(mem_size: int, hole_start: int = 0xC000_0000, hole_end: int = 1 << 32) -> list[tuple[int, int]]:
+    """Split ``mem_size`` bytes of RAM around the 32-bit PCI/MMIO hole, as PC firmware does."""
+    low = min(mem_size, hole_start)
+    layout = [(0, low)]
+    if mem_size > low:
+        layout.append((hole_end, mem_size - low))
+    return layout
