@@ -1,0 +1,215 @@
+"""The VM: assembles KVM, guest memory, buses, legacy devices and vCPUs into one machine.
+
+Order follows what KVM expects on x86 (see DESIGN.md): VM, TSS and identity-map
+pages, in-kernel irqchip and PIT, memory slots, then vCPUs with their CPUID,
+MSRs and LAPIC.  Devices attach to the buses; background workers (I/O-path
+threads, sidecores) register with the VM so that ``close()`` stops them all.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+from .bus import Bus
+from .devices.legacy.debug_exit import DebugExit
+from .devices.legacy.serial import Serial
+from .exits import VmExit
+from .kvm.api import Kvm, Vcpu
+from .kvm.stats import Stats
+from .memory import GuestMemory, Region, x86_layout
+from .vcpu import VcpuThread, install_kick_handler, wait_all
+from .x86 import cpu as X
+from .x86 import layout as L
+
+log = logging.getLogger(__name__)
+MIN_MEM_MIB = 32
+
+
+class Worker(Protocol):
+    """Something that runs beside the vCPUs (a device thread, a sidecore) and must be stopped."""
+
+    def stop(self) -> None: ...
+
+
+@dataclass
+class VmConfig:
+    mem_mib: int = 256
+    cpus: int = 1
+    console: Callable[[bytes], None] | None = None  # where the guest's COM1 output goes
+
+
+class Machine:
+    def __init__(self, config: VmConfig | None = None, kvm: Kvm | None = None):
+        self.config = cfg = config or VmConfig()
+        if cfg.mem_mib < MIN_MEM_MIB:
+            raise ValueError(f"--mem {cfg.mem_mib}M is too small: at least {MIN_MEM_MIB} MiB")
+        if not 1 <= cfg.cpus <= 64:
+            raise ValueError(f"--cpus {cfg.cpus}: between 1 and 64")
+        self._own_kvm = kvm is None
+        self.kvm = kvm or Kvm()
+        self.workers: list[Worker] = []
+        self.vcpus: list[Vcpu] = []
+        self.threads: list[VcpuThread] = []
+        self._closed = False
+        self._exit: VmExit | None = None
+        self._exit_event = threading.Event()
+        self.vm = self.kvm.create_vm()
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self) -> None:
+        cfg = self.config
+        self.vm.set_identity_map_addr(L.KVM_IDENTITY_MAP)
+        self.vm.set_tss_addr(L.KVM_TSS)
+        self.vm.create_irqchip()
+        self.vm.create_pit2()
+        self.ram_layout = x86_layout(cfg.mem_mib << 20, L.MMIO_HOLE_START, L.MMIO_HOLE_END)
+        self.mem = GuestMemory.create(self.ram_layout)
+        self._next_slot = 0
+        for region in self.mem.regions:
+            self._map_region(region)
+        self.pio = Bus("pio")
+        self.mmio = Bus("mmio")
+        out = cfg.console or _stdout_console
+        self.serial = Serial(out, lambda level: self.vm.irq_line(L.COM1_IRQ, level))
+        self.pio.insert(L.COM1_PORT, 8, self.serial, "com1")
+        self.pio.insert(L.DEBUG_EXIT_PORT, 4, DebugExit(), "debug-exit")
+        self.cpuid = []
+        for i in range(cfg.cpus):
+            vcpu = self.vm.create_vcpu(i)
+            self.vcpus.append(vcpu)
+            self.cpuid = X.guest_cpuid(self.kvm, i, cfg.cpus)
+            vcpu.set_cpuid(self.cpuid)
+            X.setup_msrs(vcpu)
+            X.setup_lapic(vcpu)
+
+    def _map_region(self, region: Region) -> None:
+        self.vm.set_user_memory_region(self._next_slot, region.gpa, region.size, self.mem.host_address(region))
+        self._next_slot += 1
+
+    # -- devices --------------------------------------------------------
+    def add_ram_page(self, gpa: int, size: int = 4096) -> Region:
+        """Map RAM at a device address (outside the e820 map): a doorbell page shared with a sidecore."""
+        region = self.mem.add_region(gpa, size)
+        self._map_region(region)
+        return region
+
+    def add_worker(self, worker: Worker) -> None:
+        self.workers.append(worker)
+
+    # -- boot -----------------------------------------------------------
+    def boot_pvh(self, kernel: str | Path, cmdline: str = "", initrd: str | Path | None = None) -> None:
+        """Load an ELF kernel with a PVH note (the guest kit, or Linux's vmlinux)."""
+        from .boot.pvh import KernelImageError, load_pvh, parse_pvh_elf
+
+        path = Path(kernel)
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise KernelImageError(f"{path}: {e.strerror}") from e
+        image = parse_pvh_elf(data, str(path))
+        modules = []
+        if initrd is not None:
+            blob = Path(initrd).read_bytes()
+            addr = _initrd_address(self.ram_layout, len(blob), image.end)
+            self.mem.write(addr, blob)
+            modules.append((addr, len(blob)))
+        start_info = load_pvh(self.mem, image, cmdline, self.ram_layout, modules)
+        X.set_protected_mode_entry(self.vcpus[0], image.entry, rbx=start_info)
+
+    # -- running --------------------------------------------------------
+    def run(self, timeout: float | None = None) -> VmExit:
+        """Run until the guest stops (or ``timeout`` seconds pass: then kind='timeout')."""
+        install_kick_handler()
+        self.threads = [VcpuThread(v, self.pio, self.mmio, self._vcpu_exited) for v in self.vcpus]
+        for t in self.threads:
+            t.start()
+        if not self._exit_event.wait(timeout):
+            self._set_exit(VmExit("timeout", 1, f"the guest did not stop within {timeout} s"))
+        self.stop()
+        return self._exit
+
+    def _vcpu_exited(self, exit: VmExit) -> None:
+        self._set_exit(exit)
+
+    def _set_exit(self, exit: VmExit) -> None:
+        if self._exit is None:
+            self._exit = exit
+        self._exit_event.set()
+
+    def stop(self) -> None:
+        for t in self.threads:
+            t.kick()
+        if not wait_all(self.threads, 5.0):
+            log.error("a vCPU thread did not stop within 5 s")
+
+    def vcpu_stats(self) -> "VcpuStats":
+        return VcpuStats([v.stats() for v in self.vcpus])
+
+    def tsc_khz(self) -> int:
+        return self.vcpus[0].tsc_khz()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.threads:
+            self.stop()
+        for w in reversed(self.workers):
+            try:
+                w.stop()
+            except Exception:
+                log.exception("stopping %r", w)
+        self.workers.clear()
+        for v in self.vcpus:
+            v.close()
+        if hasattr(self, "mem"):
+            self.mem.close()
+        self.vm.close()
+        if self._own_kvm:
+            self.kvm.close()
+
+    def __enter__(self) -> "Machine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass
+class VcpuStats:
+    """KVM's own per-vCPU counters, summed over the VM's vCPUs."""
+
+    fds: list[Stats] = field(default_factory=list)
+
+    def read(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for s in self.fds:
+            for k, v in s.read().items():
+                total[k] = total.get(k, 0) + v
+        return total
+
+    def close(self) -> None:
+        for s in self.fds:
+            s.close()
+
+
+def _stdout_console(data: bytes) -> None:
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+def _initrd_address(ram: list[tuple[int, int]], size: int, kernel_end: int) -> int:
+    """Put the initrd at the top of low RAM, page aligned, above the kernel."""
+    low_end = ram[0][0] + ram[0][1]
+    addr = (low_end - size) & ~0xFFF
+    if addr <= kernel_end:
+        raise ValueError(f"initrd of {size >> 20} MiB does not fit in guest RAM above the kernel")
+    return addr
