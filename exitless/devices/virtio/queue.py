@@ -1,0 +1,659 @@
+"""The device side of a VIRTIO 1.2 split virtqueue (spec §2.7), over checked guest memory.
+
+One implementation for every virtio device and every transport: the built-in
+virtio-pci transport and the vhost-user backend both construct a
+:class:`Virtqueue`, fill in its geometry, call :meth:`Virtqueue.validate` and
+then drive it with :meth:`pop` / :meth:`push` / :meth:`should_signal` and the
+notification helpers.
+
+Error model
+-----------
+The guest is untrusted.  Nothing it writes into a ring can make this code touch
+host memory outside guest RAM (every access goes through
+:class:`exitless.memory.GuestMemory`, which bounds-checks) or raise anything but
+the two documented outcomes:
+
+* :class:`VirtqueueError` -- the *ring* is broken and cannot be trusted any more:
+  geometry invalid (:meth:`validate`), the available index moved by more than
+  the queue size, a head or ``next`` index out of range, a loop, a chain of
+  more than ``max_size`` buffer descriptors (see below), ``INDIRECT`` used without being negotiated, a
+  nested indirect table, ``INDIRECT`` together with ``NEXT``, an indirect table
+  whose length is zero or not a multiple of 16 or that lies outside RAM.  The
+  queue marks itself :attr:`Virtqueue.broken` (further :meth:`pop` calls raise
+  again, :meth:`has_work` is False) until :meth:`reset`; the device should set
+  DEVICE_NEEDS_RESET (``VirtioDevice.handle_queue`` does).
+* :attr:`DescriptorChain.error` (a string, else ``None``) -- the chain is
+  structurally fine and was consumed from the ring, but one of its *buffers*
+  lies (partly) outside guest RAM, a device-readable buffer follows a
+  device-writable one, or the chain is longer than 2**32 bytes.  The device
+  fails that one request (e.g. virtio-blk writes IOERR into the status byte if
+  that byte itself is addressable) and pushes it back; the queue keeps going.
+  The access helpers raise :class:`~exitless.memory.GuestMemoryError` for a
+  byte range that touches a bad buffer and work for the rest (so a device can
+  still write a status byte that lies in a good buffer).
+
+Zero-length descriptors carry no buffer and are dropped from the chain.
+
+Chain length: a direct chain cannot exceed ``size`` descriptors without a loop.
+The spec also forbids chains "longer than the Queue Size of the device"; for
+indirect tables the limit applied is the device's *maximum* queue size
+(``max_size``, which devices derive limits such as virtio-blk's ``seg_max``
+from), not the possibly smaller size the driver chose: Linux sizes indirect
+tables from ``seg_max`` and only warns about longer chains when it does *not*
+use indirect descriptors, so a driver that shrank the ring would otherwise be
+reset for ordinary requests.
+
+Memory ordering
+---------------
+The guest driver runs concurrently on another CPU.  Python executes our loads
+and stores in program order (each is a C call into ``struct``); the hardware
+may not:
+
+* x86-64 (TSO): loads are not reordered with loads, stores not with stores, so
+  "read avail.idx, then the ring entry and descriptors" and "write the used
+  element, then used.idx" need no fence.  The one reordering x86 does is a
+  *later load passing an earlier store* (store buffer), which is exactly the
+  publish-then-recheck pattern of :meth:`enable_notifications` (store
+  avail_event / used.flags, then load avail.idx) and of :meth:`should_signal`
+  (store used.idx, then load used_event / avail.flags).  Both use
+  :func:`full_barrier`.
+* Weakly ordered CPUs (aarch64): the read and write sides also need barriers;
+  :data:`WEAK_ORDERING` turns them on (a full barrier each; correct, not tuned).
+
+:func:`full_barrier` executes a real fence instruction: ``lock or dword
+[rsp], 0`` on x86-64 (what Linux uses for ``smp_mb()``; any LOCK-prefixed
+instruction is a full barrier per Intel SDM vol. 3 §9.2.2 "reads or writes
+cannot be reordered with I/O instructions, locked instructions, or
+serializing instructions") or ``dmb ish`` on aarch64, from a 6/8-byte stub in
+an executable page called through ctypes (~0.1 µs, mostly ctypes call
+overhead).  A system call is *not* used: SYSCALL is not a serializing
+instruction, and the kernel does not promise a barrier on entry or exit --
+``kernel/sched/membarrier.c`` adds explicit ``smp_mb()`` calls commented
+"system call entry is not a mb" / "exit from system call is not a mb", and
+even ``membarrier()`` returns early without them for a single-threaded
+process.  If the executable stub cannot be created (W^X policy), the fallback
+is an uncontended ``threading.Lock`` acquire/release, which glibc implements
+with LOCK-prefixed read-modify-writes: a full barrier on x86 (only an
+acquire/release pair elsewhere); :data:`BARRIER_KIND` says which is in use.
+
+Threading
+---------
+A queue is driven by one thread at a time (the transport guarantees it);
+nothing here takes locks.  Geometry attributes are read only by
+:meth:`validate`, which snapshots them for the hot path, so a transport must
+call :meth:`validate` after changing them (``VirtioDevice.activate`` does).
+"""
+from __future__ import annotations
+
+import ctypes
+import mmap
+import platform
+import struct
+import threading
+from typing import Callable
+
+from exitless.memory import GuestMemory, GuestMemoryError
+
+from .constants import (
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    VIRTQ_MAX_SIZE,
+    VRING_AVAIL_F_NO_INTERRUPT,
+    VRING_USED_F_NO_NOTIFY,
+)
+
+__all__ = [
+    "BARRIER_KIND",
+    "DescriptorChain",
+    "Virtqueue",
+    "VirtqueueError",
+    "WEAK_ORDERING",
+    "full_barrier",
+    "vring_need_event",
+]
+
+
+class VirtqueueError(Exception):
+    """The ring (or the queue's geometry) is malformed: the device needs a reset."""
+
+
+# ---------------------------------------------------------------------------
+# memory barrier
+# ---------------------------------------------------------------------------
+_MACHINE = platform.machine().lower()
+WEAK_ORDERING = _MACHINE not in ("x86_64", "amd64", "i386", "i686", "x86")
+
+_FENCE_CODE = {
+    # lock or dword ptr [rsp], 0 ; ret   -- ORs zero into the return address slot
+    "x86_64": bytes((0xF0, 0x83, 0x0C, 0x24, 0x00, 0xC3)),
+    "amd64": bytes((0xF0, 0x83, 0x0C, 0x24, 0x00, 0xC3)),
+    # dmb ish ; ret
+    "aarch64": struct.pack("<II", 0xD5033BBF, 0xD65F03C0),
+    "arm64": struct.pack("<II", 0xD5033BBF, 0xD65F03C0),
+}
+
+_fence_keepalive: list = []
+
+
+def _native_fence() -> Callable[[], None] | None:
+    code = _FENCE_CODE.get(_MACHINE)
+    if code is None:
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        mprotect = libc.mprotect
+        mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        mprotect.restype = ctypes.c_int
+        page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        page[: len(code)] = code
+        anchor = ctypes.c_char.from_buffer(page)  # pins the mapping for the life of the process
+        addr = ctypes.addressof(anchor)
+        if mprotect(addr, mmap.PAGESIZE, mmap.PROT_READ | mmap.PROT_EXEC) != 0:
+            return None
+        fn = ctypes.CFUNCTYPE(None)(addr)
+        fn()  # smoke test: it returns
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
+    _fence_keepalive.extend((page, anchor, fn))
+    return fn
+
+
+def _lock_fence() -> Callable[[], None]:
+    lock = threading.Lock()
+    acquire, release = lock.acquire, lock.release
+
+    def fence() -> None:
+        acquire()
+        release()
+
+    return fence
+
+
+_fn = _native_fence()
+if _fn is not None:
+    full_barrier: Callable[[], None] = _fn
+    BARRIER_KIND = "native-lock-or" if not WEAK_ORDERING else "native-dmb"
+else:  # pragma: no cover - only where executable mappings are forbidden
+    full_barrier = _lock_fence()
+    BARRIER_KIND = "lock-rmw"
+full_barrier.__doc__ = "A full memory barrier (store->load ordering included); see the module docstring."
+del _fn
+
+
+def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
+    """True if moving an index from ``old_idx`` to ``new_idx`` crossed ``event_idx`` (mod 2**16).
+
+    Spec §2.7.7/§2.7.10: the other side asked to be notified once the index
+    passes ``event_idx``, i.e. ``event_idx`` lies in ``[old_idx, new_idx)``.
+    """
+    return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
+
+
+# ---------------------------------------------------------------------------
+# descriptor chains
+# ---------------------------------------------------------------------------
+_DESC = struct.Struct("<QIHH")
+_desc_unpack = _DESC.unpack_from
+_U16 = struct.Struct("<H")
+_u16_unpack = _U16.unpack_from
+_u16_pack = _U16.pack_into
+_USED_ELEM = struct.Struct("<II")
+_used_pack = _USED_ELEM.pack_into
+
+_F_NEXT = VIRTQ_DESC_F_NEXT
+_F_WRITE = VIRTQ_DESC_F_WRITE
+_F_INDIRECT = VIRTQ_DESC_F_INDIRECT
+
+
+def _slice_views(views: list, total: int, offset: int, length: int | None, what: str) -> list[memoryview]:
+    """Sub-range ``[offset, offset+length)`` of the byte stream formed by ``views`` (zero-copy).
+
+    An ``int`` in ``views`` stands for a buffer of that length outside guest
+    RAM; touching it raises GuestMemoryError.
+    """
+    if length is None:
+        length = total - offset
+    if offset < 0 or length < 0 or offset + length > total:
+        raise ValueError(f"{what} range [{offset}, {offset + length}) outside the {total}-byte {what} area")
+    out: list[memoryview] = []
+    if length == 0:
+        return out
+    end = offset + length
+    pos = 0
+    for v in views:
+        bad = v.__class__ is int
+        n = v if bad else len(v)
+        nxt = pos + n
+        if nxt > offset:
+            if bad:
+                raise GuestMemoryError(f"{what} bytes [{pos}, {nxt}) of the chain are outside guest RAM")
+            lo = offset - pos if offset > pos else 0
+            hi = end - pos if end < nxt else n
+            out.append(v if (lo == 0 and hi == n) else v[lo:hi])
+            if nxt >= end:
+                break
+        pos = nxt
+    return out
+
+
+class DescriptorChain:
+    """One available buffer, fully walked and validated by :meth:`Virtqueue.pop`.
+
+    ``segments`` lists ``(gpa, length, device_writable)`` in chain order (a
+    buffer that spans two adjacent RAM regions appears as two segments).  The
+    device-readable bytes form one logical stream and the device-writable bytes
+    another (spec §2.7.4: no assumption about how they are split into
+    descriptors); the helpers below address those streams.
+    """
+
+    __slots__ = ("head", "segments", "error", "readable_len", "writable_len", "_rviews", "_wviews")
+
+    def __init__(self, head: int, segments: list, rviews: list, wviews: list,
+                 readable_len: int, writable_len: int, error: str | None = None):
+        self.head = head
+        self.segments: list[tuple[int, int, bool]] = segments
+        self.error = error
+        self.readable_len = readable_len
+        self.writable_len = writable_len
+        self._rviews = rviews
+        self._wviews = wviews
+
+    @property
+    def total_len(self) -> int:
+        return self.readable_len + self.writable_len
+
+    def readable_views(self) -> list[memoryview]:
+        """Zero-copy views of every device-readable buffer, in order."""
+        return _slice_views(self._rviews, self.readable_len, 0, None, "readable")
+
+    def writable_views(self) -> list[memoryview]:
+        """Zero-copy views of every device-writable buffer, in order."""
+        return _slice_views(self._wviews, self.writable_len, 0, None, "writable")
+
+    def readable(self, offset: int = 0, length: int | None = None) -> list[memoryview]:
+        """Views of bytes ``[offset, offset+length)`` of the device-readable stream."""
+        return _slice_views(self._rviews, self.readable_len, offset, length, "readable")
+
+    def writable(self, offset: int = 0, length: int | None = None) -> list[memoryview]:
+        """Views of bytes ``[offset, offset+length)`` of the device-writable stream."""
+        return _slice_views(self._wviews, self.writable_len, offset, length, "writable")
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Copy ``length`` bytes of the device-readable stream (for headers)."""
+        views = self.readable(offset, length)
+        if len(views) == 1:
+            return bytes(views[0])
+        return b"".join(views)
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
+        """Copy ``data`` into the device-writable stream at ``offset``; returns ``len(data)``."""
+        pos = 0
+        for v in self.writable(offset, len(data)):
+            n = len(v)
+            v[:] = data[pos:pos + n]
+            pos += n
+        return pos
+
+    def __repr__(self) -> str:
+        err = f" error={self.error!r}" if self.error else ""
+        return (f"DescriptorChain(head={self.head}, segments={len(self.segments)}, "
+                f"readable={self.readable_len}, writable={self.writable_len}{err})")
+
+
+# ---------------------------------------------------------------------------
+# the queue
+# ---------------------------------------------------------------------------
+class Virtqueue:
+    """Device side of one split virtqueue.
+
+    Transport-owned attributes (read by :meth:`validate` only):
+    ``size``, ``desc_addr``, ``avail_addr``, ``used_addr``, ``ready``,
+    ``event_idx`` (VIRTIO_F_RING_EVENT_IDX negotiated), ``indirect``
+    (VIRTIO_F_RING_INDIRECT_DESC negotiated).
+
+    Ring state, readable and settable (vhost-user GET/SET_VRING_BASE):
+    ``last_avail_idx`` (next avail ring slot the device consumes) and
+    ``used_idx`` (the device's copy of used.idx, next used slot it fills).
+    """
+
+    def __init__(self, mem: GuestMemory, max_size: int):
+        if not (0 < max_size <= VIRTQ_MAX_SIZE) or max_size & (max_size - 1):
+            raise ValueError(f"virtqueue max_size {max_size} is not a power of two in 1..{VIRTQ_MAX_SIZE}")
+        self.mem = mem
+        self.max_size = max_size
+        self.reset()
+
+    # -- configuration ------------------------------------------------------
+    def reset(self) -> None:
+        """Back to the post-reset state: unconfigured, indices zero, notifications enabled."""
+        self.size = self.max_size
+        self.desc_addr = 0
+        self.avail_addr = 0
+        self.used_addr = 0
+        self.ready = False
+        self.event_idx = False
+        self.indirect = False
+        self.broken = False
+        self._last_avail = 0
+        self._shadow_avail = 0
+        self._used_idx = 0
+        self._signalled_used = 0
+        self._signalled_valid = False
+        self._unsignalled = False
+        self._notify_enabled = True
+        self._avail_event = 0
+        self._drop_views()
+
+    def _drop_views(self) -> None:
+        self._desc = None
+        self._avail = None
+        self._used = None
+        self._size = 0
+        self._mask = 0
+        self._evt = False
+        self._ind = False
+        self._used_event_off = 0
+        self._avail_event_off = 0
+
+    def validate(self) -> None:
+        """Check the geometry and map the three ring areas; raise :class:`VirtqueueError` if bad.
+
+        ``size`` must be a power of two <= ``max_size``; the descriptor table
+        (16-aligned, 16*size bytes), the available ring (2-aligned, 4+2*size
+        bytes, +2 with EVENT_IDX) and the used ring (4-aligned, 4+8*size
+        bytes, +2 with EVENT_IDX) must each lie inside one contiguous run of
+        guest RAM.  On success the views are cached for the hot path, along
+        with ``size``, ``event_idx`` and ``indirect``.
+        """
+        self._drop_views()
+        size = self.size
+        if not isinstance(size, int) or size <= 0 or size & (size - 1) or size > self.max_size:
+            raise VirtqueueError(f"queue size {size} is not a power of two in 1..{self.max_size}")
+        evt = bool(self.event_idx)
+        areas = (
+            ("descriptor table", self.desc_addr, 16, 16 * size),
+            ("available ring", self.avail_addr, 2, 4 + 2 * size + (2 if evt else 0)),
+            ("used ring", self.used_addr, 4, 4 + 8 * size + (2 if evt else 0)),
+        )
+        views = []
+        for name, addr, align, length in areas:
+            if not isinstance(addr, int) or addr < 0 or addr % align:
+                raise VirtqueueError(f"{name} address {addr!r} is not {align}-byte aligned")
+            try:
+                views.append(self.mem.view(addr, length))
+            except GuestMemoryError as e:
+                raise VirtqueueError(f"{name} [{addr:#x}, +{length:#x}) is not inside guest RAM") from e
+        self._desc, self._avail, self._used = views
+        self._size = size
+        self._mask = size - 1
+        self._evt = evt
+        self._ind = bool(self.indirect)
+        self._used_event_off = 4 + 2 * size
+        self._avail_event_off = 4 + 8 * size
+        self._shadow_avail = self._last_avail
+        self.broken = False
+        if evt and self._notify_enabled:
+            self._publish_avail_event(self._last_avail)
+
+    @property
+    def configured(self) -> bool:
+        """True after a successful :meth:`validate` (and until :meth:`reset`)."""
+        return self._desc is not None
+
+    # -- indices (vhost-user GET/SET_VRING_BASE) ------------------------------
+    @property
+    def last_avail_idx(self) -> int:
+        return self._last_avail
+
+    @last_avail_idx.setter
+    def last_avail_idx(self, value: int) -> None:
+        self._last_avail = self._shadow_avail = value & 0xFFFF
+
+    @property
+    def used_idx(self) -> int:
+        return self._used_idx
+
+    @used_idx.setter
+    def used_idx(self, value: int) -> None:
+        self._used_idx = value & 0xFFFF
+        self._signalled_valid = False
+
+    def ring_avail_idx(self) -> int:
+        """avail.idx as the driver last wrote it (0 if unconfigured)."""
+        return _u16_unpack(self._avail, 2)[0] if self._avail is not None else 0
+
+    def ring_used_idx(self) -> int:
+        """used.idx as it is in guest memory (to resume a queue: ``q.used_idx = q.ring_used_idx()``)."""
+        return _u16_unpack(self._used, 2)[0] if self._used is not None else 0
+
+    # -- consuming ---------------------------------------------------------------
+    def has_work(self) -> bool:
+        """Cheap poll: has the driver made buffers available that :meth:`pop` has not taken?"""
+        avail = self._avail
+        if avail is None or self.broken:
+            return False
+        return _u16_unpack(avail, 2)[0] != self._last_avail
+
+    def _fail(self, msg: str) -> VirtqueueError:
+        self.broken = True
+        return VirtqueueError(msg)
+
+    def pop(self) -> DescriptorChain | None:
+        """Take the next available chain, or return None if there is none (or the queue is unconfigured).
+
+        Raises :class:`VirtqueueError` if the ring is malformed (see the module docstring).
+        """
+        avail = self._avail
+        if avail is None:
+            return None
+        if self.broken:
+            raise VirtqueueError("virtqueue is broken; it needs a reset")
+        last = self._last_avail
+        if last == self._shadow_avail:
+            idx = _u16_unpack(avail, 2)[0]
+            if idx == last:
+                return None
+            if ((idx - last) & 0xFFFF) > self._size:
+                raise self._fail(f"avail idx jumped from {last} to {idx} (queue size {self._size})")
+            self._shadow_avail = idx
+            if WEAK_ORDERING:
+                full_barrier()  # read the ring entries only after avail.idx
+        head = _u16_unpack(avail, 4 + 2 * (last & self._mask))[0]
+        last = self._last_avail = (last + 1) & 0xFFFF
+        if self._evt:
+            if self._notify_enabled:
+                _u16_pack(self._used, self._avail_event_off, last)
+            elif ((last - self._avail_event) & 0xFFFF) >= 0x4000:
+                # keep the "disabled" avail_event behind the driver (see disable_notifications)
+                self._publish_avail_event((last - 1) & 0xFFFF)
+        return self._walk(head)
+
+    def _walk(self, head: int) -> DescriptorChain:
+        size = self._size
+        if head >= size:
+            raise self._fail(f"available head index {head} >= queue size {size}")
+        max_chain = self.max_size
+        view = self.mem.view
+        table = self._desc
+        limit = size           # entries in the table being walked
+        steps = 0              # descriptors visited in that table
+        ndesc = 0              # buffer descriptors in the whole chain
+        idx = head
+        indirect = False
+        segs: list = []
+        rviews: list = []
+        wviews: list = []
+        rlen = wlen = 0
+        error = None
+        while True:
+            addr, length, flags, nxt = _desc_unpack(table, idx << 4)
+            steps += 1
+            if flags & _F_INDIRECT:
+                if indirect:
+                    raise self._fail(f"nested indirect descriptor in chain {head}")
+                if not self._ind:
+                    raise self._fail(f"INDIRECT descriptor in chain {head} but VIRTIO_F_INDIRECT_DESC not negotiated")
+                if flags & _F_NEXT:
+                    raise self._fail(f"descriptor {idx} of chain {head} has both INDIRECT and NEXT")
+                if length == 0 or length & 15:
+                    raise self._fail(f"indirect table length {length} of chain {head} is not a non-zero multiple of 16")
+                try:
+                    table = view(addr, length)
+                except GuestMemoryError:
+                    raise self._fail(f"indirect table [{addr:#x}, +{length:#x}) of chain {head} is outside guest RAM") from None
+                indirect = True
+                limit = length >> 4
+                steps = 0
+                idx = 0
+                continue
+            if length:
+                ndesc += 1
+                if ndesc > max_chain:
+                    raise self._fail(f"chain {head} has more than {max_chain} descriptors")
+                w = flags & _F_WRITE
+                try:
+                    pieces = (view(addr, length),)
+                except GuestMemoryError:
+                    pieces = self._split_view(addr, length)
+                if pieces is None:
+                    if error is None:
+                        error = f"buffer [{addr:#x}, +{length:#x}) is outside guest RAM"
+                    segs.append((addr, length, bool(w)))
+                    (wviews if w else rviews).append(length)  # placeholder: bad buffer
+                else:
+                    gpa = addr
+                    for v in pieces:
+                        n = len(v)
+                        segs.append((gpa, n, bool(w)))
+                        (wviews if w else rviews).append(v)
+                        gpa += n
+                if w:
+                    wlen += length
+                else:
+                    if wlen and error is None:
+                        error = "device-readable buffer after a device-writable one"
+                    rlen += length
+            if not flags & _F_NEXT:
+                break
+            if nxt >= limit:
+                raise self._fail(f"next index {nxt} >= {'indirect table' if indirect else 'queue'} size {limit} in chain {head}")
+            if steps >= limit:
+                raise self._fail(f"descriptor loop in chain {head}")
+            idx = nxt
+        if error is None and rlen + wlen > 0xFFFFFFFF:
+            error = "chain is longer than 2**32 bytes"
+        return DescriptorChain(head, segs, rviews, wviews, rlen, wlen, error)
+
+    def _split_view(self, gpa: int, length: int) -> tuple | None:
+        """Views of a buffer that spans adjacent RAM regions, or None if any byte is outside RAM."""
+        out = []
+        end = gpa + length
+        for r in self.mem.regions:
+            if r.gpa <= gpa < r.end:
+                n = min(end, r.end) - gpa
+                try:
+                    out.append(self.mem.view(gpa, n))
+                except GuestMemoryError:
+                    return None
+                gpa += n
+                if gpa == end:
+                    return tuple(out)
+        return None
+
+    # -- completing ----------------------------------------------------------------
+    def push(self, head: int, written: int) -> None:
+        """Return chain ``head`` to the driver with ``written`` bytes written to its writable part.
+
+        The used element is stored before used.idx (spec §2.7.8); the stores
+        are ordered on x86 and fenced on weakly ordered CPUs.
+        """
+        used = self._used
+        if used is None:
+            raise VirtqueueError("push on an unconfigured virtqueue")
+        if not 0 <= head < self._size:
+            raise ValueError(f"push of head {head} outside queue size {self._size}")
+        idx = self._used_idx
+        _used_pack(used, 4 + 8 * (idx & self._mask), head, written & 0xFFFFFFFF)
+        if WEAK_ORDERING:
+            full_barrier()
+        idx = self._used_idx = (idx + 1) & 0xFFFF
+        _u16_pack(used, 2, idx)
+        self._unsignalled = True
+
+    def should_signal(self) -> bool:
+        """After one or more :meth:`push` calls: does the driver want a used-buffer notification?
+
+        Without EVENT_IDX: unless avail.flags has VRING_AVAIL_F_NO_INTERRUPT.
+        With EVENT_IDX: if used.idx crossed ``used_event`` since the previous
+        call (``vring_need_event(used_event, new, old)``), or on the first call
+        after (re)configuration.  A full barrier orders our used.idx store
+        before the load of the driver's suppression field (the driver does
+        the mirror image: store used_event, fence, re-read used.idx).
+        """
+        if not self._unsignalled or self._avail is None:
+            return False
+        self._unsignalled = False
+        full_barrier()
+        new = self._used_idx
+        if self._evt:
+            old = self._signalled_used
+            self._signalled_used = new
+            if not self._signalled_valid:
+                self._signalled_valid = True
+                return True
+            used_event = _u16_unpack(self._avail, self._used_event_off)[0]
+            return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+        return not (_u16_unpack(self._avail, 0)[0] & VRING_AVAIL_F_NO_INTERRUPT)
+
+    # -- available-buffer notification suppression ------------------------------------
+    @property
+    def notifications_enabled(self) -> bool:
+        return self._notify_enabled
+
+    def _publish_avail_event(self, value: int) -> None:
+        self._avail_event = value
+        _u16_pack(self._used, self._avail_event_off, value)
+
+    def disable_notifications(self) -> None:
+        """Ask the driver not to notify (kick) us: we are polling.
+
+        Without EVENT_IDX set VRING_USED_F_NO_NOTIFY in used.flags.  With
+        EVENT_IDX publish ``avail_event = last_avail_idx - 1``: the driver kicks
+        only when avail.idx moves across avail_event, and it is always at or
+        ahead of ``last_avail_idx``, so that value is ~65535 entries ahead of it;
+        :meth:`pop` moves it along every 16384 entries so it is never reached.
+        Suppression is advisory: a late kick may still arrive.
+        """
+        self._notify_enabled = False
+        if self._used is None:
+            return
+        if self._evt:
+            self._publish_avail_event((self._last_avail - 1) & 0xFFFF)
+        else:
+            _u16_pack(self._used, 0, VRING_USED_F_NO_NOTIFY)
+
+    def enable_notifications(self) -> bool:
+        """Ask the driver to notify us again; return True if buffers arrived meanwhile.
+
+        Publishes (used.flags = 0, or avail_event = last_avail_idx), then a full
+        barrier, then re-reads avail.idx.  The driver does the mirror image
+        (store avail.idx, fence, load flags/avail_event), so at least one side
+        sees the other's store: either the driver kicks or this returns True.
+        A caller that gets True must process the queue again (and may disable
+        notifications again first) -- otherwise a wake-up is lost.
+        """
+        self._notify_enabled = True
+        if self._used is None:
+            return False
+        if self._evt:
+            self._publish_avail_event(self._last_avail)
+        else:
+            _u16_pack(self._used, 0, 0)
+        full_barrier()
+        return self.has_work()
+
+    def __repr__(self) -> str:
+        state = "broken" if self.broken else ("configured" if self.configured else "unconfigured")
+        return (f"Virtqueue(size={self.size}, max={self.max_size}, {state}, "
+                f"last_avail={self._last_avail}, used={self._used_idx})")
