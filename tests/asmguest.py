@@ -27,6 +27,46 @@ SECTIONS {
     .bss : { *(.bss) }
 }
 """
+# Enter long mode with static identity page tables (2 MiB pages over the first 1 GiB);
+# on software-nested KVM only paged 64-bit code runs natively.
+LONG_MODE_PROLOGUE = r"""
+    mov $pml4, %eax
+    mov %eax, %cr3
+    mov %cr4, %eax
+    or $0x20, %eax              /* PAE */
+    mov %eax, %cr4
+    mov $0xc0000080, %ecx       /* EFER.LME */
+    rdmsr
+    or $0x100, %eax
+    wrmsr
+    mov %cr0, %eax
+    or $0x80000001, %eax        /* PG | PE */
+    mov %eax, %cr0
+    lgdt gdt64_ptr
+    ljmp $0x08, $long_entry
+    .code64
+long_entry:
+    mov $0x10, %ax
+    mov %ax, %ds
+    mov %ax, %ss
+    mov $0x90000, %rsp
+"""
+LONG_MODE_DATA = r"""
+    .balign 4096
+pml4: .long pdpt + 0x3, 0
+    .fill 511, 8, 0
+pdpt: .long pd + 0x3, 0
+    .fill 511, 8, 0
+pd:
+    .set i, 0
+    .rept 512
+    .quad (i << 21) + 0x83
+    .set i, i + 1
+    .endr
+gdt64: .quad 0, 0x00af9a000000ffff, 0x00cf92000000ffff
+gdt64_ptr: .word 23
+    .long gdt64
+"""
 FOOTER = r"""
 exit_with_eax:
     mov $0xf4, %dx
@@ -37,10 +77,12 @@ exit_with_eax:
 """
 
 
-def build_guest(tmp: Path, name: str, body: str, data: str = "") -> Path:
+def build_guest(tmp: Path, name: str, body: str, data: str = "", long_mode: bool = False) -> Path:
     if not (shutil.which("as") and shutil.which("ld")):
         raise RuntimeError("binutils (as, ld) are needed to build test guests")
     src = tmp / f"{name}.S"
+    if long_mode:
+        body, data = LONG_MODE_PROLOGUE + body, LONG_MODE_DATA + data
     src.write_text(HEADER + body + FOOTER + "\n    .data\n" + data + "\n")
     obj, elf = tmp / f"{name}.o", tmp / f"{name}.elf"
     subprocess.run(["as", "--32", "-o", str(obj), str(src)], check=True)

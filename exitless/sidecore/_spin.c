@@ -1,0 +1,116 @@
+/* GIL-free spinning on guest memory for sidecores.
+ *
+ * A pure-Python polling loop holds the GIL, so every other Python thread of the
+ * VMM (a vCPU returning from a trapped access, a device thread) waits up to the
+ * interpreter's switch interval for it.  The sidecore therefore spins here, in C,
+ * with the GIL released, and only takes the GIL when a watched word changed.
+ * It also gives Python the full memory barrier (mfence) that the
+ * "publish EventIdx, then re-read the shadow value" handshake needs: on x86 a
+ * store followed by a load from another address may be reordered through the
+ * store buffer, and no pure-Python operation guarantees a fence.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <time.h>
+
+static inline uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __asm__ __volatile__("pause" ::: "memory");
+#else
+    __asm__ __volatile__("" ::: "memory");
+#endif
+}
+
+/* watch(addresses: bytes of u64, snapshot: bytes of u32, timeout_ns) -> index or -1
+ * Spin until the u32 at some address differs from its snapshot; return its index,
+ * or -1 once timeout_ns have passed. */
+static PyObject *spin_watch(PyObject *self, PyObject *args)
+{
+    Py_buffer addrs, snap;
+    unsigned long long timeout_ns;
+    if (!PyArg_ParseTuple(args, "y*y*K", &addrs, &snap, &timeout_ns))
+        return NULL;
+    Py_ssize_t n = addrs.len / 8;
+    if (addrs.len % 8 || snap.len != n * 4 || n == 0) {
+        PyBuffer_Release(&addrs);
+        PyBuffer_Release(&snap);
+        PyErr_SetString(PyExc_ValueError, "watch: need n u64 addresses and n u32 snapshot values, n > 0");
+        return NULL;
+    }
+    const uint64_t *a = (const uint64_t *)addrs.buf;
+    const uint32_t *s = (const uint32_t *)snap.buf;
+    long found = -1;
+    Py_BEGIN_ALLOW_THREADS
+    uint64_t deadline = now_ns() + timeout_ns;
+    for (unsigned iter = 0;; iter++) {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if (*(volatile const uint32_t *)(uintptr_t)a[i] != s[i]) {
+                found = (long)i;
+                break;
+            }
+        }
+        if (found >= 0)
+            break;
+        cpu_relax();
+        if ((iter & 63) == 0 && now_ns() >= deadline)
+            break;
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&addrs);
+    PyBuffer_Release(&snap);
+    return PyLong_FromLong(found);
+}
+
+/* store_fence_load(store_addr, value, load_addr) -> u32
+ * *store_addr = value (u32); full barrier; return *load_addr (u32). */
+static PyObject *spin_store_fence_load(PyObject *self, PyObject *args)
+{
+    unsigned long long store_addr, load_addr;
+    unsigned int value;
+    if (!PyArg_ParseTuple(args, "KIK", &store_addr, &value, &load_addr))
+        return NULL;
+    *(volatile uint32_t *)(uintptr_t)store_addr = value;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    uint32_t v = *(volatile const uint32_t *)(uintptr_t)load_addr;
+    return PyLong_FromUnsignedLong(v);
+}
+
+/* store16_fence_load16: the same handshake for 16-bit virtqueue indices. */
+static PyObject *spin_store16_fence_load16(PyObject *self, PyObject *args)
+{
+    unsigned long long store_addr, load_addr;
+    unsigned int value;
+    if (!PyArg_ParseTuple(args, "KIK", &store_addr, &value, &load_addr))
+        return NULL;
+    *(volatile uint16_t *)(uintptr_t)store_addr = (uint16_t)value;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    uint16_t v = *(volatile const uint16_t *)(uintptr_t)load_addr;
+    return PyLong_FromUnsignedLong(v);
+}
+
+static PyObject *spin_fence(PyObject *self, PyObject *noargs)
+{
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"watch", spin_watch, METH_VARARGS, "watch(addresses, snapshot, timeout_ns) -> index of the first changed word, or -1"},
+    {"store_fence_load", spin_store_fence_load, METH_VARARGS, "u32 store, full fence, u32 load"},
+    {"store16_fence_load16", spin_store16_fence_load16, METH_VARARGS, "u16 store, full fence, u16 load"},
+    {"fence", spin_fence, METH_NOARGS, "a full memory barrier (mfence)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_spin", "GIL-free spinning and fences for sidecores", -1, methods};
+
+PyMODINIT_FUNC PyInit__spin(void) { return PyModule_Create(&module); }

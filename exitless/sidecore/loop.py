@@ -1,0 +1,156 @@
+"""The sidecore engine: one loop that serves many devices' shared registers and queues.
+
+Modes:
+- ``notify``: never poll; sleep on the devices' eventfds (the ``ioeventfd`` path's
+  device thread).
+- ``poll``: poll forever; between polls spin *in C with the GIL released* until a
+  watched word changes, so a sidecore thread never stalls the vCPU threads.
+- ``adaptive``: poll while busy; after an idle window arm every pollable (publish
+  EventIdx, fence, re-check) and sleep on the eventfds.  The window adapts like
+  QEMU's IOThread polling: it doubles when a sleep ended almost at once (we slept
+  too early) and halves when sleeps are long.
+
+A *pollable* has ``poll() -> bool`` (do available work), ``watches()`` (the
+``(address, consumed value)`` words whose change means new work), ``arm() ->
+bool`` (enable guest notifications; True if work arrived meanwhile),
+``disarm()``, ``drain()`` and ``wake_fd``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import select
+import threading
+import time
+from typing import Protocol
+
+from .spin import wait_for_change
+
+log = logging.getLogger(__name__)
+
+MODES = ("notify", "poll", "adaptive")
+SPIN_SLICE_NS = 1_000_000        # how long one GIL-free spin lasts before Python looks around
+ADAPTIVE_MIN_NS = 16_000
+ADAPTIVE_MAX_NS = 512_000
+
+
+class Pollable(Protocol):
+    wake_fd: int | None
+
+    def poll(self) -> bool: ...
+    def watches(self) -> list[tuple[int, int]]: ...
+    def arm(self) -> bool: ...
+    def disarm(self) -> None: ...
+    def drain(self) -> None: ...
+
+
+class SidecoreLoop:
+    """Runs in a thread of the VMM or as the body of a sidecore process."""
+
+    def __init__(self, pollables: list[Pollable], mode: str, *, poll_ns: int = 64_000, name: str = "sidecore"):
+        if mode not in MODES:
+            raise ValueError(f"sidecore mode {mode!r}: one of {', '.join(MODES)}")
+        if mode != "poll" and any(p.wake_fd is None for p in pollables):
+            raise ValueError(f"{mode} mode needs a wake eventfd for every pollable")
+        self.pollables = pollables
+        self.mode = mode
+        self.name = name
+        self.window_ns = poll_ns
+        self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._stopping = False
+        self.sleeps = 0
+        self.polls = 0
+        self.work = 0
+
+    def request_stop(self) -> None:
+        self._stopping = True
+        os.eventfd_write(self._stop_fd, 1)
+
+    def close(self) -> None:
+        os.close(self._stop_fd)
+
+    # ------------------------------------------------------------------
+    def run(self) -> None:
+        last_work = time.monotonic_ns()
+        watches = self._all_watches()
+        while not self._stopping:
+            worked = self._poll_once()
+            now = time.monotonic_ns()
+            if worked:
+                last_work = now
+                watches = self._all_watches()
+                continue
+            if self.mode == "poll" or (self.mode == "adaptive" and now - last_work < self.window_ns):
+                budget = SPIN_SLICE_NS if self.mode == "poll" else self.window_ns - (now - last_work)
+                wait_for_change(watches, budget)
+                continue
+            if self.mode == "notify":
+                self._sleep()  # the guest always rings: nothing to arm
+            elif not self._arm_all():
+                self._adapt(self._sleep())
+            last_work = time.monotonic_ns()
+            if self.mode == "adaptive":
+                for p in self.pollables:
+                    p.disarm()
+
+    def _poll_once(self) -> bool:
+        self.polls += 1
+        worked = False
+        for p in self.pollables:
+            if p.poll():
+                worked = True
+                self.work += 1
+        return worked
+
+    def _all_watches(self) -> list[tuple[int, int]]:
+        return [w for p in self.pollables for w in p.watches()]
+
+    def _arm_all(self) -> bool:
+        """Arm every pollable; True (and stay awake) if any had work slip in."""
+        return any([p.arm() for p in self.pollables])
+
+    def _sleep(self) -> int:
+        self.sleeps += 1
+        poller = select.poll()
+        poller.register(self._stop_fd, select.POLLIN)
+        for p in self.pollables:
+            poller.register(p.wake_fd, select.POLLIN)
+        t0 = time.monotonic_ns()
+        poller.poll()
+        for p in self.pollables:
+            p.drain()
+        return time.monotonic_ns() - t0
+
+    def _adapt(self, slept_ns: int) -> None:
+        if slept_ns < self.window_ns:
+            self.window_ns = min(self.window_ns * 2, ADAPTIVE_MAX_NS)
+        elif slept_ns > 8 * self.window_ns:
+            self.window_ns = max(self.window_ns // 2, ADAPTIVE_MIN_NS)
+
+
+class SidecoreThread:
+    """A sidecore loop on a thread of the VMM (a Worker: ``stop()`` ends it)."""
+
+    def __init__(self, loop: SidecoreLoop):
+        self.loop = loop
+        self.thread = threading.Thread(target=self._main, name=loop.name, daemon=True)
+        self.error: BaseException | None = None
+
+    def start(self) -> "SidecoreThread":
+        self.thread.start()
+        return self
+
+    def _main(self) -> None:
+        try:
+            self.loop.run()
+        except BaseException as e:  # reported by stop(); the VM keeps running without this device
+            self.error = e
+            log.exception("%s died", self.loop.name)
+
+    def cpu_seconds(self) -> float | None:
+        return None  # part of the VMM process's own CPU time
+
+    def stop(self) -> None:
+        self.loop.request_stop()
+        self.thread.join(5)
+        self.loop.close()

@@ -1,0 +1,26 @@
+"""Python face of the C spin helpers: host addresses of guest memory and GIL-free waits."""
+from __future__ import annotations
+
+import ctypes
+import struct
+
+from . import _spin
+
+fence = _spin.fence
+store_fence_load = _spin.store_fence_load
+store16_fence_load16 = _spin.store16_fence_load16
+
+
+def address_of(view: memoryview) -> int:
+    """Host virtual address of the first byte of a writable memoryview (of an mmap)."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+
+def wait_for_change(watches: list[tuple[int, int]], timeout_ns: int) -> int:
+    """Spin with the GIL released until the u32 at one of ``(address, expected)`` differs.
+
+    Returns the index of the changed word, or -1 after ``timeout_ns``.
+    """
+    addrs = struct.pack(f"<{len(watches)}Q", *(a for a, _ in watches))
+    snap = struct.pack(f"<{len(watches)}I", *(v & 0xFFFFFFFF for _, v in watches))
+    return _spin.watch(addrs, snap, timeout_ns)
