@@ -136,6 +136,11 @@ int vsnprintf(char *buf, size_t size, const char *fmt, va_list ap)
         fmt++;
         char pad = ' ';
         int width = 0, lng = 0;
+        bool alt = false;
+        if (*fmt == '#') {
+            alt = true;
+            fmt++;
+        }
         if (*fmt == '0') {
             pad = '0';
             fmt++;
@@ -161,6 +166,10 @@ int vsnprintf(char *buf, size_t size, const char *fmt, va_list ap)
         case 'x':
         case 'X': {
             u64 v = lng ? va_arg(ap, u64) : va_arg(ap, unsigned);
+            if (alt) {
+                ob_putc(&o, '0');
+                ob_putc(&o, 'x');
+            }
             ob_num(&o, v, 16, false, width, pad, *fmt == 'X');
             break;
         }

@@ -1,0 +1,844 @@
+/* guestkit app "blk": virtio-blk driver over modern virtio-pci (VIRTIO 1.2, 5.2)
+ * with split virtqueues, MSI-X or polling, EVENT_IDX, and a workload generator. */
+#include "virtio.h"
+
+#define VIRTIO_ID_BLK_MODERN 0x1042
+
+#define VIRTIO_BLK_F_SIZE_MAX 1
+#define VIRTIO_BLK_F_SEG_MAX 2
+#define VIRTIO_BLK_F_RO 5
+#define VIRTIO_BLK_F_BLK_SIZE 6
+#define VIRTIO_BLK_F_FLUSH 9
+#define VIRTIO_BLK_F_MQ 12
+#define VIRTIO_BLK_F_DISCARD 13
+#define VIRTIO_BLK_F_WRITE_ZEROES 14
+
+#define VIRTIO_BLK_T_IN 0
+#define VIRTIO_BLK_T_OUT 1
+#define VIRTIO_BLK_T_FLUSH 4
+#define VIRTIO_BLK_T_GET_ID 8
+
+#define VIRTIO_BLK_S_OK 0
+#define VIRTIO_BLK_S_IOERR 1
+#define VIRTIO_BLK_S_UNSUPP 2
+#define STATUS_UNTOUCHED 0xFF /* sentinel: device never wrote the status byte */
+
+/* virtio_blk_config offsets */
+#define BLKCFG_CAPACITY 0
+#define BLKCFG_SEG_MAX 12
+#define BLKCFG_BLK_SIZE 20
+#define BLKCFG_NUM_QUEUES 34
+
+#define SECTOR 512
+#define MAX_QUEUES 16
+#define MAX_QD 128
+#define MAX_BS (128u << 10)
+#define MAX_SAMPLES (1u << 20)
+#define GOLDEN 0x9E3779B97F4A7C15ULL
+#define VEC_BASE 0x40 /* LAPIC vector = VEC_BASE + MSI-X entry */
+
+struct blk_hdr {
+    u32 type;
+    u32 reserved;
+    u64 sector;
+};
+
+struct req {
+    struct blk_hdr *hdr;
+    volatile u8 *status;
+    u8 *data;
+    struct virtq *vq;
+    u16 head;
+    bool busy;
+    u32 type;
+    u32 len;
+    u64 sector;
+    u64 t_submit;
+};
+
+enum rw_mode { RW_READ, RW_WRITE, RW_RANDREAD, RW_RANDWRITE, RW_FILL, RW_VERIFY, RW_FLUSH,
+               RW_IDENT, RW_MALFORMED };
+static const char *const rw_names[] = {"read", "write", "randread", "randwrite", "fill",
+                                       "verify", "flush", "ident", "malformed"};
+
+/* ---- driver state ---- */
+static struct vdev vd;
+static struct virtq vqs[MAX_QUEUES];
+static u32 nq = 1;
+static u16 qsize;
+static bool use_irq = true, want_event_idx = true;
+static u32 apic;
+static struct req reqs[MAX_QD];
+static u32 qd = 1;
+static u64 capacity; /* sectors */
+static u32 blk_size, seg_max;
+static volatile u64 irqs, config_irqs;
+static u64 timeout_cyc;
+static u64 resets;
+static u64 qd_requested;
+
+/* ---- statistics ---- */
+static u64 *samples;
+static u64 nsamples, max_samples;
+static u64 lat_sum, lat_min = ~0ULL, lat_max;
+static u64 ops_done, bytes_done, errors, verify_errors, flushes;
+static u32 first_error_status = 0xFFFFFFFF;
+static u64 first_bad_sector = ~0ULL;
+
+/* ---- pattern ---- */
+static u64 seed, seed_mix;
+
+static void pattern_fill(u8 *buf, u64 sector, u32 nsec)
+{
+    u64 *p = (u64 *)buf;
+    for (u32 s = 0; s < nsec; s++) {
+        u64 base = (sector + s) << 6;
+        for (u32 w = 0; w < 64; w++)
+            *p++ = (base | w) ^ seed_mix;
+    }
+}
+
+static u64 pattern_check(const u8 *buf, u64 sector, u32 nsec)
+{
+    const u64 *p = (const u64 *)buf;
+    u64 bad = 0;
+    for (u32 s = 0; s < nsec; s++, p += 64) {
+        u64 base = (sector + s) << 6;
+        for (u32 w = 0; w < 64; w++) {
+            if (p[w] != ((base | w) ^ seed_mix)) {
+                if (first_bad_sector == ~0ULL)
+                    first_bad_sector = sector + s;
+                bad++;
+                break;
+            }
+        }
+    }
+    return bad;
+}
+
+/* ---- interrupts ---- */
+static void queue_irq(u32 v) { irqs++; }
+static void config_irq(u32 v) { config_irqs++; }
+
+static u32 msix_entry_for_queue(u32 q)
+{
+    u32 n = vd.pci.msix_n;
+    return n > 1 + q ? 1 + q : (n > 1 ? n - 1 : 0);
+}
+
+/* ---- device bring-up ---- */
+static bool blk_init_device(bool quiet)
+{
+    u64 want = (1ULL << VIRTIO_F_VERSION_1) | (1ULL << VIRTIO_BLK_F_FLUSH) |
+               (1ULL << VIRTIO_BLK_F_RO) | (1ULL << VIRTIO_BLK_F_BLK_SIZE) |
+               (1ULL << VIRTIO_BLK_F_SEG_MAX) | (1ULL << VIRTIO_BLK_F_MQ) |
+               (1ULL << VIRTIO_BLK_F_DISCARD) | (1ULL << VIRTIO_BLK_F_WRITE_ZEROES);
+    if (want_event_idx)
+        want |= 1ULL << VIRTIO_F_EVENT_IDX;
+    if (!vdev_negotiate(&vd, want, 1ULL << VIRTIO_F_VERSION_1))
+        return false;
+    bool ev = (vd.features >> VIRTIO_F_EVENT_IDX) & 1;
+    if (vd.pci.msix_n) {
+        if (!vdev_set_config_vector(&vd, 0))
+            panic("device rejected msix_config vector (read back 0xffff)");
+    }
+    for (u32 q = 0; q < nq; q++) {
+        u16 vec = vd.pci.msix_n ? (u16)msix_entry_for_queue(q) : VIRTIO_MSI_NO_VECTOR;
+        if (!virtq_setup(&vd, &vqs[q], q, qsize, vec, ev))
+            panic("device rejected queue_msix_vector %u for queue %u", vec, q);
+        struct virtq *vq = &vqs[q];
+        if (!use_irq) {
+            if (ev)
+                *virtq_used_event(vq) = 0x7FFF; /* far away: no interrupts */
+            else
+                vq->avail->flags = VRING_AVAIL_F_NO_INTERRUPT;
+        }
+    }
+    vdev_driver_ok(&vd);
+    if (vdev_status(&vd) & (VIRTIO_S_NEEDS_RESET | VIRTIO_S_FAILED))
+        return false;
+    if (!quiet)
+        printf("guestkit: virtio-blk %02x:%02x.%x features=%#llx queues=%u qsize=%u\n",
+               vd.pci.bus, vd.pci.dev, vd.pci.fn, vd.features, nq, qsize);
+    return true;
+}
+
+static void reqs_bind(void)
+{
+    for (u32 k = 0; k < qd; k++) {
+        reqs[k].vq = &vqs[k % nq];
+        reqs[k].head = (u16)(3 * (k / nq));
+        reqs[k].busy = false;
+    }
+}
+
+/* ---- request submission / completion ---- */
+static void req_post(struct req *r)
+{
+    struct virtq *vq = r->vq;
+    struct vring_desc *d = vq->desc;
+    u16 h = r->head;
+    r->hdr->type = r->type;
+    r->hdr->reserved = 0;
+    r->hdr->sector = r->sector;
+    *r->status = STATUS_UNTOUCHED;
+    d[h].addr = (u64)(uptr)r->hdr;
+    d[h].len = sizeof(struct blk_hdr);
+    d[h].flags = VRING_DESC_F_NEXT;
+    if (r->len) {
+        bool dev_writes = r->type == VIRTIO_BLK_T_IN || r->type == VIRTIO_BLK_T_GET_ID;
+        d[h].next = h + 1;
+        d[h + 1].addr = (u64)(uptr)r->data;
+        d[h + 1].len = r->len;
+        d[h + 1].flags = VRING_DESC_F_NEXT | (dev_writes ? VRING_DESC_F_WRITE : 0);
+        d[h + 1].next = h + 2;
+    } else {
+        d[h].next = h + 2;
+    }
+    d[h + 2].addr = (u64)(uptr)r->status;
+    d[h + 2].len = 1;
+    d[h + 2].flags = VRING_DESC_F_WRITE;
+    d[h + 2].next = 0;
+    vq->avail->ring[vq->avail_idx & (vq->size - 1)] = h;
+    vq->avail_idx++;
+    r->busy = true;
+    r->t_submit = rdtsc();
+}
+
+static void kick_all(void)
+{
+    for (u32 q = 0; q < nq; q++)
+        virtq_kick(&vqs[q]);
+}
+
+static void record_latency(u64 cyc)
+{
+    if (nsamples < max_samples)
+        samples[nsamples++] = cyc;
+    lat_sum += cyc;
+    if (cyc < lat_min)
+        lat_min = cyc;
+    if (cyc > lat_max)
+        lat_max = cyc;
+}
+
+static bool verify_reads;
+static u32 inflight;
+
+static void req_complete(struct req *r, u64 now)
+{
+    u8 st = *r->status;
+    r->busy = false;
+    inflight--;
+    record_latency(now - r->t_submit);
+    if (st != VIRTIO_BLK_S_OK) {
+        errors++;
+        if (first_error_status == 0xFFFFFFFF)
+            first_error_status = st;
+        return;
+    }
+    if (r->type == VIRTIO_BLK_T_FLUSH) {
+        flushes++;
+        return;
+    }
+    if (r->type == VIRTIO_BLK_T_IN || r->type == VIRTIO_BLK_T_OUT) {
+        ops_done++;
+        bytes_done += r->len;
+    }
+    if (r->type == VIRTIO_BLK_T_IN && verify_reads)
+        verify_errors += pattern_check(r->data, r->sector, r->len / SECTOR);
+}
+
+/* consume used entries of every queue; returns number completed */
+static u32 reap(void)
+{
+    u32 done = 0;
+    u64 now = 0;
+    for (u32 q = 0; q < nq; q++) {
+        struct virtq *vq = &vqs[q];
+        u16 uidx = virtq_used_idx(vq);
+        if (uidx == vq->last_used)
+            continue;
+        if (!now)
+            now = rdtsc();
+        barrier();
+        while (vq->last_used != uidx) {
+            struct vring_used_elem e = vq->used->ring[vq->last_used & (vq->size - 1)];
+            vq->last_used++;
+            u32 id = e.id;
+            if (id >= vq->size || id % 3)
+                panic("device returned bad used id %u on queue %u", id, q);
+            u32 k = (id / 3) * nq + q;
+            if (k >= qd || !reqs[k].busy)
+                panic("device completed an idle request (id %u, queue %u)", id, q);
+            req_complete(&reqs[k], now);
+            done++;
+        }
+        if (!use_irq && vq->event_idx)
+            *virtq_used_event(vq) = vq->last_used + 0x7FFF;
+    }
+    return done;
+}
+
+static bool any_used(void)
+{
+    for (u32 q = 0; q < nq; q++)
+        if (virtq_used_idx(&vqs[q]) != vqs[q].last_used)
+            return true;
+    return false;
+}
+
+/* wait until at least one completion is available; false on timeout */
+static bool wait_any(void)
+{
+    u64 t0 = rdtsc();
+    u32 spins = 0;
+    for (;;) {
+        if (any_used())
+            return true;
+        if (use_irq) {
+            cli();
+            for (u32 q = 0; q < nq; q++)
+                if (vqs[q].event_idx)
+                    *virtq_used_event(&vqs[q]) = vqs[q].last_used;
+            mfence();
+            if (any_used()) {
+                sti();
+                return true;
+            }
+            sti_hlt(); /* woken by the queue MSI-X or the watchdog tick */
+            if (rdtsc() - t0 > timeout_cyc)
+                return any_used();
+        } else {
+            cpu_pause();
+            if ((++spins & 255) == 0 && rdtsc() - t0 > timeout_cyc)
+                return any_used();
+        }
+    }
+}
+
+/* ---- workload ---- */
+static enum rw_mode mode;
+static u32 bs;
+static u64 range_off, range_sectors; /* in sectors */
+static u64 n_ops, duration_cyc;
+static u64 flush_every;
+static u64 rng;
+static u64 gen_issued, gen_pos, writes_since_flush;
+static bool gen_done_flag;
+
+static u64 xorshift(void)
+{
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return rng;
+}
+
+/* fill in the next request; false when the workload is exhausted */
+static bool gen_next(struct req *r, u64 t_start)
+{
+    if (gen_done_flag)
+        return false;
+    if (flush_every && writes_since_flush >= flush_every) {
+        writes_since_flush = 0;
+        r->type = VIRTIO_BLK_T_FLUSH;
+        r->len = 0;
+        r->sector = 0;
+        return true;
+    }
+    if (duration_cyc) {
+        if (rdtsc() - t_start >= duration_cyc) {
+            gen_done_flag = true;
+            return false;
+        }
+    } else if (gen_issued >= n_ops) {
+        gen_done_flag = true;
+        return false;
+    }
+    u32 bsec = bs / SECTOR;
+    switch (mode) {
+    case RW_FILL:
+    case RW_VERIFY: {
+        u64 left = range_sectors - gen_pos;
+        u32 ns = left < bsec ? (u32)left : bsec;
+        r->sector = range_off + gen_pos;
+        r->len = ns * SECTOR;
+        gen_pos += ns;
+        break;
+    }
+    case RW_READ:
+    case RW_WRITE:
+        if (gen_pos + bsec > range_sectors)
+            gen_pos = 0;
+        r->sector = range_off + gen_pos;
+        r->len = bs;
+        gen_pos += bsec;
+        break;
+    case RW_RANDREAD:
+    case RW_RANDWRITE: {
+        u64 nblk = range_sectors / bsec;
+        r->sector = range_off + (xorshift() % nblk) * bsec;
+        r->len = bs;
+        break;
+    }
+    case RW_FLUSH:
+        r->type = VIRTIO_BLK_T_FLUSH;
+        r->len = 0;
+        r->sector = 0;
+        gen_issued++;
+        return true;
+    case RW_IDENT:
+        r->type = VIRTIO_BLK_T_GET_ID;
+        r->len = 20;
+        r->sector = 0;
+        gen_issued++;
+        return true;
+    default:
+        return false;
+    }
+    bool wr = mode == RW_WRITE || mode == RW_RANDWRITE || mode == RW_FILL;
+    r->type = wr ? VIRTIO_BLK_T_OUT : VIRTIO_BLK_T_IN;
+    if (wr) {
+        pattern_fill(r->data, r->sector, r->len / SECTOR);
+        writes_since_flush++;
+    }
+    gen_issued++;
+    return true;
+}
+
+/* run the generator with up to qd requests in flight; false on timeout */
+static bool run_loop(u64 t_start)
+{
+    for (;;) {
+        bool posted = false;
+        for (u32 k = 0; k < qd && !gen_done_flag; k++) {
+            if (reqs[k].busy)
+                continue;
+            if (!gen_next(&reqs[k], t_start))
+                break;
+            req_post(&reqs[k]);
+            inflight++;
+            posted = true;
+        }
+        if (posted)
+            kick_all();
+        if (!inflight)
+            return true;
+        if (!wait_any())
+            return false;
+        reap();
+    }
+}
+
+/* issue one request synchronously on slot 0 (all others idle); false on timeout */
+static bool run_one(u32 type, u64 sector, u32 len)
+{
+    struct req *r = &reqs[0];
+    r->type = type;
+    r->sector = sector;
+    r->len = len;
+    req_post(r);
+    inflight++;
+    kick_all();
+    while (inflight) {
+        if (!wait_any())
+            return false;
+        reap();
+    }
+    return true;
+}
+
+/* ---- malformed requests ---- */
+enum outcome { OC_IOERR, OC_UNSUPP, OC_NEEDS_RESET, OC_OK, OC_NO_STATUS, OC_TIMEOUT, OC_OTHER };
+static const char *const oc_names[] = {"ioerr", "unsupp", "needs_reset", "accepted",
+                                       "no_status", "timeout", "other_status"};
+
+static void blk_reinit(void)
+{
+    resets++;
+    if (!blk_init_device(true))
+        panic("device did not come back after reset");
+    reqs_bind();
+    inflight = 0;
+}
+
+/* post a hand-made chain at head 'h' (descriptors already written) and observe */
+static enum outcome malformed_post(u16 h, volatile u8 *status, u64 case_cyc, bool avail_jump)
+{
+    struct virtq *vq = &vqs[0];
+    *status = STATUS_UNTOUCHED;
+    vq->avail->ring[vq->avail_idx & (vq->size - 1)] = h;
+    vq->avail_idx++;
+    if (avail_jump)
+        vq->avail_idx += vq->size + 1; /* claims more new buffers than the ring holds */
+    virtq_kick(vq);
+    u64 t0 = rdtsc();
+    u32 spins = 0;
+    enum outcome oc = OC_TIMEOUT;
+    for (;;) {
+        if (virtq_used_idx(vq) != vq->last_used) {
+            barrier();
+            vq->last_used++;
+            u8 st = *status;
+            oc = st == VIRTIO_BLK_S_IOERR    ? OC_IOERR
+                 : st == VIRTIO_BLK_S_UNSUPP ? OC_UNSUPP
+                 : st == VIRTIO_BLK_S_OK     ? OC_OK
+                 : st == STATUS_UNTOUCHED    ? OC_NO_STATUS
+                                             : OC_OTHER;
+            break;
+        }
+        if ((++spins & 1023) == 0) {
+            if (vdev_status(&vd) & VIRTIO_S_NEEDS_RESET) {
+                oc = OC_NEEDS_RESET;
+                break;
+            }
+            if (rdtsc() - t0 > case_cyc)
+                break;
+        }
+        cpu_pause();
+    }
+    /* a device may both complete and ask for reset */
+    if (oc != OC_NEEDS_RESET && (vdev_status(&vd) & VIRTIO_S_NEEDS_RESET))
+        oc = OC_NEEDS_RESET;
+    if (oc == OC_NEEDS_RESET || oc == OC_TIMEOUT || avail_jump)
+        blk_reinit();
+    return oc;
+}
+
+static void app_blk_malformed(u64 bad_addr, u64 case_ms)
+{
+    struct virtq *vq = &vqs[0];
+    struct req *r = &reqs[0];
+    struct vring_desc *d = vq->desc;
+    const u64 case_cyc = ns_to_tsc(case_ms * 1000000ULL);
+    static const char *const names[] = {"desc_oob", "chain_loop", "chain_too_long", "next_oob",
+                                        "hdr_short", "huge_len", "sector_oob", "bad_type",
+                                        "avail_jump"};
+    enum outcome res[ARRAY_SIZE(names)];
+    bool all_ok = true;
+    for (u32 c = 0; c < ARRAY_SIZE(names); c++) {
+        vq = &vqs[0];
+        d = vq->desc;
+        u16 sz = vq->size;
+        /* a valid 1-sector read at head 0, then break it per case */
+        r->hdr->type = VIRTIO_BLK_T_IN;
+        r->hdr->reserved = 0;
+        r->hdr->sector = 0;
+        d[0] = (struct vring_desc){(u64)(uptr)r->hdr, sizeof(struct blk_hdr), VRING_DESC_F_NEXT, 1};
+        d[1] = (struct vring_desc){(u64)(uptr)r->data, SECTOR, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE, 2};
+        d[2] = (struct vring_desc){(u64)(uptr)r->status, 1, VRING_DESC_F_WRITE, 0};
+        bool jump = false;
+        switch (c) {
+        case 0: /* data buffer outside guest RAM (two pages: QEMU bounces one page
+                 * of unassigned space but must fail the second) */
+            d[1].addr = bad_addr;
+            d[1].len = 8192;
+            break;
+        case 1: /* 0 -> 1 -> 0 ... */
+            d[1].next = 0;
+            break;
+        case 2: /* every descriptor in one chain, the last pointing back to 0 */
+            for (u16 i = 0; i < sz; i++) {
+                d[i].addr = (u64)(uptr)r->data;
+                d[i].len = SECTOR;
+                d[i].flags = VRING_DESC_F_NEXT | (i ? VRING_DESC_F_WRITE : 0);
+                d[i].next = (u16)((i + 1) % sz);
+            }
+            d[0].addr = (u64)(uptr)r->hdr;
+            d[0].len = sizeof(struct blk_hdr);
+            break;
+        case 3: /* next index beyond the table */
+            d[1].next = sz;
+            break;
+        case 4: /* header descriptor shorter than struct virtio_blk_req header */
+            d[0].len = 8;
+            break;
+        case 5: /* data buffer of ~4 GiB */
+            d[1].len = 0xFFFFF000u;
+            break;
+        case 6: /* sector beyond capacity */
+            r->hdr->sector = capacity;
+            break;
+        case 7: /* unknown request type */
+            r->hdr->type = 0x7fff0000u;
+            break;
+        case 8: /* avail index moved by more than the queue size */
+            jump = true;
+            break;
+        }
+        enum outcome oc = malformed_post(0, r->status, case_cyc, jump);
+        res[c] = oc;
+        if (oc != OC_IOERR && oc != OC_UNSUPP && oc != OC_NEEDS_RESET)
+            all_ok = false;
+        printf("guestkit: malformed %s -> %s\n", names[c], oc_names[oc]);
+    }
+    /* the device must still work */
+    errors = 0;
+    bool final_ok = run_one(VIRTIO_BLK_T_IN, 0, 4096) && errors == 0;
+    json_begin("blk");
+    json_str("rw", "malformed");
+    for (u32 c = 0; c < ARRAY_SIZE(names); c++)
+        json_str(names[c], oc_names[res[c]]);
+    json_str("final_read", final_ok ? "ok" : "failed");
+    json_u64("resets", resets);
+    json_u64("config_irqs", config_irqs);
+    json_hex("bad_addr", bad_addr);
+    json_u64("tsc_khz", tsc_khz);
+    json_end();
+    gk_exit(all_ok && final_ok ? EXIT_OK : EXIT_FAIL);
+}
+
+/* ---- the app ---- */
+static void print_results(u64 elapsed_cyc, const char *error)
+{
+    u64 ens = tsc_to_ns(elapsed_cyc);
+    sort_u64(samples, nsamples);
+    u64 nlat = ops_done + flushes + errors;
+    json_begin("blk");
+    json_str("rw", rw_names[mode]);
+    json_u64("bs", bs);
+    json_u64("qd", qd);
+    if (qd_requested != qd)
+        json_u64("qd_requested", qd_requested);
+    json_u64("ops", ops_done);
+    json_u64("errors", errors);
+    json_u64("verify_errors", verify_errors);
+    json_u64("bytes", bytes_done);
+    json_u64("elapsed_us", ens / 1000);
+    json_u64("iops", ens ? ops_done * 1000000000ULL / ens : 0);
+    json_u64("kib_s", ens ? (bytes_done >> 10) * 1000000000ULL / ens : 0);
+    json_u64("p50_ns", tsc_to_ns(percentile_sorted(samples, nsamples, 500)));
+    json_u64("p99_ns", tsc_to_ns(percentile_sorted(samples, nsamples, 990)));
+    json_u64("mean_ns", nlat ? tsc_to_ns(lat_sum) / nlat : 0);
+    json_u64("min_ns", nlat ? tsc_to_ns(lat_min) : 0);
+    json_u64("max_ns", tsc_to_ns(lat_max));
+    json_u64("flushes", flushes);
+    u64 notifies = 0;
+    for (u32 q = 0; q < nq; q++)
+        notifies += vqs[q].notifies;
+    json_u64("notifies", notifies);
+    json_u64("irqs", irqs);
+    json_u64("timer_irqs", timer_ticks);
+    json_str("irq", use_irq ? "msix" : "poll");
+    json_u64("event_idx", (vd.features >> VIRTIO_F_EVENT_IDX) & 1);
+    json_u64("queues", nq);
+    json_u64("queue_size", qsize);
+    json_u64("capacity", capacity);
+    json_u64("offset", range_off * SECTOR);
+    json_u64("size", range_sectors * SECTOR);
+    json_u64("seed", seed);
+    json_hex("features", vd.features);
+    json_u64("tsc_khz", tsc_khz);
+    if (first_error_status != 0xFFFFFFFF)
+        json_u64("first_error_status", first_error_status);
+    if (first_bad_sector != ~0ULL)
+        json_u64("first_bad_sector", first_bad_sector);
+    if (nsamples < nlat)
+        json_u64("samples", nsamples);
+    if (error)
+        json_str("error", error);
+    json_end();
+}
+
+static void fail_json(const char *rw, const char *msg)
+{
+    json_begin("blk");
+    json_str("rw", rw);
+    json_str("error", msg);
+    json_end();
+    gk_exit(EXIT_FAIL);
+}
+
+void app_blk(void)
+{
+    static const char *const keys[] = {"rw", "bs", "qd", "n", "ms", "seed", "verify", "offset",
+                                       "size", "fua", "flush_every", "event_idx", "irq", "queues",
+                                       "qsize", "timeout_ms", "index", "bad_addr", "case_ms",
+                                       "bar_window", NULL};
+    args_allow(keys);
+    const char *rw = arg_str("rw", "randread");
+    int m = -1;
+    for (u32 i = 0; i < ARRAY_SIZE(rw_names); i++)
+        if (!strcmp(rw, rw_names[i]))
+            m = (int)i;
+    if (m < 0)
+        usage_error("bad rw '%s' (read|write|randread|randwrite|fill|verify|flush|ident|malformed)", rw);
+    mode = (enum rw_mode)m;
+    bs = (u32)arg_u64("bs", 4096);
+    if (!bs || bs % SECTOR || bs > MAX_BS)
+        usage_error("bs=%u must be a multiple of 512 up to 131072", bs);
+    u64 qd_req = arg_u64("qd", 1);
+    if (qd_req < 1 || qd_req > MAX_QD)
+        usage_error("qd must be 1..128");
+    qd = (u32)qd_req;
+    qd_requested = qd_req;
+    seed = arg_u64("seed", 1);
+    seed_mix = seed * GOLDEN;
+    rng = seed ^ 0x2545F4914F6CDD1DULL;
+    if (!rng)
+        rng = 1;
+    verify_reads = arg_u64("verify", mode == RW_VERIFY) != 0 || mode == RW_VERIFY;
+    flush_every = arg_u64("flush_every", 0);
+    if (arg_u64("fua", 0))
+        flush_every = 1; /* virtio-blk has no FUA: emulate with a flush after each write */
+    const char *irq = arg_str("irq", "msix");
+    if (!strcmp(irq, "poll"))
+        use_irq = false;
+    else if (strcmp(irq, "msix"))
+        usage_error("irq must be msix or poll");
+    want_event_idx = arg_u64("event_idx", 1) != 0;
+    u64 nq_req = arg_u64("queues", 1);
+    if (nq_req < 1 || nq_req > MAX_QUEUES)
+        usage_error("queues must be 1..%u", MAX_QUEUES);
+    u64 qsize_req = arg_u64("qsize", 0);
+    if (qsize_req && (qsize_req & (qsize_req - 1) || qsize_req > 32768))
+        usage_error("qsize must be a power of two <= 32768");
+    timeout_cyc = ns_to_tsc(arg_u64("timeout_ms", 5000) * 1000000ULL);
+    pci_bar_window = arg_hex("bar_window", pci_bar_window);
+    u64 ms = arg_u64("ms", 0);
+    duration_cyc = ms ? ns_to_tsc(ms * 1000000ULL) : 0;
+
+    lapic_init();
+    apic = lapic_id();
+    if (!vdev_probe(&vd, VIRTIO_ID_BLK_MODERN, (u32)arg_u64("index", 0)))
+        fail_json(rw, "no virtio-blk (1af4:1042) device on PCI bus 0");
+    if (msix_init(&vd.pci)) {
+        for (u32 e = 0; e < vd.pci.msix_n && e < 1 + MAX_QUEUES; e++)
+            msix_set(&vd.pci, e, apic, (u8)(VEC_BASE + e));
+        irq_register(VEC_BASE, config_irq);
+        for (u32 e = 1; e < 1 + MAX_QUEUES; e++)
+            irq_register(VEC_BASE + e, queue_irq);
+    } else if (use_irq) {
+        fail_json(rw, "device has no MSI-X capability; use irq=poll");
+    }
+
+    /* queues: MQ tells how many exist */
+    if (!vdev_negotiate(&vd, 1ULL << VIRTIO_BLK_F_MQ, 1ULL << VIRTIO_F_VERSION_1))
+        fail_json(rw, "feature negotiation failed (no VIRTIO_F_VERSION_1?)");
+    u32 dev_queues = 1;
+    if (vd.features & (1ULL << VIRTIO_BLK_F_MQ))
+        dev_queues = vdev_cfg_read16(&vd, BLKCFG_NUM_QUEUES);
+    if (nq_req > dev_queues)
+        fail_json(rw, "more queues requested than the device has");
+    nq = (u32)nq_req;
+    if (mode == RW_MALFORMED || mode == RW_IDENT || mode == RW_FLUSH)
+        nq = 1;
+    /* queue size: enough for 3 descriptors per request slot */
+    u32 per_q = (qd + nq - 1) / nq;
+    u32 need = 16;
+    while (need < 3 * per_q)
+        need <<= 1;
+    u32 qs = qsize_req ? (u32)qsize_req : MAX(256u, need);
+    u16 devmax = vdev_max_queue_size(&vd, 0);
+    if (!devmax)
+        fail_json(rw, "queue 0 not available");
+    if (qs > devmax)
+        qs = devmax;
+    qsize = (u16)qs;
+    u32 qd_cap = (qsize / 3) * nq;
+    u64 qd_capped_from = 0;
+    if (qd > qd_cap) {
+        qd_capped_from = qd;
+        qd = qd_cap;
+    }
+
+    if (!blk_init_device(false))
+        fail_json(rw, "device initialisation failed");
+    capacity = vdev_cfg_read64(&vd, BLKCFG_CAPACITY);
+    if (vd.features & (1ULL << VIRTIO_BLK_F_BLK_SIZE))
+        blk_size = vdev_cfg_read32(&vd, BLKCFG_BLK_SIZE);
+    if (vd.features & (1ULL << VIRTIO_BLK_F_SEG_MAX))
+        seg_max = vdev_cfg_read32(&vd, BLKCFG_SEG_MAX);
+
+    /* request memory */
+    for (u32 k = 0; k < qd; k++) {
+        reqs[k].hdr = heap_alloc(sizeof(struct blk_hdr), 16);
+        reqs[k].status = heap_alloc(1, 16);
+        reqs[k].data = heap_alloc(MAX(bs, 4096u), 4096);
+    }
+    reqs_bind();
+
+    if (mode == RW_MALFORMED) {
+        u64 top = MAX(ram_top(), 0x100000000ULL);
+        u64 bad = ALIGN_UP(top, 1ULL << 30) + (64ULL << 30);
+        sti(); /* count config interrupts (NEEDS_RESET is announced by one) */
+        app_blk_malformed(arg_hex("bad_addr", bad), arg_u64("case_ms", 500));
+    }
+
+    bool writes = mode == RW_WRITE || mode == RW_RANDWRITE || mode == RW_FILL || flush_every;
+    if (writes && (vd.features & (1ULL << VIRTIO_BLK_F_RO)))
+        fail_json(rw, "device is read-only (VIRTIO_BLK_F_RO)");
+    if (flush_every && !(vd.features & (1ULL << VIRTIO_BLK_F_FLUSH)))
+        fail_json(rw, "device does not offer VIRTIO_BLK_F_FLUSH");
+
+    /* disk range */
+    u64 off = arg_u64("offset", 0);
+    u64 disk = capacity * SECTOR;
+    if (off % SECTOR || off >= disk)
+        fail_json(rw, "offset must be a multiple of 512 inside the disk");
+    u64 size = arg_u64("size", disk - off);
+    if (!size || size % SECTOR || off + size > disk)
+        fail_json(rw, "size must be a non-zero multiple of 512 inside the disk");
+    range_off = off / SECTOR;
+    range_sectors = size / SECTOR;
+    if ((mode == RW_READ || mode == RW_WRITE || mode == RW_RANDREAD || mode == RW_RANDWRITE) &&
+        size < bs)
+        fail_json(rw, "size is smaller than bs");
+
+    u64 ndef = 1000;
+    if (mode == RW_FILL || mode == RW_VERIFY)
+        ndef = (range_sectors + bs / SECTOR - 1) / (bs / SECTOR);
+    else if (mode == RW_FLUSH || mode == RW_IDENT)
+        ndef = 1;
+    n_ops = arg_u64("n", ndef);
+    if (mode == RW_FILL || mode == RW_VERIFY) {
+        n_ops = ndef; /* exactly one pass over the range */
+        duration_cyc = 0;
+    }
+    if (mode == RW_FLUSH && !(vd.features & (1ULL << VIRTIO_BLK_F_FLUSH)))
+        fail_json(rw, "device does not offer VIRTIO_BLK_F_FLUSH");
+
+    max_samples = duration_cyc ? MAX_SAMPLES : MIN(n_ops + n_ops / MAX(flush_every, 1) + 2, (u64)MAX_SAMPLES);
+    samples = heap_alloc(max_samples * sizeof(u64), 64);
+
+    u64 ticks0 = timer_ticks;
+    if (use_irq)
+        lapic_timer_periodic_ns(100000000ULL); /* 100 ms watchdog tick for hlt waits */
+    sti();
+    u64 t0 = rdtsc();
+    bool ok = run_loop(t0);
+    if (ok && mode == RW_FILL && (vd.features & (1ULL << VIRTIO_BLK_F_FLUSH)))
+        ok = run_one(VIRTIO_BLK_T_FLUSH, 0, 0);
+    u64 t1 = rdtsc();
+    cli();
+    lapic_timer_stop();
+    timer_ticks -= ticks0;
+
+    if (mode == RW_IDENT) {
+        char id[21];
+        memcpy(id, reqs[0].data, 20);
+        id[20] = 0;
+        json_begin("blk");
+        json_str("rw", "ident");
+        json_str("id", id);
+        json_u64("errors", errors);
+        json_u64("capacity", capacity);
+        json_u64("blk_size", blk_size);
+        json_u64("seg_max", seg_max);
+        json_u64("num_queues", dev_queues);
+        json_u64("queue_size_max", devmax);
+        json_u64("msix_vectors", vd.pci.msix_n);
+        json_hex("device_features", vd.dev_features);
+        json_hex("features", vd.features);
+        json_u64("tsc_khz", tsc_khz);
+        if (!ok)
+            json_str("error", "timeout");
+        json_end();
+        gk_exit(ok && !errors ? EXIT_OK : EXIT_FAIL);
+    }
+    if (qd_capped_from)
+        printf("guestkit: qd capped from %llu to %u by queue size %u\n", qd_capped_from, qd, qsize);
+    print_results(t1 - t0, ok ? NULL : "timeout waiting for completions");
+    gk_exit(ok && !errors && !verify_errors ? EXIT_OK : EXIT_FAIL);
+}
