@@ -50,5 +50,6 @@ bool msix_init(struct pci_dev *d);
 void msix_set(struct pci_dev *d, u32 entry, u32 apic_id, u8 vector);
 extern u64 pci_bar_window; /* next free address for BAR assignment */
 extern u32 pci_bars_assigned;
+extern bool pci_force_assign; /* testing aid: reassign every BAR that is used */
 
 #endif

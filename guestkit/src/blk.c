@@ -158,8 +158,8 @@ static bool blk_init_device(bool quiet)
     if (vdev_status(&vd) & (VIRTIO_S_NEEDS_RESET | VIRTIO_S_FAILED))
         return false;
     if (!quiet)
-        printf("guestkit: virtio-blk %02x:%02x.%x features=%#llx queues=%u qsize=%u\n",
-               vd.pci.bus, vd.pci.dev, vd.pci.fn, vd.features, nq, qsize);
+        printf("guestkit: virtio-blk %02x:%02x.%x common=%#lx features=%#llx queues=%u qsize=%u\n",
+               vd.pci.bus, vd.pci.dev, vd.pci.fn, (unsigned long)vd.common, vd.features, nq, qsize);
     return true;
 }
 
@@ -224,6 +224,7 @@ static void record_latency(u64 cyc)
 
 static bool verify_reads;
 static u32 inflight;
+static enum rw_mode mode;
 
 static void req_complete(struct req *r, u64 now)
 {
@@ -239,6 +240,8 @@ static void req_complete(struct req *r, u64 now)
     }
     if (r->type == VIRTIO_BLK_T_FLUSH) {
         flushes++;
+        if (mode == RW_FLUSH)
+            ops_done++;
         return;
     }
     if (r->type == VIRTIO_BLK_T_IN || r->type == VIRTIO_BLK_T_OUT) {
@@ -318,7 +321,6 @@ static bool wait_any(void)
 }
 
 /* ---- workload ---- */
-static enum rw_mode mode;
 static u32 bs;
 static u64 range_off, range_sectors; /* in sectors */
 static u64 n_ops, duration_cyc;
@@ -655,7 +657,7 @@ void app_blk(void)
     static const char *const keys[] = {"rw", "bs", "qd", "n", "ms", "seed", "verify", "offset",
                                        "size", "fua", "flush_every", "event_idx", "irq", "queues",
                                        "qsize", "timeout_ms", "index", "bad_addr", "case_ms",
-                                       "bar_window", NULL};
+                                       "bar_window", "reassign_bars", NULL};
     args_allow(keys);
     const char *rw = arg_str("rw", "randread");
     int m = -1;
@@ -696,6 +698,7 @@ void app_blk(void)
         usage_error("qsize must be a power of two <= 32768");
     timeout_cyc = ns_to_tsc(arg_u64("timeout_ms", 5000) * 1000000ULL);
     pci_bar_window = arg_hex("bar_window", pci_bar_window);
+    pci_force_assign = arg_u64("reassign_bars", 0) != 0;
     u64 ms = arg_u64("ms", 0);
     duration_cyc = ms ? ns_to_tsc(ms * 1000000ULL) : 0;
 

@@ -2,6 +2,7 @@
 #include "pci.h"
 
 u64 pci_bar_window = 0xE0000000ULL;
+bool pci_force_assign;
 u32 pci_bars_assigned;
 
 static u32 cfg_addr(const struct pci_dev *d, u16 off)
@@ -105,7 +106,7 @@ u64 pci_bar_addr(struct pci_dev *d, u32 i)
     if (is64)
         base |= (u64)pci_cfg_read32(d, off + 4) << 32;
     d->bar_64[i] = is64;
-    if (base == 0 || base >= 0x100000000ULL) {
+    if (base == 0 || base >= 0x100000000ULL || pci_force_assign) {
         /* size it with decoding off, then place it in the free window */
         u16 cmd = pci_cfg_read16(d, PCI_COMMAND);
         pci_cfg_write16(d, PCI_COMMAND, cmd & ~(PCI_CMD_MEM | PCI_CMD_IO));
