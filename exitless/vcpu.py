@@ -63,6 +63,7 @@ class VcpuThread:
         self.counters = VcpuCounters()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.cpu_seconds = 0.0  # CPU time of this thread (guest execution included), set when it ends
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._main, name=f"vcpu{self.vcpu.id}", daemon=True)
@@ -98,6 +99,7 @@ class VcpuThread:
             log.exception("vcpu%d: unexpected error", self.vcpu.id)
             result = VmExit("error", 1, f"{type(e).__name__}: {e}", self.vcpu.id, describe_registers(self.vcpu))
         result.vcpu = self.vcpu.id
+        self.cpu_seconds = time.thread_time()
         self.on_exit(result)
 
     def _loop(self) -> VmExit:

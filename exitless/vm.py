@@ -153,6 +153,10 @@ class Machine:
     def vcpu_stats(self) -> "VcpuStats":
         return VcpuStats([v.stats() for v in self.vcpus])
 
+    def vcpu_cpu_seconds(self) -> float:
+        """CPU time of the vCPU threads that have finished (the guest's own running time)."""
+        return sum(t.cpu_seconds for t in self.threads)
+
     def tsc_khz(self) -> int:
         return self.vcpus[0].tsc_khz()
 

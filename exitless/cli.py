@@ -1,0 +1,121 @@
+"""The ``exitless`` command: run a guest, benchmark the I/O paths, check the host."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from . import __version__
+
+
+def _parse_mem(text: str) -> int:
+    """'256', '256M', '1G' -> MiB."""
+    t = text.strip().upper()
+    try:
+        if t.endswith("G"):
+            return int(t[:-1]) * 1024
+        return int(t[:-1] if t.endswith("M") else t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad memory size {text!r} (e.g. 256M, 1G)") from None
+
+
+def cmd_run(args) -> int:
+    from .boot.pvh import KernelImageError
+    from .vm import Machine, VmConfig
+
+    try:
+        with Machine(VmConfig(mem_mib=args.mem, cpus=args.cpus)) as m:
+            m.boot_pvh(args.kernel, args.append, args.initrd)
+            exit = m.run(timeout=args.timeout)
+    except (KernelImageError, ValueError, OSError) as e:
+        print(f"exitless: {e}", file=sys.stderr)
+        return 2
+    if exit.kind == "debug-exit":
+        return exit.status & 0xFF
+    if exit.ok:
+        return 0
+    print(f"\nexitless: the VM stopped: {exit.kind}: {exit.message}", file=sys.stderr)
+    if exit.registers:
+        print(exit.registers, file=sys.stderr)
+    return 1
+
+
+def cmd_doctor(args) -> int:
+    from .doctor import diagnose, format_report
+
+    rep = diagnose()
+    print(format_report(rep))
+    return 0 if rep.usable else 1
+
+
+def cmd_bench_doorbell(args) -> int:
+    from .bench import doorbell as B
+    from .bench.common import print_table, write_json
+
+    cases = B.default_cases(args.paths, args.placements)
+    rows = []
+    for case in cases:
+        print(f"measuring {case.label} ...", file=sys.stderr)
+        rows.append(B.measure(case, n=args.n, warmup=args.warmup))
+    if args.idle_ms:
+        for path in ("shared", "adaptive"):
+            if path in args.paths:
+                for placement in args.placements:
+                    print(f"measuring idle {path}/{placement} ...", file=sys.stderr)
+                    rows.append(B.measure_idle(path, placement, args.idle_ms))
+    pingpong = [r for r in rows if r.get("test") != "idle"]
+    print_table("doorbell ping-pong (one run, same machine)", pingpong, [
+        ("path", "path"), ("sidecore", "sidecore"), ("busy_sidecore", "busy sidecore"), ("median_us", "median µs"),
+        ("p99_us", "p99 µs"), ("exits_per_op", "exits/op"), ("cpu_us_per_op", "VMM CPU µs/op"), ("errors", "errors")])
+    idle = [r for r in rows if r.get("test") == "idle"]
+    if idle:
+        print_table("sidecore CPU while the guest is idle", idle,
+                    [("path", "path"), ("sidecore", "sidecore"), ("idle_cpu_pct", "% of a core")])
+    for k, v in B.summarize(rows).items():
+        print(f"{k}: {v:.3f}", file=sys.stderr)
+    if args.json:
+        write_json(rows, args.json)
+    return 1 if any(r.get("errors") for r in rows) else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="exitless", description=__doc__)
+    p.add_argument("--version", action="version", version=f"exitless {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="boot a kernel (PVH ELF: the guest kit or a vmlinux)")
+    run.add_argument("--kernel", required=True)
+    run.add_argument("--append", default="", help="kernel command line")
+    run.add_argument("--initrd")
+    run.add_argument("--mem", type=_parse_mem, default=256, help="guest RAM (default 256M)")
+    run.add_argument("--cpus", type=int, default=1)
+    run.add_argument("--timeout", type=float, default=None, help="stop the guest after this many seconds")
+    run.set_defaults(func=cmd_run)
+
+    doc = sub.add_parser("doctor", help="check /dev/kvm and say what guests will get")
+    doc.set_defaults(func=cmd_doctor)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bsub = bench.add_subparsers(dest="bench", required=True)
+    db = bsub.add_parser("doorbell", help="register-write ping-pong under every I/O path")
+    db.add_argument("--n", type=int, default=20000, help="ping-pongs per row")
+    db.add_argument("--warmup", type=int, default=200)
+    db.add_argument("--paths", nargs="+", default=["trap", "ioeventfd", "shared", "adaptive"],
+                    choices=["trap", "ioeventfd", "shared", "adaptive"])
+    db.add_argument("--placements", nargs="+", default=["thread", "process"], choices=["thread", "process"])
+    db.add_argument("--idle-ms", type=int, default=2000, help="idle-CPU measurement per sidecore (0: skip)")
+    db.add_argument("--json", nargs="?", const="-", help="write rows as JSON (to a file, or stdout)")
+    db.set_defaults(func=cmd_bench_doorbell)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="exitless: %(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""``exitless doctor``: can this host run exitless guests, and what will they see?
+
+Recognises the KVM flavour (VMX, SVM, or the software-nested ``kvm_pvm``
+backend), lists the capabilities the VMM relies on, and prints the CPUID the
+guest will get, with the features that matter for guest code.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .kvm import constants as C
+from .kvm.api import Kvm
+from .kvm.syscall import KvmError
+from .x86.cpu import cpuid_leaf
+
+REQUIRED_CAPS = ("KVM_CAP_IRQCHIP", "KVM_CAP_USER_MEMORY", "KVM_CAP_IOEVENTFD", "KVM_CAP_IRQFD",
+                 "KVM_CAP_IRQ_ROUTING", "KVM_CAP_PIT2", "KVM_CAP_SET_TSS_ADDR", "KVM_CAP_EXT_CPUID",
+                 "KVM_CAP_IMMEDIATE_EXIT")
+USEFUL_CAPS = ("KVM_CAP_BINARY_STATS_FD", "KVM_CAP_SIGNAL_MSI", "KVM_CAP_GET_TSC_KHZ",
+               "KVM_CAP_TSC_DEADLINE_TIMER", "KVM_CAP_X2APIC_API", "KVM_CAP_READONLY_MEM")
+LEAF1_ECX = {0: "sse3", 9: "ssse3", 19: "sse4.1", 20: "sse4.2", 23: "popcnt", 26: "xsave", 28: "avx", 24: "tsc-deadline",
+             21: "x2apic", 31: "hypervisor"}
+LEAF1_EDX = {0: "fpu", 4: "tsc", 5: "msr", 9: "apic", 25: "sse", 26: "sse2"}
+
+
+@dataclass
+class Report:
+    usable: bool
+    flavour: str = "unknown"
+    problems: list[str] = field(default_factory=list)
+    caps: dict[str, int] = field(default_factory=dict)
+    cpu_features: list[str] = field(default_factory=list)
+    missing_features: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    max_vcpus: int = 0
+
+
+def kvm_flavour() -> str:
+    mods = Path("/sys/module")
+    for name, flavour in (("kvm_pvm", "pvm"), ("kvm_intel", "vmx"), ("kvm_amd", "svm")):
+        if (mods / name).exists():
+            return flavour
+    return "unknown"
+
+
+def diagnose(device: str = "/dev/kvm") -> Report:
+    if not os.path.exists(device):
+        return Report(False, problems=[f"{device} does not exist: is the kvm module loaded (and is this a VM "
+                                       "without nested virtualisation)?"])
+    try:
+        kvm = Kvm(device)
+    except (KvmError, RuntimeError) as e:
+        return Report(False, problems=[str(e)])
+    try:
+        rep = Report(True, flavour=kvm_flavour())
+        for name in REQUIRED_CAPS + USEFUL_CAPS:
+            rep.caps[name] = kvm.check_extension(getattr(C, name))
+        rep.max_vcpus = kvm.check_extension(C.KVM_CAP_MAX_VCPUS)
+        for name in REQUIRED_CAPS:
+            if not rep.caps[name]:
+                rep.usable = False
+                rep.problems.append(f"missing {name}")
+        entries = kvm.supported_cpuid()
+        leaf1 = cpuid_leaf(entries, 1)
+        if leaf1 is not None:
+            for bits, reg in ((LEAF1_ECX, leaf1.ecx), (LEAF1_EDX, leaf1.edx)):
+                for bit, feat in bits.items():
+                    (rep.cpu_features if reg >> bit & 1 else rep.missing_features).append(feat)
+        if rep.flavour == "pvm":
+            rep.notes += [
+                "software-nested KVM (kvm_pvm): guest ring-0 code goes through KVM's instruction emulator "
+                "(~1 µs per instruction) while ring-3 code runs natively; the guest kit runs its drivers in ring 3.",
+                "an unmodified Linux kernel boots only as far as early init here; `exitless run` adds the "
+                "parameters this host needs (noxsave, clearcpuid, mitigations=off) and says so.",
+                "guest code must stay within the CPUID above: an instruction outside it ends in a KVM emulation failure.",
+            ]
+        return rep
+    finally:
+        kvm.close()
+
+
+def format_report(rep: Report) -> str:
+    lines = [f"/dev/kvm: {'usable' if rep.usable else 'NOT usable'}", f"KVM flavour: {rep.flavour}"]
+    lines += [f"  problem: {p}" for p in rep.problems]
+    if rep.caps:
+        lines.append("capabilities: " + ", ".join(f"{k[8:].lower()}={v}" for k, v in rep.caps.items()))
+        lines.append(f"max vCPUs per VM: {rep.max_vcpus}")
+        lines.append("guest CPUID offers: " + " ".join(rep.cpu_features))
+        lines.append("guest CPUID lacks:  " + (" ".join(rep.missing_features) or "-"))
+    lines += [f"note: {n}" for n in rep.notes]
+    return "\n".join(lines)
