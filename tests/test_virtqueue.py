@@ -83,19 +83,19 @@ class Driver:
         self.mem.write(base + 16 * i, struct.pack("<QIHH", addr, length, flags, nxt))
 
     # -- offering buffers -------------------------------------------------------------
-    def add(self, out=(), in_=(), *, indirect: bool = False, publish: bool = True):
+    def add(self, out=(), in_=(), *, indirect: bool = False, publish: bool = True, align: int = 16):
         """Offer a chain: ``out`` device-readable buffers (bytes), ``in_`` writable sizes.
 
         Returns ``(head, [gpa of each writable buffer])``.
         """
         bufs = []
         for data in out:
-            gpa = self.alloc(len(data))
+            gpa = self.alloc(len(data), align)
             self.mem.write(gpa, data)
             bufs.append((gpa, len(data), 0))
         in_gpas = []
         for n in in_:
-            gpa = self.alloc(n)
+            gpa = self.alloc(n, align)
             self.mem.fill(gpa, n, 0xEE)
             bufs.append((gpa, n, WRITE))
             in_gpas.append(gpa)

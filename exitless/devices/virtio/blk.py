@@ -245,7 +245,7 @@ class VirtioBlk(VirtioDevice):
             0, 0, 0,                             # geometry (not offered)
             self.blk_size,
             0, 0, 0, 0,                          # topology (not offered)
-            0,                                   # writeback (CONFIG_WCE not offered)
+            0, 0,                                # writeback (CONFIG_WCE not offered), unused0
             self.num_queues,
             self.MAX_DISCARD_SECTORS if self.discard else 0,
             self.MAX_DISCARD_SEG if self.discard else 0,
