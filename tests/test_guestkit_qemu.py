@@ -241,6 +241,28 @@ def test_blk_irq_modes(guestkit_elf, disk, irq, event_idx):
         assert j["irqs"] <= 1  # QEMU may signal once before used_event is valid
 
 
+def test_blk_qd128_indirect(guestkit_elf, disk):
+    """qd=128 does not fit 3 descriptors per request in a 256-entry ring: indirect tables."""
+    r = run_guest(guestkit_elf, "blk rw=fill bs=4k qd=128 size=2m", *blk_args(disk))
+    assert r.status == 0, r
+    assert r.json["qd"] == 128 and r.json["indirect"] == 1 and r.json["queue_size"] == 256
+    assert bad_sectors(disk, 1, count=4096) == []
+    r = run_guest(guestkit_elf, "blk rw=randread bs=4k qd=128 n=1000 size=2m verify=1 indirect=0",
+                  *blk_args(disk))
+    assert r.status == 0, r
+    assert r.json["qd"] == 85 and r.json["qd_requested"] == 128 and r.json["indirect"] == 0
+    r = run_guest(guestkit_elf, "blk rw=randread bs=4k qd=4 n=200 size=2m verify=1 indirect=1 "
+                  "irq=poll", *blk_args(disk))
+    assert r.status == 0 and r.json["indirect"] == 1, r
+
+
+def test_blk_malformed_indirect(guestkit_elf, disk):
+    r = run_guest(guestkit_elf, "blk rw=malformed indirect=1", *blk_args(disk))
+    assert r.status == 0, r
+    assert r.json["indirect_nested"] == "needs_reset" and r.json["indirect_len"] == "needs_reset"
+    assert r.json["final_read"] == "ok"
+
+
 def test_blk_multiqueue(guestkit_elf, disk):
     r = run_guest(guestkit_elf, "blk rw=fill bs=64k qd=8 queues=4 size=2m",
                   *blk_args(disk, extra=",num-queues=4"))

@@ -47,6 +47,7 @@ struct req {
     struct blk_hdr *hdr;
     volatile u8 *status;
     u8 *data;
+    struct vring_desc *itab; /* indirect table (3 entries) when indirect is used */
     struct virtq *vq;
     u16 head;
     bool busy;
@@ -76,12 +77,13 @@ static volatile u64 irqs, config_irqs;
 static u64 timeout_cyc;
 static u64 resets;
 static u64 qd_requested;
+static bool use_indirect;
 
 /* ---- statistics ---- */
 static u64 *samples;
 static u64 nsamples, max_samples;
 static u64 lat_sum, lat_min = ~0ULL, lat_max;
-static u64 ops_done, bytes_done, errors, verify_errors, flushes;
+static u64 ops_done, bytes_done, errors, verify_errors, flushes, completions;
 static u32 first_error_status = 0xFFFFFFFF;
 static u64 first_bad_sector = ~0ULL;
 
@@ -135,6 +137,8 @@ static bool blk_init_device(bool quiet)
                (1ULL << VIRTIO_BLK_F_DISCARD) | (1ULL << VIRTIO_BLK_F_WRITE_ZEROES);
     if (want_event_idx)
         want |= 1ULL << VIRTIO_F_EVENT_IDX;
+    if (use_indirect)
+        want |= 1ULL << VIRTIO_F_INDIRECT_DESC;
     if (!vdev_negotiate(&vd, want, 1ULL << VIRTIO_F_VERSION_1))
         return false;
     bool ev = (vd.features >> VIRTIO_F_EVENT_IDX) & 1;
@@ -167,7 +171,7 @@ static void reqs_bind(void)
 {
     for (u32 k = 0; k < qd; k++) {
         reqs[k].vq = &vqs[k % nq];
-        reqs[k].head = (u16)(3 * (k / nq));
+        reqs[k].head = (u16)(use_indirect ? k / nq : 3 * (k / nq));
         reqs[k].busy = false;
     }
 }
@@ -176,8 +180,12 @@ static void reqs_bind(void)
 static void req_post(struct req *r)
 {
     struct virtq *vq = r->vq;
-    struct vring_desc *d = vq->desc;
     u16 h = r->head;
+    struct vring_desc *d = vq->desc;
+    if (use_indirect) {
+        d = r->itab;
+        h = 0;
+    }
     r->hdr->type = r->type;
     r->hdr->reserved = 0;
     r->hdr->sector = r->sector;
@@ -199,6 +207,17 @@ static void req_post(struct req *r)
     d[h + 2].len = 1;
     d[h + 2].flags = VRING_DESC_F_WRITE;
     d[h + 2].next = 0;
+    if (use_indirect) {
+        if (!r->len) { /* header -> status: compact the table to 2 entries */
+            d[1] = d[2];
+            d[0].next = 1;
+        }
+        h = r->head;
+        vq->desc[h].addr = (u64)(uptr)r->itab;
+        vq->desc[h].len = (r->len ? 3 : 2) * sizeof(struct vring_desc);
+        vq->desc[h].flags = VRING_DESC_F_INDIRECT;
+        vq->desc[h].next = 0;
+    }
     vq->avail->ring[vq->avail_idx & (vq->size - 1)] = h;
     vq->avail_idx++;
     r->busy = true;
@@ -231,6 +250,7 @@ static void req_complete(struct req *r, u64 now)
     u8 st = *r->status;
     r->busy = false;
     inflight--;
+    completions++;
     record_latency(now - r->t_submit);
     if (st != VIRTIO_BLK_S_OK) {
         errors++;
@@ -269,9 +289,9 @@ static u32 reap(void)
             struct vring_used_elem e = vq->used->ring[vq->last_used & (vq->size - 1)];
             vq->last_used++;
             u32 id = e.id;
-            if (id >= vq->size || id % 3)
+            if (id >= vq->size || (!use_indirect && id % 3))
                 panic("device returned bad used id %u on queue %u", id, q);
-            u32 k = (id / 3) * nq + q;
+            u32 k = (use_indirect ? id : id / 3) * nq + q;
             if (k >= qd || !reqs[k].busy)
                 panic("device completed an idle request (id %u, queue %u)", id, q);
             req_complete(&reqs[k], now);
@@ -516,10 +536,11 @@ static void app_blk_malformed(u64 bad_addr, u64 case_ms)
     const u64 case_cyc = ns_to_tsc(case_ms * 1000000ULL);
     static const char *const names[] = {"desc_oob", "chain_loop", "chain_too_long", "next_oob",
                                         "hdr_short", "huge_len", "sector_oob", "bad_type",
-                                        "avail_jump"};
+                                        "avail_jump", "indirect_nested", "indirect_len"};
+    const u32 ncases = use_indirect ? ARRAY_SIZE(names) : ARRAY_SIZE(names) - 2;
     enum outcome res[ARRAY_SIZE(names)];
     bool all_ok = true;
-    for (u32 c = 0; c < ARRAY_SIZE(names); c++) {
+    for (u32 c = 0; c < ncases; c++) {
         vq = &vqs[0];
         d = vq->desc;
         u16 sz = vq->size;
@@ -568,6 +589,15 @@ static void app_blk_malformed(u64 bad_addr, u64 case_ms)
         case 8: /* avail index moved by more than the queue size */
             jump = true;
             break;
+        case 9: /* an indirect table that contains an INDIRECT descriptor */
+        case 10: /* indirect table length not a multiple of 16 */
+            r->itab[0] = d[0];
+            r->itab[1] = d[1];
+            r->itab[2] = d[2];
+            if (c == 9)
+                r->itab[1] = (struct vring_desc){(u64)(uptr)r->itab, 48, VRING_DESC_F_INDIRECT, 0};
+            d[0] = (struct vring_desc){(u64)(uptr)r->itab, c == 9 ? 48 : 40, VRING_DESC_F_INDIRECT, 0};
+            break;
         }
         enum outcome oc = malformed_post(0, r->status, case_cyc, jump);
         res[c] = oc;
@@ -580,7 +610,7 @@ static void app_blk_malformed(u64 bad_addr, u64 case_ms)
     bool final_ok = run_one(VIRTIO_BLK_T_IN, 0, 4096) && errors == 0;
     json_begin("blk");
     json_str("rw", "malformed");
-    for (u32 c = 0; c < ARRAY_SIZE(names); c++)
+    for (u32 c = 0; c < ncases; c++)
         json_str(names[c], oc_names[res[c]]);
     json_str("final_read", final_ok ? "ok" : "failed");
     json_u64("resets", resets);
@@ -596,7 +626,7 @@ static void print_results(u64 elapsed_cyc, const char *error)
 {
     u64 ens = tsc_to_ns(elapsed_cyc);
     sort_u64(samples, nsamples);
-    u64 nlat = ops_done + flushes + errors;
+    u64 nlat = completions;
     json_begin("blk");
     json_str("rw", rw_names[mode]);
     json_u64("bs", bs);
@@ -626,6 +656,7 @@ static void print_results(u64 elapsed_cyc, const char *error)
     json_u64("event_idx", (vd.features >> VIRTIO_F_EVENT_IDX) & 1);
     json_u64("queues", nq);
     json_u64("queue_size", qsize);
+    json_u64("indirect", use_indirect);
     json_u64("capacity", capacity);
     json_u64("offset", range_off * SECTOR);
     json_u64("size", range_sectors * SECTOR);
@@ -657,7 +688,7 @@ void app_blk(void)
     static const char *const keys[] = {"rw", "bs", "qd", "n", "ms", "seed", "verify", "offset",
                                        "size", "fua", "flush_every", "event_idx", "irq", "queues",
                                        "qsize", "timeout_ms", "index", "bad_addr", "case_ms",
-                                       "bar_window", "reassign_bars", NULL};
+                                       "bar_window", "reassign_bars", "indirect", NULL};
     args_allow(keys);
     const char *rw = arg_str("rw", "randread");
     int m = -1;
@@ -690,6 +721,10 @@ void app_blk(void)
     else if (strcmp(irq, "msix"))
         usage_error("irq must be msix or poll");
     want_event_idx = arg_u64("event_idx", 1) != 0;
+    const char *ind = arg_str("indirect", "auto");
+    int indirect_mode = !strcmp(ind, "auto") ? 2 : !strcmp(ind, "1") ? 1 : !strcmp(ind, "0") ? 0 : -1;
+    if (indirect_mode < 0)
+        usage_error("indirect must be 0, 1 or auto");
     u64 nq_req = arg_u64("queues", 1);
     if (nq_req < 1 || nq_req > MAX_QUEUES)
         usage_error("queues must be 1..%u", MAX_QUEUES);
@@ -727,7 +762,11 @@ void app_blk(void)
     nq = (u32)nq_req;
     if (mode == RW_MALFORMED || mode == RW_IDENT || mode == RW_FLUSH)
         nq = 1;
-    /* queue size: enough for 3 descriptors per request slot */
+    /* queue size: enough for 3 descriptors per request slot, or 1 with an
+     * indirect table per request (auto: only when 3 per slot do not fit) */
+    bool ind_offered = (vd.dev_features >> VIRTIO_F_INDIRECT_DESC) & 1;
+    if (indirect_mode == 1 && !ind_offered)
+        fail_json(rw, "device does not offer VIRTIO_F_INDIRECT_DESC");
     u32 per_q = (qd + nq - 1) / nq;
     u32 need = 16;
     while (need < 3 * per_q)
@@ -739,7 +778,9 @@ void app_blk(void)
     if (qs > devmax)
         qs = devmax;
     qsize = (u16)qs;
-    u32 qd_cap = (qsize / 3) * nq;
+    use_indirect = indirect_mode == 1 || (indirect_mode == 2 && ind_offered && 3 * per_q > qsize &&
+                                          mode != RW_MALFORMED);
+    u32 qd_cap = use_indirect ? qsize * nq : (qsize / 3) * nq;
     u64 qd_capped_from = 0;
     if (qd > qd_cap) {
         qd_capped_from = qd;
@@ -759,6 +800,7 @@ void app_blk(void)
         reqs[k].hdr = heap_alloc(sizeof(struct blk_hdr), 16);
         reqs[k].status = heap_alloc(1, 16);
         reqs[k].data = heap_alloc(MAX(bs, 4096u), 4096);
+        reqs[k].itab = heap_alloc(3 * sizeof(struct vring_desc), 16);
     }
     reqs_bind();
 
