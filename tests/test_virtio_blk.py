@@ -526,6 +526,18 @@ def test_transfer_batches_and_short_io():
     assert calls[0][1] == 100 and sum(1 for _ in calls) >= 8
     with pytest.raises(OSError):
         _transfer(lambda fd, b, o: 0, 0, views, 0)
+    # one-call fast path, with a short first transfer
+    small = [memoryview(bytearray(100)) for _ in range(10)]
+    calls.clear()
+    assert _transfer(fake, 0, small, 0, 1000) == 1000 and len(calls) == 1
+    calls.clear()
+
+    def short(fd, bufs, offset):
+        calls.append(offset)
+        return min(sum(len(b) for b in bufs), 250)
+    assert _transfer(short, 0, small, 0, 1000) == 1000 and calls == [0, 250, 500, 750]
+    with pytest.raises(OSError):
+        _transfer(lambda fd, b, o: 0, 0, small, 0, 1000)
 
 
 # ---------------------------------------------------------------------------

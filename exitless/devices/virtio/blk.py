@@ -99,10 +99,21 @@ class _RequestError(Exception):
         self.status = status
 
 
-def _transfer(fn, fd: int, views: list, offset: int) -> int:
-    """Run ``os.preadv``/``os.pwritev`` until every byte of ``views`` moved (IOV_MAX batches, short I/O)."""
-    views = list(views)
+def _transfer(fn, fd: int, views: list, offset: int, nbytes: int = -1) -> int:
+    """Run ``os.preadv``/``os.pwritev`` until every byte of ``views`` moved (IOV_MAX batches, short I/O).
+
+    ``nbytes``, if known, is the total size of ``views`` (enables the one-call fast path).
+    """
     total = 0
+    if 0 <= nbytes and len(views) <= _IOV_MAX:
+        total = fn(fd, views, offset)
+        if total == nbytes:
+            return total
+        if total <= 0:
+            raise OSError(errno.EIO, "unexpected end of file on the backing store")
+        offset += total
+        views = _advance(views, total)
+    views = list(views)
     i = 0
     while i < len(views):
         batch = views[i:i + _IOV_MAX]
@@ -123,6 +134,18 @@ def _transfer(fn, fd: int, views: list, offset: int) -> int:
         if n:
             views[i] = views[i][n:]
     return total
+
+
+def _advance(views: list, n: int) -> list:
+    """``views`` without its first ``n`` bytes."""
+    out = []
+    for v in views:
+        if n >= len(v):
+            n -= len(v)
+            continue
+        out.append(v[n:] if n else v)
+        n = 0
+    return out
 
 
 class VirtioBlk(VirtioDevice):
@@ -336,14 +359,14 @@ class VirtioBlk(VirtioDevice):
         views = chain.writable(start, nbytes) if is_read else chain.readable(start, nbytes)
         fn = os.preadv if is_read else os.pwritev
         if not self.direct:
-            _transfer(fn, self.fd, views, offset)
+            _transfer(fn, self.fd, views, offset, nbytes)
             return
         a = self.dio_align
         if offset % a or nbytes % a:
             # O_DIRECT cannot do this disk range: use the buffered descriptor.
-            _transfer(fn, self._fd_buffered, views, offset)
+            _transfer(fn, self._fd_buffered, views, offset, nbytes)
         elif self._buffers_aligned(chain, is_read, start, nbytes, a):
-            _transfer(fn, self.fd, views, offset)
+            _transfer(fn, self.fd, views, offset, nbytes)
         else:
             self._bounce(fn, is_read, views, nbytes, offset)
 

@@ -346,6 +346,8 @@ class Virtqueue:
         self._drop_views()
 
     def _drop_views(self) -> None:
+        self._ram_key = None
+        self._ram0 = (0, 0, None)
         self._desc = None
         self._avail = None
         self._used = None
@@ -475,6 +477,9 @@ class Virtqueue:
             raise self._fail(f"available head index {head} >= queue size {size}")
         max_chain = self.max_size
         view = self.mem.view
+        if self.mem.regions is not self._ram_key:
+            self._refresh_ram()
+        r0_gpa, r0_end, r0_view = self._ram0
         table = self._desc
         limit = size           # entries in the table being walked
         steps = 0              # descriptors visited in that table
@@ -511,29 +516,29 @@ class Virtqueue:
                 ndesc += 1
                 if ndesc > max_chain:
                     raise self._fail(f"chain {head} has more than {max_chain} descriptors")
-                w = flags & _F_WRITE
-                try:
-                    pieces = (view(addr, length),)
-                except GuestMemoryError:
-                    pieces = self._split_view(addr, length)
-                if pieces is None:
-                    if error is None:
-                        error = f"buffer [{addr:#x}, +{length:#x}) is outside guest RAM"
-                    segs.append((addr, length, bool(w)))
-                    (wviews if w else rviews).append(length)  # placeholder: bad buffer
+                if r0_gpa <= addr and addr + length <= r0_end:   # fast path: inside the main RAM region
+                    off = addr - r0_gpa
+                    if flags & _F_WRITE:
+                        segs.append((addr, length, True))
+                        wviews.append(r0_view[off:off + length])
+                        wlen += length
+                    else:
+                        segs.append((addr, length, False))
+                        rviews.append(r0_view[off:off + length])
+                        if wlen and error is None:
+                            error = "device-readable buffer after a device-writable one"
+                        rlen += length
                 else:
-                    gpa = addr
-                    for v in pieces:
-                        n = len(v)
-                        segs.append((gpa, n, bool(w)))
-                        (wviews if w else rviews).append(v)
-                        gpa += n
-                if w:
-                    wlen += length
-                else:
-                    if wlen and error is None:
-                        error = "device-readable buffer after a device-writable one"
-                    rlen += length
+                    w = bool(flags & _F_WRITE)
+                    bad = self._add_slow(addr, length, w, segs, wviews if w else rviews)
+                    if bad and error is None:
+                        error = bad
+                    if w:
+                        wlen += length
+                    else:
+                        if wlen and error is None:
+                            error = "device-readable buffer after a device-writable one"
+                        rlen += length
             if not flags & _F_NEXT:
                 break
             if nxt >= limit:
@@ -544,6 +549,38 @@ class Virtqueue:
         if error is None and rlen + wlen > 0xFFFFFFFF:
             error = "chain is longer than 2**32 bytes"
         return DescriptorChain(head, segs, rviews, wviews, rlen, wlen, error)
+
+    def _refresh_ram(self) -> None:
+        """Cache one whole-region view per RAM region (taken through GuestMemory.view).
+
+        Buffer translation then costs one range comparison for the first (usually
+        the only, or the low) region instead of a GuestMemory.view call; other
+        regions and buffers that span regions go through :meth:`_view_slow`.
+        GuestMemory only ever adds regions (and replaces its ``regions`` list
+        when it does), so the cache is refreshed when that list object changes.
+        """
+        mem = self.mem
+        regions = mem.regions
+        ram = tuple((r.gpa, r.end, mem.view(r.gpa, r.size)) for r in regions)
+        self._ram0 = max(ram, key=lambda t: t[1] - t[0])
+        self._ram_key = regions
+
+    def _add_slow(self, addr: int, length: int, w: bool, segs: list, views: list) -> str | None:
+        """Append a buffer outside the main region: another region, split across regions, or bad."""
+        try:
+            pieces = (self.mem.view(addr, length),)
+        except GuestMemoryError:
+            pieces = self._split_view(addr, length)
+        if pieces is None:
+            segs.append((addr, length, w))
+            views.append(length)  # placeholder: a bad buffer of this length
+            return f"buffer [{addr:#x}, +{length:#x}) is outside guest RAM"
+        for v in pieces:
+            n = len(v)
+            segs.append((addr, n, w))
+            views.append(v)
+            addr += n
+        return None
 
     def _split_view(self, gpa: int, length: int) -> tuple | None:
         """Views of a buffer that spans adjacent RAM regions, or None if any byte is outside RAM."""
