@@ -191,8 +191,8 @@ def parse_setup_header(data: bytes | bytearray | memoryview, *, require_64bit: b
     older than 2.12, or (``require_64bit``) a kernel without ``XLF_KERNEL_64``.
     """
     data = memoryview(data).cast("B") if not isinstance(data, bytes) else data
-    if len(data) < HDR_MAGIC_OFFSET + 4:
-        raise BzImageError(f"file too short for a bzImage setup header ({len(data)} bytes; need at least 0x206)")
+    if len(data) < HDR_MAGIC_OFFSET + 6:
+        raise BzImageError(f"file too short for a bzImage setup header ({len(data)} bytes; need at least 0x208)")
     if bytes(data[HDR_MAGIC_OFFSET : HDR_MAGIC_OFFSET + 4]) != HDR_MAGIC:
         if bytes(data[:4]) == b"\x7fELF":
             raise BzImageError("this is an ELF file (a vmlinux?), not a bzImage: pass arch/x86/boot/bzImage or /boot/vmlinuz-*")

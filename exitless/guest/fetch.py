@@ -75,8 +75,8 @@ class GuestArtifacts:
     kernel_version: str
     busybox: Path
     manifest: Path | None
-    versions: Mapping[str, str] = field(default_factory=dict)
-    busybox_applets: tuple[str, ...] = ()
+    versions: Mapping[str, str] = field(default_factory=dict, hash=False)
+    busybox_applets: tuple[str, ...] = field(default=(), repr=False)
 
     @property
     def modules_root(self) -> Path | None:
@@ -221,6 +221,7 @@ def _ensure(
             return key_dir, cached
 
     staging = Path(tempfile.mkdtemp(prefix=f".staging-{key}-", dir=cache))
+    staging.chmod(0o755)
     try:
         manifest = _fetch_and_unpack(staging, wanted, apt, kernel=kernel_pkg is not None)
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
