@@ -796,9 +796,16 @@ def test_no_lost_wakeups_across_processes(mem, event_idx):
             os.close(fd)
 
 
-def test_full_barrier_is_native():
+def test_full_barrier_kinds():
+    from exitless.devices.virtio import queue as qmod
     full_barrier()
-    assert BARRIER_KIND in ("native-lock-or", "native-dmb", "lock-rmw")
+    assert BARRIER_KIND in ("extension-seq-cst-fence", "native-lock-or", "native-dmb", "lock-rmw")
+    if qmod._MACHINE in ("x86_64", "amd64", "aarch64", "arm64"):
+        stub = qmod._native_fence()      # the no-build fallback: a fence instruction in an executable page
+        assert stub is not None
+        for _ in range(1000):
+            stub()
+    qmod._lock_fence()()
 
 
 # ---------------------------------------------------------------------------
