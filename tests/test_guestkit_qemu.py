@@ -131,6 +131,14 @@ def test_info(guestkit_elf):
     assert 100_000 < r.json["tsc_khz"] < 10_000_000
 
 
+def test_selftest(guestkit_elf):
+    r = run_guest(guestkit_elf, "selftest")
+    assert r.status == 0, r
+    assert r.json["failed"] == 0 and r.json["passed"] >= 25
+    # the guest's pattern word agrees with the formula used here
+    assert int(r.json["pattern_s1000_w7_seed3"], 16) == struct.unpack_from("<Q", expected_sector(1000, 3), 7 * 8)[0]
+
+
 def test_tsc_khz_override(guestkit_elf):
     r = run_guest(guestkit_elf, "info tsc_khz=1234567")
     assert r.status == 0, r
@@ -290,6 +298,14 @@ def test_blk_malformed(guestkit_elf, disk):
                  "huge_len", "sector_oob", "bad_type", "avail_jump"):
         assert j[case] in ("ioerr", "unsupp", "needs_reset"), (case, j)
     assert j["sector_oob"] == "ioerr" and j["bad_type"] == "unsupp"
+
+
+def test_blk_duration(guestkit_elf, disk):
+    r = run_guest(guestkit_elf, "blk rw=randwrite bs=4k qd=4 ms=300 size=1m", *blk_args(disk))
+    assert r.status == 0, r
+    assert r.json["ops"] > 0 and r.json["elapsed_us"] >= 300_000
+    r = run_guest(guestkit_elf, "blk rw=read bs=16k qd=2 ms=200 size=1m verify=1", *blk_args(disk))
+    assert r.status == 0 and r.json["verify_errors"] == 0 and r.json["ops"] > 0, r
 
 
 def test_blk_no_device(guestkit_elf):

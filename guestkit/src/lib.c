@@ -71,13 +71,17 @@ void serial_init(void)
      * to keep port exits minimal. */
 }
 
+/* A UART that never reports THRE (not emulated, or a broken model) would cost a
+ * VM exit per poll forever: after one long wait, stop waiting altogether. */
+static bool uart_nowait;
+
 void serial_putc(char c)
 {
     u32 spins = 0;
-    while (!(inb(COM1 + 5) & LSR_THRE)) {
+    while (!uart_nowait && !(inb(COM1 + 5) & LSR_THRE)) {
         cpu_pause();
-        if (++spins > 1000000)   /* broken/absent UART: don't hang forever */
-            break;
+        if (++spins > 20000)
+            uart_nowait = true;
     }
     outb(COM1, (u8)c);
 }

@@ -407,6 +407,7 @@ static const struct app apps[] = {
     {"idle", app_idle},
     {"blk", app_blk},
     {"info", app_info},
+    {"selftest", app_selftest},
 };
 
 void kmain(u32 start_info_pa)
@@ -435,13 +436,13 @@ void kmain(u32 start_info_pa)
     heap_setup();
     parse_cmdline();
     if (!app_name)
-        usage_error("empty command line; usage: <app> [key=value...]; apps: doorbell idle blk info");
+        usage_error("empty command line; usage: <app> [key=value...]; apps: doorbell idle blk info selftest");
     const struct app *app = NULL;
     for (u32 i = 0; i < ARRAY_SIZE(apps); i++)
         if (!strcmp(apps[i].name, app_name))
             app = &apps[i];
     if (!app)
-        usage_error("unknown app '%s' (apps: doorbell idle blk info)", app_name);
+        usage_error("unknown app '%s' (apps: doorbell idle blk info selftest)", app_name);
     tsc_init();
     app->fn();
     gk_exit(EXIT_OK);
