@@ -144,11 +144,14 @@ def test_zero_page_high_addresses_use_ext_fields() -> None:
     assert struct.unpack_from("<Q", zp, 0x070)[0] == 0  # no RSDP given
 
 
-def test_zero_page_accepts_parsed_header_and_no_initrd() -> None:
-    h = parse_setup_header(make_image())
+def test_zero_page_accepts_parsed_header_or_header_slice_and_no_initrd() -> None:
+    img = make_image()
+    h = parse_setup_header(img)
     zp = build_zero_page(h, 0x20000, 0x5000000, 0, [])
     assert struct.unpack_from("<II", zp, 0x218) == (0, 0)
     assert zp[0x1E8] == 0
+    assert build_zero_page(img[0x1F1 : h.header_end], 0x20000, 0x5000000, 0, []) == zp
+    assert build_zero_page(img, 0x20000, 0x5000000, 0, []) == zp
 
 
 def test_zero_page_rejects_bad_requests() -> None:

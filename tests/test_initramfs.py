@@ -14,6 +14,7 @@ import pytest
 from exitless.boot.initramfs import (
     DEFAULT_APPLETS,
     EXIT_MARKER,
+    CpioEntry,
     CpioWriter,
     InitramfsError,
     build_initramfs,
@@ -34,7 +35,7 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> GuestArtifacts:
     return fetch_guest(Path(env) if env else tmp_path_factory.getbasetemp() / "exitless-guest-cache")
 
 
-def entries_by_name(archive: bytes) -> dict[str, object]:
+def entries_by_name(archive: bytes) -> dict[str, CpioEntry]:
     return {e.name: e for e in read_cpio(archive)}
 
 
@@ -112,7 +113,8 @@ def test_gnu_cpio_agrees(tmp_path: Path) -> None:
     w.add_symlink("/bin/sh", "busybox")
     w.add_device("/dev/console", "c", 5, 1, 0o600)
     listing = cpio_list(w.getvalue(), verbose=True)
-    assert [l.split()[-1] if "->" not in l else l.split()[-3] for l in listing] == ["bin", "bin/tool", "bin/sh", "dev", "dev/console"]
+    names = [line.split()[-1] if "->" not in line else line.split()[-3] for line in listing]
+    assert names == ["bin", "bin/tool", "bin/sh", "dev", "dev/console"]
     console = next(l for l in listing if l.endswith("dev/console"))
     assert console.startswith("crw-------") and "5,   1" in console
     assert next(l for l in listing if " bin/tool" in l).startswith("-rwxr-xr-x")
@@ -183,13 +185,13 @@ def test_compressed_modules_are_unpacked(tmp_path: Path, guest: GuestArtifacts) 
     archive = build_initramfs(guest.busybox, modules=["top"], modules_root=tmp_path, applets=["sh"])
     es = entries_by_name(archive)
     base = "lib/modules/9.9.9-test/kernel/a/"
-    assert es[base + "top.ko"].data == b"\x7fELFkernel/a/top.ko"  # type: ignore[attr-defined]
-    assert es[base + "base.ko"].data == b"\x7fELFkernel/a/base.ko"  # type: ignore[attr-defined]
-    assert es["lib/modules/9.9.9-test/modules.dep"].data.decode().splitlines() == [  # type: ignore[attr-defined]
+    assert es[base + "top.ko"].data == b"\x7fELFkernel/a/top.ko"
+    assert es[base + "base.ko"].data == b"\x7fELFkernel/a/base.ko"
+    assert es["lib/modules/9.9.9-test/modules.dep"].data.decode().splitlines() == [
         "kernel/a/base.ko:",
         "kernel/a/top.ko: kernel/a/base.ko",
     ]
-    init = es["init"].data.decode()  # type: ignore[attr-defined]
+    init = es["init"].data.decode()
     assert init.index(base + "base.ko") < init.index(base + "top.ko")
 
 
@@ -239,26 +241,27 @@ def test_default_applets_exist_in_debian_busybox(guest: GuestArtifacts) -> None:
 def test_real_initramfs_contents(real_archive: bytes, guest: GuestArtifacts) -> None:
     es = entries_by_name(real_archive)
     console = es["dev/console"]
-    assert console.is_chardev and (console.rdevmajor, console.rdevminor) == (5, 1)  # type: ignore[attr-defined]
-    assert stat.S_IMODE(console.mode) == 0o600  # type: ignore[attr-defined]
+    assert console.is_chardev and (console.rdevmajor, console.rdevminor) == (5, 1)
+    assert stat.S_IMODE(console.mode) == 0o600
     bb = es["bin/busybox"]
-    assert bb.data == guest.busybox.read_bytes() and stat.S_IMODE(bb.mode) == 0o755  # type: ignore[attr-defined]
-    for applet in ("sh", "mount", "insmod", "mkdir", "cat", "echo", "poweroff", "reboot", "sync", "dd", "sha256sum", "md5sum", "mke2fs"):
-        assert es[f"bin/{applet}"].is_symlink and es[f"bin/{applet}"].data == b"busybox"  # type: ignore[attr-defined]
+    assert bb.data == guest.busybox.read_bytes() and stat.S_IMODE(bb.mode) == 0o755
+    needed = ("sh", "mount", "insmod", "mkdir", "cat", "echo", "poweroff", "reboot", "sync", "dd", "sha256sum", "md5sum")
+    for applet in (*needed, "mke2fs"):
+        assert es[f"bin/{applet}"].is_symlink and es[f"bin/{applet}"].data == b"busybox"
     init = es["init"]
-    assert stat.S_IMODE(init.mode) == 0o755 and init.data.startswith(b"#!/bin/sh")  # type: ignore[attr-defined]
-    assert es["etc/exitless/command.sh"].data == b"sha256sum /init\n"  # type: ignore[attr-defined]
-    assert es["etc/hello"].data == b"hi\n" and stat.S_IMODE(es["etc/hello"].mode) == 0o644  # type: ignore[attr-defined]
-    assert stat.S_IMODE(es["usr/local/bin/tool"].mode) == 0o755  # type: ignore[attr-defined]
-    assert stat.S_IMODE(es["etc/secret"].mode) == 0o600  # type: ignore[attr-defined]
-    assert stat.S_IMODE(es["tmp"].mode) == 0o1777  # type: ignore[attr-defined]
+    assert stat.S_IMODE(init.mode) == 0o755 and init.data.startswith(b"#!/bin/sh")
+    assert es["etc/exitless/command.sh"].data == b"sha256sum /init\n"
+    assert es["etc/hello"].data == b"hi\n" and stat.S_IMODE(es["etc/hello"].mode) == 0o644
+    assert stat.S_IMODE(es["usr/local/bin/tool"].mode) == 0o755
+    assert stat.S_IMODE(es["etc/secret"].mode) == 0o600
+    assert stat.S_IMODE(es["tmp"].mode) == 0o1777
 
 
 def test_real_module_order_respects_modules_dep(real_archive: bytes, guest: GuestArtifacts) -> None:
     assert guest.modules_dir is not None
     es = entries_by_name(real_archive)
     kdir = f"/lib/modules/{guest.kernel_version}/"
-    init = es["init"].data.decode()  # type: ignore[attr-defined]
+    init = es["init"].data.decode()
     loaded = [l.split("'")[1] for l in init.splitlines() if l.startswith("insmod ")]
     rel = [p[len(kdir) :] for p in loaded]
     names = [module_name(r) for r in rel]
@@ -268,8 +271,8 @@ def test_real_module_order_respects_modules_dep(real_archive: bytes, guest: Gues
     for i, r in enumerate(rel):
         for d in deps[r]:
             assert d in rel[:i], f"{r} loaded before its dependency {d}"
-        assert es[kdir[1:] + r].data == (guest.modules_dir / r).read_bytes()  # type: ignore[attr-defined]
-    guest_dep = es[kdir[1:] + "modules.dep"].data.decode()  # type: ignore[attr-defined]
+        assert es[kdir[1:] + r].data == (guest.modules_dir / r).read_bytes()
+    guest_dep = es[kdir[1:] + "modules.dep"].data.decode()
     assert {l.split(":")[0] for l in guest_dep.splitlines()} == set(rel)
 
 
@@ -289,7 +292,7 @@ def test_build_is_deterministic(guest: GuestArtifacts) -> None:
     b = build_initramfs(guest.busybox, modules=["virtio_blk"], modules_root=guest.modules_dir, command="true")
     assert a == b and a[:2] == b"\x1f\x8b"
     raw = build_initramfs(guest.busybox, "#!/bin/sh\nexec sh\n", compress=False)
-    assert raw[:6] == b"070701" and entries_by_name(raw)["init"].data == b"#!/bin/sh\nexec sh\n"  # type: ignore[attr-defined]
+    assert raw[:6] == b"070701" and entries_by_name(raw)["init"].data == b"#!/bin/sh\nexec sh\n"
 
 
 def test_build_argument_errors(guest: GuestArtifacts) -> None:

@@ -319,13 +319,17 @@ def res_word_io(first: int, last: int) -> bytes:
 def res_dword_memory(first: int, last: int, *, cacheable: bool = False) -> bytes:
     """``DWordMemory(ResourceProducer, PosDecode, MinFixed, MaxFixed, NonCacheable|Cacheable, ReadWrite, ...)``."""
     tflags = 0x01 | (0x02 if cacheable else 0)
-    return struct.pack("<BHBBBIIIII", 0x87, 23, _RES_TYPE_MEMORY, _RES_PRODUCER_FIXED, tflags, 0, first, last, 0, last - first + 1)
+    return struct.pack(
+        "<BHBBBIIIII", 0x87, 23, _RES_TYPE_MEMORY, _RES_PRODUCER_FIXED, tflags, 0, first, last, 0, last - first + 1
+    )
 
 
 def res_qword_memory(first: int, last: int, *, cacheable: bool = True) -> bytes:
     """``QWordMemory(...)``: a memory window above 4 GiB."""
     tflags = 0x01 | (0x02 if cacheable else 0)
-    return struct.pack("<BHBBBQQQQQ", 0x8A, 43, _RES_TYPE_MEMORY, _RES_PRODUCER_FIXED, tflags, 0, first, last, 0, last - first + 1)
+    return struct.pack(
+        "<BHBBBQQQQQ", 0x8A, 43, _RES_TYPE_MEMORY, _RES_PRODUCER_FIXED, tflags, 0, first, last, 0, last - first + 1
+    )
 
 
 def resource_template(*descriptors: bytes) -> bytes:
@@ -621,7 +625,8 @@ def build_acpi_tables(
         "APIC": madt,
         "DSDT": dsdt,
     }
-    for (key, addr), t in zip(((k, v) for k, v in layout.items() if k not in tables), extra_tables):
+    extra_keys = [k for k in layout if k not in tables]
+    for key, t in zip(extra_keys, extra_tables, strict=True):
         tables[key] = t
 
     data = bytearray(off)

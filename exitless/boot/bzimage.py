@@ -190,11 +190,13 @@ def parse_setup_header(data: bytes | bytearray | memoryview, *, require_64bit: b
     Raises :class:`BzImageError` for a truncated or non-kernel file, a protocol
     older than 2.12, or (``require_64bit``) a kernel without ``XLF_KERNEL_64``.
     """
-    data = memoryview(data).cast("B") if not isinstance(data, bytes) else data
+    # Everything parsed (header and version string) lies in the real-mode setup
+    # code, which is at most 128 KiB: copy only that much of a large image.
+    data = bytes(data[:0x20000])
     if len(data) < HDR_MAGIC_OFFSET + 6:
         raise BzImageError(f"file too short for a bzImage setup header ({len(data)} bytes; need at least 0x208)")
-    if bytes(data[HDR_MAGIC_OFFSET : HDR_MAGIC_OFFSET + 4]) != HDR_MAGIC:
-        if bytes(data[:4]) == b"\x7fELF":
+    if data[HDR_MAGIC_OFFSET : HDR_MAGIC_OFFSET + 4] != HDR_MAGIC:
+        if data[:4] == b"\x7fELF":
             raise BzImageError("this is an ELF file (a vmlinux?), not a bzImage: pass arch/x86/boot/bzImage or /boot/vmlinuz-*")
         raise BzImageError("no 'HdrS' magic at 0x202: not a Linux bzImage")
     version = struct.unpack_from("<H", data, 0x206)[0]
@@ -227,7 +229,7 @@ def parse_setup_header(data: bytes | bytearray | memoryview, *, require_64bit: b
         payload_offset=_u(data, "payload_offset", "I"),
         payload_length=_u(data, "payload_length", "I"),
         kernel_version=_cstring(data, kv_off + 0x200) if kv_off else "",
-        raw=bytes(data[SETUP_HEADER_START:header_end]),
+        raw=data[SETUP_HEADER_START:header_end],
     )
 
 
@@ -248,8 +250,8 @@ def read_kernel_version(image: bytes) -> str:
     return parse_setup_header(image, require_64bit=False).kernel_version
 
 
-def _cstring(data: bytes | memoryview, off: int) -> str:
-    chunk = bytes(data[off : off + 256])
+def _cstring(data: bytes, off: int) -> str:
+    chunk = data[off : off + 256]
     end = chunk.find(b"\0")
     return chunk[: end if end >= 0 else len(chunk)].decode("ascii", "replace")
 
@@ -275,7 +277,8 @@ def build_zero_page(
     """Build the 4 KiB ``struct boot_params`` a 64-bit entry expects in RSI.
 
     ``header_bytes`` is the bzImage (at least its first 0x202 + byte[0x201]
-    bytes) or a parsed :class:`SetupHeader`.  The setup header is copied
+    bytes), just the setup header (the bytes from 0x1F1 on), or a parsed
+    :class:`SetupHeader`.  The setup header is copied
     verbatim -- the kernel reads fields like ``kernel_alignment`` and
     ``init_size`` from boot_params, not from its own image -- then the
     loader-owned fields are set.  Pass ``initrd_size=0`` for no initrd.  The e820
@@ -283,7 +286,14 @@ def build_zero_page(
     ``acpi_rsdp`` is stored for kernels of protocol >= 2.14; older ones find the
     RSDP by scanning 0xE0000-0xFFFFF, where exitless puts it anyway.
     """
-    hdr = header_bytes if isinstance(header_bytes, SetupHeader) else parse_setup_header(header_bytes)
+    if isinstance(header_bytes, SetupHeader):
+        hdr = header_bytes
+    else:
+        data = bytes(header_bytes[:0x20000])
+        magic_in_slice = HDR_MAGIC_OFFSET - SETUP_HEADER_START
+        if data[magic_in_slice : magic_in_slice + 4] == HDR_MAGIC and data[HDR_MAGIC_OFFSET : HDR_MAGIC_OFFSET + 4] != HDR_MAGIC:
+            data = bytes(SETUP_HEADER_START) + data  # just the header, from 0x1F1: re-base it
+        hdr = parse_setup_header(data)
     entries = [e if isinstance(e, E820Entry) else E820Entry(*e) for e in e820_entries]
     if len(entries) > E820_MAX_ENTRIES_ZEROPAGE:
         raise ValueError(f"{len(entries)} e820 entries; the zero page holds {E820_MAX_ENTRIES_ZEROPAGE}")

@@ -264,7 +264,7 @@ def resolve_modules(names: Iterable[str], modules_dir: str | os.PathLike[str]) -
         raise InitramfsError(f"{mdir}/modules.dep missing: run depmod (exitless.guest.fetch does)") from exc
     builtin: set[str] = set()
     if (mdir / "modules.builtin").is_file():
-        builtin = {module_name(l) for l in (mdir / "modules.builtin").read_text().split()}
+        builtin = {module_name(b) for b in (mdir / "modules.builtin").read_text().split()}
     prefix = str(mdir).rstrip("/") + "/"
     rel = {m: m[len(prefix) :] if m.startswith(prefix) else m.lstrip("/") for m in deps}
     by_name = {module_name(m): m for m in deps}
@@ -441,13 +441,13 @@ def build_initramfs(
     if init_script is not None and command is not None:
         raise ValueError("command= only applies to the generated /init; put it in init_script instead")
     w = CpioWriter()
-    for d, mode in (("/bin", 0o755), ("/dev", 0o755), ("/etc", 0o755), ("/proc", 0o555), ("/sys", 0o555),
-                    ("/tmp", 0o1777), ("/root", 0o700), ("/mnt", 0o755), ("/run", 0o755), ("/usr", 0o755)):
-        w.add_dir(d, mode)
+    for d, dmode in (("/bin", 0o755), ("/dev", 0o755), ("/etc", 0o755), ("/proc", 0o555), ("/sys", 0o555),
+                     ("/tmp", 0o1777), ("/root", 0o700), ("/mnt", 0o755), ("/run", 0o755), ("/usr", 0o755)):
+        w.add_dir(d, dmode)
     for src, dst in (("bin", "/sbin"), ("../bin", "/usr/bin"), ("../bin", "/usr/sbin")):
         w.add_symlink(dst, src)
-    for path, kind, major, minor, mode in devices:
-        w.add_device(path, kind, major, minor, mode)
+    for path, kind, major, minor, nmode in devices:
+        w.add_device(path, kind, major, minor, nmode)
 
     w.add_file("/bin/busybox", Path(busybox).read_bytes(), 0o755)
     for a in dict.fromkeys(applets):

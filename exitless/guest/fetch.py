@@ -248,7 +248,7 @@ def _fetch_and_unpack(
     packages: list[dict[str, str]] = []
     with tempfile.TemporaryDirectory(prefix="exitless-debs-") as tmp:
         debs = apt.download([(c, v) for _, c, v in wanted], Path(tmp))
-        for (requested, concrete, version), deb in zip(wanted, debs):
+        for (requested, concrete, version), deb in zip(wanted, debs, strict=True):
             r = _run([dpkg, "-x", str(deb), str(root)])
             if r.returncode != 0:
                 raise GuestFetchError(f"dpkg -x {deb.name} failed (exit {r.returncode}): {r.stderr.strip()}")
@@ -273,7 +273,9 @@ def _fetch_and_unpack(
         kver = mods.name
         vmlinuz = next((p for p in (root / f"boot/vmlinuz-{kver}", root / f"usr/lib/linux/vmlinuz-{kver}") if p.is_file()), None)
         if vmlinuz is None:
-            raise GuestFetchError(f"the kernel package unpacked no boot/vmlinuz-{kver}; is {wanted[0][1]} a kernel image package?")
+            raise GuestFetchError(
+                f"the kernel package unpacked no boot/vmlinuz-{kver}; is {wanted[0][1]} a kernel image package?"
+            )
         if busybox is None:
             raise GuestFetchError(f"package {wanted[-1][1]} unpacked no bin/busybox, whose depmod is needed")
         _depmod(busybox, mods)
@@ -431,7 +433,8 @@ def _depends(info: Mapping[str, str]) -> list[str]:
 
 def _find_modules_dir(root: Path) -> Path:
     """The single ``lib/modules/<kver>`` (or ``usr/lib/modules/<kver>``) under an unpacked tree."""
-    found = [d for base in ("lib/modules", "usr/lib/modules") if (root / base).is_dir() for d in (root / base).iterdir() if d.is_dir()]
+    bases = [root / b for b in ("lib/modules", "usr/lib/modules") if (root / b).is_dir()]
+    found = [d for base in bases for d in base.iterdir() if d.is_dir()]
     if len(found) != 1:
         raise GuestFetchError(f"expected one kernel module tree under {root}/lib/modules, found {[str(f) for f in found]}")
     return found[0]
