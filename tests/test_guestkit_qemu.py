@@ -308,6 +308,21 @@ def test_blk_duration(guestkit_elf, disk):
     assert r.status == 0 and r.json["verify_errors"] == 0 and r.json["ops"] > 0, r
 
 
+def test_blk_write_zeroes_and_discard(guestkit_elf, disk):
+    r = run_guest(guestkit_elf, "blk rw=fill bs=128k qd=4 size=4m", *blk_args(disk))
+    assert r.status == 0, r
+    r = run_guest(guestkit_elf, "blk rw=write_zeroes bs=64k qd=4 offset=1m size=1m", *blk_args(disk))
+    assert r.status == 0 and r.json["ops"] == 16 and r.json["bytes"] == 1 << 20, r
+    r = run_guest(guestkit_elf, "blk rw=verify expect=zero bs=128k offset=1m size=1m", *blk_args(disk))
+    assert r.status == 0 and r.json["verify_errors"] == 0, r
+    data = disk.read_bytes()
+    assert data[1 << 20:2 << 20] == bytes(1 << 20)
+    assert bad_sectors(disk, 1, count=2048) == [] and bad_sectors(disk, 1, first=4096, count=4096) == []
+    # discard: contents afterwards are unspecified; the request must just succeed
+    r = run_guest(guestkit_elf, "blk rw=discard bs=32k qd=2 offset=2m size=256k", *blk_args(disk))
+    assert r.status == 0 and r.json["ops"] == 8 and r.json["errors"] == 0, r
+
+
 def test_blk_no_device(guestkit_elf):
     r = run_guest(guestkit_elf, "blk rw=read n=1")
     assert r.status == 1 and "no virtio-blk" in r.json["error"], r

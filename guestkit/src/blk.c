@@ -17,6 +17,9 @@
 #define VIRTIO_BLK_T_OUT 1
 #define VIRTIO_BLK_T_FLUSH 4
 #define VIRTIO_BLK_T_GET_ID 8
+#define VIRTIO_BLK_T_DISCARD 11
+#define VIRTIO_BLK_T_WRITE_ZEROES 13
+#define VIRTIO_BLK_WZ_F_UNMAP 1
 
 #define VIRTIO_BLK_S_OK 0
 #define VIRTIO_BLK_S_IOERR 1
@@ -28,6 +31,8 @@
 #define BLKCFG_SEG_MAX 12
 #define BLKCFG_BLK_SIZE 20
 #define BLKCFG_NUM_QUEUES 34
+#define BLKCFG_MAX_DISCARD_SECTORS 36
+#define BLKCFG_MAX_WRITE_ZEROES_SECTORS 48
 
 #define SECTOR 512
 #define MAX_QUEUES 16
@@ -54,13 +59,21 @@ struct req {
     u32 type;
     u32 len;
     u64 sector;
+    u64 nbytes; /* disk bytes covered (discard / write zeroes) */
     u64 t_submit;
 };
 
+struct blk_dwz_seg { /* struct virtio_blk_discard_write_zeroes */
+    u64 sector;
+    u32 num_sectors;
+    u32 flags;
+};
+
 enum rw_mode { RW_READ, RW_WRITE, RW_RANDREAD, RW_RANDWRITE, RW_FILL, RW_VERIFY, RW_FLUSH,
-               RW_IDENT, RW_MALFORMED };
+               RW_IDENT, RW_MALFORMED, RW_DISCARD, RW_WRITE_ZEROES };
 static const char *const rw_names[] = {"read", "write", "randread", "randwrite", "fill",
-                                       "verify", "flush", "ident", "malformed"};
+                                       "verify", "flush", "ident", "malformed",
+                                       "discard", "write_zeroes"};
 
 /* ---- driver state ---- */
 static struct vdev vd;
@@ -89,6 +102,7 @@ static u64 first_bad_sector = ~0ULL;
 
 /* ---- pattern ---- */
 static u64 seed, seed_mix;
+static bool expect_zero; /* verify against zeroes instead of the pattern */
 
 static void pattern_fill(u8 *buf, u64 sector, u32 nsec)
 {
@@ -107,7 +121,7 @@ static u64 pattern_check(const u8 *buf, u64 sector, u32 nsec)
     for (u32 s = 0; s < nsec; s++, p += 64) {
         u64 base = (sector + s) << 6;
         for (u32 w = 0; w < 64; w++) {
-            if (p[w] != ((base | w) ^ seed_mix)) {
+            if (p[w] != (expect_zero ? 0 : ((base | w) ^ seed_mix))) {
                 if (first_bad_sector == ~0ULL)
                     first_bad_sector = sector + s;
                 bad++;
@@ -267,6 +281,9 @@ static void req_complete(struct req *r, u64 now)
     if (r->type == VIRTIO_BLK_T_IN || r->type == VIRTIO_BLK_T_OUT) {
         ops_done++;
         bytes_done += r->len;
+    } else if (r->type == VIRTIO_BLK_T_DISCARD || r->type == VIRTIO_BLK_T_WRITE_ZEROES) {
+        ops_done++;
+        bytes_done += r->nbytes;
     }
     if (r->type == VIRTIO_BLK_T_IN && verify_reads)
         verify_errors += pattern_check(r->data, r->sector, r->len / SECTOR);
@@ -347,6 +364,8 @@ static u64 n_ops, duration_cyc;
 static u64 flush_every;
 static u64 rng;
 static u64 gen_issued, gen_pos, writes_since_flush;
+static u32 dwz_chunk; /* sectors per discard / write-zeroes request */
+static bool wz_unmap;
 static bool gen_done_flag;
 
 static u64 xorshift(void)
@@ -410,6 +429,23 @@ static bool gen_next(struct req *r, u64 t_start)
         r->sector = 0;
         gen_issued++;
         return true;
+    case RW_DISCARD:
+    case RW_WRITE_ZEROES: {
+        u64 left = range_sectors - gen_pos;
+        u32 ns = left < dwz_chunk ? (u32)left : dwz_chunk;
+        struct blk_dwz_seg *seg = (struct blk_dwz_seg *)r->data;
+        seg->sector = range_off + gen_pos;
+        seg->num_sectors = ns;
+        seg->flags = (mode == RW_WRITE_ZEROES && wz_unmap) ? VIRTIO_BLK_WZ_F_UNMAP : 0;
+        r->type = mode == RW_DISCARD ? VIRTIO_BLK_T_DISCARD : VIRTIO_BLK_T_WRITE_ZEROES;
+        r->sector = 0; /* header sector is unused for these commands */
+        r->len = sizeof(*seg);
+        r->nbytes = (u64)ns * SECTOR;
+        gen_pos += ns;
+        gen_issued++;
+        writes_since_flush++;
+        return true;
+    }
     case RW_IDENT:
         r->type = VIRTIO_BLK_T_GET_ID;
         r->len = 20;
@@ -688,7 +724,8 @@ void app_blk(void)
     static const char *const keys[] = {"rw", "bs", "qd", "n", "ms", "seed", "verify", "offset",
                                        "size", "fua", "flush_every", "event_idx", "irq", "queues",
                                        "qsize", "timeout_ms", "index", "bad_addr", "case_ms",
-                                       "bar_window", "reassign_bars", "indirect", NULL};
+                                       "bar_window", "reassign_bars", "indirect", "expect",
+                                       "unmap", NULL};
     args_allow(keys);
     const char *rw = arg_str("rw", "randread");
     int m = -1;
@@ -696,7 +733,8 @@ void app_blk(void)
         if (!strcmp(rw, rw_names[i]))
             m = (int)i;
     if (m < 0)
-        usage_error("bad rw '%s' (read|write|randread|randwrite|fill|verify|flush|ident|malformed)", rw);
+        usage_error("bad rw '%s' (read|write|randread|randwrite|fill|verify|flush|ident|malformed|"
+                    "discard|write_zeroes)", rw);
     mode = (enum rw_mode)m;
     bs = (u32)arg_u64("bs", 4096);
     if (!bs || bs % SECTOR || bs > MAX_BS)
@@ -712,6 +750,11 @@ void app_blk(void)
     if (!rng)
         rng = 1;
     verify_reads = arg_u64("verify", mode == RW_VERIFY) != 0 || mode == RW_VERIFY;
+    const char *expect = arg_str("expect", "pattern");
+    if (strcmp(expect, "pattern") && strcmp(expect, "zero"))
+        usage_error("expect must be pattern or zero");
+    expect_zero = !strcmp(expect, "zero");
+    wz_unmap = arg_u64("unmap", 0) != 0;
     flush_every = arg_u64("flush_every", 0);
     if (arg_u64("fua", 0))
         flush_every = 1; /* virtio-blk has no FUA: emulate with a flush after each write */
@@ -811,7 +854,8 @@ void app_blk(void)
         app_blk_malformed(arg_hex("bad_addr", bad), arg_u64("case_ms", 500));
     }
 
-    bool writes = mode == RW_WRITE || mode == RW_RANDWRITE || mode == RW_FILL || flush_every;
+    bool writes = mode == RW_WRITE || mode == RW_RANDWRITE || mode == RW_FILL || flush_every ||
+                  mode == RW_DISCARD || mode == RW_WRITE_ZEROES;
     if (writes && (vd.features & (1ULL << VIRTIO_BLK_F_RO)))
         fail_json(rw, "device is read-only (VIRTIO_BLK_F_RO)");
     if (flush_every && !(vd.features & (1ULL << VIRTIO_BLK_F_FLUSH)))
@@ -831,13 +875,26 @@ void app_blk(void)
         size < bs)
         fail_json(rw, "size is smaller than bs");
 
+    if (mode == RW_DISCARD || mode == RW_WRITE_ZEROES) {
+        u32 bit = mode == RW_DISCARD ? VIRTIO_BLK_F_DISCARD : VIRTIO_BLK_F_WRITE_ZEROES;
+        if (!(vd.features & (1ULL << bit)))
+            fail_json(rw, mode == RW_DISCARD ? "device does not offer VIRTIO_BLK_F_DISCARD"
+                                             : "device does not offer VIRTIO_BLK_F_WRITE_ZEROES");
+        u32 mx = vdev_cfg_read32(&vd, mode == RW_DISCARD ? BLKCFG_MAX_DISCARD_SECTORS
+                                                         : BLKCFG_MAX_WRITE_ZEROES_SECTORS);
+        dwz_chunk = bs / SECTOR;
+        if (mx && mx < dwz_chunk)
+            dwz_chunk = mx;
+    }
     u64 ndef = 1000;
     if (mode == RW_FILL || mode == RW_VERIFY)
         ndef = (range_sectors + bs / SECTOR - 1) / (bs / SECTOR);
+    else if (mode == RW_DISCARD || mode == RW_WRITE_ZEROES)
+        ndef = (range_sectors + dwz_chunk - 1) / dwz_chunk;
     else if (mode == RW_FLUSH || mode == RW_IDENT)
         ndef = 1;
     n_ops = arg_u64("n", ndef);
-    if (mode == RW_FILL || mode == RW_VERIFY) {
+    if (mode == RW_FILL || mode == RW_VERIFY || mode == RW_DISCARD || mode == RW_WRITE_ZEROES) {
         n_ops = ndef; /* exactly one pass over the range */
         duration_cyc = 0;
     }
