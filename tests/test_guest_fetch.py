@@ -76,6 +76,13 @@ def test_missing_package_is_a_clear_error(tmp_path: Path) -> None:
     assert not any(p.name.startswith(".staging") for p in tmp_path.iterdir())
 
 
+def test_version_gone_from_mirror_is_a_stale_lists_error(tmp_path: Path) -> None:
+    from exitless.guest.fetch import _Apt, _StaleLists
+
+    with pytest.raises(_StaleLists, match="apt-get update"):
+        _Apt(allow_update=False).download([("busybox-static", "0.0-exitless-no-such-version")], tmp_path)
+
+
 def test_missing_apt_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     empty = tmp_path / "empty-path"
     empty.mkdir()

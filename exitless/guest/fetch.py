@@ -59,6 +59,10 @@ class GuestFetchError(RuntimeError):
     """The guest could not be fetched; the message says what to do about it."""
 
 
+class _StaleLists(GuestFetchError):
+    """apt-get download found no such version on the mirror: the package lists are outdated."""
+
+
 @dataclass(frozen=True)
 class GuestArtifacts:
     """Where the pieces of a bootable guest are on the host.
@@ -118,9 +122,10 @@ def fetch_guest(
 
     A cached result is used as is, without consulting apt, unless ``refresh`` is
     true; then apt is asked for the current candidate versions and the cache is
-    replaced if they changed.  If apt does not know a package, ``apt-get update``
-    is run once (logged as a warning) when ``allow_apt_update`` and we are root;
-    otherwise :class:`GuestFetchError` says to run it.
+    replaced if they changed.  If apt does not know a package, or the mirror no
+    longer has the version apt's lists name (a 404), ``apt-get update`` is run
+    once -- logged as a warning, never silently -- when ``allow_apt_update``
+    and we are root; otherwise :class:`GuestFetchError` says to run it.
     """
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     if modules_dir is not None and kernel is None:
@@ -209,21 +214,40 @@ def _ensure(
         log.debug("guest cache hit: %s", key_dir)
         return key_dir, cached
 
+    for stale in cache.glob(".staging-*"):  # left by a killed run; we hold the lock
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in cache.glob(".trash-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
     apt = _Apt(allow_update=allow_apt_update)
-    wanted: list[tuple[str, str, str]] = []  # (requested, concrete, version)
-    if kernel_pkg is not None:
-        wanted.append((kernel_pkg, *apt.resolve_kernel(kernel_pkg)))
-    wanted.append((busybox_pkg, busybox_pkg, apt.candidate(busybox_pkg)["Version"]))
+    for attempt in (1, 2):
+        wanted: list[tuple[str, str, str]] = []  # (requested, concrete, version)
+        if kernel_pkg is not None:
+            wanted.append((kernel_pkg, *apt.resolve_kernel(kernel_pkg)))
+        wanted.append((busybox_pkg, busybox_pkg, apt.candidate(busybox_pkg)["Version"]))
 
-    if cached is not None:
-        have = {(p["package"], p["version"]) for p in cached.get("packages", [])}
-        if have == {(c, v) for _, c, v in wanted}:
-            return key_dir, cached
+        if cached is not None:
+            have = {(p["package"], p["version"]) for p in cached.get("packages", [])}
+            if have == {(c, v) for _, c, v in wanted}:
+                return key_dir, cached
+        try:
+            return key_dir, _install(cache, key, wanted, apt, kernel=kernel_pkg is not None)
+        except _StaleLists:
+            if attempt == 1 and apt.can_update():
+                log.warning("the Debian mirror no longer has these versions; running 'apt-get update' once and retrying")
+                apt.update()
+                continue
+            raise
+    raise AssertionError("unreachable")
 
+
+def _install(cache: Path, key: str, wanted: list[tuple[str, str, str]], apt: "_Apt", *, kernel: bool) -> dict[str, Any]:
+    """Fetch and unpack into a staging dir, then atomically replace ``cache/key``."""
+    key_dir = cache / key
     staging = Path(tempfile.mkdtemp(prefix=f".staging-{key}-", dir=cache))
     staging.chmod(0o755)
     try:
-        manifest = _fetch_and_unpack(staging, wanted, apt, kernel=kernel_pkg is not None)
+        manifest = _fetch_and_unpack(staging, wanted, apt, kernel=kernel)
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         trash = None
         if key_dir.exists():
@@ -235,7 +259,7 @@ def _ensure(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return key_dir, manifest
+    return manifest
 
 
 def _fetch_and_unpack(
@@ -332,14 +356,17 @@ class _Apt:
         self.allow_update = allow_update
         self.updated = False
 
+    def can_update(self) -> bool:
+        """Whether a one-off ``apt-get update`` is allowed and possible (needs root)."""
+        return self.allow_update and not self.updated and os.geteuid() == 0
+
     def candidate(self, pkg: str) -> dict[str, str]:
         """The ``apt-cache show`` stanza of the candidate version of ``pkg``."""
         info = self._show(pkg)
-        if info is None and self.allow_update and not self.updated:
-            if os.geteuid() == 0:
-                log.warning("apt does not know %r; running 'apt-get update' once and retrying", pkg)
-                self._update()
-                info = self._show(pkg)
+        if info is None and self.can_update():
+            log.warning("apt does not know %r; running 'apt-get update' once and retrying", pkg)
+            self.update()
+            info = self._show(pkg)
         if info is None:
             hint = (
                 "run 'apt-get update' (as root) first"
@@ -369,7 +396,8 @@ class _Apt:
         cmd += ["download", *(f"{n}={v}" for n, v in pkgs)]
         r = _run(cmd, cwd=into)
         if r.returncode != 0:
-            raise GuestFetchError(
+            stale = re.search(r"\b404\b|Unable to locate|Can't find a source|Version '.*' for '.*' was not found", r.stderr)
+            raise (_StaleLists if stale else GuestFetchError)(
                 f"apt-get download {' '.join(n for n, _ in pkgs)} failed (exit {r.returncode}): "
                 f"{r.stderr.strip()[-2000:]} -- is the network to the Debian mirror up? "
                 "A stale package list gives 404s: run 'apt-get update'."
@@ -390,7 +418,7 @@ class _Apt:
         info = _parse_stanza(r.stdout)
         return info if "Version" in info else None
 
-    def _update(self) -> None:
+    def update(self) -> None:
         apt_get = _require_tool("apt-get", "to refresh the package lists")
         r = _run([apt_get, "-q", "update"])
         self.updated = True
