@@ -145,6 +145,13 @@ def test_tsc_khz_override(guestkit_elf):
     assert r.json["tsc_khz"] == 1234567 and r.json["tsc_source"] == "cmdline"
 
 
+def test_microvm_boot(guestkit_elf):
+    """microvm: different firmware (qboot), no PCI, no PIT: TSC rate from the command line."""
+    r = run_guest(guestkit_elf, "idle ms=50 tsc_khz=2500000", machine="microvm")
+    assert r.status == 0, r
+    assert r.json["tsc_khz"] == 2500000 and r.json["wakeups"] >= 1
+
+
 # ---- doorbell / idle ----
 
 def test_doorbell_without_device_times_out(guestkit_elf):

@@ -354,6 +354,44 @@ static u64 cpuid_tsc_khz(void)
     return 0;
 }
 
+/* KVM pvclock: the hypervisor publishes tsc_to_system_mul/tsc_shift, i.e. the
+ * TSC rate it uses, in a page we register through an MSR. */
+struct pvclock_vcpu_time_info {
+    u32 version;
+    u32 pad0;
+    u64 tsc_timestamp;
+    u64 system_time;
+    u32 tsc_to_system_mul;
+    s8 tsc_shift;
+    u8 flags;
+    u8 pad[2];
+} __attribute__((packed));
+
+static struct pvclock_vcpu_time_info pvclock __attribute__((aligned(64)));
+
+static u64 kvmclock_tsc_khz(void)
+{
+    u32 a, b, c, d;
+    cpuid(1, 0, &a, &b, &c, &d);
+    if (!(c & (1u << 31)))
+        return 0;
+    cpuid(0x40000000, 0, &a, &b, &c, &d);
+    if (b != 0x4b4d564b || c != 0x564b4d56 || d != 0x4d) /* "KVMKVMKVM\0\0\0" */
+        return 0;
+    cpuid(0x40000001, 0, &a, &b, &c, &d);
+    u32 msr = (a & (1u << 3)) ? 0x4b564d01 : (a & 1u) ? 0x12 : 0;
+    if (!msr)
+        return 0;
+    wrmsr(msr, (u64)(uptr)&pvclock | 1);
+    u32 mul = *(volatile u32 *)&pvclock.tsc_to_system_mul;
+    s8 shift = *(volatile s8 *)&pvclock.tsc_shift;
+    wrmsr(msr, 0);
+    if (!mul)
+        return 0;
+    u64 khz = (1000000ULL << 32) / mul;
+    return shift < 0 ? khz << -shift : khz >> shift;
+}
+
 static void tsc_init(void)
 {
     if (arg_present("tsc_khz")) {
@@ -368,8 +406,12 @@ static void tsc_init(void)
         tsc_khz = cpuid_tsc_khz();
         tsc_source = "cpuid";
     }
+    if (!tsc_khz) {
+        tsc_khz = kvmclock_tsc_khz();
+        tsc_source = "kvmclock";
+    }
     if (!tsc_khz)
-        panic("cannot determine the TSC frequency (no PIT); pass tsc_khz=");
+        panic("cannot determine the TSC frequency (no PIT, no CPUID/kvmclock rate); pass tsc_khz=");
 }
 
 /* ---- info app: platform facts ---- */
