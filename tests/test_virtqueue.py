@@ -813,30 +813,58 @@ def test_full_barrier_kinds():
 # ---------------------------------------------------------------------------
 RAM = 64 * 1024
 RING_SIZE = 8
-HEAP = 0x4000        # random bytes here: buffers and indirect tables point into it
+HEAP = 0x4000        # indirect tables (random descriptors) live here; buffers point around it
+TABLE_ENTRIES = 32
+_near_heap = st.integers(HEAP, HEAP + 0x1000)
 _addr = st.one_of(
-    st.integers(0, RAM + 64),
-    st.integers(RAM - 64, RAM + 64),
-    st.sampled_from([HEAP, HEAP + 16, HEAP + 0x100, 0, RAM - 16, RAM, 0xFFFF_FFFF_FFFF_FFF0]),
+    _near_heap, _near_heap,
+    st.integers(RAM - 64, RAM + 64),                       # around the end of RAM
+    st.sampled_from([0, HEAP, RAM - 16, RAM, 0xFFFF_FFFF_FFFF_FFF0, 2**64 - 1]),
     st.integers(0, 2**64 - 1),
 )
-_len = st.one_of(st.integers(0, 64), st.sampled_from([16, 32, 48, 128, RAM, 0xFFFF_FFFF]), st.integers(0, 2**32 - 1))
-_desc = st.tuples(_addr, _len, st.integers(0, 7) | st.integers(0, 0xFFFF), st.integers(0, RING_SIZE + 2))
+_len = st.one_of(st.integers(0, 64), st.sampled_from([1, 16, 32, 48, 128, RAM, 0xFFFF_FFFF]),
+                 st.integers(0, 2**32 - 1))
+_flags = st.sampled_from([0, NEXT, WRITE, NEXT | WRITE] * 4 + [INDIRECT, INDIRECT | NEXT, 8, 0xFFFF])
+_desc = st.tuples(_addr, _len, _flags,
+                  st.integers(0, 5).flatmap(lambda k: st.integers(0, 0xFFFF) if k == 0 else st.integers(0, RING_SIZE)))
+# a descriptor pointing at (part of) the indirect-table area
+_ind_desc = st.tuples(st.integers(0, TABLE_ENTRIES - 1).map(lambda k: HEAP + 16 * k),
+                      st.integers(1, 8).map(lambda m: 16 * m) | _len,
+                      st.sampled_from([INDIRECT, INDIRECT | WRITE, INDIRECT | NEXT]), st.integers(0, RING_SIZE))
+_table_desc = st.tuples(_addr, _len, _flags,
+                        st.integers(0, 5).flatmap(lambda k: st.integers(0, 0xFFFF) if k == 0 else st.integers(0, 8)))
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+_PROP_MEM: list[GuestMemory] = []
+
+
+def _prop_mem() -> GuestMemory:
+    if not _PROP_MEM:
+        _PROP_MEM.append(GuestMemory.create([(0, RAM)]))
+    return _PROP_MEM[0]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    descs=st.lists(_desc, min_size=RING_SIZE, max_size=RING_SIZE),
-    ring=st.lists(st.integers(0, RING_SIZE + 2) | st.integers(0, 0xFFFF), min_size=RING_SIZE, max_size=RING_SIZE),
-    avail_idx=st.integers(0, 0xFFFF) | st.integers(0, RING_SIZE + 1),
-    heap=st.binary(min_size=512, max_size=512),
-    indirect=st.booleans(),
+    descs=st.lists(st.integers(0, 4).flatmap(lambda k: _ind_desc if k == 0 else _desc),
+                   min_size=RING_SIZE, max_size=RING_SIZE),
+    table=st.lists(st.integers(0, 8).flatmap(lambda k: _ind_desc if k == 0 else _table_desc),
+                   min_size=TABLE_ENTRIES, max_size=TABLE_ENTRIES),
+    ring=st.lists(st.integers(0, RING_SIZE - 1), min_size=RING_SIZE, max_size=RING_SIZE),
+    bad_head=st.none() | st.tuples(st.integers(0, RING_SIZE - 1), st.integers(0, 0xFFFF)),
+    avail_idx=st.integers(0, RING_SIZE) | st.integers(0, 0xFFFF),
+    indirect=st.integers(0, 3).map(bool),
     max_size=st.sampled_from([RING_SIZE, 4 * RING_SIZE]),
 )
-def test_pop_never_escapes_ram(descs, ring, avail_idx, heap, indirect, max_size):
-    m = GuestMemory.create([(0, RAM)])
-    try:
-        m.write(HEAP, heap)
+def test_pop_never_escapes_ram(descs, table, ring, bad_head, avail_idx, indirect, max_size):
+    """Random rings: pop() returns None, a chain inside RAM (or flagged bad), or raises VirtqueueError."""
+    if bad_head is not None:
+        ring[bad_head[0]] = bad_head[1]
+    m = _prop_mem()
+    m.fill(0, RAM)
+    if True:
+        for i, (a, n, f, nx) in enumerate(table):
+            m.write(HEAP + 16 * i, struct.pack("<QIHH", a, n, f, nx))
         q = Virtqueue(m, max_size)
         q.size, q.desc_addr, q.avail_addr, q.used_addr = RING_SIZE, 0x1000, 0x2000, 0x3000
         q.indirect = indirect
@@ -853,7 +881,7 @@ def test_pop_never_escapes_ram(descs, ring, avail_idx, heap, indirect, max_size)
                 assert q.broken
                 return
             if c is None:
-                assert avail_idx == q.last_avail_idx or avail_idx > RING_SIZE
+                assert avail_idx == q.last_avail_idx
                 return
             assert isinstance(c, DescriptorChain)
             assert 0 <= c.head < RING_SIZE
@@ -869,5 +897,3 @@ def test_pop_never_escapes_ram(descs, ring, avail_idx, heap, indirect, max_size)
                 assert any(not m.contains(g, n) for g, n, _ in c.segments) or "after" in c.error \
                     or "2**32" in c.error
             q.push(c.head, 0)
-    finally:
-        m.close()

@@ -194,7 +194,8 @@ class VirtioDevice:
         """Hook for subclasses, after :meth:`activate` stored its arguments."""
 
     def reset(self) -> None:
-        """Device reset (status 0): forget the queues and negotiated state."""
+        """Device reset (status 0): reset the queues given to :meth:`activate` and forget them and
+        the negotiated state."""
         self.on_reset()
         for q in self.queues:
             q.reset()

@@ -16,8 +16,8 @@ the two documented outcomes:
 * :class:`VirtqueueError` -- the *ring* is broken and cannot be trusted any more:
   geometry invalid (:meth:`validate`), the available index moved by more than
   the queue size, a head or ``next`` index out of range, a loop, a chain of
-  more than ``max_size`` buffer descriptors (see below), ``INDIRECT`` used without being negotiated, a
-  nested indirect table, ``INDIRECT`` together with ``NEXT``, an indirect table
+  more than ``max_size`` buffer descriptors (see below), ``INDIRECT`` used
+  without being negotiated, a nested indirect table, ``INDIRECT`` together with ``NEXT``, an indirect table
   whose length is zero or not a multiple of 16 or that lies outside RAM.  The
   queue marks itself :attr:`Virtqueue.broken` (further :meth:`pop` calls raise
   again, :meth:`has_work` is False) until :meth:`reset`; the device should set
@@ -60,23 +60,29 @@ may not:
 * Weakly ordered CPUs (aarch64): the read and write sides also need barriers;
   :data:`WEAK_ORDERING` turns them on (a full barrier each; correct, not tuned).
 
-:func:`full_barrier` executes a real fence instruction.  When the sidecore's C
-extension (``exitless.sidecore._spin``) is built it is its ``fence()``
-(``__atomic_thread_fence(__ATOMIC_SEQ_CST)`` = ``mfence`` on x86-64, ~40 ns).
-Otherwise it is ``lock or dword [rsp], 0`` on x86-64 (what Linux uses for
-``smp_mb()``; any LOCK-prefixed instruction is a full barrier per Intel SDM
-vol. 3 §9.2.2 "reads or writes cannot be reordered with I/O instructions,
-locked instructions, or serializing instructions") or ``dmb ish`` on aarch64,
-from a 6/8-byte stub in an executable page called through ctypes (~0.1-0.2 µs,
-mostly ctypes call overhead), so no build step is needed.  A system call is *not* used: SYSCALL is not a serializing
-instruction, and the kernel does not promise a barrier on entry or exit --
+:func:`full_barrier` executes a real barrier instruction.  When the sidecore's
+C extension (``exitless.sidecore._spin``) is built it is its ``fence()``,
+``__atomic_thread_fence(__ATOMIC_SEQ_CST)``, which GCC 12 compiles to
+``lock or qword [rsp], 0`` on x86-64 (~40 ns a call).  Otherwise it is the same
+kind of instruction (``lock or dword [rsp], 0``; ``dmb ish`` on aarch64) in a
+6/8-byte stub in an executable page, called through ctypes (~0.1-0.2 µs,
+mostly ctypes overhead), so nothing has to be built.  A LOCK-prefixed
+instruction is a full barrier on x86 (Intel SDM vol. 3A, "Memory Ordering in
+P6 and More Recent Processor Families": reads or writes cannot be reordered
+with I/O instructions, locked instructions, or serializing instructions);
+Linux's ``smp_mb()`` on x86-64 is the same ``lock; addl $0,-4(%rsp)`` idiom.
+
+A system call is *not* used as a barrier: SYSCALL is not a serializing
+instruction, and the kernel promises no barrier on entry or exit --
 ``kernel/sched/membarrier.c`` adds explicit ``smp_mb()`` calls commented
 "system call entry is not a mb" / "exit from system call is not a mb", and
-even ``membarrier()`` returns early without them for a single-threaded
-process.  If the executable stub cannot be created (W^X policy), the fallback
-is an uncontended ``threading.Lock`` acquire/release, which glibc implements
-with LOCK-prefixed read-modify-writes: a full barrier on x86 (only an
-acquire/release pair elsewhere); :data:`BARRIER_KIND` says which is in use.
+even ``membarrier()`` returns before them for a single-threaded process.
+(Kernel-entry side effects such as a CR3 write under page-table isolation do
+serialize, but only on CPUs and configurations that use them.)  If the
+executable stub cannot be created (a W^X policy), the last fallback is an
+uncontended ``threading.Lock`` acquire/release, which glibc implements with
+LOCK-prefixed read-modify-writes: a full barrier on x86, only an
+acquire/release pair elsewhere.  :data:`BARRIER_KIND` says which is in use.
 
 Threading
 ---------
@@ -409,8 +415,14 @@ class Virtqueue:
         self._avail_event_off = 4 + 8 * size
         self._shadow_avail = self._last_avail
         self.broken = False
-        if evt and self._notify_enabled:
-            self._publish_avail_event(self._last_avail)
+        # (Re)state the notification-suppression state in the new ring.
+        if self._notify_enabled:
+            if evt:
+                self._publish_avail_event(self._last_avail)
+            else:
+                _u16_pack(self._used, 0, 0)
+        else:
+            self.disable_notifications()
 
     @property
     def configured(self) -> bool:
