@@ -245,7 +245,11 @@ def test_linux_boots_with_these_tables(tmp_path: Path, tmp_path_factory: pytest.
             guest.busybox,
             modules=["virtio_pci", "virtio_blk"],
             modules_root=guest.modules_root,
-            command="grep -c ^processor /proc/cpuinfo; ls /sys/bus/acpi/devices/; exit 7",
+            command=(
+                "grep -c ^processor /proc/cpuinfo; ls /sys/bus/acpi/devices/\n"
+                "rmmod virtio_blk && modprobe virtio_blk && lsmod | grep -q '^virtio_blk' && echo MODPROBE_OK\n"
+                "exit 7"
+            ),
         )
     )
     console, trace = tmp_path / "console.log", tmp_path / "trace.log"
@@ -275,6 +279,7 @@ def test_linux_boots_with_these_tables(tmp_path: Path, tmp_path_factory: pytest.
     assert "ACPI: PM: (supports S0 S5)" in log
     assert "PNP0501:00" in log and "PNP0A03:00" in log
     assert "insmod failed" not in log
+    assert "MODPROBE_OK" in log  # busybox modprobe works from the pruned modules.dep
     assert re.search(rf"^{EXIT_MARKER}7", log, re.M)
     writes = re.findall(r"addr 0x604 value (0x[0-9a-f]+) size 2", trace.read_text())
     assert any(

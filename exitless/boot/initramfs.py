@@ -437,6 +437,13 @@ def build_initramfs(
     * ``extra_files``: ``{guest_path: bytes | host_path | (either, mode)}``.
     * ``devices``: ``(path, 'c'|'b', major, minor, mode)`` nodes; the default
       has ``/dev/console``, without which the kernel cannot give /init a console.
+    * ``compress``: gzip the archive (the Debian kernel has ``CONFIG_RD_GZIP``);
+      ``False`` returns the raw newc bytes, which the kernel accepts too.
+
+    A hand-written ``init_script`` that should load the modules can call
+    :func:`resolve_modules` for the same load order (guest paths are
+    ``/lib/modules/<kver>/<path>`` with any ``.xz``/``.gz`` suffix dropped), or
+    use busybox ``modprobe``, which reads the ``modules.dep`` written here.
     """
     if init_script is not None and command is not None:
         raise ValueError("command= only applies to the generated /init; put it in init_script instead")
