@@ -39,9 +39,9 @@ from exitless.devices.virtio.constants import (
 from exitless.memory import GuestMemory
 
 try:
-    from test_virtqueue import INDIRECT, NEXT, WRITE, Driver
+    from test_virtqueue import NEXT, WRITE, Driver
 except ImportError:  # pragma: no cover - tests/ as a package
-    from tests.test_virtqueue import INDIRECT, NEXT, WRITE, Driver
+    from tests.test_virtqueue import NEXT, WRITE, Driver
 
 MiB = 1 << 20
 DISK = 4 * MiB

@@ -320,6 +320,35 @@ def test_buffer_spanning_adjacent_regions_is_split(mem):
     assert mem.read(end - 8, 8) == bytes(range(8)) and mem.read(end, 8) == bytes(range(8, 16))
 
 
+def test_buffers_in_a_second_region_and_in_the_hole():
+    m = GuestMemory.create([(0, 2 * MiB), (1 << 32, MiB)])     # low RAM, PCI hole, high RAM
+    try:
+        d = Driver(m, heap=0x100000, heap_end=0x200000)
+        d.put_desc(0, (1 << 32) + 0x100, 64, NEXT, 1)          # high RAM: fine
+        d.put_desc(1, 0xC000_0000, 16, WRITE)                  # in the hole: bad buffer
+        d.offer(0)
+        c = d.q.pop()
+        assert c.error and "outside guest RAM" in c.error
+        m.write((1 << 32) + 0x100, b"high")
+        assert c.read(0, 4) == b"high"
+        d.put_desc(2, 2 * MiB - 8, 16, WRITE)                  # runs off low RAM into the hole
+        d.offer(2)
+        assert d.q.pop().error
+    finally:
+        m.close()
+
+
+def test_validate_restates_disabled_notifications(mem):
+    d = Driver(mem)
+    q = d.q
+    q.disable_notifications()
+    q.validate()                                              # e.g. re-validated at DRIVER_OK
+    assert mem.read_u16(d.used) == VRING_USED_F_NO_NOTIFY and not q.notifications_enabled
+    q.enable_notifications()
+    q.validate()
+    assert mem.read_u16(d.used) == 0
+
+
 def test_wraparound_over_65536_requests(mem):
     d = Driver(mem, size=8)
     q = d.q
