@@ -95,6 +95,18 @@ class GuestMemory:
         self._views = [memoryview(x) for x in self._maps]
         return region
 
+    def move_region(self, region: Region, gpa: int) -> Region:
+        """Re-address a device region (its BAR moved); the host mapping and views stay valid."""
+        if any(r is not region and r.gpa < gpa + region.size and gpa < r.end for r in self.regions):
+            raise GuestMemoryError(f"moving {region} to {gpa:#x} overlaps guest memory")
+        i = self.regions.index(region)
+        moved = Region(gpa, region.size, region.offset)
+        pairs = sorted(zip(self.regions[:i] + [moved] + self.regions[i + 1:], self._maps), key=lambda p: p[0].gpa)
+        self.regions = [p[0] for p in pairs]
+        self._maps = [p[1] for p in pairs]
+        self._views = [memoryview(x) for x in self._maps]
+        return moved
+
     def describe(self) -> list[tuple[int, int, int]]:
         """What a second process needs, beside the fd, to ``attach`` the same RAM."""
         return [r.as_tuple() for r in self.regions]

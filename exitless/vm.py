@@ -24,6 +24,7 @@ from .memory import GuestMemory, Region, x86_layout
 from .vcpu import VcpuThread, install_kick_handler, wait_all
 from .x86 import cpu as X
 from .x86 import layout as L
+from .x86.irq import IrqRouter
 
 log = logging.getLogger(__name__)
 MIN_MEM_MIB = 32
@@ -73,6 +74,7 @@ class Machine:
         self.ram_layout = x86_layout(cfg.mem_mib << 20, L.MMIO_HOLE_START, L.MMIO_HOLE_END)
         self.mem = GuestMemory.create(self.ram_layout)
         self._next_slot = 0
+        self._slots: dict[int, int] = {}  # memfd offset of a region -> KVM slot
         for region in self.mem.regions:
             self._map_region(region)
         self.pio = Bus("pio")
@@ -81,6 +83,9 @@ class Machine:
         self.serial = Serial(out, lambda level: self.vm.irq_line(L.COM1_IRQ, level))
         self.pio.insert(L.COM1_PORT, 8, self.serial, "com1")
         self.pio.insert(L.DEBUG_EXIT_PORT, 4, DebugExit(), "debug-exit")
+        self.irq_router = IrqRouter(self.vm)
+        self.irq_router.commit()
+        self._pci = None
         self.cpuid = []
         for i in range(cfg.cpus):
             vcpu = self.vm.create_vcpu(i)
@@ -91,8 +96,20 @@ class Machine:
             X.setup_lapic(vcpu)
 
     def _map_region(self, region: Region) -> None:
-        self.vm.set_user_memory_region(self._next_slot, region.gpa, region.size, self.mem.host_address(region))
+        slot = self._next_slot
         self._next_slot += 1
+        self._slots[region.offset] = slot
+        self.vm.set_user_memory_region(slot, region.gpa, region.size, self.mem.host_address(region))
+
+    def unmap_ram_page(self, region: Region) -> None:
+        """Take a device RAM region out of the guest's address space (its BAR stopped decoding)."""
+        self.vm.set_user_memory_region(self._slots[region.offset], region.gpa, 0, 0)
+
+    def remap_ram_page(self, region: Region, gpa: int) -> Region:
+        """Put a device RAM region back, possibly at a new address (the guest moved its BAR)."""
+        moved = self.mem.move_region(region, gpa) if gpa != region.gpa else region
+        self.vm.set_user_memory_region(self._slots[region.offset], moved.gpa, moved.size, self.mem.host_address(moved))
+        return moved
 
     # -- devices --------------------------------------------------------
     def add_ram_page(self, gpa: int, size: int = 4096) -> Region:
@@ -100,6 +117,14 @@ class Machine:
         region = self.mem.add_region(gpa, size)
         self._map_region(region)
         return region
+
+    @property
+    def pci(self):
+        """PCI bus 0 (created on first use, so a machine without PCI devices has no 0xCF8 ports)."""
+        if self._pci is None:
+            from .devices.pci.root import PciRoot
+            self._pci = PciRoot(self.pio)
+        return self._pci
 
     def add_worker(self, worker: Worker) -> None:
         self.workers.append(worker)
@@ -172,6 +197,8 @@ class Machine:
             except Exception:
                 log.exception("stopping %r", w)
         self.workers.clear()
+        if hasattr(self, "irq_router"):
+            self.irq_router.close()
         for v in self.vcpus:
             v.close()
         if hasattr(self, "mem"):

@@ -72,17 +72,19 @@ class SidecoreLoop:
     # ------------------------------------------------------------------
     def run(self) -> None:
         last_work = time.monotonic_ns()
-        watches = self._all_watches()
         while not self._stopping:
             worked = self._poll_once()
             now = time.monotonic_ns()
             if worked:
                 last_work = now
-                watches = self._all_watches()
                 continue
             if self.mode == "poll" or (self.mode == "adaptive" and now - last_work < self.window_ns):
                 budget = SPIN_SLICE_NS if self.mode == "poll" else self.window_ns - (now - last_work)
-                wait_for_change(watches, budget)
+                watches = self._all_watches()
+                if watches:
+                    wait_for_change(watches, budget)
+                else:  # nothing to watch yet (no queue is live): look again shortly
+                    time.sleep(budget / 1e9)
                 continue
             if self.mode == "notify":
                 self._sleep()  # the guest always rings: nothing to arm

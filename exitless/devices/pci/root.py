@@ -1,0 +1,104 @@
+"""PCI bus 0 behind the type-1 configuration mechanism (ports 0xCF8/0xCFC), with a host bridge.
+
+Linux probes it with ``pci=conf1`` and no ACPI: the address latch must read
+back, and an absent function reads all-ones.  BARs are assigned here (as
+firmware would) from the PCI window of the 32-bit hole, naturally aligned.
+"""
+from __future__ import annotations
+
+import struct
+import threading
+
+from ...x86 import layout as L
+from .device import PciDevice
+
+CONFIG_ADDRESS, CONFIG_DATA = 0xCF8, 0xCFC
+HOST_BRIDGE_VENDOR, HOST_BRIDGE_DEVICE = 0x1B36, 0x0008   # a generic host bridge, no chipset quirks
+CLASS_HOST_BRIDGE = 0x060000
+PCI_IRQS = (10, 11, 5, 9)  # INTx GSIs by slot, as the guest's interrupt-line register says
+
+
+class HostBridge(PciDevice):
+    def __init__(self):
+        super().__init__(vendor=HOST_BRIDGE_VENDOR, device=HOST_BRIDGE_DEVICE, class_code=CLASS_HOST_BRIDGE,
+                         interrupt_pin=0)
+
+    def map_bar(self, index, address):
+        pass
+
+    def unmap_bar(self, index, address):
+        pass
+
+
+class PciRoot:
+    def __init__(self, pio_bus, window: tuple[int, int] = (L.PCI_MMIO_START, L.PCI_MMIO_END)):
+        self._lock = threading.Lock()
+        self.devices: dict[int, PciDevice] = {}
+        self.address = 0
+        self._next_bar, self._window_end = window
+        self.add(HostBridge(), slot=0)
+        pio_bus.insert(CONFIG_ADDRESS, 4, _AddressPort(self), "pci-config-address")
+        pio_bus.insert(CONFIG_DATA, 4, _DataPort(self), "pci-config-data")
+
+    def add(self, dev: PciDevice, slot: int | None = None) -> int:
+        """Plug ``dev`` into the next free slot, assign its BARs and turn decoding on."""
+        if slot is None:
+            slot = next(s for s in range(1, 32) if (s << 3) not in self.devices)
+        devfn = slot << 3
+        if devfn in self.devices:
+            raise ValueError(f"PCI slot {slot} is taken")
+        for bar in sorted(dev.bars.values(), key=lambda b: -b.size):
+            base = (self._next_bar + bar.size - 1) & ~(bar.size - 1)
+            if base + bar.size > self._window_end:
+                raise ValueError("the PCI MMIO window is full")
+            dev.set_bar_address(bar.index, base)
+            self._next_bar = base + bar.size
+        if dev.config[0x3D]:
+            dev.config[0x3C] = PCI_IRQS[slot % 4]
+        dev.devfn = devfn
+        self.devices[devfn] = dev
+        if dev.bars:
+            dev.enable_decoding()
+        return slot
+
+    def _target(self) -> tuple[PciDevice | None, int]:
+        a = self.address
+        if not a & 0x8000_0000 or (a >> 16) & 0xFF != 0:
+            return None, 0
+        return self.devices.get((a >> 8) & 0xFF), a & 0xFC
+
+    def read_data(self, offset: int, size: int) -> bytes:
+        with self._lock:
+            dev, reg = self._target()
+            if dev is None:
+                return b"\xff" * size
+            return dev.config_read(reg + offset, size).to_bytes(size, "little")
+
+    def write_data(self, offset: int, data: bytes) -> None:
+        with self._lock:
+            dev, reg = self._target()
+            if dev is not None:
+                dev.config_write(reg + offset, len(data), int.from_bytes(data, "little"))
+
+
+class _AddressPort:
+    def __init__(self, root: PciRoot):
+        self.root = root
+
+    def read(self, offset: int, size: int) -> bytes:
+        return self.root.address.to_bytes(4, "little")[offset:offset + size]
+
+    def write(self, offset: int, data: bytes) -> None:
+        if offset == 0 and len(data) == 4:
+            self.root.address = struct.unpack("<I", data)[0] & 0x80FF_FFFC
+
+
+class _DataPort:
+    def __init__(self, root: PciRoot):
+        self.root = root
+
+    def read(self, offset: int, size: int) -> bytes:
+        return self.root.read_data(offset, size)
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.root.write_data(offset, data)

@@ -1,0 +1,382 @@
+"""The modern virtio-pci transport (VIRTIO 1.2 §4.1), with a choice of I/O path for the queues.
+
+BAR0 holds the common configuration (trapped: it is control, not data path),
+the ISR byte and the device configuration.  BAR2 holds the notify registers,
+one 4 KiB page per queue (``notify_off_multiplier`` = 4096), so that each
+queue's doorbell can be, depending on the path:
+
+- ``trap``: MMIO; the vCPU thread runs the queue in its exit handler;
+- ``ioeventfd``: MMIO with an ioeventfd per queue; a ``notify`` sidecore runs it;
+- ``shared``: RAM shared with a polling sidecore, which sees the driver's write
+  to the page (and re-arms it with a sentinel) — the doorbell costs no exit;
+- ``poll``: the sidecore polls the avail rings with guest notifications
+  suppressed (EVENT_IDX / NO_NOTIFY), the doorbell is never written;
+- ``adaptive``: ``poll`` while busy; when idle, re-enable notifications (publish
+  avail_event, fence, re-check) and sleep on the ioeventfds.
+
+BAR4 holds the MSI-X table and PBA.  Completions interrupt through irqfds.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+
+from ...sidecore.loop import SidecoreLoop, SidecoreThread
+from ...sidecore.paths import MODE_OF_PATH, PATHS
+from ...sidecore.spin import address_of, fence
+from ..pci.device import Bar, PciDevice
+from ..pci.msix import CAP_ID_MSIX, NO_VECTOR, Msix
+from .constants import VIRTIO_STATUS_DEVICE_NEEDS_RESET, VIRTIO_STATUS_DRIVER_OK, VIRTIO_STATUS_FEATURES_OK
+from .device import VirtioDevice
+
+log = logging.getLogger(__name__)
+
+VIRTIO_VENDOR = 0x1AF4
+CAP_VENDOR = 0x09
+CFG_COMMON, CFG_NOTIFY, CFG_ISR, CFG_DEVICE = 1, 2, 3, 4
+COMMON_OFF, ISR_OFF, DEVICE_OFF = 0x0000, 0x1000, 0x2000
+COMMON_LEN, DEVICE_LEN = 0x40, 0x1000
+NOTIFY_MULTIPLIER = 4096
+BAR_CFG, BAR_NOTIFY, BAR_MSIX = 0, 2, 4
+NOTIFY_SENTINEL = 0xFFFF_FFFF
+CLASS_BY_DEVICE = {1: 0x020000, 2: 0x018000}   # net: ethernet; blk: mass storage (other)
+
+
+class _QueueState:
+    def __init__(self, size: int):
+        self.size = size
+        self.msix_vector = NO_VECTOR
+        self.enable = 0
+        self.desc = self.driver = self.device = 0
+
+
+class VirtioPci(PciDevice):
+    def __init__(self, machine, device: VirtioDevice, path: str = "trap", *, poll_ns: int = 64_000):
+        if path not in PATHS:
+            raise ValueError(f"I/O path {path!r}: one of {', '.join(PATHS)}")
+        n = device.num_queues
+        notify_size = max(4096, 1 << (n * NOTIFY_MULTIPLIER - 1).bit_length())
+        super().__init__(vendor=VIRTIO_VENDOR, device=0x1040 + device.device_id, revision=1,
+                         class_code=CLASS_BY_DEVICE.get(device.device_id, 0xFF0000),
+                         subsystem_vendor=VIRTIO_VENDOR, subsystem=device.device_id,
+                         bars=[Bar(BAR_CFG, 0x4000), Bar(BAR_NOTIFY, notify_size), Bar(BAR_MSIX, 0x1000)])
+        self.machine = machine
+        self.device = device
+        self.path = path
+        self.lock = threading.RLock()
+        self.msix = Msix(machine.irq_router, n + 1, BAR_MSIX)
+        self._add_virtio_cap(CFG_COMMON, BAR_CFG, COMMON_OFF, COMMON_LEN)
+        self._add_virtio_cap(CFG_NOTIFY, BAR_NOTIFY, 0, notify_size, struct.pack("<I", NOTIFY_MULTIPLIER))
+        self._add_virtio_cap(CFG_ISR, BAR_CFG, ISR_OFF, 1)
+        self._add_virtio_cap(CFG_DEVICE, BAR_CFG, DEVICE_OFF, DEVICE_LEN)
+        body, writable = self.msix.capability()
+        self.msix.cap_offset = self.add_capability(CAP_ID_MSIX, body, writable)
+        device.on_needs_reset = self._needs_reset
+        device.on_config_changed = self._config_interrupt
+        self._reset_transport()
+        # I/O path plumbing
+        self.wake_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(n)] \
+            if path in ("ioeventfd", "poll", "adaptive") else []
+        self.notify_region = None
+        self._ioeventfds_at = None
+        self.sidecore = None
+        self.slot = machine.pci.add(self)
+        machine.add_worker(self)
+        if path != "trap":
+            pollables = [QueuePollable(self, q) for q in range(n)]
+            loop = SidecoreLoop(pollables, MODE_OF_PATH[path], poll_ns=poll_ns, name=f"sidecore-virtio{self.slot}")
+            self.sidecore = SidecoreThread(loop).start()
+
+    def _add_virtio_cap(self, cfg_type: int, bar: int, offset: int, length: int, extra: bytes = b"") -> None:
+        body = struct.pack("<BBBBBBII", 16 + len(extra), cfg_type, bar, 0, 0, 0, offset, length)[0:] + extra
+        self.add_capability(CAP_VENDOR, body)
+
+    def _reset_transport(self) -> None:
+        self.status = 0
+        self.device_feature_select = self.driver_feature_select = 0
+        self.driver_features = 0
+        self.msix_config = NO_VECTOR
+        self.config_generation = 0
+        self.queue_select = 0
+        self.isr = 0
+        self.queues = [_QueueState(self.device.queue_max_size) for _ in range(self.device.num_queues)]
+        self._intx_level = 0
+
+    # -- BAR mapping (called by PciDevice when decoding changes) ----------------
+    def map_bar(self, index: int, address: int) -> None:
+        mmio = self.machine.mmio
+        if index == BAR_CFG:
+            mmio.insert(address, self.bars[index].size, _CfgWindow(self), f"virtio{self.device.device_id}-cfg")
+        elif index == BAR_MSIX:
+            mmio.insert(address, self.bars[index].size, self.msix, "virtio-msix")
+        elif index == BAR_NOTIFY:
+            size = self.bars[index].size
+            if self.path == "shared":
+                if self.notify_region is None:
+                    self.notify_region = self.machine.add_ram_page(address, size)
+                    view = self.machine.mem.view(address, size)
+                    for q in range(self.device.num_queues):
+                        struct.pack_into("<I", view, q * NOTIFY_MULTIPLIER, NOTIFY_SENTINEL)
+                    self.notify_view = view
+                else:
+                    self.notify_region = self.machine.remap_ram_page(self.notify_region, address)
+            else:
+                mmio.insert(address, size, _NotifyWindow(self), "virtio-notify")
+                for q, fd in enumerate(self.wake_fds):
+                    self.machine.vm.ioeventfd(fd, address + q * NOTIFY_MULTIPLIER, 0)
+                self._ioeventfds_at = address
+
+    def unmap_bar(self, index: int, address: int) -> None:
+        if index == BAR_NOTIFY and self.path == "shared":
+            self.machine.unmap_ram_page(self.notify_region)
+            return
+        self.machine.mmio.remove(address)
+        if index == BAR_NOTIFY and self._ioeventfds_at is not None:
+            for q, fd in enumerate(self.wake_fds):
+                self.machine.vm.ioeventfd(fd, address + q * NOTIFY_MULTIPLIER, 0, deassign=True)
+            self._ioeventfds_at = None
+
+    def config_written(self, offset: int, size: int, value: int) -> None:
+        cap = self.msix.cap_offset
+        if offset <= cap + 2 < offset + size or offset <= cap + 3 < offset + size:
+            self.msix.control_written(struct.unpack_from("<H", self.config, cap + 2)[0])
+
+    # -- interrupts --------------------------------------------------------------
+    def signal_queue(self, q: int) -> None:
+        if self.msix.enabled:
+            vec = self.queues[q].msix_vector
+            if vec != NO_VECTOR:
+                self.msix.fire(vec)
+        else:
+            self._intx(0x1)
+
+    def _config_interrupt(self) -> None:
+        self.config_generation = (self.config_generation + 1) & 0xFF
+        if self.msix.enabled:
+            if self.msix_config != NO_VECTOR:
+                self.msix.fire(self.msix_config)
+        else:
+            self._intx(0x2)
+
+    def _intx(self, bits: int) -> None:
+        with self.lock:
+            self.isr |= bits
+            if not self._intx_level:
+                self._intx_level = 1
+                self.machine.vm.irq_line(self.config[0x3C], 1)
+
+    def _needs_reset(self) -> None:
+        self.status |= VIRTIO_STATUS_DEVICE_NEEDS_RESET
+        self._config_interrupt()
+
+    # -- common configuration ------------------------------------------------------
+    def common_read(self, offset: int, size: int) -> int:
+        q = self.queues[self.queue_select] if self.queue_select < len(self.queues) else None
+        fields = {
+            0x00: self.device_feature_select,
+            0x04: (self.device.device_features() >> (32 * self.device_feature_select)) & 0xFFFFFFFF
+            if self.device_feature_select < 2 else 0,
+            0x08: self.driver_feature_select,
+            0x0C: (self.driver_features >> (32 * self.driver_feature_select)) & 0xFFFFFFFF
+            if self.driver_feature_select < 2 else 0,
+            0x10: self.msix_config, 0x12: self.device.num_queues, 0x14: self.status, 0x15: self.config_generation,
+            0x16: self.queue_select,
+            0x18: q.size if q else 0, 0x1A: q.msix_vector if q else NO_VECTOR, 0x1C: q.enable if q else 0,
+            0x1E: self.queue_select if q else 0,
+            0x20: q.desc & 0xFFFFFFFF if q else 0, 0x24: q.desc >> 32 if q else 0,
+            0x28: q.driver & 0xFFFFFFFF if q else 0, 0x2C: q.driver >> 32 if q else 0,
+            0x30: q.device & 0xFFFFFFFF if q else 0, 0x34: q.device >> 32 if q else 0,
+        }
+        return fields.get(offset, 0) & ((1 << (8 * size)) - 1)
+
+    def common_write(self, offset: int, size: int, value: int) -> None:
+        with self.lock:
+            q = self.queues[self.queue_select] if self.queue_select < len(self.queues) else None
+            live = self.status & VIRTIO_STATUS_DRIVER_OK
+            if offset == 0x00:
+                self.device_feature_select = value
+            elif offset == 0x08:
+                self.driver_feature_select = value
+            elif offset == 0x0C and self.driver_feature_select < 2 and not self.status & VIRTIO_STATUS_FEATURES_OK:
+                shift = 32 * self.driver_feature_select
+                self.driver_features = (self.driver_features & ~(0xFFFFFFFF << shift)) | (value << shift)
+            elif offset == 0x10:
+                self.msix_config = value if value == NO_VECTOR or value < self.msix.n else NO_VECTOR
+            elif offset == 0x14:
+                self._write_status(value & 0xFF)
+            elif offset == 0x16:
+                self.queue_select = value
+            elif q is not None and not live:
+                if offset == 0x18:
+                    if value and value <= self.device.queue_max_size and not value & (value - 1):
+                        q.size = value
+                elif offset == 0x1A:
+                    q.msix_vector = value if value == NO_VECTOR or value < self.msix.n else NO_VECTOR
+                elif offset == 0x1C:
+                    q.enable = value & 1
+                elif offset in (0x20, 0x24, 0x28, 0x2C, 0x30, 0x34):
+                    name = {0x20: "desc", 0x28: "driver", 0x30: "device"}[offset & ~0x7]
+                    cur = getattr(q, name)
+                    cur = (cur & ~0xFFFFFFFF) | value if offset % 8 == 0 else (cur & 0xFFFFFFFF) | (value << 32)
+                    if size == 8:
+                        cur = value
+                    setattr(q, name, cur)
+            elif q is not None and offset == 0x1A:
+                q.msix_vector = value if value == NO_VECTOR or value < self.msix.n else NO_VECTOR
+
+    def _write_status(self, value: int) -> None:
+        if value == 0:
+            if self.device.activated or self.device.needs_reset:
+                self.device.reset()
+            self._reset_transport()
+            self._wake_sidecore()
+            return
+        new = value & ~self.status
+        if new & VIRTIO_STATUS_FEATURES_OK and not self.device.features_ok(self.driver_features):
+            value &= ~VIRTIO_STATUS_FEATURES_OK  # the driver reads it back and gives up
+        self.status = value | (self.status & VIRTIO_STATUS_DEVICE_NEEDS_RESET)
+        if new & VIRTIO_STATUS_DRIVER_OK and self.status & VIRTIO_STATUS_FEATURES_OK:
+            self._activate()
+
+    def _activate(self) -> None:
+        vqs = self.device.create_queues(self.machine.mem)
+        for vq, st in zip(vqs, self.queues):
+            vq.size, vq.desc_addr, vq.avail_addr, vq.used_addr = st.size, st.desc, st.driver, st.device
+            vq.ready = bool(st.enable)
+        self.device.activate(self.machine.mem, vqs, self.driver_features, self.signal_queue)
+        if self.path in ("poll", "adaptive"):
+            for vq in vqs:
+                if vq.configured:
+                    vq.disable_notifications()
+        self._wake_sidecore()
+
+    def _wake_sidecore(self) -> None:
+        for fd in self.wake_fds:
+            os.eventfd_write(fd, 1)
+
+    def isr_read(self) -> int:
+        with self.lock:
+            value, self.isr = self.isr, 0
+            if self._intx_level:
+                self._intx_level = 0
+                self.machine.vm.irq_line(self.config[0x3C], 0)
+            return value
+
+    def notify(self, q: int) -> None:
+        """A trapped doorbell write (the trap path), handled on the vCPU thread."""
+        with self.lock:
+            if 0 <= q < self.device.num_queues:
+                self.device.handle_queue(q)
+
+    def stop(self) -> None:
+        if self.sidecore is not None:
+            self.sidecore.stop()
+            self.sidecore = None
+        for fd in self.wake_fds:
+            os.close(fd)
+        self.wake_fds = []
+        close = getattr(self.device, "close", None)
+        if close:
+            close()
+
+
+class _CfgWindow:
+    """BAR0: common configuration, ISR, device configuration."""
+
+    def __init__(self, t: VirtioPci):
+        self.t = t
+
+    def read(self, offset: int, size: int) -> bytes:
+        t = self.t
+        if COMMON_OFF <= offset < COMMON_OFF + COMMON_LEN:
+            return t.common_read(offset - COMMON_OFF, size).to_bytes(size, "little")
+        if offset == ISR_OFF:
+            return t.isr_read().to_bytes(size, "little")
+        if DEVICE_OFF <= offset < DEVICE_OFF + DEVICE_LEN:
+            return t.device.read_config(offset - DEVICE_OFF, size)
+        return b"\0" * size
+
+    def write(self, offset: int, data: bytes) -> None:
+        t = self.t
+        if COMMON_OFF <= offset < COMMON_OFF + COMMON_LEN:
+            t.common_write(offset - COMMON_OFF, len(data), int.from_bytes(data, "little"))
+        elif DEVICE_OFF <= offset < DEVICE_OFF + DEVICE_LEN:
+            with t.lock:
+                t.device.write_config(offset - DEVICE_OFF, data)
+
+
+class _NotifyWindow:
+    """BAR2 as MMIO: a trapped notify write (only reached on the trap path; ioeventfd catches the rest)."""
+
+    def __init__(self, t: VirtioPci):
+        self.t = t
+
+    def read(self, offset: int, size: int) -> bytes:
+        return b"\0" * size
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.t.notify(offset // NOTIFY_MULTIPLIER)
+
+
+class QueuePollable:
+    """One virtqueue as seen by a sidecore (see :mod:`exitless.sidecore.loop`)."""
+
+    def __init__(self, t: VirtioPci, index: int):
+        self.t = t
+        self.index = index
+        self.wake_fd = t.wake_fds[index] if t.wake_fds else None
+        self.shared = t.path == "shared"
+        self._notify_addr = None
+
+    def _queue(self):
+        dev = self.t.device
+        if not dev.activated or dev.needs_reset or self.index >= len(dev.queues):
+            return None
+        q = dev.queues[self.index]
+        return q if q.configured else None
+
+    def poll(self) -> bool:
+        q = self._queue()
+        if q is None:
+            return False
+        if self.shared:
+            view = self.t.notify_view
+            off = self.index * NOTIFY_MULTIPLIER
+            if struct.unpack_from("<I", view, off)[0] == NOTIFY_SENTINEL:
+                return False
+            struct.pack_into("<I", view, off, NOTIFY_SENTINEL)  # re-arm the doorbell page...
+            fence()                                             # ...before looking at the ring
+        elif not q.has_work():
+            return False
+        with self.t.lock:
+            return self.t.device.handle_queue(self.index) > 0 or self.shared
+
+    def watches(self) -> list[tuple[int, int]]:
+        q = self._queue()
+        if q is None:
+            return []
+        if self.shared:
+            if self._notify_addr is None:
+                self._notify_addr = address_of(self.t.notify_view[self.index * NOTIFY_MULTIPLIER:])
+            return [(self._notify_addr, NOTIFY_SENTINEL)]
+        addr = address_of(self.t.machine.mem.view(q.avail_addr, 4))
+        flags = struct.unpack_from("<H", self.t.machine.mem.view(q.avail_addr, 2))[0]
+        return [(addr, flags | (q.last_avail_idx << 16))]
+
+    def arm(self) -> bool:
+        q = self._queue()
+        return q.enable_notifications() if q is not None else False
+
+    def disarm(self) -> None:
+        q = self._queue()
+        if q is not None:
+            q.disable_notifications()
+
+    def drain(self) -> None:
+        if self.wake_fd is not None:
+            try:
+                os.eventfd_read(self.wake_fd)
+            except BlockingIOError:
+                pass
