@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 @dataclass
 class VmExit:
-    """Why a VM stopped: ``kind`` is one of debug-exit, shutdown, reset, crash, stopped, error."""
+    """Why a VM stopped: ``kind`` is one of debug-exit, shutdown (power-off), reset, triple-fault,
+    crash, stopped, timeout, error."""
 
     kind: str
     status: int = 0

@@ -148,7 +148,8 @@ class VcpuThread:
         if reason == C.KVM_EXIT_HLT:
             return VmExit("halt", 0, "the guest halted with interrupts off")
         if reason == C.KVM_EXIT_SHUTDOWN:
-            return VmExit("shutdown", 0, "triple fault / shutdown", registers=describe_registers(self.vcpu))
+            # a triple fault: the guest crashed (Linux's own reboot paths use the reset port instead)
+            return VmExit("triple-fault", 1, "triple fault (KVM_EXIT_SHUTDOWN)", registers=describe_registers(self.vcpu))
         if reason == C.KVM_EXIT_SYSTEM_EVENT:
             kind = {C.KVM_SYSTEM_EVENT_SHUTDOWN: "shutdown", C.KVM_SYSTEM_EVENT_RESET: "reset",
                     C.KVM_SYSTEM_EVENT_CRASH: "crash"}.get(run.u.system_event.type, "shutdown")

@@ -1,0 +1,49 @@
+"""``--disk PATH[,ro][,direct][,io=PATH][,queues=N]``: a virtio-blk disk on PCI with its I/O path."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .sidecore.paths import PATHS
+
+
+class DiskSpecError(ValueError):
+    pass
+
+
+@dataclass
+class DiskSpec:
+    path: str
+    read_only: bool = False
+    direct: bool = False
+    io: str = "ioeventfd"
+    queues: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> "DiskSpec":
+        path, *opts = text.split(",")
+        if not path:
+            raise DiskSpecError(f"--disk {text!r}: no path")
+        spec = cls(path)
+        for opt in opts:
+            key, _, value = opt.partition("=")
+            if key == "ro" and not value:
+                spec.read_only = True
+            elif key == "direct" and not value:
+                spec.direct = True
+            elif key == "io" and value in PATHS:
+                spec.io = value
+            elif key == "queues" and value.isdigit() and 1 <= int(value) <= 16:
+                spec.queues = int(value)
+            else:
+                raise DiskSpecError(f"--disk {text!r}: bad option {opt!r} (ro, direct, io={'|'.join(PATHS)}, "
+                                    "queues=1..16)")
+        return spec
+
+
+def add_disk(machine, spec: DiskSpec):
+    """Open the backing file and plug a virtio-blk-pci device into ``machine``."""
+    from .devices.virtio.blk import VirtioBlk
+    from .devices.virtio.pci import VirtioPci
+
+    dev = VirtioBlk(spec.path, read_only=spec.read_only, direct=spec.direct, num_queues=spec.queues)
+    return VirtioPci(machine, dev, spec.io)
