@@ -83,6 +83,26 @@ def cmd_bench_doorbell(args) -> int:
     return 1 if any(r.get("errors") for r in rows) else 0
 
 
+def cmd_bench_blk(args) -> int:
+    from .bench import blk as B
+    from .bench.common import print_table, write_json
+
+    tests = [t for t in B.TESTS if not args.tests or t.name in args.tests]
+    rows = B.run(tests, args.paths, with_qemu=not args.no_qemu, scale=args.scale,
+                 log=lambda msg: print(msg, file=sys.stderr))
+    print_table("virtio-blk (one run, same image, same guest driver)", rows, [
+        ("vmm", "vmm"), ("path", "path"), ("test", "test"), ("iops", "IOPS"), ("p50_us", "p50 µs"),
+        ("p99_us", "p99 µs"), ("mbps", "MB/s"), ("exits_per_io", "exits/IO"), ("cpu_us_per_io", "host CPU µs/IO"),
+        ("errors", "errors")])
+    for k, v in B.summarize(rows).items():
+        print(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}", file=sys.stderr)
+    if args.json:
+        write_json(rows, args.json)
+    if args.plot:
+        B.plot(rows, args.plot)
+    return 1 if any(r.get("errors") for r in rows) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="exitless", description=__doc__)
     p.add_argument("--version", action="version", version=f"exitless {__version__}")
@@ -114,6 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--idle-ms", type=int, default=2000, help="idle-CPU measurement per sidecore (0: skip)")
     db.add_argument("--json", nargs="?", const="-", help="write rows as JSON (to a file, or stdout)")
     db.set_defaults(func=cmd_bench_doorbell)
+    bb = bsub.add_parser("blk", help="virtio-blk workloads under every I/O path, and QEMU")
+    bb.add_argument("--paths", nargs="+", default=["trap", "ioeventfd", "shared", "poll", "adaptive"],
+                    choices=["trap", "ioeventfd", "shared", "poll", "adaptive"])
+    bb.add_argument("--tests", nargs="+", help="subset of: randread-4k-qd1 randread-4k-qd32 read-128k "
+                    "randwrite-4k-qd1 randwrite-4k-qd32 write-128k")
+    bb.add_argument("--scale", type=float, default=1.0, help="multiply the operation counts")
+    bb.add_argument("--no-qemu", action="store_true", help="skip the QEMU rows")
+    bb.add_argument("--json", nargs="?", const="-", help="write rows as JSON (to a file, or stdout)")
+    bb.add_argument("--plot", help="write a PNG plot here")
+    bb.set_defaults(func=cmd_bench_blk)
     return p
 
 

@@ -1,0 +1,156 @@
+"""``exitless bench blk``: one block workload under every exitless I/O path and under QEMU.
+
+The client is the guest kit's virtio-blk driver — the same binary in exitless
+and in QEMU — on the same image.  Latency and IOPS are measured in the guest
+(TSC).  Exits per I/O and host CPU per I/O are differential: a run with ``n``
+operations minus a run with ``n/10`` of the same test, divided by the
+difference, so boot and PCI probing drop out.  Host CPU excludes the vCPU
+threads (the guest's own running time) in both VMMs.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..devices.virtio.blk import VirtioBlk
+from ..devices.virtio.pci import VirtioPci
+from ..guestkit import guestkit_path
+from ..vm import Machine, VmConfig
+from . import qemu
+from .common import BenchError, guest_result, process_cpu_seconds
+
+EXITLESS_PATHS = ("trap", "ioeventfd", "shared", "poll", "adaptive")
+IMAGE_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class Test:
+    name: str
+    rw: str
+    bs: int
+    qd: int
+    n: int
+
+
+TESTS = (
+    Test("randread-4k-qd1", "randread", 4096, 1, 4000),
+    Test("randread-4k-qd32", "randread", 4096, 32, 20000),
+    Test("read-128k", "read", 131072, 4, 1000),
+    Test("randwrite-4k-qd1", "randwrite", 4096, 1, 4000),
+    Test("randwrite-4k-qd32", "randwrite", 4096, 32, 20000),
+    Test("write-128k", "write", 131072, 4, 1000),
+)
+
+
+def _app(test: Test, n: int) -> str:
+    return f"blk rw={test.rw} bs={test.bs} qd={test.qd} n={n} seed=5"
+
+
+def _exitless_run(image: Path, path: str, app: str, timeout: float) -> dict:
+    console = bytearray()
+    with Machine(VmConfig(mem_mib=128, console=console.extend)) as m:
+        VirtioPci(m, VirtioBlk(image), path)
+        m.boot_pvh(guestkit_path(), app)
+        stats = m.vcpu_stats()
+        before, cpu0 = stats.read(), process_cpu_seconds()
+        exit = m.run(timeout=timeout)
+        after, cpu1 = stats.read(), process_cpu_seconds()
+        stats.close()
+        vcpu_cpu = m.vcpu_cpu_seconds()
+    if exit.kind != "debug-exit" or exit.status != 0:
+        raise BenchError(f"exitless/{path}: {app}: {exit.kind} {exit.status} {exit.message}\n"
+                         f"{console.decode(errors='replace')[-600:]}")
+    res = guest_result(bytes(console), "blk")
+    return {"res": res, "exits": after["exits"] - before["exits"], "cpu": (cpu1 - cpu0) - vcpu_cpu}
+
+
+def _qemu_run(image: Path, iothread: bool, app: str, timeout: float) -> dict:
+    r = qemu.run_guestkit(guestkit_path(), app, disk=image, iothread=iothread, timeout=timeout)
+    if r.exit_status != 0:
+        raise BenchError(f"qemu ({r.accel}): {app}: exit {r.exit_status}\n{r.console.decode(errors='replace')[-600:]}")
+    return {"res": guest_result(r.console, "blk"), "exits": r.exits, "cpu": r.vmm_cpu_s, "accel": r.accel}
+
+
+def _row(vmm: str, path: str, test: Test, full: dict, base: dict) -> dict:
+    res = full["res"]
+    dops = res["ops"] - base["res"]["ops"]
+    exits = None if full["exits"] is None or base["exits"] is None else (full["exits"] - base["exits"]) / dops
+    return {
+        "vmm": vmm, "path": path, "test": test.name,
+        "iops": res["iops"], "p50_us": res["p50_ns"] / 1000, "p99_us": res["p99_ns"] / 1000,
+        "mbps": res["kib_s"] * 1024 / 1e6, "exits_per_io": exits,
+        "cpu_us_per_io": max(0.0, full["cpu"] - base["cpu"]) * 1e6 / dops,
+        "errors": res["errors"] + res["verify_errors"], "ops": res["ops"],
+    }
+
+
+def make_image(directory: str | None = None) -> Path:
+    fd, name = tempfile.mkstemp(prefix="exitless-bench-", suffix=".img", dir=directory or "/var/tmp")
+    os.ftruncate(fd, IMAGE_BYTES)
+    os.close(fd)
+    return Path(name)
+
+
+def run(tests=TESTS, paths=EXITLESS_PATHS, *, with_qemu: bool = True, scale: float = 1.0,
+        timeout: float = 600, log=print) -> list[dict]:
+    image = make_image()
+    rows = []
+    try:
+        # write the whole image once, so that reads hit allocated blocks in both VMMs
+        _exitless_run(image, "ioeventfd", f"blk rw=fill bs=131072 qd=4 seed=5", timeout)
+        for test in tests:
+            n = max(10, int(test.n * scale))
+            for path in paths:
+                log(f"exitless/{path} {test.name} ...")
+                base = _exitless_run(image, path, _app(test, n // 10), timeout)
+                full = _exitless_run(image, path, _app(test, n), timeout)
+                rows.append(_row("exitless", path, test, full, base))
+            if with_qemu and qemu.available():
+                for iothread in (False, True):
+                    label = "iothread-poll" if iothread else "ioeventfd"
+                    log(f"qemu/{label} {test.name} ...")
+                    base = _qemu_run(image, iothread, _app(test, n // 10), timeout)
+                    full = _qemu_run(image, iothread, _app(test, n), timeout)
+                    row = _row("qemu", label, test, full, base)
+                    row["accel"] = full["accel"]
+                    rows.append(row)
+    finally:
+        image.unlink(missing_ok=True)
+    return rows
+
+
+def summarize(rows: list[dict]) -> dict:
+    """QD1 latency of the best exitless shared-memory path against QEMU's best, from this one run."""
+    qd1 = [r for r in rows if r["test"] == "randread-4k-qd1"]
+    ours = [r for r in qd1 if r["vmm"] == "exitless" and r["path"] in ("poll", "shared")]
+    theirs = [r for r in qd1 if r["vmm"] == "qemu"]
+    out = {}
+    if ours and theirs:
+        best = min(ours, key=lambda r: r["p50_us"])
+        peer = min(theirs, key=lambda r: r["p50_us"])
+        out["qd1_p50_best_shared_over_qemu_best"] = best["p50_us"] / peer["p50_us"]
+        out["qd1_best_path"] = f"{best['path']} vs qemu/{peer['path']} ({peer.get('accel')})"
+        out["qd1_exits_per_io"] = best["exits_per_io"]
+    return out
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("randread-4k-qd1", "p50_us", "QD1 4K random read p50 (µs, lower is better)"),
+              ("randread-4k-qd32", "iops", "QD32 4K random read IOPS"),
+              ("read-128k", "mbps", "128K sequential read MB/s")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    for ax, (test, key, title) in zip(axes, panels):
+        sel = [r for r in rows if r["test"] == test]
+        ax.bar([f"{r['vmm']}\n{r['path']}" for r in sel], [r[key] for r in sel],
+               color=["tab:blue" if r["vmm"] == "exitless" else "tab:gray" for r in sel])
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(axis="x", labelsize=7, rotation=45)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
