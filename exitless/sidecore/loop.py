@@ -143,8 +143,15 @@ class SidecoreThread:
         return self
 
     def _main(self) -> None:
+        profile_dir = os.environ.get("EXITLESS_PROFILE_SIDECORE")
         try:
-            self.loop.run()
+            if profile_dir:  # where does a sidecore's time go? (cProfile profiles only its own thread)
+                import cProfile
+
+                cProfile.runctx("self.loop.run()", globals(), {"self": self},
+                                os.path.join(profile_dir, f"{self.loop.name}-{os.getpid()}.prof"))
+            else:
+                self.loop.run()
         except BaseException as e:  # reported by stop(); the VM keeps running without this device
             self.error = e
             log.exception("%s died", self.loop.name)
