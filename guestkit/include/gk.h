@@ -60,13 +60,13 @@ static inline void cli(void) { __asm__ __volatile__("cli" ::: "memory"); }
 static inline void sti(void) { __asm__ __volatile__("sti" ::: "memory"); }
 /* sti;hlt: the STI shadow makes the pair atomic w.r.t. interrupts */
 static inline void sti_hlt(void) { __asm__ __volatile__("sti; hlt" ::: "memory"); }
-static inline u64 rdmsr(u32 msr)
+static inline u64 raw_rdmsr(u32 msr)
 {
     u32 lo, hi;
     __asm__ __volatile__("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr));
     return ((u64)hi << 32) | lo;
 }
-static inline void wrmsr(u32 msr, u64 v)
+static inline void raw_wrmsr(u32 msr, u64 v)
 {
     __asm__ __volatile__("wrmsr" ::"c"(msr), "a"((u32)v), "d"((u32)(v >> 32)) : "memory");
 }
@@ -135,17 +135,31 @@ u64 arg_hex(const char *key, u64 def);       /* hex, 0x optional */
 void args_allow(const char *const *keys);    /* exit 2 on unknown keys */
 noreturn void usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
-/* ---- interrupts / LAPIC (intr.c) ---- */
-typedef void (*irq_handler_t)(u32 vector);
-void idt_init(void);
-void irq_register(u32 vector, irq_handler_t h);
+/* ---- CPU tables, ring-0 services, interrupts, LAPIC (intr.c) ---- */
+#define SYS_WAIT 1
+#define SYS_RDMSR 2
+#define SYS_WRMSR 3
+#define SYS_FLUSH_TLB 4
+#define SYS_HALT 5
+void cpu_tables_init(void);  /* ring 0: TSS, TR, IDTR */
+void idt_init(void);         /* fill the IDT (any ring) */
+bool in_ring3(void);
+u64 rdmsr(u32 msr);          /* from ring 3 through int $0x80 */
+void wrmsr(u32 msr, u64 v);
+noreturn void halt_forever(void);
+/* every interrupt counts in irq_counts[vector] and sets irq_flag = 1 */
+extern volatile u64 irq_counts[256];
+extern volatile u32 irq_flag;
+/* sleep (sti;hlt) unless *flag != 0; race-free: clear the flag, re-check the
+ * condition, then call this */
+void wait_for_irq(volatile u32 *flag);
 void lapic_init(void);
 u32 lapic_id(void);
 void lapic_eoi(void);
 void lapic_timer_oneshot_ns(u64 ns);
 void lapic_timer_periodic_ns(u64 ns);
 void lapic_timer_stop(void);
-extern volatile u64 timer_ticks;
+#define timer_ticks (irq_counts[VEC_TIMER])
 #define VEC_TIMER 0x20
 #define VEC_SPURIOUS 0xFF
 void paging_set_wb_4k(u64 addr);  /* make one 4 KiB page cacheable (splits its 2 MiB page) */
@@ -155,5 +169,6 @@ void app_doorbell(void);
 void app_idle(void);
 void app_blk(void);
 void app_selftest(void);
+void app_cost(void);
 
 #endif

@@ -86,7 +86,15 @@ static struct req reqs[MAX_QD];
 static u32 qd = 1;
 static u64 capacity; /* sectors */
 static u32 blk_size, seg_max;
-static volatile u64 irqs, config_irqs;
+static u64 timer_irqs_run, irqs_run;
+#define config_irqs (irq_counts[VEC_BASE])
+static u64 queue_irqs(void)
+{
+    u64 n = 0;
+    for (u32 e = 1; e < 1 + MAX_QUEUES; e++)
+        n += irq_counts[VEC_BASE + e];
+    return n;
+}
 static u64 timeout_cyc;
 static u64 resets;
 static u64 qd_requested;
@@ -133,9 +141,6 @@ static u64 pattern_check(const u8 *buf, u64 sector, u32 nsec)
 }
 
 /* ---- interrupts ---- */
-static void queue_irq(u32 v) { irqs++; }
-static void config_irq(u32 v) { config_irqs++; }
-
 static u32 msix_entry_for_queue(u32 q)
 {
     u32 n = vd.pci.msix_n;
@@ -337,16 +342,14 @@ static bool wait_any(void)
         if (any_used())
             return true;
         if (use_irq) {
-            cli();
+            irq_flag = 0; /* any interrupt from here on cancels the sleep */
             for (u32 q = 0; q < nq; q++)
                 if (vqs[q].event_idx)
                     *virtq_used_event(&vqs[q]) = vqs[q].last_used;
             mfence();
-            if (any_used()) {
-                sti();
+            if (any_used())
                 return true;
-            }
-            sti_hlt(); /* woken by the queue MSI-X or the watchdog tick */
+            wait_for_irq(&irq_flag); /* woken by the queue MSI-X or the watchdog tick */
             if (rdtsc() - t0 > timeout_cyc)
                 return any_used();
         } else {
@@ -686,8 +689,8 @@ static void print_results(u64 elapsed_cyc, const char *error)
     for (u32 q = 0; q < nq; q++)
         notifies += vqs[q].notifies;
     json_u64("notifies", notifies);
-    json_u64("irqs", irqs);
-    json_u64("timer_irqs", timer_ticks);
+    json_u64("irqs", irqs_run);
+    json_u64("timer_irqs", timer_irqs_run);
     json_str("irq", use_irq ? "msix" : "poll");
     json_u64("event_idx", (vd.features >> VIRTIO_F_EVENT_IDX) & 1);
     json_u64("queues", nq);
@@ -787,9 +790,6 @@ void app_blk(void)
     if (msix_init(&vd.pci)) {
         for (u32 e = 0; e < vd.pci.msix_n && e < 1 + MAX_QUEUES; e++)
             msix_set(&vd.pci, e, apic, (u8)(VEC_BASE + e));
-        irq_register(VEC_BASE, config_irq);
-        for (u32 e = 1; e < 1 + MAX_QUEUES; e++)
-            irq_register(VEC_BASE + e, queue_irq);
     } else if (use_irq) {
         fail_json(rw, "device has no MSI-X capability; use irq=poll");
     }
@@ -850,7 +850,6 @@ void app_blk(void)
     if (mode == RW_MALFORMED) {
         u64 top = MAX(ram_top(), 0x100000000ULL);
         u64 bad = ALIGN_UP(top, 1ULL << 30) + (64ULL << 30);
-        sti(); /* count config interrupts (NEEDS_RESET is announced by one) */
         app_blk_malformed(arg_hex("bad_addr", bad), arg_u64("case_ms", 500));
     }
 
@@ -905,17 +904,17 @@ void app_blk(void)
     samples = heap_alloc(max_samples * sizeof(u64), 64);
 
     u64 ticks0 = timer_ticks;
+    u64 irqs0 = queue_irqs();
     if (use_irq)
         lapic_timer_periodic_ns(100000000ULL); /* 100 ms watchdog tick for hlt waits */
-    sti();
     u64 t0 = rdtsc();
     bool ok = run_loop(t0);
     if (ok && mode == RW_FILL && (vd.features & (1ULL << VIRTIO_BLK_F_FLUSH)))
         ok = run_one(VIRTIO_BLK_T_FLUSH, 0, 0);
     u64 t1 = rdtsc();
-    cli();
     lapic_timer_stop();
-    timer_ticks -= ticks0;
+    timer_irqs_run = timer_ticks - ticks0;
+    irqs_run = queue_irqs() - irqs0;
 
     if (mode == RW_IDENT) {
         char id[21];

@@ -7,6 +7,7 @@
 
 #define PTE_P    0x001
 #define PTE_RW   0x002
+#define PTE_US   0x004   /* everything is user-accessible: apps run in ring 3 */
 #define PTE_PWT  0x008
 #define PTE_PCD  0x010
 #define PTE_PS   0x080
@@ -14,6 +15,11 @@
 #define SEL_CODE64 0x08
 #define SEL_DATA   0x10
 #define SEL_CODE32 0x18
+#define SEL_UDATA  0x20
+#define SEL_UCODE  0x28
+#define SEL_TSS    0x30
+
+#define SYS_WAIT 1
 
 /* ---- PVH ELF note (name "Xen", 8-byte descriptor like Linux) ---- */
     .section .note.Xen, "a", @note
@@ -85,7 +91,7 @@ long_mode:
     pushq %rax                      /* fake return address / frame end */
     xorl %ebp, %ebp
     movl %ebx, %edi                 /* start_info paddr (zero-extended) */
-    call kmain
+    call kmain                      /* ring 0; drops to ring 3 via enter_user */
 2:  cli
     hlt
     jmp 2b
@@ -117,6 +123,55 @@ isr_\vec:
       .set vec, vec + 1
     .endr
 
+/* Fast IRQ entry (vectors 0x20..0xFE except 0x80; installed for xAPIC only):
+ * on a nested software-virtualised host every ring-0 instruction is emulated,
+ * so an interrupt costs as few instructions as possible: count it, raise
+ * irq_flag, EOI through the xAPIC MMIO register, return. */
+    .macro ISR_FAST vec
+    .balign 16
+isr_fast_\vec:
+    incq irq_counts + 8 * \vec(%rip)
+    movl $1, irq_flag(%rip)
+    pushq %rax
+    movq lapic_eoi_reg(%rip), %rax
+    movl $0, (%rax)
+    popq %rax
+    iretq
+    .endm
+
+    .set vec, 32
+    .rept 256 - 32 - 1
+      ISR_FAST %vec
+      .set vec, vec + 1
+    .endr
+
+/* Ring-3 services: the app executes UD2 with rax = service, rdi/rsi = args
+ * (a software-nested KVM may not run SYSCALL or INT n from ring 3 the
+ * architectural way, but delivers exceptions faithfully).  SYS_WAIT
+ * (rdi = u32 *flag) has this short path: sleep until the next interrupt
+ * unless *flag is already non-zero, then resume after the UD2.  Everything
+ * else goes through isr_common -> isr_dispatch -> service_call(). */
+    .balign 16
+isr_ud:
+    cmpl $SYS_WAIT, %eax
+    jne 9f
+    testb $3, 8(%rsp)               /* from ring 3? (frame: rip, cs, ...) */
+    jz 9f
+    movq (%rsp), %rax
+    cmpw $0x0b0f, (%rax)            /* really a UD2? */
+    movl $SYS_WAIT, %eax            /* (mov keeps the flags) */
+    jne 9f
+    cmpl $0, (%rdi)
+    jne 1f
+    sti
+    hlt
+    cli
+1:  addq $2, (%rsp)
+    iretq
+9:  pushq $0
+    pushq $6
+    jmp isr_common
+
 isr_common:
     pushq %rax
     pushq %rcx
@@ -145,24 +200,58 @@ isr_common:
     .macro ISR_ADDR vec
     .quad isr_\vec
     .endm
+    .macro ISR_FAST_ADDR vec
+    .quad isr_fast_\vec
+    .endm
     .section .rodata
     .balign 8
     .globl isr_stub_table
 isr_stub_table:
     .set vec, 0
     .rept 256
-      ISR_ADDR %vec
+      .if vec == 6
+        .quad isr_ud
+      .else
+        ISR_ADDR %vec
+      .endif
+      .set vec, vec + 1
+    .endr
+    .globl isr_fast_table
+isr_fast_table:                     /* [v - 32] for v in 32..254 */
+    .set vec, 32
+    .rept 256 - 32 - 1
+      ISR_FAST_ADDR %vec
       .set vec, vec + 1
     .endr
 
-/* ---- GDT ---- */
-    .section .rodata
+/* enter_user(fn rdi, stack top rsi): iretq to ring 3 with IOPL=3 and IF=1 */
+    .text
+    .globl enter_user
+enter_user:
+    pushq $(SEL_UDATA | 3)
+    pushq %rsi
+    pushq $0x3202
+    pushq $(SEL_UCODE | 3)
+    pushq %rdi
+    xorl %eax, %eax
+    movl %eax, %ds
+    movl %eax, %es
+    xorl %ebp, %ebp
+    iretq
+
+/* ---- GDT (in .data: ltr writes the TSS busy bit) ---- */
+    .data
     .balign 16
 gdt:
     .quad 0
     .quad 0x00209A0000000000        /* 0x08: 64-bit code */
     .quad 0x00CF92000000FFFF        /* 0x10: flat data */
     .quad 0x00CF9A000000FFFF        /* 0x18: flat 32-bit code */
+    .quad 0x00CFF2000000FFFF        /* 0x20: user data, DPL3 */
+    .quad 0x0020FA0000000000        /* 0x28: user 64-bit code, DPL3 */
+    .globl gdt_tss
+gdt_tss:
+    .quad 0, 0                      /* 0x30: TSS, filled in by tss_init() */
 gdt_end:
 gdt_desc32:
     .word gdt_end - gdt - 1
@@ -178,26 +267,26 @@ gdt_desc64:
     .balign 4096
     .globl pml4
 pml4:
-    .quad pdpt + (PTE_P | PTE_RW)
+    .quad pdpt + (PTE_P | PTE_RW | PTE_US)
     .fill 511, 8, 0
     .globl pdpt
 pdpt:
-    .quad pd0 + (PTE_P | PTE_RW)
-    .quad pd1 + (PTE_P | PTE_RW)
-    .quad pd2 + (PTE_P | PTE_RW)
-    .quad pd3 + (PTE_P | PTE_RW)
+    .quad pd0 + (PTE_P | PTE_RW | PTE_US)
+    .quad pd1 + (PTE_P | PTE_RW | PTE_US)
+    .quad pd2 + (PTE_P | PTE_RW | PTE_US)
+    .quad pd3 + (PTE_P | PTE_RW | PTE_US)
     .fill 508, 8, 0
     .globl pd0
 pd0:
     .set i, 0
     .rept 512 * 3
-      .quad (i << 21) + (PTE_P | PTE_RW | PTE_PS)
+      .quad (i << 21) + (PTE_P | PTE_RW | PTE_US | PTE_PS)
       .set i, i + 1
     .endr
     /* 0xC0000000 - 0xFFFFFFFF: MMIO hole, uncacheable */
 pd3:
     .rept 512
-      .quad (i << 21) + (PTE_P | PTE_RW | PTE_PS | PTE_PCD | PTE_PWT)
+      .quad (i << 21) + (PTE_P | PTE_RW | PTE_US | PTE_PS | PTE_PCD | PTE_PWT)
       .set i, i + 1
     .endr
     .set pd1, pd0 + 4096
@@ -205,9 +294,15 @@ pd3:
 
 /* ---- stack ---- */
     .section .bss
+
     .balign 4096
     .globl boot_stack
 boot_stack:
     .skip 65536
     .globl boot_stack_top
 boot_stack_top:
+    /* ring-0 stack for interrupts and services taken from ring 3 (TSS.rsp0) */
+    .balign 4096
+    .skip 16384
+    .globl kstack_top
+kstack_top:

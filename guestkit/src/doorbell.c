@@ -167,10 +167,10 @@ void app_idle(void)
     u64 ticks0 = timer_ticks;
     u64 start = rdtsc();
     u64 end = start + ns_to_tsc(ms * 1000000ULL);
-    cli();
     if (tick_ms)
         lapic_timer_periodic_ns(tick_ms * 1000000ULL);
     for (;;) {
+        irq_flag = 0; /* an interrupt after this point cancels the sleep */
         u64 now = rdtsc();
         if (now >= end)
             break;
@@ -178,8 +178,7 @@ void app_idle(void)
             u64 rem = tsc_to_ns(end - now);
             lapic_timer_oneshot_ns(MIN(rem, 10000000000ULL));
         }
-        sti_hlt();
-        cli();
+        wait_for_irq(&irq_flag); /* sti;hlt in ring 0 */
         wakeups++;
     }
     lapic_timer_stop();

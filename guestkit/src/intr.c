@@ -1,5 +1,10 @@
-/* guestkit: IDT, exception reporting, LAPIC (xAPIC or x2APIC), LAPIC timer,
- * and the one run-time page-table edit (4 KiB split of one 2 MiB page). */
+/* guestkit: IDT, TSS, ring-0 services for ring-3 apps, exception reporting,
+ * LAPIC (xAPIC or x2APIC), LAPIC timer, and the one run-time page-table edit
+ * (4 KiB split of one 2 MiB page).
+ *
+ * Apps run in ring 3 (IOPL=3, so port I/O works there): on a software-nested
+ * KVM every ring-0 instruction is emulated, so ring 0 only boots, takes
+ * interrupts (fast stubs in boot.S) and serves int $0x80 requests. */
 #include "gk.h"
 
 struct idt_gate {
@@ -17,24 +22,53 @@ struct frame {
     u64 vec, err, rip, cs, rflags, rsp, ss;
 };
 
-extern const u64 isr_stub_table[256];
-static struct idt_gate idt[256] __attribute__((aligned(16)));
-static irq_handler_t handlers[256];
-volatile u64 timer_ticks;
-static volatile u64 spurious_irqs;
+struct tss64 {
+    u32 reserved0;
+    u64 rsp0, rsp1, rsp2;
+    u64 reserved1;
+    u64 ist[7];
+    u64 reserved2;
+    u16 reserved3;
+    u16 iomap_base;
+    u8 iomap[8192 + 1]; /* all ports allowed (0 bits), then the 0xFF terminator */
+} __attribute__((packed));
 
-void idt_init(void)
+extern const u64 isr_stub_table[256];
+extern const u64 isr_fast_table[256 - 32 - 1];
+
+extern u64 gdt_tss[2];
+extern char kstack_top[];
+static struct idt_gate idt[256] __attribute__((aligned(16)));
+static struct tss64 tss __attribute__((aligned(64)));
+volatile u64 irq_counts[256];
+volatile u32 irq_flag;
+uptr lapic_eoi_reg = 0xFEE000B0; /* used by the fast IRQ stubs */
+
+static void idt_set(u32 v, u64 a, u8 type)
 {
-    for (int i = 0; i < 256; i++) {
-        u64 a = isr_stub_table[i];
-        idt[i].off_lo = a & 0xffff;
-        idt[i].sel = 0x08;
-        idt[i].ist = 0;
-        idt[i].type = 0x8E; /* present, DPL0, 64-bit interrupt gate */
-        idt[i].off_mid = (a >> 16) & 0xffff;
-        idt[i].off_hi = a >> 32;
-        idt[i].zero = 0;
-    }
+    idt[v].off_lo = a & 0xffff;
+    idt[v].sel = 0x08;
+    idt[v].ist = 0;
+    idt[v].type = type;
+    idt[v].off_mid = (a >> 16) & 0xffff;
+    idt[v].off_hi = a >> 32;
+    idt[v].zero = 0;
+}
+
+/* ring 0, at boot: TSS (rsp0 for entries from ring 3), load TR and IDTR.
+ * The IDT itself is filled by idt_init(), which may run in ring 3. */
+void cpu_tables_init(void)
+{
+    tss.rsp0 = (u64)(uptr)kstack_top;
+    /* ring 3 may use every port: IOPL=3 is requested too, but a software-nested
+     * KVM may not honour it, while the I/O permission bitmap is architectural */
+    tss.iomap_base = __builtin_offsetof(struct tss64, iomap);
+    tss.iomap[8192] = 0xff;
+    u64 base = (u64)(uptr)&tss, limit = sizeof(tss) - 1;
+    gdt_tss[0] = (limit & 0xffff) | ((base & 0xffffff) << 16) | (0x89ULL << 40) |
+                 (((limit >> 16) & 0xf) << 48) | (((base >> 24) & 0xff) << 56);
+    gdt_tss[1] = base >> 32;
+    __asm__ __volatile__("ltr %w0" ::"r"(0x30));
     struct {
         u16 limit;
         u64 base;
@@ -42,7 +76,102 @@ void idt_init(void)
     __asm__ __volatile__("lidt %0" ::"m"(d));
 }
 
-void irq_register(u32 vector, irq_handler_t h) { handlers[vector & 0xff] = h; }
+void idt_init(void)
+{
+    for (int i = 0; i < 256; i++)
+        idt_set(i, isr_stub_table[i], 0x8E); /* present, DPL0, interrupt gate */
+}
+
+/* xAPIC: IRQ vectors take the short path (count, flag, MMIO EOI) */
+static void idt_use_fast_irqs(void)
+{
+    for (u32 v = 32; v < 255; v++)
+        idt_set(v, isr_fast_table[v - 32], 0x8E);
+}
+
+bool in_ring3(void)
+{
+    u16 cs;
+    __asm__ __volatile__("mov %%cs, %0" : "=r"(cs));
+    return (cs & 3) == 3;
+}
+
+static u64 sys_call(u64 nr, u64 a, u64 b)
+{
+    u64 ret = nr;
+    /* the #UD handler preserves every register but rax */
+    __asm__ __volatile__("ud2" : "+a"(ret), "+D"(a), "+S"(b) : : "memory", "cc");
+    return ret;
+}
+
+u64 rdmsr(u32 msr)
+{
+    return in_ring3() ? sys_call(SYS_RDMSR, msr, 0) : raw_rdmsr(msr);
+}
+
+void wrmsr(u32 msr, u64 v)
+{
+    if (in_ring3())
+        sys_call(SYS_WRMSR, msr, v);
+    else
+        raw_wrmsr(msr, v);
+}
+
+/* sleep until an interrupt arrives, unless one arrived since *flag was cleared */
+void wait_for_irq(volatile u32 *flag)
+{
+    if (in_ring3()) {
+        sys_call(SYS_WAIT, (u64)(uptr)flag, 0);
+        return;
+    }
+    __asm__ __volatile__("cli" ::: "memory");
+    if (!*flag)
+        __asm__ __volatile__("sti; hlt" ::: "memory");
+    else
+        __asm__ __volatile__("sti" ::: "memory");
+}
+
+static void flush_tlb(void)
+{
+    if (in_ring3()) {
+        sys_call(SYS_FLUSH_TLB, 0, 0);
+        return;
+    }
+    u64 cr3;
+    __asm__ __volatile__("mov %%cr3, %0; mov %0, %%cr3" : "=r"(cr3)::"memory");
+}
+
+noreturn void halt_forever(void)
+{
+    if (in_ring3())
+        sys_call(SYS_HALT, 0, 0);
+    for (;;)
+        __asm__ __volatile__("cli; hlt");
+}
+
+/* ring 0, from the #UD handler, interrupts off */
+static u64 service_call(u64 nr, u64 a, u64 b)
+{
+    switch (nr) {
+    case SYS_WAIT:
+        if (!*(volatile u32 *)(uptr)a)
+            __asm__ __volatile__("sti; hlt; cli" ::: "memory");
+        return SYS_WAIT;
+    case SYS_RDMSR:
+        return raw_rdmsr((u32)a);
+    case SYS_WRMSR:
+        raw_wrmsr((u32)a, b);
+        return 0;
+    case SYS_FLUSH_TLB:
+        flush_tlb();
+        return 0;
+    case SYS_HALT:
+        for (;;)
+            __asm__ __volatile__("cli; hlt");
+    default:
+        panic("bad service %llu", nr);
+    }
+}
 
 static const char *const exc_names[32] = {
     "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "CSO", "#TS",
@@ -52,18 +181,21 @@ static const char *const exc_names[32] = {
 void isr_dispatch(struct frame *f)
 {
     u32 v = (u32)f->vec;
+    if (v == 6 && (f->cs & 3) == 3 && *(volatile u16 *)(uptr)f->rip == 0x0B0F) {
+        f->rax = service_call(f->rax, f->rdi, f->rsi);
+        f->rip += 2;
+        return;
+    }
     if (v < 32) {
         u64 cr2;
         __asm__ __volatile__("mov %%cr2, %0" : "=r"(cr2));
-        panic("exception %u %s err=%#llx rip=%#llx cr2=%#llx rsp=%#llx", v,
-              exc_names[v] ? exc_names[v] : "?", f->err, f->rip, cr2, f->rsp);
+        panic("exception %u %s err=%#llx rip=%#llx cr2=%#llx rsp=%#llx cs=%#llx", v,
+              exc_names[v] ? exc_names[v] : "?", f->err, f->rip, cr2, f->rsp, f->cs);
     }
-    if (v == VEC_SPURIOUS) {
-        spurious_irqs++;
+    irq_counts[v]++;
+    if (v == VEC_SPURIOUS)
         return; /* no EOI for spurious */
-    }
-    if (handlers[v])
-        handlers[v](v);
+    irq_flag = 1;
     lapic_eoi();
 }
 
@@ -110,8 +242,6 @@ u32 lapic_id(void)
 
 void lapic_eoi(void) { lapic_write(APIC_EOI, 0); }
 
-static void timer_irq(u32 v) { timer_ticks++; }
-
 void lapic_init(void)
 {
     if (lapic_ready)
@@ -128,9 +258,11 @@ void lapic_init(void)
     lapic_base = (uptr)(base & 0xFFFFFF000ULL);
     if (lapic_base >= 0x100000000ULL)
         panic("LAPIC base %#lx above 4 GiB", (unsigned long)lapic_base);
+    lapic_eoi_reg = lapic_base + APIC_EOI;
+    if (!x2apic)
+        idt_use_fast_irqs();
     lapic_write(APIC_TPR, 0);
     lapic_write(APIC_SVR, 0x100 | VEC_SPURIOUS);
-    irq_register(VEC_TIMER, timer_irq);
     /* calibrate the timer against the TSC: divide by 16, ~2 ms */
     lapic_write(APIC_TDCR, 0x3);
     lapic_write(APIC_LVT_TIMER, LVT_MASKED | VEC_TIMER);
@@ -184,6 +316,7 @@ void lapic_timer_stop(void)
 #define PTE_PWT 0x008ULL
 #define PTE_PCD 0x010ULL
 #define PTE_PS 0x080ULL
+#define PTE_US 0x004ULL
 extern u64 pd0[]; /* 4 contiguous page directories: 2048 x 2 MiB */
 static u64 split_pts[4][512] __attribute__((aligned(4096)));
 static u32 split_used;
@@ -203,15 +336,12 @@ void paging_set_wb_4k(u64 addr)
         u64 base = addr & ~0x1FFFFFULL;
         u64 attr = *pde & (PTE_PCD | PTE_PWT);
         for (u64 i = 0; i < 512; i++)
-            pt[i] = (base + (i << 12)) | PTE_P | PTE_RW | attr;
+            pt[i] = (base + (i << 12)) | PTE_P | PTE_RW | PTE_US | attr;
         pt[(addr >> 12) & 511] &= ~(PTE_PCD | PTE_PWT);
-        *(volatile u64 *)pde = (u64)(uptr)pt | PTE_P | PTE_RW;
-        /* flush the whole TLB (one CR3 reload) */
-        u64 cr3;
-        __asm__ __volatile__("mov %%cr3, %0; mov %0, %%cr3" : "=r"(cr3)::"memory");
+        *(volatile u64 *)pde = (u64)(uptr)pt | PTE_P | PTE_RW | PTE_US;
     } else {
         pt = (u64 *)(uptr)(*pde & 0xFFFFFFFFF000ULL);
         *(volatile u64 *)&pt[(addr >> 12) & 511] &= ~(PTE_PCD | PTE_PWT);
-        __asm__ __volatile__("invlpg (%0)" ::"r"((uptr)addr) : "memory");
     }
+    flush_tlb(); /* one CR3 reload */
 }

@@ -235,8 +235,7 @@ int printf(const char *fmt, ...)
 noreturn void gk_exit(u32 status)
 {
     outl(0xf4, status);
-    for (;;)
-        __asm__ __volatile__("cli; hlt");
+    halt_forever();
 }
 
 noreturn void panic(const char *fmt, ...)

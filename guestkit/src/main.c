@@ -238,7 +238,7 @@ u64 arg_hex(const char *key, u64 def)
     return v;
 }
 
-static const char *const common_keys[] = {"tsc_khz", NULL};
+static const char *const common_keys[] = {"tsc_khz", "ring", NULL};
 
 void args_allow(const char *const *keys)
 {
@@ -433,6 +433,7 @@ static void app_info(void)
     json_u64("memmap_entries", memmap_n);
     json_u64("heap_free", heap_free_bytes());
     json_u64("apic_id", lapic_id());
+    json_u64("ring", in_ring3() ? 3 : 0);
     json_hex("cpuid1_ecx", c);
     json_hex("cpuid1_edx", d);
     json_end();
@@ -450,14 +451,39 @@ static const struct app apps[] = {
     {"blk", app_blk},
     {"info", app_info},
     {"selftest", app_selftest},
+    {"cost", app_cost},
 };
 
-void kmain(u32 start_info_pa)
+static u32 start_info_pa;
+extern char boot_stack_top[];
+void enter_user(void (*fn)(void), void *stack_top);
+static void user_main(void);
+
+/* ring 0: CPU tables, then everything else runs in ring 3 (unless the command
+ * line says ring=0, for comparisons).  Kept tiny: ring-0 code may be emulated. */
+void kmain(u32 si_pa)
+{
+    start_info_pa = si_pa;
+    /* mask the 8259s: firmware maps them onto exception vectors (IRQ0 -> 8) and
+     * ring 3 runs with interrupts enabled */
+    outb(0x21, 0xff);
+    outb(0xa1, 0xff);
+    cpu_tables_init();
+    const struct hvm_start_info *si = (const void *)(uptr)si_pa;
+    const char *c = si && si->magic == HVM_START_MAGIC ? (const char *)(uptr)si->cmdline_paddr : NULL;
+    for (u32 i = 0; c && c[i] && i < CMDLINE_MAX; i++)
+        if (c[i] == 'r' && (i == 0 || c[i - 1] == ' ') && !strncmp(c + i, "ring=0", 6) &&
+            (c[i + 6] == 0 || c[i + 6] == ' '))
+            user_main();
+    enter_user(user_main, boot_stack_top);
+}
+
+static void user_main(void)
 {
     const struct hvm_start_info *si = (const void *)(uptr)start_info_pa;
+    idt_init();
     serial_init();
     serial_write("\n", 1); /* start on a fresh line after firmware output */
-    idt_init();
     if (!si || si->magic != HVM_START_MAGIC) {
         printf("guestkit: bad PVH start info at %#x\n", start_info_pa);
         gk_exit(EXIT_CRASH);
@@ -478,13 +504,13 @@ void kmain(u32 start_info_pa)
     heap_setup();
     parse_cmdline();
     if (!app_name)
-        usage_error("empty command line; usage: <app> [key=value...]; apps: doorbell idle blk info selftest");
+        usage_error("empty command line; usage: <app> [key=value...]; apps: doorbell idle blk info selftest cost");
     const struct app *app = NULL;
     for (u32 i = 0; i < ARRAY_SIZE(apps); i++)
         if (!strcmp(apps[i].name, app_name))
             app = &apps[i];
     if (!app)
-        usage_error("unknown app '%s' (apps: doorbell idle blk info selftest)", app_name);
+        usage_error("unknown app '%s' (apps: doorbell idle blk info selftest cost)", app_name);
     tsc_init();
     app->fn();
     gk_exit(EXIT_OK);
