@@ -56,6 +56,10 @@ class Driver:
         self.avail = self.desc + 16 * size
         self.used = (self.avail + 6 + 2 * size + 3) & ~3
         mem.fill(self.desc, self.used + 6 + 8 * size - self.desc)
+        # Indices and flags shared with the (concurrent) device go through u16 views:
+        # single 2-byte loads/stores, as a real driver's (struct.pack_into is not atomic).
+        self._avail_h = mem.view(self.avail, 6 + 2 * size).cast("H")
+        self._used_h = mem.view(self.used, 6 + 8 * size).cast("H")
         self.heap_start = self.heap = heap
         self.heap_end = heap_end
         self.free: deque[int] = deque(range(size))
@@ -124,20 +128,20 @@ class Driver:
 
     def publish(self) -> bool:
         """Expose new entries (avail.idx), then decide whether to kick, like a driver does."""
-        self.mem.write_u16(self.avail + 2, self.avail_idx)
+        self._avail_h[1] = self.avail_idx
         full_barrier()
         if self.event_idx:
-            event = self.mem.read_u16(self.used + 4 + 8 * self.size)
+            event = self._used_h[2 + 4 * self.size]
             kick = vring_need_event(event, self.avail_idx, self.kick_old)
         else:
-            kick = not (self.mem.read_u16(self.used) & VRING_USED_F_NO_NOTIFY)
+            kick = not (self._used_h[0] & VRING_USED_F_NO_NOTIFY)
         self.kick_old = self.avail_idx
         self.kicks += kick
         return kick
 
     # -- used ring --------------------------------------------------------------------
     def used_idx(self) -> int:
-        return self.mem.read_u16(self.used + 2)
+        return self._used_h[1]
 
     def get_used(self) -> list[tuple[int, int]]:
         out = []
@@ -150,10 +154,10 @@ class Driver:
         return out
 
     def set_used_event(self, value: int) -> None:
-        self.mem.write_u16(self.avail + 4 + 2 * self.size, value)
+        self._avail_h[2 + self.size] = value
 
     def set_no_interrupt(self, on: bool) -> None:
-        self.mem.write_u16(self.avail, VRING_AVAIL_F_NO_INTERRUPT if on else 0)
+        self._avail_h[0] = VRING_AVAIL_F_NO_INTERRUPT if on else 0
 
 
 @pytest.fixture
@@ -760,7 +764,8 @@ def _device_proc(mem, geom, n, kick_r, call_w, event_idx, result_w):
                 continue
             r, _, _ = select.select([kick_r], [], [], 10.0)
             if not r:
-                status = f"lost wake-up: device asleep with {done}/{n} done, avail={q.ring_avail_idx()}".encode()
+                status = (f"lost wake-up: device asleep with {done}/{n} done, last_avail={q.last_avail_idx}, "
+                          f"avail={q.ring_avail_idx()}, used={q.used_idx}").encode()
                 break
             os.read(kick_r, 4096)
     except Exception as e:  # pragma: no cover - reported to the parent
@@ -816,13 +821,46 @@ def test_no_lost_wakeups_across_processes(mem, event_idx):
             r, _, _ = select.select([call_r], [], [], 10.0)
             assert r, f"driver asleep with {completed}/{n} completed, device used={d.used_idx()}"
             os.read(call_r, 4096)
-        assert os.read(res_r, 4096) == b"ok"
+        res = os.read(res_r, 4096)
+        assert res == b"ok", f"{res.decode()} (driver: {completed} completed, {sent} sent)"
     finally:
         p.join(15)
         if p.is_alive():
             p.kill()
         for fd in (kick_r, kick_w, call_r, call_w, res_r, res_w):
             os.close(fd)
+
+
+def _pusher_proc(mem, geom, n):
+    size, desc, avail, used = geom
+    q = Virtqueue(mem, size)
+    q.size, q.desc_addr, q.avail_addr, q.used_addr = size, desc, avail, used
+    q.validate()
+    for _ in range(n):
+        q.push(0, 0)
+    os._exit(0)
+
+
+def test_used_idx_is_never_seen_torn(mem):
+    """The driver reads used.idx while the device (another process) bumps it: every value it
+    sees must be a real one (a byte-wise store would expose e.g. 0x0100 between 0x01FF and 0x0200)."""
+    d = Driver(mem, size=8)
+    n = 200_000
+    p = multiprocessing.get_context("fork").Process(target=_pusher_proc,
+                                                     args=(mem, (d.size, d.desc, d.avail, d.used), n))
+    p.start()
+    try:
+        prev, seen, reads = 0, 0, 0
+        while seen < n:
+            v = d.used_idx()
+            delta = (v - prev) & 0xFFFF
+            assert delta < 0x8000, f"used.idx went from {prev:#06x} to {v:#06x}"
+            seen += delta
+            prev = v
+            reads += 1
+        assert seen == n
+    finally:
+        p.join(30)
 
 
 def test_full_barrier_kinds():

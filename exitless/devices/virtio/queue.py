@@ -60,6 +60,18 @@ may not:
 * Weakly ordered CPUs (aarch64): the read and write sides also need barriers;
   :data:`WEAK_ORDERING` turns them on (a full barrier each; correct, not tuned).
 
+Single-copy atomicity matters as much as ordering: every 16-bit field the
+driver reads or writes concurrently (avail.idx/flags/ring/used_event,
+used.idx/flags/avail_event) is accessed through ``memoryview.cast("H")`` item
+get/set, which CPython performs as one 2-byte load or store.
+``struct.pack_into`` must not be used for them -- it zeroes the destination
+before writing it, and its ``"<H"`` codec stores one byte at a time -- and
+neither must ``GuestMemory.write_u16``/``read_u16``, which are built on it: a
+driver could see used.idx go 0x01FF -> 0x0100 -> 0x0200 and read garbage used
+elements (``test_used_idx_is_never_seen_torn`` catches exactly that).
+Descriptors are read with ``struct`` because the driver does not change them
+while they are available; every value is read once and then validated.
+
 :func:`full_barrier` executes a real barrier instruction.  When the sidecore's
 C extension (``exitless.sidecore._spin``) is built it is its ``fence()``,
 ``__atomic_thread_fence(__ATOMIC_SEQ_CST)``, which GCC 12 compiles to
@@ -97,6 +109,7 @@ import ctypes
 import mmap
 import platform
 import struct
+import sys
 import threading
 from typing import Callable
 
@@ -215,11 +228,8 @@ def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
 # ---------------------------------------------------------------------------
 _DESC = struct.Struct("<QIHH")
 _desc_unpack = _DESC.unpack_from
-_U16 = struct.Struct("<H")
-_u16_unpack = _U16.unpack_from
-_u16_pack = _U16.pack_into
-_USED_ELEM = struct.Struct("<II")
-_used_pack = _USED_ELEM.pack_into
+if sys.byteorder != "little":  # pragma: no cover
+    raise ImportError("the virtqueue accesses ring fields in native byte order, which must be little-endian")
 
 _F_NEXT = VIRTQ_DESC_F_NEXT
 _F_WRITE = VIRTQ_DESC_F_WRITE
@@ -369,14 +379,15 @@ class Virtqueue:
         self._ram_key = None
         self._ram0 = (0, 0, None)
         self._desc = None
-        self._avail = None
-        self._used = None
+        self._avail = None       # avail ring as u16[]: flags, idx, ring[size], used_event
+        self._used = None        # used ring as u16[]: flags, idx, (elements), avail_event
+        self._used_elems = None  # used ring elements as u32[]: id, len, id, len, ...
         self._size = 0
         self._mask = 0
         self._evt = False
         self._ind = False
-        self._used_event_off = 0
-        self._avail_event_off = 0
+        self._used_event_i = 0
+        self._avail_event_i = 0
 
     def validate(self) -> None:
         """Check the geometry and map the three ring areas; raise :class:`VirtqueueError` if bad.
@@ -406,13 +417,22 @@ class Virtqueue:
                 views.append(self.mem.view(addr, length))
             except GuestMemoryError as e:
                 raise VirtqueueError(f"{name} [{addr:#x}, +{length:#x}) is not inside guest RAM") from e
-        self._desc, self._avail, self._used = views
+        desc, avail, used = views
+        # The 16-bit fields shared with a running driver are accessed through cast
+        # memoryviews: item reads and writes are single 2-byte loads and stores.
+        # struct.pack_into is not usable for them: it zeroes the field before
+        # writing it, and the "<H" codecs move one byte at a time, so the driver
+        # could observe a torn index (tests/test_virtqueue.py shows both).
+        self._desc = desc
+        self._avail = avail.cast("H")
+        self._used = used.cast("H")
+        self._used_elems = used[4:4 + 8 * size].cast("I")
         self._size = size
         self._mask = size - 1
         self._evt = evt
         self._ind = bool(self.indirect)
-        self._used_event_off = 4 + 2 * size
-        self._avail_event_off = 4 + 8 * size
+        self._used_event_i = 2 + size
+        self._avail_event_i = 2 + 4 * size
         self._shadow_avail = self._last_avail
         self.broken = False
         # (Re)state the notification-suppression state in the new ring.
@@ -420,7 +440,7 @@ class Virtqueue:
             if evt:
                 self._publish_avail_event(self._last_avail)
             else:
-                _u16_pack(self._used, 0, 0)
+                self._used[0] = 0
         else:
             self.disable_notifications()
 
@@ -449,11 +469,11 @@ class Virtqueue:
 
     def ring_avail_idx(self) -> int:
         """avail.idx as the driver last wrote it (0 if unconfigured)."""
-        return _u16_unpack(self._avail, 2)[0] if self._avail is not None else 0
+        return self._avail[1] if self._avail is not None else 0
 
     def ring_used_idx(self) -> int:
         """used.idx as it is in guest memory (to resume a queue: ``q.used_idx = q.ring_used_idx()``)."""
-        return _u16_unpack(self._used, 2)[0] if self._used is not None else 0
+        return self._used[1] if self._used is not None else 0
 
     # -- consuming ---------------------------------------------------------------
     def has_work(self) -> bool:
@@ -461,7 +481,7 @@ class Virtqueue:
         avail = self._avail
         if avail is None or self.broken:
             return False
-        return _u16_unpack(avail, 2)[0] != self._last_avail
+        return avail[1] != self._last_avail
 
     def _fail(self, msg: str) -> VirtqueueError:
         self.broken = True
@@ -479,7 +499,7 @@ class Virtqueue:
             raise VirtqueueError("virtqueue is broken; it needs a reset")
         last = self._last_avail
         if last == self._shadow_avail:
-            idx = _u16_unpack(avail, 2)[0]
+            idx = avail[1]
             if idx == last:
                 return None
             if ((idx - last) & 0xFFFF) > self._size:
@@ -487,11 +507,11 @@ class Virtqueue:
             self._shadow_avail = idx
             if WEAK_ORDERING:
                 full_barrier()  # read the ring entries only after avail.idx
-        head = _u16_unpack(avail, 4 + 2 * (last & self._mask))[0]
+        head = avail[2 + (last & self._mask)]
         last = self._last_avail = (last + 1) & 0xFFFF
         if self._evt:
             if self._notify_enabled:
-                _u16_pack(self._used, self._avail_event_off, last)
+                self._used[self._avail_event_i] = last
             elif ((last - self._avail_event) & 0xFFFF) >= 0x4000:
                 # keep the "disabled" avail_event behind the driver (see disable_notifications)
                 self._publish_avail_event((last - 1) & 0xFFFF)
@@ -634,14 +654,17 @@ class Virtqueue:
         used = self._used
         if used is None:
             raise VirtqueueError("push on an unconfigured virtqueue")
+        elems = self._used_elems
         if not 0 <= head < self._size:
             raise ValueError(f"push of head {head} outside queue size {self._size}")
         idx = self._used_idx
-        _used_pack(used, 4 + 8 * (idx & self._mask), head, written & 0xFFFFFFFF)
+        i = (idx & self._mask) << 1
+        elems[i] = head
+        elems[i + 1] = written & 0xFFFFFFFF
         if WEAK_ORDERING:
             full_barrier()
         idx = self._used_idx = (idx + 1) & 0xFFFF
-        _u16_pack(used, 2, idx)
+        used[1] = idx
         self._unsignalled = True
 
     def should_signal(self) -> bool:
@@ -665,9 +688,9 @@ class Virtqueue:
             if not self._signalled_valid:
                 self._signalled_valid = True
                 return True
-            used_event = _u16_unpack(self._avail, self._used_event_off)[0]
+            used_event = self._avail[self._used_event_i]
             return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
-        return not (_u16_unpack(self._avail, 0)[0] & VRING_AVAIL_F_NO_INTERRUPT)
+        return not (self._avail[0] & VRING_AVAIL_F_NO_INTERRUPT)
 
     # -- available-buffer notification suppression ------------------------------------
     @property
@@ -676,7 +699,7 @@ class Virtqueue:
 
     def _publish_avail_event(self, value: int) -> None:
         self._avail_event = value
-        _u16_pack(self._used, self._avail_event_off, value)
+        self._used[self._avail_event_i] = value
 
     def disable_notifications(self) -> None:
         """Ask the driver not to notify (kick) us: we are polling.
@@ -694,7 +717,7 @@ class Virtqueue:
         if self._evt:
             self._publish_avail_event((self._last_avail - 1) & 0xFFFF)
         else:
-            _u16_pack(self._used, 0, VRING_USED_F_NO_NOTIFY)
+            self._used[0] = VRING_USED_F_NO_NOTIFY
 
     def enable_notifications(self) -> bool:
         """Ask the driver to notify us again; return True if buffers arrived meanwhile.
@@ -712,7 +735,7 @@ class Virtqueue:
         if self._evt:
             self._publish_avail_event(self._last_avail)
         else:
-            _u16_pack(self._used, 0, 0)
+            self._used[0] = 0
         full_barrier()
         return self.has_work()
 
