@@ -139,6 +139,27 @@ def test_selftest(guestkit_elf):
     assert int(r.json["pattern_s1000_w7_seed3"], 16) == struct.unpack_from("<Q", expected_sector(1000, 3), 7 * 8)[0]
 
 
+def test_rings(guestkit_elf):
+    """Apps run in ring 3; ring=0 keeps them in ring 0 (for comparisons)."""
+    r = run_guest(guestkit_elf, "info")
+    assert r.status == 0 and r.json["ring"] == 3, r
+    r = run_guest(guestkit_elf, "info ring=0")
+    assert r.status == 0 and r.json["ring"] == 0, r
+    r = run_guest(guestkit_elf, "cost n=1000 io_n=20")
+    assert r.status == 0 and r.json["ring"] == 3 and r.json["loop_ps"] > 0, r
+    assert "cli_sti_ps" not in r.json
+    r = run_guest(guestkit_elf, "cost n=1000 io_n=20 ring=0")
+    assert r.status == 0 and r.json["ring"] == 0 and "cli_sti_ps" in r.json, r
+
+
+@pytest.mark.parametrize("crash,vector", [("pf", 14), ("ud", 6), ("gp", 13)])
+def test_exception_reporting(guestkit_elf, crash, vector):
+    """A CPU exception in a ring-3 app prints a JSON error and exits with status 3."""
+    r = run_guest(guestkit_elf, f"selftest crash={crash}")
+    assert r.status == 3, r
+    assert r.json["error"].startswith(f"exception {vector} ") and "cs=0x2b" in r.json["error"]
+
+
 def test_tsc_khz_override(guestkit_elf):
     r = run_guest(guestkit_elf, "info tsc_khz=1234567")
     assert r.status == 0, r

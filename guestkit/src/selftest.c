@@ -37,8 +37,20 @@ static bool need_u32(u32 e, u32 v) { return (u32)(v - e - 1) < (u32)(v - (v - 1)
 
 void app_selftest(void)
 {
-    static const char *const keys[] = {NULL};
+    static const char *const keys[] = {"crash", NULL};
     args_allow(keys);
+    const char *crash = arg_str("crash", NULL);
+    if (crash) { /* exercise the exception path (expect status 3 and a JSON error) */
+        if (!strcmp(crash, "pf"))
+            (void)*(volatile u32 *)0x4000000000ULL; /* beyond the 4 GiB identity map */
+        else if (!strcmp(crash, "ud"))
+            __asm__ __volatile__(".byte 0x0f, 0xff"); /* UD0 */
+        else if (!strcmp(crash, "gp"))
+            __asm__ __volatile__("mov %%cr0, %%rax" ::: "rax"); /* privileged in ring 3 */
+        else
+            usage_error("crash must be pf, ud or gp");
+        panic("crash=%s did not fault", crash);
+    }
 
     /* heapsort: random, duplicates, sorted, reversed, tiny */
     const u64 n = 50000;
