@@ -368,3 +368,16 @@ def test_blk_kvm_fill_verify(guestkit_elf, disk):
     r = run_guest(guestkit_elf, "blk rw=verify bs=16k qd=16 size=2m seed=5 irq=poll",
                   *blk_args(disk), accel="kvm", timeout=120)
     assert r.status == 0 and r.json["verify_errors"] == 0, r
+
+
+@pytest.mark.kvm
+@pytest.mark.skipif(not _kvm_usable(), reason="/dev/kvm not usable")
+def test_kvm_x2apic(guestkit_elf, disk):
+    """x2APIC mode: LAPIC through MSRs (ring-0 services), IRQs through the C path."""
+    r = run_guest(guestkit_elf, "idle ms=100 tick_ms=10 x2apic=1", accel="kvm")
+    if r.status is None and "kvm" in r.out.lower():
+        pytest.skip(f"QEMU cannot use KVM here: {r.out[-300:]}")
+    assert r.status == 0 and r.json["timer_irqs"] >= 9, r
+    r = run_guest(guestkit_elf, "blk rw=fill bs=64k qd=4 size=1m x2apic=1", *blk_args(disk), accel="kvm")
+    assert r.status == 0 and r.json["irqs"] > 0, r
+    assert bad_sectors(disk, 1, count=2048) == []

@@ -155,6 +155,7 @@ extern volatile u32 irq_flag;
 void wait_for_irq(volatile u32 *flag);
 void lapic_init(void);
 u32 lapic_id(void);
+bool lapic_is_x2apic(void);
 void lapic_eoi(void);
 void lapic_timer_oneshot_ns(u64 ns);
 void lapic_timer_periodic_ns(u64 ns);

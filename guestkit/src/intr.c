@@ -234,6 +234,8 @@ static void lapic_write(u32 reg, u32 v)
         mmio_w32(lapic_base + reg, v);
 }
 
+bool lapic_is_x2apic(void) { return x2apic; }
+
 u32 lapic_id(void)
 {
     u32 id = lapic_read(APIC_ID);
@@ -250,11 +252,19 @@ void lapic_init(void)
     outb(0x21, 0xff);
     outb(0xa1, 0xff);
     u64 base = rdmsr(APIC_BASE_MSR);
-    x2apic = (base & (1u << 10)) != 0;
     if (!(base & (1u << 11))) {
         base |= 1u << 11;
         wrmsr(APIC_BASE_MSR, base);
     }
+    if (arg_u64("x2apic", 0) && !(base & (1u << 10))) { /* switch to x2APIC mode */
+        u32 a, b, c, d;
+        cpuid(1, 0, &a, &b, &c, &d);
+        if (!(c & (1u << 21)))
+            panic("x2apic=1: CPU has no x2APIC");
+        base |= 1u << 10;
+        wrmsr(APIC_BASE_MSR, base);
+    }
+    x2apic = (base & (1u << 10)) != 0;
     lapic_base = (uptr)(base & 0xFFFFFF000ULL);
     if (lapic_base >= 0x100000000ULL)
         panic("LAPIC base %#lx above 4 GiB", (unsigned long)lapic_base);

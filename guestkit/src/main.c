@@ -238,7 +238,7 @@ u64 arg_hex(const char *key, u64 def)
     return v;
 }
 
-static const char *const common_keys[] = {"tsc_khz", "ring", NULL};
+static const char *const common_keys[] = {"tsc_khz", "ring", "x2apic", NULL};
 
 void args_allow(const char *const *keys)
 {
@@ -434,6 +434,7 @@ static void app_info(void)
     json_u64("heap_free", heap_free_bytes());
     json_u64("apic_id", lapic_id());
     json_u64("ring", in_ring3() ? 3 : 0);
+    json_u64("x2apic", lapic_is_x2apic());
     json_hex("cpuid1_ecx", c);
     json_hex("cpuid1_edx", d);
     json_end();
