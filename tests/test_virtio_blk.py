@@ -626,3 +626,31 @@ def test_direct_write_zeroes_and_flush(direct_rig, disk):
     status, _, _ = direct_rig.request(VIRTIO_BLK_T_WRITE_ZEROES, out=_segs((8, 8, 0)))
     assert status == VIRTIO_BLK_S_OK and _file(disk, 4096, 4096) == bytes(4096)
     assert direct_rig.request(VIRTIO_BLK_T_FLUSH)[0] == VIRTIO_BLK_S_OK
+
+
+# ---------------------------------------------------------------------------
+# the device base class: internal errors, logging
+# ---------------------------------------------------------------------------
+def test_internal_error_stops_the_device_without_raising(rig, monkeypatch, caplog):
+    def boom(self, qi, chain):
+        raise RuntimeError("device bug")
+    monkeypatch.setattr(VirtioBlk, "process", boom)
+    rig.drivers[0].add([struct.pack("<IIQ", VIRTIO_BLK_T_IN, 0, 0)], [512, 1])
+    with caplog.at_level(logging.ERROR):
+        assert rig.dev.handle_queue(0) == 0
+    assert rig.dev.needs_reset and rig.resets == 1
+    assert "device bug" in caplog.text and "Traceback" in caplog.text
+    # nothing that pins frames (exceptions, exc_info) is kept in log records
+    for rec in caplog.records:
+        assert rec.exc_info is None
+        assert all(isinstance(a, (int, float, str)) for a in (rec.args or ()))
+
+
+def test_log_rate_limit(caplog):
+    from exitless.devices.virtio.device import RateLimitedLog
+    lg = logging.getLogger("exitless.virtio.test")
+    rl = RateLimitedLog(lg, burst=3, interval=3600)
+    with caplog.at_level(logging.WARNING, logger="exitless.virtio.test"):
+        for i in range(100):
+            rl(logging.WARNING, "message %d about %s", i, ValueError("x"))
+    assert [r.getMessage() for r in caplog.records] == ["message 0 about x", "message 1 about x", "message 2 about x"]

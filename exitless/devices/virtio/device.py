@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import time
+import traceback
 from typing import Callable
 
 from exitless.memory import GuestMemory, GuestMemoryError
@@ -58,7 +59,13 @@ COMMON_FEATURES = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_RING_EVENT_IDX) | (
 
 
 class RateLimitedLog:
-    """At most ``burst`` messages per ``interval`` seconds; the rest are counted and summarised."""
+    """At most ``burst`` messages per ``interval`` seconds; the rest are counted and summarised.
+
+    Arguments are formatted to text before they reach :mod:`logging`: an exception
+    object (or ``exc_info``) kept in a LogRecord by a handler that stores records
+    would keep its traceback's frames -- and the memoryviews they hold on guest RAM
+    or a vCPU's kvm_run page -- alive, and those mappings then cannot be closed.
+    """
 
     def __init__(self, logger: logging.Logger, burst: int = 10, interval: float = 5.0):
         self.logger = logger
@@ -68,7 +75,7 @@ class RateLimitedLog:
         self._count = 0
         self._suppressed = 0
 
-    def __call__(self, level: int, msg: str, *args, exc_info=None) -> None:
+    def __call__(self, level: int, msg: str, *args) -> None:
         now = time.monotonic()
         if now - self._window >= self.interval:
             if self._suppressed:
@@ -76,7 +83,9 @@ class RateLimitedLog:
             self._window, self._count, self._suppressed = now, 0, 0
         if self._count < self.burst:
             self._count += 1
-            self.logger.log(level, msg, *args, exc_info=exc_info)
+            if args:
+                msg = msg % tuple(a if isinstance(a, (int, float, str)) else str(a) for a in args)
+            self.logger.log(level, "%s", msg)
         else:
             self._suppressed += 1
 
@@ -244,8 +253,8 @@ class VirtioDevice:
                 self._raise(index)
             self._set_needs_reset(index, e)
         except Exception as e:  # a device bug: keep the VMM alive, stop the device
-            self.log(logging.ERROR, "virtio device %d queue %d: internal error: %s", self.DEVICE_ID, index, e,
-                     exc_info=True)
+            self.log(logging.ERROR, "virtio device %d queue %d: internal error:\n%s", self.DEVICE_ID, index,
+                     traceback.format_exc())
             self._set_needs_reset(index, e)
         return done
 
