@@ -22,11 +22,17 @@ class GuestMemoryError(ValueError):
 
 @dataclass(frozen=True)
 class Region:
-    """A contiguous run of guest-physical RAM backed by ``[offset, offset+size)`` of the memfd."""
+    """A contiguous run of guest-physical RAM backed by ``[offset, offset+size)`` of the memfd.
+
+    ``fd`` (optional, ``-1`` = the memory's own fd) names another file to map
+    the region from: a vhost-user frontend may back each region by a
+    different memfd.  It is not part of :meth:`as_tuple`/``describe()``.
+    """
 
     gpa: int
     size: int
     offset: int
+    fd: int = -1
 
     @property
     def end(self) -> int:
@@ -37,7 +43,12 @@ class Region:
 
 
 class GuestMemory:
-    """Checked guest-physical access to RAM held in a memfd."""
+    """Checked guest-physical access to RAM held in a memfd.
+
+    Regions with their own ``fd`` are mapped from it (``GuestMemory(-1, regions,
+    owns_fd=False)`` maps RAM that lives in several files; the caller keeps
+    those fds open as long as the memory and closes them).
+    """
 
     def __init__(self, fd: int, regions: list[Region], *, owns_fd: bool = True):
         if not regions:
@@ -50,10 +61,20 @@ class GuestMemory:
                 raise GuestMemoryError(f"regions overlap: {a} and {b}")
         self._maps: list[mmap.mmap] = []
         self._views: list[memoryview] = []
-        for r in self.regions:
-            m = mmap.mmap(fd, r.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=r.offset)
-            self._maps.append(m)
-            self._views.append(memoryview(m))
+        try:
+            for r in self.regions:
+                src = r.fd if r.fd >= 0 else fd
+                if src < 0:
+                    raise GuestMemoryError(f"region {r} has no file to map")
+                m = mmap.mmap(src, r.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=r.offset)
+                self._maps.append(m)
+                self._views.append(memoryview(m))
+        except BaseException:
+            for v in self._views:
+                v.release()
+            for m in self._maps:
+                m.close()
+            raise
 
     # -- construction -------------------------------------------------
     @classmethod
@@ -100,7 +121,7 @@ class GuestMemory:
         if any(r is not region and r.gpa < gpa + region.size and gpa < r.end for r in self.regions):
             raise GuestMemoryError(f"moving {region} to {gpa:#x} overlaps guest memory")
         i = self.regions.index(region)
-        moved = Region(gpa, region.size, region.offset)
+        moved = Region(gpa, region.size, region.offset, region.fd)
         pairs = sorted(zip(self.regions[:i] + [moved] + self.regions[i + 1:], self._maps), key=lambda p: p[0].gpa)
         self.regions = [p[0] for p in pairs]
         self._maps = [p[1] for p in pairs]
@@ -156,26 +177,29 @@ class GuestMemory:
     def read_u8(self, gpa: int) -> int:
         return self.view(gpa, 1)[0]
 
+    # Multi-byte fields go through memoryview.cast, which loads or stores the whole
+    # field at once; struct.pack_into writes byte by byte, so a guest on another CPU
+    # could see a torn value (a half-written index or EventIdx).
     def read_u16(self, gpa: int) -> int:
-        return struct.unpack("<H", self.view(gpa, 2))[0]
+        return self.view(gpa, 2).cast("H")[0]
 
     def read_u32(self, gpa: int) -> int:
-        return struct.unpack("<I", self.view(gpa, 4))[0]
+        return self.view(gpa, 4).cast("I")[0]
 
     def read_u64(self, gpa: int) -> int:
-        return struct.unpack("<Q", self.view(gpa, 8))[0]
+        return self.view(gpa, 8).cast("Q")[0]
 
     def write_u8(self, gpa: int, value: int) -> None:
         self.view(gpa, 1)[0] = value & 0xFF
 
     def write_u16(self, gpa: int, value: int) -> None:
-        struct.pack_into("<H", self.view(gpa, 2), 0, value & 0xFFFF)
+        self.view(gpa, 2).cast("H")[0] = value & 0xFFFF
 
     def write_u32(self, gpa: int, value: int) -> None:
-        struct.pack_into("<I", self.view(gpa, 4), 0, value & 0xFFFFFFFF)
+        self.view(gpa, 4).cast("I")[0] = value & 0xFFFFFFFF
 
     def write_u64(self, gpa: int, value: int) -> None:
-        struct.pack_into("<Q", self.view(gpa, 8), 0, value & 0xFFFFFFFFFFFFFFFF)
+        self.view(gpa, 8).cast("Q")[0] = value & 0xFFFFFFFFFFFFFFFF
 
     # -- lifetime -----------------------------------------------------
     def close(self) -> None:

@@ -15,7 +15,6 @@ device's own response area follows the slots (``shared_area``).
 """
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 
 SLOT_STRIDE = 128
@@ -97,8 +96,10 @@ class RegisterDevice:
 
 
 def u32_at(view: memoryview, offset: int) -> int:
-    return struct.unpack_from("<I", view, offset)[0]
+    """One 32-bit load from shared memory (aligned ``offset``)."""
+    return view[offset:offset + 4].cast("I")[0]
 
 
 def put_u32(view: memoryview, offset: int, value: int) -> None:
-    struct.pack_into("<I", view, offset, value & 0xFFFFFFFF)
+    """One 32-bit store to shared memory: never torn, unlike struct.pack_into (byte by byte)."""
+    view[offset:offset + 4].cast("I")[0] = value & 0xFFFFFFFF

@@ -14,7 +14,6 @@ awake: no lost wake-up.
 from __future__ import annotations
 
 import os
-import struct
 
 from ..devices.base import Register, RegisterDevice
 from .spin import address_of, store_fence_load
@@ -31,12 +30,16 @@ class SharedRegister:
         self.event_off = device.event_idx_offset(reg)
         self.shadow_addr = address_of(page[self.shadow_off:])
         self.event_addr = address_of(page[self.event_off:])
+        # whole-word views: a struct.pack_into store is byte by byte, and a driver reading a
+        # half-written EventIdx could decide not to ring (a lost wake-up)
+        self._shadow = page[self.shadow_off:self.shadow_off + 4].cast("I")
+        self._event = page[self.event_off:self.event_off + 4].cast("I")
         self.wake_fd = wake_fd
-        self.last = struct.unpack_from("<I", page, self.shadow_off)[0]
+        self.last = self._shadow[0]
         self.disarm()
 
     def poll(self) -> bool:
-        value = struct.unpack_from("<I", self.page, self.shadow_off)[0]
+        value = self._shadow[0]
         if value == self.last:
             return False
         self.last = value
@@ -51,7 +54,7 @@ class SharedRegister:
         return store_fence_load(self.event_addr, self.last, self.shadow_addr) != self.last
 
     def disarm(self) -> None:
-        struct.pack_into("<I", self.page, self.event_off, (self.last - 1) & 0xFFFFFFFF)
+        self._event[0] = (self.last - 1) & 0xFFFFFFFF
 
     def drain(self) -> None:
         if self.wake_fd is not None:

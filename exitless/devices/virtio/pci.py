@@ -117,8 +117,10 @@ class VirtioPci(PciDevice):
                 if self.notify_region is None:
                     self.notify_region = self.machine.add_ram_page(address, size)
                     view = self.machine.mem.view(address, size)
-                    for q in range(self.device.num_queues):
-                        struct.pack_into("<I", view, q * NOTIFY_MULTIPLIER, NOTIFY_SENTINEL)
+                    self.notify_words = [view[q * NOTIFY_MULTIPLIER:q * NOTIFY_MULTIPLIER + 4].cast("I")
+                                         for q in range(self.device.num_queues)]
+                    for word in self.notify_words:
+                        word[0] = NOTIFY_SENTINEL
                     self.notify_view = view
                 else:
                     self.notify_region = self.machine.remap_ram_page(self.notify_region, address)
@@ -342,12 +344,11 @@ class QueuePollable:
         if q is None:
             return False
         if self.shared:
-            view = self.t.notify_view
-            off = self.index * NOTIFY_MULTIPLIER
-            if struct.unpack_from("<I", view, off)[0] == NOTIFY_SENTINEL:
+            word = self.t.notify_words[self.index]
+            if word[0] == NOTIFY_SENTINEL:
                 return False
-            struct.pack_into("<I", view, off, NOTIFY_SENTINEL)  # re-arm the doorbell page...
-            fence()                                             # ...before looking at the ring
+            word[0] = NOTIFY_SENTINEL  # re-arm the doorbell page (one whole-word store)...
+            fence()                    # ...before looking at the ring
         elif not q.has_work():
             return False
         with self.t.lock:
@@ -362,7 +363,7 @@ class QueuePollable:
                 self._notify_addr = address_of(self.t.notify_view[self.index * NOTIFY_MULTIPLIER:])
             return [(self._notify_addr, NOTIFY_SENTINEL)]
         addr = address_of(self.t.machine.mem.view(q.avail_addr, 4))
-        flags = struct.unpack_from("<H", self.t.machine.mem.view(q.avail_addr, 2))[0]
+        flags = self.t.machine.mem.read_u16(q.avail_addr)
         return [(addr, flags | (q.last_avail_idx << 16))]
 
     def arm(self) -> bool:
