@@ -144,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--json", nargs="?", const="-", help="write rows as JSON (to a file, or stdout)")
     bb.add_argument("--plot", help="write a PNG plot here")
     bb.set_defaults(func=cmd_bench_blk)
+    __import__("exitless.cli_serve").cli_serve.register(sub)  # exitless serve blk (vhost-user), bench vhost
     return p
 
 
