@@ -20,6 +20,9 @@ def _parse_mem(text: str) -> int:
 
 
 def cmd_run(args) -> int:
+    from . import cli_guest
+    if cli_guest.wants_linux_loader(args):  # a Linux kernel (bzImage/vmlinux) or `run -- CMD`
+        return cli_guest.cmd_run_linux(args)
     from .boot.pvh import KernelImageError
     from .vm import Machine, VmConfig
 
@@ -145,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--plot", help="write a PNG plot here")
     bb.set_defaults(func=cmd_bench_blk)
     __import__("exitless.cli_serve").cli_serve.register(sub)  # exitless serve blk (vhost-user), bench vhost
+    __import__("exitless.cli_guest").cli_guest.register(sub)  # guest fetch, run -- CMD, bench boot
     return p
 
 

@@ -1,0 +1,517 @@
+"""Boot a Linux kernel: a bzImage through the 64-bit boot protocol, or an ELF vmlinux through PVH.
+
+What the VMM does in place of firmware and a bootloader
+(Documentation/arch/x86/boot.rst, "64-bit BOOT PROTOCOL"):
+
+* the protected-mode part of the bzImage goes to ``pref_address`` (aligned to
+  ``kernel_alignment``; 16 MiB for distribution kernels), and RAM from there
+  for ``init_size`` bytes is left free for the in-place decompressor;
+* the zero page (``struct boot_params``) at ``layout.ZERO_PAGE`` gets the
+  setup header, the command line pointer (``layout.CMDLINE``), the initrd, the
+  e820 map of :mod:`exitless.boot.e820` for ``machine.ram_layout`` and the
+  RSDP address of the ACPI tables written at 0xE0000;
+* the vCPU enters ``load + 0x200`` in long mode, RSI = zero page, with the
+  identity page tables and GDT of :mod:`exitless.x86.long_mode`;
+* the initrd goes as high in low RAM as the kernel allows (``initrd_addr_max``),
+  above everything the kernel needs while it decompresses itself.
+
+``decompress="host"`` (what ``auto`` picks on a ``kvm_pvm`` host, where guest
+ring-0 code is emulated instruction by instruction) unpacks the bzImage's
+payload -- the ELF vmlinux -- in the VMM and enters the vmlinux's own 64-bit
+``startup_64`` (its ELF entry) with the same zero page, as Firecracker does with an
+ELF kernel: the guest skips its decompressor (and so KASLR), nothing else changes.
+
+An ELF file (a vmlinux with the PVH note) boots through PVH: initrd as the
+first module, the RSDP in ``start_info.rsdp_paddr``.
+
+The legacy devices Linux expects on a PC are added by :func:`add_pc_devices`.
+"""
+from __future__ import annotations
+
+import logging
+import lzma
+import shutil
+import struct
+import subprocess
+import zlib
+import bz2
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..devices.legacy.acpi_pm import AcpiPm, ResetControl
+from ..devices.legacy.i8042 import DATA_PORT as I8042_DATA, STATUS_PORT as I8042_STATUS, I8042
+from ..devices.legacy.rtc import INDEX_PORT as RTC_PORT, Rtc
+from ..x86 import layout as L
+from ..x86 import long_mode as LM
+from .acpi import (PM1A_CNT_LEN, PM1A_CNT_PORT, PM1A_EVT_LEN, PM1A_EVT_PORT, RESET_PORT, SCI_IRQ, AcpiBlob,
+                   build_acpi_tables)
+from .bzimage import BzImage, BzImageError, build_zero_page, encode_cmdline, parse_bzimage
+from .e820 import build_e820
+from .pvh import KernelImageError, load_pvh, parse_pvh_elf
+
+if TYPE_CHECKING:
+    from ..vm import Machine
+
+log = logging.getLogger(__name__)
+MIB = 1 << 20
+POST_PORT = 0x80       # POST code / io_delay port: Linux's outb_p() writes it
+PAGE = 4096
+
+
+class LinuxBootError(KernelImageError):
+    """The kernel cannot be booted in this VM as configured (too little memory, initrd too big...)."""
+
+
+@dataclass
+class LinuxBoot:
+    """What :func:`boot_linux` did, for the caller's messages and for tests."""
+
+    protocol: str                  # "bzimage", "bzimage+host-decompress" or "pvh"
+    entry: int
+    kernel_start: int
+    kernel_end: int                # end of what the kernel needs while booting (init_size included)
+    cmdline: str
+    initrd_gpa: int = 0
+    initrd_size: int = 0
+    rsdp_gpa: int = 0
+    kernel_version: str = ""
+    acpi: AcpiBlob | None = None
+
+
+# --------------------------------------------------------------------------- devices
+
+
+@dataclass
+class PcDevices:
+    acpi_pm: AcpiPm
+    reset: ResetControl
+    i8042: I8042
+    rtc: Rtc
+
+
+class _Sink:
+    """A port that ignores writes and reads as all-ones (port 0x80: the POST code / I/O delay port)."""
+
+    def read(self, offset: int, size: int) -> bytes:
+        return b"\xff" * size
+
+    def write(self, offset: int, data: bytes) -> None:
+        pass
+
+
+def add_pc_devices(machine: "Machine") -> PcDevices:
+    """The legacy PC devices a Linux guest pokes at: ACPI PM1a, reset port, i8042, CMOS RTC, port 0x80.
+
+    Idempotent: a second call returns the devices of the first.
+    """
+    existing = getattr(machine, "pc_devices", None)
+    if existing is not None:
+        return existing
+    vm = machine.vm
+    pm = AcpiPm(lambda level: vm.irq_line(SCI_IRQ, level))
+    reset = ResetControl()
+    kbc = I8042(lambda irq, level: vm.irq_line(irq, level))
+    rtc = Rtc(mem_size=machine.config.mem_mib * MIB)
+    pio = machine.pio
+    pio.insert(PM1A_EVT_PORT, PM1A_EVT_LEN, pm.event, "acpi-pm1a-evt")
+    pio.insert(PM1A_CNT_PORT, PM1A_CNT_LEN, pm.control_block, "acpi-pm1a-cnt")
+    pio.insert(RESET_PORT, 1, reset, "reset-cf9")
+    pio.insert(I8042_DATA, 1, kbc.data_port, "i8042-data")
+    pio.insert(I8042_STATUS, 1, kbc.command_port, "i8042-cmd")
+    pio.insert(RTC_PORT, 2, rtc, "cmos-rtc")
+    pio.insert(POST_PORT, 1, _Sink(), "post")
+    devs = PcDevices(pm, reset, kbc, rtc)
+    machine.pc_devices = devs  # type: ignore[attr-defined]
+    return devs
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def boot_linux(machine: "Machine", kernel: str | Path, cmdline: str = "", initrd: str | Path | bytes | None = None,
+               *, decompress: str = "guest") -> LinuxBoot:
+    """Load ``kernel`` (bzImage or ELF vmlinux) and set vCPU 0 up to enter it; add the PC devices.
+
+    ``decompress`` (bzImage only): ``"guest"`` runs the kernel's own decompressor,
+    ``"host"`` unpacks the vmlinux in the VMM and enters it directly.
+    """
+    if decompress not in ("guest", "host"):
+        raise ValueError(f"decompress must be 'guest' or 'host', not {decompress!r}")
+    path = Path(kernel)
+    data = _read(path, "kernel")
+    rd = initrd if isinstance(initrd, (bytes, bytearray)) or initrd is None else _read(Path(initrd), "initrd")
+    if data[:4] == b"\x7fELF":
+        info = _boot_pvh(machine, data, str(path), cmdline, rd)
+    else:
+        try:
+            bz = parse_bzimage(data)
+        except BzImageError as e:
+            raise KernelImageError(f"{path}: {e}") from e
+        info = _boot_bzimage(machine, bz, str(path), cmdline, rd, host_decompress=decompress == "host")
+    add_pc_devices(machine)
+    return info
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise KernelImageError(f"{what} {path}: {e.strerror}") from e
+
+
+def _acpi(machine: "Machine") -> AcpiBlob:
+    blob = build_acpi_tables(L.BIOS_AREA, num_cpus=machine.config.cpus,
+                             mmio_window=(L.PCI_MMIO_START, L.PCI_MMIO_END - 1), cmos_rtc=True)
+    machine.mem.write(blob.base_gpa, blob.data)
+    return blob
+
+
+def _low_ram_end(machine: "Machine") -> int:
+    gpa, size = machine.ram_layout[0]
+    return gpa + size
+
+
+def _place_initrd(machine: "Machine", size: int, kernel_end: int, limit: int) -> int:
+    """Highest page-aligned address for ``size`` bytes in low RAM, below ``limit``, above the kernel."""
+    top = min(_low_ram_end(machine), limit + 1)
+    addr = (top - size) & ~(PAGE - 1)
+    if addr < kernel_end:
+        mem_mib = machine.config.mem_mib
+        need = (kernel_end + size + PAGE - 1) // MIB + 1
+        raise LinuxBootError(
+            f"initrd of {size / MIB:.1f} MiB does not fit in guest RAM ({mem_mib} MiB) above the kernel "
+            f"(which needs RAM up to {kernel_end / MIB:.0f} MiB): use --mem {max(need, mem_mib + 1)}M or more")
+    return addr
+
+
+def _check_kernel_fits(machine: "Machine", start: int, end: int, name: str) -> None:
+    low_end = _low_ram_end(machine)
+    if end > low_end:
+        raise LinuxBootError(
+            f"{name} needs guest RAM from {start / MIB:.0f} to {end / MIB:.0f} MiB while it boots, but the VM has "
+            f"{machine.config.mem_mib} MiB: use --mem {(end + MIB - 1) // MIB + 64}M or more")
+
+
+def _boot_bzimage(machine: "Machine", bz: BzImage, name: str, cmdline: str, initrd: bytes | None, *,
+                  host_decompress: bool) -> LinuxBoot:
+    hdr = bz.header
+    load = hdr.load_address
+    kernel_end = load + hdr.memory_footprint(len(bz.kernel))
+    protocol = "bzimage"
+    segments: list[tuple[int, bytes, int]] = [(load, bytes(bz.kernel), len(bz.kernel))]
+    entry = bz.entry_64
+    if host_decompress:
+        elf = extract_vmlinux(bz)
+        vmlinux = parse_vmlinux(elf, name)
+        segments, entry = vmlinux.segments, vmlinux.entry
+        kernel_end = max(kernel_end, vmlinux.end)
+        load = min(p for p, _, _ in segments)
+        protocol = "bzimage+host-decompress"
+    _check_kernel_fits(machine, load, kernel_end, name)
+    try:
+        raw_cmdline = encode_cmdline(cmdline, hdr)
+    except ValueError as e:
+        raise LinuxBootError(str(e)) from e
+    rd_gpa = rd_size = 0
+    if initrd:
+        rd_size = len(initrd)
+        rd_gpa = _place_initrd(machine, rd_size, kernel_end, hdr.initrd_addr_max)
+    mem = machine.mem
+    for paddr, blob, memsz in segments:
+        mem.write(paddr, blob)
+        if memsz > len(blob):
+            mem.fill(paddr + len(blob), memsz - len(blob))
+    if initrd:
+        mem.write(rd_gpa, initrd)
+    mem.write(L.CMDLINE, raw_cmdline)
+    acpi = _acpi(machine)
+    e820 = build_e820(machine.ram_layout, pci_hole=(L.MMIO_HOLE_START, L.MMIO_HOLE_END))
+    mem.write(L.ZERO_PAGE, build_zero_page(hdr, L.CMDLINE, rd_gpa, rd_size, e820, acpi_rsdp=acpi.rsdp_gpa))
+    LM.write_boot_tables(mem)
+    LM.set_long_mode_entry(machine.vcpus[0], entry, rsi=L.ZERO_PAGE)
+    return LinuxBoot(protocol, entry, load, kernel_end, cmdline, rd_gpa, rd_size, acpi.rsdp_gpa,
+                     hdr.kernel_version, acpi)
+
+
+def _boot_pvh(machine: "Machine", data: bytes, name: str, cmdline: str, initrd: bytes | None) -> LinuxBoot:
+    from ..x86 import cpu as X
+
+    image = parse_pvh_elf(data, name)
+    start = min(p for p, _, _ in image.segments)
+    _check_kernel_fits(machine, start, image.end, name)
+    modules = []
+    rd_gpa = rd_size = 0
+    if initrd:
+        rd_size = len(initrd)
+        rd_gpa = _place_initrd(machine, rd_size, image.end, 0xFFFFFFFF)
+        machine.mem.write(rd_gpa, initrd)
+        modules.append((rd_gpa, rd_size))
+    acpi = _acpi(machine)
+    start_info = load_pvh(machine.mem, image, cmdline, machine.ram_layout, modules, rsdp=acpi.rsdp_gpa)
+    X.set_protected_mode_entry(machine.vcpus[0], image.entry, rbx=start_info)
+    return LinuxBoot("pvh", image.entry, start, image.end, cmdline, rd_gpa, rd_size, acpi.rsdp_gpa, "", acpi)
+
+
+# --------------------------------------------------------------------------- host-side decompression
+
+
+@dataclass
+class Vmlinux:
+    entry: int                                  # physical address of startup_64
+    segments: list[tuple[int, bytes, int]]      # (paddr, file bytes, memsz)
+
+    @property
+    def end(self) -> int:
+        return max(p + m for p, _, m in self.segments)
+
+
+def parse_vmlinux(data: bytes, name: str = "vmlinux") -> Vmlinux:
+    """The PT_LOAD segments (at their physical addresses) and physical entry of a 64-bit vmlinux."""
+    if data[:4] != b"\x7fELF" or len(data) < 64 or data[4] != 2:
+        raise KernelImageError(f"{name}: the bzImage payload is not a 64-bit ELF vmlinux")
+    e_entry, e_phoff = struct.unpack_from("<QQ", data, 0x18)
+    e_phentsize, e_phnum = struct.unpack_from("<HH", data, 0x36)
+    segments = []
+    entry_phys = None
+    for i in range(e_phnum):
+        off = e_phoff + i * e_phentsize
+        p_type, _flags, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz = struct.unpack_from("<IIQQQQQ", data, off)
+        if p_type != 1 or not p_memsz:
+            continue
+        if p_offset + p_filesz > len(data):
+            raise KernelImageError(f"{name}: vmlinux segment runs past the end of the payload")
+        segments.append((p_paddr, data[p_offset:p_offset + p_filesz], p_memsz))
+        if p_paddr <= e_entry < p_paddr + p_memsz:     # Linux links e_entry as a physical address
+            entry_phys = e_entry
+        elif entry_phys is None and p_vaddr <= e_entry < p_vaddr + p_memsz:
+            entry_phys = p_paddr + (e_entry - p_vaddr)
+    if not segments or entry_phys is None:
+        raise KernelImageError(f"{name}: vmlinux has no loadable segment holding its entry point")
+    if min(p for p, _, _ in segments) < L.KERNEL_LOAD:
+        raise KernelImageError(f"{name}: vmlinux segment below 1 MiB")
+    return Vmlinux(entry_phys, segments)
+
+
+_MAGICS = (
+    (b"\x1f\x8b", "gzip"),
+    (b"\xfd7zXZ\x00", "xz"),
+    (b"\x5d\x00\x00", "lzma"),
+    (b"BZh", "bzip2"),
+    (b"\x02\x21\x4c\x18", "lz4"),
+    (b"\x28\xb5\x2f\xfd", "zstd"),
+    (b"\x89LZO", "lzo"),
+)
+
+
+def payload_format(payload: bytes) -> str:
+    for magic, fmt in _MAGICS:
+        if payload.startswith(magic):
+            return fmt
+    if payload[:4] == b"\x7fELF":
+        return "none"
+    return "unknown"
+
+
+def extract_vmlinux(bz: BzImage) -> bytes:
+    """Decompress the bzImage's payload (the kernel build appends the uncompressed size: checked)."""
+    hdr = bz.header
+    if not hdr.payload_length:
+        raise KernelImageError("this bzImage declares no payload (payload_length = 0): cannot unpack it on the host")
+    start = hdr.kernel_offset + hdr.payload_offset
+    payload = bz.image[start:start + hdr.payload_length]
+    expected = struct.unpack("<I", payload[-4:])[0]
+    fmt = payload_format(payload)
+    if fmt == "none":
+        out = payload
+    elif fmt == "gzip":
+        out = zlib.decompressobj(wbits=31).decompress(payload)
+    elif fmt in ("xz", "lzma"):
+        out = lzma.LZMADecompressor(lzma.FORMAT_XZ if fmt == "xz" else lzma.FORMAT_ALONE).decompress(payload)
+    elif fmt == "bzip2":
+        out = bz2.BZ2Decompressor().decompress(payload)
+    elif fmt == "lz4":
+        out = _lz4_legacy(payload, expected)
+    elif fmt == "zstd":
+        out = _tool(["zstd", "-d", "-c", "-q"], payload, "zstd")
+    else:
+        raise KernelImageError(f"bzImage payload compressed with {fmt}: exitless cannot unpack it on the host "
+                               "(use --decompress guest)")
+    if fmt != "none" and len(out) != expected:
+        raise KernelImageError(f"unpacked {len(out)} bytes of vmlinux, the bzImage says {expected}: corrupt payload")
+    return out
+
+
+def _tool(cmd: list[str], data: bytes, name: str) -> bytes:
+    if shutil.which(cmd[0]) is None:
+        raise KernelImageError(f"unpacking a {name} kernel on the host needs the `{cmd[0]}` program")
+    # Trailing bytes (the appended size) make some tools complain after writing everything: keep stdout.
+    p = subprocess.run(cmd, input=data, capture_output=True, check=False)
+    return p.stdout
+
+
+def _lz4_legacy(payload: bytes, expected: int) -> bytes:
+    """LZ4 legacy frame (what the kernel's ``lz4 -l`` makes): the `lz4` tool if present, else Python."""
+    if shutil.which("lz4"):
+        out = _tool(["lz4", "-d", "-c", "-q"], payload, "lz4")
+        if len(out) == expected:
+            return out
+    return lz4_legacy_decompress(payload)
+
+
+def lz4_legacy_decompress(data: bytes) -> bytes:
+    """Pure-Python LZ4 legacy-frame decoder: magic 0x184C2102, then (u32 size, block)*; stops at a non-block."""
+    if data[:4] != b"\x02\x21\x4c\x18":
+        raise KernelImageError("not an LZ4 legacy frame")
+    out = bytearray()
+    pos = 4
+    n = len(data)
+    while pos + 4 <= n:
+        (bsize,) = struct.unpack_from("<I", data, pos)
+        if bsize == 0x184C2102:          # concatenated frame
+            pos += 4
+            continue
+        if bsize == 0 or pos + 4 + bsize > n or bsize > 1 << 24:
+            break                        # the appended uncompressed size, or the end
+        _lz4_block(data, pos + 4, pos + 4 + bsize, out)
+        pos += 4 + bsize
+    return bytes(out)
+
+
+def _lz4_block(src: bytes, i: int, end: int, out: bytearray) -> None:
+    while i < end:
+        token = src[i]
+        i += 1
+        lit = token >> 4
+        if lit == 15:
+            while True:
+                b = src[i]
+                i += 1
+                lit += b
+                if b != 255:
+                    break
+        out += src[i:i + lit]
+        i += lit
+        if i >= end:
+            break
+        offset = src[i] | src[i + 1] << 8
+        i += 2
+        mlen = token & 15
+        if mlen == 15:
+            while True:
+                b = src[i]
+                i += 1
+                mlen += b
+                if b != 255:
+                    break
+        mlen += 4
+        startpos = len(out) - offset
+        if offset <= 0 or startpos < 0:
+            raise KernelImageError("corrupt LZ4 block")
+        if offset >= mlen:
+            out += out[startpos:startpos + mlen]
+        else:
+            chunk = out[startpos:]
+            reps, rest = divmod(mlen, offset)
+            out += chunk * reps + chunk[:rest]
+
+
+# --------------------------------------------------------------------------- host-specific kernel parameters
+
+#: Kernel parameters a ``kvm_pvm`` host needs, and why (found by booting Debian's 6.1 cloud kernel here):
+#: guest ring-0 code runs through KVM's instruction emulator, which cannot emulate some instructions.
+PVM_KERNEL_PARAMS: tuple[tuple[str, str], ...] = (
+    ("noxsave", "KVM's emulator has no XSAVE/XRSTOR: the FPU init's first XRSTOR is an emulation failure"),
+    ("clearcpuid=cx16", "nor CMPXCHG16B: SLUB's cmpxchg_double (first used right after 'Memory:') fails"),
+    ("mitigations=off", "no speculation mitigations to patch in: early boot runs ~1/3 faster under emulation"),
+)
+#: What still stops an unmodified kernel on kvm_pvm, after the parameters above.
+PVM_LIMIT = ("alternative_instructions() runs int3_selftest(), and KVM's emulator cannot deliver an INT3 "
+             "in long mode (emulate_int handles real mode only): the kernel stops there with an emulation failure")
+
+
+def host_kernel_params(flavour: str) -> list[str]:
+    """Parameters this host's KVM flavour needs on the kernel command line (none on VMX/SVM)."""
+    return [p for p, _ in PVM_KERNEL_PARAMS] if flavour == "pvm" else []
+
+
+def add_params(cmdline: str, params: list[str]) -> tuple[str, list[str]]:
+    """``cmdline`` with ``params`` appended unless a parameter of the same name is already there.
+
+    Returns the new command line and the parameters actually added.
+    """
+    present = {w.split("=", 1)[0] for w in cmdline.split()}
+    added = [p for p in params if p.split("=", 1)[0] not in present]
+    return " ".join([cmdline.strip(), *added]).strip(), added
+
+
+# --------------------------------------------------------------------------- watching the console
+
+FIRST_LINE = "Linux version "
+
+
+class BootConsole:
+    """The guest's COM1 output: kept, split into timestamped lines, matched against patterns.
+
+    Use as ``VmConfig(console=BootConsole(...))``.  ``sink`` receives the raw bytes
+    (e.g. a terminal).  Milestones: the first kernel line ("Linux version"),
+    ``ready`` (the initramfs's READY marker: userspace is up).  ``stop_after``:
+    once every one of these substrings has been seen (in any order, each
+    within one line), the console raises :class:`GuestStop` from the vCPU thread that wrote
+    the byte, so a test stops the VM as soon as early boot has shown what it
+    looks for.
+    """
+
+    def __init__(self, sink=None, *, stop_after: tuple[str, ...] = (), ready_marker: str | None = None,
+                 clock=None):
+        import time
+
+        from .initramfs import READY_MARKER
+        self.clock = clock or time.monotonic
+        self.t0 = self.clock()
+        self.sink = sink
+        self.data = bytearray()
+        self.lines: list[tuple[float, str]] = []
+        self._line = bytearray()
+        self.first_line_at: float | None = None
+        self.ready_at: float | None = None
+        self.ready_marker = ready_marker or READY_MARKER
+        self._waiting = list(stop_after)
+        self.stopped_by_console = False
+
+    def restart_clock(self) -> None:
+        self.t0 = self.clock()
+
+    def __call__(self, data: bytes) -> None:
+        self.data += data
+        if self.sink is not None:
+            self.sink(data)
+        for b in data:
+            if b == 0x0A:
+                self._end_line()
+            elif b != 0x0D:
+                self._line.append(b)
+
+    def _end_line(self) -> None:
+        from ..exits import GuestStop, VmExit
+
+        line = self._line.decode(errors="replace")
+        self._line.clear()
+        t = self.clock() - self.t0
+        self.lines.append((t, line))
+        if self.first_line_at is None and FIRST_LINE in line:
+            self.first_line_at = t
+        if self.ready_at is None and line.strip() == self.ready_marker:
+            self.ready_at = t
+        if self._waiting:
+            self._waiting = [p for p in self._waiting if p not in line]
+            if not self._waiting:
+                self.stopped_by_console = True
+                raise GuestStop(VmExit("stopped", 0, f"the console showed what was waited for (at {t:.1f} s)"))
+
+    @property
+    def text(self) -> str:
+        return self.data.decode(errors="replace").replace("\r\n", "\n")
+
+    def tail(self, n: int = 20) -> str:
+        return "\n".join(line for _, line in self.lines[-n:])
