@@ -121,6 +121,7 @@ class VringPollable:
         self.wake_fd = kick_fd if kick_fd >= 0 else None
         self._avail = device.mem.view(self.q.avail_addr, 4)     # flags, idx
         self._avail_addr = address_of(self._avail)
+        self._avail_flags = self._avail[:2].cast("H")      # loaded whole, never torn
 
     def _ok(self) -> bool:
         return not self.device.needs_reset and not self.q.broken
@@ -133,7 +134,7 @@ class VringPollable:
     def watches(self) -> list[tuple[int, int]]:
         if not self._ok():
             return []
-        flags = self._avail[0] | self._avail[1] << 8
+        flags = self._avail_flags[0]
         return [(self._avail_addr, flags | (self.q.last_avail_idx << 16))]
 
     def arm(self) -> bool:

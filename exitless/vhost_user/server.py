@@ -248,9 +248,11 @@ class VhostUserServer:
                 if self._stopping:
                     why = "backend stopping"
                     break
-                if self.sock.fileno() in events:
-                    self._reject_extra()
                 if conn.fileno() not in events:
+                    # Only while our frontend is quiet: one that just closed its connection (EOF
+                    # pending on conn) and reconnected is served next, not turned away.
+                    if self.sock.fileno() in events:
+                        self._reject_extra()
                     continue
                 try:
                     msg = recv_message(conn, self.io_timeout)
