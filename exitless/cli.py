@@ -94,7 +94,7 @@ def cmd_bench_blk(args) -> int:
     rows = B.run(tests, args.paths, with_qemu=not args.no_qemu, scale=args.scale,
                  log=lambda msg: print(msg, file=sys.stderr))
     print_table("virtio-blk (one run, same image, same guest driver)", rows, [
-        ("vmm", "vmm"), ("path", "path"), ("test", "test"), ("iops", "IOPS"), ("p50_us", "p50 µs"),
+        ("vmm", "vmm"), ("path", "path"), ("irq", "completion"), ("test", "test"), ("iops", "IOPS"), ("p50_us", "p50 µs"),
         ("p99_us", "p99 µs"), ("mbps", "MB/s"), ("exits_per_io", "exits/IO"), ("cpu_us_per_io", "host CPU µs/IO"),
         ("errors", "errors")])
     for k, v in B.summarize(rows).items():

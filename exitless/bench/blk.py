@@ -45,8 +45,14 @@ TESTS = (
 )
 
 
-def _app(test: Test, n: int) -> str:
-    return f"blk rw={test.rw} bs={test.bs} qd={test.qd} n={n} seed=5"
+def _app(test: Test, n: int, irq: str = "msix") -> str:
+    return f"blk rw={test.rw} bs={test.bs} qd={test.qd} n={n} seed=5 irq={irq}"
+
+
+# How the guest driver waits for completions: an interrupt (msix), or by polling the used ring
+# (poll: like NVMe polled queues; with a polling device this is the fully exitless pairing).
+IRQ_MODES_BY_PATH = {"trap": ("msix",), "ioeventfd": ("msix",), "shared": ("msix", "poll"),
+                     "poll": ("msix", "poll"), "adaptive": ("msix", "poll")}
 
 
 def _exitless_run(image: Path, path: str, app: str, timeout: float) -> dict:
@@ -74,12 +80,12 @@ def _qemu_run(image: Path, iothread: bool, app: str, timeout: float) -> dict:
     return {"res": guest_result(r.console, "blk"), "exits": r.exits, "cpu": r.vmm_cpu_s, "accel": r.accel}
 
 
-def _row(vmm: str, path: str, test: Test, full: dict, base: dict) -> dict:
+def _row(vmm: str, path: str, test: Test, full: dict, base: dict, irq: str) -> dict:
     res = full["res"]
     dops = res["ops"] - base["res"]["ops"]
     exits = None if full["exits"] is None or base["exits"] is None else (full["exits"] - base["exits"]) / dops
     return {
-        "vmm": vmm, "path": path, "test": test.name,
+        "vmm": vmm, "path": path, "test": test.name, "irq": irq,
         "iops": res["iops"], "p50_us": res["p50_ns"] / 1000, "p99_us": res["p99_ns"] / 1000,
         "mbps": res["kib_s"] * 1024 / 1e6, "exits_per_io": exits,
         "cpu_us_per_io": max(0.0, full["cpu"] - base["cpu"]) * 1e6 / dops,
@@ -104,19 +110,21 @@ def run(tests=TESTS, paths=EXITLESS_PATHS, *, with_qemu: bool = True, scale: flo
         for test in tests:
             n = max(10, int(test.n * scale))
             for path in paths:
-                log(f"exitless/{path} {test.name} ...")
-                base = _exitless_run(image, path, _app(test, n // 10), timeout)
-                full = _exitless_run(image, path, _app(test, n), timeout)
-                rows.append(_row("exitless", path, test, full, base))
+                for irq in IRQ_MODES_BY_PATH[path]:
+                    log(f"exitless/{path} irq={irq} {test.name} ...")
+                    base = _exitless_run(image, path, _app(test, n // 10, irq), timeout)
+                    full = _exitless_run(image, path, _app(test, n, irq), timeout)
+                    rows.append(_row("exitless", path, test, full, base, irq))
             if with_qemu and qemu.available():
                 for iothread in (False, True):
-                    label = "iothread-poll" if iothread else "ioeventfd"
-                    log(f"qemu/{label} {test.name} ...")
-                    base = _qemu_run(image, iothread, _app(test, n // 10), timeout)
-                    full = _qemu_run(image, iothread, _app(test, n), timeout)
-                    row = _row("qemu", label, test, full, base)
-                    row["accel"] = full["accel"]
-                    rows.append(row)
+                    for irq in ("msix", "poll"):
+                        label = "iothread-poll" if iothread else "ioeventfd"
+                        log(f"qemu/{label} irq={irq} {test.name} ...")
+                        base = _qemu_run(image, iothread, _app(test, n // 10, irq), timeout)
+                        full = _qemu_run(image, iothread, _app(test, n, irq), timeout)
+                        row = _row("qemu", label, test, full, base, irq)
+                        row["accel"] = full["accel"]
+                        rows.append(row)
     finally:
         image.unlink(missing_ok=True)
     return rows
@@ -132,7 +140,8 @@ def summarize(rows: list[dict]) -> dict:
         best = min(ours, key=lambda r: r["p50_us"])
         peer = min(theirs, key=lambda r: r["p50_us"])
         out["qd1_p50_best_shared_over_qemu_best"] = best["p50_us"] / peer["p50_us"]
-        out["qd1_best_path"] = f"{best['path']} vs qemu/{peer['path']} ({peer.get('accel')})"
+        out["qd1_best_path"] = (f"exitless/{best['path']} irq={best['irq']} vs qemu/{peer['path']} "
+                                f"irq={peer['irq']} ({peer.get('accel')})")
         out["qd1_exits_per_io"] = best["exits_per_io"]
     return out
 
@@ -148,7 +157,7 @@ def plot(rows: list[dict], path: str) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
     for ax, (test, key, title) in zip(axes, panels):
         sel = [r for r in rows if r["test"] == test]
-        ax.bar([f"{r['vmm']}\n{r['path']}" for r in sel], [r[key] for r in sel],
+        ax.bar([f"{r['vmm']}\n{r['path']}/{r['irq']}" for r in sel], [r[key] for r in sel],
                color=["tab:blue" if r["vmm"] == "exitless" else "tab:gray" for r in sel])
         ax.set_title(title, fontsize=9)
         ax.tick_params(axis="x", labelsize=7, rotation=45)

@@ -37,7 +37,7 @@ def print_table(title: str, rows: list[dict], columns: list[tuple[str, str]]) ->
         table.add_column(header, justify="right")
     for row in rows:
         table.add_row(*(_fmt(row.get(key)) for key, _ in columns))
-    Console().print(table)
+    Console(width=max(160, Console().width)).print(table)
 
 
 def _fmt(v) -> str:

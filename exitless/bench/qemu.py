@@ -94,14 +94,21 @@ def kvm_works() -> bool:
 
 def run_guestkit(kernel: Path, append: str, *, disk: Path | None = None, iothread: bool = False,
                  accel: str = "auto", mem_mib: int = 128, timeout: float = 300) -> QemuResult:
+    """Boot the guest kit under QEMU and measure it.
+
+    QEMU starts paused (``-S``) so the exit counter is read before the guest runs;
+    there is no isa-debug-exit device, so when the guest has printed its result it
+    halts instead of ending QEMU, and the counters and CPU are read before ``quit``.
+    """
     if accel == "auto":
         accel = "kvm" if kvm_works() else "tcg"
     tmp = tempfile.mkdtemp(prefix="exitless-qemu-")
     qmp_path = os.path.join(tmp, "qmp.sock")
-    cmd = [QEMU, "-machine", "q35", "-accel", accel, "-cpu", "max" if accel == "tcg" else "host",
-           "-m", str(mem_mib), "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
-           "-kernel", str(kernel), "-append", append,
-           "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04", "-qmp", f"unix:{qmp_path},server=on,wait=off"]
+    # QEMU's default CPU model under KVM: `-cpu host` asks for MSRs a software-nested KVM refuses
+    cpu = ["-cpu", "max"] if accel == "tcg" else []
+    cmd = [QEMU, "-machine", "q35", "-accel", accel, *cpu, "-m", str(mem_mib), "-S",
+           "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
+           "-kernel", str(kernel), "-append", append, "-qmp", f"unix:{qmp_path},server=on,wait=off"]
     if disk is not None:
         dev = "virtio-blk-pci,drive=d0,disable-legacy=on,ioeventfd=on,event_idx=on"
         if iothread:
@@ -110,35 +117,42 @@ def run_guestkit(kernel: Path, append: str, *, disk: Path | None = None, iothrea
         cmd += ["-drive", f"file={disk},if=none,id=d0,format=raw,cache=none,aio=threads", "-device", dev]
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    qmp = None
-    exits0 = exits1 = None
+    out = bytearray()
+    exits = None
+    cpu_split = (0.0, 0.0)
+    status = None
     try:
+        qmp = _Qmp(qmp_path)
         try:
-            qmp = _Qmp(qmp_path)
             exits0 = _kvm_exits(qmp) if accel == "kvm" else None
-        except OSError:
-            qmp = None
-        out, cpu = bytearray(), (0.0, 0.0)
-        deadline = time.monotonic() + timeout
-        os.set_blocking(proc.stdout.fileno(), False)
-        while proc.poll() is None and time.monotonic() < deadline:
-            chunk = proc.stdout.read()
-            if chunk:
-                out += chunk
-                if b'{"app":' in out and out.rstrip().endswith(b"}") and qmp is not None and exits1 is None:
-                    cpu = _cpu_split(proc.pid)
-                    exits1 = _kvm_exits(qmp) if accel == "kvm" else None
-            time.sleep(0.005)
-        if proc.poll() is None:
-            proc.kill()
-        rest = proc.stdout.read()
-        if rest:
-            out += rest
-        proc.wait()
-    finally:
-        if qmp is not None:
+            cpu0 = _cpu_split(proc.pid)
+            qmp.cmd("cont")
+            os.set_blocking(proc.stdout.fileno(), False)
+            deadline = time.monotonic() + timeout
+            while proc.poll() is None and time.monotonic() < deadline:
+                chunk = proc.stdout.read()
+                if chunk:
+                    out += chunk
+                    if b'{"app":' in out and out.rstrip().endswith(b"}"):
+                        status = 0
+                        break
+                time.sleep(0.002)
+            if status == 0:
+                cpu1 = _cpu_split(proc.pid)
+                cpu_split = (cpu1[0] - cpu0[0], cpu1[1] - cpu0[1])
+                exits1 = _kvm_exits(qmp) if accel == "kvm" else None
+                if exits0 is not None and exits1 is not None:
+                    exits = exits1 - exits0
+            qmp.cmd("quit")
+        finally:
             qmp.close()
+    except OSError:
+        pass
+    finally:
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
         shutil.rmtree(tmp, ignore_errors=True)
-    status = (proc.returncode >> 1) if proc.returncode and proc.returncode & 1 else None
-    exits = exits1 - exits0 if exits0 is not None and exits1 is not None else None
-    return QemuResult(status, bytes(out), accel, exits, cpu[0] - cpu[1], time.monotonic() - t0)
+    return QemuResult(status, bytes(out), accel, exits, cpu_split[0] - cpu_split[1], time.monotonic() - t0)
