@@ -26,13 +26,12 @@ def cmd_run(args) -> int:
     from .boot.pvh import KernelImageError
     from .vm import Machine, VmConfig
 
-    from .disk import DiskSpec, DiskSpecError, add_disk
+    from .disk import DiskSpec, DiskSpecError, add_disks
 
     try:
         disks = [DiskSpec.parse(d) for d in args.disk]
         with Machine(VmConfig(mem_mib=args.mem, cpus=args.cpus)) as m:
-            for d in disks:
-                add_disk(m, d)
+            add_disks(m, disks, one_sidecore=args.one_sidecore)
             m.boot_pvh(args.kernel, args.append, args.initrd)
             exit = m.run(timeout=args.timeout)
     except (KernelImageError, DiskSpecError, ValueError, OSError) as e:
@@ -119,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--mem", type=_parse_mem, default=256, help="guest RAM (default 256M)")
     run.add_argument("--cpus", type=int, default=1)
     run.add_argument("--timeout", type=float, default=None, help="stop the guest after this many seconds")
+    run.add_argument("--one-sidecore", action="store_true",
+                     help="disks on the same polling path share one sidecore thread (default: one each)")
     run.add_argument("--disk", action="append", default=[], metavar="PATH[,ro][,direct][,io=PATH][,queues=N]",
                      help="a virtio-blk disk; io is the I/O path: trap, ioeventfd (default), shared, poll, adaptive")
     run.set_defaults(func=cmd_run)

@@ -40,10 +40,28 @@ class DiskSpec:
         return spec
 
 
-def add_disk(machine, spec: DiskSpec):
+def add_disk(machine, spec: DiskSpec, sidecore=None):
     """Open the backing file and plug a virtio-blk-pci device into ``machine``."""
     from .devices.virtio.blk import VirtioBlk
     from .devices.virtio.pci import VirtioPci
 
     dev = VirtioBlk(spec.path, read_only=spec.read_only, direct=spec.direct, num_queues=spec.queues)
-    return VirtioPci(machine, dev, spec.io)
+    return VirtioPci(machine, dev, spec.io, sidecore=sidecore)
+
+
+def add_disks(machine, specs: list[DiskSpec], *, one_sidecore: bool = False) -> list:
+    """Plug every disk; with ``one_sidecore`` the disks of each polling path share one sidecore."""
+    from .sidecore.loop import SidecoreGroup
+    from .sidecore.paths import MODE_OF_PATH
+
+    groups = {}
+    devices = []
+    for spec in specs:
+        group = None
+        if one_sidecore and spec.io != "trap":
+            mode = MODE_OF_PATH[spec.io]
+            group = groups.setdefault(mode, SidecoreGroup(mode, name=f"sidecore-{mode}"))
+        devices.append(add_disk(machine, spec, group))
+    for group in groups.values():
+        group.start_on(machine)
+    return devices

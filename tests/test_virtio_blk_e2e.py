@@ -112,3 +112,22 @@ def test_acknowledged_flush_survives_sigkill(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     assert json.loads(line)["flushes"] == 1
     assert image.read_bytes() == pattern(SEED, DISK_BYTES)
+
+
+def test_one_sidecore_serves_two_multiqueue_disks(tmp_path):
+    """Two disks with two queues each, on one polling sidecore thread: each filled with its own seed."""
+    from exitless.disk import DiskSpec, add_disks
+
+    images = [tmp_path / f"d{i}.img" for i in range(2)]
+    for img in images:
+        with open(img, "wb") as f:
+            f.truncate(DISK_BYTES)
+    out = bytearray()
+    with Machine(VmConfig(mem_mib=128, console=out.extend)) as m:
+        devs = add_disks(m, [DiskSpec(str(img), io="poll", queues=2) for img in images], one_sidecore=True)
+        groups = [w for w in m.workers if type(w).__name__ == "SidecoreGroup"]
+        assert len(groups) == 1 and len(groups[0].pollables) == 4 and all(d.sidecore is None for d in devs)
+        m.boot_pvh(guestkit_path(), "blk rw=fill bs=4096 qd=16 queues=2 index=1 seed=21")
+        assert m.run(timeout=240).status == 0, out.decode()[-1000:]
+    assert images[1].read_bytes() == pattern(21, DISK_BYTES)
+    assert images[0].read_bytes() == bytes(DISK_BYTES)  # the other disk untouched

@@ -163,3 +163,46 @@ class SidecoreThread:
         self.loop.request_stop()
         self.thread.join(5)
         self.loop.close()
+
+
+class SidecoreGroup:
+    """One sidecore thread serving the queues of several devices (a Worker of the VM).
+
+    Devices add their pollables before ``start()``; all must want the same mode.
+    """
+
+    def __init__(self, mode: str, *, poll_ns: int = 64_000, name: str = "sidecore"):
+        if mode not in MODES:
+            raise ValueError(f"sidecore mode {mode!r}: one of {', '.join(MODES)}")
+        self.mode = mode
+        self.poll_ns = poll_ns
+        self.name = name
+        self.pollables: list[Pollable] = []
+        self.thread: SidecoreThread | None = None
+
+    def add(self, pollables: list[Pollable], mode: str) -> None:
+        if self.thread is not None:
+            raise RuntimeError(f"{self.name}: add devices before starting it")
+        if mode != self.mode:
+            raise ValueError(f"a {self.mode} sidecore cannot serve a {mode} device")
+        self.pollables += pollables
+
+    def start(self) -> "SidecoreGroup":
+        self.thread = SidecoreThread(SidecoreLoop(self.pollables, self.mode, poll_ns=self.poll_ns,
+                                                  name=self.name)).start()
+        return self
+
+    def start_on(self, machine) -> "SidecoreGroup":
+        """Start, and register with the machine after its devices: workers stop in reverse order."""
+        self.start()
+        machine.add_worker(self)
+        return self
+
+    @property
+    def loop(self) -> SidecoreLoop | None:
+        return self.thread.loop if self.thread else None
+
+    def stop(self) -> None:
+        if self.thread is not None:
+            self.thread.stop()
+            self.thread = None

@@ -23,7 +23,7 @@ import os
 import struct
 import threading
 
-from ...sidecore.loop import SidecoreLoop, SidecoreThread
+from ...sidecore.loop import SidecoreGroup
 from ...sidecore.paths import MODE_OF_PATH, PATHS
 from ...sidecore.spin import address_of, fence
 from ..pci.device import Bar, PciDevice
@@ -53,7 +53,11 @@ class _QueueState:
 
 
 class VirtioPci(PciDevice):
-    def __init__(self, machine, device: VirtioDevice, path: str = "trap", *, poll_ns: int = 64_000):
+    def __init__(self, machine, device: VirtioDevice, path: str = "trap", *, poll_ns: int = 64_000,
+                 sidecore: SidecoreGroup | None = None):
+        """``sidecore``: a group shared with other devices, which the caller starts with
+        ``group.start_on(machine)`` after the last device joined (so that it stops before
+        any of them); by default the device gets a sidecore of its own."""
         if path not in PATHS:
             raise ValueError(f"I/O path {path!r}: one of {', '.join(PATHS)}")
         n = device.num_queues
@@ -86,8 +90,12 @@ class VirtioPci(PciDevice):
         machine.add_worker(self)
         if path != "trap":
             pollables = [QueuePollable(self, q) for q in range(n)]
-            loop = SidecoreLoop(pollables, MODE_OF_PATH[path], poll_ns=poll_ns, name=f"sidecore-virtio{self.slot}")
-            self.sidecore = SidecoreThread(loop).start()
+            if sidecore is None:
+                self.sidecore = SidecoreGroup(MODE_OF_PATH[path], poll_ns=poll_ns, name=f"sidecore-virtio{self.slot}")
+                self.sidecore.add(pollables, MODE_OF_PATH[path])
+                self.sidecore.start()
+            else:
+                sidecore.add(pollables, MODE_OF_PATH[path])
 
     def _add_virtio_cap(self, cfg_type: int, bar: int, offset: int, length: int, extra: bytes = b"") -> None:
         body = struct.pack("<BBBBBBII", 16 + len(extra), cfg_type, bar, 0, 0, 0, offset, length)[0:] + extra
@@ -273,7 +281,7 @@ class VirtioPci(PciDevice):
                 self.device.handle_queue(q)
 
     def stop(self) -> None:
-        if self.sidecore is not None:
+        if self.sidecore is not None:  # our own; a shared group is a worker of the machine itself
             self.sidecore.stop()
             self.sidecore = None
         for fd in self.wake_fds:
