@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from .bus import Bus
+from .devices.legacy.bench_marker import PORT as BENCH_MARKER_PORT
+from .devices.legacy.bench_marker import BenchMarker
 from .devices.legacy.debug_exit import DebugExit
 from .devices.legacy.serial import Serial
 from .exits import VmExit
@@ -83,6 +85,9 @@ class Machine:
         self.serial = Serial(out, lambda level: self.vm.irq_line(L.COM1_IRQ, level))
         self.pio.insert(L.COM1_PORT, 8, self.serial, "com1")
         self.pio.insert(L.DEBUG_EXIT_PORT, 4, DebugExit(), "debug-exit")
+        self._stats: VcpuStats | None = None
+        self.bench_marker = BenchMarker(self._kvm_counters, self._sidecore_process_cpu)
+        self.pio.insert(BENCH_MARKER_PORT, 4, self.bench_marker, "bench-marker")
         self.irq_router = IrqRouter(self.vm)
         self.irq_router.commit()
         self._pci = None
@@ -178,6 +183,14 @@ class Machine:
     def vcpu_stats(self) -> "VcpuStats":
         return VcpuStats([v.stats() for v in self.vcpus])
 
+    def _kvm_counters(self) -> dict[str, int]:
+        if self._stats is None:
+            self._stats = self.vcpu_stats()
+        return self._stats.read()
+
+    def _sidecore_process_cpu(self) -> float:
+        return sum(w.cpu_seconds() or 0.0 for w in self.workers if getattr(w, "placement", None) == "process")
+
     def vcpu_cpu_seconds(self) -> float:
         """CPU time of the vCPU threads that have finished (the guest's own running time)."""
         return sum(t.cpu_seconds for t in self.threads)
@@ -197,6 +210,8 @@ class Machine:
             except Exception:
                 log.exception("stopping %r", w)
         self.workers.clear()
+        if getattr(self, "_stats", None) is not None:
+            self._stats.close()
         if hasattr(self, "irq_router"):
             self.irq_router.close()
         for v in self.vcpus:

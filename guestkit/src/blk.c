@@ -907,11 +907,13 @@ void app_blk(void)
     u64 irqs0 = queue_irqs();
     if (use_irq)
         lapic_timer_periodic_ns(100000000ULL); /* 100 ms watchdog tick for hlt waits */
+    bench_mark(BENCH_MARK_START);
     u64 t0 = rdtsc();
     bool ok = run_loop(t0);
     if (ok && mode == RW_FILL && (vd.features & (1ULL << VIRTIO_BLK_F_FLUSH)))
         ok = run_one(VIRTIO_BLK_T_FLUSH, 0, 0);
     u64 t1 = rdtsc();
+    bench_mark(BENCH_MARK_END);
     lapic_timer_stop();
     timer_irqs_run = timer_ticks - ticks0;
     irqs_run = queue_irqs() - irqs0;

@@ -72,6 +72,8 @@ void app_doorbell(void)
     for (u64 i = 0; i < total; i++) {
         const u32 v = (u32)(i + 1);
         bool timed_out = false;
+        if (i == warmup)
+            bench_mark(BENCH_MARK_START);
         u64 t0 = rdtsc();
         switch (path) {
         case P_TRAP:
@@ -131,6 +133,7 @@ void app_doorbell(void)
         }
     }
 
+    bench_mark(BENCH_MARK_END);
     sort_u64(samples, nsamples);
     json_begin("doorbell");
     json_str("path", pname);
