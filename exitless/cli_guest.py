@@ -365,7 +365,10 @@ def cmd_run_linux(args) -> int:
     if exit.registers:
         print(exit.registers, file=sys.stderr)
     if easy and not getattr(args, "boot_log", False):
-        print("exitless: the console's last lines:\n" + console.tail(25), file=sys.stderr)
+        tail = console.tail(25).strip()
+        print("exitless: the console's last lines:\n" + tail if tail else
+              "exitless: the console showed nothing (the kernel runs with 'quiet'; --boot-log shows its messages)",
+              file=sys.stderr)
     return 1
 
 

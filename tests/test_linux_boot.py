@@ -1,0 +1,337 @@
+"""Booting Linux in exitless: the 64-bit boot protocol, PVH, and what early boot shows through COM1.
+
+The guest is Debian's cloud kernel from ``fetch_guest()`` (cached; ``$EXITLESS_CACHE``
+honoured).  The early-boot tests run everywhere /dev/kvm works: they boot with
+``console=ttyS0 earlyprintk=serial``, wait until the kernel has printed the
+lines that prove the VMM's boot data reached it (its banner, the command line,
+the e820 map, the ACPI tables, the MADT's CPU count) and stop the VM there.
+
+On a ``kvm_pvm`` host guest ring-0 code is emulated instruction by instruction
+and an unmodified kernel stops in early boot (see ``exitless.boot.linux.PVM_LIMIT``),
+so the tests that need userspace are skipped there *with the flavour named*;
+on VMX/SVM hosts they run for real.
+"""
+from __future__ import annotations
+
+import re
+import struct
+import time
+from pathlib import Path
+
+import pytest
+
+from exitless.boot import linux as LX
+from exitless.boot.bzimage import parse_bzimage
+from exitless.boot.e820 import build_e820
+from exitless.boot.initramfs import EXIT_MARKER, build_initramfs, parse_exit_status
+from exitless.boot.pvh import KernelImageError
+from exitless.doctor import kvm_flavour
+from exitless.guest.fetch import GuestArtifacts, fetch_guest
+from exitless.x86 import layout as L
+from exitless.x86 import long_mode as LM
+
+FLAVOUR = kvm_flavour()
+PVM = FLAVOUR == "pvm"
+#: seconds until early boot has printed the lines below (pvm: ~25 s measured; generous bound)
+EARLY_BOUND = 150.0 if PVM else 30.0
+BASE = "console=ttyS0 earlyprintk=serial"
+E820_NAMES = {1: "usable", 2: "reserved", 3: "ACPI data", 4: "ACPI NVS", 5: "unusable"}
+
+
+def needs_full_kvm() -> None:
+    """Skip (naming the flavour) where an unmodified kernel cannot reach userspace."""
+    if PVM:
+        pytest.skip(f"KVM flavour {FLAVOUR!r} (software-nested kvm_pvm): guest ring-0 code is emulated and "
+                    f"an unmodified Linux stops in early boot: {LX.PVM_LIMIT}")
+
+
+@pytest.fixture(scope="session")
+def guest() -> GuestArtifacts:
+    return fetch_guest()      # $EXITLESS_CACHE or ~/.cache/exitless/guest
+
+
+@pytest.fixture(scope="session")
+def initrd(guest: GuestArtifacts) -> bytes:
+    return build_initramfs(guest.busybox, modules=["virtio_pci", "virtio_blk"], modules_root=guest.modules_root,
+                           kver=guest.kernel_version, command="echo hello from the guest; exit 3")
+
+
+@pytest.fixture(scope="session")
+def vmlinux(guest: GuestArtifacts, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("vmlinux") / "vmlinux"
+    path.write_bytes(LX.extract_vmlinux(parse_bzimage(guest.vmlinuz.read_bytes())))
+    return path
+
+
+def host_params(cmdline: str) -> str:
+    return LX.add_params(cmdline, LX.host_kernel_params(FLAVOUR))[0]
+
+
+class Boot:
+    def __init__(self, console: LX.BootConsole, exit, info: LX.LinuxBoot, machine_ram, seconds: float):
+        self.console, self.exit, self.info, self.ram, self.seconds = console, exit, info, machine_ram, seconds
+
+    @property
+    def lines(self) -> list[str]:
+        return [line for _, line in self.console.lines]
+
+    def line(self, pattern: str) -> str:
+        for line in self.lines:
+            if re.search(pattern, line):
+                return line
+        raise AssertionError(f"no console line matches {pattern!r}; the console:\n" + "\n".join(self.lines[-40:]))
+
+
+def boot(kernel, cmdline: str, *, initrd: bytes | None = None, cpus: int = 1, mem: int = 256,
+         decompress: str | None = None, stop_after: tuple[str, ...] = (), timeout: float = EARLY_BOUND) -> Boot:
+    from exitless.vm import Machine, VmConfig
+
+    if decompress is None:
+        decompress = "host" if PVM else "guest"
+    console = LX.BootConsole(stop_after=stop_after)
+    t0 = time.monotonic()
+    with Machine(VmConfig(mem_mib=mem, cpus=cpus, console=console)) as m:
+        info = LX.boot_linux(m, kernel, cmdline, initrd, decompress=decompress)
+        exit = m.run(timeout=timeout)
+        ram = list(m.ram_layout)
+    return Boot(console, exit, info, ram, time.monotonic() - t0)
+
+
+EARLY_LINES = ("Linux version ", "Command line: ", "BIOS-e820: ", "ACPI: RSDP ", "ACPI: XSDT ", "ACPI: FACP ",
+               "ACPI: DSDT ", "ACPI: APIC ", "smpboot: Allowing ")
+
+
+@pytest.fixture(scope="module")
+def early(guest: GuestArtifacts, initrd: bytes) -> Boot:
+    return boot(guest.vmlinuz, host_params(BASE), initrd=initrd, stop_after=EARLY_LINES + ("RAMDISK: ",))
+
+
+# --------------------------------------------------------------------------- early boot (every KVM flavour)
+
+
+@pytest.mark.kvm
+def test_early_boot_shows_banner_within_bound(early: Boot, guest: GuestArtifacts) -> None:
+    assert early.console.stopped_by_console, f"stopped by {early.exit}; console:\n{early.console.tail(30)}"
+    assert early.seconds < EARLY_BOUND
+    assert f"Linux version {guest.kernel_version} " in early.line("Linux version ")
+    assert early.console.first_line_at is not None and early.console.first_line_at < early.seconds
+
+
+@pytest.mark.kvm
+def test_early_boot_parsed_our_command_line(early: Boot) -> None:
+    assert early.line(r"\] Command line: ").split("Command line: ", 1)[1] == early.info.cmdline
+    if PVM:
+        for p in LX.host_kernel_params("pvm"):
+            assert p in early.info.cmdline.split()
+
+
+@pytest.mark.kvm
+def test_early_boot_e820_is_our_map(early: Boot) -> None:
+    printed = []
+    for line in early.lines:
+        m = re.search(r"BIOS-e820: \[mem (0x[0-9a-f]+)-(0x[0-9a-f]+)\] (.+)$", line)
+        if m:
+            printed.append((int(m.group(1), 16), int(m.group(2), 16), m.group(3).strip()))
+    want = [(e.addr, e.end - 1, E820_NAMES[e.type])
+            for e in build_e820(early.ram, pci_hole=(L.MMIO_HOLE_START, L.MMIO_HOLE_END))]
+    assert printed == want
+    assert printed[-1][1] == (256 << 20) - 1
+
+
+@pytest.mark.kvm
+def test_early_boot_found_our_acpi_tables(early: Boot) -> None:
+    tables = early.info.acpi.tables
+    assert early.info.rsdp_gpa == tables["RSD PTR"] == L.BIOS_AREA
+    for sig, name in (("RSD PTR", "RSDP"), ("XSDT", "XSDT"), ("FACP", "FACP"), ("DSDT", "DSDT"), ("APIC", "APIC"),
+                      ("FACS", "FACS")):
+        line = early.line(rf"ACPI: {name} 0x")
+        assert int(line.split(f"ACPI: {name} ")[1].split()[0], 16) == tables[sig], line
+    assert "EXITLS" in early.line("ACPI: RSDP ")
+
+
+@pytest.mark.kvm
+def test_early_boot_one_cpu_and_the_initrd(early: Boot) -> None:
+    assert "smpboot: Allowing 1 CPUs, 0 hotplug CPUs" in early.line("smpboot: Allowing")
+    m = re.search(r"RAMDISK: \[mem (0x[0-9a-f]+)-(0x[0-9a-f]+)\]", early.line("RAMDISK: "))
+    assert int(m.group(1), 16) == early.info.initrd_gpa
+    assert int(m.group(2), 16) + 1 == (early.info.initrd_gpa + early.info.initrd_size + 4095) & ~4095
+    assert early.info.initrd_gpa >= early.info.kernel_end
+
+
+@pytest.mark.kvm
+def test_two_cpus_in_the_madt(guest: GuestArtifacts) -> None:
+    b = boot(guest.vmlinuz, host_params(BASE), cpus=2, stop_after=("smpboot: Allowing ",))
+    assert b.console.stopped_by_console, b.console.tail(30)
+    assert "smpboot: Allowing 2 CPUs, 0 hotplug CPUs" in b.line("smpboot: Allowing")
+    assert b.line("ACPI: Using ACPI \\(MADT\\) for SMP configuration information")
+    apic = b.line(r"ACPI: APIC 0x")
+    assert int(apic.split("ACPI: APIC ")[1].split()[1], 16) == len(b.info.acpi.table("APIC"))
+
+
+@pytest.mark.kvm
+def test_pvh_vmlinux_early_boot(vmlinux: Path, initrd: bytes, guest: GuestArtifacts) -> None:
+    cmdline = host_params(BASE + " pvh_test=1")
+    b = boot(vmlinux, cmdline, initrd=initrd, stop_after=("Linux version ", "Command line: ", "ACPI: RSDP ",
+                                                          "RAMDISK: "))
+    assert b.info.protocol == "pvh"
+    assert b.console.stopped_by_console, b.console.tail(30)
+    assert f"Linux version {guest.kernel_version} " in b.line("Linux version ")
+    assert b.line(r"\] Command line: ").endswith(cmdline)
+    # the RSDP came through start_info.rsdp_paddr, the initrd as the first PVH module
+    assert int(b.line("ACPI: RSDP ").split("ACPI: RSDP ")[1].split()[0], 16) == b.info.rsdp_gpa
+    m = re.search(r"RAMDISK: \[mem (0x[0-9a-f]+)-", b.line("RAMDISK: "))
+    assert int(m.group(1), 16) == b.info.initrd_gpa
+
+
+@pytest.mark.kvm
+def test_bzimage_through_its_own_decompressor(guest: GuestArtifacts) -> None:
+    """The real 64-bit boot protocol: load+0x200, the kernel's decompressor, KASLR.  Minutes on pvm."""
+    bound = 400.0 if PVM else 30.0
+    cmdline = host_params(BASE)
+    b = boot(guest.vmlinuz, cmdline, decompress="guest", stop_after=("Command line: ",), timeout=bound)
+    hdr = parse_bzimage(guest.vmlinuz.read_bytes()).header
+    assert b.info.protocol == "bzimage" and b.info.entry == hdr.load_address + 0x200
+    assert b.console.stopped_by_console, f"{b.exit}; console:\n{b.console.tail(20)}"
+    assert b.line(r"\] Command line: ").endswith(cmdline)
+
+
+# --------------------------------------------------------------------------- errors (KVM needed: a Machine exists)
+
+
+@pytest.mark.kvm
+def test_truncated_and_random_kernels(guest: GuestArtifacts, tmp_path: Path) -> None:
+    from exitless.vm import Machine, VmConfig
+
+    data = guest.vmlinuz.read_bytes()
+    cases = {"trunc-header": data[:0x300], "trunc-setup": data[:4096], "trunc-payload": data[: len(data) // 2],
+             "random": bytes(range(256)) * 4096, "empty": b""}
+    with Machine(VmConfig(mem_mib=256, console=lambda b: None)) as m:
+        for name, blob in cases.items():
+            p = tmp_path / name
+            p.write_bytes(blob)
+            with pytest.raises(KernelImageError) as e:
+                LX.boot_linux(m, p, BASE)
+            assert str(p) in str(e.value) and ("truncated" in str(e.value) or "not a Linux bzImage" in str(e.value)
+                                               or "too short" in str(e.value)), str(e.value)
+        with pytest.raises(KernelImageError, match="No such file"):
+            LX.boot_linux(m, tmp_path / "absent", BASE)
+
+
+@pytest.mark.kvm
+def test_initrd_larger_than_memory(guest: GuestArtifacts, vmlinux: Path) -> None:
+    from exitless.vm import Machine, VmConfig
+
+    big = bytes(200 << 20)
+    for kernel in (guest.vmlinuz, vmlinux):
+        with Machine(VmConfig(mem_mib=128, console=lambda b: None)) as m:
+            with pytest.raises(LX.LinuxBootError, match=r"initrd of 200\.0 MiB does not fit .* --mem \d+M"):
+                LX.boot_linux(m, kernel, BASE, big)
+
+
+@pytest.mark.kvm
+def test_too_little_memory_for_the_kernel(guest: GuestArtifacts) -> None:
+    from exitless.vm import Machine, VmConfig
+
+    with Machine(VmConfig(mem_mib=48, console=lambda b: None)) as m:
+        with pytest.raises(LX.LinuxBootError, match=r"needs guest RAM from 16 to \d+ MiB .* VM has 48 MiB"):
+            LX.boot_linux(m, guest.vmlinuz, BASE)
+    with pytest.raises(ValueError, match="too small"):
+        Machine(VmConfig(mem_mib=16))
+
+
+# --------------------------------------------------------------------------- userspace (VMX/SVM)
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("protocol", ["bzimage", "pvh"])
+def test_userspace_exit_status_and_poweroff(protocol: str, guest: GuestArtifacts, initrd: bytes,
+                                            vmlinux: Path) -> None:
+    needs_full_kvm()
+    kernel = guest.vmlinuz if protocol == "bzimage" else vmlinux
+    b = boot(kernel, "console=ttyS0 panic=-1", initrd=initrd, decompress="guest", timeout=120)
+    assert b.exit.kind == "shutdown", f"{b.exit}; console:\n{b.console.tail(40)}"   # ACPI S5 via PM1a_CNT
+    assert "hello from the guest" in b.console.text
+    assert parse_exit_status(b.console.text, EXIT_MARKER) == 3
+    assert b.console.ready_at is not None
+
+
+@pytest.mark.kvm
+def test_guest_reboot_is_a_reset_exit(guest: GuestArtifacts) -> None:
+    needs_full_kvm()
+    rd = build_initramfs(guest.busybox, command="true", shutdown="reboot")
+    b = boot(guest.vmlinuz, "console=ttyS0 panic=-1", initrd=rd, timeout=120)
+    assert b.exit.kind == "reset", f"{b.exit}; console:\n{b.console.tail(40)}"
+
+
+@pytest.mark.kvm
+def test_rtc_time_reaches_the_guest(guest: GuestArtifacts) -> None:
+    needs_full_kvm()
+    rd = build_initramfs(guest.busybox, command="cat /sys/class/rtc/rtc0/name; date -u +%s")
+    b = boot(guest.vmlinuz, "console=ttyS0 panic=-1", initrd=rd, timeout=120)
+    assert "rtc_cmos" in b.console.text
+    stamps = [int(x) for x in re.findall(r"^(\d{9,})\s*$", b.console.text, re.M)]
+    assert stamps and abs(stamps[-1] - time.time()) < 120
+
+
+# --------------------------------------------------------------------------- pieces (no KVM)
+
+
+def test_identity_page_tables() -> None:
+    pages = dict(LM.identity_page_tables())
+    pml4 = struct.unpack("<512Q", pages[LM.PML4_GPA])
+    assert pml4[0] == LM.PDPT_GPA | 3 and not any(pml4[1:])
+    pdpt = struct.unpack("<512Q", pages[LM.PDPT_GPA])
+    assert [e & ~0xFFF for e in pdpt[:4]] == [LM.PD_GPA + i * 4096 for i in range(4)] and not any(pdpt[4:])
+    for g in range(4):
+        pd = struct.unpack("<512Q", pages[LM.PD_GPA + g * 4096])
+        assert all(e == (g << 30 | i << 21 | 0x83) for i, e in enumerate(pd))
+    assert max(pages) + 4096 <= L.CMDLINE and min(pages) > L.ZERO_PAGE
+
+
+def test_boot_segments_match_the_gdt() -> None:
+    cs, ds = LM._segment(LM.BOOT_CS), LM._segment(LM.BOOT_DS)
+    assert (cs.l, cs.db, cs.type, cs.s, cs.present, cs.g) == (1, 0, 0xB, 1, 1, 1)
+    assert (ds.l, ds.db, ds.type, ds.present) == (0, 1, 0x3, 1)
+    assert len(LM.gdt_bytes()) == 8 * len(LM.GDT_ENTRIES) and LM.GDT_GPA + len(LM.gdt_bytes()) <= L.PVH_START_INFO
+
+
+def test_host_params_and_add_params() -> None:
+    assert LX.host_kernel_params("vmx") == [] and LX.host_kernel_params("svm") == []
+    assert LX.host_kernel_params("pvm") == ["noxsave", "clearcpuid=cx16", "mitigations=off"]
+    line, added = LX.add_params("console=ttyS0 mitigations=auto", LX.host_kernel_params("pvm"))
+    assert line == "console=ttyS0 mitigations=auto noxsave clearcpuid=cx16" and added == ["noxsave", "clearcpuid=cx16"]
+
+
+def test_lz4_legacy_decoder() -> None:
+    def block(*seqs: bytes) -> bytes:
+        body = b"".join(seqs)
+        return struct.pack("<I", len(body)) + body
+    # literals "abc", then a match of 8 at offset 3 (overlapping copy), then final literals "Z"
+    seq1 = bytes([0x34]) + b"abc" + struct.pack("<H", 3)
+    seq2 = bytes([0x10]) + b"Z"
+    data = b"\x02\x21\x4c\x18" + block(seq1, seq2) + struct.pack("<I", 12)
+    assert LX.lz4_legacy_decompress(data) == b"abc" + b"abcabcab" + b"Z"
+    assert LX.payload_format(data) == "lz4"
+    assert LX.payload_format(b"\x1f\x8b\x08") == "gzip" and LX.payload_format(b"nonsense") == "unknown"
+
+
+def test_host_unpacked_vmlinux(guest: GuestArtifacts, vmlinux: Path) -> None:
+    bz = parse_bzimage(guest.vmlinuz.read_bytes())
+    elf = vmlinux.read_bytes()
+    assert len(elf) == struct.unpack("<I", bz.image[bz.header.kernel_offset + bz.header.payload_offset
+                                                    + bz.header.payload_length - 4:][:4])[0]
+    v = LX.parse_vmlinux(elf)
+    assert v.entry == 0x1000000 == bz.header.pref_address          # startup_64 at LOAD_PHYSICAL_ADDR
+    assert v.end <= bz.header.load_address + bz.header.init_size
+
+
+def test_boot_console_stops_once_everything_was_seen() -> None:
+    from exitless.exits import GuestStop
+
+    c = LX.BootConsole(stop_after=("alpha", "beta"))
+    c(b"[    0.000000] Linux version 6.1\r\nbeta first\r\n")
+    assert c.first_line_at is not None and not c.stopped_by_console
+    with pytest.raises(GuestStop) as stop:
+        c(b"then alpha\n")
+    assert stop.value.exit.kind == "stopped" and c.stopped_by_console
+    assert [line for _, line in c.lines] == ["[    0.000000] Linux version 6.1", "beta first", "then alpha"]
