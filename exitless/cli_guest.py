@@ -26,7 +26,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-EASY_CMDLINE = "console=ttyS0 quiet loglevel=3 panic=-1"
+EASY_CMDLINE = "console=ttyS0 quiet loglevel=1 panic=-1"
 DEFAULT_MODULES = ("virtio_pci", "virtio_blk", "virtio_net")
 
 
@@ -163,7 +163,7 @@ def plan_guest(kernel: str | None, command: list[str], *, append: str = "", init
         mods = [m for m in DEFAULT_MODULES] if art.modules_root is not None else []
         rd = build_initramfs(art.busybox, modules=mods, modules_root=art.modules_root, kver=art.kernel_version,
                              command=shlex.join(command), applets=_applets(art))
-        cmdline = EASY_CMDLINE if quiet else EASY_CMDLINE.replace(" quiet loglevel=3", "")
+        cmdline = EASY_CMDLINE if quiet else EASY_CMDLINE.replace(" quiet loglevel=1", "")
         cmdline = f"{cmdline} {append}".strip()
     else:
         if kernel is None:

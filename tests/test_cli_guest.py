@@ -1,0 +1,232 @@
+"""``exitless guest fetch``, ``exitless run`` with Linux (easy form ``-- CMD`` and ``--kernel``), ``bench boot``.
+
+The CLI runs as a subprocess, as a user runs it.  Tests that need a guest in
+userspace are skipped on ``kvm_pvm`` hosts with the flavour named (an unmodified
+kernel stops in early boot there); everything else runs everywhere.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from exitless.boot import linux as LX
+from exitless.cli import build_parser
+from exitless.cli_guest import CommandOutput, is_linux_elf, plan_guest, wants_linux_loader
+from exitless.doctor import kvm_flavour
+from exitless.guest.fetch import GuestArtifacts, fetch_guest
+
+ROOT = Path(__file__).resolve().parents[1]
+GUESTKIT = ROOT / "exitless" / "_guest" / "guestkit.elf"
+FLAVOUR = kvm_flavour()
+PVM = FLAVOUR == "pvm"
+QEMU = shutil.which("qemu-system-x86_64")
+
+
+def needs_full_kvm() -> None:
+    if PVM:
+        pytest.skip(f"KVM flavour {FLAVOUR!r} (software-nested kvm_pvm): guest ring-0 code is emulated and "
+                    f"an unmodified Linux stops in early boot: {LX.PVM_LIMIT}")
+
+
+def exitless(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "exitless.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL, **kw)
+
+
+@pytest.fixture(scope="session")
+def guest() -> GuestArtifacts:
+    return fetch_guest()
+
+
+# --------------------------------------------------------------------------- parsing and dispatch (no KVM)
+
+
+def test_parser_forms() -> None:
+    p = build_parser()
+    a = p.parse_args(["run", "--mem", "512M", "--cpus", "2", "--", "sh", "-c", "echo --mem"])
+    assert a.kernel is None and a.mem == 512 and a.cpus == 2 and a.cmd == ["--", "sh", "-c", "echo --mem"]
+    assert wants_linux_loader(a)
+    a = p.parse_args(["run", "--kernel", str(GUESTKIT), "--append", "selftest"])
+    assert a.cmd == [] and not wants_linux_loader(a)           # the guest kit keeps the PVH path
+    a = p.parse_args(["guest", "fetch", "--cache", "/tmp/x"])
+    assert a.cache == "/tmp/x" and a.func.__name__ == "cmd_guest_fetch"
+    a = p.parse_args(["bench", "boot", "--runs", "2", "--json"])
+    assert a.runs == 2 and a.json == "-" and a.func.__name__ == "cmd_bench_boot"
+
+
+def test_linux_kernels_take_the_linux_loader(guest: GuestArtifacts, tmp_path: Path) -> None:
+    vmlinux = tmp_path / "vmlinux"
+    vmlinux.write_bytes(LX.extract_vmlinux(__import__("exitless.boot.bzimage", fromlist=["x"]).parse_bzimage(
+        guest.vmlinuz.read_bytes())))
+    assert is_linux_elf(vmlinux) and not is_linux_elf(GUESTKIT)
+    p = build_parser()
+    for k in (guest.vmlinuz, vmlinux):
+        assert wants_linux_loader(p.parse_args(["run", "--kernel", str(k)]))
+
+
+def test_plan_adds_host_params_and_notes(guest: GuestArtifacts) -> None:
+    pvm = plan_guest(str(guest.vmlinuz), [], append="root=/dev/vda", flavour="pvm")
+    assert pvm.cmdline == "console=ttyS0 root=/dev/vda noxsave clearcpuid=cx16 mitigations=off"
+    assert pvm.decompress == "host" and any("noxsave clearcpuid=cx16 mitigations=off" in n for n in pvm.notes)
+    vmx = plan_guest(str(guest.vmlinuz), [], append="console=hvc0", flavour="vmx")
+    assert vmx.cmdline == "console=hvc0" and vmx.decompress == "guest" and vmx.notes == []
+    easy = plan_guest(None, ["echo", "a b"], flavour="vmx")
+    assert easy.kernel == guest.vmlinuz and easy.initrd and easy.cmdline.startswith("console=ttyS0 quiet")
+    with pytest.raises(ValueError, match="do not mix"):
+        plan_guest(None, ["true"], initrd="/x", flavour="vmx")
+
+
+def test_command_output_filter() -> None:
+    out: list[bytes] = []
+    f = CommandOutput(out.append)
+    f(b"[    1.0] kernel noise\r\nEXITLESS_READY\r\nhello\r\nEXITLESS_EXIT_STAT")
+    f(b"US not\r\nno newline yet")
+    assert b"".join(out) == b"hello\nEXITLESS_EXIT_STATUS not\nno newline yet"   # partial lines stream
+    f(b"\r\nEXITLESS_EXIT_STATUS=3\r\n[   2.0] reboot: Power down\r\n")
+    assert b"".join(out).endswith(b"no newline yet\n")
+
+
+def test_usage_errors_exit_2() -> None:
+    r = exitless("run", "--mem", "16M", "--", "true")
+    assert r.returncode == 2 and "--mem 16M is too small" in r.stderr
+    r = exitless("run", "--initrd", "/nonexistent", "--", "true")
+    assert r.returncode == 2 and "do not mix" in r.stderr
+
+
+# --------------------------------------------------------------------------- errors (KVM: the VM exists)
+
+
+@pytest.mark.kvm
+def test_bad_kernels_exit_2(guest: GuestArtifacts, tmp_path: Path) -> None:
+    data = guest.vmlinuz.read_bytes()
+    (tmp_path / "trunc").write_bytes(data[: len(data) // 3])
+    (tmp_path / "random").write_bytes(os.urandom(1 << 20))
+    (tmp_path / "big.img").write_bytes(b"")
+    os.truncate(tmp_path / "big.img", 300 << 20)
+    for args, msg in ((["--kernel", str(tmp_path / "trunc")], "truncated"),
+                      (["--kernel", str(tmp_path / "random")], "not a Linux bzImage"),
+                      (["--kernel", str(guest.vmlinuz), "--initrd", str(tmp_path / "big.img")],
+                       "initrd of 300.0 MiB does not fit"),
+                      (["--kernel", str(guest.vmlinuz), "--mem", "40M"], "needs guest RAM from 16 to"),
+                      (["--kernel", str(guest.vmlinuz), "--mem", "16M"], "--mem 16M is too small")):
+        r = exitless("run", *args, timeout=60)
+        assert r.returncode == 2 and msg in r.stderr, (args, r.returncode, r.stderr)
+        assert "Traceback" not in r.stderr
+
+
+def test_guest_fetch_command(guest: GuestArtifacts) -> None:
+    r = exitless("guest", "fetch", timeout=900)
+    assert r.returncode == 0, r.stderr
+    assert f"kernel:  {guest.vmlinuz} ({guest.kernel_version})" in r.stdout
+    r = exitless("guest", "fetch", "--modules", str(guest.modules_dir))
+    assert r.returncode == 2 and "needs kernel" in r.stderr
+
+
+# --------------------------------------------------------------------------- exitless run on this host
+
+
+@pytest.mark.kvm
+def test_run_kernel_adds_host_params_with_a_note(guest: GuestArtifacts) -> None:
+    r = exitless("run", "--kernel", str(guest.vmlinuz), "--append", "earlyprintk=serial", "--timeout",
+                 "40" if PVM else "10", timeout=120)
+    line = next((ln for ln in r.stdout.splitlines() if "] Command line: " in ln), None)
+    assert line is not None, r.stdout[-2000:] + r.stderr
+    if PVM:
+        assert "note: this host's KVM is kvm_pvm" in r.stderr and "noxsave clearcpuid=cx16 mitigations=off" in r.stderr
+        assert line.endswith("console=ttyS0 earlyprintk=serial noxsave clearcpuid=cx16 mitigations=off")
+    else:
+        assert "note:" not in r.stderr and line.endswith("console=ttyS0 earlyprintk=serial")
+    assert r.returncode == 1      # no root fs: stopped by --timeout (or a panic), never a fake success
+
+
+@pytest.mark.kvm
+def test_sigterm_stops_the_vm(guest: GuestArtifacts) -> None:
+    p = subprocess.Popen([sys.executable, "-m", "exitless.cli", "run", "--", "sleep", "600"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    time.sleep(8)             # the VM is running (early boot on pvm, `sleep` elsewhere)
+    assert p.poll() is None
+    t = time.monotonic()
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 143, err
+    assert "SIGTERM received: the VM was stopped" in err
+    assert time.monotonic() - t < 10
+
+
+# --------------------------------------------------------------------------- userspace (VMX/SVM)
+
+
+@pytest.mark.kvm
+def test_run_command_streams_output_and_exit_status() -> None:
+    needs_full_kvm()
+    r = exitless("run", "--", "sh", "-c", "echo hello; echo to stderr >&2; exit 7", timeout=180)
+    assert r.returncode == 7, r.stderr
+    assert r.stdout == "hello\nto stderr\n"      # the guest's console carries both
+    r = exitless("run", "--", "true", timeout=180)
+    assert r.returncode == 0 and r.stdout == ""
+
+
+@pytest.mark.kvm
+def test_nproc_sees_the_cpus() -> None:
+    needs_full_kvm()
+    r = exitless("run", "--cpus", "2", "--", "nproc", timeout=180)
+    assert (r.returncode, r.stdout) == (0, "2\n"), r.stderr
+
+
+@pytest.mark.kvm
+def test_virtio_blk_mount(tmp_path: Path) -> None:
+    needs_full_kvm()
+    if not shutil.which("mke2fs") or not shutil.which("debugfs"):
+        pytest.skip("mke2fs/debugfs (e2fsprogs) not installed")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "hello.txt").write_text("from the host\n")
+    img = tmp_path / "disk.img"
+    subprocess.run(["mke2fs", "-q", "-t", "ext4", "-d", str(src), "-F", str(img), "32M"], check=True)
+    script = "mount -t ext4 /dev/vda /mnt && cat /mnt/hello.txt && echo from the guest > /mnt/new.txt && umount /mnt"
+    r = exitless("run", "--disk", str(img), "--", "sh", "-c", script, timeout=180)
+    assert (r.returncode, r.stdout) == (0, "from the host\n"), r.stderr
+    cat = subprocess.run(["debugfs", "-R", "cat /new.txt", str(img)], capture_output=True, text=True, check=True)
+    assert cat.stdout == "from the guest\n"
+
+
+# --------------------------------------------------------------------------- bench boot
+
+
+@pytest.mark.kvm
+def test_bench_boot_reports_what_it_reaches(tmp_path: Path) -> None:
+    out = tmp_path / "boot.json"
+    r = exitless("bench", "boot", "--runs", "1", "--qemu", "none", "--timeout", "30" if PVM else "60",
+                 "--json", str(out), timeout=300)
+    assert r.returncode == 0, r.stderr
+    (row,) = json.loads(out.read_text())
+    assert row["vmm"] == "exitless" and row["kvm"] == FLAVOUR and isinstance(row["first_line_s"], float)
+    if PVM:
+        assert row["reached"] == "early-boot" and row["userspace_s"] is None and row["poweroff_s"] is None
+        assert row["decompress"] == "host" and row["kernel_time_s"] > 0
+    else:
+        assert row["reached"] == "power-off"
+        assert row["first_line_s"] < row["userspace_s"] < row["poweroff_s"]
+
+
+@pytest.mark.qemu
+@pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")
+def test_bench_boot_qemu_tcg_row(guest: GuestArtifacts, tmp_path: Path) -> None:
+    from exitless.bench.boot import boot_qemu, choose_qemu_accel
+
+    plan = plan_guest(None, ["true"], flavour="vmx", early_printk=True, quiet=False)
+    rd = tmp_path / "initrd.img"
+    rd.write_bytes(plan.initrd)
+    r = boot_qemu(QEMU, "tcg", plan.kernel, rd, plan.cmdline, mem=256, cpus=1, timeout=300)
+    assert r["reached"] == "power-off", r
+    assert 0 < r["first_line_s"] < r["userspace_s"] < r["poweroff_s"]
+    accel, why = choose_qemu_accel(QEMU, plan.kernel, rd, "auto", mem=256, cpus=1, probe_s=5)
+    assert accel in ("kvm", "tcg") and ("falling back to TCG" in why if accel == "tcg" else "works" in why)
