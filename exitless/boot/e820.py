@@ -58,19 +58,13 @@ class E820Entry:
 
 
 def ram_layout(mem_size: int, *, pci_hole: tuple[int, int] = PCI_HOLE) -> list[tuple[int, int]]:
-    """Split ``mem_size`` bytes of guest RAM around the PCI hole, as a PC would.
+    """Split ``mem_size`` bytes of guest RAM around the PCI hole, as a PC would (see
+    :func:`exitless.memory.x86_layout`); feed it to both the memory setup and :func:`build_e820`."""
+    from ..memory import x86_layout
 
-    Returns ``[(0, low)]`` plus ``[(pci_hole_end, rest)]`` when RAM does not fit
-    below the hole; feed it to both the memory setup and :func:`build_e820`.
-    """
     if mem_size <= HIGH_RAM_START:
         raise ValueError(f"guest RAM of {mem_size:#x} bytes is too small; Linux needs more than 1 MiB")
-    hole_start, hole_end = pci_hole
-    low = min(mem_size, hole_start)
-    out = [(0, low)]
-    if mem_size > low:
-        out.append((hole_end, mem_size - low))
-    return out
+    return x86_layout(mem_size, *pci_hole)
 
 
 def build_e820(

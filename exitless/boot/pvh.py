@@ -15,6 +15,7 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
 from ..memory import GuestMemory, GuestMemoryError
+from .e820 import build_e820
 from ..x86 import layout as L
 
 XEN_ELFNOTE_PHYS32_ENTRY = 18
@@ -22,7 +23,6 @@ HVM_START_MAGIC = 0x336EC578
 HVM_START_INFO = struct.Struct("<IIIIQQQQII")   # version 1, 56 bytes
 HVM_MEMMAP_ENTRY = struct.Struct("<QQII")
 HVM_MODLIST_ENTRY = struct.Struct("<QQQQ")
-E820_RAM, E820_RESERVED = 1, 2
 
 
 class KernelImageError(ValueError):
@@ -98,14 +98,5 @@ def load_pvh(mem: GuestMemory, kernel: PvhKernel, cmdline: str, ram: list[tuple[
 
 
 def pvh_memmap(ram: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
-    """The e820-style map the guest sees: low RAM, the BIOS hole, RAM from 1 MiB, RAM above 4 GiB."""
-    out = []
-    for gpa, size in ram:
-        if gpa == 0:
-            out.append((0, L.EBDA_START, E820_RAM))
-            out.append((L.EBDA_START, 0x100000 - L.EBDA_START, E820_RESERVED))
-            if size > L.KERNEL_LOAD:
-                out.append((L.KERNEL_LOAD, size - L.KERNEL_LOAD, E820_RAM))
-        else:
-            out.append((gpa, size, E820_RAM))
-    return out
+    """The e820-style map the guest sees (the same one a bzImage gets in its zero page)."""
+    return [(e.addr, e.size, e.type) for e in build_e820(ram)]

@@ -13,10 +13,9 @@ awake: no lost wake-up.
 """
 from __future__ import annotations
 
-import os
 
 from ..devices.base import Register, RegisterDevice
-from .spin import address_of, store_fence_load
+from .spin import address_of, drain_eventfd, store_fence_load
 
 
 class SharedRegister:
@@ -57,8 +56,4 @@ class SharedRegister:
         self._event[0] = (self.last - 1) & 0xFFFFFFFF
 
     def drain(self) -> None:
-        if self.wake_fd is not None:
-            try:
-                os.eventfd_read(self.wake_fd)
-            except BlockingIOError:
-                pass
+        drain_eventfd(self.wake_fd)

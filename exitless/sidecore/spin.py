@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import struct
 
 from . import _spin
@@ -24,3 +25,12 @@ def wait_for_change(watches: list[tuple[int, int]], timeout_ns: int) -> int:
     addrs = struct.pack(f"<{len(watches)}Q", *(a for a, _ in watches))
     snap = struct.pack(f"<{len(watches)}I", *(v & 0xFFFFFFFF for _, v in watches))
     return _spin.watch(addrs, snap, timeout_ns)
+
+
+def drain_eventfd(fd: int | None) -> None:
+    """Reset a non-blocking eventfd's counter (a wake-up that has been seen)."""
+    if fd is not None:
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:
+            pass

@@ -25,7 +25,7 @@ import threading
 
 from ...sidecore.loop import SidecoreGroup
 from ...sidecore.paths import MODE_OF_PATH, PATHS
-from ...sidecore.spin import address_of, fence
+from ...sidecore.spin import address_of, drain_eventfd, fence
 from ..pci.device import Bar, PciDevice
 from ..pci.msix import CAP_ID_MSIX, NO_VECTOR, Msix
 from .constants import VIRTIO_STATUS_DEVICE_NEEDS_RESET, VIRTIO_STATUS_DRIVER_OK, VIRTIO_STATUS_FEATURES_OK
@@ -384,8 +384,4 @@ class QueuePollable:
             q.disable_notifications()
 
     def drain(self) -> None:
-        if self.wake_fd is not None:
-            try:
-                os.eventfd_read(self.wake_fd)
-            except BlockingIOError:
-                pass
+        drain_eventfd(self.wake_fd)
