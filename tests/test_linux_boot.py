@@ -335,3 +335,28 @@ def test_boot_console_stops_once_everything_was_seen() -> None:
         c(b"then alpha\n")
     assert stop.value.exit.kind == "stopped" and c.stopped_by_console
     assert [line for _, line in c.lines] == ["[    0.000000] Linux version 6.1", "beta first", "then alpha"]
+
+
+@pytest.mark.kvm
+def test_pc_devices_and_pci_share_port_0xcf8(tmp_path: Path) -> None:
+    """0xCF9 (reset, a byte) lives inside PCI's CONFIG_ADDRESS dword 0xCF8: both must work, disks still attach."""
+    from exitless.disk import DiskSpec, add_disk
+    from exitless.exits import GuestStop
+    from exitless.vm import Machine, VmConfig
+
+    with Machine(VmConfig(mem_mib=64, console=lambda b: None)) as m:
+        devs = LX.add_pc_devices(m)
+        assert LX.add_pc_devices(m) is devs
+        m.pio.write(0xCF8, struct.pack("<I", 0x8000_0000))        # bus 0, device 0: the host bridge
+        assert m.pio.read(0xCF8, 4) == struct.pack("<I", 0x8000_0000)
+        assert m.pio.read(0xCFC, 2) != b"\xff\xff"
+        m.pio.write(0xCF9, b"\x02")
+        assert m.pio.read(0xCF9, 1) == b"\x02"
+        with pytest.raises(GuestStop) as stop:
+            m.pio.write(0xCF9, b"\x06")
+        assert stop.value.exit.kind == "reset"
+        img = tmp_path / "d.img"
+        img.write_bytes(bytes(1 << 20))
+        add_disk(m, DiskSpec(str(img), io="trap"))
+        names = {r.name for r in m.pio}
+        assert {"acpi-pm1a-evt", "acpi-pm1a-cnt", "i8042-data", "i8042-cmd", "cmos-rtc"} <= names

@@ -100,10 +100,34 @@ class _Sink:
         pass
 
 
+class _PciAddressAndReset:
+    """Ports 0xCF8-0xCFB: PCI's CONFIG_ADDRESS dword, and at 0xCF9 the one-byte reset control register.
+
+    As on a PC chipset, only a byte access to 0xCF9 reaches the reset register;
+    everything else goes to the PCI root's address latch.
+    """
+
+    def __init__(self, address_port, reset: ResetControl, reset_offset: int):
+        self.address_port, self.reset, self.reset_offset = address_port, reset, reset_offset
+
+    def read(self, offset: int, size: int) -> bytes:
+        if offset == self.reset_offset and size == 1:
+            return self.reset.read(0, 1)
+        return self.address_port.read(offset, size)
+
+    def write(self, offset: int, data: bytes) -> None:
+        if offset == self.reset_offset and len(data) == 1:
+            self.reset.write(0, data)
+        else:
+            self.address_port.write(offset, data)
+
+
 def add_pc_devices(machine: "Machine") -> PcDevices:
     """The legacy PC devices a Linux guest pokes at: ACPI PM1a, reset port, i8042, CMOS RTC, port 0x80.
 
-    Idempotent: a second call returns the devices of the first.
+    Also creates PCI bus 0 (the DSDT describes its host bridge), because its
+    CONFIG_ADDRESS port 0xCF8-0xCFB shares 0xCF9 with the reset register: the
+    two become one bus range.  Idempotent: a second call returns the devices of the first.
     """
     existing = getattr(machine, "pc_devices", None)
     if existing is not None:
@@ -116,7 +140,14 @@ def add_pc_devices(machine: "Machine") -> PcDevices:
     pio = machine.pio
     pio.insert(PM1A_EVT_PORT, PM1A_EVT_LEN, pm.event, "acpi-pm1a-evt")
     pio.insert(PM1A_CNT_PORT, PM1A_CNT_LEN, pm.control_block, "acpi-pm1a-cnt")
-    pio.insert(RESET_PORT, 1, reset, "reset-cf9")
+    getattr(machine, "pci", None)      # create PCI bus 0 (and its 0xCF8/0xCFC ports) now, not after us
+    shared = pio.find(RESET_PORT)
+    if shared is not None:
+        pio.remove(shared.base)
+        pio.insert(shared.base, shared.length, _PciAddressAndReset(shared.device, reset, RESET_PORT - shared.base),
+                   f"{shared.name}+reset-cf9")
+    else:
+        pio.insert(RESET_PORT, 1, reset, "reset-cf9")
     pio.insert(I8042_DATA, 1, kbc.data_port, "i8042-data")
     pio.insert(I8042_STATUS, 1, kbc.command_port, "i8042-cmd")
     pio.insert(RTC_PORT, 2, rtc, "cmos-rtc")
