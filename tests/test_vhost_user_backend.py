@@ -116,12 +116,14 @@ class Session:
     """A frontend session with one ring set up, and the guest's blk request helpers."""
 
     def __init__(self, path: str, *, evt: bool = True, protocol: bool = True, nofd: bool = False,
-                 enable: bool = True, base: int = 0, ram: GuestRam | None = None):
+                 enable: bool = True, base: int = 0, ram: GuestRam | None = None, queues: int = 1):
         self.ram = ram or GuestRam()
         self.fe = Frontend.connect(path)
-        self.kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.err = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        new = lambda: os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # noqa: E731
+        self.kicks_fd = [new() for _ in range(queues)]
+        self.calls_fd = [new() for _ in range(queues)]
+        self.errs_fd = [new() for _ in range(queues)]
+        self.kick, self.call, self.err = self.kicks_fd[0], self.calls_fd[0], self.errs_fd[0]
         self.nofd = nofd
         self.kicks = 0
         self.interrupts = 0
@@ -135,29 +137,33 @@ class Session:
             pf = fe.get_protocol_features()
             assert pf >> P.PROTOCOL_F_CONFIG & 1 and pf >> P.PROTOCOL_F_REPLY_ACK & 1 and pf >> P.PROTOCOL_F_MQ & 1
             fe.set_protocol_features(pf)
-            assert fe.get_queue_num() == 1
+            assert fe.get_queue_num() >= queues
             want |= 1 << P.F_PROTOCOL_FEATURES
         fe.set_owner()
         fe.set_features(want)
         regions, fds = self.ram.table()
         fe.set_mem_table(regions, fds)
-        self.ring = DriverRing(self.ram.mem, evt=evt)
-        self.ring.avail_idx = self.ring.last_used = base
-        self.ram.mem.write_u16(self.ring.avail + 2, base)
-        self.ram.mem.write_u16(self.ring.used + 2, base)
-        fe.set_vring_num(0, QSIZE)
-        fe.set_vring_base(0, base)
-        desc, used, avail = self.ring.uvas()
-        fe.set_vring_addr(0, desc, used, avail)
-        fe.set_vring_kick(0, None if nofd else self.kick)
-        fe.set_vring_call(0, self.call)
-        fe.set_vring_err(0, self.err)
-        if protocol and enable:
-            fe.set_vring_enable(0, True)
+        self.rings = []
+        for q in range(queues):
+            ring = DriverRing(self.ram.mem, base=RING_GPA + 0x4000 * q, evt=evt)
+            self.rings.append(ring)
+            ring.avail_idx = ring.last_used = base
+            self.ram.mem.write_u16(ring.avail + 2, base)
+            self.ram.mem.write_u16(ring.used + 2, base)
+            fe.set_vring_num(q, QSIZE)
+            fe.set_vring_base(q, base)
+            desc, used, avail = ring.uvas()
+            fe.set_vring_addr(q, desc, used, avail)
+            fe.set_vring_kick(q, None if nofd else self.kicks_fd[q])
+            fe.set_vring_call(q, self.calls_fd[q])
+            fe.set_vring_err(q, self.errs_fd[q])
+            if protocol and enable:
+                fe.set_vring_enable(q, True)
+        self.ring = self.rings[0]
 
     # -- requests --------------------------------------------------------------------------------------
-    def submit(self, rtype: int, sector: int, data_gpa: int, nbytes: int, slot: int) -> int:
-        hdr = 0x8000 + 0x40 * slot            # header and status bytes in region A
+    def submit(self, rtype: int, sector: int, data_gpa: int, nbytes: int, slot: int, q: int = 0) -> int:
+        hdr = 0x8000 + 0x40 * slot + 0x1000 * q    # header and status bytes in region A
         status = hdr + 0x20
         self.ram.mem.write(hdr, struct.pack("<IIQ", rtype, 0, sector))
         self.ram.mem.write_u8(status, 0xEE)
@@ -165,24 +171,24 @@ class Session:
         if nbytes:
             bufs.append((data_gpa, nbytes, rtype == VIRTIO_BLK_T_IN))
         bufs.append((status, 1, True))
-        head, kick = self.ring.add(bufs)
+        head, kick = self.rings[q].add(bufs)
         if kick and not self.nofd:
-            os.eventfd_write(self.kick, 1)
+            os.eventfd_write(self.kicks_fd[q], 1)
             self.kicks += 1
         return status
 
-    def wait(self, n: int, timeout: float = 10.0) -> list[tuple[int, int]]:
+    def wait(self, n: int, timeout: float = 10.0, q: int = 0) -> list[tuple[int, int]]:
         done: list[tuple[int, int]] = []
         deadline = time.monotonic() + timeout
         while len(done) < n:
-            done += self.ring.reap()
+            done += self.rings[q].reap()
             if len(done) >= n:
                 break
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"{len(done)} of {n} requests completed")
-            if select.select([self.call], [], [], min(left, 0.05))[0]:
-                os.eventfd_read(self.call)
+            if select.select([self.calls_fd[q]], [], [], min(left, 0.05))[0]:
+                os.eventfd_read(self.calls_fd[q])
                 self.interrupts += 1
         return done
 
@@ -199,7 +205,7 @@ class Session:
 
     def close(self, ram: bool = True) -> None:
         self.fe.close()
-        for fd in (self.kick, self.call, self.err):
+        for fd in self.kicks_fd + self.calls_fd + self.errs_fd:
             os.close(fd)
         if ram:
             self.ram.close()
@@ -423,6 +429,35 @@ def test_second_frontend_is_turned_away(disk):
             assert s.io(VIRTIO_BLK_T_IN, 0, 0x20000, 512) == VIRTIO_BLK_S_OK
         finally:
             s.close()
+    finally:
+        srv.stop()
+        dev.close()
+
+
+@pytest.mark.parametrize("io", ["kick", "poll", "adaptive"])
+def test_two_queues_one_data_plane(disk, io):
+    dev = VirtioBlk(disk, num_queues=2)
+    srv = VhostUserServer(str(disk.parent / "mq.sock"), dev, io).start()
+    try:
+        s = Session(srv.path, queues=2)
+        try:
+            assert srv.session.loop_mode == io and [r.live for r in srv.session.rings] == [True, True]
+            mem = s.ram.mem
+            for i in range(16):
+                q = i % 2
+                mem.write(0x20000 + 0x2000 * i, pattern(4096, i))
+                st = s.submit(VIRTIO_BLK_T_OUT, 8 * i, 0x20000 + 0x2000 * i, 4096, i, q=q)
+                s.wait(1, q=q)
+                assert mem.read_u8(st) == VIRTIO_BLK_S_OK
+            for i in range(16):
+                q = (i + 1) % 2
+                assert s.submit(VIRTIO_BLK_T_IN, 8 * i, 0x60000, 4096, 0, q=q)
+                s.wait(1, q=q)
+                assert mem.read(0x60000, 4096) == pattern(4096, i)
+            assert [s.fe.get_vring_base(q) for q in (0, 1)] == [16, 16]
+        finally:
+            s.close()
+        assert srv.wait_connections(1, 10)
     finally:
         srv.stop()
         dev.close()

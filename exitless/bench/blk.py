@@ -101,7 +101,8 @@ def make_image(directory: str | None = None) -> Path:
 
 
 def run(tests=TESTS, paths=EXITLESS_PATHS, *, with_qemu: bool = True, scale: float = 1.0,
-        timeout: float = 600, log=print) -> list[dict]:
+        timeout: float = 600, log=print, with_vhost: bool = False) -> list[dict]:
+    """``with_vhost``: add ``qemu+exitless`` rows (QEMU frontend, exitless vhost-user back-end; bench.vhost)."""
     image = make_image()
     rows = []
     try:
@@ -124,6 +125,10 @@ def run(tests=TESTS, paths=EXITLESS_PATHS, *, with_qemu: bool = True, scale: flo
                         row = _row("qemu", label, test, full, base, irq)
                         row["accel"] = full["accel"]
                         rows.append(row)
+        if with_vhost and qemu.available():
+            from . import vhost
+            rows += vhost.run(list(tests), scale=scale, timeout=timeout, log=log, image=image, with_builtin=False,
+                              accel="auto")
     finally:
         image.unlink(missing_ok=True)
     return rows

@@ -119,6 +119,7 @@ class VringPollable:
         self.index = index
         self.q = device.queues[index]
         self.wake_fd = kick_fd if kick_fd >= 0 else None
+        self.done = 0                                           # requests completed
         self._avail = device.mem.view(self.q.avail_addr, 4)     # flags, idx
         self._avail_addr = address_of(self._avail)
         self._avail_flags = self._avail[:2].cast("H")      # loaded whole, never torn
@@ -129,7 +130,9 @@ class VringPollable:
     def poll(self) -> bool:
         if not self._ok() or not self.q.has_work():
             return False
-        return self.device.handle_queue(self.index) > 0
+        n = self.device.handle_queue(self.index)
+        self.done += n
+        return n > 0
 
     def watches(self) -> list[tuple[int, int]]:
         if not self._ok():
@@ -171,6 +174,8 @@ class VhostUserBackend:
         self.worker: SidecoreThread | None = None
         self.loop_mode: str | None = None
         self.restarts = 0
+        self.completed = 0              # requests completed by data planes of this session
+        self._pollables: list[VringPollable] = []
         self._leaked = False
         device.on_needs_reset = self._on_needs_reset
         device.on_config_changed = self._on_config_changed
@@ -401,6 +406,8 @@ class VhostUserBackend:
                 self._leaked = True
             self.worker = None
             self.loop_mode = None
+            self.completed += sum(p.done for p in self._pollables)
+            self._pollables = []
         dev = self.device
         if dev.activated or dev.needs_reset:
             for i, ring in enumerate(self.rings):
@@ -450,7 +457,7 @@ class VhostUserBackend:
         if mode != "notify":
             for i in live:
                 queues[i].disable_notifications()
-        pollables = [VringPollable(dev, i, self.rings[i].kick_fd) for i in live]
+        pollables = self._pollables = [VringPollable(dev, i, self.rings[i].kick_fd) for i in live]
         loop = SidecoreLoop(pollables, mode, poll_ns=self.poll_ns, name=f"{self.name}-dataplane")
         self.worker = SidecoreThread(loop).start()
         self.loop_mode = want

@@ -292,8 +292,8 @@ class VhostUserServer:
             session.close()
             self.session = None
             conn.close()
-            log.info("%s: frontend disconnected (%s): %s after %d messages, %.1f s", self.name, peer, why,
-                     self.messages - n0, time.monotonic() - t0)
+            log.info("%s: frontend disconnected (%s): %s after %d messages, %d requests, %.1f s", self.name, peer,
+                     why, self.messages - n0, session.completed, time.monotonic() - t0)
             with self.served:
                 self.served.notify_all()
 
