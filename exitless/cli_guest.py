@@ -332,6 +332,8 @@ def cmd_run_linux(args) -> int:
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def on_signal(signum, frame):
+        for s in previous:                # one stop is enough: the VM is torn down next
+            signal.signal(s, signal.SIG_IGN)
         raise HostSignal(signum)
 
     exit = None

@@ -79,8 +79,9 @@ def boot_exitless(kernel: Path, initrd: bytes, cmdline: str, *, mem: int, cpus: 
     status = parse_exit_status(console.text, EXIT_MARKER)
     off = t_end if exit.kind == "shutdown" and status is not None else None
     lines = [line for _, line in console.lines]
-    msg = exit.message.split(" [")[0]
+    msg = exit.message.split(" [")[0].split(" (")[0]       # "KVM internal error: emulation failure"
     return {"first_line_s": console.first_line_at, "userspace_s": console.ready_at, "poweroff_s": off,
+            "stopped_after_s": t_end,
             "reached": _reached(console.first_line_at, console.ready_at, off),
             "stop": f"{exit.kind}: {msg}"[:160], "status": status, "kernel_time_s": _kernel_time(lines),
             "last_line": lines[-1][:160] if lines else ""}
@@ -136,7 +137,7 @@ def boot_qemu(qemu: str, accel: str, kernel: Path, initrd: Path, cmdline: str, *
         if proc.returncode and tail:
             stop += ": " + tail[-1][:120]
     return {"first_line_s": first, "userspace_s": ready, "poweroff_s": off, "reached": _reached(first, ready, off),
-            "stop": stop, "kernel_time_s": _kernel_time(lines), "last_line": lines[-1][:160] if lines else ""}
+            "stopped_after_s": time.monotonic() - t0, "stop": stop, "kernel_time_s": _kernel_time(lines), "last_line": lines[-1][:160] if lines else ""}
 
 
 def choose_qemu_accel(qemu: str, kernel: Path, initrd: Path, want: str, *, mem: int, cpus: int,
@@ -154,7 +155,7 @@ def choose_qemu_accel(qemu: str, kernel: Path, initrd: Path, want: str, *, mem: 
 
 def summarize(vmm: str, runs: list[dict], extra: dict) -> dict:
     row = {"vmm": vmm, **extra, "runs": len(runs)}
-    for key in ("first_line_s", "userspace_s", "poweroff_s"):
+    for key in ("first_line_s", "userspace_s", "poweroff_s", "stopped_after_s"):
         vals = [r[key] for r in runs]
         row[key] = statistics.median(vals) if vals and all(v is not None for v in vals) else None
     order = ["nothing", "early-boot", "userspace", "power-off"]
@@ -219,7 +220,8 @@ def main(args) -> int:
                                                            "cmdline": qemu_cmdline}))
     print_table(f"Linux boot, median of {args.runs} (seconds from VMM start; '-' = not reached)", rows, [
         ("vmm", "vmm"), ("first_line_s", "first kernel line"), ("userspace_s", "userspace"),
-        ("poweroff_s", "power-off"), ("reached", "reached"), ("kernel_time_s", "kernel clock at end"),
+        ("poweroff_s", "power-off"), ("reached", "reached"), ("stopped_after_s", "stopped after"),
+        ("kernel_time_s", "kernel clock at end"),
         ("stop", "stopped because")])
     if args.json:
         write_json(rows, args.json)
