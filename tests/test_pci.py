@@ -1,0 +1,109 @@
+"""PCI config space through the type-1 ports, BAR sizing and decode, MSI-X masking."""
+import struct
+
+import pytest
+
+from exitless.devices.pci.msix import Msix
+from exitless.devices.virtio.blk import VirtioBlk
+from exitless.devices.virtio.pci import BAR_CFG, BAR_MSIX, BAR_NOTIFY, VirtioPci
+from exitless.vm import Machine, VmConfig
+
+
+class Cfg:
+    """Drive config space the way a guest does: address latch at 0xCF8, data at 0xCFC."""
+
+    def __init__(self, m, slot):
+        self.m, self.slot = m, slot
+
+    def _latch(self, reg):
+        self.m.pio.write(0xCF8, struct.pack("<I", 0x8000_0000 | (self.slot << 11) | (reg & 0xFC)))
+
+    def read(self, reg, size=4):
+        self._latch(reg)
+        return int.from_bytes(self.m.pio.read(0xCFC + (reg & 3), size), "little")
+
+    def write(self, reg, value, size=4):
+        self._latch(reg)
+        self.m.pio.write(0xCFC + (reg & 3), value.to_bytes(size, "little"))
+
+
+@pytest.fixture
+def machine(tmp_path):
+    img = tmp_path / "d.img"
+    img.write_bytes(b"\0" * 65536)
+    with Machine(VmConfig(mem_mib=32)) as m:
+        dev = VirtioPci(m, VirtioBlk(img), "ioeventfd")
+        yield m, dev, Cfg(m, dev.slot)
+
+
+@pytest.mark.kvm
+def test_enumeration_and_absent_functions(machine):
+    m, dev, cfg = machine
+    host = Cfg(m, 0)
+    assert host.read(0x0A, 2) == 0x0600                       # host bridge class
+    assert cfg.read(0) == (0x1042 << 16) | 0x1AF4             # virtio-blk, modern
+    assert Cfg(m, 7).read(0) == 0xFFFF_FFFF                   # nothing there: all ones
+    m.pio.write(0xCF8, struct.pack("<I", 0x8000_0810))
+    assert m.pio.read(0xCF8, 4) == struct.pack("<I", 0x8000_0810)  # the latch reads back
+    # the capability list walks to the MSI-X capability and the virtio vendor capabilities
+    ptr, seen = cfg.read(0x34, 1), []
+    while ptr:
+        seen.append(cfg.read(ptr, 1))
+        ptr = cfg.read(ptr + 1, 1)
+    assert seen.count(0x09) == 4 and 0x11 in seen
+
+
+@pytest.mark.kvm
+def test_bar_sizing_and_decode(machine):
+    m, dev, cfg = machine
+    bar0 = cfg.read(0x10)
+    assert bar0 and bar0 % 0x4000 == 0 and m.mmio.find(bar0) is not None
+    cmd = cfg.read(0x04, 2)
+    cfg.write(0x04, cmd & ~0x2, 2)                            # memory decode off, as Linux does to size
+    assert m.mmio.find(bar0) is None
+    cfg.write(0x10, 0xFFFF_FFFF)
+    assert cfg.read(0x10) == (~(0x4000 - 1)) & 0xFFFF_FFFF    # ~(size-1), memory BAR type bits 0
+    new = 0xC800_0000
+    cfg.write(0x10, new)
+    cfg.write(0x04, cmd, 2)                                   # decode on at the new address
+    assert m.mmio.find(new) is not None and m.mmio.find(bar0) is None
+    assert dev.bars[BAR_CFG].address == new
+
+
+class FakeRouter:
+    def __init__(self):
+        self.vectors = []
+
+    def allocate_msi(self):
+        router = self
+
+        class Vec:
+            def __init__(self):
+                self.fired, self.programmed = 0, None
+
+            def program(self, a, d):
+                self.programmed = (a, d)
+
+            def fire(self):
+                self.fired += 1
+
+        v = Vec()
+        router.vectors.append(v)
+        return v
+
+
+def test_msix_masked_vector_is_pending_until_unmasked():
+    msix = Msix(FakeRouter(), 2, BAR_MSIX)
+    msix.write(0, struct.pack("<III", 0xFEE0_0000, 0, 0x41))   # address, data; still masked
+    msix.control_written(0x8000)                              # MSI-X enable
+    assert msix.fire(0) is False                              # masked: pending
+    assert msix.read(0x800, 8)[0] & 1                         # the PBA shows it
+    msix.write(12, struct.pack("<I", 0))                      # unmask: delivered now
+    vec = msix.vectors[0]
+    assert vec.programmed == (0xFEE0_0000, 0x41) and vec.fired == 1
+    assert not msix.read(0x800, 8)[0] & 1
+    msix.control_written(0x8000 | 0x4000)                     # function mask
+    assert msix.fire(0) is False and vec.fired == 1
+    msix.control_written(0x8000)
+    assert vec.fired == 2
+    assert msix.fire(5) is False                              # no such vector: ignored
