@@ -357,8 +357,9 @@ def test_without_protocol_features_rings_start_enabled(disk):
         dev.close()
 
 
-def test_disconnect_mid_io_leaves_the_backend_ready(disk):
-    srv, dev = serve(disk, "poll")
+@pytest.mark.parametrize("io", ["kick", "poll", "adaptive"])
+def test_disconnect_mid_io_leaves_the_backend_ready(disk, io):
+    srv, dev = serve(disk, io)
     try:
         for round_ in range(3):
             s = Session(srv.path)
@@ -458,6 +459,24 @@ def test_two_queues_one_data_plane(disk, io):
         finally:
             s.close()
         assert srv.wait_connections(1, 10)
+    finally:
+        srv.stop()
+        dev.close()
+
+
+def test_set_config_is_acked_and_reset_owner_stops_the_rings(disk):
+    srv, dev = serve(disk, "kick")
+    try:
+        s = Session(srv.path)
+        try:
+            s.fe.request(P.SET_CONFIG, P.CONFIG_HEAD.pack(0x20, 1, 0) + b"\x01")   # REPLY_ACK: raises on failure
+            assert s.fe.get_config(0, 8) == struct.pack("<Q", DISK_BYTES // 512)
+            assert s.io(VIRTIO_BLK_T_IN, 0, 0x20000, 512) == VIRTIO_BLK_S_OK
+            s.fe.request(P.RESET_OWNER)
+            assert srv.session.worker is None and not any(r.live for r in srv.session.rings)
+            assert s.fe.get_vring_base(0) == 1
+        finally:
+            s.close()
     finally:
         srv.stop()
         dev.close()
