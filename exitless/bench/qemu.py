@@ -110,11 +110,12 @@ def run_guestkit(kernel: Path, append: str, *, disk: Path | None = None, iothrea
            "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
            "-kernel", str(kernel), "-append", append, "-qmp", f"unix:{qmp_path},server=on,wait=off"]
     if disk is not None:
+        # cache=writeback: the host page cache, as exitless's virtio-blk uses by default (buffered I/O)
         dev = "virtio-blk-pci,drive=d0,disable-legacy=on,ioeventfd=on,event_idx=on"
         if iothread:
             cmd += ["-object", "iothread,id=io0,poll-max-ns=32768"]
             dev += ",iothread=io0"
-        cmd += ["-drive", f"file={disk},if=none,id=d0,format=raw,cache=none,aio=threads", "-device", dev]
+        cmd += ["-drive", f"file={disk},if=none,id=d0,format=raw,cache=writeback,aio=threads", "-device", dev]
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out = bytearray()
