@@ -5,7 +5,7 @@ import argparse
 import logging
 import sys
 
-from . import __version__
+from . import __version__, cli_guest, cli_serve
 
 
 def _parse_mem(text: str) -> int:
@@ -20,13 +20,11 @@ def _parse_mem(text: str) -> int:
 
 
 def cmd_run(args) -> int:
-    from . import cli_guest
     if cli_guest.wants_linux_loader(args):  # a Linux kernel (bzImage/vmlinux) or `run -- CMD`
         return cli_guest.cmd_run_linux(args)
     from .boot.pvh import KernelImageError
-    from .vm import Machine, VmConfig
-
     from .disk import DiskSpec, DiskSpecError, add_disks
+    from .vm import Machine, VmConfig
 
     try:
         disks = [DiskSpec.parse(d) for d in args.disk]
@@ -112,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="boot a kernel (PVH ELF: the guest kit or a vmlinux)")
-    run.add_argument("--kernel", required=True)
+    run.add_argument("--kernel", help="kernel: a bzImage, a vmlinux (PVH) or the guest kit; "
+                     "default: the fetched Debian kernel")
     run.add_argument("--append", default="", help="kernel command line")
     run.add_argument("--initrd")
     run.add_argument("--mem", type=_parse_mem, default=256, help="guest RAM (default 256M)")
@@ -148,8 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--json", nargs="?", const="-", help="write rows as JSON (to a file, or stdout)")
     bb.add_argument("--plot", help="write a PNG plot here")
     bb.set_defaults(func=cmd_bench_blk)
-    __import__("exitless.cli_serve").cli_serve.register(sub)  # exitless serve blk (vhost-user), bench vhost
-    __import__("exitless.cli_guest").cli_guest.register(sub)  # guest fetch, run -- CMD, bench boot
+    cli_serve.register(sub, bench=bsub)             # serve blk (vhost-user), bench vhost
+    cli_guest.register(sub, run=run, bench=bsub)    # guest fetch, run -- CMD and Linux kernels, bench boot
     return p
 
 

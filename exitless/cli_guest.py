@@ -33,13 +33,9 @@ DEFAULT_MODULES = ("virtio_pci", "virtio_blk", "virtio_net")
 # --------------------------------------------------------------------------- parser
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction, *, run: argparse.ArgumentParser,
+             bench: argparse._SubParsersAction) -> None:
     """Add ``guest fetch`` and ``bench boot``, and teach ``run`` the Linux forms."""
-    run = sub.choices["run"]
-    for action in run._actions:
-        if "--kernel" in action.option_strings:
-            action.required = False
-            action.help = "kernel: a bzImage, a vmlinux (PVH) or the guest kit; default: the fetched Debian kernel"
     run.add_argument("--decompress", choices=("auto", "guest", "host"), default="auto",
                      help="bzImage: run its decompressor in the guest, or unpack it on the host "
                           "(auto: host on kvm_pvm hosts, guest elsewhere)")
@@ -59,9 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     fetch.add_argument("--refresh", action="store_true", help="ask apt for newer versions")
     fetch.set_defaults(func=cmd_guest_fetch)
 
-    bench = sub.choices["bench"]
-    bsub = next(a for a in bench._actions if isinstance(a, argparse._SubParsersAction))
-    boot = bsub.add_parser("boot", help="time to first kernel line, userspace and power-off, beside QEMU")
+    boot = bench.add_parser("boot", help="time to first kernel line, userspace and power-off, beside QEMU")
     boot.add_argument("--runs", type=int, default=3, help="boots per VMM (the median is reported)")
     boot.add_argument("--json", nargs="?", const="-", help="write the results as JSON (to a file, or stdout)")
     boot.add_argument("--timeout", type=float, default=None,

@@ -101,8 +101,8 @@ def cmd_bench_vhost(args) -> int:
     return 1 if any(r.get("errors") for r in rows) else 0
 
 
-def register(sub) -> None:
-    """Add ``serve`` (and ``bench vhost``, if the ``bench`` command exists) to the top-level subparsers."""
+def register(sub, *, bench=None) -> None:
+    """Add ``serve`` to the top-level subparsers, and ``bench vhost`` to ``bench``'s."""
     from .vhost_user import IO_MODES
 
     serve = sub.add_parser("serve", help="serve an exitless device to another VMM (vhost-user)")
@@ -119,10 +119,8 @@ def register(sub) -> None:
     blk.add_argument("--poll-us", type=float, default=64.0, help="adaptive: initial busy-poll window (µs)")
     blk.set_defaults(func=cmd_serve_blk)
 
-    bench = sub.choices.get("bench")
-    bsubs = [a for a in getattr(bench, "_actions", ()) if isinstance(a, argparse._SubParsersAction)]
-    if bsubs:
-        bv = bsubs[0].add_parser("vhost", help="virtio-blk in QEMU: exitless vhost-user back-end vs QEMU's own")
+    if bench is not None:
+        bv = bench.add_parser("vhost", help="virtio-blk in QEMU: exitless vhost-user back-end vs QEMU's own")
         bv.add_argument("--io", nargs="+", default=list(IO_MODES), choices=IO_MODES)
         bv.add_argument("--tests", nargs="+", help="subset of the bench blk tests (names)")
         bv.add_argument("--scale", type=float, default=1.0, help="multiply the operation counts")
