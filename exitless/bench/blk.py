@@ -161,9 +161,13 @@ def plot(rows: list[dict], path: str) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
     for ax, (test, key, title) in zip(axes, panels):
         sel = [r for r in rows if r["test"] == test]
-        ax.bar([f"{r['vmm']}\n{r['path']}/{r['irq']}" for r in sel], [r[key] for r in sel],
+        ax.bar([f"{r['path']}/{r['irq']}" for r in sel], [r[key] for r in sel],
                color=["tab:blue" if r["vmm"] == "exitless" else "tab:gray" for r in sel])
         ax.set_title(title, fontsize=9)
-        ax.tick_params(axis="x", labelsize=7, rotation=45)
+        ax.tick_params(axis="x", labelsize=7)
+        plt.setp(ax.get_xticklabels(), rotation=60, ha="right")
+    from matplotlib.patches import Patch
+    axes[0].legend(handles=[Patch(color="tab:blue", label="exitless"), Patch(color="tab:gray", label="QEMU")],
+                   fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
