@@ -161,7 +161,7 @@ def plot(rows: list[dict], path: str) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
     for ax, (test, key, title) in zip(axes, panels):
         sel = [r for r in rows if r["test"] == test]
-        ax.bar([f"{r['path']}/{r['irq']}" for r in sel], [r[key] for r in sel],
+        ax.bar([f"{'qemu ' if r['vmm'] == 'qemu' else ''}{r['path']}/{r['irq']}" for r in sel], [r[key] for r in sel],
                color=["tab:blue" if r["vmm"] == "exitless" else "tab:gray" for r in sel])
         ax.set_title(title, fontsize=9)
         ax.tick_params(axis="x", labelsize=7)
