@@ -88,7 +88,7 @@ def cmd_bench_blk(args) -> int:
     from .bench.common import print_table, write_json
 
     tests = [t for t in B.TESTS if not args.tests or t.name in args.tests]
-    rows = B.run(tests, args.paths, with_qemu=not args.no_qemu, scale=args.scale,
+    rows = B.run(tests, args.paths, with_qemu=not args.no_qemu, scale=args.scale, with_vhost=args.with_vhost,
                  log=lambda msg: print(msg, file=sys.stderr))
     print_table("virtio-blk (one run, same image, same guest driver)", rows, [
         ("vmm", "vmm"), ("path", "path"), ("irq", "completion"), ("test", "test"), ("iops", "IOPS"), ("p50_us", "p50 µs"),
@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "randwrite-4k-qd1 randwrite-4k-qd32 write-128k")
     bb.add_argument("--scale", type=float, default=1.0, help="multiply the operation counts")
     bb.add_argument("--no-qemu", action="store_true", help="skip the QEMU rows")
+    bb.add_argument("--with-vhost", action="store_true",
+                    help="add qemu+exitless rows (QEMU frontend, exitless vhost-user back-end)")
     bb.add_argument("--json", nargs="?", const="-", help="write rows as JSON (to a file, or stdout)")
     bb.add_argument("--plot", help="write a PNG plot here")
     bb.set_defaults(func=cmd_bench_blk)
