@@ -50,7 +50,7 @@ def test_enumeration_and_absent_functions(machine):
     while ptr:
         seen.append(cfg.read(ptr, 1))
         ptr = cfg.read(ptr + 1, 1)
-    assert seen.count(0x09) == 4 and 0x11 in seen
+    assert seen.count(0x09) == 5 and 0x11 in seen          # common, notify, ISR, device, PCI_CFG
 
 
 @pytest.mark.kvm
@@ -107,3 +107,19 @@ def test_msix_masked_vector_is_pending_until_unmasked():
     msix.control_written(0x8000)
     assert vec.fired == 2
     assert msix.fire(5) is False                              # no such vector: ignored
+
+
+@pytest.mark.kvm
+def test_pci_cfg_capability_reaches_the_common_config(machine):
+    """VIRTIO_PCI_CAP_PCI_CFG: set bar/offset/length, then pci_cfg_data accesses the BAR."""
+    m, dev, cfg = machine
+    cap = dev.pci_cfg_cap
+    assert cfg.read(cap + 3, 1) == 5
+    cfg.write(cap + 4, 0, 1)                 # BAR0
+    cfg.write(cap + 8, 0x12)                 # common config: num_queues
+    cfg.write(cap + 12, 2)                   # 2 bytes
+    assert cfg.read(cap + 16, 2) == dev.device.num_queues
+    cfg.write(cap + 8, 0x14)                 # device_status
+    cfg.write(cap + 12, 1)
+    cfg.write(cap + 16, 0x01, 1)             # ACKNOWLEDGE through the window
+    assert dev.status == 0x01

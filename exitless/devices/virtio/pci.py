@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 VIRTIO_VENDOR = 0x1AF4
 CAP_VENDOR = 0x09
-CFG_COMMON, CFG_NOTIFY, CFG_ISR, CFG_DEVICE = 1, 2, 3, 4
+CFG_COMMON, CFG_NOTIFY, CFG_ISR, CFG_DEVICE, CFG_PCI = 1, 2, 3, 4, 5
 COMMON_OFF, ISR_OFF, DEVICE_OFF = 0x0000, 0x1000, 0x2000
 COMMON_LEN, DEVICE_LEN = 0x40, 0x1000
 NOTIFY_MULTIPLIER = 4096
@@ -77,6 +77,9 @@ class VirtioPci(PciDevice):
         self._add_virtio_cap(CFG_DEVICE, BAR_CFG, DEVICE_OFF, DEVICE_LEN)
         body, writable = self.msix.capability()
         self.msix.cap_offset = self.add_capability(CAP_ID_MSIX, body, writable)
+        # VIRTIO_PCI_CAP_PCI_CFG: a window into the BARs through config space (the spec requires it)
+        self.pci_cfg_cap = self._add_virtio_cap(CFG_PCI, 0, 0, 0, b"\0" * 4,
+                                                writable=b"\0" * 2 + b"\xff" + b"\0" * 3 + b"\xff" * 12)
         device.on_needs_reset = self._needs_reset
         device.on_config_changed = self._config_interrupt
         self._reset_transport()
@@ -97,9 +100,32 @@ class VirtioPci(PciDevice):
             else:
                 sidecore.add(pollables, MODE_OF_PATH[path])
 
-    def _add_virtio_cap(self, cfg_type: int, bar: int, offset: int, length: int, extra: bytes = b"") -> None:
-        body = struct.pack("<BBBBBBII", 16 + len(extra), cfg_type, bar, 0, 0, 0, offset, length)[0:] + extra
-        self.add_capability(CAP_VENDOR, body)
+    def _add_virtio_cap(self, cfg_type: int, bar: int, offset: int, length: int, extra: bytes = b"",
+                        writable: bytes | None = None) -> int:
+        body = struct.pack("<BBBBBBII", 16 + len(extra), cfg_type, bar, 0, 0, 0, offset, length) + extra
+        return self.add_capability(CAP_VENDOR, body, writable)
+
+    # -- VIRTIO_PCI_CAP_PCI_CFG window ------------------------------------------
+    def _pci_cfg_target(self, offset: int, size: int):
+        """(bar, offset, length) if a config access hits the pci_cfg_data window, else None."""
+        data = self.pci_cfg_cap + 16
+        if not (data <= offset and offset + size <= data + 4):
+            return None
+        bar = self.config[self.pci_cfg_cap + 4]
+        boff, length = struct.unpack_from("<II", self.config, self.pci_cfg_cap + 8)
+        if length not in (1, 2, 4) or bar not in self.bars or boff + length > self.bars[bar].size:
+            return None
+        return bar, boff, length
+
+    def _bar_device(self, bar: int):
+        return {BAR_CFG: _CfgWindow(self), BAR_NOTIFY: _NotifyWindow(self), BAR_MSIX: self.msix}[bar]
+
+    def config_read(self, offset: int, size: int) -> int:
+        target = self._pci_cfg_target(offset, size)
+        if target is None:
+            return super().config_read(offset, size)
+        bar, boff, length = target
+        return int.from_bytes(self._bar_device(bar).read(boff, length), "little")
 
     def _reset_transport(self) -> None:
         self.status = 0
@@ -149,6 +175,11 @@ class VirtioPci(PciDevice):
             self._ioeventfds_at = None
 
     def config_written(self, offset: int, size: int, value: int) -> None:
+        target = self._pci_cfg_target(offset, size)
+        if target is not None:
+            bar, boff, length = target
+            self._bar_device(bar).write(boff, (value & ((1 << (8 * length)) - 1)).to_bytes(length, "little"))
+            return
         cap = self.msix.cap_offset
         if offset <= cap + 2 < offset + size or offset <= cap + 3 < offset + size:
             self.msix.control_written(struct.unpack_from("<H", self.config, cap + 2)[0])
