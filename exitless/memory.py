@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-import struct
 from dataclasses import dataclass
 
 PAGE_SIZE = 4096

@@ -7,7 +7,6 @@ is released while the guest runs.  To stop a vCPU from another thread we set
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import signal

@@ -2,7 +2,6 @@
 import gc
 import json
 import os
-import struct
 import threading
 
 import pytest

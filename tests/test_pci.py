@@ -5,7 +5,7 @@ import pytest
 
 from exitless.devices.pci.msix import Msix
 from exitless.devices.virtio.blk import VirtioBlk
-from exitless.devices.virtio.pci import BAR_CFG, BAR_MSIX, BAR_NOTIFY, VirtioPci
+from exitless.devices.virtio.pci import BAR_CFG, BAR_MSIX, VirtioPci
 from exitless.vm import Machine, VmConfig
 
 

@@ -1,11 +1,9 @@
 """virtio-blk over virtio-pci, driven by the guest kit's driver, under every I/O path on real KVM."""
 import json
-import os
 import signal
 import struct
 import subprocess
 import sys
-import time
 
 import pytest
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,7 +70,7 @@ def _exitless_run(image: Path, path: str, app: str, timeout: float) -> dict:
 
 
 def _qemu_run(image: Path, iothread: bool, app: str, timeout: float) -> dict:
-    r = qemu.run_guestkit(guestkit_path(), app, disk=image, iothread=iothread, timeout=timeout)
+    r = qemu.run_guestkit(guestkit_path(), app, device_args=qemu.builtin_device(image, iothread), timeout=timeout)
     if r.exit_status != 0:
         raise BenchError(f"qemu ({r.accel}): {app}: exit {r.exit_status}\n{r.console.decode(errors='replace')[-600:]}")
     return {"res": guest_result(r.console, "blk"), "exits": r.exits, "cpu": r.vmm_cpu_s, "accel": r.accel}
@@ -107,7 +106,7 @@ def run(tests=TESTS, paths=EXITLESS_PATHS, *, with_qemu: bool = True, scale: flo
     rows = []
     try:
         # write the whole image once, so that reads hit allocated blocks in both VMMs
-        _exitless_run(image, "ioeventfd", f"blk rw=fill bs=131072 qd=4 seed=5", timeout)
+        _exitless_run(image, "ioeventfd", "blk rw=fill bs=131072 qd=4 seed=5", timeout)
         for test in tests:
             n = max(10, int(test.n * scale))
             for path in paths:

@@ -14,6 +14,7 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 QEMU = "qemu-system-x86_64"
@@ -31,6 +32,7 @@ class QemuResult:
     exits: int | None
     vmm_cpu_s: float
     wall_s: float
+    stderr: str = ""
 
 
 class _Qmp:
@@ -70,21 +72,42 @@ def _kvm_exits(qmp: _Qmp) -> int | None:
     return sum(s["value"] for entry in reply["return"] for s in entry.get("stats", []) if s["name"] == "exits")
 
 
-def _cpu_split(pid: int) -> tuple[float, float]:
-    """(process CPU seconds, vCPU threads' CPU seconds) from /proc."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = vcpu = 0.0
+def process_cpu(pid: int) -> float:
+    """CPU seconds of another whole process, to the nanosecond (its CPU-time clock:
+    ``~pid << 3 | CPUCLOCK_SCHED``); /proc's 10 ms ticks would swamp a short run."""
+    try:
+        return time.clock_gettime((~pid << 3) | 2)
+    except OSError:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _thread_cpu(tid: int) -> float:
+    return time.clock_gettime((~tid << 3) | 6)      # CPUCLOCK_PERTHREAD | CPUCLOCK_SCHED
+
+
+def qemu_cpu(pid: int) -> tuple[float, float]:
+    """(QEMU's process CPU seconds, its vCPU threads' CPU seconds)."""
+    vcpu = 0.0
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            comm = (task / "comm").read_text().strip()
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            if (task / "comm").read_text().startswith("CPU "):
+                vcpu += _thread_cpu(int(task.name))
         except OSError:
             continue
-        t = (int(fields[11]) + int(fields[12])) / tick
-        total += t
-        if comm.startswith("CPU "):
-            vcpu += t
-    return total, vcpu
+    return process_cpu(pid), vcpu
+
+
+def builtin_device(image: Path, iothread: bool, cache: str = "writeback") -> list[str]:
+    """QEMU's own virtio-blk-pci on ``image``; ``cache=writeback`` is the host page cache, as exitless's
+    virtio-blk uses by default (buffered I/O)."""
+    dev = "virtio-blk-pci,drive=d0,disable-legacy=on,ioeventfd=on,event_idx=on"
+    extra = []
+    if iothread:
+        extra = ["-object", "iothread,id=io0,poll-max-ns=32768"]
+        dev += ",iothread=io0"
+    return extra + ["-drive", f"file={image},if=none,id=d0,format=raw,cache={cache},aio=threads", "-device", dev]
 
 
 def kvm_works() -> bool:
@@ -92,13 +115,16 @@ def kvm_works() -> bool:
     return os.access("/dev/kvm", os.R_OK | os.W_OK)
 
 
-def run_guestkit(kernel: Path, append: str, *, disk: Path | None = None, iothread: bool = False,
-                 accel: str = "auto", mem_mib: int = 128, timeout: float = 300) -> QemuResult:
+def run_guestkit(kernel: Path, append: str, *, device_args: list[str] = (), shared_memory: bool = False,
+                 accel: str = "auto", mem_mib: int = 128, timeout: float = 300,
+                 extra_cpu: Callable[[], float] | None = None) -> QemuResult:
     """Boot the guest kit under QEMU and measure it.
 
     QEMU starts paused (``-S``) so the exit counter is read before the guest runs;
     there is no isa-debug-exit device, so when the guest has printed its result it
     halts instead of ending QEMU, and the counters and CPU are read before ``quit``.
+    ``shared_memory`` backs guest RAM with a shared memfd (vhost-user needs it);
+    ``extra_cpu`` adds another process's CPU (a vhost-user back-end) to QEMU's own.
     """
     if accel == "auto":
         accel = "kvm" if kvm_works() else "tcg"
@@ -106,27 +132,25 @@ def run_guestkit(kernel: Path, append: str, *, disk: Path | None = None, iothrea
     qmp_path = os.path.join(tmp, "qmp.sock")
     # QEMU's default CPU model under KVM: `-cpu host` asks for MSRs a software-nested KVM refuses
     cpu = ["-cpu", "max"] if accel == "tcg" else []
-    cmd = [QEMU, "-machine", "q35", "-accel", accel, *cpu, "-m", str(mem_mib), "-S",
+    machine = ["-machine", "q35"]
+    if shared_memory:
+        machine = ["-machine", "q35,memory-backend=mem",
+                   "-object", f"memory-backend-memfd,id=mem,size={mem_mib}M,share=on"]
+    cmd = [QEMU, *machine, "-accel", accel, *cpu, "-m", f"{mem_mib}M", "-S",
            "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
-           "-kernel", str(kernel), "-append", append, "-qmp", f"unix:{qmp_path},server=on,wait=off"]
-    if disk is not None:
-        # cache=writeback: the host page cache, as exitless's virtio-blk uses by default (buffered I/O)
-        dev = "virtio-blk-pci,drive=d0,disable-legacy=on,ioeventfd=on,event_idx=on"
-        if iothread:
-            cmd += ["-object", "iothread,id=io0,poll-max-ns=32768"]
-            dev += ",iothread=io0"
-        cmd += ["-drive", f"file={disk},if=none,id=d0,format=raw,cache=writeback,aio=threads", "-device", dev]
+           "-kernel", str(kernel), "-append", append, "-qmp", f"unix:{qmp_path},server=on,wait=off", *device_args]
+    extra = extra_cpu or (lambda: 0.0)
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out = bytearray()
     exits = None
-    cpu_split = (0.0, 0.0)
+    vmm_cpu = 0.0
     status = None
     try:
         qmp = _Qmp(qmp_path)
         try:
             exits0 = _kvm_exits(qmp) if accel == "kvm" else None
-            cpu0 = _cpu_split(proc.pid)
+            (q0, v0), e0 = qemu_cpu(proc.pid), extra()
             qmp.cmd("cont")
             os.set_blocking(proc.stdout.fileno(), False)
             deadline = time.monotonic() + timeout
@@ -139,8 +163,8 @@ def run_guestkit(kernel: Path, append: str, *, disk: Path | None = None, iothrea
                         break
                 time.sleep(0.002)
             if status == 0:
-                cpu1 = _cpu_split(proc.pid)
-                cpu_split = (cpu1[0] - cpu0[0], cpu1[1] - cpu0[1])
+                (q1, v1), e1 = qemu_cpu(proc.pid), extra()
+                vmm_cpu = (q1 - q0) - (v1 - v0) + (e1 - e0)
                 exits1 = _kvm_exits(qmp) if accel == "kvm" else None
                 if exits0 is not None and exits1 is not None:
                     exits = exits1 - exits0
@@ -155,5 +179,6 @@ def run_guestkit(kernel: Path, append: str, *, disk: Path | None = None, iothrea
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        err = proc.stderr.read().decode(errors="replace")
         shutil.rmtree(tmp, ignore_errors=True)
-    return QemuResult(status, bytes(out), accel, exits, cpu_split[0] - cpu_split[1], time.monotonic() - t0)
+    return QemuResult(status, bytes(out), accel, exits, vmm_cpu, time.monotonic() - t0, err)

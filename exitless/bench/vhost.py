@@ -59,40 +59,6 @@ def _app(test, n: int, irq: str) -> str:
     return f"blk rw={test.rw} bs={test.bs} qd={test.qd} n={n} seed=5 irq={irq}"
 
 
-def _process_cpu(pid: int) -> float:
-    """CPU seconds of a whole process, exited threads included, to the nanosecond.
-
-    The process CPU-time clock of another process (``clock_getcpuclockid``; the
-    clock id encoding is ``~pid << 3 | CPUCLOCK_SCHED``); /proc's clock ticks
-    (10 ms) would swamp a short differential run.
-    """
-    try:
-        return time.clock_gettime((~pid << 3) | 2)
-    except OSError:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _thread_cpu(tid: int) -> float:
-    return time.clock_gettime((~tid << 3) | 6)      # CPUCLOCK_PERTHREAD | CPUCLOCK_SCHED
-
-
-def _qemu_cpu(pid: int) -> tuple[float, float]:
-    """(QEMU's process CPU, its vCPU threads' CPU), precise (see :func:`_process_cpu`)."""
-    try:
-        vcpu = 0.0
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            try:
-                if (task / "comm").read_text().startswith("CPU "):
-                    vcpu += _thread_cpu(int(task.name))
-            except OSError:
-                continue
-        return _process_cpu(pid), vcpu
-    except OSError:
-        return Q._cpu_split(pid)
-
-
 class ServeProcess:
     """``exitless serve blk`` in a child process (its own GIL, its CPU accounted separately)."""
 
@@ -113,7 +79,7 @@ class ServeProcess:
         return Path(self.log_path).read_text(errors="replace")
 
     def cpu(self) -> float:
-        return _process_cpu(self.proc.pid)
+        return Q.process_cpu(self.proc.pid)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -127,72 +93,18 @@ class ServeProcess:
 
 def qemu_run(app: str, device: list[str], *, accel: str, backend: ServeProcess | None = None,
              timeout: float = 300) -> dict:
-    """Boot the guest kit in QEMU with ``device`` args; paused start and halt at the end, as bench blk."""
-    tmp = tempfile.mkdtemp(prefix="exitless-vhost-qemu-")
-    qmp_path = os.path.join(tmp, "qmp.sock")
-    cpu = ["-cpu", "max"] if accel == "tcg" else []
-    cmd = [Q.QEMU, "-machine", "q35,memory-backend=mem", "-accel", accel, *cpu, "-m", f"{MEM_MIB}M", "-S",
-           "-object", f"memory-backend-memfd,id=mem,size={MEM_MIB}M,share=on",
-           "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
-           "-kernel", str(guestkit_path()), "-append", app, "-qmp", f"unix:{qmp_path},server=on,wait=off", *device]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out = bytearray()
-    done = False
-    exits = None
-    cpu_vmm = 0.0
-    try:
-        qmp = Q._Qmp(qmp_path)
-        try:
-            exits0 = Q._kvm_exits(qmp) if accel == "kvm" else None
-            q0, b0 = _qemu_cpu(proc.pid), backend.cpu() if backend else 0.0
-            qmp.cmd("cont")
-            os.set_blocking(proc.stdout.fileno(), False)
-            deadline = time.monotonic() + timeout
-            while proc.poll() is None and time.monotonic() < deadline:
-                chunk = proc.stdout.read()
-                if chunk:
-                    out += chunk
-                    if b'{"app":' in out and out.rstrip().endswith(b"}"):
-                        done = True
-                        break
-                time.sleep(0.002)
-            if done:
-                q1, b1 = _qemu_cpu(proc.pid), backend.cpu() if backend else 0.0
-                cpu_vmm = (q1[0] - q0[0]) - (q1[1] - q0[1]) + (b1 - b0)
-                exits1 = Q._kvm_exits(qmp) if accel == "kvm" else None
-                if exits0 is not None and exits1 is not None:
-                    exits = exits1 - exits0
-            qmp.cmd("quit")
-        finally:
-            qmp.close()
-    except OSError:
-        pass
-    finally:
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        err = proc.stderr.read().decode(errors="replace")
-        shutil.rmtree(tmp, ignore_errors=True)
-    if not done:
-        raise BenchError(f"qemu ({accel}): {app}: no result\n{out.decode(errors='replace')[-600:]}\n{err[-600:]}"
-                         + (f"\nback-end log:\n{backend.log()[-800:]}" if backend else ""))
-    return {"res": guest_result(bytes(out), "blk"), "exits": exits, "cpu": cpu_vmm}
+    """Boot the guest kit in QEMU (shared memfd RAM) with ``device`` args, as bench blk does."""
+    r = Q.run_guestkit(guestkit_path(), app, device_args=device, shared_memory=True, accel=accel, mem_mib=MEM_MIB,
+                       timeout=timeout, extra_cpu=backend.cpu if backend else None)
+    if r.exit_status != 0:
+        raise BenchError(f"qemu ({accel}): {app}: no result\n{r.console.decode(errors='replace')[-600:]}\n"
+                         f"{r.stderr[-600:]}" + (f"\nback-end log:\n{backend.log()[-800:]}" if backend else ""))
+    return {"res": guest_result(r.console, "blk"), "exits": r.exits, "cpu": r.vmm_cpu_s}
 
 
 def vhost_device(sock: str) -> list[str]:
     return ["-chardev", f"socket,id=c0,path={sock}",
             "-device", "vhost-user-blk-pci,chardev=c0,num-queues=1,disable-legacy=on"]
-
-
-def builtin_device(image: Path, iothread: bool, cache: str = "writeback") -> list[str]:
-    dev = "virtio-blk-pci,drive=d0,disable-legacy=on,ioeventfd=on,event_idx=on"
-    extra = []
-    if iothread:
-        extra = ["-object", "iothread,id=io0,poll-max-ns=32768"]
-        dev += ",iothread=io0"
-    return extra + ["-drive", f"file={image},if=none,id=d0,format=raw,cache={cache},aio=threads", "-device", dev]
 
 
 def _row(vmm: str, path: str, test, irq: str, accel: str, cache: str, full: dict, base: dict) -> dict:
@@ -267,7 +179,7 @@ def run(tests=None, modes=IO_PATHS, *, with_builtin: bool = True, scale: float =
                 for label, iothread in BUILTIN:
                     for irq in ("msix", "poll"):
                         log(f"qemu/{label} irq={irq} {test.name} ({accel}) ...")
-                        full, base = _measure(test, n, irq, builtin_device(image, iothread, cache), backend=None,
+                        full, base = _measure(test, n, irq, Q.builtin_device(image, iothread, cache), backend=None,
                                               **kw)
                         rows.append(_row("qemu", label, test, irq, accel, cache, full, base))
     finally:
