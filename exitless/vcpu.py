@@ -29,15 +29,21 @@ _RUN_U = S.kvm_run.u.offset
 _MMIO_DATA = _RUN_U + S.kvm_run_mmio.data.offset
 
 
+def _kick_handler_installed() -> bool:
+    return signal.getsignal(KICK_SIGNAL) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+
+
 def install_kick_handler() -> bool:
     """Make KICK_SIGNAL interrupt a blocking KVM_RUN (EINTR) instead of killing the process.
 
     Python installs signal handlers only from the main thread; the handler is a
     no-op at Python level, its only job is to make the kernel return EINTR.
     """
-    if signal.getsignal(KICK_SIGNAL) not in (signal.SIG_DFL, None):
+    if _kick_handler_installed():
         return True
     if threading.current_thread() is not threading.main_thread():
+        log.warning("exitless: VM started outside the main thread before any in it: a vCPU spinning in the "
+                    "guest without exits cannot be interrupted (call install_kick_handler() from the main thread)")
         return False
     signal.signal(KICK_SIGNAL, lambda *_: None)
     return True
@@ -73,7 +79,9 @@ class VcpuThread:
         self._stop.set()
         self.vcpu.run_struct.immediate_exit = 1
         t = self._thread
-        if t is not None and t.is_alive() and t.ident is not None:
+        # without our handler the signal's default action would end the whole process: then rely on
+        # immediate_exit alone (the vCPU stops at its next exit)
+        if t is not None and t.is_alive() and t.ident is not None and _kick_handler_installed():
             try:
                 signal.pthread_kill(t.ident, KICK_SIGNAL)
             except ProcessLookupError:

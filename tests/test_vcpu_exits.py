@@ -123,3 +123,19 @@ def test_timeout_stops_a_spinning_guest(tmp_path):
         m.boot_pvh(elf)
         result = m.run(timeout=0.5)
         assert result.kind == "timeout"
+
+
+def test_vm_run_from_another_thread_stops_cleanly(tmp_path):
+    """A VM driven from a worker thread (the kick handler was installed by the main thread) still stops."""
+    elf = build_guest(tmp_path, "spin2", "1: jmp 1b")
+    results = []
+
+    def worker():
+        with Machine(VmConfig(mem_mib=64)) as m:
+            m.boot_pvh(elf)
+            results.append(m.run(timeout=0.5))
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join(15)
+    assert not t.is_alive() and results and results[0].kind == "timeout"
