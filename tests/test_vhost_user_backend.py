@@ -218,18 +218,26 @@ def disk(tmp_path):
     return path
 
 
-def serve(disk, io: str, **kw) -> tuple[VhostUserServer, VirtioBlk]:
-    dev = VirtioBlk(disk, queue_size=256)
-    sock = str(disk.parent / f"vu-{io}.sock")
-    return VhostUserServer(sock, dev, io, **kw).start(), dev
+class serving:
+    """``with serving(disk, io) as srv:`` a started back-end (its device model is ``srv.device``),
+    stopped and its disk closed on the way out."""
+
+    def __init__(self, disk, io: str, *, num_queues: int = 1, **kw):
+        self.dev = VirtioBlk(disk, queue_size=256, num_queues=num_queues)
+        self.srv = VhostUserServer(str(disk.parent / f"vu-{io}.sock"), self.dev, io, **kw).start()
+
+    def __enter__(self):
+        return self.srv
+
+    def __exit__(self, *exc) -> None:
+        self.srv.stop()
+        self.dev.close()
 
 
 @pytest.fixture(params=["kick", "poll", "adaptive"])
 def server(request, disk):
-    srv, dev = serve(disk, request.param)
-    yield srv
-    srv.stop()
-    dev.close()
+    with serving(disk, request.param) as srv:
+        yield srv
 
 
 def write_span(mem: GuestMemory, gpa: int, data: bytes) -> None:
@@ -278,8 +286,7 @@ def test_blk_io_every_path(server, disk):
 
 
 def test_resume_from_vring_base_on_a_new_connection(disk):
-    srv, dev = serve(disk, "kick")
-    try:
+    with serving(disk, "kick") as srv:
         s = Session(srv.path)
         for i in range(5):
             s.ram.mem.write(0x20000, pattern(4096, i))
@@ -297,15 +304,11 @@ def test_resume_from_vring_base_on_a_new_connection(disk):
             assert s2.fe.get_vring_base(0) == base + 1
         finally:
             s2.close()
-    finally:
-        srv.stop()
-        dev.close()
 
 
 def test_nofd_kick_means_polling(disk):
     """SET_VRING_KICK with VHOST_USER_VRING_NOFD_MASK: no kick fd, the back-end polls (even in kick mode)."""
-    srv, dev = serve(disk, "kick")
-    try:
+    with serving(disk, "kick") as srv:
         s = Session(srv.path, nofd=True)
         try:
             assert srv.session.loop_mode == "poll"
@@ -314,14 +317,10 @@ def test_nofd_kick_means_polling(disk):
             assert disk.read_bytes()[:4096] == pattern(4096, 9)
         finally:
             s.close()
-    finally:
-        srv.stop()
-        dev.close()
 
 
 def test_ring_waits_for_enable_when_protocol_features_negotiated(disk):
-    srv, dev = serve(disk, "kick")
-    try:
+    with serving(disk, "kick") as srv:
         s = Session(srv.path, enable=False)
         try:
             st = s.submit(VIRTIO_BLK_T_IN, 0, 0x20000, 512, 0)
@@ -338,36 +337,28 @@ def test_ring_waits_for_enable_when_protocol_features_negotiated(disk):
             s.wait(1)
         finally:
             s.close()
-    finally:
-        srv.stop()
-        dev.close()
 
 
 def test_without_protocol_features_rings_start_enabled(disk):
-    srv, dev = serve(disk, "adaptive")
-    try:
+    with serving(disk, "adaptive") as srv:
         s = Session(srv.path, protocol=False, evt=False)
         try:
             for i in range(20):
                 assert s.io(VIRTIO_BLK_T_IN, i, 0x20000, 512) == VIRTIO_BLK_S_OK
         finally:
             s.close()
-    finally:
-        srv.stop()
-        dev.close()
 
 
 @pytest.mark.parametrize("io", ["kick", "poll", "adaptive"])
 def test_disconnect_mid_io_leaves_the_backend_ready(disk, io):
-    srv, dev = serve(disk, io)
-    try:
+    with serving(disk, io) as srv:
         for round_ in range(3):
             s = Session(srv.path)
             for k in range(16):      # submit and vanish without waiting
                 s.submit(VIRTIO_BLK_T_OUT, 64 * k, 0x20000, 32768, k)
             s.close()
             assert srv.wait_connections(round_ + 1, 10)
-        assert srv.session is None and not dev.activated
+        assert srv.session is None and not srv.device.activated
         s = Session(srv.path)
         try:
             s.ram.mem.write(0x20000, pattern(4096, 1))
@@ -376,14 +367,10 @@ def test_disconnect_mid_io_leaves_the_backend_ready(disk, io):
             assert s.ram.mem.read(0x30000, 4096) == pattern(4096, 1)
         finally:
             s.close()
-    finally:
-        srv.stop()
-        dev.close()
 
 
 def test_broken_ring_signals_the_error_eventfd(disk):
-    srv, dev = serve(disk, "kick")
-    try:
+    with serving(disk, "kick") as srv:
         s = Session(srv.path)
         try:
             assert s.io(VIRTIO_BLK_T_IN, 0, 0x20000, 512) == VIRTIO_BLK_S_OK
@@ -393,19 +380,15 @@ def test_broken_ring_signals_the_error_eventfd(disk):
             while s.err_count() == 0:
                 assert time.monotonic() < deadline, "no error notification"
                 time.sleep(0.01)
-            assert dev.needs_reset
+            assert srv.device.needs_reset
             assert s.fe.get_vring_base(0) == 1   # still answers; the ring is stopped now
         finally:
             s.close()
-        assert srv.wait_connections(1, 10) and not dev.needs_reset
-    finally:
-        srv.stop()
-        dev.close()
+        assert srv.wait_connections(1, 10) and not srv.device.needs_reset
 
 
 def test_reply_ack_failure_keeps_the_connection(disk):
-    srv, dev = serve(disk, "kick")
-    try:
+    with serving(disk, "kick") as srv:
         s = Session(srv.path)
         try:
             with pytest.raises(FrontendError, match="SET_VRING_NUM failed"):
@@ -413,14 +396,10 @@ def test_reply_ack_failure_keeps_the_connection(disk):
             assert s.io(VIRTIO_BLK_T_IN, 0, 0x20000, 512) == VIRTIO_BLK_S_OK
         finally:
             s.close()
-    finally:
-        srv.stop()
-        dev.close()
 
 
 def test_second_frontend_is_turned_away(disk):
-    srv, dev = serve(disk, "kick")
-    try:
+    with serving(disk, "kick") as srv:
         s = Session(srv.path)
         try:
             other = Frontend.connect(srv.path)
@@ -430,16 +409,11 @@ def test_second_frontend_is_turned_away(disk):
             assert s.io(VIRTIO_BLK_T_IN, 0, 0x20000, 512) == VIRTIO_BLK_S_OK
         finally:
             s.close()
-    finally:
-        srv.stop()
-        dev.close()
 
 
 @pytest.mark.parametrize("io", ["kick", "poll", "adaptive"])
 def test_two_queues_one_data_plane(disk, io):
-    dev = VirtioBlk(disk, num_queues=2)
-    srv = VhostUserServer(str(disk.parent / "mq.sock"), dev, io).start()
-    try:
+    with serving(disk, io, num_queues=2) as srv:
         s = Session(srv.path, queues=2)
         try:
             assert srv.session.loop_mode == io and [r.live for r in srv.session.rings] == [True, True]
@@ -459,14 +433,10 @@ def test_two_queues_one_data_plane(disk, io):
         finally:
             s.close()
         assert srv.wait_connections(1, 10)
-    finally:
-        srv.stop()
-        dev.close()
 
 
 def test_set_config_is_acked_and_reset_owner_stops_the_rings(disk):
-    srv, dev = serve(disk, "kick")
-    try:
+    with serving(disk, "kick") as srv:
         s = Session(srv.path)
         try:
             s.fe.request(P.SET_CONFIG, P.CONFIG_HEAD.pack(0x20, 1, 0) + b"\x01")   # REPLY_ACK: raises on failure
@@ -477,6 +447,3 @@ def test_set_config_is_acked_and_reset_owner_stops_the_rings(disk):
             assert s.fe.get_vring_base(0) == 1
         finally:
             s.close()
-    finally:
-        srv.stop()
-        dev.close()
