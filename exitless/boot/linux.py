@@ -400,32 +400,30 @@ def lz4_legacy_decompress(data: bytes) -> bytes:
     return bytes(out)
 
 
+def _lz4_length(src: bytes, i: int, n: int) -> tuple[int, int]:
+    """A 4-bit length from a token; 15 means more bytes follow, each added, until one is not 255."""
+    if n == 15:
+        while True:
+            b = src[i]
+            i += 1
+            n += b
+            if b != 255:
+                break
+    return n, i
+
+
 def _lz4_block(src: bytes, i: int, end: int, out: bytearray) -> None:
     while i < end:
         token = src[i]
         i += 1
-        lit = token >> 4
-        if lit == 15:
-            while True:
-                b = src[i]
-                i += 1
-                lit += b
-                if b != 255:
-                    break
+        lit, i = _lz4_length(src, i, token >> 4)
         out += src[i:i + lit]
         i += lit
         if i >= end:
             break
         offset = src[i] | src[i + 1] << 8
         i += 2
-        mlen = token & 15
-        if mlen == 15:
-            while True:
-                b = src[i]
-                i += 1
-                mlen += b
-                if b != 255:
-                    break
+        mlen, i = _lz4_length(src, i, token & 15)
         mlen += 4
         startpos = len(out) - offset
         if offset <= 0 or startpos < 0:
