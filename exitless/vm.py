@@ -135,24 +135,38 @@ class Machine:
         self.workers.append(worker)
 
     # -- boot -----------------------------------------------------------
-    def boot_pvh(self, kernel: str | Path, cmdline: str = "", initrd: str | Path | None = None) -> None:
-        """Load an ELF kernel with a PVH note (the guest kit, or Linux's vmlinux)."""
+    def boot_pvh(self, kernel: str | Path | bytes, cmdline: str = "", initrd: str | Path | bytes | None = None,
+                 *, rsdp: int = 0, name: str | None = None):
+        """Load an ELF kernel with a PVH note (the guest kit, or Linux's vmlinux) and set the entry state.
+
+        ``kernel`` and ``initrd`` are paths or the file contents; returns (image, initrd gpa, initrd size).
+        """
+        from .boot.placement import check_kernel_fits, place_initrd
         from .boot.pvh import KernelImageError, load_pvh, parse_pvh_elf
 
-        path = Path(kernel)
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise KernelImageError(f"{path}: {e.strerror}") from e
-        image = parse_pvh_elf(data, str(path))
+        if isinstance(kernel, (bytes, bytearray)):
+            data = bytes(kernel)
+        else:
+            try:
+                data = Path(kernel).read_bytes()
+            except OSError as e:
+                raise KernelImageError(f"{kernel}: {e.strerror}") from e
+        name = name or str(kernel if not isinstance(kernel, (bytes, bytearray)) else "kernel")
+        image = parse_pvh_elf(data, name)
+        start = min(p for p, _, _ in image.segments)
+        check_kernel_fits(self.ram_layout, self.config.mem_mib, start, image.end, name)
         modules = []
+        rd_gpa = rd_size = 0
         if initrd is not None:
-            blob = Path(initrd).read_bytes()
-            addr = _initrd_address(self.ram_layout, len(blob), image.end)
-            self.mem.write(addr, blob)
-            modules.append((addr, len(blob)))
-        start_info = load_pvh(self.mem, image, cmdline, self.ram_layout, modules)
+            blob = bytes(initrd) if isinstance(initrd, (bytes, bytearray)) else Path(initrd).read_bytes()
+            rd_size = len(blob)
+            if blob:
+                rd_gpa = place_initrd(self.ram_layout, self.config.mem_mib, rd_size, image.end)
+                self.mem.write(rd_gpa, blob)
+                modules.append((rd_gpa, rd_size))
+        start_info = load_pvh(self.mem, image, cmdline, self.ram_layout, modules, rsdp=rsdp)
         X.set_protected_mode_entry(self.vcpus[0], image.entry, rbx=start_info)
+        return image, rd_gpa, rd_size
 
     # -- running --------------------------------------------------------
     def run(self, timeout: float | None = None) -> VmExit:
@@ -250,12 +264,3 @@ class VcpuStats:
 def _stdout_console(data: bytes) -> None:
     sys.stdout.buffer.write(data)
     sys.stdout.buffer.flush()
-
-
-def _initrd_address(ram: list[tuple[int, int]], size: int, kernel_end: int) -> int:
-    """Put the initrd at the top of low RAM, page aligned, above the kernel."""
-    low_end = ram[0][0] + ram[0][1]
-    addr = (low_end - size) & ~0xFFF
-    if addr <= kernel_end:
-        raise ValueError(f"initrd of {size >> 20} MiB does not fit in guest RAM above the kernel")
-    return addr

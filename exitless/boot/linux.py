@@ -48,7 +48,8 @@ from .acpi import (PM1A_CNT_LEN, PM1A_CNT_PORT, PM1A_EVT_LEN, PM1A_EVT_PORT, RES
                    build_acpi_tables)
 from .bzimage import BzImage, BzImageError, build_zero_page, encode_cmdline, parse_bzimage
 from .e820 import build_e820
-from .pvh import KernelImageError, load_pvh, parse_pvh_elf
+from .placement import BootFitError, check_kernel_fits, place_initrd
+from .pvh import KernelImageError
 
 if TYPE_CHECKING:
     from ..vm import Machine
@@ -59,8 +60,7 @@ POST_PORT = 0x80       # POST code / io_delay port: Linux's outb_p() writes it
 PAGE = 4096
 
 
-class LinuxBootError(KernelImageError):
-    """The kernel cannot be booted in this VM as configured (too little memory, initrd too big...)."""
+LinuxBootError = BootFitError  # the kernel cannot be booted in this VM as configured
 
 
 @dataclass
@@ -198,32 +198,6 @@ def _acpi(machine: "Machine") -> AcpiBlob:
     return blob
 
 
-def _low_ram_end(machine: "Machine") -> int:
-    gpa, size = machine.ram_layout[0]
-    return gpa + size
-
-
-def _place_initrd(machine: "Machine", size: int, kernel_end: int, limit: int) -> int:
-    """Highest page-aligned address for ``size`` bytes in low RAM, below ``limit``, above the kernel."""
-    top = min(_low_ram_end(machine), limit + 1)
-    addr = (top - size) & ~(PAGE - 1)
-    if addr < kernel_end:
-        mem_mib = machine.config.mem_mib
-        need = (kernel_end + size + PAGE - 1) // MIB + 1
-        raise LinuxBootError(
-            f"initrd of {size / MIB:.1f} MiB does not fit in guest RAM ({mem_mib} MiB) above the kernel "
-            f"(which needs RAM up to {kernel_end / MIB:.0f} MiB): use --mem {max(need, mem_mib + 1)}M or more")
-    return addr
-
-
-def _check_kernel_fits(machine: "Machine", start: int, end: int, name: str) -> None:
-    low_end = _low_ram_end(machine)
-    if end > low_end:
-        raise LinuxBootError(
-            f"{name} needs guest RAM from {start / MIB:.0f} to {end / MIB:.0f} MiB while it boots, but the VM has "
-            f"{machine.config.mem_mib} MiB: use --mem {(end + MIB - 1) // MIB + 64}M or more")
-
-
 def _boot_bzimage(machine: "Machine", bz: BzImage, name: str, cmdline: str, initrd: bytes | None, *,
                   host_decompress: bool) -> LinuxBoot:
     hdr = bz.header
@@ -239,7 +213,7 @@ def _boot_bzimage(machine: "Machine", bz: BzImage, name: str, cmdline: str, init
         kernel_end = max(kernel_end, vmlinux.end)
         load = min(p for p, _, _ in segments)
         protocol = "bzimage+host-decompress"
-    _check_kernel_fits(machine, load, kernel_end, name)
+    check_kernel_fits(machine.ram_layout, machine.config.mem_mib, load, kernel_end, name)
     try:
         raw_cmdline = encode_cmdline(cmdline, hdr)
     except ValueError as e:
@@ -247,7 +221,7 @@ def _boot_bzimage(machine: "Machine", bz: BzImage, name: str, cmdline: str, init
     rd_gpa = rd_size = 0
     if initrd:
         rd_size = len(initrd)
-        rd_gpa = _place_initrd(machine, rd_size, kernel_end, hdr.initrd_addr_max)
+        rd_gpa = place_initrd(machine.ram_layout, machine.config.mem_mib, rd_size, kernel_end, hdr.initrd_addr_max)
     mem = machine.mem
     for paddr, blob, memsz in segments:
         mem.write(paddr, blob)
@@ -266,21 +240,9 @@ def _boot_bzimage(machine: "Machine", bz: BzImage, name: str, cmdline: str, init
 
 
 def _boot_pvh(machine: "Machine", data: bytes, name: str, cmdline: str, initrd: bytes | None) -> LinuxBoot:
-    from ..x86 import cpu as X
-
-    image = parse_pvh_elf(data, name)
-    start = min(p for p, _, _ in image.segments)
-    _check_kernel_fits(machine, start, image.end, name)
-    modules = []
-    rd_gpa = rd_size = 0
-    if initrd:
-        rd_size = len(initrd)
-        rd_gpa = _place_initrd(machine, rd_size, image.end, 0xFFFFFFFF)
-        machine.mem.write(rd_gpa, initrd)
-        modules.append((rd_gpa, rd_size))
     acpi = _acpi(machine)
-    start_info = load_pvh(machine.mem, image, cmdline, machine.ram_layout, modules, rsdp=acpi.rsdp_gpa)
-    X.set_protected_mode_entry(machine.vcpus[0], image.entry, rbx=start_info)
+    image, rd_gpa, rd_size = machine.boot_pvh(data, cmdline, initrd, rsdp=acpi.rsdp_gpa, name=name)
+    start = min(p for p, _, _ in image.segments)
     return LinuxBoot("pvh", image.entry, start, image.end, cmdline, rd_gpa, rd_size, acpi.rsdp_gpa, "", acpi)
 
 
