@@ -7,6 +7,7 @@ snapshot, so vCPU threads never take a lock while devices are added or moved.
 """
 from __future__ import annotations
 
+from .errors import ExitlessError
 import bisect
 import logging
 import threading
@@ -26,7 +27,7 @@ class BusDevice(Protocol):
     def write(self, offset: int, data: bytes) -> None: ...
 
 
-class BusError(ValueError):
+class BusError(ExitlessError, ValueError):
     pass
 
 

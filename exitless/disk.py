@@ -1,12 +1,13 @@
 """``--disk PATH[,ro][,direct][,io=PATH][,queues=N]``: a virtio-blk disk on PCI with its I/O path."""
 from __future__ import annotations
 
+from .errors import ExitlessError
 from dataclasses import dataclass
 
 from .sidecore.paths import PATHS
 
 
-class DiskSpecError(ValueError):
+class DiskSpecError(ExitlessError, ValueError):
     pass
 
 

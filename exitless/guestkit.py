@@ -1,6 +1,7 @@
 """Where the guest kit binary is: the client OS of benchmarks and end-to-end tests."""
 from __future__ import annotations
 
+from .errors import ExitlessError
 import os
 from pathlib import Path
 
@@ -8,7 +9,7 @@ _PACKAGED = Path(__file__).parent / "_guest" / "guestkit.elf"
 _SOURCE_TREE = Path(__file__).parent.parent / "guestkit" / "build" / "guestkit.elf"
 
 
-class GuestKitMissing(FileNotFoundError):
+class GuestKitMissing(ExitlessError, FileNotFoundError):
     pass
 
 

@@ -7,6 +7,7 @@ that a sidecore *process* can map exactly the same pages (``GuestMemory.attach``
 """
 from __future__ import annotations
 
+from .errors import ExitlessError
 import ctypes
 import mmap
 import os
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 PAGE_SIZE = 4096
 
 
-class GuestMemoryError(ValueError):
+class GuestMemoryError(ExitlessError, ValueError):
     """A guest-physical access that falls (partly) outside guest RAM."""
 
 

@@ -1,6 +1,7 @@
 """Shared benchmark plumbing: guest JSON results, CPU accounting, tables and JSON output."""
 from __future__ import annotations
 
+from ..errors import ExitlessError
 import json
 import resource
 from pathlib import Path
@@ -9,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 
-class BenchError(RuntimeError):
+class BenchError(ExitlessError, RuntimeError):
     pass
 
 

@@ -14,6 +14,7 @@ boot.rst / zero-page.rst; they are ABI and never move.
 """
 from __future__ import annotations
 
+from ..errors import ExitlessError
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -91,7 +92,7 @@ _OFF = {
 }
 
 
-class BzImageError(ValueError):
+class BzImageError(ExitlessError, ValueError):
     """The file is not a bzImage exitless can boot (message says why)."""
 
 

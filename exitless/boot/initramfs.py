@@ -22,6 +22,7 @@ missing directories), which :class:`CpioWriter` guarantees.
 """
 from __future__ import annotations
 
+from ..errors import ExitlessError
 import gzip
 import lzma
 import os
@@ -61,7 +62,7 @@ DEFAULT_APPLETS: tuple[str, ...] = (
 _COMPRESSED_SUFFIXES = (".xz", ".gz", ".zst")
 
 
-class InitramfsError(ValueError):
+class InitramfsError(ExitlessError, ValueError):
     """A module, file or path that cannot go into the initramfs (message says which)."""
 
 

@@ -7,6 +7,7 @@ and enter in 32-bit flat protected mode with EBX pointing at it.
 """
 from __future__ import annotations
 
+from ..errors import ExitlessError
 import io
 import struct
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ HVM_MEMMAP_ENTRY = struct.Struct("<QQII")
 HVM_MODLIST_ENTRY = struct.Struct("<QQQQ")
 
 
-class KernelImageError(ValueError):
+class KernelImageError(ExitlessError, ValueError):
     """The file is not a kernel we can boot (with the reason)."""
 
 

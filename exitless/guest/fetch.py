@@ -27,6 +27,7 @@ only what is missing is fetched.
 """
 from __future__ import annotations
 
+from ..errors import ExitlessError
 import fcntl
 import hashlib
 import json
@@ -55,7 +56,7 @@ CACHE_ENV = "EXITLESS_CACHE"
 COMMAND_TIMEOUT = 900
 
 
-class GuestFetchError(RuntimeError):
+class GuestFetchError(ExitlessError, RuntimeError):
     """The guest could not be fetched; the message says what to do about it."""
 
 

@@ -6,6 +6,7 @@ and hands ``EINTR`` back to the caller instead of retrying behind its back.
 """
 from __future__ import annotations
 
+from ..errors import ExitlessError
 import ctypes
 import errno as _errno
 import os
@@ -20,7 +21,7 @@ _ioctl.restype = ctypes.c_int
 _NAMES = {v: k for k, v in ALL.items()}
 
 
-class KvmError(OSError):
+class KvmError(ExitlessError, OSError):
     """A KVM ioctl failed; the message names the ioctl and the errno."""
 
     def __init__(self, request: int, err: int, what: str = ""):

@@ -8,6 +8,7 @@ hostile one) and handy for poking at a running ``exitless serve``::
 """
 from __future__ import annotations
 
+from ..errors import ExitlessError
 import array
 import socket
 import struct
@@ -15,7 +16,7 @@ import struct
 from . import protocol as P
 
 
-class FrontendError(RuntimeError):
+class FrontendError(ExitlessError, RuntimeError):
     """The back-end answered with a failure or closed the connection."""
 
 

@@ -11,6 +11,7 @@ descriptors travel beside it as SCM_RIGHTS ancillary data.
 """
 from __future__ import annotations
 
+from ..errors import ExitlessError
 import struct
 from dataclasses import dataclass, field
 
@@ -111,7 +112,7 @@ def request_name(request: int) -> str:
     return REQUEST_NAMES.get(request, f"request#{request}")
 
 
-class ProtocolError(Exception):
+class ProtocolError(ExitlessError):
     """A message the back-end does not accept (the message says why)."""
 
 

@@ -16,6 +16,7 @@ seconds, so a frontend that stalls mid-message cannot wedge the backend.
 """
 from __future__ import annotations
 
+from ..errors import ExitlessError
 import array
 import logging
 import os
@@ -37,7 +38,7 @@ log = logging.getLogger("exitless.vhost_user")
 _FD_SPACE = socket.CMSG_SPACE(P.MAX_FDS * 4)
 
 
-class SocketPathError(OSError):
+class SocketPathError(ExitlessError, OSError):
     """The socket path cannot be used (a live listener is there, or it is not a socket)."""
 
 

@@ -105,6 +105,7 @@ call :meth:`validate` after changing them (``VirtioDevice.activate`` does).
 """
 from __future__ import annotations
 
+from ...errors import ExitlessError
 import ctypes
 import mmap
 import platform
@@ -135,7 +136,7 @@ __all__ = [
 ]
 
 
-class VirtqueueError(Exception):
+class VirtqueueError(ExitlessError):
     """The ring (or the queue's geometry) is malformed: the device needs a reset."""
 
 
