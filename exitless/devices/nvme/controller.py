@@ -23,8 +23,10 @@ EventIdx policy, chosen by the transport:
   controller fences and re-reads the shadow slot (the driver stores the slot,
   fences, then reads EventIdx — one side always sees the other).
 - *parked* (poll, adaptive while busy): EventIdx = last seen − 1 (mod queue
-  size), which no new value's window ``[old, new)`` contains: the driver never
-  rings, the sidecore polls the shadow page.
+  size), written as soon as a value is read: the driver can be at most size−1
+  entries past it, so no window ``[old, new)`` it writes contains it (also
+  across the wrap of the 0..size−1 indices): the driver never rings, the
+  sidecore polls the shadow page.
 
 A completion queue's EventIdx is parked unless a submission queue waits for
 room in it (CQ full); then it is armed the same way (publish, fence, re-read:
@@ -300,7 +302,6 @@ class NvmeController:
                 self._read_shadow(sq, cq)
                 done += self._run(sq)
                 if self.park_event_idx:
-                    self._park(sq, cq)
                     return done
                 self.event_idx[2 * qid] = sq.tail
                 stalled = sq.head != sq.tail and cq.full
@@ -325,6 +326,11 @@ class NvmeController:
                 cq.shadow_seen = head
                 if self._set_cq_head(cq, head):
                     self.irq(None)
+        if self.park_event_idx:
+            # Park at once, not after running the queue: the driver may move up to size-1 entries
+            # past what we consumed, and only an EventIdx based on the value just read stays out
+            # of every window [old, new) it can then write.
+            self._park(sq, cq)
 
     def _park(self, sq: SubmissionQueue, cq: CompletionQueue) -> None:
         self.event_idx[2 * sq.sqid] = (sq.tail - 1) % sq.size
