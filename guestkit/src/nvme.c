@@ -221,7 +221,7 @@ static u16 admin_cmd(struct sqe *e, u32 *dw0, u64 ms)
                 continue; /* a stale completion (e.g. of a timed-out command) */
             if (dw0)
                 *dw0 = c.dw0;
-            return c.status >> 1;
+            return (c.status >> 1) & 0x7FF; /* SCT, SC (without More/DNR) */
         }
         if (rdtsc() - t0 > lim)
             return STATUS_PENDING;
@@ -382,7 +382,7 @@ static u32 reap(void)
             u32 k = c.cid;
             if (k >= qd || !reqs[k].busy || reqs[k].q != q)
                 panic("controller completed an idle command (cid %u, sq %u)", k, c.sq_id);
-            req_complete(&reqs[k], c.status >> 1, now);
+            req_complete(&reqs[k], (c.status >> 1) & 0x7FF, now);
             done++;
         }
         if (q->cq_dirty) {
@@ -549,9 +549,9 @@ static bool run_one(u8 op, u64 slba, u32 len)
 /* ---- malformed commands: each must fail with a status (or a bad doorbell be ignored) ---- */
 static const char *outcome(u16 st)
 {
-    static char buf[8][16];
+    static char buf[16][16];
     static u32 n;
-    char *b = buf[n++ & 7];
+    char *b = buf[n++ & 15];
     if (st == STATUS_PENDING)
         return "timeout";
     if (st == 0)

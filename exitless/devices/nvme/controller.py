@@ -52,6 +52,8 @@ from .namespace import Namespace
 from .prp import PrpError, prp_segments
 
 log = logging.getLogger(__name__)
+# Exceptions are logged as str(e): a record holding the exception would keep its traceback's
+# frames alive (the vCPU thread's, with views onto the kvm_run page) wherever records are kept.
 
 HELD = object()   # an Asynchronous Event Request: completed later, when an event happens
 
@@ -214,7 +216,7 @@ class NvmeController:
             try:
                 self.ns.flush()
             except OSError as e:
-                log.error("NVMe shutdown: flush of %s failed: %s", self.ns.path, e)
+                log.error("NVMe shutdown: flush of %s failed: %s", self.ns.path, str(e))
             self.csts = (self.csts & ~(3 << K.CSTS_SHST_SHIFT)) | (K.SHST_COMPLETE << K.CSTS_SHST_SHIFT)
         elif not shn:
             self.csts &= ~(3 << K.CSTS_SHST_SHIFT)
@@ -389,7 +391,7 @@ class NvmeController:
             try:
                 result = self._admin(cmd) if sq.sqid == 0 else self._io(cmd)
             except OSError as e:
-                log.error("NVMe: I/O error on %s: %s", self.ns.path, e)
+                log.error("NVMe: I/O error on %s: %s", self.ns.path, str(e))
                 result = (K.SC_WRITE_FAULT if cmd[0] & 0xFF == K.NVM_WRITE else K.SC_UNRECOVERED_READ_ERROR, 0)
             if result is HELD:
                 continue
@@ -464,7 +466,7 @@ class NvmeController:
         try:
             segs = prp_segments(self.mem, prp1, prp2, len(data))
         except PrpError as e:
-            log.warning("NVMe admin command %#x: %s", cmd[0] & 0xFF, e)
+            log.warning("NVMe admin command %#x: %s", cmd[0] & 0xFF, str(e))
             return e.status, 0
         pos = 0
         for gpa, n in segs:
@@ -740,7 +742,7 @@ class NvmeController:
         try:
             segs = prp_segments(self.mem, prp1, prp2, nbytes)
         except PrpError as e:
-            log.warning("NVMe %s at LBA %d: %s", "read" if op == K.NVM_READ else "write", slba, e)
+            log.warning("NVMe %s at LBA %d: %s", "read" if op == K.NVM_READ else "write", slba, str(e))
             return e.status, 0
         views = [self.mem.view(gpa, n) for gpa, n in segs]
         units = (nbytes + 511_999) // 512_000
