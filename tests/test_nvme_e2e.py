@@ -98,3 +98,37 @@ def test_hostile_driver_malformed_commands(image, path):
                    "bad_nsid": "sc_0x00b", "over_mdts": "sc_0x002", "create_bad_qid": "sc_0x101",
                    "dbbuf_unaligned": "sc_0x002", "sq_tail_oob": "ignored", "final_read": "ok", "cfs": 0}
     assert stats["bad_doorbells"] >= 1 and stats["fatal"] == 0
+
+
+def test_one_sidecore_serves_virtio_blk_and_nvme(tmp_path, image):
+    """One polling sidecore thread serves a virtio-blk disk's queue and the NVMe queue pairs (one boot
+    drives the NVMe controller, another the virtio-blk disk, each with both devices on the sidecore)."""
+    from exitless.devices.virtio.blk import VirtioBlk
+    from exitless.devices.virtio.pci import VirtioPci
+    from exitless.sidecore.loop import SidecoreGroup
+
+    disk = tmp_path / "blk.img"
+    with open(disk, "wb") as f:
+        f.truncate(DISK_BYTES)
+    for app in (f"nvme rw=fill bs=16384 qd=8 queues=2 seed={SEED}", f"blk rw=fill bs=16384 qd=8 seed={SEED + 1}"):
+        out = bytearray()
+        with Machine(VmConfig(mem_mib=128, console=out.extend)) as m:
+            group = SidecoreGroup("poll", name="sidecore-both")
+            blk = VirtioPci(m, VirtioBlk(disk), "poll", sidecore=group)
+            nvme = NvmePci(m, Namespace(image), "poll", queues=2, sidecore=group)
+            group.start_on(m)
+            assert len(group.pollables) == 3 and blk.sidecore is None and nvme.sidecore is None
+            m.boot_pvh(guestkit_path(), app)
+            assert m.run(timeout=240).status == 0, out.decode()[-1000:]
+    assert image.read_bytes() == pattern(SEED, DISK_BYTES)
+    assert disk.read_bytes() == pattern(SEED + 1, DISK_BYTES)
+
+
+def test_nvme_spec():
+    from exitless.nvme import NvmeSpec, NvmeSpecError
+
+    assert NvmeSpec.parse("/d.img,ro,direct,io=adaptive,queues=8,lba=4096") == \
+        NvmeSpec("/d.img", True, True, "adaptive", 8, 4096)
+    for bad in ("", ",ro", "/d,io=fast", "/d,queues=0", "/d,queues=65", "/d,lba=1024", "/d,ro=1", "/d,x"):
+        with pytest.raises(NvmeSpecError, match="--nvme"):
+            NvmeSpec.parse(bad)
