@@ -16,6 +16,8 @@ import logging
 import signal
 import sys
 
+from .options import power_of_two
+
 
 def _parse_disk(text: str) -> tuple[str, bool, bool]:
     path, *opts = text.split(",")
@@ -32,19 +34,9 @@ def _parse_disk(text: str) -> tuple[str, bool, bool]:
     return path, ro, direct
 
 
-def _pow2(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 1 <= v <= 32768 or v & (v - 1):
-        raise argparse.ArgumentTypeError(f"{v} is not a power of two in 1..32768")
-    return v
-
-
 def cmd_serve_blk(args) -> int:
-    from .devices.virtio.blk import VirtioBlk
-    from .vhost_user import SocketPathError, VhostUserServer
+    from ..devices.virtio.blk import VirtioBlk
+    from ..vhost_user import SocketPathError, VhostUserServer
 
     logging.getLogger("exitless.vhost_user").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if not logging.getLogger().handlers:
@@ -82,28 +74,9 @@ def cmd_serve_blk(args) -> int:
     return 0
 
 
-def cmd_bench_vhost(args) -> int:
-    from .bench import vhost as V
-    from .bench.common import print_table, write_json
-
-    rows = V.run(tests=args.tests, modes=args.io, with_builtin=not args.no_builtin, scale=args.scale,
-                 accel=args.accel, min_seconds=args.min_seconds, cache=args.cache,
-                 repeat=args.repeat,
-                 log=lambda msg: print(msg, file=sys.stderr))
-    print_table(f"virtio-blk through QEMU ({rows[0].get('accel') if rows else '?'}, cache={args.cache}): "
-                "exitless vhost-user back-end vs QEMU's own", rows, [
-                    ("vmm", "vmm"), ("path", "path"), ("irq", "guest waits by"), ("test", "test"), ("iops", "IOPS"),
-                    ("p50_us", "p50 µs"),
-                    ("p99_us", "p99 µs"), ("mbps", "MB/s"), ("exits_per_io", "exits/IO"),
-                    ("cpu_us_per_io", "host CPU µs/IO"), ("errors", "errors")])
-    if args.json:
-        write_json(rows, args.json)
-    return 1 if any(r.get("errors") for r in rows) else 0
-
-
-def register(sub, *, bench=None) -> None:
-    """Add ``serve`` to the top-level subparsers, and ``bench vhost`` to ``bench``'s."""
-    from .vhost_user import IO_MODES
+def register(sub) -> None:
+    """Add ``serve`` and its devices to the top-level subparsers."""
+    from ..vhost_user import IO_MODES
 
     serve = sub.add_parser("serve", help="serve an exitless device to another VMM (vhost-user)")
     ssub = serve.add_subparsers(dest="serve", required=True)
@@ -115,22 +88,6 @@ def register(sub, *, bench=None) -> None:
                      help="kick: sleep on kick eventfds; poll: poll the avail rings (no kicks); adaptive: both")
     blk.add_argument("--queues", type=int, default=1, choices=range(1, 17), metavar="N",
                      help="virtqueues offered (QEMU's num-queues must not exceed it; default 1)")
-    blk.add_argument("--queue-size", type=_pow2, default=256, metavar="N", help="maximum ring size (default 256)")
+    blk.add_argument("--queue-size", type=power_of_two, default=256, metavar="N", help="maximum ring size (default 256)")
     blk.add_argument("--poll-us", type=float, default=64.0, help="adaptive: initial busy-poll window (µs)")
     blk.set_defaults(func=cmd_serve_blk)
-
-    if bench is not None:
-        bv = bench.add_parser("vhost", help="virtio-blk in QEMU: exitless vhost-user back-end vs QEMU's own")
-        bv.add_argument("--io", nargs="+", default=list(IO_MODES), choices=IO_MODES)
-        bv.add_argument("--tests", nargs="+", help="subset of the bench blk tests (names)")
-        bv.add_argument("--scale", type=float, default=1.0, help="multiply the operation counts")
-        bv.add_argument("--min-seconds", type=float, default=0.5,
-                        help="raise the operation count so each measured run lasts at least this long")
-        bv.add_argument("--accel", choices=["auto", "tcg", "kvm"], default="tcg",
-                        help="QEMU accelerator (default tcg: QEMU's KVM cannot run Linux on this kind of host)")
-        bv.add_argument("--cache", choices=["writeback", "none"], default="writeback",
-                        help="writeback: page cache on both sides; none: O_DIRECT on both sides")
-        bv.add_argument("--repeat", type=int, default=1, help="repeat each measured run, keep the median")
-        bv.add_argument("--no-builtin", action="store_true", help="skip QEMU's built-in virtio-blk rows")
-        bv.add_argument("--json", nargs="?", const="-", help="write rows as JSON (to a file, or stdout)")
-        bv.set_defaults(func=cmd_bench_vhost)
