@@ -6,6 +6,10 @@ module listed in :data:`GROUPS`; a new sub-command of a group (``serve net``,
 ``bench nvme``) is an ``add_parser`` in that group's module.  The modules import
 nothing from this package's ``__init__`` (no cycles); shared argument types live
 in :mod:`exitless.cli.options`.
+
+Errors: a command lets :class:`exitless.errors.ExitlessError` propagate; :func:`main`
+prints its message on one line and exits 2 (the user's input or host is at fault).
+Any other exception is a bug in exitless and surfaces with its traceback.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import logging
 import sys
 
 from .. import __version__
+from ..errors import ExitlessError
 from . import bench, doctor, guest, run, serve
 
 #: The command groups, in ``--help`` order.
@@ -35,4 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="exitless: %(levelname)s %(name)s: %(message)s")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ExitlessError as e:
+        print(f"exitless: {e}", file=sys.stderr)
+        return 2

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..disk import OPTIONS, DiskSpec, DiskSpecError, syntax
+
 
 def mem_size(text: str) -> int:
     """``'256'``, ``'256M'``, ``'1G'`` -> MiB."""
@@ -24,3 +26,20 @@ def power_of_two(text: str) -> int:
     if not 1 <= v <= 32768 or v & (v - 1):
         raise argparse.ArgumentTypeError(f"{v} is not a power of two in 1..32768")
     return v
+
+
+def add_disk_argument(parser: argparse.ArgumentParser, options: tuple[str, ...] = OPTIONS, *, help: str,
+                      **kwargs) -> None:
+    """Add ``--disk`` in the one grammar of :mod:`exitless.disk`, taking ``options``, its syntax in the help.
+
+    The parsed value is a :class:`exitless.disk.DiskSpec` (a list with ``action="append"``);
+    a bad spec exits 2 with argparse's usage and the :class:`~exitless.disk.DiskSpecError` message.
+    """
+    def disk(text: str) -> DiskSpec:
+        try:
+            return DiskSpec.parse(text, options)
+        except DiskSpecError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parser.add_argument("--disk", type=disk, metavar="SPEC",
+                        help=f"{help}; SPEC is {syntax(options)} (a comma in PATH is written ',,')", **kwargs)

@@ -23,7 +23,7 @@ import argparse
 import signal
 import sys
 
-from .options import mem_size
+from .options import add_disk_argument, mem_size
 
 
 def register(sub) -> None:
@@ -39,8 +39,9 @@ def register(sub) -> None:
     run.add_argument("--timeout", type=float, default=None, help="stop the guest after this many seconds")
     run.add_argument("--one-sidecore", action="store_true",
                      help="disks on the same polling path share one sidecore thread (default: one each)")
-    run.add_argument("--disk", action="append", default=[], metavar="PATH[,ro][,direct][,io=PATH][,queues=N]",
-                     help="a virtio-blk disk; io is the I/O path: trap, ioeventfd (default), shared, poll, adaptive")
+    add_disk_argument(run, action="append", default=[],
+                      help="a virtio-blk disk (repeatable: /dev/vda, vdb...); io is its I/O path (default ioeventfd), "
+                           "queues its number of virtqueues")
     run.add_argument("--decompress", choices=("auto", "guest", "host"), default="auto",
                      help="bzImage: run its decompressor in the guest, or unpack it on the host "
                           "(auto: host on kvm_pvm hosts, guest elsewhere)")
@@ -68,26 +69,19 @@ def wants_linux_loader(args) -> bool:
 
 def attach_devices(machine, args) -> None:
     """Plug the devices the options ask for (``--disk``…) into ``machine``: every ``run`` form calls this."""
-    if not args.disk:
-        return
-    from ..disk import DiskSpec, add_disks
+    if args.disk:
+        from ..disk import add_disks
 
-    add_disks(machine, [DiskSpec.parse(d) for d in args.disk], one_sidecore=args.one_sidecore)
+        add_disks(machine, args.disk, one_sidecore=args.one_sidecore)
 
 
 def _run_pvh(args) -> int:
-    from ..boot.pvh import KernelImageError
-    from ..disk import DiskSpecError
     from ..vm import Machine, VmConfig
 
-    try:
-        with Machine(VmConfig(mem_mib=args.mem, cpus=args.cpus)) as m:
-            attach_devices(m, args)
-            m.boot_pvh(args.kernel, args.append, args.initrd)
-            exit = m.run(timeout=args.timeout)
-    except (KernelImageError, DiskSpecError, ValueError, OSError) as e:
-        print(f"exitless: {e}", file=sys.stderr)
-        return 2
+    with Machine(VmConfig(mem_mib=args.mem, cpus=args.cpus)) as m:
+        attach_devices(m, args)
+        m.boot_pvh(args.kernel, args.append, args.initrd)
+        exit = m.run(timeout=args.timeout)
     if exit.kind == "debug-exit":
         return exit.status & 0xFF
     if exit.ok:
@@ -107,11 +101,8 @@ class HostSignal(Exception):
 
 
 def _run_linux(args) -> int:
-    from ..boot.bzimage import BzImageError
-    from ..boot.initramfs import EXIT_MARKER, InitramfsError, parse_exit_status
+    from ..boot.initramfs import EXIT_MARKER, parse_exit_status
     from ..boot.linux import BootConsole, boot_linux
-    from ..boot.pvh import KernelImageError
-    from ..guest.fetch import GuestFetchError
     from ..guest.plan import plan_guest
     from ..vm import Machine, VmConfig
 
@@ -119,12 +110,8 @@ def _run_linux(args) -> int:
     if command and command[0] == "--":
         command = command[1:]
     easy = bool(command)
-    try:
-        plan = plan_guest(args.kernel, command, append=args.append, initrd=args.initrd, cache=args.cache,
-                          modules=args.modules, decompress=args.decompress, quiet=not args.boot_log)
-    except (GuestFetchError, KernelImageError, BzImageError, InitramfsError, ValueError, OSError) as e:
-        _stderr(str(e))
-        return 2
+    plan = plan_guest(args.kernel, command, append=args.append, initrd=args.initrd, cache=args.cache,
+                      modules=args.modules, decompress=args.decompress, quiet=not args.boot_log)
     for note in plan.notes:
         _stderr(f"note: {note}")
 
@@ -148,9 +135,6 @@ def _run_linux(args) -> int:
     except HostSignal as e:
         _stderr(f"{e} received: the VM was stopped" + (" (the command's status is unknown)" if easy else ""))
         return 128 + e.signum
-    except (KernelImageError, BzImageError, ValueError, OSError) as e:
-        _stderr(str(e))
-        return 2
     finally:
         for s, h in previous.items():
             signal.signal(s, h)

@@ -1,6 +1,6 @@
 """``exitless serve blk``: an exitless virtio-blk device served to QEMU over vhost-user.
 
-    exitless serve blk --socket /tmp/vhost.sock --disk disk.img[,ro] [--io kick|poll|adaptive]
+    exitless serve blk --socket /tmp/vhost.sock --disk disk.img[,ro][,direct] [--io kick|poll|adaptive]
     qemu-system-x86_64 ... -object memory-backend-memfd,id=mem,size=1G,share=on \\
         -machine q35,memory-backend=mem -chardev socket,id=c0,path=/tmp/vhost.sock \\
         -device vhost-user-blk-pci,chardev=c0,num-queues=1
@@ -14,46 +14,26 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
-import sys
 
-from .options import power_of_two
-
-
-def _parse_disk(text: str) -> tuple[str, bool, bool]:
-    path, *opts = text.split(",")
-    if not path:
-        raise argparse.ArgumentTypeError(f"--disk {text!r}: no path")
-    ro = direct = False
-    for opt in opts:
-        if opt == "ro":
-            ro = True
-        elif opt == "direct":
-            direct = True
-        else:
-            raise argparse.ArgumentTypeError(f"--disk {text!r}: bad option {opt!r} (ro, direct)")
-    return path, ro, direct
+from .options import add_disk_argument, power_of_two
 
 
 def cmd_serve_blk(args) -> int:
     from ..devices.virtio.blk import VirtioBlk
-    from ..vhost_user import SocketPathError, VhostUserServer
+    from ..vhost_user import VhostUserServer
 
     logging.getLogger("exitless.vhost_user").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if not logging.getLogger().handlers:
         logging.basicConfig(format="exitless: %(levelname)s %(name)s: %(message)s")
-    path, ro, direct = args.disk
-    try:
-        dev = VirtioBlk(path, read_only=ro, direct=direct, num_queues=args.queues, queue_size=args.queue_size)
-    except (OSError, ValueError) as e:
-        print(f"exitless serve: disk: {e}", file=sys.stderr)
-        return 2
+    disk = args.disk
+    dev = VirtioBlk(disk.path, read_only=disk.read_only, direct=disk.direct, num_queues=args.queues,
+                    queue_size=args.queue_size)
     server = VhostUserServer(args.socket, dev, args.io, poll_ns=int(args.poll_us * 1000), name="vhost-user-blk")
     try:
         server.listen()
-    except (SocketPathError, OSError) as e:
+    except BaseException:
         dev.close()
-        print(f"exitless serve: socket: {e}", file=sys.stderr)
-        return 2
+        raise
 
     def _stop(signum, _frame):
         logging.getLogger("exitless.vhost_user").info("vhost-user-blk: %s: stopping",
@@ -62,8 +42,8 @@ def cmd_serve_blk(args) -> int:
 
     old = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
     logging.getLogger("exitless.vhost_user").info(
-        "vhost-user-blk: serving %s (%d sectors%s, %d queue(s) of %d) on %s, io=%s", path, dev.capacity,
-        ", read-only" if ro else "", dev.num_queues, dev.queue_max_size, args.socket, args.io)
+        "vhost-user-blk: serving %s (%d sectors%s, %d queue(s) of %d) on %s, io=%s", disk.path, dev.capacity,
+        ", read-only" if disk.read_only else "", dev.num_queues, dev.queue_max_size, args.socket, args.io)
     try:
         server.serve_forever()
     finally:
@@ -83,7 +63,7 @@ def register(sub) -> None:
     blk = ssub.add_parser("blk", help="virtio-blk over vhost-user (QEMU: -device vhost-user-blk-pci)",
                           description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     blk.add_argument("--socket", required=True, metavar="PATH", help="unix socket to listen on")
-    blk.add_argument("--disk", required=True, type=_parse_disk, metavar="FILE[,ro][,direct]")
+    add_disk_argument(blk, ("ro", "direct"), required=True, help="the disk image or block device served")
     blk.add_argument("--io", choices=IO_MODES, default="kick",
                      help="kick: sleep on kick eventfds; poll: poll the avail rings (no kicks); adaptive: both")
     blk.add_argument("--queues", type=int, default=1, choices=range(1, 17), metavar="N",

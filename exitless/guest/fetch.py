@@ -130,7 +130,7 @@ def fetch_guest(
     """
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     if modules_dir is not None and kernel is None:
-        raise ValueError("modules_dir= needs kernel= too: modules only load into the kernel they were built for")
+        raise GuestFetchError("modules_dir= needs kernel= too: modules only load into the kernel they were built for")
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
