@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -320,3 +321,106 @@ def test_one_sidecore_is_honoured_by_every_run_path(kernel: str, tmp_path: Path,
     assert cli.main(argv + ["--one-sidecore"]) == 0
     assert cli.main(argv) == 0
     assert seen == [1, 2]
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class _Recorder:
+    """A Progress that records its steps and updates."""
+
+    def __init__(self):
+        self.steps: list[str] = []
+        self.updates: list[int] = []
+
+    def step(self, description: str, total: int | None = None):
+        from contextlib import contextmanager
+
+        @contextmanager
+        def cm():
+            self.steps.append(description)
+            yield self.updates.append
+        return cm()
+
+
+def test_terminal_progress_shows_finished_steps_only() -> None:
+    import io
+
+    from rich.console import Console
+
+    from exitless.cli.progress import TerminalProgress
+
+    out = io.StringIO()
+    p = TerminalProgress(Console(file=out, force_terminal=True, width=100))
+    with p.step("downloading 1 Debian package(s)", total=3000) as update:
+        update(1500)
+        update(3000)
+    with pytest.raises(OSError):
+        with p.step("unpacking a.deb"):
+            raise OSError("disk full")
+    text = _plain(out.getvalue())
+    assert "✓ downloading 1 Debian package(s) (" in text and "✓ unpacking" not in text
+
+
+def test_run_tick_sees_the_whole_download(tmp_path: Path) -> None:
+    from exitless.guest.fetch import _run, _tree_bytes
+
+    seen = []
+    r = _run(["sh", "-c", "head -c 3000 /dev/zero > a; head -c 1000 /dev/zero > b"], cwd=tmp_path,
+             tick=lambda: seen.append(_tree_bytes(tmp_path)))
+    assert r.returncode == 0 and seen[-1] == 4000 and seen == sorted(seen)
+
+
+def test_the_easy_form_reports_building_its_initramfs() -> None:
+    from exitless.guest.plan import plan_guest
+
+    rec = _Recorder()
+    plan = plan_guest(None, ["true"], flavour="vmx", progress=rec)
+    assert plan.initrd and any(s.startswith("building the initramfs") for s in rec.steps), rec.steps
+
+
+def _plain(terminal: str) -> str:
+    """Terminal output without its escape sequences."""
+    import re
+
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", terminal)
+
+
+def _pty_stderr(argv: list[str]) -> tuple[int, str, str]:
+    """Run ``exitless argv`` with stderr on a pseudo-terminal: (status, stdout, stderr as the terminal got it)."""
+    master, slave = os.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "exitless", *argv], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=slave, cwd=ROOT, env=dict(os.environ, COLUMNS="200"))   # a wide terminal: no wrap
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:          # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    out = p.stdout.read().decode()
+    return p.wait(60), out, b"".join(chunks).decode(errors="replace")
+
+
+def test_guest_fetch_shows_progress_on_a_terminal_only(tmp_path: Path) -> None:
+    """A module tree without modules.dep is copied into the cache and depmod-ed: a long step."""
+    from exitless.guest.fetch import fetch_guest
+
+    guest = fetch_guest()
+    tree = tmp_path / "lib" / "modules" / guest.kernel_version
+    for ko in ("kernel/drivers/block/virtio_blk.ko", "kernel/drivers/virtio/virtio.ko",
+               "kernel/drivers/virtio/virtio_ring.ko"):
+        src = next(guest.modules_dir.glob(ko + "*"))
+        (tree / ko).parent.mkdir(parents=True, exist_ok=True)
+        (tree / ko).with_name(src.name).write_bytes(src.read_bytes())
+    argv = ["guest", "fetch", "--kernel", str(guest.vmlinuz), "--modules", str(tree), "--busybox", str(guest.busybox)]
+    status, out, err = _pty_stderr(argv + ["--cache", str(tmp_path / "tty-cache")])
+    assert status == 0 and f"kernel:  {guest.vmlinuz}" in out
+    assert f"✓ copying the {guest.kernel_version} modules into the cache, generating modules.dep (" in _plain(err), err
+    r = exitless(*argv, "--cache", str(tmp_path / "pipe-cache"))
+    assert r.returncode == 0 and r.stderr == ""
+    assert r.stdout == out.replace(str(tmp_path / "tty-cache"), str(tmp_path / "pipe-cache"))

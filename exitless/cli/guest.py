@@ -1,6 +1,11 @@
-"""``exitless guest fetch``: Debian's cloud kernel, its modules and busybox into the cache."""
+"""``exitless guest fetch``: Debian's cloud kernel, its modules and busybox into the cache.
+
+Progress (apt, download, unpacking, depmod) goes to stderr when it is a terminal; stdout
+carries the paths.
+"""
 from __future__ import annotations
 
+from .progress import stderr_progress
 
 
 def register(sub) -> None:
@@ -20,7 +25,7 @@ def cmd_guest_fetch(args) -> int:
     from ..guest.fetch import fetch_guest
 
     a = fetch_guest(args.cache, kernel=args.kernel, modules_dir=args.modules, busybox=args.busybox,
-                    refresh=args.refresh)
+                    refresh=args.refresh, progress=stderr_progress())
     print(f"kernel:  {a.vmlinuz} ({a.kernel_version})")
     print(f"modules: {a.modules_dir or '-'}")
     print(f"busybox: {a.busybox}")

@@ -24,6 +24,7 @@ import signal
 import sys
 
 from .options import add_disk_argument, mem_size
+from .progress import stderr_progress
 
 
 def register(sub) -> None:
@@ -111,7 +112,8 @@ def _run_linux(args) -> int:
         command = command[1:]
     easy = bool(command)
     plan = plan_guest(args.kernel, command, append=args.append, initrd=args.initrd, cache=args.cache,
-                      modules=args.modules, decompress=args.decompress, quiet=not args.boot_log)
+                      modules=args.modules, decompress=args.decompress, quiet=not args.boot_log,
+                      progress=stderr_progress())
     for note in plan.notes:
         _stderr(f"note: {note}")
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ExitlessError
+from ..progress import QUIET, Progress
 
 EASY_CMDLINE = "console=ttyS0 quiet loglevel=1 panic=-1"
 DEFAULT_MODULES = ("virtio_pci", "virtio_blk", "virtio_net")
@@ -47,12 +48,13 @@ class GuestPlan:
 
 def plan_guest(kernel: str | None, command: list[str], *, append: str = "", initrd: str | None = None,
                cache: str | None = None, modules: str | None = None, decompress: str = "auto",
-               flavour: str | None = None, early_printk: bool = False, quiet: bool = True) -> GuestPlan:
+               flavour: str | None = None, early_printk: bool = False, quiet: bool = True,
+               progress: Progress = QUIET) -> GuestPlan:
     """Resolve kernel, initramfs and command line, fetching the guest if ``command`` needs it.
 
     ``command`` non-empty selects the easy form (``kernel``/``modules`` then replace
     Debian's); ``flavour`` is the KVM flavour (default: this host's, see
-    :func:`exitless.doctor.kvm_flavour`).
+    :func:`exitless.doctor.kvm_flavour`); ``progress`` is told about the fetch and the initramfs build.
     Raises :class:`GuestPlanError` for options that do not mix,
     :class:`exitless.guest.fetch.GuestFetchError`, :class:`exitless.boot.initramfs.InitramfsError`,
     :class:`exitless.boot.pvh.KernelImageError` (an unreadable initrd).
@@ -69,11 +71,12 @@ def plan_guest(kernel: str | None, command: list[str], *, append: str = "", init
         if initrd is not None:
             raise GuestPlanError("--initrd and a command (-- CMD) do not mix: "
                                  "the command runs from exitless's initramfs")
-        art = fetch_guest(cache, kernel=kernel, modules_dir=modules)
+        art = fetch_guest(cache, kernel=kernel, modules_dir=modules, progress=progress)
         kpath = art.vmlinuz
         mods = list(DEFAULT_MODULES) if art.modules_root is not None else []
-        rd = build_initramfs(art.busybox, modules=mods, modules_root=art.modules_root, kver=art.kernel_version,
-                             command=shlex.join(command), applets=_applets(art))
+        with progress.step("building the initramfs (busybox, virtio modules, /init running the command)"):
+            rd = build_initramfs(art.busybox, modules=mods, modules_root=art.modules_root, kver=art.kernel_version,
+                                 command=shlex.join(command), applets=_applets(art))
         cmdline = EASY_CMDLINE if quiet else EASY_CMDLINE.replace(" quiet loglevel=1", "")
         cmdline = f"{cmdline} {append}".strip()
     else:
