@@ -65,11 +65,15 @@ def wants_linux_loader(args) -> bool:
     """Does ``run`` boot Linux (a bzImage or vmlinux given, or the easy form ``-- CMD``)?"""
     from ..guest.plan import is_linux_kernel
 
-    return bool(getattr(args, "cmd", None)) or args.kernel is None or is_linux_kernel(args.kernel)
+    return bool(args.cmd) or args.kernel is None or is_linux_kernel(args.kernel)
 
 
 def attach_devices(machine, args) -> None:
-    """Plug the devices the options ask for (``--disk``…) into ``machine``: every ``run`` form calls this."""
+    """Plug the devices the options ask for (``--disk``…) into ``machine``: every ``run`` form calls this.
+
+    A new device option (``--nvme``, ``--net``) adds its argument in :func:`register` and its
+    attach call here, so that the guest kit and Linux get it alike.
+    """
     if args.disk:
         from ..disk import add_disks
 

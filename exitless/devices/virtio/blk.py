@@ -99,7 +99,6 @@ class BackingFileError(ExitlessError, OSError):
     (:class:`BackingFileMissing`).
     """
 
-
     def __str__(self) -> str:
         return f"{self.filename}: {self.strerror}"
 
