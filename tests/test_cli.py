@@ -249,6 +249,24 @@ def test_errors_are_exitless_errors() -> None:
     assert issubclass(BackingFileMissing, FileNotFoundError)
 
 
+def test_too_many_pci_devices_is_the_users_mistake() -> None:
+    """Slots run out after 31 devices (this raised StopIteration); a BAR too big for the window is refused too."""
+    from exitless.bus import Bus
+    from exitless.devices.pci.device import Bar, PciDevice
+    from exitless.devices.pci.root import PciResourceError, PciRoot
+
+    def function(bars=()):
+        return PciDevice(vendor=0x1AF4, device=0x1042, class_code=0x018000, bars=list(bars), interrupt_pin=0)
+
+    root = PciRoot(Bus("pio"))
+    with pytest.raises(PciResourceError, match="window is full: no room for PciDevice's BAR0"):
+        root.add(function([Bar(0, 1 << 40)]))
+    for _ in range(31):
+        root.add(function())
+    with pytest.raises(PciResourceError, match="all 31 PCI slots are taken"):
+        root.add(function())
+
+
 def test_an_internal_bug_is_not_reported_as_bad_input(monkeypatch: pytest.MonkeyPatch) -> None:
     """A plain ValueError deep inside (here: building the easy form's initramfs) surfaces as itself."""
     import exitless.boot.initramfs as initramfs
