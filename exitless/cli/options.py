@@ -1,4 +1,4 @@
-"""Argument types shared by several commands (argparse ``type=`` callables)."""
+"""Arguments shared by several commands: argparse ``type=`` callables and ``--disk`` in its one grammar."""
 from __future__ import annotations
 
 import argparse
