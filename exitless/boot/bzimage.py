@@ -261,9 +261,9 @@ def encode_cmdline(cmdline: str, header: SetupHeader) -> bytes:
     """The NUL-terminated command line bytes; rejects one longer than ``cmdline_size``."""
     raw = cmdline.encode()
     if b"\0" in raw:
-        raise ValueError("kernel command line contains a NUL byte")
+        raise BzImageError("kernel command line contains a NUL byte")
     if len(raw) > header.cmdline_size:
-        raise ValueError(f"kernel command line is {len(raw)} bytes; this kernel accepts {header.cmdline_size}")
+        raise BzImageError(f"kernel command line is {len(raw)} bytes; this kernel accepts {header.cmdline_size}")
     return raw + b"\0"
 
 

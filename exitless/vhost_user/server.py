@@ -173,6 +173,9 @@ class VhostUserServer:
         try:
             sock.bind(self.path)
             sock.listen(4)
+        except OSError as e:          # no such directory, no permission, path too long: the user's path
+            sock.close()
+            raise SocketPathError(f"{self.path}: cannot listen here: {e.strerror or e}") from e
         except BaseException:
             sock.close()
             raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 import struct
 import threading
 
+from ...errors import ExitlessError
 from ...x86 import layout as L
 from .device import PciDevice
 
@@ -16,6 +17,10 @@ CONFIG_ADDRESS, CONFIG_DATA = 0xCF8, 0xCFC
 HOST_BRIDGE_VENDOR, HOST_BRIDGE_DEVICE = 0x1B36, 0x0008   # a generic host bridge, no chipset quirks
 CLASS_HOST_BRIDGE = 0x060000
 PCI_IRQS = (10, 11, 5, 9)  # INTx GSIs by slot, as the guest's interrupt-line register says
+
+
+class PciResourceError(ExitlessError, ValueError):
+    """No free slot, or no room in the PCI MMIO window, for another device (too many devices asked for)."""
 
 
 class HostBridge(PciDevice):
@@ -43,14 +48,17 @@ class PciRoot:
     def add(self, dev: PciDevice, slot: int | None = None) -> int:
         """Plug ``dev`` into the next free slot, assign its BARs and turn decoding on."""
         if slot is None:
-            slot = next(s for s in range(1, 32) if (s << 3) not in self.devices)
+            slot = next((s for s in range(1, 32) if (s << 3) not in self.devices), None)
+            if slot is None:
+                raise PciResourceError("all 31 PCI slots are taken: too many devices")
         devfn = slot << 3
         if devfn in self.devices:
             raise ValueError(f"PCI slot {slot} is taken")
         for bar in sorted(dev.bars.values(), key=lambda b: -b.size):
             base = (self._next_bar + bar.size - 1) & ~(bar.size - 1)
             if base + bar.size > self._window_end:
-                raise ValueError("the PCI MMIO window is full")
+                raise PciResourceError(f"the PCI MMIO window is full: no room for {type(dev).__name__}'s BAR{bar.index} "
+                                       f"({bar.size:#x} bytes): too many devices")
             dev.set_bar_address(bar.index, base)
             self._next_bar = base + bar.size
         if dev.config[0x3D]:
