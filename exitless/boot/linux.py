@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import lz4.block
+
 from ..devices.legacy.acpi_pm import AcpiPm, ResetControl
 from ..devices.legacy.i8042 import DATA_PORT as I8042_DATA, STATUS_PORT as I8042_STATUS, I8042
 from ..devices.legacy.rtc import INDEX_PORT as RTC_PORT, Rtc
@@ -324,7 +326,7 @@ def extract_vmlinux(bz: BzImage) -> bytes:
     elif fmt == "bzip2":
         out = bz2.BZ2Decompressor().decompress(payload)
     elif fmt == "lz4":
-        out = lz4_legacy_decompress(payload)   # ~1 s for Debian's 53 MB vmlinux
+        out = lz4_legacy_decompress(payload, max_size=expected)
     elif fmt == "zstd":
         out = _tool(["zstd", "-d", "-c", "-q"], payload, "zstd")
     else:
@@ -343,59 +345,42 @@ def _tool(cmd: list[str], data: bytes, name: str) -> bytes:
     return p.stdout
 
 
-def lz4_legacy_decompress(data: bytes) -> bytes:
-    """Pure-Python LZ4 legacy-frame decoder: magic 0x184C2102, then (u32 size, block)*; stops at a non-block."""
-    if data[:4] != b"\x02\x21\x4c\x18":
-        raise KernelImageError("not an LZ4 legacy frame")
+LZ4_LEGACY_MAGIC = 0x184C2102
+#: A legacy frame's blocks each decompress to at most 8 MiB (lz4's LEGACY_BLOCKSIZE; the kernel's unlz4 too).
+LZ4_LEGACY_BLOCK_MAX = 8 << 20
+
+
+def lz4_legacy_decompress(data: bytes, max_size: int | None = None) -> bytes:
+    """Decompress an LZ4 legacy frame (what ``CONFIG_KERNEL_LZ4`` appends to a bzImage).
+
+    Layout (lib/decompress_unlz4.c): magic 0x184C2102, then ``(u32 compressed size, block)``
+    repeated, a repeated magic starting a concatenated frame; the walk stops at a word that
+    cannot be a block (the kernel build's appended uncompressed size, or the end).  Each block
+    is handed to python-lz4's ``lz4.block.decompress``.  ``max_size`` (bytes) bounds the output.
+
+    Raises :class:`KernelImageError` naming the block's file offset when a block is corrupt,
+    or when the output would exceed ``max_size``.
+    """
+    if len(data) < 4 or struct.unpack_from("<I", data)[0] != LZ4_LEGACY_MAGIC:
+        raise KernelImageError("not an LZ4 legacy frame (no magic 0x184c2102)")
     out = bytearray()
     pos = 4
     n = len(data)
     while pos + 4 <= n:
         (bsize,) = struct.unpack_from("<I", data, pos)
-        if bsize == 0x184C2102:          # concatenated frame
+        if bsize == LZ4_LEGACY_MAGIC:          # concatenated frame
             pos += 4
             continue
-        if bsize == 0 or pos + 4 + bsize > n or bsize > 1 << 24:
-            break                        # the appended uncompressed size, or the end
-        _lz4_block(data, pos + 4, pos + 4 + bsize, out)
+        if bsize == 0 or pos + 4 + bsize > n:
+            break                              # the appended uncompressed size, or the end
+        try:
+            out += lz4.block.decompress(data[pos + 4:pos + 4 + bsize], uncompressed_size=LZ4_LEGACY_BLOCK_MAX)
+        except lz4.block.LZ4BlockError as e:
+            raise KernelImageError(f"corrupt LZ4 block of {bsize} bytes at payload offset {pos:#x}: {e}") from e
+        if max_size is not None and len(out) > max_size:
+            raise KernelImageError(f"LZ4 payload unpacks to more than the {max_size} bytes it declares")
         pos += 4 + bsize
     return bytes(out)
-
-
-def _lz4_length(src: bytes, i: int, n: int) -> tuple[int, int]:
-    """A 4-bit length from a token; 15 means more bytes follow, each added, until one is not 255."""
-    if n == 15:
-        while True:
-            b = src[i]
-            i += 1
-            n += b
-            if b != 255:
-                break
-    return n, i
-
-
-def _lz4_block(src: bytes, i: int, end: int, out: bytearray) -> None:
-    while i < end:
-        token = src[i]
-        i += 1
-        lit, i = _lz4_length(src, i, token >> 4)
-        out += src[i:i + lit]
-        i += lit
-        if i >= end:
-            break
-        offset = src[i] | src[i + 1] << 8
-        i += 2
-        mlen, i = _lz4_length(src, i, token & 15)
-        mlen += 4
-        startpos = len(out) - offset
-        if offset <= 0 or startpos < 0:
-            raise KernelImageError("corrupt LZ4 block")
-        if offset >= mlen:
-            out += out[startpos:startpos + mlen]
-        else:
-            chunk = out[startpos:]
-            reps, rest = divmod(mlen, offset)
-            out += chunk * reps + chunk[:rest]
 
 
 # --------------------------------------------------------------------------- host-specific kernel parameters
