@@ -251,6 +251,9 @@ INITRD_COMPRESSED = ((b"\x1f\x8b", "gzip"), (b"\x1f\x9e", "gzip"), (b"BZh", "bzi
                      (b"\x28\xb5\x2f\xfd", "zstd"))
 
 
+_NONZERO = re.compile(rb"[^\0]")
+
+
 def check_initrd(data: bytes, name: str = "initrd") -> None:
     """Check an initrd against itself before it is loaded: what init/initramfs.c will unpack.
 
@@ -264,10 +267,10 @@ def check_initrd(data: bytes, name: str = "initrd") -> None:
         raise InitramfsError(f"{name}: empty file")
     off = 0
     while True:
-        while off < len(data) and data[off] == 0:
-            off += 1                                   # padding between concatenated archives
-        if off >= len(data):
+        nonzero = _NONZERO.search(data, off)           # skip the padding between concatenated archives
+        if nonzero is None:
             return
+        off = nonzero.start()
         rest = data[off:off + 6]
         if any(rest.startswith(m) for m, _ in INITRD_COMPRESSED):
             return

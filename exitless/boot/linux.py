@@ -440,6 +440,10 @@ FIRST_LINE = "Linux version "
 class BootConsole:
     """The guest's COM1 output: kept, split into timestamped lines, matched against patterns.
 
+    What is kept is bounded whatever the guest prints: the last :attr:`KEEP_BYTES` bytes
+    (``data``, ``text``), the last :attr:`KEEP_LINES` lines, and a line longer than
+    :attr:`MAX_LINE` bytes is cut into pieces of that size.
+
     Use as ``VmConfig(console=BootConsole(...))``.  ``sink`` receives the raw bytes
     (e.g. a terminal).  Milestones: the first kernel line ("Linux version"),
     ``ready`` (the initramfs's READY marker: userspace is up).  ``stop_after``:
@@ -448,6 +452,10 @@ class BootConsole:
     the byte, so a test stops the VM as soon as early boot has shown what it
     looks for.
     """
+
+    KEEP_BYTES = 1 << 20
+    KEEP_LINES = 10_000
+    MAX_LINE = 4096
 
     def __init__(self, sink=None, *, stop_after: tuple[str, ...] = (), ready_marker: str | None = None,
                  clock=None):
@@ -471,6 +479,8 @@ class BootConsole:
 
     def __call__(self, data: bytes) -> None:
         self.data += data
+        if len(self.data) > 2 * self.KEEP_BYTES:       # trimmed in halves: amortised O(1) per byte
+            del self.data[:-self.KEEP_BYTES]
         if self.sink is not None:
             self.sink(data)
         for b in data:
@@ -478,6 +488,8 @@ class BootConsole:
                 self._end_line()
             elif b != 0x0D:
                 self._line.append(b)
+                if len(self._line) >= self.MAX_LINE:
+                    self._end_line()
 
     def _end_line(self) -> None:
         from ..exits import GuestStop, VmExit
@@ -486,6 +498,8 @@ class BootConsole:
         self._line.clear()
         t = self.clock() - self.t0
         self.lines.append((t, line))
+        if len(self.lines) > 2 * self.KEEP_LINES:
+            del self.lines[:-self.KEEP_LINES]
         if self.first_line_at is None and FIRST_LINE in line:
             self.first_line_at = t
         if self.ready_at is None and line.strip() == self.ready_marker:
