@@ -259,3 +259,71 @@ class LegacyDevices(RuleBasedStateMachine):
 
 TestLegacyDevices = LegacyDevices.TestCase
 TestLegacyDevices.settings = settings(max_examples=100, stateful_step_count=50, deadline=None)
+
+
+# --------------------------------------------------------------------------- end to end: a guest does it
+
+
+def run_asm_guest(tmp_path, name: str, body: str, setup=None):
+    from tests.asmguest import build_guest
+    from exitless.vm import Machine, VmConfig
+    elf = build_guest(tmp_path, name, body)
+    with Machine(VmConfig(mem_mib=32, console=lambda b: None)) as m:
+        if setup:
+            setup(m)
+        m.boot_pvh(elf)
+        result = m.run(timeout=60)
+        assert result.kind == "debug-exit", result
+        assert m.pio.device_errors == 0
+        return result.status
+
+
+@pytest.mark.kvm
+def test_guest_floods_its_uart_loopback(tmp_path) -> None:
+    """A guest writes 5,000 bytes into its loopback and reads LSR twice, then RBR."""
+    body = """
+    mov $0x3fc, %dx
+    mov $0x18, %al                  /* MCR: loopback | OUT2 */
+    out %al, %dx
+    mov $5000, %ecx
+1:  mov $0x3f8, %dx
+    mov %cl, %al
+    out %al, %dx
+    loop 1b
+    mov $0x3fd, %dx
+    in %dx, %al
+    movzbl %al, %ebx                /* LSR: DR | OE | THRE | TEMT */
+    in %dx, %al
+    movzbl %al, %eax                /* LSR again: OE cleared by the first read */
+    shl $8, %eax
+    or %eax, %ebx
+    mov $0x3f8, %dx
+    in %dx, %al
+    movzbl %al, %eax                /* RBR: the last character, which overwrote the holding register */
+    shl $16, %eax
+    or %ebx, %eax
+    jmp exit_with_eax
+    """
+    assert run_asm_guest(tmp_path, "uart", body) == 0x01_61_63
+
+
+@pytest.mark.kvm
+def test_guest_writes_rtc_field_in_binary_and_reads_it_in_bcd(tmp_path) -> None:
+    from exitless.boot.linux import add_pc_devices
+    body = """
+    .macro cmosw reg, val
+    mov $\\reg, %al
+    out %al, $0x70
+    mov $\\val, %al
+    out %al, $0x71
+    .endm
+    cmosw 0x0b, 0x06                /* register B: 24-hour, binary */
+    cmosw 0x04, 0xc8                /* hours = 200 */
+    cmosw 0x0b, 0x02                /* register B: 24-hour, BCD */
+    mov $0x04, %al
+    out %al, $0x70
+    in $0x71, %al
+    movzbl %al, %eax
+    jmp exit_with_eax
+    """
+    assert run_asm_guest(tmp_path, "rtc", body, setup=add_pc_devices) == 0x00   # 200 shows its two digits, "00"

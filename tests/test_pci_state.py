@@ -329,3 +329,50 @@ def test_msix_enable_drops_intx_and_disable_restores_it(blk) -> None:
     cfg.write(ctrl, 0, 2)
     assert spy.level == 1
     assert struct.unpack("<B", m.mmio.read(dev.mapped[BAR_CFG] + ISR_OFF, 1))[0] == 2 and spy.level == 0
+
+
+# --------------------------------------------------------------------------- §1 end to end: a guest does it
+
+
+def test_guest_moves_bar0_over_bar2_and_back(tmp_path) -> None:
+    """The issue's two sequences run by a real KVM guest through ports 0xCF8/0xCFC, then it reads
+    num_queues through BAR0 and the MSI-X vector control of entry 0 through BAR4."""
+    from tests.asmguest import build_guest
+    body = """
+    .macro cfgw reg, val
+    mov $(0x80000800 | \\reg), %eax     /* bus 0, device 1, function 0 */
+    mov $0xcf8, %dx
+    out %eax, %dx
+    mov $\\val, %eax
+    mov $0xcfc, %dx
+    out %eax, %dx
+    .endm
+    cfgw 0x10, 0xC0004000              /* decoding on: BAR0 over BAR2 ... */
+    cfgw 0x10, 0xC0000000              /* ... and back */
+    movzwl 0xC0000012, %ebx            /* num_queues */
+    cfgw 0x04, 0x4                     /* Linux: decoding off, move, decoding on */
+    cfgw 0x10, 0xC0004000
+    cfgw 0x04, 0x6
+    cfgw 0x04, 0x4
+    cfgw 0x10, 0xC0000000
+    cfgw 0x04, 0x6
+    movzwl 0xC0000012, %eax
+    shl $8, %eax
+    or %eax, %ebx
+    mov 0xC000500C, %eax               /* MSI-X entry 0 vector control: 1, masked */
+    shl $16, %eax
+    or %ebx, %eax
+    jmp exit_with_eax
+    """
+    elf = build_guest(tmp_path, "bars", body)
+    img = tmp_path / "d.img"
+    img.write_bytes(b"\0" * 65536)
+    with Machine(VmConfig(mem_mib=32)) as m:
+        dev = VirtioPci(m, VirtioBlk(img), "shared")
+        assert dev.slot == 1
+        m.boot_pvh(elf)
+        result = m.run(timeout=60)
+        assert result.kind == "debug-exit", result
+        assert result.status == 0x01_01_01
+        assert dev.mapped == {BAR_CFG: 0xC000_0000, BAR_NOTIFY: 0xC000_4000, BAR_MSIX: 0xC000_5000}
+        assert m.pio.device_errors == 0 and m.mmio.device_errors == 0

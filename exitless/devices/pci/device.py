@@ -168,9 +168,9 @@ class PciDevice:
                 self.map_bar(i, addr)
             except BusError as e:
                 self.map_refusals += 1
-                if self.map_refusals <= 10:
+                if self.map_refusals <= 10:   # the message, not the exception: its traceback holds vCPU frames
                     log.warning("PCI %02x.%d BAR%d at %#x not decoded: %s", (self.devfn or 0) >> 3,
-                                (self.devfn or 0) & 7, i, addr, e)
+                                (self.devfn or 0) & 7, i, addr, str(e))
                 continue
             self.bars[i].address = addr
             self.mapped[i] = addr
