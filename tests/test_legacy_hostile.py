@@ -28,6 +28,8 @@ from exitless.devices.legacy.acpi_pm import AcpiPm, ResetControl
 from exitless.devices.legacy.bench_marker import BenchMarker
 from exitless.exits import GuestStop
 
+from test_legacy_devices import Clock
+
 COM1 = 0x3F8
 LSR_OE = 0x02
 
@@ -177,14 +179,6 @@ def test_rtc_value_written_in_binary_read_back_in_bcd() -> None:
 # --------------------------------------------------------------------------- §5 (and §3): the kind
 
 
-class Clock:
-    def __init__(self):
-        self.t = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
 PORTS = ([(COM1, 8), (R.INDEX_PORT, 2), (K.DATA_PORT, 1), (K.STATUS_PORT, 1), (PM1A_EVT_PORT, PM1A_EVT_LEN),
           (PM1A_CNT_PORT, PM1A_CNT_LEN), (RESET_PORT, 1)])
 ADDRESSES = sorted({base + i for base, n in PORTS for i in range(n)})
@@ -195,7 +189,7 @@ class LegacyDevices(RuleBasedStateMachine):
 
     def __init__(self):
         super().__init__()
-        self.clock = Clock()
+        self.clock = Clock(1_700_000_000.0)
         self.lines = {"com1": Line(), "kbd": Line(), "sci": Line()}
         self.out = bytearray()
         self.uart = U.Serial(self.collect, self.lines["com1"])

@@ -53,13 +53,31 @@ class LineSpy:
         m.vm.irq_line = irq_line
 
 
+
+
+class BlkMachine:
+    """A real KVM machine (no guest) with one virtio-blk function per I/O path in ``paths``."""
+
+    def __init__(self, *paths: str):
+        import tempfile
+        self.tmp = tempfile.TemporaryDirectory()
+        img = f"{self.tmp.name}/d.img"
+        with open(img, "wb") as f:
+            f.truncate(65536)
+        self.m = Machine(VmConfig(mem_mib=32))
+        self.devs = [VirtioPci(self.m, VirtioBlk(img), path) for path in paths]
+        self.cfgs = [Cfg(self.m, d.slot) for d in self.devs]
+
+    def close(self) -> None:
+        self.m.close()
+        self.tmp.cleanup()
+
+
 @pytest.fixture
-def blk(tmp_path):
-    img = tmp_path / "d.img"
-    img.write_bytes(b"\0" * 65536)
-    with Machine(VmConfig(mem_mib=32)) as m:
-        dev = VirtioPci(m, VirtioBlk(img), "ioeventfd")
-        yield m, dev, Cfg(m, dev.slot)
+def blk():
+    vm = BlkMachine("ioeventfd")
+    yield vm.m, vm.devs[0], vm.cfgs[0]
+    vm.close()
 
 
 def num_queues_at(m: Machine, bar0: int) -> int:
@@ -104,28 +122,21 @@ class BarDecode(RuleBasedStateMachine):
 
     def __init__(self):
         super().__init__()
-        self.m = None
+        self.vm = None
 
     @initialize()
     def plug(self):
-        import tempfile
-        self.tmp = tempfile.TemporaryDirectory()
-        img = f"{self.tmp.name}/d.img"
-        with open(img, "wb") as f:
-            f.truncate(65536)
-        self.m = Machine(VmConfig(mem_mib=32))
-        self.devs = [VirtioPci(self.m, VirtioBlk(img), "shared"), VirtioPci(self.m, VirtioBlk(img), "trap")]
-        self.cfgs = [Cfg(self.m, d.slot) for d in self.devs]
+        self.vm = BlkMachine("shared", "trap")
+        self.m, self.devs, self.cfgs = self.vm.m, self.vm.devs, self.vm.cfgs
         self.window = self.m.pci.window
 
     def teardown(self):
-        if self.m is None:
+        if self.vm is None:
             return
         try:
             self.restore_valid_layout()
         finally:
-            self.m.close()
-            self.tmp.cleanup()
+            self.vm.close()
 
     def candidates(self) -> list[int]:
         here = [d.bar_address(i) for d in self.devs for i in d.bars]
@@ -151,7 +162,7 @@ class BarDecode(RuleBasedStateMachine):
 
     @invariant()
     def buses_match_config_space(self):
-        if self.m is None:
+        if self.vm is None:
             return
         wanted = self.wanted()
         spans = [(a, a + d.bars[i].size, (k, i)) for k, (d, w) in enumerate(zip(self.devs, wanted))
@@ -225,25 +236,22 @@ def test_interrupt_disable_and_status_bit(blk) -> None:
 class IntxLevel(RuleBasedStateMachine):
     """A model of ISR, MSI-X enable and Interrupt Disable; the line must always equal the model's level."""
 
+    def __init__(self):
+        super().__init__()
+        self.vm = None
+
     @initialize()
     def plug(self):
-        import tempfile
-        self.tmp = tempfile.TemporaryDirectory()
-        img = f"{self.tmp.name}/d.img"
-        with open(img, "wb") as f:
-            f.truncate(65536)
-        self.m = Machine(VmConfig(mem_mib=32))
-        self.dev = VirtioPci(self.m, VirtioBlk(img), "trap")
-        self.cfg = Cfg(self.m, self.dev.slot)
+        self.vm = BlkMachine("trap")
+        self.m, self.dev, self.cfg = self.vm.m, self.vm.devs[0], self.vm.cfgs[0]
         self.spy = LineSpy(self.m, self.dev)
         self.bar0 = self.dev.mapped[BAR_CFG]
         self.isr = 0
         self.live = False
 
     def teardown(self):
-        if hasattr(self, "m"):
-            self.m.close()
-            self.tmp.cleanup()
+        if self.vm is not None:
+            self.vm.close()
 
     def common_write(self, offset, value, size):
         self.m.mmio.write(self.bar0 + offset, value.to_bytes(size, "little"))
@@ -303,7 +311,7 @@ class IntxLevel(RuleBasedStateMachine):
 
     @invariant()
     def line_is_a_function_of_state(self):
-        if not hasattr(self, "m"):
+        if self.vm is None:
             return
         pending = bool(self.isr) and not self.msix
         assert self.dev.isr == self.isr
