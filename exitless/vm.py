@@ -147,7 +147,7 @@ class Machine:
         ``kernel`` and ``initrd`` are paths or the file contents; returns (image, initrd gpa, initrd size).
         """
         from .boot.placement import check_kernel_fits, place_initrd
-        from .boot.pvh import KernelImageError, load_pvh, parse_pvh_elf
+        from .boot.pvh import KernelImageError, load_pvh, parse_pvh_elf, pvh_cmdline
 
         if isinstance(kernel, (bytes, bytearray)):
             data = bytes(kernel)
@@ -157,24 +157,25 @@ class Machine:
             except OSError as e:
                 raise KernelImageError(f"{kernel}: {e.strerror}") from e
         name = name or str(kernel if not isinstance(kernel, (bytes, bytearray)) else "kernel")
+        # every check before the first byte of guest RAM is written
         image = parse_pvh_elf(data, name)
+        pvh_cmdline(cmdline)
         start = min(p for p, _, _ in image.segments)
         check_kernel_fits(self.ram_layout, self.config.mem_mib, start, image.end, name)
         modules = []
         rd_gpa = rd_size = 0
+        blob = b""
         if initrd is not None:
-            if isinstance(initrd, (bytes, bytearray)):
-                blob = bytes(initrd)
-            else:
-                try:
-                    blob = Path(initrd).read_bytes()
-                except OSError as e:
-                    raise KernelImageError(f"initrd {initrd}: {e.strerror}") from e
+            try:
+                blob = bytes(initrd) if isinstance(initrd, (bytes, bytearray)) else Path(initrd).read_bytes()
+            except OSError as e:
+                raise KernelImageError(f"initrd {initrd}: {e.strerror}") from e
             rd_size = len(blob)
             if blob:
                 rd_gpa = place_initrd(self.ram_layout, self.config.mem_mib, rd_size, image.end)
-                self.mem.write(rd_gpa, blob)
                 modules.append((rd_gpa, rd_size))
+        if blob:
+            self.mem.write(rd_gpa, blob)
         start_info = load_pvh(self.mem, image, cmdline, self.ram_layout, modules, rsdp=rsdp)
         X.set_protected_mode_entry(self.vcpus[0], image.entry, rbx=start_info)
         return image, rd_gpa, rd_size

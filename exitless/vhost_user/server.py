@@ -100,6 +100,11 @@ def recv_message(conn: socket.socket, io_timeout: float = 10.0) -> Message:
             fds.extend(_fds_from(anc))
             if flags & socket.MSG_CTRUNC:
                 truncated = True
+            if len(fds) > P.MAX_FDS:      # fds sent with every piece of one message: keep none beyond the cap
+                for fd in fds[P.MAX_FDS:]:
+                    os.close(fd)
+                del fds[P.MAX_FDS:]
+                truncated = True
             if not data:
                 if first and not buf:
                     raise _Closed()

@@ -37,9 +37,11 @@ class HostBridge(PciDevice):
 
 class PciRoot:
     def __init__(self, pio_bus, window: tuple[int, int] = (L.PCI_MMIO_START, L.PCI_MMIO_END)):
+        """``window``: the host bridge's memory window [start, end), where BARs are assigned and decode."""
         self._lock = threading.Lock()
         self.devices: dict[int, PciDevice] = {}
         self.address = 0
+        self.window = window
         self._next_bar, self._window_end = window
         self.add(HostBridge(), slot=0)
         pio_bus.insert(CONFIG_ADDRESS, 4, _AddressPort(self), "pci-config-address")
@@ -62,12 +64,28 @@ class PciRoot:
             dev.set_bar_address(bar.index, base)
             self._next_bar = base + bar.size
         if dev.config[0x3D]:
-            dev.config[0x3C] = PCI_IRQS[slot % 4]
+            dev.intx_gsi = dev.config[0x3C] = PCI_IRQS[slot % 4]
         dev.devfn = devfn
-        self.devices[devfn] = dev
-        if dev.bars:
-            dev.enable_decoding()
+        with self._lock:
+            self.devices[devfn] = dev
+            if dev.bars:
+                dev.enable_decoding()
+                self.sync_decoding()
         return slot
+
+    def sync_decoding(self) -> None:
+        """Make the buses match every function's config space (PCI 3.0 §6.2.2, §6.2.5.1).
+
+        First every stale mapping goes (a BAR moved, or decoding turned off), then every BAR
+        that should decode and is not mapped is mapped, function by function, BAR by BAR.  A
+        BAR the buses refuse (it overlaps another: undefined decode) stays unmapped until a
+        later config write lets it in.  Called with the lock held.
+        """
+        devs = [self.devices[k] for k in sorted(self.devices)]
+        for d in devs:
+            d.unmap_stale(self.window)
+        for d in devs:
+            d.map_pending(self.window)
 
     def _target(self) -> tuple[PciDevice | None, int]:
         a = self.address
@@ -87,6 +105,7 @@ class PciRoot:
             dev, reg = self._target()
             if dev is not None:
                 dev.config_write(reg + offset, len(data), int.from_bytes(data, "little"))
+                self.sync_decoding()
 
 
 class _AddressPort:
