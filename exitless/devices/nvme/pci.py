@@ -33,7 +33,7 @@ import struct
 from ...sidecore.loop import SidecoreGroup
 from ...sidecore.paths import MODE_OF_PATH, PATHS
 from ...sidecore.spin import address_of, drain_eventfd
-from ..pci.device import CMD_INTX_DISABLE, Bar, PciDevice
+from ..pci.device import Bar, PciDevice
 from ..pci.msix import CAP_ID_MSIX, Msix
 from . import constants as K
 from .controller import CompletionQueue, NvmeController
@@ -74,7 +74,6 @@ class NvmePci(PciDevice):
         self._bound: set[int] = set()         # I/O queues whose doorbells are shadowed
         self._ioeventfds: dict[int, int] = {}  # qid -> BAR0 address the ioeventfds are registered at
         self._bar0 = None
-        self._intx_level = 0
         self._warned_fallback = False
         self.sidecore = None
         self.slot = machine.pci.add(self)
@@ -111,6 +110,7 @@ class NvmePci(PciDevice):
         cap = self.msix.cap_offset
         if offset <= cap + 2 < offset + size or offset <= cap + 3 < offset + size:
             self.msix.control_written(struct.unpack_from("<H", self.config, cap + 2)[0])
+            self.update_intx()          # INTx is not used while MSI-X is enabled
 
     # -- shadow doorbells bound / unbound (the controller's listener; its lock is held) ----------
     def dbbuf_bound(self, qid: int) -> None:
@@ -143,11 +143,14 @@ class NvmePci(PciDevice):
             if cq.ien:
                 self.msix.fire(cq.iv)
             return
-        if not self.msix.enabled:
-            level = int(self.ctrl.intx_asserted() and not self.command & CMD_INTX_DISABLE)
-            if level != self._intx_level:
-                self._intx_level = level
-                self.machine.vm.irq_line(self.config[0x3C], level)
+        self.update_intx()
+
+    def intx_pending(self) -> bool:
+        """§7.5.1.1: with MSI-X off, asserted while an interrupt-enabled CQ holds unconsumed entries."""
+        return not self.msix.enabled and self.ctrl.intx_asserted()
+
+    def drive_intx(self, gsi: int, level: int) -> None:
+        self.machine.vm.irq_line(gsi, level)
 
     def mmio_doorbell(self, offset: int, value: int) -> None:
         qid = (offset - K.DOORBELL_BASE) // 8

@@ -38,6 +38,7 @@ import os
 import stat
 import struct
 
+from ...errors import ExitlessError
 from ..hostio import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate, transfer
 from .constants import (
     VIRTIO_BLK_F_BLK_SIZE,
@@ -69,6 +70,21 @@ SECTOR = 512
 _HDR = struct.Struct("<IIQ")
 _SEG = struct.Struct("<QII")
 _CONFIG = struct.Struct("<QII HBB I BBHI BBH IIIII B3x III IIIII B3x")  # struct virtio_blk_config, 96 bytes
+
+class BackingFileError(ExitlessError, OSError):
+    """The disk's backing file cannot be used (missing, no permission, not a file or block device, no O_DIRECT).
+
+    An ``OSError`` with ``errno`` and ``filename`` set; a missing file is also a ``FileNotFoundError``
+    (:class:`BackingFileMissing`).
+    """
+
+    def __str__(self) -> str:
+        return f"{self.filename}: {self.strerror}"
+
+
+class BackingFileMissing(BackingFileError, FileNotFoundError):
+    """The disk's backing file does not exist."""
+
 
 class _RequestError(Exception):
     """Internal: fail the request with ``status``."""
@@ -119,7 +135,8 @@ class VirtioBlk(VirtioDevice):
             elif stat.S_ISREG(st.st_mode):
                 size = st.st_size
             else:
-                raise OSError(errno.EINVAL, "virtio-blk backing must be a regular file or a block device", self.path)
+                raise BackingFileError(errno.EINVAL, "virtio-blk backing must be a regular file or a block device",
+                                       self.path)
             self.capacity = size // SECTOR          # in 512-byte sectors; a partial tail sector is not exposed
             self.dio_align = 1
             if direct:
@@ -139,12 +156,12 @@ class VirtioBlk(VirtioDevice):
         try:
             return os.open(self.path, flags)
         except FileNotFoundError:
-            raise FileNotFoundError(errno.ENOENT, "virtio-blk backing file does not exist", self.path) from None
+            raise BackingFileMissing(errno.ENOENT, "virtio-blk backing file does not exist", self.path) from None
         except OSError as e:
             if flags & os.O_DIRECT and e.errno == errno.EINVAL:
-                raise OSError(errno.EINVAL, "the filesystem of the virtio-blk backing file does not support "
-                                            "O_DIRECT (direct=True)", self.path) from None
-            raise
+                raise BackingFileError(errno.EINVAL, "the filesystem of the virtio-blk backing file does not support "
+                                                     "O_DIRECT (direct=True)", self.path) from None
+            raise BackingFileError(e.errno, f"virtio-blk backing file: {e.strerror}", self.path) from None
 
     def _probe_dio_align(self) -> int:
         """512 if an O_DIRECT read of 512 bytes at a 512-byte (not 4 KiB) aligned address works, else 4096."""
