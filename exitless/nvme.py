@@ -1,51 +1,70 @@
-"""``--nvme PATH[,ro][,direct][,io=PATH][,queues=N][,lba=512|4096]``: an NVMe controller on PCI with one
-namespace, its doorbells on the chosen I/O path (:mod:`exitless.devices.nvme.pci`)."""
+"""The ``--nvme`` grammar and plugging NVMe controllers into a machine.
+
+    PATH[,ro][,direct][,io=trap|ioeventfd|shared|poll|adaptive][,queues=1..64][,lba=512|4096]
+
+One controller per ``--nvme``, with one namespace backed by ``PATH`` (a file or
+block device), ``queues`` I/O queue pairs (default 4) and ``lba``-byte logical
+blocks (default 512); ``io`` is its doorbells' I/O path (default ioeventfd, see
+:mod:`exitless.devices.nvme.pci`).  The splitting rules are ``--disk``'s: a
+comma in PATH is written ``,,``; each option at most once.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from .devices.nvme.namespace import LBA_SIZES
+from .disk import sidecore_group, split_spec
 from .errors import ExitlessError
 from .sidecore.paths import PATHS
 
-SYNTAX = f"PATH[,ro][,direct][,io={'|'.join(PATHS)}][,queues=1..64][,lba=512|4096]"
+MAX_QUEUES = 64
+DEFAULT_IO = "ioeventfd"
+SYNTAX = f"PATH[,ro][,direct][,io={'|'.join(PATHS)}][,queues=1..{MAX_QUEUES}][,lba=512|4096]"
 
 
 class NvmeSpecError(ExitlessError, ValueError):
-    pass
+    """A ``--nvme`` spec does not parse; the message quotes the spec and names the bad part."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class NvmeSpec:
     path: str
     read_only: bool = False
     direct: bool = False
-    io: str = "ioeventfd"
+    io: str = DEFAULT_IO
     queues: int = 4
     lba: int = 512
 
     @classmethod
     def parse(cls, text: str) -> "NvmeSpec":
-        """Parse one ``--nvme`` value; raises :class:`NvmeSpecError` naming the bad option and the syntax."""
-        path, *opts = text.split(",")
+        """Parse one ``--nvme`` value; raises :class:`NvmeSpecError` naming the bad part and the syntax."""
+        path, *opts = split_spec(text)
         if not path:
-            raise NvmeSpecError(f"--nvme {text!r}: no path ({SYNTAX})")
-        spec = cls(path)
+            raise NvmeSpecError(f"--nvme {text!r}: no path (syntax: {SYNTAX})")
+        fields: dict[str, object] = {}
         for opt in opts:
-            key, _, value = opt.partition("=")
-            if key == "ro" and not value:
-                spec.read_only = True
-            elif key == "direct" and not value:
-                spec.direct = True
-            elif key == "io" and value in PATHS:
-                spec.io = value
-            elif key == "queues" and value.isdigit() and 1 <= int(value) <= 64:
-                spec.queues = int(value)
-            elif key == "lba" and value.isdigit() and int(value) in LBA_SIZES:
-                spec.lba = int(value)
+            key, eq, value = opt.partition("=")
+            name = {"ro": "read_only", "direct": "direct", "io": "io", "queues": "queues", "lba": "lba"}.get(key)
+            if name is None:
+                raise NvmeSpecError(f"--nvme {text!r}: unknown option {opt!r} (syntax: {SYNTAX})")
+            if name in fields:
+                raise NvmeSpecError(f"--nvme {text!r}: option {opt!r} given twice")
+            if key in ("ro", "direct"):
+                if eq:
+                    raise NvmeSpecError(f"--nvme {text!r}: option {opt!r}: {key} takes no value")
+                fields[name] = True
+            elif key == "io":
+                if value not in PATHS:
+                    raise NvmeSpecError(f"--nvme {text!r}: option {opt!r}: the I/O path is one of {', '.join(PATHS)}")
+                fields[name] = value
             else:
-                raise NvmeSpecError(f"--nvme {text!r}: bad option {opt!r} ({SYNTAX})")
-        return spec
+                number = int(value) if value.isascii() and value.isdigit() else 0
+                ok = 1 <= number <= MAX_QUEUES if key == "queues" else number in LBA_SIZES
+                if not ok:
+                    want = f"a number in 1..{MAX_QUEUES}" if key == "queues" else "512 or 4096"
+                    raise NvmeSpecError(f"--nvme {text!r}: option {opt!r}: {key} is {want}")
+                fields[name] = number
+        return cls(path, **fields)
 
 
 def add_nvme(machine, spec: NvmeSpec, sidecore=None):
@@ -64,19 +83,8 @@ def add_nvme(machine, spec: NvmeSpec, sidecore=None):
         raise
 
 
-def add_nvmes(machine, specs: list[NvmeSpec], *, one_sidecore: bool = False) -> list:
-    """Plug every controller; with ``one_sidecore`` those of each polling path share one sidecore."""
-    from .sidecore.loop import SidecoreGroup
-    from .sidecore.paths import MODE_OF_PATH
-
-    groups = {}
-    devices = []
-    for spec in specs:
-        group = None
-        if one_sidecore and spec.io != "trap":
-            mode = MODE_OF_PATH[spec.io]
-            group = groups.setdefault(mode, SidecoreGroup(mode, name=f"sidecore-nvme-{mode}"))
-        devices.append(add_nvme(machine, spec, group))
-    for group in groups.values():
-        group.start_on(machine)
-    return devices
+def add_nvmes(machine, specs: list[NvmeSpec], *, groups: dict | None = None) -> list:
+    """Plug every controller; with ``groups`` (see :func:`exitless.disk.sidecore_group`) those on a
+    polling path join the shared sidecores, which the caller starts after the last device."""
+    return [add_nvme(machine, spec, sidecore_group(groups, spec.io) if groups is not None else None)
+            for spec in specs]

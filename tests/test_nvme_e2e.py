@@ -132,3 +132,20 @@ def test_nvme_spec():
     for bad in ("", ",ro", "/d,io=fast", "/d,queues=0", "/d,queues=65", "/d,lba=1024", "/d,ro=1", "/d,x"):
         with pytest.raises(NvmeSpecError, match="--nvme"):
             NvmeSpec.parse(bad)
+
+
+def test_cli_run_nvme(image):
+    """``exitless run --nvme``: the guest kit fills the namespace through the CLI; bad specs and a
+    missing file are the user's errors (exit 2, one line)."""
+    import subprocess
+    import sys
+
+    run = [sys.executable, "-m", "exitless.cli", "run", "--kernel", str(guestkit_path()), "--timeout", "120"]
+    p = subprocess.run(run + ["--append", f"nvme rw=fill bs=65536 qd=4 queues=2 seed={SEED}",
+                              "--nvme", f"{image},io=adaptive,queues=2"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout[-1000:] + p.stderr[-1000:]
+    assert image.read_bytes() == pattern(SEED, DISK_BYTES)
+    p = subprocess.run(run + ["--append", "nvme rw=ident", "--nvme", f"{image}.missing"], capture_output=True, text=True)
+    assert p.returncode == 2 and "does not exist" in p.stderr and "Traceback" not in p.stderr
+    p = subprocess.run(run + ["--append", "nvme rw=ident", "--nvme", f"{image},queues=0"], capture_output=True, text=True)
+    assert p.returncode == 2 and "queues is a number in 1..64" in p.stderr

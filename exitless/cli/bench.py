@@ -1,4 +1,4 @@
-"""``exitless bench doorbell|blk|vhost|boot``: the benchmarks, rows as JSON plus a human table.
+"""``exitless bench doorbell|blk|nvme|vhost|boot``: the benchmarks, rows as JSON plus a human table.
 
 A new benchmark is one ``add_parser`` in :func:`register` and one ``cmd_bench_*``
 function that calls into :mod:`exitless.bench`.
@@ -37,6 +37,18 @@ def register(sub) -> None:
     bb.add_argument("--json", nargs="?", const="-", help="write rows as JSON (to a file, or stdout)")
     bb.add_argument("--plot", help="write a PNG plot here")
     bb.set_defaults(func=cmd_bench_blk)
+
+    bn = bsub.add_parser("nvme", help="NVMe workloads under every I/O path (shadow doorbells on and off), "
+                                      "and QEMU's NVMe")
+    bn.add_argument("--paths", nargs="+", default=["trap", "ioeventfd", "shared", "poll", "adaptive"],
+                    choices=["trap", "ioeventfd", "shared", "poll", "adaptive"])
+    bn.add_argument("--tests", nargs="+", help="subset of: randread-4k-qd1 randread-4k-qd32 read-128k "
+                    "randwrite-4k-qd1 randwrite-4k-qd32 write-128k")
+    bn.add_argument("--scale", type=float, default=1.0, help="multiply the operation counts")
+    bn.add_argument("--no-qemu", action="store_true", help="skip the QEMU rows")
+    bn.add_argument("--json", nargs="?", const="-", help="write rows as JSON (to a file, or stdout)")
+    bn.add_argument("--plot", help="write a PNG plot here")
+    bn.set_defaults(func=cmd_bench_nvme)
 
     bv = bsub.add_parser("vhost", help="virtio-blk in QEMU: exitless vhost-user back-end vs QEMU's own")
     bv.add_argument("--io", nargs="+", default=list(IO_MODES), choices=IO_MODES)
@@ -108,6 +120,24 @@ def cmd_bench_blk(args) -> int:
         ("vmm", "vmm"), ("path", "path"), ("irq", "completion"), ("test", "test"), ("iops", "IOPS"), ("p50_us", "p50 µs"),
         ("p99_us", "p99 µs"), ("mbps", "MB/s"), ("exits_per_io", "exits/IO"), ("cpu_us_per_io", "host CPU µs/IO"),
         ("errors", "errors")])
+    for k, v in B.summarize(rows).items():
+        print(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}", file=sys.stderr)
+    if args.json:
+        write_json(rows, args.json)
+    if args.plot:
+        B.plot(rows, args.plot)
+    return 1 if any(r.get("errors") for r in rows) else 0
+
+
+def cmd_bench_nvme(args) -> int:
+    from ..bench import nvme as B
+    from ..bench.common import print_table, write_json
+
+    tests = [t for t in B.TESTS if not args.tests or t.name in args.tests]
+    cases = [c for c in B.EXITLESS_CASES if c[0] in args.paths]
+    rows = B.run(tests, cases, with_qemu=not args.no_qemu, scale=args.scale,
+                 log=lambda msg: print(msg, file=sys.stderr))
+    print_table("NVMe (one run, same image, same guest driver)", rows, B.COLUMNS)
     for k, v in B.summarize(rows).items():
         print(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}", file=sys.stderr)
     if args.json:
