@@ -383,6 +383,29 @@ def test_hostile_doorbells_and_full_cq(rig):
     assert c.csts & K.CSTS_CFS
 
 
+def test_intx_level_and_read_only_attribute(image):
+    """INTx (no MSI-X): asserted while an interrupt-enabled CQ holds entries, dropped by the CQ head
+    doorbell, masked by INTMS; a read-only namespace says so in NSATTR."""
+    r = Rig(image, read_only=True)
+    try:
+        d, c = r.drv, r.ctrl
+        d.enable()
+        d.create_pair(1)
+        raw, _ = d.build(K.NVM_READ, nsid=1, prp1=DATA)
+        d.post(1, raw)
+        d.ring_sq(1)
+        assert c.intx_asserted()
+        d.wreg(K.REG_INTMS, 1)
+        assert not c.intx_asserted()
+        d.wreg(K.REG_INTMC, 1)
+        assert c.intx_asserted()
+        assert len(d.reap(1)) == 1 and not c.intx_asserted()       # reap rings the CQ head doorbell
+        assert d.admin(K.ADMIN_IDENTIFY, nsid=1, prp1=DATA, cdw10=K.CNS_NAMESPACE)[0] == 0
+        assert r.mem.read(DATA + 0x63, 1) == b"\x01"
+    finally:
+        r.close()
+
+
 def test_dbbuf_bad_addresses(rig):
     d = rig.drv
     assert d.enable_dbbuf(shadow=SHADOW + 8) == K.SC_INVALID_FIELD

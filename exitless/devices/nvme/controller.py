@@ -122,6 +122,9 @@ class NvmeController:
         self.stats = {"commands": 0, "dbbuf_configs": 0, "mmio_doorbells": 0, "shadow_doorbells": 0,
                       "bad_doorbells": 0, "fatal": 0, "read_bytes": 0, "write_bytes": 0}
         self.smart = {"data_units_read": 0, "data_units_written": 0, "host_reads": 0, "host_writes": 0}
+        self.sqs: dict[int, SubmissionQueue] = {}
+        self.cqs: dict[int, CompletionQueue] = {}
+        self.shadow = self.event_idx = None     # u32 views of the shadow doorbell and EventIdx pages
         self._reset_registers()
         self._id_ctrl = self._identify_controller()
 
@@ -135,11 +138,12 @@ class NvmeController:
 
     def _reset_queues(self) -> None:
         """Controller reset (§7.3.2): I/O queues deleted, shadow doorbells forgotten, AERs dropped."""
-        for qid in list(getattr(self, "sqs", {})):
-            if qid and getattr(self, "shadow", None) is not None:
-                self.listener.dbbuf_unbound(qid)
-        self.sqs: dict[int, SubmissionQueue] = {}
-        self.cqs: dict[int, CompletionQueue] = {}
+        if self.shadow is not None:
+            for qid in self.sqs:
+                if qid:
+                    self.listener.dbbuf_unbound(qid)
+        self.sqs = {}
+        self.cqs = {}
         self.shadow = self.event_idx = None
         self.dbbuf = (0, 0)
         self.aers: list[int] = []           # CIDs of outstanding Asynchronous Event Requests
@@ -707,9 +711,8 @@ class NvmeController:
         d[0x21] = 0x09                                       # DLFEAT: deallocated reads zero; WZ may deallocate
         d[0x68:0x78] = self.ns.nguid
         d[0x78:0x80] = self.ns.eui64
+        d[0x63] = 1 if self.ns.read_only else 0              # NSATTR bit 0: write protected
         struct.pack_into("<I", d, 0x80, (self.ns.lba_size.bit_length() - 1) << 16)   # LBAF0: LBADS
-        if self.ns.read_only:
-            d[0x63] = 0                                      # (write protection is reported by status)
         return bytes(d)
 
     # -- NVM commands (§6) ------------------------------------------------------------------------

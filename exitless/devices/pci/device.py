@@ -46,6 +46,8 @@ class Bar:
     is64: bool = False  # a 64-bit memory BAR: it also takes the next BAR register (the high dword)
 
     def __post_init__(self):
+        if self.is64 and self.index == 5:
+            raise ValueError("BAR5 cannot be 64-bit: the high dword would be BAR6")
         if self.size < 4096 or self.size & (self.size - 1):
             raise ValueError(f"BAR{self.index}: size {self.size:#x} must be a power of two >= 4 KiB")
 
