@@ -48,6 +48,7 @@ from typing import Callable
 from ...memory import GuestMemory, GuestMemoryError
 from ...sidecore.spin import fence
 from . import constants as K
+from .identify import firmware_slot_log, identify_controller, identify_namespace, ns_id_descriptors, smart_log
 from .namespace import Namespace
 from .prp import PrpError, prp_segments
 
@@ -126,7 +127,7 @@ class NvmeController:
         self.cqs: dict[int, CompletionQueue] = {}
         self.shadow = self.event_idx = None     # u32 views of the shadow doorbell and EventIdx pages
         self._reset_registers()
-        self._id_ctrl = self._identify_controller()
+        self._id_ctrl = identify_controller(namespace, mdts=self.MDTS, acl=self.ACL, aerl=self.AERL)
 
     # -- state -------------------------------------------------------------------------------
     def _reset_registers(self) -> None:
@@ -628,28 +629,15 @@ class NvmeController:
             page = bytes(K.ERROR_LOG_ENTRY_SIZE)
             self.events = [e for e in self.events if (e >> 16) & 0xFF != K.LOG_ERROR_INFORMATION]
         elif lid == K.LOG_SMART_HEALTH:
-            page = self._smart_log()
+            page = smart_log(self.smart)
         elif lid == K.LOG_FIRMWARE_SLOT:
-            page = bytearray(512)
-            page[0] = 1                                      # AFI: slot 1 active
-            page[8:16] = b"1.0     "
-            page = bytes(page)
+            page = firmware_slot_log()
         else:
             return K.SC_INVALID_LOG_PAGE, 0
         if offset % 4 or offset > len(page) or numd * 4 > (1 << self.MDTS) * K.PAGE_SIZE:
             return K.SC_INVALID_FIELD, 0
         data = page[offset:offset + numd * 4].ljust(numd * 4, b"\0")
         return self._to_host(cmd, data)
-
-    def _smart_log(self) -> bytes:
-        s = self.smart
-        page = bytearray(512)
-        page[0] = 0                                          # critical warning
-        struct.pack_into("<H", page, 1, 273 + 37)            # composite temperature: 37 °C in kelvin
-        page[3], page[4], page[5] = 100, 10, 0               # available spare, threshold, percentage used
-        for i, key in enumerate(("data_units_read", "data_units_written", "host_reads", "host_writes")):
-            struct.pack_into("<QQ", page, 32 + 16 * i, s[key] & (2 ** 64 - 1), s[key] >> 64)
-        return bytes(page)
 
     # -- identify (§5.15) ----------------------------------------------------------------------------
     def _identify(self, cmd):
@@ -659,7 +647,7 @@ class NvmeController:
         elif cns == K.CNS_NAMESPACE:
             if nsid != 1:
                 return K.SC_INVALID_NAMESPACE, 0
-            data = self._identify_namespace()
+            data = identify_namespace(self.ns)
         elif cns == K.CNS_ACTIVE_NS_LIST:
             if nsid >= 0xFFFFFFFE:
                 return K.SC_INVALID_NAMESPACE, 0
@@ -667,11 +655,7 @@ class NvmeController:
         elif cns == K.CNS_NS_ID_DESCRIPTORS:
             if nsid != 1:
                 return K.SC_INVALID_NAMESPACE, 0
-            uuid = bytearray(self.ns.nguid)
-            uuid[6] = (uuid[6] & 0x0F) | 0x50                 # a name-based (v5) UUID
-            uuid[8] = (uuid[8] & 0x3F) | 0x80
-            data = (struct.pack("<BBxx", K.NIDT_NGUID, 16) + self.ns.nguid +
-                    struct.pack("<BBxx", K.NIDT_UUID, 16) + bytes(uuid)).ljust(K.PAGE_SIZE, b"\0")
+            data = ns_id_descriptors(self.ns)
         elif cns == K.CNS_CS_CONTROLLER:
             if (cmd[11] >> 24) & 0xFF != 0:                  # CSI: only the NVM command set
                 return K.SC_INVALID_FIELD, 0
@@ -679,41 +663,6 @@ class NvmeController:
         else:
             return K.SC_INVALID_FIELD, 0
         return self._to_host(cmd, data)
-
-    def _identify_controller(self) -> bytes:
-        d = bytearray(K.PAGE_SIZE)
-        struct.pack_into("<HH", d, 0x00, K.PCI_VENDOR_REDHAT, K.PCI_VENDOR_REDHAT)
-        d[0x04:0x18] = self.ns.serial.encode().ljust(20)[:20]
-        d[0x18:0x40] = b"exitless NVMe".ljust(40)
-        d[0x40:0x48] = b"1.0".ljust(8)
-        d[0x48] = 6                                          # RAB
-        d[0x4D] = self.MDTS
-        struct.pack_into("<HI", d, 0x4E, 0, K.VS_1_4)        # CNTLID, VER
-        struct.pack_into("<H", d, 0x100, K.OACS_DBBUF)       # OACS: Doorbell Buffer Config
-        d[0x102], d[0x103] = self.ACL, self.AERL
-        d[0x104] = 0x03                                      # FRMW: slot 1 read-only, one slot
-        d[0x105] = 0                                         # LPA
-        d[0x106] = 0                                         # ELPE: one error log entry
-        struct.pack_into("<HH", d, 0x10C, 0x157, 0x175)      # WCTEMP, CCTEMP
-        d[0x200], d[0x201] = K.SQES_LOG2 << 4 | K.SQES_LOG2, K.CQES_LOG2 << 4 | K.CQES_LOG2
-        struct.pack_into("<HI", d, 0x202, 0, 1)              # MAXCMD, NN
-        struct.pack_into("<H", d, 0x208, K.ONCS_DSM | K.ONCS_WRITE_ZEROES)
-        d[0x20C] = 1                                         # VWC: a volatile write cache (the page cache)
-        d[0x300:0x400] = f"nqn.2026-11.io.exitless:nvme:{self.ns.serial}".encode().ljust(256, b"\0")
-        struct.pack_into("<H", d, 0x800, 2500)               # power state 0: 25 W (centiwatts)
-        return bytes(d)
-
-    def _identify_namespace(self) -> bytes:
-        d = bytearray(K.PAGE_SIZE)
-        n = self.ns.nsze
-        struct.pack_into("<QQQ", d, 0, n, n, n)              # NSZE, NCAP, NUSE
-        d[0x19], d[0x1A] = 0, 0                              # NLBAF (0's based), FLBAS
-        d[0x21] = 0x09                                       # DLFEAT: deallocated reads zero; WZ may deallocate
-        d[0x68:0x78] = self.ns.nguid
-        d[0x78:0x80] = self.ns.eui64
-        d[0x63] = 1 if self.ns.read_only else 0              # NSATTR bit 0: write protected
-        struct.pack_into("<I", d, 0x80, (self.ns.lba_size.bit_length() - 1) << 16)   # LBAF0: LBADS
-        return bytes(d)
 
     # -- NVM commands (§6) ------------------------------------------------------------------------
     def _io(self, cmd: list[int]):
