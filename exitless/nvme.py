@@ -40,29 +40,29 @@ class NvmeSpec:
         """Parse one ``--nvme`` value; raises :class:`NvmeSpecError` naming the bad part and the syntax."""
         path, *opts = split_spec(text)
         if not path:
-            raise NvmeSpecError(f"--nvme {text!r}: no path (syntax: {SYNTAX})")
+            raise NvmeSpecError(f"{text!r}: no path (syntax: {SYNTAX})")
         fields: dict[str, object] = {}
         for opt in opts:
             key, eq, value = opt.partition("=")
             name = {"ro": "read_only", "direct": "direct", "io": "io", "queues": "queues", "lba": "lba"}.get(key)
             if name is None:
-                raise NvmeSpecError(f"--nvme {text!r}: unknown option {opt!r} (syntax: {SYNTAX})")
+                raise NvmeSpecError(f"{text!r}: unknown option {opt!r} (syntax: {SYNTAX})")
             if name in fields:
-                raise NvmeSpecError(f"--nvme {text!r}: option {opt!r} given twice")
+                raise NvmeSpecError(f"{text!r}: option {opt!r} given twice")
             if key in ("ro", "direct"):
                 if eq:
-                    raise NvmeSpecError(f"--nvme {text!r}: option {opt!r}: {key} takes no value")
+                    raise NvmeSpecError(f"{text!r}: option {opt!r}: {key} takes no value")
                 fields[name] = True
             elif key == "io":
                 if value not in PATHS:
-                    raise NvmeSpecError(f"--nvme {text!r}: option {opt!r}: the I/O path is one of {', '.join(PATHS)}")
+                    raise NvmeSpecError(f"{text!r}: option {opt!r}: the I/O path is one of {', '.join(PATHS)}")
                 fields[name] = value
             else:
                 number = int(value) if value.isascii() and value.isdigit() else 0
                 ok = 1 <= number <= MAX_QUEUES if key == "queues" else number in LBA_SIZES
                 if not ok:
                     want = f"a number in 1..{MAX_QUEUES}" if key == "queues" else "512 or 4096"
-                    raise NvmeSpecError(f"--nvme {text!r}: option {opt!r}: {key} is {want}")
+                    raise NvmeSpecError(f"{text!r}: option {opt!r}: {key} is {want}")
                 fields[name] = number
         return cls(path, **fields)
 

@@ -130,7 +130,7 @@ def test_nvme_spec():
     assert NvmeSpec.parse("/d.img,ro,direct,io=adaptive,queues=8,lba=4096") == \
         NvmeSpec("/d.img", True, True, "adaptive", 8, 4096)
     for bad in ("", ",ro", "/d,io=fast", "/d,queues=0", "/d,queues=65", "/d,lba=1024", "/d,ro=1", "/d,x"):
-        with pytest.raises(NvmeSpecError, match="--nvme"):
+        with pytest.raises(NvmeSpecError, match="syntax|given twice|takes no value|is one of|is a number|is 512"):
             NvmeSpec.parse(bad)
 
 
