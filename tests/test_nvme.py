@@ -309,7 +309,7 @@ def test_prp_layouts_write_then_read(image, nbytes, first_off, list_off, seed):
             if npages == 2:
                 return prp1, pages[1], pages
             lst = 0x40000 + list_off
-            entries, ptr, rest = [], lst, pages[1:]
+            ptr, rest = lst, pages[1:]
             chain = 0x48000
             while rest:
                 room = (4096 - ptr % 4096) // 8
