@@ -54,53 +54,15 @@ def cmd_doctor(args) -> int:
 
 
 def cmd_bench_doorbell(args) -> int:
-    from .bench import doorbell as B
-    from .bench.common import print_table, write_json
+    from .bench import doorbell
 
-    cases = B.default_cases(args.paths, args.placements)
-    rows = []
-    for case in cases:
-        print(f"measuring {case.label} ...", file=sys.stderr)
-        rows.append(B.measure(case, n=args.n, warmup=args.warmup))
-    if args.idle_ms:
-        for path in ("shared", "adaptive"):
-            if path in args.paths:
-                for placement in args.placements:
-                    print(f"measuring idle {path}/{placement} ...", file=sys.stderr)
-                    rows.append(B.measure_idle(path, placement, args.idle_ms))
-    pingpong = [r for r in rows if r.get("test") != "idle"]
-    print_table("doorbell ping-pong (one run, same machine)", pingpong, [
-        ("path", "path"), ("sidecore", "sidecore"), ("busy_sidecore", "busy sidecore"), ("median_us", "median µs"),
-        ("p99_us", "p99 µs"), ("exits_per_op", "exits/op"), ("cpu_us_per_op", "VMM CPU µs/op"), ("errors", "errors")])
-    idle = [r for r in rows if r.get("test") == "idle"]
-    if idle:
-        print_table("sidecore CPU while the guest is idle", idle,
-                    [("path", "path"), ("sidecore", "sidecore"), ("idle_cpu_pct", "% of a core")])
-    for k, v in B.summarize(rows).items():
-        print(f"{k}: {v:.3f}", file=sys.stderr)
-    if args.json:
-        write_json(rows, args.json)
-    return 1 if any(r.get("errors") for r in rows) else 0
+    return doorbell.main(args)
 
 
 def cmd_bench_blk(args) -> int:
-    from .bench import blk as B
-    from .bench.common import print_table, write_json
+    from .bench import blk
 
-    tests = [t for t in B.TESTS if not args.tests or t.name in args.tests]
-    rows = B.run(tests, args.paths, with_qemu=not args.no_qemu, scale=args.scale, with_vhost=args.with_vhost,
-                 log=lambda msg: print(msg, file=sys.stderr))
-    print_table("virtio-blk (one run, same image, same guest driver)", rows, [
-        ("vmm", "vmm"), ("path", "path"), ("irq", "completion"), ("test", "test"), ("iops", "IOPS"), ("p50_us", "p50 µs"),
-        ("p99_us", "p99 µs"), ("mbps", "MB/s"), ("exits_per_io", "exits/IO"), ("cpu_us_per_io", "host CPU µs/IO"),
-        ("errors", "errors")])
-    for k, v in B.summarize(rows).items():
-        print(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}", file=sys.stderr)
-    if args.json:
-        write_json(rows, args.json)
-    if args.plot:
-        B.plot(rows, args.plot)
-    return 1 if any(r.get("errors") for r in rows) else 0
+    return blk.main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,26 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks")
     bsub = bench.add_subparsers(dest="bench", required=True)
+    from .bench import blk, doorbell
+
     db = bsub.add_parser("doorbell", help="register-write ping-pong under every I/O path")
-    db.add_argument("--n", type=int, default=20000, help="ping-pongs per row")
-    db.add_argument("--warmup", type=int, default=200)
-    db.add_argument("--paths", nargs="+", default=["trap", "ioeventfd", "shared", "adaptive"],
-                    choices=["trap", "ioeventfd", "shared", "adaptive"])
-    db.add_argument("--placements", nargs="+", default=["thread", "process"], choices=["thread", "process"])
-    db.add_argument("--idle-ms", type=int, default=2000, help="idle-CPU measurement per sidecore (0: skip)")
-    db.add_argument("--json", nargs="?", const="-", help="write rows as JSON (to a file, or stdout)")
+    doorbell.add_arguments(db)
     db.set_defaults(func=cmd_bench_doorbell)
     bb = bsub.add_parser("blk", help="virtio-blk workloads under every I/O path, and QEMU")
-    bb.add_argument("--paths", nargs="+", default=["trap", "ioeventfd", "shared", "poll", "adaptive"],
-                    choices=["trap", "ioeventfd", "shared", "poll", "adaptive"])
-    bb.add_argument("--tests", nargs="+", help="subset of: randread-4k-qd1 randread-4k-qd32 read-128k "
-                    "randwrite-4k-qd1 randwrite-4k-qd32 write-128k")
-    bb.add_argument("--scale", type=float, default=1.0, help="multiply the operation counts")
-    bb.add_argument("--no-qemu", action="store_true", help="skip the QEMU rows")
-    bb.add_argument("--with-vhost", action="store_true",
-                    help="add qemu+exitless rows (QEMU frontend, exitless vhost-user back-end)")
-    bb.add_argument("--json", nargs="?", const="-", help="write rows as JSON (to a file, or stdout)")
-    bb.add_argument("--plot", help="write a PNG plot here")
+    blk.add_arguments(bb)
     bb.set_defaults(func=cmd_bench_blk)
     cli_serve.register(sub, bench=bsub)             # serve blk (vhost-user), bench vhost
     cli_guest.register(sub, run=run, bench=bsub)    # guest fetch, run -- CMD and Linux kernels, bench boot

@@ -56,16 +56,9 @@ def register(sub: argparse._SubParsersAction, *, run: argparse.ArgumentParser,
     fetch.set_defaults(func=cmd_guest_fetch)
 
     boot = bench.add_parser("boot", help="time to first kernel line, userspace and power-off, beside QEMU")
-    boot.add_argument("--runs", type=int, default=3, help="boots per VMM (the median is reported)")
-    boot.add_argument("--json", nargs="?", const="-", help="write the results as JSON (to a file, or stdout)")
-    boot.add_argument("--timeout", type=float, default=None,
-                      help="seconds per boot (default 60; 240 for exitless on kvm_pvm, 600 for QEMU TCG)")
-    boot.add_argument("--mem", type=int, default=256, help="guest MiB")
-    boot.add_argument("--cpus", type=int, default=1)
-    boot.add_argument("--cache")
-    boot.add_argument("--decompress", choices=("auto", "guest", "host"), default="auto")
-    boot.add_argument("--qemu", choices=("auto", "kvm", "tcg", "none"), default="auto",
-                      help="QEMU accelerator (auto: try KVM, fall back to TCG and say so)")
+    from .bench.boot import add_arguments
+
+    add_arguments(boot)
     boot.set_defaults(func=cmd_bench_boot)
 
 

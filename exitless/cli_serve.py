@@ -83,22 +83,9 @@ def cmd_serve_blk(args) -> int:
 
 
 def cmd_bench_vhost(args) -> int:
-    from .bench import vhost as V
-    from .bench.common import print_table, write_json
+    from .bench import vhost
 
-    rows = V.run(tests=args.tests, modes=args.io, with_builtin=not args.no_builtin, scale=args.scale,
-                 accel=args.accel, min_seconds=args.min_seconds, cache=args.cache,
-                 repeat=args.repeat,
-                 log=lambda msg: print(msg, file=sys.stderr))
-    print_table(f"virtio-blk through QEMU ({rows[0].get('accel') if rows else '?'}, cache={args.cache}): "
-                "exitless vhost-user back-end vs QEMU's own", rows, [
-                    ("vmm", "vmm"), ("path", "path"), ("irq", "guest waits by"), ("test", "test"), ("iops", "IOPS"),
-                    ("p50_us", "p50 µs"),
-                    ("p99_us", "p99 µs"), ("mbps", "MB/s"), ("exits_per_io", "exits/IO"),
-                    ("cpu_us_per_io", "host CPU µs/IO"), ("errors", "errors")])
-    if args.json:
-        write_json(rows, args.json)
-    return 1 if any(r.get("errors") for r in rows) else 0
+    return vhost.main(args)
 
 
 def register(sub, *, bench=None) -> None:
@@ -120,17 +107,9 @@ def register(sub, *, bench=None) -> None:
     blk.set_defaults(func=cmd_serve_blk)
 
     if bench is not None:
-        bv = bench.add_parser("vhost", help="virtio-blk in QEMU: exitless vhost-user back-end vs QEMU's own")
-        bv.add_argument("--io", nargs="+", default=list(IO_MODES), choices=IO_MODES)
-        bv.add_argument("--tests", nargs="+", help="subset of the bench blk tests (names)")
-        bv.add_argument("--scale", type=float, default=1.0, help="multiply the operation counts")
-        bv.add_argument("--min-seconds", type=float, default=0.5,
-                        help="raise the operation count so each measured run lasts at least this long")
-        bv.add_argument("--accel", choices=["auto", "tcg", "kvm"], default="tcg",
-                        help="QEMU accelerator (default tcg: QEMU's KVM cannot run Linux on this kind of host)")
-        bv.add_argument("--cache", choices=["writeback", "none"], default="writeback",
-                        help="writeback: page cache on both sides; none: O_DIRECT on both sides")
-        bv.add_argument("--repeat", type=int, default=1, help="repeat each measured run, keep the median")
-        bv.add_argument("--no-builtin", action="store_true", help="skip QEMU's built-in virtio-blk rows")
-        bv.add_argument("--json", nargs="?", const="-", help="write rows as JSON (to a file, or stdout)")
+        from .bench import vhost
+
+        bv = bench.add_parser("vhost", help="virtio-blk in QEMU: vhost-user back-ends (exitless, "
+                                            "qemu-storage-daemon) vs QEMU's own")
+        vhost.add_arguments(bv)
         bv.set_defaults(func=cmd_bench_vhost)

@@ -17,6 +17,10 @@ from dataclasses import dataclass
 from typing import Callable
 from pathlib import Path
 
+from ..guestkit import guestkit_path
+from .common import BenchError, guest_result
+from .workload import Test, app, per_io_row
+
 QEMU = "qemu-system-x86_64"
 
 
@@ -182,3 +186,44 @@ def run_guestkit(kernel: Path, append: str, *, device_args: list[str] = (), shar
         err = proc.stderr.read().decode(errors="replace")
         shutil.rmtree(tmp, ignore_errors=True)
     return QemuResult(status, bytes(out), accel, exits, vmm_cpu, time.monotonic() - t0, err)
+
+
+class QemuSetup:
+    """A bench row served through QEMU (a :class:`exitless.bench.workload.Setup`): QEMU's own
+    virtio-blk, or QEMU as the frontend of a vhost-user back-end process (``backend``: its
+    ``cpu()`` is added to QEMU's and its ``log()`` shown on failure).
+
+    Exits and host CPU per I/O are differential: each round runs ``n/10`` requests, then
+    ``n``, and divides the difference, so boot and PCI probing drop out.  In the first round
+    ``n`` is raised so that the full run lasts ``min_seconds`` or more (then kept for every
+    round, so that the rounds measure the same thing).
+    """
+
+    def __init__(self, vmm: str, path: str, irq: str, device_args: list[str], *, accel: str = "auto",
+                 shared_memory: bool = False, backend=None, min_seconds: float = 0.0, timeout: float = 300,
+                 mem_mib: int = 128, extra: dict | None = None):
+        self.vmm, self.path, self.irq = vmm, path, irq
+        self.device_args, self.shared_memory, self.backend = device_args, shared_memory, backend
+        self.accel = ("kvm" if kvm_works() else "tcg") if accel == "auto" else accel
+        self.min_seconds, self.timeout, self.mem_mib = min_seconds, timeout, mem_mib
+        self.extra = extra or {}
+        self._n: dict[str, int] = {}
+
+    def run(self, append: str) -> dict:
+        """One boot of the guest kit with ``append``: {"res", "exits", "cpu"}."""
+        r = run_guestkit(guestkit_path(), append, device_args=self.device_args, shared_memory=self.shared_memory,
+                         accel=self.accel, mem_mib=self.mem_mib, timeout=self.timeout,
+                         extra_cpu=self.backend.cpu if self.backend else None)
+        if r.exit_status != 0:
+            raise BenchError(f"qemu ({self.accel}): {append}: no result\n{r.console.decode(errors='replace')[-600:]}"
+                             f"\n{r.stderr[-600:]}" + (f"\nback-end log:\n{self.backend.log()[-800:]}"
+                                                       if self.backend else ""))
+        return {"res": guest_result(r.console, "blk"), "exits": r.exits, "cpu": r.vmm_cpu_s}
+
+    def measure(self, test: Test, n: int) -> dict:
+        base = self.run(app(test, max(1, n // 10), self.irq))
+        if test.name not in self._n:
+            iops = base["res"]["iops"] or 1
+            self._n[test.name] = max(n, min(int(iops * self.min_seconds), 50 * n))
+        full = self.run(app(test, self._n[test.name], self.irq))
+        return {**per_io_row(self.vmm, self.path, test, self.irq, full, base), "accel": self.accel, **self.extra}
