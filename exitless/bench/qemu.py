@@ -114,6 +114,17 @@ def builtin_device(image: Path, iothread: bool, cache: str = "writeback") -> lis
     return extra + ["-drive", f"file={image},if=none,id=d0,format=raw,cache={cache},aio=threads", "-device", dev]
 
 
+#: QEMU's minimal firmware: it boots the guest kit in ~0.4 s where SeaBIOS takes ~13 s under a software-nested
+#: KVM (its ring-0 code is emulated); firmware runs only before the kernel, so the I/O measured is the same.
+QBOOT = "qboot.rom"
+QEMU_DATA_DIRS = ("/usr/share/qemu", "/usr/local/share/qemu")
+
+
+def firmware_args() -> list[str]:
+    """``-bios qboot.rom`` when QEMU ships it, else nothing (SeaBIOS, QEMU's default)."""
+    return ["-bios", QBOOT] if any(os.path.exists(os.path.join(d, QBOOT)) for d in QEMU_DATA_DIRS) else []
+
+
 def kvm_works() -> bool:
     """Can QEMU use KVM on this host for a bare guest?  (Not for Linux on kvm_pvm, but the guest kit.)"""
     return os.access("/dev/kvm", os.R_OK | os.W_OK)
@@ -124,7 +135,7 @@ def run_guestkit(kernel: Path, append: str, *, device_args: list[str] = (), shar
                  extra_cpu: Callable[[], float] | None = None) -> QemuResult:
     """Boot the guest kit under QEMU and measure it.
 
-    QEMU starts paused (``-S``) so the exit counter is read before the guest runs;
+    The firmware is qboot where installed (:func:`firmware_args`).  QEMU starts paused (``-S``) so the exit counter is read before the guest runs;
     there is no isa-debug-exit device, so when the guest has printed its result it
     halts instead of ending QEMU, and the counters and CPU are read before ``quit``.
     ``shared_memory`` backs guest RAM with a shared memfd (vhost-user needs it);
@@ -140,7 +151,7 @@ def run_guestkit(kernel: Path, append: str, *, device_args: list[str] = (), shar
     if shared_memory:
         machine = ["-machine", "q35,memory-backend=mem",
                    "-object", f"memory-backend-memfd,id=mem,size={mem_mib}M,share=on"]
-    cmd = [QEMU, *machine, "-accel", accel, *cpu, "-m", f"{mem_mib}M", "-S",
+    cmd = [QEMU, *machine, "-accel", accel, *cpu, *firmware_args(), "-m", f"{mem_mib}M", "-S",
            "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
            "-kernel", str(kernel), "-append", append, "-qmp", f"unix:{qmp_path},server=on,wait=off", *device_args]
     extra = extra_cpu or (lambda: 0.0)
