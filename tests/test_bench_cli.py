@@ -27,7 +27,7 @@ def bench(*args: str, timeout: float = 300) -> tuple[list[dict], str, int]:
 def assert_rounds(rows: list[dict], rounds: int, metrics: tuple[str, ...]) -> None:
     for row in rows:
         assert row["rounds"] == rounds
-        for m in metrics:
+        for m in metrics + ("other_load_pct",):     # how busy the machine was with other work, per round
             values = row["per_round"][m]
             assert len(values) == rounds
             known = [v for v in values if v is not None]

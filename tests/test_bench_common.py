@@ -18,7 +18,8 @@ def test_rounds_are_interleaved_round_robin():
                            progress=lambda label, step, total: steps.append((step, total)))
     assert order == [(row, r) for r in range(3) for row in "abc"]
     assert steps == [(i, 9) for i in range(9)]
-    assert samples == [[{"x": 0}, {"x": 1}, {"x": 2}]] * 3
+    assert [[s["x"] for s in row] for row in samples] == [[0, 1, 2]] * 3
+    assert all(0 <= s["other_load_pct"] <= 100 for row in samples for s in row)   # the machine's other work
     with pytest.raises(C.BenchError):
         C.interleave(["a"], 0, lambda row, r: {})
 
@@ -30,6 +31,7 @@ def test_aggregate_keeps_the_keys_as_medians_with_per_round_values_and_spread():
     row = C.aggregate(samples, ("p50_us", "iops", "exits_per_io"))
     assert (row["vmm"], row["p50_us"], row["iops"], row["exits_per_io"]) == ("q", 8.0, 200, None)
     assert row["rounds"] == 3 and row["errors"] == 3          # errors are totals, never a median
+    assert "other_load_pct" not in row
     assert row["per_round"] == {"p50_us": [9.0, 7.0, 8.0], "iops": [100, 300, 200], "exits_per_io": [None] * 3}
     assert row["spread"] == {"p50_us": {"min": 7.0, "max": 9.0}, "iops": {"min": 100, "max": 300},
                              "exits_per_io": None}

@@ -163,8 +163,8 @@ def summarize(vmm: str, runs: list[dict], extra: dict) -> dict:
     """One row from a VMM's boots: per milestone the median (None unless every run reached it),
     ``per_round`` and ``spread`` (min–max of the runs that reached it); ``each``: the runs."""
     row = {"vmm": vmm, **extra, "runs": len(runs), "rounds": len(runs), "per_round": {}, "spread": {}}
-    for key in MILESTONES:
-        vals = [r[key] for r in runs]
+    for key in MILESTONES + ("other_load_pct",):
+        vals = [r.get(key) for r in runs]
         known = [v for v in vals if v is not None]
         row[key] = statistics.median(vals) if vals and len(known) == len(vals) else None
         row["per_round"][key] = vals
@@ -241,8 +241,9 @@ def main(args) -> int:
                  "'-' = not reached)", rows, [
                      ("vmm", "vmm"), ("first_line_s", "first kernel line"), ("userspace_s", "userspace"),
                      ("poweroff_s", "power-off"), ("reached", "reached"), ("stopped_after_s", "stopped after"),
-                     ("kernel_time_s", "kernel clock at end"), ("stop", "stopped because")],
-                 spread=MILESTONES)
+                     ("kernel_time_s", "kernel clock at end"), ("stop", "stopped because"),
+                     ("other_load_pct", "other load %")],
+                 spread=MILESTONES + ("other_load_pct",))
     report.ties_note(args.runs)
     report.json(rows)
     return 0 if rows and rows[0]["first_line_s"] is not None else 1

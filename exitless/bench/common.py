@@ -9,9 +9,11 @@ a row reports the median of its rounds, the per-round values and their spread
 from __future__ import annotations
 
 import json
+import os
 import resource
 import statistics
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar
@@ -50,6 +52,43 @@ def process_cpu_seconds() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+#: A sample may carry the CPU seconds its own long-lived helpers (a vhost-user back-end process, not
+#: yet reaped) spent meanwhile, so that :class:`OtherLoad` does not count them as another's load.
+HELPER_CPU_KEY = "_helper_cpu_s"
+
+
+def _machine_busy_seconds() -> tuple[float, int]:
+    """(CPU seconds every CPU spent busy since boot, number of CPUs) from /proc/stat."""
+    with open("/proc/stat") as f:
+        lines = f.read().splitlines()
+    fields = [int(v) for v in lines[0].split()[1:9]]  # user nice system idle iowait irq softirq steal
+    busy = sum(fields) - fields[3] - fields[4]
+    ncpu = sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
+    return busy / os.sysconf("SC_CLK_TCK"), ncpu
+
+
+def _own_cpu_seconds() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + reaped.ru_utime + reaped.ru_stime
+
+
+class OtherLoad:
+    """How busy the machine was with *other* work while a sample ran, in % of all its CPUs:
+    every CPU's busy time (/proc/stat, 10 ms ticks) minus this process's, its reaped
+    children's and its helpers' — the condition that moves the figures between rounds."""
+
+    def __init__(self):
+        self.busy0, self.ncpu = _machine_busy_seconds()
+        self.own0, self.t0 = _own_cpu_seconds(), time.monotonic()
+
+    def percent(self, helper_cpu_s: float = 0.0) -> float:
+        busy, _ = _machine_busy_seconds()
+        wall = max(time.monotonic() - self.t0, 1e-9)
+        other = (busy - self.busy0) - (_own_cpu_seconds() - self.own0) - helper_cpu_s
+        return max(0.0, min(100.0, 100.0 * other / (wall * self.ncpu)))
+
+
 # --------------------------------------------------------------------------- rounds
 
 
@@ -66,7 +105,8 @@ def interleave(rows: Sequence[T], rounds: int, sample: Callable[[T, int], dict],
     """Measure every row ``rounds`` times, round-robin: all rows of round 1, then all of round 2, ….
 
     ``sample(row, round_index)`` returns one measurement (a dict); the result holds,
-    for each row in order, its list of measurements in round order.
+    for each row in order, its list of measurements in round order, each with
+    ``other_load_pct`` (:class:`OtherLoad`) added.
     """
     if rounds < 1:
         raise BenchError(f"--rounds {rounds}: at least 1")
@@ -74,18 +114,22 @@ def interleave(rows: Sequence[T], rounds: int, sample: Callable[[T, int], dict],
     for r in range(rounds):
         for i, row in enumerate(rows):
             progress(f"round {r + 1}/{rounds}: {label(row)}", r * len(rows) + i, rounds * len(rows))
-            samples[i].append(sample(row, r))
+            load = OtherLoad()
+            s = sample(row, r)
+            s["other_load_pct"] = load.percent(s.pop(HELPER_CPU_KEY, 0.0))
+            samples[i].append(s)
     return samples
 
 
 def aggregate(samples: Sequence[dict], metrics: Iterable[str], summed: Iterable[str] = ("errors",)) -> dict:
-    """One row from its rounds: the metrics are medians (over the rounds where they are not None),
-    with ``per_round`` (every round's value, None included) and ``spread`` ({"min", "max"});
-    ``summed`` keys are totals over the rounds (errors are never a median); other keys come from
-    the last round."""
+    """One row from its rounds: the metrics (and ``other_load_pct`` when the samples have it) are
+    medians (over the rounds where they are not None), with ``per_round`` (every round's value,
+    None included) and ``spread`` ({"min", "max"}); ``summed`` keys are totals over the rounds
+    (errors are never a median); other keys come from the last round."""
     row = dict(samples[-1])
     row["rounds"] = len(samples)
     row["per_round"], row["spread"] = {}, {}
+    metrics = list(metrics) + (["other_load_pct"] if any("other_load_pct" in s for s in samples) else [])
     for key in metrics:
         values = [s.get(key) for s in samples]
         known = [v for v in values if v is not None]

@@ -217,7 +217,8 @@ def main(args) -> int:
                  f"{f'vCPU on CPU {where.vcpu}, sidecores on CPU {where.sidecore}' if where else 'not pinned'})",
                  pingpong, [("path", "path"), ("sidecore", "sidecore"), ("busy_sidecore", "busy sidecore"),
                             ("median_us", "median µs"), ("p99_us", "p99 µs"), ("exits_per_op", "exits/op"),
-                            ("cpu_us_per_op", "VMM CPU µs/op"), ("errors", "errors")], spread=("median_us",))
+                            ("cpu_us_per_op", "VMM CPU µs/op"), ("errors", "errors"),
+                            ("other_load_pct", "other load %")], spread=("median_us", "other_load_pct"))
     report.ties_note(args.rounds)
     idle_rows = [r for r in rows if r.get("test") == "idle"]
     if idle_rows:

@@ -18,7 +18,7 @@ from typing import Callable
 from pathlib import Path
 
 from ..guestkit import guestkit_path
-from .common import BenchError, guest_result
+from .common import HELPER_CPU_KEY, BenchError, guest_result
 from .workload import Test, app, per_io_row
 
 QEMU = "qemu-system-x86_64"
@@ -232,9 +232,12 @@ class QemuSetup:
         return {"res": guest_result(r.console, "blk"), "exits": r.exits, "cpu": r.vmm_cpu_s}
 
     def measure(self, test: Test, n: int) -> dict:
+        helper0 = self.backend.cpu() if self.backend else 0.0
         base = self.run(app(test, max(1, n // 10), self.irq))
         if test.name not in self._n:
             iops = base["res"]["iops"] or 1
             self._n[test.name] = max(n, min(int(iops * self.min_seconds), 50 * n))
         full = self.run(app(test, self._n[test.name], self.irq))
-        return {**per_io_row(self.vmm, self.path, test, self.irq, full, base), "accel": self.accel, **self.extra}
+        helper = self.backend.cpu() - helper0 if self.backend else 0.0
+        return {**per_io_row(self.vmm, self.path, test, self.irq, full, base), "accel": self.accel, **self.extra,
+                HELPER_CPU_KEY: helper}

@@ -123,5 +123,5 @@ def run_rounds(tests: Sequence[Test], setups: Sequence[Setup], *, rounds: int, s
 #: The human table's columns for per-I/O rows, and the ones shown with their spread.
 COLUMNS = [("vmm", "vmm"), ("path", "path"), ("irq", "guest waits by"), ("test", "test"), ("iops", "IOPS"),
            ("p50_us", "p50 µs"), ("p99_us", "p99 µs"), ("mbps", "MB/s"), ("exits_per_io", "exits/IO"),
-           ("cpu_us_per_io", "host CPU µs/IO"), ("errors", "errors")]
-SPREAD_COLUMNS = ("iops", "p50_us", "cpu_us_per_io")
+           ("cpu_us_per_io", "host CPU µs/IO"), ("errors", "errors"), ("other_load_pct", "other load %")]
+SPREAD_COLUMNS = ("iops", "p50_us", "cpu_us_per_io", "other_load_pct")
