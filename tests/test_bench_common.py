@@ -57,6 +57,22 @@ def test_ratios_are_taken_round_by_round():
     assert C.ratio_over_rounds(None, den, "m") is None
 
 
+def test_target_ratios_compare_the_best_row_of_each_vmm_round_by_round():
+    from exitless.bench.workload import target_ratios
+
+    def row(vmm, path, iops):
+        return {"vmm": vmm, "path": path, "irq": "poll", "test": "randread-4k-qd32", "iops": sorted(iops)[1],
+                "per_round": {"iops": iops}}
+
+    rows = [row("qemu+exitless", "poll", [300, 200, 400]), row("qemu+exitless", "kick", [100, 100, 100]),
+            row("qemu+qsd", "iothread-poll", [100, 200, 100]), row("qemu", "ioeventfd", [150, 100, 100])]
+    r = target_ratios(rows)
+    assert set(r) == {"qd32_iops_serve_over_qsd", "qd32_iops_serve_over_qemu"}
+    assert r["qd32_iops_serve_over_qsd"]["per_round"] == [3.0, 1.0, 4.0]
+    assert r["qd32_iops_serve_over_qsd"]["median"] == 3.0
+    assert r["qd32_iops_serve_over_qsd"]["rows"] == "qemu+exitless/poll irq=poll vs qemu+qsd/iothread-poll irq=poll"
+
+
 ROWS = [{"path": "shared", "median_us": 0.5, "rounds": 2, "spread": {"median_us": {"min": 0.4, "max": 0.6}},
          "vs_best": {"median_us": C.BEST}}]
 

@@ -22,9 +22,9 @@ from ..devices.virtio.pci import VirtioPci
 from ..guestkit import guestkit_path
 from ..vm import Machine, VmConfig
 from . import qemu, vhost
-from .common import BenchError, Progress, Report, guest_result, no_progress
-from .workload import (COLUMNS, FILL_APP, SPREAD_COLUMNS, TESTS, Test, app, make_image, per_io_row, run_rounds,
-                       select_tests)
+from .common import BenchError, Progress, Report, guest_result, no_progress, ratio_notes
+from .workload import (COLUMNS, FILL_APP, SPREAD_COLUMNS, TESTS, Test, app, make_image, per_io_row,
+                       run_rounds, select_tests, target_ratios)
 
 EXITLESS_PATHS = ("trap", "ioeventfd", "shared", "poll", "adaptive")
 
@@ -99,23 +99,6 @@ def _qsd_available(notes) -> bool:
     return True
 
 
-def summarize(rows: list[dict]) -> dict:
-    """QD1 latency of the best exitless shared-memory path against QEMU's best, from this one run
-    (medians of the rounds; ``..._spread``: the best rows' min–max, to see whether they overlap)."""
-    qd1 = [r for r in rows if r["test"] == "randread-4k-qd1"]
-    ours = [r for r in qd1 if r["vmm"] == "exitless" and r["path"] in ("poll", "shared")]
-    theirs = [r for r in qd1 if r["vmm"] == "qemu"]
-    out = {}
-    if ours and theirs:
-        best = min(ours, key=lambda r: r["p50_us"])
-        peer = min(theirs, key=lambda r: r["p50_us"])
-        out["qd1_p50_best_shared_over_qemu_best"] = best["p50_us"] / peer["p50_us"]
-        out["qd1_best_path"] = (f"exitless/{best['path']} irq={best['irq']} vs qemu/{peer['path']} "
-                                f"irq={peer['irq']} ({peer.get('accel')})")
-        out["qd1_exits_per_io"] = best["exits_per_io"]
-    return out
-
-
 def plot(rows: list[dict], path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -167,8 +150,8 @@ def main(args) -> int:
                    rounds=args.rounds, progress=progress, notes=report.note)
     report.table("virtio-blk (one run, same image, same guest driver)", rows, COLUMNS, spread=SPREAD_COLUMNS)
     report.ties_note(args.rounds)
-    for k, v in summarize(rows).items():
-        report.note(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}")
+    for line in ratio_notes(target_ratios(rows)):
+        report.note(line)
     report.json(rows)
     if args.plot:
         plot(rows, args.plot)

@@ -172,6 +172,12 @@ def ratio_over_rounds(num: dict | None, den: dict | None, metric: str) -> dict |
     return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "per_round": ratios}
 
 
+def ratio_notes(ratios: dict[str, dict]) -> list[str]:
+    """One line per :func:`ratio_over_rounds` result (``rows``, if present, names the two rows)."""
+    return [f"{name}: {r['median']:.3f} (min–max over the rounds {r['min']:.3f}–{r['max']:.3f})"
+            + (f": {r['rows']}" if "rows" in r else "") for name, r in ratios.items()]
+
+
 # --------------------------------------------------------------------------- output
 
 

@@ -33,7 +33,7 @@ from ..guestkit import guestkit_path
 from ..sidecore.paths import attach
 from ..vm import Machine, VmConfig
 from .common import (BenchError, Progress, Report, aggregate, guest_result, interleave, mark_best, no_progress,
-                     process_cpu_seconds, ratio_over_rounds)
+                     process_cpu_seconds, ratio_notes, ratio_over_rounds)
 
 MMIO_GPA, SHARED_GPA = 0xD000_0000, 0xD000_1000
 BUSY_MMIO_GPA, BUSY_SHARED_GPA = 0xD001_0000, 0xD001_1000
@@ -224,7 +224,7 @@ def main(args) -> int:
     if idle_rows:
         report.table("sidecore CPU while the guest is idle (one round)", idle_rows,
                      [("path", "path"), ("sidecore", "sidecore"), ("idle_cpu_pct", "% of a core")])
-    for name, r in summarize(rows).items():
-        report.note(f"{name}: {r['median']:.3f} (min–max over the rounds {r['min']:.3f}–{r['max']:.3f})")
+    for line in ratio_notes(summarize(rows)):
+        report.note(line)
     report.json(rows)
     return 1 if any(r.get("errors") for r in rows) else 0

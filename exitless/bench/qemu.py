@@ -135,8 +135,9 @@ def run_guestkit(kernel: Path, append: str, *, device_args: list[str] = (), shar
                  extra_cpu: Callable[[], float] | None = None) -> QemuResult:
     """Boot the guest kit under QEMU and measure it.
 
-    The firmware is qboot where installed (:func:`firmware_args`).  QEMU starts paused (``-S``) so the exit counter is read before the guest runs;
-    there is no isa-debug-exit device, so when the guest has printed its result it
+    The firmware is qboot where installed (:func:`firmware_args`).  QEMU starts paused
+    (``-S``) so the exit counter is read before the guest runs; there is no
+    isa-debug-exit device, so when the guest has printed its result it
     halts instead of ending QEMU, and the counters and CPU are read before ``quit``.
     ``shared_memory`` backs guest RAM with a shared memfd (vhost-user needs it);
     ``extra_cpu`` adds another process's CPU (a vhost-user back-end) to QEMU's own.

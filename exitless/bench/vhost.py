@@ -40,8 +40,9 @@ from pathlib import Path
 from typing import Iterator
 
 from . import qemu as Q
-from .common import BenchError, Progress, Report, no_progress
-from .workload import COLUMNS, FILL_APP, SPREAD_COLUMNS, make_image, run_rounds, select_tests
+from .common import BenchError, Progress, Report, no_progress, ratio_notes
+from .workload import (COLUMNS, FILL_APP, SPREAD_COLUMNS, TESTS, make_image, run_rounds, select_tests,
+                       target_ratios)
 
 IO_PATHS = ("kick", "poll", "adaptive")
 #: How the guest waits for completions under each exitless back-end path (poll: the guest polls the used ring).
@@ -179,7 +180,6 @@ def run(tests=None, modes=IO_PATHS, *, with_builtin: bool = True, with_qsd: bool
 
 def add_arguments(p) -> None:
     from ..vhost_user import IO_MODES
-    from .workload import TESTS
 
     p.add_argument("--io", nargs="+", default=list(IO_MODES), choices=IO_MODES,
                    help="exitless back-end I/O paths to measure")
@@ -209,5 +209,7 @@ def main(args) -> int:
                  "vhost-user back-ends (exitless, qemu-storage-daemon) and QEMU's own", rows, COLUMNS,
                  spread=SPREAD_COLUMNS)
     report.ties_note(args.rounds)
+    for line in ratio_notes(target_ratios(rows)):
+        report.note(line)
     report.json(rows)
     return 1 if any(r.get("errors") for r in rows) else 0

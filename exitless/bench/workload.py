@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
 
-from .common import BenchError, Progress, aggregate, interleave, mark_best, no_progress
+from .common import BenchError, Progress, aggregate, interleave, mark_best, no_progress, ratio_over_rounds
 
 IMAGE_BYTES = 64 << 20
 #: Writes the whole image once, so that reads hit allocated blocks in every VMM.
@@ -125,3 +125,30 @@ COLUMNS = [("vmm", "vmm"), ("path", "path"), ("irq", "guest waits by"), ("test",
            ("p50_us", "p50 µs"), ("p99_us", "p99 µs"), ("mbps", "MB/s"), ("exits_per_io", "exits/IO"),
            ("cpu_us_per_io", "host CPU µs/IO"), ("errors", "errors"), ("other_load_pct", "other load %")]
 SPREAD_COLUMNS = ("iops", "p50_us", "cpu_us_per_io", "other_load_pct")
+
+#: Issue 8's target ratios: (name, test, metric, higher is better, numerator's vmm, denominator's vmm).
+#: Each compares the best row of one VMM with the best row of another (best by median).
+TARGETS = (
+    ("qd1_p50_exitless_over_qemu", "randread-4k-qd1", "p50_us", False, "exitless", "qemu"),
+    ("qd32_iops_exitless_over_qemu", "randread-4k-qd32", "iops", True, "exitless", "qemu"),
+    ("qd1_p50_serve_over_qsd", "randread-4k-qd1", "p50_us", False, "qemu+exitless", "qemu+qsd"),
+    ("qd32_iops_serve_over_qsd", "randread-4k-qd32", "iops", True, "qemu+exitless", "qemu+qsd"),
+    ("qd32_iops_serve_over_qemu", "randread-4k-qd32", "iops", True, "qemu+exitless", "qemu"),
+)
+
+
+def target_ratios(rows: list[dict]) -> dict[str, dict]:
+    """The :data:`TARGETS` this run has rows for: {"median", "min", "max", "per_round"} taken round
+    by round between the two best rows (measured side by side), and ``rows`` naming them."""
+    def best(test, metric, higher, vmm):
+        cands = [r for r in rows if r["test"] == test and r["vmm"] == vmm and r.get(metric) is not None]
+        return (max if higher else min)(cands, key=lambda r: r[metric]) if cands else None
+
+    out = {}
+    for name, test, metric, higher, num_vmm, den_vmm in TARGETS:
+        num, den = best(test, metric, higher, num_vmm), best(test, metric, higher, den_vmm)
+        ratio = ratio_over_rounds(num, den, metric)
+        if ratio is not None:
+            ratio["rows"] = " vs ".join(f"{r['vmm']}/{r['path']} irq={r['irq']}" for r in (num, den))
+            out[name] = ratio
+    return out
