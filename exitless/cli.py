@@ -90,13 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks")
     bsub = bench.add_subparsers(dest="bench", required=True)
-    from .bench import blk, doorbell
+    from .bench import options as bench_options
 
     db = bsub.add_parser("doorbell", help="register-write ping-pong under every I/O path")
-    doorbell.add_arguments(db)
+    bench_options.add_doorbell(db)
     db.set_defaults(func=cmd_bench_doorbell)
     bb = bsub.add_parser("blk", help="virtio-blk workloads under every I/O path, and QEMU")
-    blk.add_arguments(bb)
+    bench_options.add_blk(bb)
     bb.set_defaults(func=cmd_bench_blk)
     cli_serve.register(sub, bench=bsub)             # serve blk (vhost-user), bench vhost
     cli_guest.register(sub, run=run, bench=bsub)    # guest fetch, run -- CMD and Linux kernels, bench boot

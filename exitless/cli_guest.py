@@ -56,9 +56,9 @@ def register(sub: argparse._SubParsersAction, *, run: argparse.ArgumentParser,
     fetch.set_defaults(func=cmd_guest_fetch)
 
     boot = bench.add_parser("boot", help="time to first kernel line, userspace and power-off, beside QEMU")
-    from .bench.boot import add_arguments
+    from .bench.options import add_boot
 
-    add_arguments(boot)
+    add_boot(boot)
     boot.set_defaults(func=cmd_bench_boot)
 
 

@@ -107,9 +107,9 @@ def register(sub, *, bench=None) -> None:
     blk.set_defaults(func=cmd_serve_blk)
 
     if bench is not None:
-        from .bench import vhost
+        from .bench.options import add_vhost
 
         bv = bench.add_parser("vhost", help="virtio-blk in QEMU: vhost-user back-ends (exitless, "
                                             "qemu-storage-daemon) vs QEMU's own")
-        vhost.add_arguments(bv)
+        add_vhost(bv)
         bv.set_defaults(func=cmd_bench_vhost)

@@ -23,10 +23,9 @@ from ..guestkit import guestkit_path
 from ..vm import Machine, VmConfig
 from . import qemu, vhost
 from .common import BenchError, Progress, Report, guest_result, no_progress, ratio_notes
+from .options import BLK_PATHS as EXITLESS_PATHS
 from .workload import (COLUMNS, FILL_APP, SPREAD_COLUMNS, TESTS, Test, app, make_image, per_io_row,
                        run_rounds, select_tests, target_ratios)
-
-EXITLESS_PATHS = ("trap", "ioeventfd", "shared", "poll", "adaptive")
 
 # How the guest driver waits for completions: an interrupt (msix), or by polling the used ring
 # (poll: like NVMe polled queues; with a polling device this is the fully exitless pairing).
@@ -126,21 +125,6 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 # --------------------------------------------------------------------------- command line
-
-
-def add_arguments(p) -> None:
-    p.add_argument("--paths", nargs="+", default=list(EXITLESS_PATHS), choices=EXITLESS_PATHS)
-    p.add_argument("--tests", nargs="+", choices=[t.name for t in TESTS], metavar="TEST",
-                   help=f"subset of: {' '.join(t.name for t in TESTS)}")
-    p.add_argument("--scale", type=float, default=1.0, help="multiply the operation counts")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per row (median and spread reported)")
-    p.add_argument("--no-qemu", action="store_true", help="skip the QEMU rows")
-    p.add_argument("--with-vhost", action="store_true",
-                   help="add the bench vhost rows: QEMU frontend with exitless and qemu-storage-daemon "
-                        "vhost-user back-ends")
-    p.add_argument("--json", nargs="?", const="-", metavar="FILE",
-                   help="write rows as JSON to FILE, or alone: to stdout (then only JSON goes to stdout)")
-    p.add_argument("--plot", help="write a PNG plot here")
 
 
 def main(args) -> int:

@@ -179,21 +179,6 @@ def summarize(vmm: str, runs: list[dict], extra: dict) -> dict:
     return row
 
 
-def add_arguments(p) -> None:
-    p.add_argument("--rounds", "--runs", dest="runs", type=int, default=3,
-                   help="boots per VMM, alternating exitless and QEMU (the median and min–max are reported)")
-    p.add_argument("--json", nargs="?", const="-", metavar="FILE",
-                   help="write the results as JSON to FILE, or alone: to stdout (then only JSON goes to stdout)")
-    p.add_argument("--timeout", type=float, default=None,
-                   help="seconds per boot (default 60; 240 for exitless on kvm_pvm, 600 for QEMU TCG)")
-    p.add_argument("--mem", type=int, default=256, help="guest MiB")
-    p.add_argument("--cpus", type=int, default=1)
-    p.add_argument("--cache")
-    p.add_argument("--decompress", choices=("auto", "guest", "host"), default="auto")
-    p.add_argument("--qemu", choices=("auto", "kvm", "tcg", "none"), default="auto",
-                   help="QEMU accelerator (auto: try KVM, fall back to TCG and say so)")
-
-
 def main(args) -> int:
     from ..cli_guest import plan_guest
     from ..doctor import kvm_flavour

@@ -34,11 +34,10 @@ from ..sidecore.paths import attach
 from ..vm import Machine, VmConfig
 from .common import (BenchError, Progress, Report, aggregate, guest_result, interleave, mark_best, no_progress,
                      process_cpu_seconds, ratio_notes, ratio_over_rounds)
+from .options import DOORBELL_PATHS as PATHS, PLACEMENTS
 
 MMIO_GPA, SHARED_GPA = 0xD000_0000, 0xD000_1000
 BUSY_MMIO_GPA, BUSY_SHARED_GPA = 0xD001_0000, 0xD001_1000
-PATHS = ("trap", "ioeventfd", "shared", "adaptive")
-PLACEMENTS = ("thread", "process")
 METRICS = ("median_us", "p99_us", "exits_per_op", "mmio_exits_per_op", "cpu_us_per_op", "doorbells_per_op")
 
 
@@ -186,19 +185,6 @@ def summarize(rows: list[dict]) -> dict:
 
 
 # --------------------------------------------------------------------------- command line
-
-
-def add_arguments(p) -> None:
-    p.add_argument("--n", type=int, default=20000, help="measured ping-pongs per row and round")
-    p.add_argument("--warmup", type=int, default=2000, help="ping-pongs before the measured ones")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per row (median and spread reported)")
-    p.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
-    p.add_argument("--placements", nargs="+", default=list(PLACEMENTS), choices=PLACEMENTS)
-    p.add_argument("--no-pin", dest="pin", action="store_false",
-                   help="let the scheduler place the vCPU and the sidecores (default: pinned to two CPUs)")
-    p.add_argument("--idle-ms", type=int, default=2000, help="idle-CPU measurement per sidecore (0: skip)")
-    p.add_argument("--json", nargs="?", const="-", metavar="FILE",
-                   help="write rows as JSON to FILE, or alone: to stdout (then only JSON goes to stdout)")
 
 
 def main(args) -> int:

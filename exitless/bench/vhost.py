@@ -41,17 +41,16 @@ from typing import Iterator
 
 from . import qemu as Q
 from .common import BenchError, Progress, Report, no_progress, ratio_notes
-from .workload import (COLUMNS, FILL_APP, SPREAD_COLUMNS, TESTS, make_image, run_rounds, select_tests,
+from .options import CACHES, VHOST_PATHS as IO_PATHS
+from .workload import (COLUMNS, FILL_APP, SPREAD_COLUMNS, make_image, run_rounds, select_tests,
                        target_ratios)
 
-IO_PATHS = ("kick", "poll", "adaptive")
 #: How the guest waits for completions under each exitless back-end path (poll: the guest polls the used ring).
 IRQ_BY_PATH = {"kick": ("msix",), "poll": ("msix", "poll"), "adaptive": ("msix", "poll")}
 BUILTIN = (("ioeventfd", False), ("iothread-poll", True))
 #: qemu-storage-daemon's iothread: (path label, poll-max-ns).  32768 ns is QEMU's default for an iothread.
 QSD = (("iothread-poll", 32768), ("iothread", 0))
 QSD_BINARY = "qemu-storage-daemon"
-CACHES = ("writeback", "none")
 MEM_MIB = 128
 
 
@@ -176,27 +175,6 @@ def run(tests=None, modes=IO_PATHS, *, with_builtin: bool = True, with_qsd: bool
 
 
 # --------------------------------------------------------------------------- command line
-
-
-def add_arguments(p) -> None:
-    from ..vhost_user import IO_MODES
-
-    p.add_argument("--io", nargs="+", default=list(IO_MODES), choices=IO_MODES,
-                   help="exitless back-end I/O paths to measure")
-    p.add_argument("--tests", nargs="+", choices=[t.name for t in TESTS], metavar="TEST",
-                   help=f"subset of: {' '.join(t.name for t in TESTS)}")
-    p.add_argument("--scale", type=float, default=1.0, help="multiply the operation counts")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per row (median and spread reported)")
-    p.add_argument("--min-seconds", type=float, default=0.5,
-                   help="raise the operation count so each measured run lasts at least this long")
-    p.add_argument("--accel", choices=["auto", "tcg", "kvm"], default="auto",
-                   help="QEMU accelerator (auto: KVM when /dev/kvm works; the guest kit runs on it)")
-    p.add_argument("--cache", choices=CACHES, default="writeback",
-                   help="writeback: page cache on every side; none: O_DIRECT on every side")
-    p.add_argument("--no-builtin", action="store_true", help="skip QEMU's built-in virtio-blk rows")
-    p.add_argument("--no-qsd", action="store_true", help="skip the qemu-storage-daemon rows")
-    p.add_argument("--json", nargs="?", const="-", metavar="FILE",
-                   help="write rows as JSON to FILE, or alone: to stdout (then only JSON goes to stdout)")
 
 
 def main(args) -> int:
