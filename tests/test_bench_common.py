@@ -82,12 +82,13 @@ def test_json_alone_puts_only_json_on_stdout(capsys):
     with report.progress() as step:
         step("round 1/2: shared", 0, 2)
     report.table("the table", ROWS, [("path", "path"), ("median_us", "median µs")], spread=("median_us",))
-    report.ties_note(2)
+    report.ties_note(2, [{"per_round": {"other_load_pct": [3.0, 55.0]}}])
     report.note("a note")
     report.json(ROWS)
     out, err = capsys.readouterr()
     assert json.loads(out) == ROWS
     assert "the table" in err and "0.500 (0.400–0.600) ★" in err and "a note" in err and "interleaved" in err
+    assert "up to 55% of the machine busy" in err
 
 
 def test_json_to_a_file_leaves_the_tables_on_stdout(capsys, tmp_path: Path):

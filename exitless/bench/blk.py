@@ -133,7 +133,7 @@ def main(args) -> int:
         rows = run(args.tests, args.paths, with_qemu=not args.no_qemu, scale=args.scale, with_vhost=args.with_vhost,
                    rounds=args.rounds, progress=progress, notes=report.note)
     report.table("virtio-blk (one run, same image, same guest driver)", rows, COLUMNS, spread=SPREAD_COLUMNS)
-    report.ties_note(args.rounds)
+    report.ties_note(args.rounds, rows)
     for line in ratio_notes(target_ratios(rows)):
         report.note(line)
     report.json(rows)

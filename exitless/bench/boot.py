@@ -229,6 +229,6 @@ def main(args) -> int:
                      ("kernel_time_s", "kernel clock at end"), ("stop", "stopped because"),
                      ("other_load_pct", "other load %")],
                  spread=MILESTONES + ("other_load_pct",))
-    report.ties_note(args.runs)
+    report.ties_note(args.runs, rows)
     report.json(rows)
     return 0 if rows and rows[0]["first_line_s"] is not None else 1

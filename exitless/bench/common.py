@@ -27,6 +27,8 @@ T = TypeVar("T")
 
 #: ``vs_best`` values: the best median of its group, within the best row's spread, outside it
 BEST, TIE, BEHIND = "best", "within_best_spread", "outside_best_spread"
+#: Above this ``other_load_pct`` in some round, the table carries a warning.
+BUSY_MACHINE_PCT = 10.0
 _MARK = {BEST: " ★", TIE: " ≈", BEHIND: ""}
 
 
@@ -209,10 +211,17 @@ class Report:
             table.add_row(*(_cell(row, key) if key in spread else _fmt(row.get(key)) for key, _ in columns))
         self.console.print(table)
 
-    def ties_note(self, rounds: int) -> None:
+    def ties_note(self, rounds: int, rows: Sequence[dict] = ()) -> None:
+        """Explain the marks; warn when other work loaded the machine during some round."""
         if rounds > 1:
             self.note(f"median (min–max) of {rounds} interleaved rounds; ★ best of its test, ≈ within the best "
                       "row's min–max (the rounds cannot tell the two apart)")
+        busiest = max((v for r in rows for v in (r.get("per_round") or {}).get("other_load_pct") or []
+                       if v is not None), default=0.0)
+        if busiest > BUSY_MACHINE_PCT:
+            self.note(f"warning: other processes kept up to {busiest:.0f}% of the machine busy during some rounds "
+                      "(column 'other load %'): rows where both sides poll share their cores with them, and their "
+                      "figures are not those of a quiet machine")
 
     def json(self, rows: list[dict]) -> None:
         if self.json_dest is None:

@@ -205,7 +205,7 @@ def main(args) -> int:
                             ("median_us", "median µs"), ("p99_us", "p99 µs"), ("exits_per_op", "exits/op"),
                             ("cpu_us_per_op", "VMM CPU µs/op"), ("errors", "errors"),
                             ("other_load_pct", "other load %")], spread=("median_us", "other_load_pct"))
-    report.ties_note(args.rounds)
+    report.ties_note(args.rounds, pingpong)
     idle_rows = [r for r in rows if r.get("test") == "idle"]
     if idle_rows:
         report.table("sidecore CPU while the guest is idle (one round)", idle_rows,

@@ -186,7 +186,7 @@ def main(args) -> int:
     report.table(f"virtio-blk through QEMU ({rows[0].get('accel') if rows else '?'}, cache={args.cache}): "
                  "vhost-user back-ends (exitless, qemu-storage-daemon) and QEMU's own", rows, COLUMNS,
                  spread=SPREAD_COLUMNS)
-    report.ties_note(args.rounds)
+    report.ties_note(args.rounds, rows)
     for line in ratio_notes(target_ratios(rows)):
         report.note(line)
     report.json(rows)
