@@ -180,9 +180,9 @@ def summarize(vmm: str, runs: list[dict], extra: dict) -> dict:
 
 
 def main(args) -> int:
-    from ..cli_guest import plan_guest
     from ..doctor import kvm_flavour
     from ..guest.fetch import GuestFetchError
+    from ..guest.plan import plan_guest
     from .common import Report, interleave, mark_best
 
     report = Report(args.json)

@@ -1,0 +1,50 @@
+"""``exitless bench doorbell|blk|vhost|boot``: the benchmarks, rows as JSON plus a human table.
+
+The options of each benchmark are in :mod:`exitless.bench.options` and its command
+is the ``main(args)`` of its module in :mod:`exitless.bench` (interleaved rounds,
+the table, ``--json``); a new benchmark is one ``add_*`` there, one entry in
+:func:`register` and one ``cmd_bench_*`` here.
+"""
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    """Add ``bench`` and its benchmarks to the top-level subparsers."""
+    from ..bench import options
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bsub = bench.add_subparsers(dest="bench", required=True)
+    for name, help, add, cmd in (
+            ("doorbell", "register-write ping-pong under every I/O path", options.add_doorbell, cmd_bench_doorbell),
+            ("blk", "virtio-blk workloads under every I/O path, and QEMU", options.add_blk, cmd_bench_blk),
+            ("vhost", "virtio-blk in QEMU: vhost-user back-ends (exitless, qemu-storage-daemon) vs QEMU's own",
+             options.add_vhost, cmd_bench_vhost),
+            ("boot", "time to first kernel line, userspace and power-off, beside QEMU", options.add_boot,
+             cmd_bench_boot)):
+        p = bsub.add_parser(name, help=help)
+        add(p)
+        p.set_defaults(func=cmd)
+
+
+def cmd_bench_doorbell(args) -> int:
+    from ..bench import doorbell
+
+    return doorbell.main(args)
+
+
+def cmd_bench_blk(args) -> int:
+    from ..bench import blk
+
+    return blk.main(args)
+
+
+def cmd_bench_vhost(args) -> int:
+    from ..bench import vhost
+
+    return vhost.main(args)
+
+
+def cmd_bench_boot(args) -> int:
+    from ..bench import boot
+
+    return boot.main(args)
