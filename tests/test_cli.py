@@ -445,3 +445,20 @@ def test_guest_fetch_shows_progress_on_a_terminal_only(tmp_path: Path) -> None:
     r = exitless(*argv, "--cache", str(tmp_path / "pipe-cache"))
     assert r.returncode == 0 and r.stderr == ""
     assert r.stdout == out.replace(str(tmp_path / "tty-cache"), str(tmp_path / "pipe-cache"))
+
+
+def test_command_output_holds_a_bounded_line_whatever_the_guest_prints():
+    """A guest that never ends a line (before READY, or after the exit marker) cannot grow the VMM's memory."""
+    from exitless.boot.initramfs import EXIT_MARKER, READY_MARKER
+    from exitless.cli.run import CommandOutput
+
+    out = []
+    co = CommandOutput(out.append)
+    co(b"x" * 200_000)                                    # kernel noise with no newline
+    assert len(co.line) <= 4096
+    co(b"\n" + READY_MARKER.encode() + b"\n")
+    assert co.state == "command"
+    co(EXIT_MARKER.encode() + b"7" * 200_000)            # the marker, then no newline ever
+    assert len(co.line) <= 4096 and co.state == "command"
+    co(b"\n")
+    assert co.state == "done" and out == []

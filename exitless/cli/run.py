@@ -213,7 +213,8 @@ class CommandOutput:
             if bytes(self.line).strip() == self.ready:
                 self.state = "command"
             self.line.clear()
-        elif b != 0x0D:
+        elif b != 0x0D and len(self.line) < _HELD_LINE_MAX:
+            # a longer line cannot be the READY marker: what is held stays bounded
             self.line.append(b)
 
     def _command_byte(self, b: int) -> None:
@@ -228,7 +229,8 @@ class CommandOutput:
             self.passing = False
         elif self.passing:
             self._emit(bytes([b]))
-        else:
+        elif len(self.line) < _HELD_LINE_MAX:
+            # the held start of a line is at most the marker and its status: bounded
             self.line.append(b)
             held = bytes(self.line)
             if not (self.marker.startswith(held) or held.startswith(self.marker)):
@@ -239,6 +241,9 @@ class CommandOutput:
     def _emit(self, data: bytes) -> None:
         if data:
             self.write(data)
+
+
+_HELD_LINE_MAX = 4096      # bytes of one console line held back, whatever the guest prints
 
 
 def _stdout(data: bytes) -> None:
