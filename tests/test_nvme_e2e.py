@@ -149,3 +149,23 @@ def test_cli_run_nvme(image):
     assert p.returncode == 2 and "does not exist" in p.stderr and "Traceback" not in p.stderr
     p = subprocess.run(run + ["--append", "nvme rw=ident", "--nvme", f"{image},queues=0"], capture_output=True, text=True)
     assert p.returncode == 2 and "queues is a number in 1..64" in p.stderr
+
+
+def test_bench_nvme_json_on_stdout():
+    """``exitless bench nvme`` at a tiny size: only JSON on stdout, bench blk's keys plus dbbuf and MMIO
+    doorbells per I/O, every row in both rounds.  Structure only: no figure is asserted."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "exitless.cli", "bench", "nvme", "--tests", "randread-4k-qd1",
+                        "--scale", "0.01", "--rounds", "2", "--paths", "trap", "poll", "--no-qemu", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(r.stdout)
+    assert [(r["path"], r["irq"], r["dbbuf"]) for r in rows] == [
+        ("trap", "msix", 1), ("trap", "msix", 0), ("poll", "msix", 1), ("poll", "poll", 1)]
+    keys = {"vmm", "path", "test", "irq", "p50_us", "p99_us", "iops", "exits_per_io", "cpu_us_per_io",
+            "doorbells_per_io", "dbbuf"}
+    assert all(keys <= set(row) and row["errors"] == 0 and row["rounds"] == 2 and row["ops"] == 40 for row in rows)
+    assert rows[1]["doorbells_per_io"] == 2.0                 # no shadow doorbells: SQ tail + CQ head each I/O
+    assert rows[2]["doorbells_per_io"] == 0.0                 # EventIdx parked: the driver never rings
