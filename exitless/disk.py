@@ -48,7 +48,7 @@ class DiskSpec:
         Raises :class:`DiskSpecError` naming the spec and the bad part: no path, an
         empty, unknown, repeated or here-unaccepted option, or a bad value.
         """
-        path, *opts = _split(text)
+        path, *opts = split_spec(text)
         if not path:
             raise DiskSpecError(f"{text!r}: no path (syntax: {syntax(options)})")
         fields: dict[str, object] = {}
@@ -92,8 +92,10 @@ class DiskSpec:
         return ",".join(parts)
 
 
-def _split(text: str) -> list[str]:
-    """Split at single commas; ``,,`` is a literal comma (scanned left to right)."""
+def split_spec(text: str) -> list[str]:
+    """Split a device spec at single commas; ``,,`` is a literal comma (scanned left to right).
+
+    The one splitting rule of every device option (``--disk``, ``--nvme``)."""
     fields, cur, i = [], [], 0
     while i < len(text):
         if text[i] == ",":
@@ -122,24 +124,31 @@ def add_disk(machine, spec: DiskSpec, sidecore=None):
     return VirtioPci(machine, dev, spec.io, sidecore=sidecore)
 
 
-def add_disks(machine, specs: list[DiskSpec], *, one_sidecore: bool = False) -> list:
+def add_disks(machine, specs: list[DiskSpec], *, one_sidecore: bool = False, groups: dict | None = None) -> list:
     """Plug every disk (``/dev/vda``, ``vdb``… in the guest); returns their ``VirtioPci`` functions.
 
     With ``one_sidecore`` the disks of each polling mode (every path but ``trap``) share one
     :class:`exitless.sidecore.loop.SidecoreGroup`, started on ``machine`` once all are added;
-    otherwise each disk gets its own sidecore.  Every command that plugs disks goes through here.
+    otherwise each disk gets its own sidecore.  ``groups`` (a dict from :func:`sidecore_group`)
+    shares the groups with other devices (NVMe): the caller starts them after the last device.
+    Every command that plugs disks goes through here.
     """
+    own = groups is None
+    groups = {} if own else groups
+    devices = [add_disk(machine, spec, sidecore_group(groups, spec.io) if one_sidecore or not own else None)
+               for spec in specs]
+    if own:
+        for group in groups.values():
+            group.start_on(machine)
+    return devices
+
+
+def sidecore_group(groups: dict, io: str):
+    """The shared sidecore of I/O path ``io``'s mode in ``groups`` (created on first use); None for ``trap``."""
     from .sidecore.loop import SidecoreGroup
     from .sidecore.paths import MODE_OF_PATH
 
-    groups = {}
-    devices = []
-    for spec in specs:
-        group = None
-        if one_sidecore and spec.io != "trap":
-            mode = MODE_OF_PATH[spec.io]
-            group = groups.setdefault(mode, SidecoreGroup(mode, name=f"sidecore-{mode}"))
-        devices.append(add_disk(machine, spec, group))
-    for group in groups.values():
-        group.start_on(machine)
-    return devices
+    if io == "trap":
+        return None
+    mode = MODE_OF_PATH[io]
+    return groups.setdefault(mode, SidecoreGroup(mode, name=f"sidecore-{mode}"))

@@ -12,7 +12,9 @@ import tempfile
 import pytest
 
 from exitless.devices.virtio import blk as blkmod
-from exitless.devices.virtio.blk import VirtioBlk, _transfer
+from exitless.devices import hostio
+from exitless.devices.hostio import transfer as _transfer
+from exitless.devices.virtio.blk import VirtioBlk
 from exitless.devices.virtio.constants import (
     VIRTIO_BLK_F_DISCARD,
     VIRTIO_BLK_F_FLUSH,
@@ -522,7 +524,7 @@ def test_transfer_batches_and_short_io():
         n = min(sum(len(b) for b in bufs), 1000)                       # short transfers
         return n
     assert _transfer(fake, 0, views, 100) == 7500
-    assert all(c[0] <= blkmod._IOV_MAX for c in calls)
+    assert all(c[0] <= hostio._IOV_MAX for c in calls)
     assert calls[0][1] == 100 and sum(1 for _ in calls) >= 8
     with pytest.raises(OSError):
         _transfer(lambda fd, b, o: 0, 0, views, 0)

@@ -12,6 +12,7 @@ from .workload import TESTS
 DOORBELL_PATHS = ("trap", "ioeventfd", "shared", "adaptive")
 PLACEMENTS = ("thread", "process")
 BLK_PATHS = ("trap", "ioeventfd", "shared", "poll", "adaptive")
+NVME_PATHS = BLK_PATHS
 #: The exitless vhost-user back-end's I/O paths (``exitless serve blk --io``).
 VHOST_PATHS = ("kick", "poll", "adaptive")
 #: Page-cache mode of every back-end: writeback (buffered) or none (O_DIRECT).
@@ -48,6 +49,14 @@ def add_blk(p) -> None:
     p.add_argument("--with-vhost", action="store_true",
                    help="add the bench vhost rows: QEMU frontend with exitless and qemu-storage-daemon "
                         "vhost-user back-ends")
+    p.add_argument("--plot", help="write a PNG plot here")
+    _common(p)
+
+
+def add_nvme(p) -> None:
+    p.add_argument("--paths", nargs="+", default=list(NVME_PATHS), choices=NVME_PATHS)
+    _tests(p)
+    p.add_argument("--no-qemu", action="store_true", help="skip the QEMU rows")
     p.add_argument("--plot", help="write a PNG plot here")
     _common(p)
 

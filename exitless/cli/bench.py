@@ -1,4 +1,4 @@
-"""``exitless bench doorbell|blk|vhost|boot``: the benchmarks, rows as JSON plus a human table.
+"""``exitless bench doorbell|blk|nvme|vhost|boot``: the benchmarks, rows as JSON plus a human table.
 
 The options of each benchmark are in :mod:`exitless.bench.options` and its command
 is the ``main(args)`` of its module in :mod:`exitless.bench` (interleaved rounds,
@@ -17,6 +17,8 @@ def register(sub) -> None:
     for name, help, add, cmd in (
             ("doorbell", "register-write ping-pong under every I/O path", options.add_doorbell, cmd_bench_doorbell),
             ("blk", "virtio-blk workloads under every I/O path, and QEMU", options.add_blk, cmd_bench_blk),
+            ("nvme", "NVMe workloads under every I/O path (shadow doorbells on and off), and QEMU's NVMe",
+             options.add_nvme, cmd_bench_nvme),
             ("vhost", "virtio-blk in QEMU: vhost-user back-ends (exitless, qemu-storage-daemon) vs QEMU's own",
              options.add_vhost, cmd_bench_vhost),
             ("boot", "time to first kernel line, userspace and power-off, beside QEMU", options.add_boot,
@@ -36,6 +38,12 @@ def cmd_bench_blk(args) -> int:
     from ..bench import blk
 
     return blk.main(args)
+
+
+def cmd_bench_nvme(args) -> int:
+    from ..bench import nvme
+
+    return nvme.main(args)
 
 
 def cmd_bench_vhost(args) -> int:

@@ -1,9 +1,11 @@
-"""Arguments shared by several commands: argparse ``type=`` callables and ``--disk`` in its one grammar."""
+"""Arguments shared by several commands: argparse ``type=`` callables, ``--disk`` and ``--nvme`` in their grammars."""
 from __future__ import annotations
 
 import argparse
 
 from ..disk import OPTIONS, DiskSpec, DiskSpecError, syntax
+from ..nvme import SYNTAX as NVME_SYNTAX
+from ..nvme import NvmeSpec, NvmeSpecError
 
 
 def mem_size(text: str) -> int:
@@ -43,3 +45,15 @@ def add_disk_argument(parser: argparse.ArgumentParser, options: tuple[str, ...] 
 
     parser.add_argument("--disk", type=disk, metavar="SPEC",
                         help=f"{help}; SPEC is {syntax(options)} (a comma in PATH is written ',,')", **kwargs)
+
+
+def add_nvme_argument(parser: argparse.ArgumentParser, *, help: str, **kwargs) -> None:
+    """Add ``--nvme`` in the grammar of :mod:`exitless.nvme`; the value is a :class:`exitless.nvme.NvmeSpec`."""
+    def nvme(text: str) -> NvmeSpec:
+        try:
+            return NvmeSpec.parse(text)
+        except NvmeSpecError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parser.add_argument("--nvme", type=nvme, metavar="SPEC",
+                        help=f"{help}; SPEC is {NVME_SYNTAX} (a comma in PATH is written ',,')", **kwargs)

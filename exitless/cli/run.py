@@ -23,7 +23,7 @@ import argparse
 import signal
 import sys
 
-from .options import add_disk_argument, mem_size
+from .options import add_disk_argument, add_nvme_argument, mem_size
 from .progress import stderr_progress
 
 
@@ -39,10 +39,15 @@ def register(sub) -> None:
     run.add_argument("--cpus", type=int, default=1)
     run.add_argument("--timeout", type=float, default=None, help="stop the guest after this many seconds")
     run.add_argument("--one-sidecore", action="store_true",
-                     help="disks on the same polling path share one sidecore thread (default: one each)")
+                     help="disks and NVMe controllers on the same polling path share one sidecore thread "
+                          "(default: one each)")
     add_disk_argument(run, action="append", default=[],
                       help="a virtio-blk disk (repeatable: /dev/vda, vdb...); io is its I/O path (default ioeventfd), "
                            "queues its number of virtqueues")
+    add_nvme_argument(run, action="append", default=[],
+                      help="an NVMe controller with one namespace (repeatable: /dev/nvme0n1, nvme1n1...); io is "
+                           "its doorbells' I/O path (default ioeventfd; the polled paths need the driver's "
+                           "shadow doorbells, which Linux uses), queues its I/O queue pairs (default 4)")
     run.add_argument("--decompress", choices=("auto", "guest", "host"), default="auto",
                      help="bzImage: run its decompressor in the guest, or unpack it on the host "
                           "(auto: host on kvm_pvm hosts, guest elsewhere)")
@@ -74,10 +79,14 @@ def attach_devices(machine, args) -> None:
     A new device option (``--nvme``, ``--net``) adds its argument in :func:`register` and its
     attach call here, so that the guest kit and Linux get it alike.
     """
-    if args.disk:
-        from ..disk import add_disks
+    from ..disk import add_disks
+    from ..nvme import add_nvmes
 
-        add_disks(machine, args.disk, one_sidecore=args.one_sidecore)
+    groups = {} if args.one_sidecore else None    # one sidecore per polling mode, for disks and NVMe alike
+    add_disks(machine, args.disk, one_sidecore=args.one_sidecore, groups=groups)
+    add_nvmes(machine, args.nvme, groups=groups)
+    for group in (groups or {}).values():
+        group.start_on(machine)
 
 
 def _run_pvh(args) -> int:

@@ -450,6 +450,7 @@ static const struct app apps[] = {
     {"doorbell", app_doorbell},
     {"idle", app_idle},
     {"blk", app_blk},
+    {"nvme", app_nvme},
     {"info", app_info},
     {"selftest", app_selftest},
     {"cost", app_cost},

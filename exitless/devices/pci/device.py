@@ -33,6 +33,7 @@ COMMAND, STATUS = 0x04, 0x06
 CMD_IO, CMD_MEMORY, CMD_BUS_MASTER, CMD_INTX_DISABLE = 0x1, 0x2, 0x4, 0x400
 STATUS_CAP_LIST, STATUS_INTX = 0x10, 0x08
 BAR0 = 0x10
+BAR_TYPE_64 = 0x4   # memory BAR type bits [2:1] = 10b
 CAP_PTR, INTERRUPT_LINE, INTERRUPT_PIN = 0x34, 0x3C, 0x3D
 CONFIG_SIZE = 256
 
@@ -42,8 +43,11 @@ class Bar:
     index: int
     size: int          # a power of two, at least 4 KiB
     address: int = 0   # assigned by the bus, or moved by the guest
+    is64: bool = False  # a 64-bit memory BAR: it also takes the next BAR register (the high dword)
 
     def __post_init__(self):
+        if self.is64 and self.index == 5:
+            raise ValueError("BAR5 cannot be 64-bit: the high dword would be BAR6")
         if self.size < 4096 or self.size & (self.size - 1):
             raise ValueError(f"BAR{self.index}: size {self.size:#x} must be a power of two >= 4 KiB")
 
@@ -62,6 +66,9 @@ class PciDevice:
         self.wmask[INTERRUPT_LINE] = 0xFF
         for b in bars:
             self._mask(BAR0 + 4 * b.index, 4, ~(b.size - 1) & 0xFFFFFFF0)
+            if b.is64:
+                self.config[BAR0 + 4 * b.index] = BAR_TYPE_64
+                self._mask(BAR0 + 4 * b.index + 4, 4, 0xFFFFFFFF)
         self._last_cap = None
         self.devfn = None
         self.mapped: dict[int, int] = {}      # bar index -> address where it is mapped on the buses now
@@ -122,11 +129,17 @@ class PciDevice:
         return struct.unpack_from("<H", self.config, STATUS)[0]
 
     def bar_address(self, index: int) -> int:
-        return struct.unpack_from("<I", self.config, BAR0 + 4 * index)[0] & 0xFFFFFFF0
+        lo = struct.unpack_from("<I", self.config, BAR0 + 4 * index)[0] & 0xFFFFFFF0
+        if self.bars[index].is64:
+            lo |= struct.unpack_from("<I", self.config, BAR0 + 4 * index + 4)[0] << 32
+        return lo
 
     def set_bar_address(self, index: int, address: int) -> None:
-        struct.pack_into("<I", self.config, BAR0 + 4 * index, address)
-        self.bars[index].address = address
+        bar = self.bars[index]
+        struct.pack_into("<I", self.config, BAR0 + 4 * index, (address & 0xFFFFFFF0) | (BAR_TYPE_64 if bar.is64 else 0))
+        if bar.is64:
+            struct.pack_into("<I", self.config, BAR0 + 4 * index + 4, address >> 32)
+        bar.address = address
 
     # -- decoding ---------------------------------------------------------------
     def decoded_bars(self, window: tuple[int, int]) -> dict[int, int]:

@@ -30,7 +30,6 @@ every write completes only after ``fdatasync``.
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import hashlib
 import logging
@@ -40,6 +39,7 @@ import stat
 import struct
 
 from ...errors import ExitlessError
+from ..hostio import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate, transfer
 from .constants import (
     VIRTIO_BLK_F_BLK_SIZE,
     VIRTIO_BLK_F_DISCARD,
@@ -71,27 +71,6 @@ _HDR = struct.Struct("<IIQ")
 _SEG = struct.Struct("<QII")
 _CONFIG = struct.Struct("<QII HBB I BBHI BBH IIIII B3x III IIIII B3x")  # struct virtio_blk_config, 96 bytes
 
-_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
-if _IOV_MAX <= 0:
-    _IOV_MAX = 1024
-
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_fallocate = _libc.fallocate
-_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_fallocate.restype = ctypes.c_int
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """libc ``fallocate(2)`` (Python has only ``posix_fallocate``, which cannot punch holes)."""
-    if _fallocate(fd, mode, offset, length) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-
-
 class BackingFileError(ExitlessError, OSError):
     """The disk's backing file cannot be used (missing, no permission, not a file or block device, no O_DIRECT).
 
@@ -113,55 +92,6 @@ class _RequestError(Exception):
     def __init__(self, status: int, why: str):
         super().__init__(why)
         self.status = status
-
-
-def _transfer(fn, fd: int, views: list, offset: int, nbytes: int = -1) -> int:
-    """Run ``os.preadv``/``os.pwritev`` until every byte of ``views`` moved (IOV_MAX batches, short I/O).
-
-    ``nbytes``, if known, is the total size of ``views`` (enables the one-call fast path).
-    """
-    total = 0
-    if 0 <= nbytes and len(views) <= _IOV_MAX:
-        total = fn(fd, views, offset)
-        if total == nbytes:
-            return total
-        if total <= 0:
-            raise OSError(errno.EIO, "unexpected end of file on the backing store")
-        offset += total
-        views = _advance(views, total)
-    views = list(views)
-    i = 0
-    while i < len(views):
-        batch = views[i:i + _IOV_MAX]
-        want = 0
-        for v in batch:
-            want += len(v)
-        n = fn(fd, batch, offset)
-        if n <= 0:
-            raise OSError(errno.EIO, "unexpected end of file on the backing store")
-        offset += n
-        total += n
-        if n == want:
-            i += len(batch)
-            continue
-        while n >= len(views[i]):
-            n -= len(views[i])
-            i += 1
-        if n:
-            views[i] = views[i][n:]
-    return total
-
-
-def _advance(views: list, n: int) -> list:
-    """``views`` without its first ``n`` bytes."""
-    out = []
-    for v in views:
-        if n >= len(v):
-            n -= len(v)
-            continue
-        out.append(v[n:] if n else v)
-        n = 0
-    return out
 
 
 class VirtioBlk(VirtioDevice):
@@ -376,14 +306,14 @@ class VirtioBlk(VirtioDevice):
         views = chain.writable(start, nbytes) if is_read else chain.readable(start, nbytes)
         fn = os.preadv if is_read else os.pwritev
         if not self.direct:
-            _transfer(fn, self.fd, views, offset, nbytes)
+            transfer(fn, self.fd, views, offset, nbytes)
             return
         a = self.dio_align
         if offset % a or nbytes % a:
             # O_DIRECT cannot do this disk range: use the buffered descriptor.
-            _transfer(fn, self._fd_buffered, views, offset, nbytes)
+            transfer(fn, self._fd_buffered, views, offset, nbytes)
         elif self._buffers_aligned(chain, is_read, start, nbytes, a):
-            _transfer(fn, self.fd, views, offset, nbytes)
+            transfer(fn, self.fd, views, offset, nbytes)
         else:
             self._bounce(fn, is_read, views, nbytes, offset)
 
@@ -415,7 +345,7 @@ class VirtioBlk(VirtioDevice):
         try:
             with memoryview(buf) as mv:
                 if is_read:
-                    _transfer(fn, self.fd, [mv], offset)
+                    transfer(fn, self.fd, [mv], offset)
                     pos = 0
                     for v in views:
                         v[:] = mv[pos:pos + len(v)]
@@ -425,7 +355,7 @@ class VirtioBlk(VirtioDevice):
                     for v in views:
                         mv[pos:pos + len(v)] = v
                         pos += len(v)
-                    _transfer(fn, self.fd, [mv], offset)
+                    transfer(fn, self.fd, [mv], offset)
         finally:
             buf.close()
 
@@ -489,7 +419,7 @@ class VirtioBlk(VirtioDevice):
                     else self._fd_buffered
                 while length:
                     n = min(length, chunk)
-                    _transfer(os.pwritev, fd, [mv[:n]], offset)
+                    transfer(os.pwritev, fd, [mv[:n]], offset)
                     offset += n
                     length -= n
         finally:

@@ -1,0 +1,151 @@
+"""One NVMe namespace on a host file or block device: LBA geometry and the host I/O behind the commands.
+
+The namespace is LBA-addressed (``lba_size`` 512 or 4096 bytes); a partial
+last LBA of the backing file is not exposed.  Data moves zero-copy between the
+file and memoryviews onto guest RAM (the PRP segments).  With ``direct=True``
+the file is opened ``O_DIRECT``; a command whose guest pages are not aligned
+for it goes through an aligned bounce buffer (PRP1 may start at any dword).
+Deallocate and Write Zeroes punch holes (``fallocate``), falling back to
+zero-range, then to writing zeroes.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import mmap
+import os
+import stat
+
+from ...errors import ExitlessError
+from ...sidecore.spin import address_of
+from ..hostio import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate, transfer
+
+LBA_SIZES = (512, 4096)
+
+
+class NamespaceError(ExitlessError, OSError):
+    """The backing file cannot serve as a namespace (missing, wrong type, no O_DIRECT)."""
+
+
+class Namespace:
+    """``Namespace(path, lba_size=512, read_only=False, direct=False)``; ``nsze`` is the size in LBAs."""
+
+    def __init__(self, path: str | os.PathLike, *, lba_size: int = 512, read_only: bool = False,
+                 direct: bool = False):
+        if lba_size not in LBA_SIZES:
+            raise NamespaceError(errno.EINVAL, f"NVMe LBA size {lba_size}: one of 512, 4096")
+        self.path = os.fspath(path)
+        self.lba_size = lba_size
+        self.read_only = read_only
+        self.direct = direct
+        self.fd = self._fd_buffered = -1
+        # O_NONBLOCK: opening a FIFO must fail the type check below, not wait for a writer
+        flags = os.O_CLOEXEC | os.O_NONBLOCK | (os.O_RDONLY if read_only else os.O_RDWR)
+        self.fd = self._open(flags | (os.O_DIRECT if direct else 0))
+        try:
+            st = os.fstat(self.fd)
+            if stat.S_ISBLK(st.st_mode):
+                size = os.lseek(self.fd, 0, os.SEEK_END)
+            elif stat.S_ISREG(st.st_mode):
+                size = st.st_size
+            else:
+                raise NamespaceError(errno.EINVAL, "an NVMe namespace needs a regular file or a block device",
+                                     self.path)
+            self.nsze = size // lba_size
+            self._fd_buffered = self._open(flags) if direct else self.fd
+        except BaseException:
+            self.close()
+            raise
+        digest = hashlib.sha1(os.path.abspath(self.path).encode()).digest()
+        self.nguid = digest[:16]
+        self.eui64 = digest[16:20] + digest[:4]
+        self.serial = "EXL" + digest.hex()[:17]
+
+    def _open(self, flags: int) -> int:
+        try:
+            return os.open(self.path, flags)
+        except FileNotFoundError:
+            raise NamespaceError(errno.ENOENT, "NVMe backing file does not exist", self.path) from None
+        except OSError as e:
+            if flags & os.O_DIRECT and e.errno == errno.EINVAL:
+                raise NamespaceError(errno.EINVAL, "the filesystem of the NVMe backing file does not support "
+                                                   "O_DIRECT (direct)", self.path) from None
+            raise NamespaceError(e.errno, e.strerror, self.path) from None
+
+    def close(self) -> None:
+        if self._fd_buffered >= 0 and self._fd_buffered != self.fd:
+            os.close(self._fd_buffered)
+        if self.fd >= 0:
+            os.close(self.fd)
+        self.fd = self._fd_buffered = -1
+
+    # -- data --------------------------------------------------------------------------------
+    def read(self, views: list[memoryview], slba: int, nbytes: int) -> None:
+        """Read ``nbytes`` from LBA ``slba`` into ``views`` (raises OSError)."""
+        self._io(os.preadv, views, slba * self.lba_size, nbytes)
+
+    def write(self, views: list[memoryview], slba: int, nbytes: int) -> None:
+        self._io(os.pwritev, views, slba * self.lba_size, nbytes)
+
+    def _io(self, fn, views: list[memoryview], offset: int, nbytes: int) -> None:
+        if not self.direct or all(_aligned(v) for v in views):
+            transfer(fn, self.fd, views, offset, nbytes)
+            return
+        buf = mmap.mmap(-1, nbytes)  # page-aligned bounce buffer
+        try:
+            with memoryview(buf) as mv:
+                if fn is os.pwritev:
+                    pos = 0
+                    for v in views:
+                        mv[pos:pos + len(v)] = v
+                        pos += len(v)
+                    transfer(fn, self.fd, [mv], offset, nbytes)
+                else:
+                    transfer(fn, self.fd, [mv], offset, nbytes)
+                    pos = 0
+                    for v in views:
+                        v[:] = mv[pos:pos + len(v)]
+                        pos += len(v)
+        finally:
+            buf.close()
+
+    def flush(self) -> None:
+        os.fdatasync(self.fd)
+
+    def zero(self, slba: int, nlb: int, deallocate: bool) -> None:
+        """Make LBAs [slba, slba+nlb) read as zeroes: punch a hole (``deallocate``) or zero the range."""
+        offset, length = slba * self.lba_size, nlb * self.lba_size
+        modes = ([FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE] if deallocate else []) + \
+                [FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE]
+        for mode in modes:
+            try:
+                fallocate(self.fd, mode, offset, length)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.ENOTTY, errno.ENODEV, errno.EINVAL):
+                    raise
+        chunk = min(length, 1 << 20)
+        buf = mmap.mmap(-1, chunk)
+        try:
+            with memoryview(buf) as mv:
+                while length:
+                    n = min(length, chunk)
+                    transfer(os.pwritev, self.fd, [mv[:n]], offset)
+                    offset += n
+                    length -= n
+        finally:
+            buf.close()
+
+    def deallocate(self, slba: int, nlb: int) -> None:
+        """Dataset Management deallocate: punch a hole; advisory, so no support is not an error."""
+        try:
+            fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, slba * self.lba_size,
+                      nlb * self.lba_size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOTTY, errno.ENODEV):
+                raise
+
+
+def _aligned(view: memoryview) -> bool:
+    """O_DIRECT needs 512-byte aligned addresses and lengths (guest RAM is mapped page-aligned)."""
+    return len(view) % 512 == 0 and address_of(view) % 512 == 0
