@@ -89,9 +89,9 @@ ALL = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_RING_EVENT_IDX)
 class Rig:
     """A VirtioNet activated on test-driver queues, as a transport would."""
 
-    def __init__(self, features=None, pairs=1, ctrl=True, queue_size=64, drop=()):
+    def __init__(self, features=None, pairs=1, ctrl=True, queue_size=64, drop=(), tap=None):
         self.mem = GuestMemory.create([(0, 64 * MiB)])
-        self.tap = FakeTap(pairs)
+        self.tap = FakeTap(pairs) if tap is None else tap
         self.dev = VirtioNet(self.tap, mac=MAC, queue_size=queue_size, ctrl_queue=ctrl)
         self.signals: list[int] = []
         self.config_irqs = 0
@@ -112,6 +112,7 @@ class Rig:
             for i, q in enumerate(queues)
         ]
         self.dev.activate(self.mem, queues, features, self.signals.append)
+        self.posted: dict[int, tuple[list, list]] = {}   # RX head -> (gpas, sizes), latest posting
 
     def _on_reset(self):
         self.resets += 1
@@ -139,13 +140,15 @@ class Rig:
         for s in sizes:
             head, gpas = d.add([], [s] if isinstance(s, int) else list(s))
             out.append((head, gpas, [s] if isinstance(s, int) else list(s)))
+            self.posted[head] = out[-1][1:]
         if kick:
             self.dev.handle_queue(2 * pair)
         return out
 
     def rx_payload(self, posted, used) -> list[bytes]:
         """The bytes of used RX buffers, in used order (each: (head, len))."""
-        by_head = {h: (g, s) for h, g, s in posted}
+        by_head = dict(self.posted)
+        by_head.update({h: (g, s) for h, g, s in posted})
         out = []
         for head, n in used:
             gpas, sizes = by_head[head]

@@ -220,7 +220,8 @@ def create_tap(name: str, netns: str | None = None, *, queues: int = 1, address:
     except (OSError, NetlinkError) as e:
         raise TapError(errno.ENOENT, f"network namespace {netns!r}: {e}") from None
     try:
-        ipr.link("add", ifname=name, kind="tuntap", mode="tap", vnet_hdr=True, multi_queue=queues > 1)
+        ipr.link("add", ifname=name, kind="tuntap", mode="tap",
+                 ifr={"no_pi": True, "vnet_hdr": True, "multi_queue": queues > 1})
         (idx,) = ipr.link_lookup(ifname=name)
         if address:
             ip, _, plen = address.partition("/")
