@@ -82,6 +82,59 @@ def cmd_serve_blk(args) -> int:
     return 0
 
 
+def cmd_serve_net(args) -> int:
+    from .devices.virtio.net import VirtioNet, format_mac
+    from .net.tap import Tap, TapError
+    from .vhost_user import SocketPathError, VhostUserServer
+
+    logging.getLogger("exitless.vhost_user").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="exitless: %(levelname)s %(name)s: %(message)s")
+    try:
+        tap = Tap.open(args.tap, queues=args.queues, netns=args.netns)
+    except TapError as e:
+        print(f"exitless serve: tap: {e}", file=sys.stderr)
+        return 2
+    # QEMU keeps the control queue: the back-end serves the RX/TX pairs only.
+    dev = VirtioNet(tap, mac=args.mac, queue_pairs=args.queues, queue_size=args.queue_size, ctrl_queue=False)
+    server = VhostUserServer(args.socket, dev, args.io, poll_ns=int(args.poll_us * 1000), name="vhost-user-net")
+    try:
+        server.listen()
+    except (SocketPathError, OSError) as e:
+        tap.close()
+        print(f"exitless serve: socket: {e}", file=sys.stderr)
+        return 2
+    log = logging.getLogger("exitless.vhost_user")
+
+    def _stop(signum, _frame):
+        log.info("vhost-user-net: %s: stopping", signal.Signals(signum).name)
+        server.request_stop()
+
+    old = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    log.info("vhost-user-net: serving TAP %s%s (%d queue pair(s) of %d, mac %s) on %s, io=%s", args.tap,
+             f" in netns {args.netns}" if args.netns else "", args.queues, dev.queue_max_size,
+             format_mac(dev.default_mac), args.socket, args.io)
+    try:
+        server.serve_forever()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        server.close()
+        dev.close()
+        tap.close()
+        log.info("vhost-user-net: %s", ", ".join(f"{k} {v}" for k, v in dev.stats.items()))
+    return 0
+
+
+def _mac(text: str) -> bytes:
+    from .devices.virtio.net import parse_mac
+
+    try:
+        return parse_mac(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def cmd_bench_vhost(args) -> int:
     from .bench import vhost as V
     from .bench.common import print_table, write_json
@@ -118,6 +171,25 @@ def register(sub, *, bench=None) -> None:
     blk.add_argument("--queue-size", type=_pow2, default=256, metavar="N", help="maximum ring size (default 256)")
     blk.add_argument("--poll-us", type=float, default=64.0, help="adaptive: initial busy-poll window (µs)")
     blk.set_defaults(func=cmd_serve_blk)
+
+    net = ssub.add_parser("net", help="virtio-net on a TAP over vhost-user (QEMU: -netdev vhost-user)",
+                          description="exitless serve net --socket PATH --tap NAME [--netns NS] [--io ...] "
+                                      "[--queues N]\n  qemu ... -chardev socket,id=c0,path=PATH "
+                                      "-netdev vhost-user,id=n0,chardev=c0[,queues=N] "
+                                      "-device virtio-net-pci,netdev=n0[,mq=on]",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    net.add_argument("--socket", required=True, metavar="PATH", help="unix socket to listen on")
+    net.add_argument("--tap", required=True, metavar="NAME", help="TAP interface (attached, or created "
+                     "without persistence if it does not exist)")
+    net.add_argument("--netns", metavar="NS", help="the TAP lives in network namespace NS (/run/netns/NS)")
+    net.add_argument("--io", choices=IO_MODES, default="kick",
+                     help="kick: sleep on kick eventfds and the TAP; poll: poll rings and TAP; adaptive: both")
+    net.add_argument("--queues", type=int, default=1, choices=range(1, 17), metavar="N",
+                     help="queue pairs (a multi-queue TAP when N > 1; QEMU's queues= must not exceed it)")
+    net.add_argument("--queue-size", type=_pow2, default=256, metavar="N", help="maximum ring size (default 256)")
+    net.add_argument("--mac", type=_mac, metavar="MAC", help="MAC address (QEMU's own mac= is what the guest sees)")
+    net.add_argument("--poll-us", type=float, default=64.0, help="adaptive: initial busy-poll window (µs)")
+    net.set_defaults(func=cmd_serve_net)
 
     if bench is not None:
         bv = bench.add_parser("vhost", help="virtio-blk in QEMU: exitless vhost-user back-end vs QEMU's own")

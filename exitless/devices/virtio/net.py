@@ -244,11 +244,12 @@ class VirtioNet(VirtioDevice):
     def features(self) -> int:
         bits = [VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_CSUM,
                 VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_ECN,
-                VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_ECN,
-                VIRTIO_NET_F_GUEST_ANNOUNCE]
+                VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_ECN]
         if self.ctrl_queue:
+            # Without our own control queue (vhost-user) GUEST_ANNOUNCE is not ours to offer: QEMU
+            # passes it through to the driver, which then requires a control queue.
             bits += [VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_CTRL_RX, VIRTIO_NET_F_CTRL_RX_EXTRA,
-                     VIRTIO_NET_F_CTRL_MAC_ADDR]
+                     VIRTIO_NET_F_CTRL_MAC_ADDR, VIRTIO_NET_F_GUEST_ANNOUNCE]
         if self.queue_pairs > 1:
             bits.append(VIRTIO_NET_F_MQ)
         f = 0
