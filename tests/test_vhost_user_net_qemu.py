@@ -178,3 +178,5 @@ def test_linux_virtio_net_pings_and_moves_16_mib_each_way(guest, net_initrd, tmp
         stats = dict(re.findall(r"(\w+) (\d+)", log.rsplit("vhost-user-net: ", 1)[-1]))
         assert int(stats["rx_packets"]) > 100 and int(stats["tx_packets"]) > 100, log[-1000:]
         assert int(stats["tx_bad"]) == 0, log[-1000:]
+        # TSO both ways: Linux sent GSO frames (HOST_TSO) and the TAP delivered GSO frames (GUEST_TSO)
+        assert int(stats["tx_gso"]) > 0 and int(stats["rx_gso"]) > 0, log[-1000:]

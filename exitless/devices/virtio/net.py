@@ -217,9 +217,12 @@ class VirtioNet(VirtioDevice):
             raise ValueError(f"virtio-net: bad MAC address {mac!r}")
         self.default_mac = bytes(mac)
         self.link_up = True
-        self.stats = dict.fromkeys(("rx_packets", "rx_bytes", "rx_dropped", "rx_filtered", "tx_packets",
-                                    "tx_bytes", "tx_dropped", "tx_bad", "ctrl_ok", "ctrl_err",
-                                    "link_changes"), 0)
+        #: counters: frames and bytes moved, GSO frames among them (offloads passed through),
+        #: drops (TAP full/down, frame too big for the guest's buffers), filtered by the RX mode,
+        #: bad TX chains, control commands, link changes
+        self.stats = dict.fromkeys(("rx_packets", "rx_bytes", "rx_gso", "rx_dropped", "rx_filtered",
+                                    "tx_packets", "tx_bytes", "tx_gso", "tx_dropped", "tx_bad", "ctrl_ok",
+                                    "ctrl_err", "link_changes"), 0)
         self._pairs = [_Pair(i) for i in range(pairs)]
         self._bounce = bytearray(MAX_RX)
         self._bounce_view = memoryview(self._bounce)
@@ -453,6 +456,8 @@ class VirtioNet(VirtioDevice):
             return None
         self.stats["tx_packets"] += 1
         self.stats["tx_bytes"] += frame_len
+        if hdr[1]:
+            self.stats["tx_gso"] += 1
         if not self.link_up:
             self.set_link(True)
         return None
@@ -613,6 +618,8 @@ class VirtioNet(VirtioDevice):
         hdr = bytearray(_stream_bytes(first.views, 0, HDR_LEN))
         if not self.guest_csum:
             hdr[0] = 0       # §5.1.6.3.2: flags zero without GUEST_CSUM
+        elif hdr[1]:
+            self.stats["rx_gso"] += 1
         hdr[10:12] = len(used).to_bytes(2, "little")   # num_buffers: the kernel leaves it unwritten
         first.chain.write(0, hdr)
         for head, take in used:
