@@ -176,6 +176,7 @@ void paging_set_wb_4k(u64 addr);  /* make one 4 KiB page cacheable (splits its 2
 void app_doorbell(void);
 void app_idle(void);
 void app_blk(void);
+void app_net(void);
 void app_selftest(void);
 void app_cost(void);
 

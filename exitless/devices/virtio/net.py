@@ -189,6 +189,9 @@ class _Pair:
         self.armed = False                  # TAP fd armed in the epoll (EPOLLONESHOT)
         self.gone = False                   # the fd reported the TAP gone: never watched again
         self.poller: TapRxPollable | None = None
+        # RX of a pair may be driven from two threads on the trap path (the vCPU thread handles the
+        # RX queue's kick, a sidecore thread the TAP fd): the pump and the held buffers are guarded.
+        self.lock = threading.Lock()
 
 
 class VirtioNet(VirtioDevice):
@@ -241,7 +244,8 @@ class VirtioNet(VirtioDevice):
         self.uc_overflow = self.mc_overflow = False
         self.mrg_rxbuf = self.guest_csum = False
         for p in self._pairs:
-            p.held.clear()
+            with p.lock:
+                p.held.clear()
 
     # -- features and configuration -------------------------------------------------------
     def features(self) -> int:
@@ -329,9 +333,10 @@ class VirtioNet(VirtioDevice):
         # one (vhost-user) the frontend enables pairs by enabling their rings.
         self.active_pairs = 1 if self.ctrl_queue else self.queue_pairs
         for p in self._pairs:
-            p.held.clear()
             rxq = self.queues[self.rx_queue(p.index)] if self.rx_queue(p.index) < len(self.queues) else None
-            p.held_heads = bytearray(rxq.size if rxq is not None and rxq.configured else 0)
+            with p.lock:
+                p.held.clear()
+                p.held_heads = bytearray(rxq.size if rxq is not None and rxq.configured else 0)
         self._apply_active_pairs()
 
     def _apply_active_pairs(self) -> None:
@@ -352,10 +357,11 @@ class VirtioNet(VirtioDevice):
         """
         for p in self._pairs:
             i = self.rx_queue(p.index)
-            if p.held and i < len(self.queues) and self.queues[i].configured:
-                q = self.queues[i]
-                q.last_avail_idx = q.last_avail_idx - len(p.held)
-            p.held.clear()
+            with p.lock:
+                if p.held and i < len(self.queues) and self.queues[i].configured:
+                    q = self.queues[i]
+                    q.last_avail_idx = q.last_avail_idx - len(p.held)
+                p.held.clear()
 
     def on_reset(self) -> None:
         self._reset_net_state()
@@ -471,6 +477,10 @@ class VirtioNet(VirtioDevice):
         if q is None or not q.configured:
             return 0
         p = self._pairs[pair]
+        with p.lock:
+            return self._handle_rx_locked(index, q, p)
+
+    def _handle_rx_locked(self, index: int, q, p: _Pair) -> int:
         rearm = q.notifications_enabled
         done = 0
         try:
@@ -483,7 +493,7 @@ class VirtioNet(VirtioDevice):
                     break
                 q.disable_notifications()
             if not p.armed:
-                done += self.rx_pump(pair)
+                done += self._rx_pump_locked(p)
             elif done:
                 self.notify(index)
         except VirtqueueError as e:
@@ -516,6 +526,11 @@ class VirtioNet(VirtioDevice):
         Signals the RX queue if the driver wants it.  Returns frames delivered.
         """
         p = self._pairs[pair]
+        with p.lock:
+            return self._rx_pump_locked(p)
+
+    def _rx_pump_locked(self, p: _Pair) -> int:
+        pair = p.index
         if p.gone or not self.activated or self.needs_reset or not self._rx_live(pair):
             return 0
         index = self.rx_queue(pair)
@@ -777,7 +792,8 @@ class TapRxPollable:
         dev = self.device
         p = dev._pairs[self.pair]
         if self._event_seen():
-            p.armed = False
+            with p.lock:        # after the helper consumed the event: the fd is disarmed
+                p.armed = False
         if p.armed or not p.held:
             return False
         return dev.rx_pump(self.pair) > 0
@@ -796,10 +812,13 @@ class TapRxPollable:
     def drain(self) -> None:
         if self.mode == "notify":
             try:
-                if self.ep.poll(0):
-                    self.device._pairs[self.pair].armed = False
+                fired = self.ep.poll(0)
             except (OSError, ValueError):
-                pass
+                return
+            if fired:
+                p = self.device._pairs[self.pair]
+                with p.lock:    # after consuming the event (see _arm: no lost wake-up)
+                    p.armed = False
         else:
             try:
                 os.eventfd_read(self.wake_fd)
