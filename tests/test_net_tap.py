@@ -63,16 +63,23 @@ def _frames(r, posted, used):
 def _exchange(r, frame_out, want, n_posted=16):
     """Send ``frame_out``; return the first received frame for which ``want(frame)`` is not None."""
     posted = r.post([2048] * n_posted)
-    r.send(frame_out)
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 6
+    seen = []
+    resend = 0.0
     while time.monotonic() < deadline:
-        used = _wait_rx(r, 1, 0.5)
+        if time.monotonic() >= resend:
+            # Retransmit like a real stack: until the kernel's link watcher has run (up to 1 s after the
+            # TAP got its carrier) the namespace's qdisc drops what it sends.
+            r.send(frame_out)
+            resend = time.monotonic() + 1.0
+        used = _wait_rx(r, 1, 0.2)
         for data in _frames(r, posted, used):
             assert data[10:12] == b"\x01\x00"             # num_buffers filled
+            seen.append(data[HDR_LEN + 12:HDR_LEN + 14].hex())
             v = want(data[HDR_LEN:])
             if v is not None:
                 return v
-    raise AssertionError("no answer from the namespace's kernel")
+    raise AssertionError(f"no answer from the namespace's kernel: {seen} {r.dev.stats}")
 
 
 def test_arp_and_ping_through_a_real_tap(rig):

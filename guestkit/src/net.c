@@ -404,11 +404,14 @@ void app_net(void)
     /* resolve the peer's MAC (and let it learn ours) */
     u32 seq;
     bool ok;
-    for (u32 attempt = 0; attempt < 5 && !have_peer_mac; attempt++) {
+    /* retransmit every 200 ms: a host that just attached the TAP drops what it sends until its link
+     * watcher has run (up to a second) */
+    u64 arp_every = ns_to_tsc(200000000ULL);
+    for (u32 attempt = 0; attempt < 25 && !have_peer_mac; attempt++) {
         if (!send_arp(1, (const u8 *)"\xff\xff\xff\xff\xff\xff", (const u8 *)"\0\0\0\0\0\0", peer_ip))
             fail_json(test, "TX ring full before the first frame");
         u64 t0 = rdtsc();
-        while (!have_peer_mac && rdtsc() - t0 < timeout)
+        while (!have_peer_mac && rdtsc() - t0 < arp_every)
             if (rx_poll(&seq, &ok) == RX_NONE)
                 cpu_pause();
     }

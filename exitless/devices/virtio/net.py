@@ -36,14 +36,13 @@ has buffers; otherwise frames wait in the kernel's TAP queue (``txqueuelen``
 frames, then the kernel drops), and the TAP fd is not watched until the driver
 posts buffers again -- so a guest that never posts costs no CPU and no memory.
 
-Waiting for the TAP (:class:`TapRxPollable`): the fd is registered
-``EPOLLIN | EPOLLONESHOT`` in an epoll instance and re-armed only after a read
-returned EAGAIN (arming re-checks readiness, so a frame that arrived between
-the EAGAIN and the re-arm fires at once: no lost wake-up).  In ``notify`` mode
-the sidecore sleeps on the epoll fd itself.  In ``poll`` and ``adaptive`` mode
-the sidecore spins on memory words in C, so a helper thread blocks in
-``epoll_wait`` and turns a TAP event into a change of a watched word (and a
-write of the wake eventfd for adaptive sleeps).
+Waiting for the TAP (:class:`TapRxPollable`): one-shot Linux AIO polls
+(``IOCB_CMD_POLL``, :mod:`exitless.sidecore.aio_poll`), re-armed only after a
+read returned EAGAIN (submission re-checks readiness, so a frame that arrived
+between the EAGAIN and the re-arm completes it at once: no lost wake-up).  The
+kernel reports a completion by advancing a word in memory -- which a polling
+sidecore watches in its GIL-free C spin like any doorbell -- and by signalling
+an eventfd, which a sleeping sidecore waits on.  No helper thread, no GIL.
 
 Control queue (§5.1.6.5): RX mode (promiscuous, all-multi, all-uni, no-multi,
 no-uni, no-broadcast), the MAC filter table (64 entries per table; more means
@@ -64,9 +63,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
-import mmap
 import os
-import select
 import struct
 import threading
 from collections import deque
@@ -725,115 +722,69 @@ def _stream_bytes(iov: list, offset: int, n: int) -> bytes:
 class TapRxPollable:
     """The TAP fd of one queue pair as a sidecore pollable (see :mod:`exitless.sidecore.loop`).
 
-    ``notify`` mode: ``wake_fd`` is the epoll fd holding the TAP fd (EPOLLONESHOT).
-    ``poll``/``adaptive``: a helper thread waits in epoll and, per event, bumps a u32
-    word the C spin watches and writes ``wake_fd`` (an eventfd) for adaptive sleeps.
+    Readiness comes from an AIO poll (:mod:`exitless.sidecore.aio_poll`): the kernel advances a
+    word in memory, which a polling sidecore watches in its GIL-free spin, and signals
+    ``wake_fd``, on which a sleeping one waits.  The same in every mode.
     """
 
     def __init__(self, device: VirtioNet, pair: int, mode: str):
+        from exitless.sidecore.aio_poll import AioPoll
+
         self.device = device
         self.pair = pair
         self.mode = mode
-        self.fd = device.backend.fds[pair]
-        self.ep = select.epoll()
-        # Registered disarmed: EPOLLONESHOT without EPOLLIN reports at most one error (TAP deleted).
-        self.ep.register(self.fd, select.EPOLLONESHOT)
-        self._page = None
-        self._helper = None
-        if mode == "notify":
-            self.wake_fd = self.ep.fileno()
-            self._word = None
-        else:
-            from exitless.sidecore.spin import address_of
-
-            self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            self.ep.register(self._stop_fd, select.EPOLLIN)
-            self._page = mmap.mmap(-1, mmap.PAGESIZE)
-            self._word = memoryview(self._page)[:4].cast("I")
-            self._addr = address_of(memoryview(self._page))
-            self._seen = 0
-            self._helper = threading.Thread(target=self._wait_tap, name=f"net-tap{pair}-waiter", daemon=True)
-            self._helper.start()
+        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            self.aio = AioPoll(device.backend.fds[pair], self.wake_fd)
+        except BaseException:
+            os.close(self.wake_fd)
+            raise
+        self._seen = self.aio.tail()
 
     def arm_tap(self) -> None:
-        """Watch the TAP fd for one readiness event (re-checked at once by the kernel)."""
+        """Ask for one readiness event (the kernel checks at once: no lost wake-up)."""
         try:
-            self.ep.modify(self.fd, select.EPOLLIN | select.EPOLLONESHOT)
-        except (OSError, ValueError):
-            pass   # fd gone or pollable closed: nothing to watch
-
-    def _wait_tap(self) -> None:
-        while True:
-            try:
-                events = self.ep.poll()
-            except (OSError, ValueError):
-                return
-            for fd, _ev in events:
-                if fd == self._stop_fd:
-                    return
-            self._word[0] = (self._word[0] + 1) & 0xFFFFFFFF   # one whole-word store the spin sees
-            try:
-                os.eventfd_write(self.wake_fd, 1)
-            except OSError:
-                pass
+            self.aio.arm()
+        except OSError as e:
+            self.device.log(logging.WARNING, "virtio-net: cannot watch TAP queue %d: %s", self.pair, e.strerror)
 
     def _event_seen(self) -> bool:
-        if self._word is None:
+        tail = self.aio.tail()
+        if tail == self._seen:
             return False
-        w = self._word[0]
-        if w != self._seen:
-            self._seen = w
-            return True
-        return False
+        self._seen = tail
+        self.aio.reap()
+        return True
 
     # -- Pollable -----------------------------------------------------------------------------------
     def poll(self) -> bool:
         dev = self.device
         p = dev._pairs[self.pair]
         if self._event_seen():
-            with p.lock:        # after the helper consumed the event: the fd is disarmed
+            with p.lock:        # after its completion was seen the poll is spent: the fd is unwatched
                 p.armed = False
         if p.armed or not p.held:
             return False
         return dev.rx_pump(self.pair) > 0
 
     def watches(self) -> list[tuple[int, int]]:
-        return [] if self._word is None else [(self._addr, self._seen)]
+        return [(self.aio.tail_addr, self._seen)]
 
     def arm(self) -> bool:
         p = self.device._pairs[self.pair]
-        return (self._word is not None and self._word[0] != self._seen) or (not p.armed and bool(p.held)
-                                                                             and not p.gone)
+        return self.aio.tail() != self._seen or (not p.armed and bool(p.held) and not p.gone)
 
     def disarm(self) -> None:
         pass
 
     def drain(self) -> None:
-        if self.mode == "notify":
-            try:
-                fired = self.ep.poll(0)
-            except (OSError, ValueError):
-                return
-            if fired:
-                p = self.device._pairs[self.pair]
-                with p.lock:    # after consuming the event (see _arm: no lost wake-up)
-                    p.armed = False
-        else:
-            try:
-                os.eventfd_read(self.wake_fd)
-            except OSError:
-                pass
+        try:
+            os.eventfd_read(self.wake_fd)
+        except OSError:
+            pass
 
     def close(self) -> None:
-        if self._helper is not None:
-            os.eventfd_write(self._stop_fd, 1)
-            self._helper.join(5)
-            os.close(self._stop_fd)
-            os.close(self.wake_fd)
-            self._helper = None
-        self.ep.close()
-        if self._word is not None:
-            self._word.release()
-            self._word = None
+        """Cancel the poll and unmap its ring: the sidecore watching it must have stopped."""
+        self.aio.close()
+        os.close(self.wake_fd)
         self.device._pairs[self.pair].armed = False
