@@ -47,7 +47,7 @@ NET_TEST = (
     f"nc 10.0.0.1 {UP_PORT} < /tmp/up > /tmp/up.ack || exit 11\n"
     "echo ACK $(cat /tmp/up.ack)\n"
     f"echo DOWN $(nc 10.0.0.1 {DOWN_PORT} < /dev/null | md5sum)\n"
-    "echo STATS $(cat /sys/class/net/eth0/statistics/rx_packets /sys/class/net/eth0/statistics/tx_packets)\n"
+    "echo QUEUES $(ls /sys/class/net/eth0/queues/)\n"
 )
 
 
@@ -106,11 +106,12 @@ class Responder:
 class NetBackend:
     """``exitless serve net`` as a child process, its log in a file."""
 
-    def __init__(self, tmp_path: Path, ns: str, tap: str, io: str):
+    def __init__(self, tmp_path: Path, ns: str, tap: str, io: str, queues: int = 1):
         self.sock = str(tmp_path / f"net-{io}.sock")
         self.log = tmp_path / f"serve-net-{io}.log"
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(SERVE + ["--socket", self.sock, "--tap", tap, "--netns", ns, "--io", io],
+            self.proc = subprocess.Popen(SERVE + ["--socket", self.sock, "--tap", tap, "--netns", ns, "--io", io,
+                                                 "--queues", str(queues)],
                                          stdout=subprocess.DEVNULL, stderr=log)
         deadline = time.monotonic() + 15
         while "serving" not in self.text():
@@ -138,34 +139,38 @@ def net_initrd(guest, tmp_path_factory):
     return path
 
 
-def qemu_net_cmd(guest, rd: Path, sock: str, mem_mib: int = 256) -> list[str]:
-    return [QEMU, "-machine", "q35,memory-backend=mem", "-accel", "tcg", "-m", f"{mem_mib}M",
+def qemu_net_cmd(guest, rd: Path, sock: str, mem_mib: int = 256, queues: int = 1) -> list[str]:
+    mq = f",queues={queues}" if queues > 1 else ""
+    return [QEMU, "-machine", "q35,memory-backend=mem", "-accel", "tcg", "-smp", str(queues), "-m", f"{mem_mib}M",
             "-object", f"memory-backend-memfd,id=mem,size={mem_mib}M,share=on",
             "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
             "-kernel", str(guest.vmlinuz), "-initrd", str(rd), "-append", "console=ttyS0 panic=-1 quiet",
-            "-chardev", f"socket,id=c0,path={sock}", "-netdev", "vhost-user,id=n0,chardev=c0",
+            "-chardev", f"socket,id=c0,path={sock}", "-netdev", f"vhost-user,id=n0,chardev=c0{mq}",
             # vectors=0 (INTx): QEMU 7.2 under TCG dereferences its NULL irqfd table when a vhost-user
             # net device unmasks an MSI-X vector (vhost_net_start turns guest notifier masking off for
             # vhost-user; kvm_virtio_pci_irqfd_use then runs without KVM) and segfaults at 0x28.
             # romfile= keeps iPXE's option ROM out of the boot.
-            "-device", f"virtio-net-pci,netdev=n0,mac={GUEST_MAC},vectors=0,romfile="]
+            "-device", f"virtio-net-pci,netdev=n0,mac={GUEST_MAC},vectors=0,romfile=" + (",mq=on" if mq else "")]
 
 
-@pytest.mark.parametrize("io", ["kick", "poll", "adaptive"])
-def test_linux_virtio_net_pings_and_moves_16_mib_each_way(guest, net_initrd, tmp_path, io):
+# adaptive with two queue pairs (two vCPUs, a multi-queue TAP): Linux's virtio_net uses MQ
+@pytest.mark.parametrize("io,queues", [("kick", 1), ("poll", 1), ("adaptive", 2)])
+def test_linux_virtio_net_pings_and_moves_16_mib_each_way(guest, net_initrd, tmp_path, io, queues):
     if QEMU is None:
         pytest.skip("qemu-system-x86_64 not installed")
     down = random.Random(7).randbytes(BYTES)
-    with N.netns_with_tap("exlnet0") as ns:
+    with N.netns_with_tap("exlnet0", queues=queues) as ns:
         responder = Responder(ns, down)
-        be = NetBackend(tmp_path, ns, "exlnet0", io)
+        be = NetBackend(tmp_path, ns, "exlnet0", io, queues)
         try:
-            rc, console = run_qemu(qemu_net_cmd(guest, net_initrd, be.sock), timeout=240)
+            rc, console = run_qemu(qemu_net_cmd(guest, net_initrd, be.sock, queues=queues), timeout=240)
             assert parse_exit_status(console) == 0, console[-3000:]
         finally:
             assert be.stop() == 0
             responder.close()
         assert GUEST_MAC in console
+        assert "QUEUES " + " ".join([f"rx-{i}" for i in range(queues)] + [f"tx-{i}" for i in range(queues)]) \
+            in console, console[-2000:]
         assert re.search(r"3 packets transmitted, 3 packets received", console), console[-3000:]
         up = re.search(r"^UP ([0-9a-f]{32})", console, re.M)
         assert up and responder.received_md5 == up.group(1), (responder.errors, console[-2000:])
