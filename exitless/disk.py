@@ -1,48 +1,120 @@
-"""``--disk PATH[,ro][,direct][,io=PATH][,queues=N]``: a virtio-blk disk on PCI with its I/O path."""
+"""The ``--disk`` grammar, one for every command that takes a disk, and plugging disks into a machine.
+
+    PATH[,ro][,direct][,io=trap|ioeventfd|shared|poll|adaptive][,queues=1..16]
+
+``PATH`` comes first; a comma inside it is written ``,,`` (QEMU's convention), so
+every path can be spelled.  Each option appears at most once, in any order.  A
+command accepts a subset of the options (``serve blk`` takes ``ro`` and
+``direct``); :func:`syntax` gives its syntax string for ``--help``.
+"""
 from __future__ import annotations
 
-from .errors import ExitlessError
 from dataclasses import dataclass
 
+from .errors import ExitlessError
 from .sidecore.paths import PATHS
+
+#: Every option of the grammar; ``run --disk`` takes them all.
+OPTIONS = ("ro", "direct", "io", "queues")
+MAX_QUEUES = 16
+DEFAULT_IO = "ioeventfd"
+
+_VALUES = {"io": "|".join(PATHS), "queues": f"1..{MAX_QUEUES}"}
 
 
 class DiskSpecError(ExitlessError, ValueError):
-    pass
+    """A ``--disk`` spec does not parse; the message quotes the spec and names the bad part."""
 
 
-@dataclass
+def syntax(options: tuple[str, ...] = OPTIONS) -> str:
+    """The syntax string of a spec taking ``options``: ``PATH[,ro][,direct]…``."""
+    return "PATH" + "".join(f"[,{o}={_VALUES[o]}]" if o in _VALUES else f"[,{o}]" for o in options)
+
+
+@dataclass(frozen=True)
 class DiskSpec:
+    """One disk: its backing file (or block device), access mode, I/O path and number of virtqueues."""
+
     path: str
     read_only: bool = False
     direct: bool = False
-    io: str = "ioeventfd"
+    io: str = DEFAULT_IO
     queues: int = 1
 
     @classmethod
-    def parse(cls, text: str) -> "DiskSpec":
-        path, *opts = text.split(",")
+    def parse(cls, text: str, options: tuple[str, ...] = OPTIONS) -> "DiskSpec":
+        """Parse ``text`` (see the module docstring), accepting only ``options``.
+
+        Raises :class:`DiskSpecError` naming the spec and the bad part: no path, an
+        empty, unknown, repeated or here-unaccepted option, or a bad value.
+        """
+        path, *opts = _split(text)
         if not path:
-            raise DiskSpecError(f"--disk {text!r}: no path")
-        spec = cls(path)
+            raise DiskSpecError(f"{text!r}: no path (syntax: {syntax(options)})")
+        fields: dict[str, object] = {}
+        seen: set[str] = set()
         for opt in opts:
-            key, _, value = opt.partition("=")
-            if key == "ro" and not value:
-                spec.read_only = True
-            elif key == "direct" and not value:
-                spec.direct = True
-            elif key == "io" and value in PATHS:
-                spec.io = value
-            elif key == "queues" and value.isdigit() and 1 <= int(value) <= 16:
-                spec.queues = int(value)
-            else:
-                raise DiskSpecError(f"--disk {text!r}: bad option {opt!r} (ro, direct, io={'|'.join(PATHS)}, "
-                                    "queues=1..16)")
-        return spec
+            key, eq, value = opt.partition("=")
+            if not opt:
+                raise DiskSpecError(f"{text!r}: empty option (a comma in PATH is written ',,')")
+            if key not in OPTIONS:
+                raise DiskSpecError(f"{text!r}: unknown option {opt!r} (syntax: {syntax(options)})")
+            if key not in options:
+                raise DiskSpecError(f"{text!r}: option {opt!r} is not accepted here (syntax: {syntax(options)})")
+            if key in seen:
+                raise DiskSpecError(f"{text!r}: option {opt!r} given twice")
+            seen.add(key)
+            if key in ("ro", "direct"):
+                if eq:
+                    raise DiskSpecError(f"{text!r}: option {opt!r}: {key} takes no value")
+                fields["read_only" if key == "ro" else "direct"] = True
+            elif key == "io":
+                if value not in PATHS:
+                    raise DiskSpecError(f"{text!r}: option {opt!r}: the I/O path is one of {', '.join(PATHS)}")
+                fields["io"] = value
+            else:  # queues
+                if not (value.isascii() and value.isdigit() and 1 <= int(value) <= MAX_QUEUES):
+                    raise DiskSpecError(f"{text!r}: option {opt!r}: queues is a number in 1..{MAX_QUEUES}")
+                fields["queues"] = int(value)
+        return cls(path, **fields)
+
+    def format(self) -> str:
+        """The spec as text (defaults left out); ``DiskSpec.parse(spec.format()) == spec``."""
+        parts = [self.path.replace(",", ",,")]
+        if self.read_only:
+            parts.append("ro")
+        if self.direct:
+            parts.append("direct")
+        if self.io != DEFAULT_IO:
+            parts.append(f"io={self.io}")
+        if self.queues != 1:
+            parts.append(f"queues={self.queues}")
+        return ",".join(parts)
+
+
+def _split(text: str) -> list[str]:
+    """Split at single commas; ``,,`` is a literal comma (scanned left to right)."""
+    fields, cur, i = [], [], 0
+    while i < len(text):
+        if text[i] == ",":
+            if text.startswith(",,", i):
+                cur.append(",")
+                i += 2
+                continue
+            fields.append("".join(cur))
+            cur = []
+        else:
+            cur.append(text[i])
+        i += 1
+    fields.append("".join(cur))
+    return fields
 
 
 def add_disk(machine, spec: DiskSpec, sidecore=None):
-    """Open the backing file and plug a virtio-blk-pci device into ``machine``."""
+    """Open the backing file and plug a virtio-blk-pci device into ``machine``.
+
+    Raises :class:`exitless.devices.virtio.blk.BackingFileError` if the file cannot be used.
+    """
     from .devices.virtio.blk import VirtioBlk
     from .devices.virtio.pci import VirtioPci
 
@@ -51,7 +123,12 @@ def add_disk(machine, spec: DiskSpec, sidecore=None):
 
 
 def add_disks(machine, specs: list[DiskSpec], *, one_sidecore: bool = False) -> list:
-    """Plug every disk; with ``one_sidecore`` the disks of each polling path share one sidecore."""
+    """Plug every disk (``/dev/vda``, ``vdb``… in the guest); returns their ``VirtioPci`` functions.
+
+    With ``one_sidecore`` the disks of each polling mode (every path but ``trap``) share one
+    :class:`exitless.sidecore.loop.SidecoreGroup`, started on ``machine`` once all are added;
+    otherwise each disk gets its own sidecore.  Every command that plugs disks goes through here.
+    """
     from .sidecore.loop import SidecoreGroup
     from .sidecore.paths import MODE_OF_PATH
 

@@ -19,6 +19,7 @@ from .devices.legacy.bench_marker import PORT as BENCH_MARKER_PORT
 from .devices.legacy.bench_marker import BenchMarker
 from .devices.legacy.debug_exit import DebugExit
 from .devices.legacy.serial import Serial
+from .errors import ExitlessError
 from .exits import VmExit
 from .kvm.api import Kvm, Vcpu
 from .kvm.stats import Stats
@@ -45,13 +46,17 @@ class VmConfig:
     console: Callable[[bytes], None] | None = None  # where the guest's COM1 output goes
 
 
+class VmConfigError(ExitlessError, ValueError):
+    """The machine's configuration (``--mem``, ``--cpus``) is out of range."""
+
+
 class Machine:
     def __init__(self, config: VmConfig | None = None, kvm: Kvm | None = None):
         self.config = cfg = config or VmConfig()
         if cfg.mem_mib < MIN_MEM_MIB:
-            raise ValueError(f"--mem {cfg.mem_mib}M is too small: at least {MIN_MEM_MIB} MiB")
+            raise VmConfigError(f"--mem {cfg.mem_mib}M is too small: at least {MIN_MEM_MIB} MiB")
         if not 1 <= cfg.cpus <= 64:
-            raise ValueError(f"--cpus {cfg.cpus}: between 1 and 64")
+            raise VmConfigError(f"--cpus {cfg.cpus}: between 1 and 64")
         self._own_kvm = kvm is None
         self.kvm = kvm or Kvm()
         self.workers: list[Worker] = []
@@ -142,7 +147,7 @@ class Machine:
         ``kernel`` and ``initrd`` are paths or the file contents; returns (image, initrd gpa, initrd size).
         """
         from .boot.placement import check_kernel_fits, place_initrd
-        from .boot.pvh import KernelImageError, load_pvh, parse_pvh_elf
+        from .boot.pvh import KernelImageError, load_pvh, parse_pvh_elf, pvh_cmdline
 
         if isinstance(kernel, (bytes, bytearray)):
             data = bytes(kernel)
@@ -152,18 +157,25 @@ class Machine:
             except OSError as e:
                 raise KernelImageError(f"{kernel}: {e.strerror}") from e
         name = name or str(kernel if not isinstance(kernel, (bytes, bytearray)) else "kernel")
+        # every check before the first byte of guest RAM is written
         image = parse_pvh_elf(data, name)
+        pvh_cmdline(cmdline)
         start = min(p for p, _, _ in image.segments)
         check_kernel_fits(self.ram_layout, self.config.mem_mib, start, image.end, name)
         modules = []
         rd_gpa = rd_size = 0
+        blob = b""
         if initrd is not None:
-            blob = bytes(initrd) if isinstance(initrd, (bytes, bytearray)) else Path(initrd).read_bytes()
+            try:
+                blob = bytes(initrd) if isinstance(initrd, (bytes, bytearray)) else Path(initrd).read_bytes()
+            except OSError as e:
+                raise KernelImageError(f"initrd {initrd}: {e.strerror}") from e
             rd_size = len(blob)
             if blob:
                 rd_gpa = place_initrd(self.ram_layout, self.config.mem_mib, rd_size, image.end)
-                self.mem.write(rd_gpa, blob)
                 modules.append((rd_gpa, rd_size))
+        if blob:
+            self.mem.write(rd_gpa, blob)
         start_info = load_pvh(self.mem, image, cmdline, self.ram_layout, modules, rsdp=rsdp)
         X.set_protected_mode_entry(self.vcpus[0], image.entry, rbx=start_info)
         return image, rd_gpa, rd_size

@@ -61,6 +61,7 @@ def make_image(
     struct.pack_into("<I", img, 0x238, 2047)
     struct.pack_into("<Q", img, 0x258, 0x1000000)
     struct.pack_into("<I", img, 0x260, 0x800000)
+    struct.pack_into("<I", img, 0x1F4, (len(payload) + 15) // 16)   # syssize
     return bytes(img) + payload
 
 

@@ -19,7 +19,8 @@ import pytest
 
 from exitless.boot import linux as LX
 from exitless.cli import build_parser
-from exitless.cli_guest import CommandOutput, is_linux_elf, plan_guest, wants_linux_loader
+from exitless.cli.run import CommandOutput, wants_linux_loader
+from exitless.guest.plan import is_linux_elf, plan_guest
 from exitless.doctor import kvm_flavour
 from exitless.guest.fetch import GuestArtifacts, fetch_guest
 

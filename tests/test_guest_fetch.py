@@ -121,7 +121,7 @@ def test_external_modules_without_modules_dep_are_depmodded_in_a_copy(guest: Gue
 
 
 def test_modules_without_kernel_is_rejected(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="kernel="):
+    with pytest.raises(GuestFetchError, match="kernel="):
         fetch_guest(tmp_path, modules_dir=tmp_path)
 
 

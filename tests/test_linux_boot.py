@@ -302,17 +302,35 @@ def test_host_params_and_add_params() -> None:
     assert line == "console=ttyS0 mitigations=auto noxsave clearcpuid=cx16" and added == ["noxsave", "clearcpuid=cx16"]
 
 
-def test_lz4_legacy_decoder() -> None:
-    def block(*seqs: bytes) -> bytes:
-        body = b"".join(seqs)
-        return struct.pack("<I", len(body)) + body
-    # literals "abc", then a match of 8 at offset 3 (overlapping copy), then final literals "Z"
-    seq1 = bytes([0x34]) + b"abc" + struct.pack("<H", 3)
-    seq2 = bytes([0x10]) + b"Z"
-    data = b"\x02\x21\x4c\x18" + block(seq1, seq2) + struct.pack("<I", 12)
-    assert LX.lz4_legacy_decompress(data) == b"abc" + b"abcabcab" + b"Z"
+def lz4_legacy_frame(*blocks: bytes, appended_size: int | None = None) -> bytes:
+    """A legacy frame as ``lz4 -l`` / the kernel build writes it: magic, (u32 size, block)*, size."""
+    import lz4.block
+    out = bytearray(b"\x02\x21\x4c\x18")
+    for raw in blocks:
+        body = lz4.block.compress(raw, store_size=False)
+        out += struct.pack("<I", len(body)) + body
+    return bytes(out) + struct.pack("<I", appended_size if appended_size is not None else sum(map(len, blocks)))
+
+
+def test_lz4_legacy_frame_walk() -> None:
+    a, b = bytes(range(256)) * 100, b"exitless " * 5000
+    data = lz4_legacy_frame(a, b)
+    assert LX.lz4_legacy_decompress(data) == a + b
     assert LX.payload_format(data) == "lz4"
     assert LX.payload_format(b"\x1f\x8b\x08") == "gzip" and LX.payload_format(b"nonsense") == "unknown"
+    # a concatenated frame (its magic repeated) goes on
+    assert LX.lz4_legacy_decompress(data[:-4] + data[:-4] + data[-4:]) == (a + b) * 2
+
+
+def test_lz4_bad_frame_is_a_clear_error() -> None:
+    data = bytearray(lz4_legacy_frame(b"abcdefgh" * 1000))
+    data[17:19] = b"\xff\xff"     # the first match offset: 65535 bytes back, before the output starts
+    with pytest.raises(KernelImageError, match=r"corrupt LZ4 block of \d+ bytes at payload offset 0x4"):
+        LX.lz4_legacy_decompress(bytes(data))
+    with pytest.raises(KernelImageError, match="not an LZ4 legacy frame"):
+        LX.lz4_legacy_decompress(b"\x04\x22\x4d\x18")   # the modern frame magic
+    with pytest.raises(KernelImageError, match="more than the 100 bytes"):
+        LX.lz4_legacy_decompress(lz4_legacy_frame(b"x" * 1000), max_size=100)
 
 
 def test_host_unpacked_vmlinux(guest: GuestArtifacts, vmlinux: Path) -> None:

@@ -134,3 +134,31 @@ def test_same_elf_under_qemu_with_exitless_vhost_user(ns, tmp_path):
         be.terminate()
         assert be.wait(15) == 0
     assert "Traceback" not in log.read_text()
+
+
+@pytest.mark.kvm
+def test_cli_run_with_net(ns):
+    """``exitless run --kernel guestkit.elf --net tap=…,netns=…,io=…``: the guest's status is run's."""
+    cmd = [sys.executable, "-m", "exitless", "run", "--kernel", str(guestkit_path()), "--mem", "128M",
+           "--append", "net test=rr n=20", "--net", f"tap={TAP},netns={ns},io=poll"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    res = json.loads([x for x in p.stdout.splitlines() if x.startswith('{"app":')][-1])
+    assert res["ops"] == 20 and res["notifies"] == 0
+
+
+@pytest.mark.kvm
+def test_cli_net_errors(tmp_path):
+    run = [sys.executable, "-m", "exitless", "run", "--kernel", str(guestkit_path()), "--append", "net"]
+    p = subprocess.run(run + ["--net", "tap=x,io=warp"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "io='warp'" in p.stderr
+    p = subprocess.run(run + ["--net", "tap=exlnone0,netns=exl-no-such-ns"], capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 2 and "network namespace 'exl-no-such-ns'" in p.stderr and "Traceback" not in p.stderr
+    serve = [sys.executable, "-m", "exitless", "serve", "net", "--socket", str(tmp_path / "s.sock")]
+    p = subprocess.run(serve + ["--tap", "exlnone0", "--netns", "exl-no-such-ns"], capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 2 and "network namespace" in p.stderr and "Traceback" not in p.stderr
+    p = subprocess.run(serve + ["--tap", "t", "--mac", "01:00:00:00:00:00"], capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 2 and "multicast" in p.stderr

@@ -170,9 +170,9 @@ def summarize(vmm: str, runs: list[dict], extra: dict) -> dict:
 
 def main(args) -> int:
     from ..bench.common import print_table, write_json
-    from ..cli_guest import plan_guest
     from ..doctor import kvm_flavour
     from ..guest.fetch import GuestFetchError
+    from ..guest.plan import plan_guest
 
     flavour = kvm_flavour()
     try:

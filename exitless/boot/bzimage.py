@@ -214,18 +214,33 @@ def parse_setup_header(data: bytes | bytearray | memoryview, *, require_64bit: b
     if require_64bit and not xloadflags & XLF_KERNEL_64:
         raise BzImageError("kernel lacks XLF_KERNEL_64: it has no 64-bit entry point (a 32-bit kernel?)")
     setup_sects = data[0x1F1] or 4
+    setup_size = (setup_sects + 1) * 512
+    if header_end > setup_size:
+        raise BzImageError(f"the setup header ends at {header_end:#x} (jump at 0x200), past the setup code's "
+                           f"{setup_size:#x} bytes (setup_sects {setup_sects})")
     kv_off = _u(data, "kernel_version", "H")
+    if kv_off and kv_off + 0x200 >= setup_size:
+        raise BzImageError(f"kernel_version {kv_off:#x} points past the setup code (setup_sects {setup_sects}: "
+                           f"{setup_size:#x} bytes)")
+    if not data[0x211] & LOADED_HIGH:
+        raise BzImageError(f"loadflags {data[0x211]:#x} lacks LOADED_HIGH: a zImage loaded at 0x10000, not a bzImage")
+    kernel_alignment = _u(data, "kernel_alignment", "I")
+    if kernel_alignment & (kernel_alignment - 1) or not 0 < kernel_alignment <= 1 << 30:
+        raise BzImageError(f"kernel_alignment {kernel_alignment:#x} is not a power of two up to 1 GiB")
+    pref_address = _u(data, "pref_address", "Q")
+    if pref_address >= 1 << 32:
+        raise BzImageError(f"pref_address {pref_address:#x} is above 4 GiB: exitless loads the kernel in low RAM")
     return SetupHeader(
         version=version,
         setup_sects=setup_sects,
         loadflags=data[0x211],
         xloadflags=xloadflags,
-        kernel_alignment=_u(data, "kernel_alignment", "I"),
+        kernel_alignment=kernel_alignment,
         relocatable=bool(data[0x234]),
         min_alignment=data[0x235],
         cmdline_size=_u(data, "cmdline_size", "I"),
         initrd_addr_max=_u(data, "initrd_addr_max", "I"),
-        pref_address=_u(data, "pref_address", "Q"),
+        pref_address=pref_address,
         init_size=_u(data, "init_size", "I"),
         payload_offset=_u(data, "payload_offset", "I"),
         payload_length=_u(data, "payload_length", "I"),
@@ -235,14 +250,29 @@ def parse_setup_header(data: bytes | bytearray | memoryview, *, require_64bit: b
 
 
 def parse_bzimage(image: bytes) -> BzImage:
-    """Parse a whole bzImage file's bytes; checks the protected-mode part is present."""
+    """Parse a whole bzImage file's bytes, its header checked against the file.
+
+    Beyond :func:`parse_setup_header`: the protected-mode part (``setup_sects``) is present,
+    ``syssize`` (16-byte units, boot.rst protocol 2.04+) covers no more than the file holds,
+    and the payload (``payload_offset``/``payload_length``) lies inside the protected-mode part.
+    Raises :class:`BzImageError` naming the field and its value.
+    """
     header = parse_setup_header(image)
-    if len(image) <= header.kernel_offset:
+    n = len(image)
+    if n <= header.kernel_offset:
         raise BzImageError(
-            f"file truncated: {len(image)} bytes but the protected-mode kernel starts at {header.kernel_offset:#x}"
+            f"file truncated: {n} bytes but the protected-mode kernel starts at {header.kernel_offset:#x} "
+            f"(setup_sects {header.setup_sects})"
         )
-    if header.payload_length and header.kernel_offset + header.payload_offset + header.payload_length > len(image):
-        raise BzImageError("file truncated: the compressed payload runs past the end of the file")
+    pm_size = n - header.kernel_offset
+    if header.payload_length and header.payload_offset + header.payload_length > pm_size:
+        raise BzImageError(f"file truncated: the compressed payload (payload_offset {header.payload_offset:#x}, "
+                           f"payload_length {header.payload_length:#x}) runs past the end of the file "
+                           f"({pm_size:#x} bytes after the setup code)")
+    syssize = struct.unpack_from("<I", image, _OFF["syssize"])[0]
+    if not 0 < syssize * 16 <= pm_size + 15:   # rounded up to 16 bytes
+        raise BzImageError(f"syssize {syssize:#x} (x 16 = {syssize * 16:#x} bytes) does not match the "
+                           f"{pm_size:#x}-byte protected-mode kernel in the file (file truncated?)")
     return BzImage(header=header, image=bytes(image))
 
 
@@ -261,9 +291,9 @@ def encode_cmdline(cmdline: str, header: SetupHeader) -> bytes:
     """The NUL-terminated command line bytes; rejects one longer than ``cmdline_size``."""
     raw = cmdline.encode()
     if b"\0" in raw:
-        raise ValueError("kernel command line contains a NUL byte")
+        raise BzImageError("kernel command line contains a NUL byte")
     if len(raw) > header.cmdline_size:
-        raise ValueError(f"kernel command line is {len(raw)} bytes; this kernel accepts {header.cmdline_size}")
+        raise BzImageError(f"kernel command line is {len(raw)} bytes; this kernel accepts {header.cmdline_size}")
     return raw + b"\0"
 
 

@@ -192,34 +192,95 @@ def _header(name: str, ino: int, mode: int, nlink: int, mtime: int, size: int, r
     return hdr + raw + b"\0" * _pad4(_HDR_LEN + len(raw))
 
 
+_NEWC_FIELDS = ("c_ino", "c_mode", "c_uid", "c_gid", "c_nlink", "c_mtime", "c_filesize", "c_devmajor",
+                "c_devminor", "c_rdevmajor", "c_rdevminor", "c_namesize", "c_check")
+
+
+def _newc_member(data: bytes, off: int, what: str = "cpio") -> tuple[list[int], str, int, int]:
+    """The newc header at ``off``, checked against the data: (fields, name, body offset, next offset).
+
+    Raises :class:`InitramfsError` naming the field (``c_namesize``, ``c_filesize``...) and offset.
+    """
+    if off + _HDR_LEN > len(data):
+        raise InitramfsError(f"{what}: truncated at offset {off:#x} (a {_HDR_LEN}-byte header, no trailer)")
+    magic = data[off:off + 6]
+    if magic not in (NEWC_MAGIC, NEWC_CRC_MAGIC):
+        raise InitramfsError(f"{what}: bad cpio magic {magic!r} at offset {off:#x}")
+    fields = []
+    for i, field in enumerate(_NEWC_FIELDS):
+        raw = data[off + 6 + 8 * i:off + 14 + 8 * i]
+        if not re.fullmatch(rb"[0-9A-Fa-f]{8}", raw):
+            raise InitramfsError(f"{what}: {field} {raw!r} of the member at {off:#x} is not 8 hex digits")
+        fields.append(int(raw, 16))
+    namesize, filesize = fields[11], fields[6]
+    name_off = off + _HDR_LEN
+    if not 1 <= namesize <= len(data) - name_off:
+        raise InitramfsError(f"{what}: c_namesize {namesize:#x} of the member at {off:#x} runs past the end "
+                             f"of the {len(data):#x}-byte archive (or is 0)")
+    name = data[name_off:name_off + namesize - 1].decode(errors="replace")
+    body = name_off + namesize
+    body += _pad4(body)
+    if body + filesize > len(data):
+        raise InitramfsError(f"{what}: c_filesize {filesize:#x} of /{name} (member at {off:#x}) runs past the end "
+                             f"of the {len(data):#x}-byte archive")
+    nxt = body + filesize
+    return fields, name, body, nxt + _pad4(nxt)
+
+
 def read_cpio(data: bytes) -> list[CpioEntry]:
     """Parse a newc archive (gzip'd or not) up to its trailer.
 
     Used by the tests and handy when debugging a guest that cannot find a file.
+    Raises :class:`InitramfsError` naming the bad field.
     """
     if data[:2] == b"\x1f\x8b":
         data = gzip.decompress(data)
     out: list[CpioEntry] = []
     off = 0
     while True:
-        if off + _HDR_LEN > len(data):
-            raise InitramfsError(f"cpio truncated at offset {off} (no trailer)")
-        magic = data[off : off + 6]
-        if magic not in (NEWC_MAGIC, NEWC_CRC_MAGIC):
-            raise InitramfsError(f"bad cpio magic {magic!r} at offset {off}")
-        f = [int(data[off + 6 + 8 * i : off + 14 + 8 * i], 16) for i in range(13)]
-        ino, mode, uid, gid, nlink, mtime, size, dmaj, dmin, rmaj, rmin, namesize, _check = f
-        name_off = off + _HDR_LEN
-        name = data[name_off : name_off + namesize - 1].decode()
-        off = name_off + namesize
-        off += _pad4(off)
-        body = data[off : off + size]
-        if len(body) != size:
-            raise InitramfsError(f"cpio member {name} truncated")
-        off += size + _pad4(size)
+        f, name, body, off = _newc_member(data, off)
         if name == TRAILER:
             return out
-        out.append(CpioEntry(name, mode, uid, gid, nlink, mtime, body, ino, dmaj, dmin, rmaj, rmin))
+        ino, mode, uid, gid, nlink, mtime, size, dmaj, dmin, rmaj, rmin, _namesize, _check = f
+        out.append(CpioEntry(name, mode, uid, gid, nlink, mtime, data[body:body + size], ino, dmaj, dmin, rmaj, rmin))
+
+
+#: Compressed initramfs formats the kernel unpacks itself (lib/decompress.c), by magic.
+INITRD_COMPRESSED = ((b"\x1f\x8b", "gzip"), (b"\x1f\x9e", "gzip"), (b"BZh", "bzip2"), (b"\x5d\x00\x00", "lzma"),
+                     (b"\xfd7zXZ\x00", "xz"), (b"\x89LZO", "lzo"), (b"\x02\x21\x4c\x18", "lz4"),
+                     (b"\x28\xb5\x2f\xfd", "zstd"))
+
+
+_NONZERO = re.compile(rb"[^\0]")
+
+
+def check_initrd(data: bytes, name: str = "initrd") -> None:
+    """Check an initrd against itself before it is loaded: what init/initramfs.c will unpack.
+
+    An initrd is a sequence of newc cpio archives (each header's ``c_namesize`` and
+    ``c_filesize`` must stay within the file, each archive must reach ``TRAILER!!!``),
+    zero padding between them, and possibly a compressed archive (gzip, xz, zstd, lz4...)
+    which the kernel decompresses and which is not opened here.  Anything else is refused.
+    Raises :class:`InitramfsError` naming the field and offset.
+    """
+    if not data:
+        raise InitramfsError(f"{name}: empty file")
+    off = 0
+    while True:
+        nonzero = _NONZERO.search(data, off)           # skip the padding between concatenated archives
+        if nonzero is None:
+            return
+        off = nonzero.start()
+        rest = data[off:off + 6]
+        if any(rest.startswith(m) for m, _ in INITRD_COMPRESSED):
+            return
+        if rest not in (NEWC_MAGIC, NEWC_CRC_MAGIC):
+            raise InitramfsError(f"{name}: at offset {off:#x} neither a newc cpio archive (070701) nor a "
+                                 f"compressed one ({', '.join(sorted({f for _, f in INITRD_COMPRESSED}))}): "
+                                 f"starts with {rest!r}")
+        member = ""
+        while member != TRAILER:
+            _f, member, _body, off = _newc_member(data, off, name)
 
 
 # --------------------------------------------------------------------------- modules

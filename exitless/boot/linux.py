@@ -28,6 +28,7 @@ The legacy devices Linux expects on a PC are added by :func:`add_pc_devices`.
 """
 from __future__ import annotations
 
+import io
 import logging
 import lzma
 import shutil
@@ -39,6 +40,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import lz4.block
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+
 from ..devices.legacy.acpi_pm import AcpiPm, ResetControl
 from ..devices.legacy.i8042 import DATA_PORT as I8042_DATA, STATUS_PORT as I8042_STATUS, I8042
 from ..devices.legacy.rtc import INDEX_PORT as RTC_PORT, Rtc
@@ -48,8 +53,9 @@ from .acpi import (PM1A_CNT_LEN, PM1A_CNT_PORT, PM1A_EVT_LEN, PM1A_EVT_PORT, RES
                    build_acpi_tables)
 from .bzimage import BzImage, BzImageError, build_zero_page, encode_cmdline, parse_bzimage
 from .e820 import build_e820
+from .initramfs import check_initrd
 from .placement import BootFitError, check_kernel_fits, place_initrd
-from .pvh import KernelImageError
+from .pvh import KernelImageError, elf_load_segments
 
 if TYPE_CHECKING:
     from ..vm import Machine
@@ -160,18 +166,26 @@ def add_pc_devices(machine: "Machine") -> PcDevices:
 # --------------------------------------------------------------------------- entry point
 
 
-def boot_linux(machine: "Machine", kernel: str | Path, cmdline: str = "", initrd: str | Path | bytes | None = None,
-               *, decompress: str = "guest") -> LinuxBoot:
-    """Load ``kernel`` (bzImage or ELF vmlinux) and set vCPU 0 up to enter it; add the PC devices.
+def boot_linux(machine: "Machine", kernel: str | Path | bytes, cmdline: str = "",
+               initrd: str | Path | bytes | None = None, *, decompress: str = "guest") -> LinuxBoot:
+    """Load ``kernel`` (bzImage or ELF vmlinux; a path or the file's bytes) and set vCPU 0 up to enter it;
+    add the PC devices.
 
     ``decompress`` (bzImage only): ``"guest"`` runs the kernel's own decompressor,
-    ``"host"`` unpacks the vmlinux in the VMM and enters it directly.
+    ``"host"`` unpacks the vmlinux in the VMM and enters it directly.  Every header of the
+    kernel and the initrd is checked before guest RAM is written: :class:`KernelImageError`
+    (a :class:`BzImageError` as its cause) or :class:`InitramfsError`, naming the field.
     """
     if decompress not in ("guest", "host"):
         raise ValueError(f"decompress must be 'guest' or 'host', not {decompress!r}")
-    path = Path(kernel)
-    data = _read(path, "kernel")
+    if isinstance(kernel, (bytes, bytearray)):
+        path, data = Path("kernel"), bytes(kernel)
+    else:
+        path = Path(kernel)
+        data = _read(path, "kernel")
     rd = initrd if isinstance(initrd, (bytes, bytearray)) or initrd is None else _read(Path(initrd), "initrd")
+    if rd is not None:
+        check_initrd(rd, "initrd" if isinstance(initrd, (bytes, bytearray)) else f"initrd {initrd}")
     if data[:4] == b"\x7fELF":
         info = _boot_pvh(machine, data, str(path), cmdline, rd)
     else:
@@ -192,14 +206,14 @@ def _read(path: Path, what: str) -> bytes:
 
 
 def _acpi(machine: "Machine") -> AcpiBlob:
-    blob = build_acpi_tables(L.BIOS_AREA, num_cpus=machine.config.cpus,
+    """The ACPI tables for this machine (built, not yet written: the caller writes them once all checks passed)."""
+    return build_acpi_tables(L.BIOS_AREA, num_cpus=machine.config.cpus,
                              mmio_window=(L.PCI_MMIO_START, L.PCI_MMIO_END - 1), cmos_rtc=True)
-    machine.mem.write(blob.base_gpa, blob.data)
-    return blob
 
 
 def _boot_bzimage(machine: "Machine", bz: BzImage, name: str, cmdline: str, initrd: bytes | None, *,
                   host_decompress: bool) -> LinuxBoot:
+    # Everything is checked and built first; guest RAM is written only at the end.
     hdr = bz.header
     load = hdr.load_address
     kernel_end = load + hdr.memory_footprint(len(bz.kernel))
@@ -222,6 +236,9 @@ def _boot_bzimage(machine: "Machine", bz: BzImage, name: str, cmdline: str, init
     if initrd:
         rd_size = len(initrd)
         rd_gpa = place_initrd(machine.ram_layout, machine.config.mem_mib, rd_size, kernel_end, hdr.initrd_addr_max)
+    acpi = _acpi(machine)
+    e820 = build_e820(machine.ram_layout, pci_hole=(L.MMIO_HOLE_START, L.MMIO_HOLE_END))
+    zero_page = build_zero_page(hdr, L.CMDLINE, rd_gpa, rd_size, e820, acpi_rsdp=acpi.rsdp_gpa)
     mem = machine.mem
     for paddr, blob, memsz in segments:
         mem.write(paddr, blob)
@@ -230,9 +247,8 @@ def _boot_bzimage(machine: "Machine", bz: BzImage, name: str, cmdline: str, init
     if initrd:
         mem.write(rd_gpa, initrd)
     mem.write(L.CMDLINE, raw_cmdline)
-    acpi = _acpi(machine)
-    e820 = build_e820(machine.ram_layout, pci_hole=(L.MMIO_HOLE_START, L.MMIO_HOLE_END))
-    mem.write(L.ZERO_PAGE, build_zero_page(hdr, L.CMDLINE, rd_gpa, rd_size, e820, acpi_rsdp=acpi.rsdp_gpa))
+    mem.write(acpi.base_gpa, acpi.data)
+    mem.write(L.ZERO_PAGE, zero_page)
     LM.write_boot_tables(mem)
     LM.set_long_mode_entry(machine.vcpus[0], entry, rsi=L.ZERO_PAGE)
     return LinuxBoot(protocol, entry, load, kernel_end, cmdline, rd_gpa, rd_size, acpi.rsdp_gpa,
@@ -242,6 +258,7 @@ def _boot_bzimage(machine: "Machine", bz: BzImage, name: str, cmdline: str, init
 def _boot_pvh(machine: "Machine", data: bytes, name: str, cmdline: str, initrd: bytes | None) -> LinuxBoot:
     acpi = _acpi(machine)
     image, rd_gpa, rd_size = machine.boot_pvh(data, cmdline, initrd, rsdp=acpi.rsdp_gpa, name=name)
+    machine.mem.write(acpi.base_gpa, acpi.data)
     start = min(p for p, _, _ in image.segments)
     return LinuxBoot("pvh", image.entry, start, image.end, cmdline, rd_gpa, rd_size, acpi.rsdp_gpa, "", acpi)
 
@@ -260,30 +277,32 @@ class Vmlinux:
 
 
 def parse_vmlinux(data: bytes, name: str = "vmlinux") -> Vmlinux:
-    """The PT_LOAD segments (at their physical addresses) and physical entry of a 64-bit vmlinux."""
+    """The PT_LOAD segments (at their physical addresses) and physical entry of a 64-bit vmlinux.
+
+    Every header is checked first (:func:`exitless.boot.pvh.elf_load_segments`); raises
+    :class:`KernelImageError` naming the field.
+    """
     if data[:4] != b"\x7fELF" or len(data) < 64 or data[4] != 2:
         raise KernelImageError(f"{name}: the bzImage payload is not a 64-bit ELF vmlinux")
-    e_entry, e_phoff = struct.unpack_from("<QQ", data, 0x18)
-    e_phentsize, e_phnum = struct.unpack_from("<HH", data, 0x36)
-    segments = []
+    try:
+        elf = ELFFile(io.BytesIO(data))
+        segments = elf_load_segments(elf, len(data), f"{name} (payload vmlinux)")
+        e_entry = elf.header["e_entry"]
+    except (ELFError, struct.error) as e:
+        raise KernelImageError(f"{name}: malformed vmlinux in the bzImage payload ({e})") from e
     entry_phys = None
-    for i in range(e_phnum):
-        off = e_phoff + i * e_phentsize
-        p_type, _flags, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz = struct.unpack_from("<IIQQQQQ", data, off)
-        if p_type != 1 or not p_memsz:
-            continue
-        if p_offset + p_filesz > len(data):
-            raise KernelImageError(f"{name}: vmlinux segment runs past the end of the payload")
-        segments.append((p_paddr, data[p_offset:p_offset + p_filesz], p_memsz))
-        if p_paddr <= e_entry < p_paddr + p_memsz:     # Linux links e_entry as a physical address
+    for s in segments:
+        if s.paddr <= e_entry < s.paddr + len(s.data):       # Linux links e_entry as a physical address
             entry_phys = e_entry
-        elif entry_phys is None and p_vaddr <= e_entry < p_vaddr + p_memsz:
-            entry_phys = p_paddr + (e_entry - p_vaddr)
-    if not segments or entry_phys is None:
-        raise KernelImageError(f"{name}: vmlinux has no loadable segment holding its entry point")
-    if min(p for p, _, _ in segments) < L.KERNEL_LOAD:
-        raise KernelImageError(f"{name}: vmlinux segment below 1 MiB")
-    return Vmlinux(entry_phys, segments)
+            break
+    else:
+        for s in segments:
+            if s.vaddr <= e_entry < s.vaddr + len(s.data):
+                entry_phys = s.paddr + (e_entry - s.vaddr)
+                break
+    if entry_phys is None:
+        raise KernelImageError(f"{name}: vmlinux e_entry {e_entry:#x} is not inside any PT_LOAD segment's file bytes")
+    return Vmlinux(entry_phys, [(s.paddr, s.data, s.memsz) for s in segments])
 
 
 _MAGICS = (
@@ -311,6 +330,9 @@ def extract_vmlinux(bz: BzImage) -> bytes:
     hdr = bz.header
     if not hdr.payload_length:
         raise KernelImageError("this bzImage declares no payload (payload_length = 0): cannot unpack it on the host")
+    if hdr.payload_length < 8:
+        raise KernelImageError(f"payload_length {hdr.payload_length} is too short for a compressed kernel and "
+                               "its appended 4-byte size")
     start = hdr.kernel_offset + hdr.payload_offset
     payload = bz.image[start:start + hdr.payload_length]
     expected = struct.unpack("<I", payload[-4:])[0]
@@ -324,7 +346,7 @@ def extract_vmlinux(bz: BzImage) -> bytes:
     elif fmt == "bzip2":
         out = bz2.BZ2Decompressor().decompress(payload)
     elif fmt == "lz4":
-        out = lz4_legacy_decompress(payload)   # ~1 s for Debian's 53 MB vmlinux
+        out = lz4_legacy_decompress(payload, max_size=expected)
     elif fmt == "zstd":
         out = _tool(["zstd", "-d", "-c", "-q"], payload, "zstd")
     else:
@@ -343,59 +365,42 @@ def _tool(cmd: list[str], data: bytes, name: str) -> bytes:
     return p.stdout
 
 
-def lz4_legacy_decompress(data: bytes) -> bytes:
-    """Pure-Python LZ4 legacy-frame decoder: magic 0x184C2102, then (u32 size, block)*; stops at a non-block."""
-    if data[:4] != b"\x02\x21\x4c\x18":
-        raise KernelImageError("not an LZ4 legacy frame")
+LZ4_LEGACY_MAGIC = 0x184C2102
+#: A legacy frame's blocks each decompress to at most 8 MiB (lz4's LEGACY_BLOCKSIZE; the kernel's unlz4 too).
+LZ4_LEGACY_BLOCK_MAX = 8 << 20
+
+
+def lz4_legacy_decompress(data: bytes, max_size: int | None = None) -> bytes:
+    """Decompress an LZ4 legacy frame (what ``CONFIG_KERNEL_LZ4`` appends to a bzImage).
+
+    Layout (lib/decompress_unlz4.c): magic 0x184C2102, then ``(u32 compressed size, block)``
+    repeated, a repeated magic starting a concatenated frame; the walk stops at a word that
+    cannot be a block (the kernel build's appended uncompressed size, or the end).  Each block
+    is handed to python-lz4's ``lz4.block.decompress``.  ``max_size`` (bytes) bounds the output.
+
+    Raises :class:`KernelImageError` naming the block's file offset when a block is corrupt,
+    or when the output would exceed ``max_size``.
+    """
+    if len(data) < 4 or struct.unpack_from("<I", data)[0] != LZ4_LEGACY_MAGIC:
+        raise KernelImageError("not an LZ4 legacy frame (no magic 0x184c2102)")
     out = bytearray()
     pos = 4
     n = len(data)
     while pos + 4 <= n:
         (bsize,) = struct.unpack_from("<I", data, pos)
-        if bsize == 0x184C2102:          # concatenated frame
+        if bsize == LZ4_LEGACY_MAGIC:          # concatenated frame
             pos += 4
             continue
-        if bsize == 0 or pos + 4 + bsize > n or bsize > 1 << 24:
-            break                        # the appended uncompressed size, or the end
-        _lz4_block(data, pos + 4, pos + 4 + bsize, out)
+        if bsize == 0 or pos + 4 + bsize > n:
+            break                              # the appended uncompressed size, or the end
+        try:
+            out += lz4.block.decompress(data[pos + 4:pos + 4 + bsize], uncompressed_size=LZ4_LEGACY_BLOCK_MAX)
+        except lz4.block.LZ4BlockError as e:
+            raise KernelImageError(f"corrupt LZ4 block of {bsize} bytes at payload offset {pos:#x}: {e}") from e
+        if max_size is not None and len(out) > max_size:
+            raise KernelImageError(f"LZ4 payload unpacks to more than the {max_size} bytes it declares")
         pos += 4 + bsize
     return bytes(out)
-
-
-def _lz4_length(src: bytes, i: int, n: int) -> tuple[int, int]:
-    """A 4-bit length from a token; 15 means more bytes follow, each added, until one is not 255."""
-    if n == 15:
-        while True:
-            b = src[i]
-            i += 1
-            n += b
-            if b != 255:
-                break
-    return n, i
-
-
-def _lz4_block(src: bytes, i: int, end: int, out: bytearray) -> None:
-    while i < end:
-        token = src[i]
-        i += 1
-        lit, i = _lz4_length(src, i, token >> 4)
-        out += src[i:i + lit]
-        i += lit
-        if i >= end:
-            break
-        offset = src[i] | src[i + 1] << 8
-        i += 2
-        mlen, i = _lz4_length(src, i, token & 15)
-        mlen += 4
-        startpos = len(out) - offset
-        if offset <= 0 or startpos < 0:
-            raise KernelImageError("corrupt LZ4 block")
-        if offset >= mlen:
-            out += out[startpos:startpos + mlen]
-        else:
-            chunk = out[startpos:]
-            reps, rest = divmod(mlen, offset)
-            out += chunk * reps + chunk[:rest]
 
 
 # --------------------------------------------------------------------------- host-specific kernel parameters
@@ -435,6 +440,10 @@ FIRST_LINE = "Linux version "
 class BootConsole:
     """The guest's COM1 output: kept, split into timestamped lines, matched against patterns.
 
+    What is kept is bounded whatever the guest prints: the last :attr:`KEEP_BYTES` bytes
+    (``data``, ``text``), the last :attr:`KEEP_LINES` lines, and a line longer than
+    :attr:`MAX_LINE` bytes is cut into pieces of that size.
+
     Use as ``VmConfig(console=BootConsole(...))``.  ``sink`` receives the raw bytes
     (e.g. a terminal).  Milestones: the first kernel line ("Linux version"),
     ``ready`` (the initramfs's READY marker: userspace is up).  ``stop_after``:
@@ -443,6 +452,10 @@ class BootConsole:
     the byte, so a test stops the VM as soon as early boot has shown what it
     looks for.
     """
+
+    KEEP_BYTES = 1 << 20
+    KEEP_LINES = 10_000
+    MAX_LINE = 4096
 
     def __init__(self, sink=None, *, stop_after: tuple[str, ...] = (), ready_marker: str | None = None,
                  clock=None):
@@ -466,6 +479,8 @@ class BootConsole:
 
     def __call__(self, data: bytes) -> None:
         self.data += data
+        if len(self.data) > 2 * self.KEEP_BYTES:       # trimmed in halves: amortised O(1) per byte
+            del self.data[:-self.KEEP_BYTES]
         if self.sink is not None:
             self.sink(data)
         for b in data:
@@ -473,6 +488,8 @@ class BootConsole:
                 self._end_line()
             elif b != 0x0D:
                 self._line.append(b)
+                if len(self._line) >= self.MAX_LINE:
+                    self._end_line()
 
     def _end_line(self) -> None:
         from ..exits import GuestStop, VmExit
@@ -481,6 +498,8 @@ class BootConsole:
         self._line.clear()
         t = self.clock() - self.t0
         self.lines.append((t, line))
+        if len(self.lines) > 2 * self.KEEP_LINES:
+            del self.lines[:-self.KEEP_LINES]
         if self.first_line_at is None and FIRST_LINE in line:
             self.first_line_at = t
         if self.ready_at is None and line.strip() == self.ready_marker:

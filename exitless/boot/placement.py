@@ -28,6 +28,10 @@ def place_initrd(ram_layout: list[tuple[int, int]], mem_mib: int, size: int, ker
     """Highest page-aligned address for ``size`` bytes in low RAM, below ``limit``, above the kernel."""
     top = min(low_ram_end(ram_layout), limit + 1)
     addr = (top - size) & ~(PAGE - 1)
+    if addr < kernel_end and limit + 1 < low_ram_end(ram_layout):
+        raise BootFitError(
+            f"initrd of {size / MIB:.1f} MiB does not fit between the kernel's end ({kernel_end:#x}) and the "
+            f"kernel's initrd_addr_max {limit:#x}: more guest RAM would not help")
     if addr < kernel_end:
         need = (kernel_end + size + PAGE - 1) // MIB + 1
         raise BootFitError(

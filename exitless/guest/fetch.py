@@ -27,7 +27,6 @@ only what is missing is fetched.
 """
 from __future__ import annotations
 
-from ..errors import ExitlessError
 import fcntl
 import hashlib
 import json
@@ -38,11 +37,14 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..errors import ExitlessError
+from ..progress import QUIET, Progress
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +113,7 @@ def fetch_guest(
     busybox: str | os.PathLike[str] | None = None,
     allow_apt_update: bool = True,
     refresh: bool = False,
+    progress: Progress = QUIET,
 ) -> GuestArtifacts:
     """Return a guest kernel, its modules and busybox, downloading them if not cached.
 
@@ -127,10 +130,12 @@ def fetch_guest(
     longer has the version apt's lists name (a 404), ``apt-get update`` is run
     once -- logged as a warning, never silently -- when ``allow_apt_update``
     and we are root; otherwise :class:`GuestFetchError` says to run it.
+
+    ``progress`` is told about the long steps (apt, the download in bytes, unpacking, depmod).
     """
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     if modules_dir is not None and kernel is None:
-        raise ValueError("modules_dir= needs kernel= too: modules only load into the kernel they were built for")
+        raise GuestFetchError("modules_dir= needs kernel= too: modules only load into the kernel they were built for")
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -151,6 +156,7 @@ def fetch_guest(
                 busybox_pkg,
                 allow_apt_update=allow_apt_update,
                 refresh=refresh,
+                progress=progress,
             )
         manifest_path = key_dir / MANIFEST_NAME
 
@@ -182,7 +188,7 @@ def fetch_guest(
         kver = mods.name
         if not (mods / "modules.dep").is_file():
             with _locked(cache):
-                mods = _depmod_copy(cache, mods, bb)
+                mods = _depmod_copy(cache, mods, bb, progress)
     if kver is None:
         kver = _kernel_version_from_image(vmlinuz)
     return GuestArtifacts(
@@ -207,6 +213,7 @@ def _ensure(
     *,
     allow_apt_update: bool,
     refresh: bool,
+    progress: Progress,
 ) -> tuple[Path, dict[str, Any]]:
     """Return ``(dir, manifest)`` for the packages, fetching and unpacking if needed."""
     key_dir = cache / key
@@ -220,12 +227,13 @@ def _ensure(
     for stale in cache.glob(".trash-*"):
         shutil.rmtree(stale, ignore_errors=True)
 
-    apt = _Apt(allow_update=allow_apt_update)
+    apt = _Apt(allow_update=allow_apt_update, progress=progress)
     for attempt in (1, 2):
         wanted: list[tuple[str, str, str]] = []  # (requested, concrete, version)
-        if kernel_pkg is not None:
-            wanted.append((kernel_pkg, *apt.resolve_kernel(kernel_pkg)))
-        wanted.append((busybox_pkg, busybox_pkg, apt.candidate(busybox_pkg)["Version"]))
+        with progress.step(f"asking apt for {', '.join(p for p in (kernel_pkg, busybox_pkg) if p)}"):
+            if kernel_pkg is not None:
+                wanted.append((kernel_pkg, *apt.resolve_kernel(kernel_pkg)))
+            wanted.append((busybox_pkg, busybox_pkg, apt.candidate(busybox_pkg)["Version"]))
 
         if cached is not None:
             have = {(p["package"], p["version"]) for p in cached.get("packages", [])}
@@ -274,7 +282,8 @@ def _fetch_and_unpack(
     with tempfile.TemporaryDirectory(prefix="exitless-debs-") as tmp:
         debs = apt.download([(c, v) for _, c, v in wanted], Path(tmp))
         for (requested, concrete, version), deb in zip(wanted, debs, strict=True):
-            r = _run([dpkg, "-x", str(deb), str(root)])
+            with apt.progress.step(f"unpacking {deb.name}"):
+                r = _run([dpkg, "-x", str(deb), str(root)])
             if r.returncode != 0:
                 raise GuestFetchError(f"dpkg -x {deb.name} failed (exit {r.returncode}): {r.stderr.strip()}")
             packages.append(
@@ -303,7 +312,8 @@ def _fetch_and_unpack(
             )
         if busybox is None:
             raise GuestFetchError(f"package {wanted[-1][1]} unpacked no bin/busybox, whose depmod is needed")
-        _depmod(busybox, mods)
+        with apt.progress.step(f"generating modules.dep for {kver} (busybox depmod)"):
+            _depmod(busybox, mods)
         manifest.update(
             kernel_version=kver,
             vmlinuz=str(vmlinuz.relative_to(dest)),
@@ -353,9 +363,10 @@ def _slug(text: str) -> str:
 class _Apt:
     """The few apt queries we need, with a single lazy ``apt-get update`` retry."""
 
-    def __init__(self, *, allow_update: bool) -> None:
+    def __init__(self, *, allow_update: bool, progress: Progress = QUIET) -> None:
         self.allow_update = allow_update
         self.updated = False
+        self.progress = progress
 
     def can_update(self) -> bool:
         """Whether a one-off ``apt-get update`` is allowed and possible (needs root)."""
@@ -395,7 +406,9 @@ class _Apt:
             # apt drops to the _apt user, who cannot write into our private temp dir.
             cmd += ["-o", "APT::Sandbox::User=root"]
         cmd += ["download", *(f"{n}={v}" for n, v in pkgs)]
-        r = _run(cmd, cwd=into)
+        total = sum(int(self.candidate(n).get("Size", "0") or 0) for n, _ in pkgs)
+        with self.progress.step(f"downloading {len(pkgs)} Debian package(s)", total=total or None) as update:
+            r = _run(cmd, cwd=into, tick=lambda: update(_tree_bytes(into)))
         if r.returncode != 0:
             stale = re.search(r"\b404\b|Unable to locate|Can't find a source|Version '.*' for '.*' was not found", r.stderr)
             raise (_StaleLists if stale else GuestFetchError)(
@@ -421,7 +434,8 @@ class _Apt:
 
     def update(self) -> None:
         apt_get = _require_tool("apt-get", "to refresh the package lists")
-        r = _run([apt_get, "-q", "update"])
+        with self.progress.step("apt-get update"):
+            r = _run([apt_get, "-q", "update"])
         self.updated = True
         if r.returncode != 0:
             raise GuestFetchError(f"apt-get update failed (exit {r.returncode}): {r.stderr.strip()[-2000:]}")
@@ -485,7 +499,7 @@ def _depmod(busybox: Path, mods: Path) -> None:
         raise GuestFetchError(f"busybox depmod failed for {mods} (exit {r.returncode}): {r.stderr.strip()}")
 
 
-def _depmod_copy(cache: Path, mods: Path, busybox: Path) -> Path:
+def _depmod_copy(cache: Path, mods: Path, busybox: Path, progress: Progress = QUIET) -> Path:
     """Copy a foreign module tree lacking ``modules.dep`` into the cache and depmod the copy."""
     digest = hashlib.sha256(str(mods.resolve()).encode()).hexdigest()[:16]
     dest = cache / "custom-modules" / digest / "lib" / "modules" / mods.name
@@ -493,8 +507,9 @@ def _depmod_copy(cache: Path, mods: Path, busybox: Path) -> Path:
         return dest
     if dest.exists():
         shutil.rmtree(dest)
-    shutil.copytree(mods, dest, symlinks=False, ignore=shutil.ignore_patterns("build", "source"))
-    _depmod(busybox, dest)
+    with progress.step(f"copying the {mods.name} modules into the cache, generating modules.dep"):
+        shutil.copytree(mods, dest, symlinks=False, ignore=shutil.ignore_patterns("build", "source"))
+        _depmod(busybox, dest)
     return dest
 
 
@@ -537,13 +552,40 @@ def _require_tool(name: str, why: str) -> str:
     return path
 
 
-def _run(cmd: list[str], *, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def _run(cmd: list[str], *, cwd: Path | None = None,
+         tick: Callable[[], None] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` (output captured, ``LC_ALL=C``), calling ``tick`` every 0.2 s while it runs and once at its end."""
     env = dict(os.environ, LC_ALL="C")
     try:
-        return subprocess.run(
-            cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=COMMAND_TIMEOUT, stdin=subprocess.DEVNULL
-        )
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                stdin=subprocess.DEVNULL)
     except FileNotFoundError as exc:
         raise GuestFetchError(f"cannot run {cmd[0]}: {exc}") from exc
-    except subprocess.TimeoutExpired as exc:
-        raise GuestFetchError(f"{' '.join(cmd[:3])} ... timed out after {COMMAND_TIMEOUT}s") from exc
+    deadline = time.monotonic() + COMMAND_TIMEOUT
+    with proc:
+        while True:
+            try:
+                out, err = proc.communicate(timeout=min(0.2, max(0.0, deadline - time.monotonic())))
+                break
+            except subprocess.TimeoutExpired as exc:
+                if time.monotonic() >= deadline:
+                    proc.kill()
+                    proc.communicate()
+                    raise GuestFetchError(f"{' '.join(cmd[:3])} ... timed out after {COMMAND_TIMEOUT}s") from exc
+                if tick is not None:
+                    tick()
+    if tick is not None:
+        tick()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _tree_bytes(root: Path) -> int:
+    """Bytes in the regular files under ``root`` (a download in progress)."""
+    total = 0
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass                        # renamed or removed meanwhile
+    return total

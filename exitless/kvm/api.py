@@ -7,6 +7,7 @@ lives here; the VMM layers above decide what to call and when.
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 
@@ -33,7 +34,8 @@ class Kvm:
         version = ioctl(self.fd, I.KVM_GET_API_VERSION)
         if version != KVM_API_VERSION:
             os.close(self.fd)
-            raise RuntimeError(f"{path}: KVM API version {version}, expected {KVM_API_VERSION}")
+            raise KvmError(I.KVM_GET_API_VERSION, errno.EPROTO,
+                           f"{path}: KVM API version {version}, expected {KVM_API_VERSION}")
         self.api_version = version
 
     def check_extension(self, cap: int) -> int:

@@ -100,6 +100,11 @@ def recv_message(conn: socket.socket, io_timeout: float = 10.0) -> Message:
             fds.extend(_fds_from(anc))
             if flags & socket.MSG_CTRUNC:
                 truncated = True
+            if len(fds) > P.MAX_FDS:      # fds sent with every piece of one message: keep none beyond the cap
+                for fd in fds[P.MAX_FDS:]:
+                    os.close(fd)
+                del fds[P.MAX_FDS:]
+                truncated = True
             if not data:
                 if first and not buf:
                     raise _Closed()
@@ -173,6 +178,9 @@ class VhostUserServer:
         try:
             sock.bind(self.path)
             sock.listen(4)
+        except OSError as e:          # no such directory, no permission, path too long: the user's path
+            sock.close()
+            raise SocketPathError(f"{self.path}: cannot listen here: {e.strerror or e}") from e
         except BaseException:
             sock.close()
             raise

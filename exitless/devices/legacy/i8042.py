@@ -16,6 +16,11 @@ the aux device (0xD4: answered with 0xFE, "no device"), and the reset pulse
 are ACKed (0xFA); ``0xFF`` (reset) also returns the self-test pass 0xAA and
 ``0xF2`` (identify) an MF2 keyboard's ID.  Output bytes raise IRQ 1 (keyboard)
 or IRQ 12 (aux) when the configuration byte enables them.
+
+The output side holds at most :data:`OUTPUT_BUFFER_SIZE` bytes (the controller's
+output register plus a keyboard's small internal buffer; Linux's i8042 driver
+flushes up to 16): a guest that keeps asking for answers without reading them
+loses the newest ones, counted in :attr:`I8042.out_dropped`.
 """
 from __future__ import annotations
 
@@ -44,6 +49,7 @@ KBD_ACK, KBD_RESEND, KBD_SELFTEST_OK = 0xFA, 0xFE, 0xAA
 KBD_CMD_IDENTIFY, KBD_CMD_RESET = 0xF2, 0xFF
 OUTPUT_PORT_RESET_LINE = 0x01   # output port bit 0: 0 = hold the CPU in reset
 OUTPUT_PORT_A20 = 0x02
+OUTPUT_BUFFER_SIZE = 16         # bytes waiting to be read at port 0x60 (I8042_BUFFER_SIZE in Linux)
 
 
 class I8042:
@@ -61,6 +67,7 @@ class I8042:
         self.status_cmd = False   # last write went to the command port
         self._pending: int | None = None   # controller command waiting for its data byte
         self._out: collections.deque[tuple[int, bool]] = collections.deque()   # (byte, from aux)
+        self.out_dropped = 0      # answers lost: the output buffer was full
         self._irq = {KBD_IRQ: 0, AUX_IRQ: 0}
         self.data_port = _Port(self, 0)
         self.command_port = _Port(self, STATUS_PORT - DATA_PORT)
@@ -100,6 +107,9 @@ class I8042:
         return self._out.popleft()[0]
 
     def _push(self, value: int, aux: bool = False) -> None:
+        if len(self._out) >= OUTPUT_BUFFER_SIZE:
+            self.out_dropped += 1
+            return
         self._out.append((value & 0xFF, aux))
 
     def _update_irq(self) -> None:

@@ -38,6 +38,13 @@ HOUR_PM = 0x80
 _TIME_FIELDS = (SEC, MIN, HOUR, DAY, MONTH, YEAR, CENTURY)
 
 
+#: The Gregorian calendar repeats every 400 years (146,097 days): a guest clock set past
+#: year 9999 (or before year 1) wraps by whole cycles instead of leaving datetime's range.
+GREGORIAN_CYCLE = 146_097 * 86_400
+_MIN_TS = -62_135_596_800          # 0001-01-01T00:00:00Z
+_MAX_TS = 253_402_300_799          # 9999-12-31T23:59:59Z
+
+
 def to_bcd(value: int) -> int:
     if not 0 <= value <= 99:
         raise ValueError(f"{value} does not fit in two BCD digits")
@@ -46,6 +53,15 @@ def to_bcd(value: int) -> int:
 
 def from_bcd(value: int) -> int:
     return (value >> 4) * 10 + (value & 0xF)
+
+
+def register_bcd(value: int) -> int:
+    """What a two-digit BCD register shows for ``value``: its last two decimal digits.
+
+    A guest can store anything (an hour of 165 written as 0xFF in BCD, 200 in binary
+    mode read back in BCD); the register has two digits, so reading never fails.
+    """
+    return to_bcd(value % 100)
 
 
 class Rtc:
@@ -83,7 +99,12 @@ class Rtc:
     # -- the time -------------------------------------------------------
     def now(self) -> datetime:
         """The guest's wall-clock time (UTC)."""
-        return datetime.fromtimestamp(int(self.clock() + self.offset), timezone.utc)
+        ts = int(self.clock() + self.offset)
+        if ts > _MAX_TS:
+            ts -= ((ts - _MAX_TS - 1) // GREGORIAN_CYCLE + 1) * GREGORIAN_CYCLE
+        elif ts < _MIN_TS:
+            ts += ((_MIN_TS - ts - 1) // GREGORIAN_CYCLE + 1) * GREGORIAN_CYCLE
+        return datetime.fromtimestamp(ts, timezone.utc)
 
     def _fields(self) -> dict[int, int]:
         if self._pending is not None:
@@ -98,7 +119,7 @@ class Rtc:
         if reg in (HOUR, HOUR_ALARM) and not b & B_24H:
             pm = HOUR_PM if value >= 12 else 0
             value = value % 12 or 12
-        return (value if b & B_DM_BINARY else to_bcd(value)) | pm
+        return ((value & 0xFF) if b & B_DM_BINARY else register_bcd(value)) | pm
 
     def _decode(self, reg: int, raw: int) -> int:
         b = self.cmos[REG_B]

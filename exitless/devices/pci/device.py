@@ -1,15 +1,33 @@
-"""A PCI function's configuration space: identity, BARs, command register, capabilities.
+"""A PCI function's configuration space: identity, BARs, command register, capabilities, INTx.
 
 Config space is a 256-byte array plus a mask of the bits the guest may write.
 BAR sizing falls out of the mask (write all-ones, read back ``~(size-1)``).
-A device decodes its BARs only while COMMAND.MEMORY is set, as Linux expects
-when it clears the bit around sizing; BAR moves and decode changes are handed
-to :meth:`PciDevice.bars_changed`, where the device (re)maps its windows.
+
+Decoding (PCI 3.0 §6.2.2, §6.2.5.1): while COMMAND.MEMORY is set, the function
+responds at the addresses in its BARs.  What is actually mapped is kept in
+:attr:`PciDevice.mapped` and reconciled with config space by the bus
+(:meth:`exitless.devices.pci.root.PciRoot.sync_decoding`) after every config
+write: stale ranges are unmapped first, then every BAR that should decode and
+does not is mapped.  A map the buses refuse (the guest made BARs overlap: a
+guest error with undefined decode) leaves that BAR unmapped -- the others are
+mapped regardless -- and is retried at the next config write, so once the
+guest restores a valid layout every BAR decodes where config space says.
+
+INTx (PCI 3.0 §6.2.2-6.2.3): the line's level is a function of state, recomputed
+by :meth:`PciDevice.update_intx` whenever it may change: STATUS.INTERRUPT
+(bit 3) shows the device's pending interrupt, and the line is asserted while
+that bit is set and COMMAND.INTERRUPT_DISABLE (bit 10) is clear.
 """
 from __future__ import annotations
 
+import logging
 import struct
+import threading
 from dataclasses import dataclass
+
+from ...bus import BusError
+
+log = logging.getLogger(__name__)
 
 COMMAND, STATUS = 0x04, 0x06
 CMD_IO, CMD_MEMORY, CMD_BUS_MASTER, CMD_INTX_DISABLE = 0x1, 0x2, 0x4, 0x400
@@ -46,7 +64,13 @@ class PciDevice:
             self._mask(BAR0 + 4 * b.index, 4, ~(b.size - 1) & 0xFFFFFFF0)
         self._last_cap = None
         self.devfn = None
-        self._decoding: dict[int, int] = {}  # bar index -> address currently mapped
+        self.mapped: dict[int, int] = {}      # bar index -> address where it is mapped on the buses now
+        self.map_refusals = 0                 # BAR maps the buses refused (overlapping BARs)
+        # INTx: the GSI is the slot's wiring, fixed when the function is plugged in (the guest-writable
+        # Interrupt Line register is only a note for its driver).
+        self.intx_gsi: int | None = None
+        self._intx_lock = threading.Lock()
+        self._intx_level = 0
 
     def _mask(self, offset: int, size: int, bits: int) -> None:
         self.wmask[offset:offset + size] = (bits & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
@@ -75,15 +99,15 @@ class PciDevice:
         return int.from_bytes(self.config[offset:offset + size], "little")
 
     def config_write(self, offset: int, size: int, value: int) -> None:
+        """A guest write; the caller (the bus) then reconciles decoding (:meth:`PciRoot.sync_decoding`)."""
         old_cmd = self.command
-        old_bars = {i: self.bar_address(i) for i in self.bars}
         for i in range(min(size, CONFIG_SIZE - offset)):
             b = (value >> (8 * i)) & 0xFF
             m = self.wmask[offset + i]
             self.config[offset + i] = (self.config[offset + i] & ~m) | (b & m)
         self.config_written(offset, size, value)
-        if self.command != old_cmd or any(self.bar_address(i) != a for i, a in old_bars.items()):
-            self._update_decoding()
+        if (self.command ^ old_cmd) & CMD_INTX_DISABLE:
+            self.update_intx()
 
     def config_written(self, offset: int, size: int, value: int) -> None:
         """Hook for capabilities with side effects (MSI-X enable, ...)."""
@@ -92,6 +116,11 @@ class PciDevice:
     def command(self) -> int:
         return struct.unpack_from("<H", self.config, COMMAND)[0]
 
+    @property
+    def pci_status(self) -> int:
+        """The STATUS register (offset 0x06)."""
+        return struct.unpack_from("<H", self.config, STATUS)[0]
+
     def bar_address(self, index: int) -> int:
         return struct.unpack_from("<I", self.config, BAR0 + 4 * index)[0] & 0xFFFFFFF0
 
@@ -99,28 +128,92 @@ class PciDevice:
         struct.pack_into("<I", self.config, BAR0 + 4 * index, address)
         self.bars[index].address = address
 
-    def _update_decoding(self) -> None:
-        """Map BARs that should decode (memory enabled, non-zero address) and unmap the rest."""
+    # -- decoding ---------------------------------------------------------------
+    def decoded_bars(self, window: tuple[int, int]) -> dict[int, int]:
+        """{bar index: address} of the BARs that decode according to config space.
+
+        COMMAND.MEMORY set, a non-zero address, and the whole BAR inside the host
+        bridge's PCI ``window`` [start, end) -- an address outside it (RAM, the
+        irqchip) never reaches the PCI bus.
+        """
+        if not self.command & CMD_MEMORY:
+            return {}
+        lo, hi = window
         want = {}
-        if self.command & CMD_MEMORY:
-            want = {i: self.bar_address(i) for i in self.bars if self.bar_address(i)}
-        for i in self.bars:
-            old, new = self._decoding.get(i), want.get(i)
-            if old != new:
-                if old is not None:
-                    self.unmap_bar(i, old)
-                if new is not None:
-                    self.bars[i].address = new
-                    self.map_bar(i, new)
-        self._decoding = want
+        for i, bar in self.bars.items():
+            a = self.bar_address(i)
+            if a and lo <= a and a + bar.size <= hi:
+                want[i] = a
+        return want
+
+    def unmap_stale(self, window: tuple[int, int]) -> None:
+        """Unmap every BAR mapped where config space no longer says it decodes."""
+        want = self.decoded_bars(window)
+        for i, addr in sorted(self.mapped.items()):
+            if want.get(i) != addr:
+                self.unmap_bar(i, addr)
+                del self.mapped[i]
+
+    def map_pending(self, window: tuple[int, int]) -> bool:
+        """Map every BAR that should decode and is not mapped; True if any got mapped.
+
+        A map the buses refuse (:class:`BusError`: the range overlaps another BAR) leaves
+        that BAR unmapped, to be retried; the other BARs are mapped regardless.
+        """
+        progress = False
+        for i, addr in sorted(self.decoded_bars(window).items()):
+            if i in self.mapped:
+                continue
+            try:
+                self.map_bar(i, addr)
+            except BusError as e:
+                self.map_refusals += 1
+                if self.map_refusals <= 10:   # the message, not the exception: its traceback holds vCPU frames
+                    log.warning("PCI %02x.%d BAR%d at %#x not decoded: %s", (self.devfn or 0) >> 3,
+                                (self.devfn or 0) & 7, i, addr, str(e))
+                continue
+            self.bars[i].address = addr
+            self.mapped[i] = addr
+            progress = True
+        return progress
 
     def enable_decoding(self) -> None:
-        """What firmware leaves behind: BARs assigned and memory decoding on."""
+        """What firmware leaves behind: BARs assigned and memory decoding on (the bus then syncs)."""
         struct.pack_into("<H", self.config, COMMAND, self.command | CMD_MEMORY | CMD_BUS_MASTER)
-        self._update_decoding()
+
+    # -- INTx ------------------------------------------------------------------
+    def intx_pending(self) -> bool:
+        """The device's own interrupt condition (what STATUS.INTERRUPT shows); a device overrides it."""
+        return False
+
+    def update_intx(self) -> None:
+        """Recompute STATUS.INTERRUPT and the INTx level from state; drive the line if the level changed.
+
+        Call after anything :meth:`intx_pending` depends on, and after COMMAND.INTERRUPT_DISABLE changes.
+        Safe from any thread: the last caller leaves the line matching the state it saw.
+        """
+        with self._intx_lock:
+            pending = self.intx_pending()
+            status = self.pci_status & ~STATUS_INTX | (STATUS_INTX if pending else 0)
+            struct.pack_into("<H", self.config, STATUS, status)
+            level = int(pending and not self.command & CMD_INTX_DISABLE)
+            if level != self._intx_level and self.intx_gsi is not None:
+                self._intx_level = level
+                self.drive_intx(self.intx_gsi, level)
+
+    @property
+    def intx_level(self) -> int:
+        """The level this function drives on its INTx line now."""
+        return self._intx_level
 
     # -- what a device implements --------------------------------------------
+    def drive_intx(self, gsi: int, level: int) -> None:
+        """Set the INTx line (GSI ``gsi``) to ``level``; only devices with an interrupt pin need it."""
+        raise NotImplementedError
+
     def map_bar(self, index: int, address: int) -> None:
+        """Put BAR ``index`` on the buses at ``address``; raise :class:`BusError` (having mapped nothing)
+        if the range is taken."""
         raise NotImplementedError
 
     def unmap_bar(self, index: int, address: int) -> None:

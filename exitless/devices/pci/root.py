@@ -9,6 +9,7 @@ from __future__ import annotations
 import struct
 import threading
 
+from ...errors import ExitlessError
 from ...x86 import layout as L
 from .device import PciDevice
 
@@ -16,6 +17,10 @@ CONFIG_ADDRESS, CONFIG_DATA = 0xCF8, 0xCFC
 HOST_BRIDGE_VENDOR, HOST_BRIDGE_DEVICE = 0x1B36, 0x0008   # a generic host bridge, no chipset quirks
 CLASS_HOST_BRIDGE = 0x060000
 PCI_IRQS = (10, 11, 5, 9)  # INTx GSIs by slot, as the guest's interrupt-line register says
+
+
+class PciResourceError(ExitlessError, ValueError):
+    """No free slot, or no room in the PCI MMIO window, for another device (too many devices asked for)."""
 
 
 class HostBridge(PciDevice):
@@ -32,9 +37,11 @@ class HostBridge(PciDevice):
 
 class PciRoot:
     def __init__(self, pio_bus, window: tuple[int, int] = (L.PCI_MMIO_START, L.PCI_MMIO_END)):
+        """``window``: the host bridge's memory window [start, end), where BARs are assigned and decode."""
         self._lock = threading.Lock()
         self.devices: dict[int, PciDevice] = {}
         self.address = 0
+        self.window = window
         self._next_bar, self._window_end = window
         self.add(HostBridge(), slot=0)
         pio_bus.insert(CONFIG_ADDRESS, 4, _AddressPort(self), "pci-config-address")
@@ -43,23 +50,42 @@ class PciRoot:
     def add(self, dev: PciDevice, slot: int | None = None) -> int:
         """Plug ``dev`` into the next free slot, assign its BARs and turn decoding on."""
         if slot is None:
-            slot = next(s for s in range(1, 32) if (s << 3) not in self.devices)
+            slot = next((s for s in range(1, 32) if (s << 3) not in self.devices), None)
+            if slot is None:
+                raise PciResourceError("all 31 PCI slots are taken: too many devices")
         devfn = slot << 3
         if devfn in self.devices:
             raise ValueError(f"PCI slot {slot} is taken")
         for bar in sorted(dev.bars.values(), key=lambda b: -b.size):
             base = (self._next_bar + bar.size - 1) & ~(bar.size - 1)
             if base + bar.size > self._window_end:
-                raise ValueError("the PCI MMIO window is full")
+                raise PciResourceError(f"the PCI MMIO window is full: no room for {type(dev).__name__}'s BAR{bar.index} "
+                                       f"({bar.size:#x} bytes): too many devices")
             dev.set_bar_address(bar.index, base)
             self._next_bar = base + bar.size
         if dev.config[0x3D]:
-            dev.config[0x3C] = PCI_IRQS[slot % 4]
+            dev.intx_gsi = dev.config[0x3C] = PCI_IRQS[slot % 4]
         dev.devfn = devfn
-        self.devices[devfn] = dev
-        if dev.bars:
-            dev.enable_decoding()
+        with self._lock:
+            self.devices[devfn] = dev
+            if dev.bars:
+                dev.enable_decoding()
+                self.sync_decoding()
         return slot
+
+    def sync_decoding(self) -> None:
+        """Make the buses match every function's config space (PCI 3.0 §6.2.2, §6.2.5.1).
+
+        First every stale mapping goes (a BAR moved, or decoding turned off), then every BAR
+        that should decode and is not mapped is mapped, function by function, BAR by BAR.  A
+        BAR the buses refuse (it overlaps another: undefined decode) stays unmapped until a
+        later config write lets it in.  Called with the lock held.
+        """
+        devs = [self.devices[k] for k in sorted(self.devices)]
+        for d in devs:
+            d.unmap_stale(self.window)
+        for d in devs:
+            d.map_pending(self.window)
 
     def _target(self) -> tuple[PciDevice | None, int]:
         a = self.address
@@ -79,6 +105,7 @@ class PciRoot:
             dev, reg = self._target()
             if dev is not None:
                 dev.config_write(reg + offset, len(data), int.from_bytes(data, "little"))
+                self.sync_decoding()
 
 
 class _AddressPort:

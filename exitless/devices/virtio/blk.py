@@ -39,6 +39,7 @@ import os
 import stat
 import struct
 
+from ...errors import ExitlessError
 from .constants import (
     VIRTIO_BLK_F_BLK_SIZE,
     VIRTIO_BLK_F_DISCARD,
@@ -89,6 +90,21 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if _fallocate(fd, mode, offset, length) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
+
+
+class BackingFileError(ExitlessError, OSError):
+    """The disk's backing file cannot be used (missing, no permission, not a file or block device, no O_DIRECT).
+
+    An ``OSError`` with ``errno`` and ``filename`` set; a missing file is also a ``FileNotFoundError``
+    (:class:`BackingFileMissing`).
+    """
+
+    def __str__(self) -> str:
+        return f"{self.filename}: {self.strerror}"
+
+
+class BackingFileMissing(BackingFileError, FileNotFoundError):
+    """The disk's backing file does not exist."""
 
 
 class _RequestError(Exception):
@@ -189,7 +205,8 @@ class VirtioBlk(VirtioDevice):
             elif stat.S_ISREG(st.st_mode):
                 size = st.st_size
             else:
-                raise OSError(errno.EINVAL, "virtio-blk backing must be a regular file or a block device", self.path)
+                raise BackingFileError(errno.EINVAL, "virtio-blk backing must be a regular file or a block device",
+                                       self.path)
             self.capacity = size // SECTOR          # in 512-byte sectors; a partial tail sector is not exposed
             self.dio_align = 1
             if direct:
@@ -209,12 +226,12 @@ class VirtioBlk(VirtioDevice):
         try:
             return os.open(self.path, flags)
         except FileNotFoundError:
-            raise FileNotFoundError(errno.ENOENT, "virtio-blk backing file does not exist", self.path) from None
+            raise BackingFileMissing(errno.ENOENT, "virtio-blk backing file does not exist", self.path) from None
         except OSError as e:
             if flags & os.O_DIRECT and e.errno == errno.EINVAL:
-                raise OSError(errno.EINVAL, "the filesystem of the virtio-blk backing file does not support "
-                                            "O_DIRECT (direct=True)", self.path) from None
-            raise
+                raise BackingFileError(errno.EINVAL, "the filesystem of the virtio-blk backing file does not support "
+                                                     "O_DIRECT (direct=True)", self.path) from None
+            raise BackingFileError(e.errno, f"virtio-blk backing file: {e.strerror}", self.path) from None
 
     def _probe_dio_align(self) -> int:
         """512 if an O_DIRECT read of 512 bytes at a 512-byte (not 4 KiB) aligned address works, else 4096."""

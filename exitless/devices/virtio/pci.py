@@ -15,6 +15,11 @@ queue's doorbell can be, depending on the path:
   avail_event, fence, re-check) and sleep on the ioeventfds.
 
 BAR4 holds the MSI-X table and PBA.  Completions interrupt through irqfds.
+
+Without MSI-X the function interrupts on its INTx line, whose level is a function
+of state (:meth:`PciDevice.update_intx`): asserted while ISR is non-zero, MSI-X is
+disabled and COMMAND.INTERRUPT_DISABLE is clear; reading ISR (§4.1.4.5) and a
+device reset (§2.4: no notifications after reset) de-assert it.
 """
 from __future__ import annotations
 
@@ -25,6 +30,8 @@ import threading
 
 from ...sidecore.loop import SidecoreGroup
 from ...sidecore.paths import MODE_OF_PATH, PATHS
+from ...bus import BusError
+from ...memory import GuestMemoryError
 from ...sidecore.spin import address_of, drain_eventfd, fence
 from ..pci.device import Bar, PciDevice
 from ..pci.msix import CAP_ID_MSIX, NO_VECTOR, Msix
@@ -41,6 +48,9 @@ COMMON_LEN, DEVICE_LEN = 0x40, 0x1000
 NOTIFY_MULTIPLIER = 4096
 BAR_CFG, BAR_NOTIFY, BAR_MSIX = 0, 2, 4
 NOTIFY_SENTINEL = 0xFFFF_FFFF
+#: Where a shared notify page waits while its BAR does not decode: a guest-physical address above
+#: any CPU's physical address width (52 bits), so that its old address is free for another BAR.
+PARKED_GPA = 1 << 56
 CLASS_BY_DEVICE = {1: 0x020000, 2: 0x018000}   # net: ethernet; blk: mass storage (other)
 
 
@@ -142,40 +152,51 @@ class VirtioPci(PciDevice):
         self.queue_select = 0
         self.isr = 0
         self.queues = [_QueueState(self.device.queue_max_size) for _ in range(self.device.num_queues)]
-        self._intx_level = 0
+        self.update_intx()
 
     # -- BAR mapping (called by PciDevice when decoding changes) ----------------
     def map_bar(self, index: int, address: int) -> None:
         mmio = self.machine.mmio
+        size = self.bars[index].size
         if index == BAR_CFG:
-            mmio.insert(address, self.bars[index].size, _CfgWindow(self), f"virtio{self.device.device_id}-cfg")
+            mmio.insert(address, size, _CfgWindow(self), f"virtio{self.device.device_id}-cfg")
         elif index == BAR_MSIX:
-            mmio.insert(address, self.bars[index].size, self.msix, "virtio-msix")
+            mmio.insert(address, size, self.msix, "virtio-msix")
         elif index == BAR_NOTIFY:
-            size = self.bars[index].size
+            # On every path the MMIO bus holds the notify range, so that an overlap with any other
+            # BAR is refused there; on the shared path KVM's RAM slot answers before the bus is asked.
+            mmio.insert(address, size, _NotifyWindow(self), "virtio-notify")
             if self.path == "shared":
-                if self.notify_region is None:
-                    self.notify_region = self.machine.add_ram_page(address, size)
-                    view = self.machine.mem.view(address, size)
-                    self.notify_words = [view[q * NOTIFY_MULTIPLIER:q * NOTIFY_MULTIPLIER + 4].cast("I")
-                                         for q in range(self.device.num_queues)]
-                    for word in self.notify_words:
-                        word[0] = NOTIFY_SENTINEL
-                    self.notify_view = view
-                else:
-                    self.notify_region = self.machine.remap_ram_page(self.notify_region, address)
+                try:
+                    self._map_notify_page(address, size)
+                except GuestMemoryError as e:
+                    mmio.remove(address)
+                    raise BusError(f"virtio-notify page at {address:#x}: {e}") from e
             else:
-                mmio.insert(address, size, _NotifyWindow(self), "virtio-notify")
                 for q, fd in enumerate(self.wake_fds):
                     self.machine.vm.ioeventfd(fd, address + q * NOTIFY_MULTIPLIER, 0)
                 self._ioeventfds_at = address
 
+    def _map_notify_page(self, address: int, size: int) -> None:
+        if self.notify_region is None:
+            self.notify_region = self.machine.add_ram_page(address, size)
+            view = self.machine.mem.view(address, size)
+            self.notify_words = [view[q * NOTIFY_MULTIPLIER:q * NOTIFY_MULTIPLIER + 4].cast("I")
+                                 for q in range(self.device.num_queues)]
+            for word in self.notify_words:
+                word[0] = NOTIFY_SENTINEL
+            self.notify_view = view
+        else:
+            self.notify_region = self.machine.remap_ram_page(self.notify_region, address)
+
     def unmap_bar(self, index: int, address: int) -> None:
+        self.machine.mmio.remove(address)
         if index == BAR_NOTIFY and self.path == "shared":
             self.machine.unmap_ram_page(self.notify_region)
-            return
-        self.machine.mmio.remove(address)
-        if index == BAR_NOTIFY and self._ioeventfds_at is not None:
+            # out of the way, so that its old address can take another BAR
+            self.notify_region = self.machine.mem.move_region(self.notify_region,
+                                                              PARKED_GPA + self.notify_region.offset)
+        elif index == BAR_NOTIFY and self._ioeventfds_at is not None:
             for q, fd in enumerate(self.wake_fds):
                 self.machine.vm.ioeventfd(fd, address + q * NOTIFY_MULTIPLIER, 0, deassign=True)
             self._ioeventfds_at = None
@@ -189,9 +210,12 @@ class VirtioPci(PciDevice):
         cap = self.msix.cap_offset
         if offset <= cap + 2 < offset + size or offset <= cap + 3 < offset + size:
             self.msix.control_written(struct.unpack_from("<H", self.config, cap + 2)[0])
+            self.update_intx()        # INTx is not used while MSI-X is enabled
 
     # -- interrupts --------------------------------------------------------------
     def signal_queue(self, q: int) -> None:
+        if not self.status & VIRTIO_STATUS_DRIVER_OK:
+            return                      # reset, or not yet live: no notifications (§2.4, §3.1)
         if self.msix.enabled:
             vec = self.queues[q].msix_vector
             if vec != NO_VECTOR:
@@ -202,6 +226,8 @@ class VirtioPci(PciDevice):
     def _config_interrupt(self) -> None:
         self.config_generation = (self.config_generation + 1) & 0xFF
         if self.msix.enabled:
+            with self.lock:
+                self.isr |= 0x2         # §4.1.4.5.1: set before any configuration change notification
             if self.msix_config != NO_VECTOR:
                 self.msix.fire(self.msix_config)
         else:
@@ -210,9 +236,14 @@ class VirtioPci(PciDevice):
     def _intx(self, bits: int) -> None:
         with self.lock:
             self.isr |= bits
-            if not self._intx_level:
-                self._intx_level = 1
-                self.machine.vm.irq_line(self.config[0x3C], 1)
+            self.update_intx()
+
+    def drive_intx(self, gsi: int, level: int) -> None:
+        self.machine.vm.irq_line(gsi, level)
+
+    def intx_pending(self) -> bool:
+        """§4.1.4.5.1: with MSI-X disabled, STATUS.INTERRUPT is the OR of the ISR bits."""
+        return bool(self.isr) and not self.msix.enabled
 
     def _needs_reset(self) -> None:
         self.status |= VIRTIO_STATUS_DEVICE_NEEDS_RESET
@@ -304,11 +335,10 @@ class VirtioPci(PciDevice):
             os.eventfd_write(fd, 1)
 
     def isr_read(self) -> int:
+        """Read-to-clear (§4.1.4.5): the INTx line drops."""
         with self.lock:
             value, self.isr = self.isr, 0
-            if self._intx_level:
-                self._intx_level = 0
-                self.machine.vm.irq_line(self.config[0x3C], 0)
+            self.update_intx()
             return value
 
     def notify(self, q: int) -> None:

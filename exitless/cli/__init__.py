@@ -1,0 +1,47 @@
+"""The ``exitless`` command: run a guest, serve a device, benchmark the I/O paths, check the host.
+
+One module per command group; each has ``register(subparsers)`` that adds its
+parser(s) and sets ``func`` (``cmd_*(args) -> exit status``).  A new group is a new
+module listed in :data:`GROUPS`; a new sub-command of a group (``serve net``,
+``bench nvme``) is an ``add_parser`` in that group's module.  The modules import
+nothing from this package's ``__init__`` (no cycles); shared argument types live
+in :mod:`exitless.cli.options`.
+
+Errors: a command lets :class:`exitless.errors.ExitlessError` propagate; :func:`main`
+prints its message on one line and exits 2 (the user's input or host is at fault).
+Any other exception is a bug in exitless and surfaces with its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .. import __version__
+from ..errors import ExitlessError
+from . import bench, doctor, guest, run, serve
+
+#: The command groups, in ``--help`` order.
+GROUPS = (run, guest, serve, bench, doctor)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="exitless", description="Run a guest, serve a device, benchmark the I/O paths, "
+                                "check the host.")
+    p.add_argument("--version", action="version", version=f"exitless {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+    for group in GROUPS:
+        group.register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="exitless: %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ExitlessError as e:
+        print(f"exitless: {e}", file=sys.stderr)
+        return 2

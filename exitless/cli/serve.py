@@ -1,0 +1,149 @@
+"""``exitless serve DEVICE``: an exitless device model served to another VMM (QEMU) over vhost-user.
+
+One ``_add_*`` function per device adds its sub-command to ``serve``; each runs until
+SIGINT/SIGTERM, one frontend at a time, logging connections.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+
+from .options import add_disk_argument, power_of_two
+
+BLK_USAGE = """\
+    exitless serve blk --socket /tmp/vhost.sock --disk disk.img[,ro][,direct] [--io kick|poll|adaptive]
+    qemu-system-x86_64 ... -object memory-backend-memfd,id=mem,size=1G,share=on \\
+        -machine q35,memory-backend=mem -chardev socket,id=c0,path=/tmp/vhost.sock \\
+        -device vhost-user-blk-pci,chardev=c0,num-queues=1
+
+Runs until SIGINT/SIGTERM, one frontend at a time, logging connections.
+Exit status 2 if the socket path is taken by a live listener (or is not a
+socket) or the disk cannot be opened.
+"""
+
+
+def register(sub) -> None:
+    """Add ``serve`` and its devices to the top-level subparsers."""
+    serve = sub.add_parser("serve", help="serve an exitless device to another VMM (vhost-user)")
+    ssub = serve.add_subparsers(dest="serve", required=True)
+    _add_blk(ssub)
+    _add_net(ssub)
+
+
+def _add_blk(ssub) -> None:
+    from ..vhost_user import IO_MODES
+
+    blk = ssub.add_parser("blk", help="virtio-blk over vhost-user (QEMU: -device vhost-user-blk-pci)",
+                          description=BLK_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    blk.add_argument("--socket", required=True, metavar="PATH", help="unix socket to listen on")
+    add_disk_argument(blk, ("ro", "direct"), required=True, help="the disk image or block device served")
+    blk.add_argument("--io", choices=IO_MODES, default="kick",
+                     help="kick: sleep on kick eventfds; poll: poll the avail rings (no kicks); adaptive: both")
+    blk.add_argument("--queues", type=int, default=1, choices=range(1, 17), metavar="N",
+                     help="virtqueues offered (QEMU's num-queues must not exceed it; default 1)")
+    blk.add_argument("--queue-size", type=power_of_two, default=256, metavar="N", help="maximum ring size (default 256)")
+    blk.add_argument("--poll-us", type=float, default=64.0, help="adaptive: initial busy-poll window (µs)")
+    blk.set_defaults(func=cmd_serve_blk)
+
+
+def cmd_serve_blk(args) -> int:
+    from ..devices.virtio.blk import VirtioBlk
+
+    disk = args.disk
+    dev = VirtioBlk(disk.path, read_only=disk.read_only, direct=disk.direct, num_queues=args.queues,
+                    queue_size=args.queue_size)
+    return serve_device(args, dev, "vhost-user-blk",
+                        f"{disk.path} ({dev.capacity} sectors{', read-only' if disk.read_only else ''}, "
+                        f"{dev.num_queues} queue(s) of {dev.queue_max_size})")
+
+
+NET_USAGE = """\
+    exitless serve net --socket /tmp/net.sock --tap tap0 [--netns NS] [--io kick|poll|adaptive] [--queues N]
+    qemu-system-x86_64 ... -object memory-backend-memfd,id=mem,size=1G,share=on \\
+        -machine q35,memory-backend=mem -chardev socket,id=c0,path=/tmp/net.sock \\
+        -netdev vhost-user,id=n0,chardev=c0[,queues=N] -device virtio-net-pci,netdev=n0[,mq=on]
+
+The back-end serves the RX/TX queue pairs; QEMU keeps the control queue (RX mode, MAC
+filter, MQ: it enables and disables the pairs' rings).  The TAP is attached by name (in
+network namespace NS), or created without persistence if it does not exist; with N > 1
+it must be a multi-queue TAP.  Exit status 2 if the TAP cannot be attached or the
+socket path is taken.  QEMU 7.2 under TCG: add vectors=0 to virtio-net-pci (its MSI-X
+path for vhost-user-net needs KVM irqfds and crashes without them).
+"""
+
+
+def _mac(text: str) -> bytes:
+    from ..devices.virtio.net import parse_mac
+
+    try:
+        return parse_mac(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_net(ssub) -> None:
+    from ..vhost_user import IO_MODES
+
+    net = ssub.add_parser("net", help="virtio-net on a TAP over vhost-user (QEMU: -netdev vhost-user)",
+                          description=NET_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    net.add_argument("--socket", required=True, metavar="PATH", help="unix socket to listen on")
+    net.add_argument("--tap", required=True, metavar="NAME", help="TAP interface")
+    net.add_argument("--netns", metavar="NS", help="the TAP lives in network namespace NS (/run/netns/NS)")
+    net.add_argument("--io", choices=IO_MODES, default="kick",
+                     help="kick: sleep on kick eventfds and the TAP; poll: poll rings and TAP; adaptive: both")
+    net.add_argument("--queues", type=int, default=1, choices=range(1, 17), metavar="N",
+                     help="queue pairs (QEMU's queues= must not exceed it; default 1)")
+    net.add_argument("--queue-size", type=power_of_two, default=256, metavar="N", help="maximum ring size (default 256)")
+    net.add_argument("--mac", type=_mac, metavar="MAC", help="the device's MAC (QEMU's mac= is what the guest sees)")
+    net.add_argument("--poll-us", type=float, default=64.0, help="adaptive: initial busy-poll window (µs)")
+    net.set_defaults(func=cmd_serve_net)
+
+
+def cmd_serve_net(args) -> int:
+    from ..devices.virtio.net import VirtioNet
+    from ..net.tap import Tap
+
+    tap = Tap.open(args.tap, queues=args.queues, netns=args.netns)
+    try:
+        dev = VirtioNet(tap, mac=args.mac, queue_pairs=args.queues, queue_size=args.queue_size, ctrl_queue=False)
+        where = f" in netns {args.netns}" if args.netns else ""
+        return serve_device(args, dev, "vhost-user-net",
+                            f"TAP {args.tap}{where} ({args.queues} queue pair(s) of {dev.queue_max_size})")
+    finally:
+        tap.close()
+        if "dev" in locals():
+            logging.getLogger("exitless.vhost_user").info(
+                "vhost-user-net: %s", ", ".join(f"{k} {v}" for k, v in dev.stats.items()))
+
+
+def serve_device(args, dev, name: str, what: str) -> int:
+    """Serve ``dev`` (a :class:`~exitless.devices.virtio.device.VirtioDevice`, closed at the end) on
+    ``args.socket`` with ``args.io`` / ``args.poll_us`` until SIGINT or SIGTERM; returns 0."""
+    from ..vhost_user import VhostUserServer
+
+    log = logging.getLogger("exitless.vhost_user")
+    log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="exitless: %(levelname)s %(name)s: %(message)s")
+    server = VhostUserServer(args.socket, dev, args.io, poll_ns=int(args.poll_us * 1000), name=name)
+    try:
+        server.listen()
+    except BaseException:
+        dev.close()
+        raise
+
+    def _stop(signum, _frame):
+        log.info("%s: %s: stopping", name, signal.Signals(signum).name)
+        server.request_stop()
+
+    old = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    log.info("%s: serving %s on %s, io=%s", name, what, args.socket, args.io)
+    try:
+        server.serve_forever()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        server.close()
+        dev.close()
+    return 0
