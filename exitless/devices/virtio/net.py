@@ -69,6 +69,7 @@ import threading
 from collections import deque
 from typing import Protocol
 
+from ...sidecore.aio_poll import AioPoll
 from .constants import (
     VIRTIO_ID_NET,
     VIRTIO_NET_CTRL_ANNOUNCE,
@@ -183,7 +184,7 @@ class _Pair:
         self.index = index
         self.held: deque[_RxChain] = deque()
         self.held_heads = bytearray()       # 1 for each head we hold (sized at activation)
-        self.armed = False                  # TAP fd armed in the epoll (EPOLLONESHOT)
+        self.armed = False                  # a one-shot readiness poll on the TAP fd is pending
         self.gone = False                   # the fd reported the TAP gone: never watched again
         self.poller: TapRxPollable | None = None
         # RX of a pair may be driven from two threads on the trap path (the vCPU thread handles the
@@ -226,7 +227,6 @@ class VirtioNet(VirtioDevice):
         self._pairs = [_Pair(i) for i in range(pairs)]
         self._bounce = bytearray(MAX_RX)
         self._bounce_view = memoryview(self._bounce)
-        self._pollable_mode: str | None = None
         self._reset_net_state()
 
     def _reset_net_state(self) -> None:
@@ -365,22 +365,19 @@ class VirtioNet(VirtioDevice):
         self.backend.set_offload(0)
 
     def close(self) -> None:
-        """Stop the TAP pollables' helper threads (the backend is the caller's to close)."""
+        """Cancel the TAP pollables' readiness polls (the backend is the caller's to close)."""
         for p in self._pairs:
             if p.poller is not None:
                 p.poller.close()
                 p.poller = None
-        self._pollable_mode = None
 
     # -- sidecore integration --------------------------------------------------------------------
     def backend_pollables(self, mode: str) -> list:
-        """One :class:`TapRxPollable` per queue pair, for a sidecore loop in ``mode`` (kept across
-        activations; recreated if the mode changes)."""
-        if self._pollable_mode != mode:
-            self.close()
-            for p in self._pairs:
-                p.poller = TapRxPollable(self, p.index, mode)
-            self._pollable_mode = mode
+        """One :class:`TapRxPollable` per queue pair (the same in every sidecore mode; kept across
+        activations and vhost-user sessions until :meth:`close`)."""
+        for p in self._pairs:
+            if p.poller is None:
+                p.poller = TapRxPollable(self, p.index)
         return [p.poller for p in self._pairs]
 
     # -- queue dispatch ----------------------------------------------------------------------------
@@ -727,12 +724,9 @@ class TapRxPollable:
     ``wake_fd``, on which a sleeping one waits.  The same in every mode.
     """
 
-    def __init__(self, device: VirtioNet, pair: int, mode: str):
-        from exitless.sidecore.aio_poll import AioPoll
-
+    def __init__(self, device: VirtioNet, pair: int):
         self.device = device
         self.pair = pair
-        self.mode = mode
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         try:
             self.aio = AioPoll(device.backend.fds[pair], self.wake_fd)
