@@ -9,7 +9,8 @@ Tests (guest kit ``net`` app, measured in the guest with the TSC):
 
 * ``rr-64``: one 64-byte ICMP echo at a time: request/response latency (p50/p99);
 * ``flood-64``: 32 echoes in flight: round trips per second (a frame each way per round trip);
-* ``tx-64`` / ``tx-1500``: frames sent as fast as the TX ring allows: packets/s and Gbit/s.
+* ``tx-64`` / ``tx-1500``: frames sent as fast as the TX ring allows: packets/s and Gbit/s;
+* ``tx-tso``: 64 KiB TCP frames with a GSO header (CSUM + HOST_TSO4): the host segments them.
 
 Exits and host CPU per packet: in exitless over exactly the guest's measured loop (port 0x511
 marks); in QEMU differential, a run of ``n`` minus a run of ``n/10``.  Host CPU excludes the vCPU
@@ -45,6 +46,7 @@ class Test:
     size: int       # Ethernet frame bytes (no FCS)
     n: int
     qd: int = 1
+    tso: bool = False   # 64 KiB TCP frames the host segments (CSUM + HOST_TSO4)
 
 
 TESTS = (
@@ -52,12 +54,14 @@ TESTS = (
     Test("flood-64", "flood", 64, 20000, 32),
     Test("tx-64", "tx", 64, 50000),
     Test("tx-1500", "tx", 1514, 20000),
+    Test("tx-tso", "tx", 65549, 4000, tso=True),
 )
 
 
 def _app(test: Test, n: int) -> str:
     qd = f" qd={test.qd}" if test.kind == "flood" else ""
-    return f"net test={test.kind} n={n} size={test.size}{qd} max_timeouts=0 timeout_ms=1000"
+    tso = " tso=1" if test.tso else ""
+    return f"net test={test.kind} n={n} size={test.size}{qd}{tso} max_timeouts=0 timeout_ms=1000"
 
 
 class Namespace:
@@ -241,7 +245,8 @@ def plot(rows: list[dict], path: str) -> None:
     panels = [("rr-64", "p50_us", "64 B request/response p50 (µs, lower is better)"),
               ("flood-64", "pps", "64 B round trips/s, 32 in flight"),
               ("tx-64", "pps", "64 B TX packets/s"),
-              ("tx-1500", "gbit_s", "1514 B TX Gbit/s")]
+              ("tx-1500", "gbit_s", "1514 B TX Gbit/s"),
+              ("tx-tso", "gbit_s", "64 KiB TSO TX Gbit/s")]
     colors = {"exitless": "tab:blue", "qemu": "tab:gray", "qemu+exitless": "tab:orange"}
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4))
     for ax, (test, key, title) in zip(axes, panels):

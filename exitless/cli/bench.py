@@ -42,7 +42,7 @@ def register(sub) -> None:
                                      "and QEMU with exitless's vhost-user-net back-end")
     bn.add_argument("--paths", nargs="+", default=["trap", "ioeventfd", "shared", "poll", "adaptive"],
                     choices=["trap", "ioeventfd", "shared", "poll", "adaptive"])
-    bn.add_argument("--tests", nargs="+", help="subset of: rr-64 flood-64 tx-64 tx-1500")
+    bn.add_argument("--tests", nargs="+", help="subset of: rr-64 flood-64 tx-64 tx-1500 tx-tso")
     bn.add_argument("--scale", type=float, default=1.0, help="multiply the packet counts")
     bn.add_argument("--no-qemu", action="store_true", help="skip QEMU's own virtio-net rows")
     bn.add_argument("--no-vhost", action="store_true", help="skip the qemu+exitless (vhost-user-net) rows")

@@ -19,7 +19,14 @@
 #define VIRTIO_NET_S_LINK_UP 1
 #define HDR_LEN 12
 #define RX_BUF 2048
-#define TX_BUF 2048
+#define TX_BUF_SMALL 2048
+#define TX_BUF_TSO 69632 /* a 64 KiB GSO frame, its headers and the virtio header, page multiple */
+#define VIRTIO_NET_F_CSUM 0
+#define VIRTIO_NET_F_HOST_TSO4 11
+#define VIRTIO_NET_HDR_F_NEEDS_CSUM 1
+#define VIRTIO_NET_HDR_GSO_TCPV4 1
+#define TSO_MSS 1448
+#define TSO_MAX (14 + 65535)
 #define ETH_MIN 60
 #define ETH_MAX 1514
 #define MAX_QSIZE 1024
@@ -39,6 +46,7 @@ static u8 my_mac[6], peer_mac[6];
 static u8 my_ip[4], peer_ip[4];
 static bool have_peer_mac;
 static bool event_idx;
+static u32 tx_buf = TX_BUF_SMALL;
 /* counters */
 static u64 rx_frames, tx_frames, tx_completed, arp_answered, bad_num_buffers, bad_rx_len, other_frames;
 
@@ -113,14 +121,14 @@ static u8 *tx_slot(u16 *id)
     if (!tx_nfree)
         return NULL;
     *id = tx_free_head[--tx_nfree];
-    u8 *b = txbufs + (u64)*id * TX_BUF;
+    u8 *b = txbufs + (u64)*id * tx_buf;
     memset(b, 0, HDR_LEN); /* flags 0, GSO_NONE, num_buffers 0 */
     return b + HDR_LEN;
 }
 
 static void tx_queue(u16 id, u32 frame_len, bool kick)
 {
-    txq.desc[id].addr = (u64)(uptr)(txbufs + (u64)id * TX_BUF);
+    txq.desc[id].addr = (u64)(uptr)(txbufs + (u64)id * tx_buf);
     txq.desc[id].len = HDR_LEN + frame_len;
     txq.desc[id].flags = 0;
     txq.avail->ring[txq.avail_idx % qsize] = id;
@@ -242,6 +250,63 @@ static bool send_raw(u32 seq, u32 size, bool kick)
     return true;
 }
 
+static void put_be32(u8 *p, u32 v)
+{
+    put_be16(p, (u16)(v >> 16));
+    put_be16(p + 2, (u16)v);
+}
+
+/* A TCP/IPv4 segment of 'size' frame bytes that the host segments (HOST_TSO4): the virtio header asks
+ * for GSO TCPV4 with MSS TSO_MSS and for the TCP checksum (NEEDS_CSUM: the field holds the
+ * pseudo-header sum, as Linux's __tcp_v4_send_check leaves it). */
+static bool send_tso(u32 seq, u32 size, bool kick)
+{
+    u16 id;
+    u8 *f = tx_slot(&id);
+    if (!f)
+        return false;
+    u8 *h = f - HDR_LEN;
+    h[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM;
+    h[1] = size - 54 > TSO_MSS ? VIRTIO_NET_HDR_GSO_TCPV4 : 0;
+    *(u16 *)(h + 2) = 54;                /* hdr_len: Ethernet + IP + TCP */
+    *(u16 *)(h + 4) = TSO_MSS;           /* gso_size */
+    *(u16 *)(h + 6) = 34;                /* csum_start: the TCP header */
+    *(u16 *)(h + 8) = 16;                /* csum_offset: TCP's checksum field */
+    u32 n = build_eth(f, peer_mac, ETHERTYPE_IP);
+    u8 *ip = f + n, *tcp = ip + 20;
+    u32 tcp_len = size - 14 - 20;
+    ip[0] = 0x45;
+    ip[1] = 0;
+    put_be16(ip + 2, (u16)(20 + tcp_len));
+    put_be16(ip + 4, (u16)seq);
+    put_be16(ip + 6, 0x4000);
+    ip[8] = 64;
+    ip[9] = 6;
+    put_be16(ip + 10, 0);
+    memcpy(ip + 12, my_ip, 4);
+    memcpy(ip + 16, peer_ip, 4);
+    put_be16(ip + 10, inet_csum(ip, 20));
+    put_be16(tcp, 40000);
+    put_be16(tcp + 2, 9);                /* discard: the host answers with a reset, or nothing */
+    put_be32(tcp + 4, seq * 65536u);
+    put_be32(tcp + 8, 0);
+    tcp[12] = 5 << 4;
+    tcp[13] = 0x18;                      /* PSH | ACK */
+    put_be16(tcp + 14, 65535);
+    put_be16(tcp + 18, 0);
+    for (u32 i = 20; i < tcp_len; i += 64)
+        tcp[i] = payload_byte(seq, i);   /* touch the payload (one byte per cache line) */
+    u8 pseudo[12];
+    memcpy(pseudo, my_ip, 4);
+    memcpy(pseudo + 4, peer_ip, 4);
+    pseudo[8] = 0;
+    pseudo[9] = 6;
+    put_be16(pseudo + 10, (u16)tcp_len);
+    put_be16(tcp + 16, (u16)~inet_csum(pseudo, 12));
+    tx_queue(id, size, kick);
+    return true;
+}
+
 enum rx_kind { RX_NONE, RX_ARP_REPLY, RX_ECHO_REPLY, RX_OTHER };
 
 /* classify one frame; answers ARP requests for our address.  For an echo reply: *seq and whether
@@ -317,14 +382,18 @@ static noreturn void fail_json(const char *test, const char *msg)
     gk_exit(EXIT_FAIL);
 }
 
-static bool net_init(u32 want_qsize, bool want_mrg, bool want_event_idx)
+static bool net_init(u32 want_qsize, bool want_mrg, bool want_event_idx, bool tso)
 {
     u64 want = (1ULL << VIRTIO_F_VERSION_1) | (1ULL << VIRTIO_NET_F_MAC) | (1ULL << VIRTIO_NET_F_STATUS);
+    if (tso)
+        want |= (1ULL << VIRTIO_NET_F_CSUM) | (1ULL << VIRTIO_NET_F_HOST_TSO4);
     if (want_mrg)
         want |= 1ULL << VIRTIO_NET_F_MRG_RXBUF;
     if (want_event_idx)
         want |= 1ULL << VIRTIO_F_EVENT_IDX;
     if (!vdev_negotiate(&vd, want, 1ULL << VIRTIO_F_VERSION_1))
+        return false;
+    if (tso && (vd.features & want) != want)
         return false;
     event_idx = (vd.features >> VIRTIO_F_EVENT_IDX) & 1;
     if ((vd.features >> VIRTIO_NET_F_MAC) & 1) {
@@ -351,7 +420,7 @@ static bool net_init(u32 want_qsize, bool want_mrg, bool want_event_idx)
     used_event_ahead(&txq);
     if (!rxbufs) {
         rxbufs = heap_alloc((u64)MAX_QSIZE * RX_BUF, 4096);
-        txbufs = heap_alloc((u64)MAX_QSIZE * TX_BUF, 4096);
+        txbufs = heap_alloc((u64)qsize * tx_buf, 4096);
     }
     for (u16 i = 0; i < qsize; i++)
         rx_post(i);
@@ -367,7 +436,7 @@ static bool net_init(u32 want_qsize, bool want_mrg, bool want_event_idx)
 
 void app_net(void)
 {
-    static const char *const keys[] = {"test", "n", "warmup", "size", "qd", "ip", "peer", "qsize", "mrg",
+    static const char *const keys[] = {"test", "n", "warmup", "size", "qd", "ip", "peer", "qsize", "mrg", "tso",
                                        "event_idx", "timeout_ms", "max_timeouts", "index", "bar_window",
                                        NULL};
     args_allow(keys);
@@ -376,9 +445,17 @@ void app_net(void)
     if (!rr && !flood && !tx_only)
         usage_error("test must be rr, flood or tx");
     u64 n = arg_u64("n", 1000), warmup = arg_u64("warmup", 10);
-    u64 size = arg_u64("size", 64);
-    if (size < ETH_MIN || size > ETH_MAX)
-        usage_error("size must be %u..%u frame bytes", ETH_MIN, ETH_MAX);
+    bool tso = arg_u64("tso", 0) != 0;
+    if (tso && !tx_only)
+        usage_error("tso=1 needs test=tx");
+    u64 size = arg_u64("size", tso ? TSO_MAX : 64);
+    if (size < ETH_MIN || size > (tso ? TSO_MAX : ETH_MAX))
+        usage_error("size must be %u..%u frame bytes", ETH_MIN, tso ? TSO_MAX : ETH_MAX);
+    if (tso) {
+        if (size < 54 + 1)
+            usage_error("tso=1: size must leave TCP payload");
+        tx_buf = TX_BUF_TSO;
+    }
     u64 qd = arg_u64("qd", flood ? 32 : 1);
     u64 want_qsize = arg_u64("qsize", 256);
     if (!want_qsize || want_qsize > MAX_QSIZE || want_qsize & (want_qsize - 1))
@@ -395,8 +472,9 @@ void app_net(void)
 
     if (!vdev_probe(&vd, VIRTIO_ID_NET_MODERN, (u32)arg_u64("index", 0)))
         fail_json(test, "no virtio-net (1af4:1041) device on PCI bus 0");
-    if (!net_init((u32)want_qsize, arg_u64("mrg", 1) != 0, arg_u64("event_idx", 1) != 0))
-        fail_json(test, "virtio-net initialisation failed (features or queues refused)");
+    if (!net_init((u32)want_qsize, arg_u64("mrg", 1) != 0, arg_u64("event_idx", 1) != 0, tso))
+        fail_json(test, tso ? "virtio-net initialisation failed (CSUM + HOST_TSO4 not offered?)"
+                            : "virtio-net initialisation failed (features or queues refused)");
     u16 status = ((vd.features >> VIRTIO_NET_F_STATUS) & 1) ? vdev_cfg_read16(&vd, 6) : VIRTIO_NET_S_LINK_UP;
     printf("guestkit: virtio-net %02x:%02x.%x features=%#llx qsize=%u status=%u\n", vd.pci.bus, vd.pci.dev,
            vd.pci.fn, vd.features, qsize, status);
@@ -482,7 +560,8 @@ void app_net(void)
         while (done < n) {
             bool progress = false;
             if (tx_only) {
-                while (sent < n && send_raw((u32)sent, (u32)size, false)) {
+                while (sent < n && (tso ? send_tso((u32)sent, (u32)size, false)
+                                        : send_raw((u32)sent, (u32)size, false))) {
                     sent++;
                     progress = true;
                 }
@@ -540,6 +619,7 @@ void app_net(void)
     json_begin("net");
     json_str("test", test);
     json_u64("size", size);
+    json_u64("tso", tso);
     json_u64("qd", qd);
     json_u64("ops", done);
     json_u64("errors", errors);
