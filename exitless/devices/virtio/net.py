@@ -488,8 +488,8 @@ class VirtioNet(VirtioDevice):
                 q.disable_notifications()
             if not p.armed:
                 done += self._rx_pump_locked(p)
-            elif done:
-                self.notify(index)
+            if done:
+                self.notify(index)      # unusable buffers returned empty (the pump signals its own)
         except VirtqueueError as e:
             self.notify(index)
             self._set_needs_reset(index, e)
@@ -535,7 +535,7 @@ class VirtioNet(VirtioDevice):
         stats = self.stats
         while p.held and budget:
             budget -= 1
-            iov, cap, nchains = self._rx_iov(p)
+            iov, cap = self._rx_iov(p)
             try:
                 n = os.readv(fd, iov)
             except BlockingIOError:
@@ -566,7 +566,7 @@ class VirtioNet(VirtioDevice):
             delivered += 1
             stats["rx_packets"] += 1
             stats["rx_bytes"] += n - HDR_LEN
-            self._deliver(p, q, n, nchains)
+            self._deliver(p, q, n)
         # Out of buffers: the TAP stays unarmed and the driver's next RX kick pumps again.
         if delivered:
             self.notify(index)
@@ -574,27 +574,27 @@ class VirtioNet(VirtioDevice):
 
     def _arm(self, p: _Pair) -> None:
         if not p.armed and p.poller is not None:
-            p.poller.arm_tap()
-            p.armed = True
+            if p.poller.arm_tap():
+                p.armed = True
+            else:               # the fd cannot be watched any more (closed, or the TAP is gone)
+                p.gone = True
 
-    def _rx_iov(self, p: _Pair) -> tuple[list, int, int]:
+    def _rx_iov(self, p: _Pair) -> tuple[list, int]:
         """Scatter list for the next frame: held buffers (one without MRG_RXBUF), then the bounce
-        buffer up to MAX_RX.  Returns (iov, bytes of guest buffers, chains used)."""
+        buffer up to MAX_RX.  Returns (iov, bytes of guest buffers in it)."""
         iov: list = []
         cap = 0
-        nchains = 0
         limit = _IOV_MAX - 1
         for rx in p.held:
             if len(iov) + len(rx.views) > limit:
                 break
             iov.extend(rx.views)
             cap += rx.cap
-            nchains += 1
             if cap >= MAX_RX or not self.mrg_rxbuf:
                 break
         if cap < MAX_RX:
             iov.append(self._bounce_view[:MAX_RX - cap])
-        return iov, cap, nchains
+        return iov, cap
 
     def _accept(self, iov: list, n: int) -> bool:
         """The RX filter on the destination MAC (frame bytes 0..5, stream bytes 12..17)."""
@@ -613,7 +613,7 @@ class VirtioNet(VirtioDevice):
             return False
         return self.alluni or self.uc_overflow or dst == self.mac or dst in self.uc_table
 
-    def _deliver(self, p: _Pair, q, n: int, nchains: int) -> None:
+    def _deliver(self, p: _Pair, q, n: int) -> None:
         """Hand the buffers holding an ``n``-byte frame (header included) to the driver."""
         first = p.held[0]
         used = []
@@ -735,12 +735,14 @@ class TapRxPollable:
             raise
         self._seen = self.aio.tail()
 
-    def arm_tap(self) -> None:
-        """Ask for one readiness event (the kernel checks at once: no lost wake-up)."""
+    def arm_tap(self) -> bool:
+        """Ask for one readiness event (the kernel checks at once: no lost wake-up); False if refused."""
         try:
             self.aio.arm()
+            return True
         except OSError as e:
             self.device.log(logging.WARNING, "virtio-net: cannot watch TAP queue %d: %s", self.pair, e.strerror)
+            return False
 
     def _event_seen(self) -> bool:
         tail = self.aio.tail()
