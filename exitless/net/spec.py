@@ -70,7 +70,6 @@ class _TapCloser:
     def __init__(self, tap):
         self.tap = tap
 
-
     def stop(self) -> None:
         self.tap.close()
 

@@ -459,7 +459,9 @@ class VhostUserBackend:
             for i in live:
                 queues[i].disable_notifications()
         pollables = self._pollables = [VringPollable(dev, i, self.rings[i].kick_fd) for i in live]
-        loop = SidecoreLoop(pollables + dev.backend_pollables(mode), mode, poll_ns=self.poll_ns, name=f"{self.name}-dataplane")
+        # the device's host side (a TAP's receive fd) is served by the same loop as its rings
+        loop = SidecoreLoop(pollables + dev.backend_pollables(mode), mode, poll_ns=self.poll_ns,
+                            name=f"{self.name}-dataplane")
         self.worker = SidecoreThread(loop).start()
         self.loop_mode = want
         self.restarts += 1
