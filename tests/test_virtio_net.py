@@ -599,3 +599,21 @@ def test_tap_pollable_delivers_without_kicks(mode):
     finally:
         os.close(efd)
         r.close()
+
+
+def test_indirect_chains_on_rx_and_tx(rig):
+    """VIRTIO_F_INDIRECT_DESC: an RX buffer split over an indirect table, a TX frame in one."""
+    d = rig.drivers[0]
+    head, gpas = d.add([], [10, 20, 2018], indirect=True)       # the header itself spans two buffers
+    rig.dev.handle_queue(0)
+    rig.tap.peers[0].send(hdr() + frame(300))
+    rig.dev.rx_pump(0)
+    used = d.get_used()
+    assert used == [(head, HDR_LEN + 300)]
+    data = rig.mem.read(gpas[0], 10) + rig.mem.read(gpas[1], 20) + rig.mem.read(gpas[2], 282)
+    assert data[:HDR_LEN] == hdr(num_buffers=1) and data[HDR_LEN:] == frame(300)
+    t = rig.drivers[1]
+    t.add([hdr()[:7], hdr()[7:] + frame(500)[:100], frame(500)[100:]], [], indirect=True)
+    rig.dev.handle_queue(1)
+    assert [n for _, n in t.get_used()] == [0]
+    assert recv(rig.tap)[HDR_LEN:] == frame(500)
