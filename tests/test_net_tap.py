@@ -147,3 +147,47 @@ def test_attach_errors(ns):
             check_name(bad)
     with pytest.raises(TapError, match="not a TAP|flags"):
         Tap.open("lo", netns=ns)
+
+
+@pytest.mark.parametrize("mode", ["notify", "adaptive"])
+def test_tap_deleted_under_a_running_sidecore(ns, mode):
+    """The TAP disappears while a sidecore watches it: its readiness poll completes with an error, the
+    read says EBADFD, the pair stops being watched (no busy loop), the link goes down, TX drops."""
+    import os
+
+    from exitless.net.tap import create_tap
+    from exitless.sidecore.loop import SidecoreLoop, SidecoreThread
+
+    try:
+        from test_virtio_net import _RxRing
+    except ImportError:  # pragma: no cover
+        from tests.test_virtio_net import _RxRing
+
+    name = f"exldel{mode[0]}"
+    create_tap(name, ns, address=f"10.0.{3 if mode == 'notify' else 4}.1/24")
+    tap = Tap.open(name, netns=ns)
+    r = Rig(tap=tap)
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
+    worker = None
+    try:
+        r.post([2048] * 8)
+        loop = SidecoreLoop([_RxRing(r.dev, efd)] + r.dev.backend_pollables(mode), mode, name="test-del")
+        worker = SidecoreThread(loop).start()
+        time.sleep(0.1)
+        N.delete_link(ns, name)
+        deadline = time.monotonic() + 5
+        while r.dev.link_up and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not r.dev.link_up and r.dev._pairs[0].gone
+        polls = loop.polls
+        time.sleep(0.3)
+        assert loop.polls - polls < 50          # asleep, not spinning on a dead fd
+        r.send(N.arp_request())
+        assert r.dev.stats["tx_dropped"] >= 1 and r.resets == 0
+    finally:
+        if worker is not None:
+            worker.stop()
+            assert worker.error is None
+        os.close(efd)
+        r.dev.close()
+        tap.close()
