@@ -4,7 +4,6 @@ sidecore mode).  Also: the TAP going down, coming back, and disappearing mid-run
 No KVM (the test driver plays the guest); addresses are 10.0.0.0/24 inside the namespace only."""
 from __future__ import annotations
 
-import struct
 import time
 
 import pytest
@@ -14,10 +13,10 @@ from exitless.net.tap import Tap, TapError, check_name
 
 try:
     import netns as N
-    from test_virtio_net import Rig, hdr
+    from test_virtio_net import Rig
 except ImportError:  # pragma: no cover - tests/ as a package
     from tests import netns as N
-    from tests.test_virtio_net import Rig, hdr
+    from tests.test_virtio_net import Rig
 
 why = N.can_make_netns()
 pytestmark = pytest.mark.skipif(why is not None, reason=why or "")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-import shutil
 import socket
 import subprocess
 import sys

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import socket
 import struct
-import threading
 import time
 
 import pytest
@@ -519,7 +518,7 @@ def test_ctrl_mac_addr_announce_mq_and_errors(rig):
 def test_ctrl_mac_table_overflow_means_all():
     r = Rig()
     try:
-        posted = r.post([2048] * 2)
+        r.post([2048] * 2)
         r.ctrl(VIRTIO_NET_CTRL_RX, 0, b"\0")
         many = struct.pack("<I", 65) + b"".join(bytes([0x52, 0, 0, 0, 0, i]) for i in range(65))
         assert r.ctrl(VIRTIO_NET_CTRL_MAC, 0, many + struct.pack("<I", 0)) == 0
