@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import traceback
 import signal
 import threading
 import time
@@ -103,7 +104,7 @@ class VcpuThread:
         except GuestStop as stop:
             result = stop.exit
         except Exception as e:  # a VMM bug: report it with the guest's state, never swallow it
-            log.exception("vcpu%d: unexpected error", self.vcpu.id)
+            log.error("vcpu%d: unexpected error\n%s", self.vcpu.id, traceback.format_exc())
             result = VmExit("error", 1, f"{type(e).__name__}: {e}", self.vcpu.id, describe_registers(self.vcpu))
         result.vcpu = self.vcpu.id
         self.cpu_seconds = time.thread_time()

@@ -8,6 +8,7 @@ threads, sidecores) register with the VM so that ``close()`` stops them all.
 from __future__ import annotations
 
 import logging
+import traceback
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -234,7 +235,7 @@ class Machine:
             try:
                 w.stop()
             except Exception:
-                log.exception("stopping %r", w)
+                log.error("stopping %r\n%s", w, traceback.format_exc())
         self.workers.clear()
         if getattr(self, "_stats", None) is not None:
             self._stats.close()

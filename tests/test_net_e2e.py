@@ -170,3 +170,26 @@ def test_cli_net_errors(tmp_path):
     p = subprocess.run(serve + ["--tap", "t", "--mac", "01:00:00:00:00:00"], capture_output=True, text=True,
                        timeout=60)
     assert p.returncode == 2 and "multicast" in p.stderr
+
+
+@pytest.mark.kvm
+@pytest.mark.qemu
+def test_bench_net_json_on_stdout():
+    """``exitless bench net`` at a tiny size, exitless and QEMU rows over 2 rounds (structure only)."""
+    from exitless.bench import net as B
+    from exitless.bench.options import NET_TESTS
+
+    assert tuple(t.name for t in B.TESTS) == NET_TESTS           # the CLI's choices are the bench's tests
+    if QEMU is None:
+        pytest.skip("qemu-system-x86_64 not installed")
+    r = subprocess.run([sys.executable, "-m", "exitless", "bench", "net", "--tests", "rr-64", "tx-64", "--paths",
+                        "poll", "--scale", "0.01", "--rounds", "2", "--no-vhost", "--json"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(r.stdout)
+    assert [(x["vmm"], x["path"], x["test"]) for x in rows] == [
+        ("exitless", "poll", "rr-64"), ("qemu", "tap", "rr-64"), ("exitless", "poll", "tx-64"), ("qemu", "tap", "tx-64")]
+    for x in rows:
+        assert x["rounds"] == 2 and len(x["per_round"]["pps"]) == 2 and x["errors"] == 0 and x["pps"] > 0
+    assert rows[0]["p50_us"] > 0 and "vhost=off" in rows[1]["note"]
+    assert "rr64_p50_exitless_over_qemu" in r.stderr

@@ -272,19 +272,3 @@ def test_cli_read_only_disk_is_offered_read_only(tmp_path):
         proc.send_signal(signal.SIGINT)
         assert proc.wait(15) == 0
 
-
-def test_bench_vhost_rows(tmp_path):
-    """``exitless bench vhost`` in miniature: the guest kit in QEMU on our back-end and on QEMU's own."""
-    if QEMU is None:
-        pytest.skip("qemu-system-x86_64 not installed")
-    from exitless.bench import vhost
-
-    rows = vhost.run(["randread-4k-qd1"], modes=["kick", "poll"], scale=0.05, min_seconds=0, log=lambda m: None)
-    keys = {"vmm", "path", "test", "iops", "p50_us", "p99_us", "mbps", "exits_per_io", "cpu_us_per_io"}
-    assert all(keys <= set(r) for r in rows)
-    assert [(r["vmm"], r["path"], r["irq"]) for r in rows] == [
-        ("qemu+exitless", "kick", "msix"), ("qemu+exitless", "poll", "msix"), ("qemu+exitless", "poll", "poll"),
-        ("qemu", "ioeventfd", "msix"), ("qemu", "ioeventfd", "poll"),
-        ("qemu", "iothread-poll", "msix"), ("qemu", "iothread-poll", "poll")]
-    assert all(r["errors"] == 0 and r["iops"] > 0 and r["accel"] == "tcg" for r in rows)
-    assert all(r["exits_per_io"] is None for r in rows)     # TCG: no KVM exits to count

@@ -7,11 +7,13 @@ measured loop (it marks start and end on port 0x511, where the VMM snapshots
 KVM's counters); in QEMU, differential — a run with ``n`` operations minus a
 run with ``n/10``, divided by the difference — so boot and PCI probing drop
 out.  Host CPU excludes the vCPU threads (the guest's own running time).
+Every row is measured in interleaved rounds (exitless, QEMU, exitless, QEMU, …)
+and reported as the median with its spread (:mod:`exitless.bench.workload`).
 """
 from __future__ import annotations
 
-import os
-import tempfile
+import shutil
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,134 +21,81 @@ from ..devices.virtio.blk import VirtioBlk
 from ..devices.virtio.pci import VirtioPci
 from ..guestkit import guestkit_path
 from ..vm import Machine, VmConfig
-from . import qemu
-from .common import BenchError, guest_result
-
-EXITLESS_PATHS = ("trap", "ioeventfd", "shared", "poll", "adaptive")
-IMAGE_BYTES = 64 << 20
-
-
-@dataclass(frozen=True)
-class Test:
-    name: str
-    rw: str
-    bs: int
-    qd: int
-    n: int
-
-
-TESTS = (
-    Test("randread-4k-qd1", "randread", 4096, 1, 4000),
-    Test("randread-4k-qd32", "randread", 4096, 32, 20000),
-    Test("read-128k", "read", 131072, 4, 1000),
-    Test("randwrite-4k-qd1", "randwrite", 4096, 1, 4000),
-    Test("randwrite-4k-qd32", "randwrite", 4096, 32, 20000),
-    Test("write-128k", "write", 131072, 4, 1000),
-)
-
-
-def _app(test: Test, n: int, irq: str = "msix") -> str:
-    return f"blk rw={test.rw} bs={test.bs} qd={test.qd} n={n} seed=5 irq={irq}"
-
+from . import qemu, vhost
+from .common import BenchError, Progress, Report, guest_result, no_progress, ratio_notes
+from .options import BLK_PATHS as EXITLESS_PATHS
+from .workload import (COLUMNS, FILL_APP, SPREAD_COLUMNS, TESTS, Test, app, make_image, per_io_row,
+                       run_rounds, select_tests, target_ratios)
 
 # How the guest driver waits for completions: an interrupt (msix), or by polling the used ring
 # (poll: like NVMe polled queues; with a polling device this is the fully exitless pairing).
 IRQ_MODES_BY_PATH = {"trap": ("msix",), "ioeventfd": ("msix",), "shared": ("msix", "poll"),
                      "poll": ("msix", "poll"), "adaptive": ("msix", "poll")}
+QEMU_BUILTIN = (("ioeventfd", False), ("iothread-poll", True))
 
 
-def _exitless_run(image: Path, path: str, app: str, timeout: float) -> dict:
+def _exitless_run(image: Path, path: str, append: str, timeout: float) -> dict:
     console = bytearray()
     with Machine(VmConfig(mem_mib=128, console=console.extend)) as m:
         VirtioPci(m, VirtioBlk(image), path)
-        m.boot_pvh(guestkit_path(), app)
+        m.boot_pvh(guestkit_path(), append)
         exit = m.run(timeout=timeout)
         window = m.bench_marker.window()
     if exit.kind != "debug-exit" or exit.status != 0 or window is None:
-        raise BenchError(f"exitless/{path}: {app}: {exit.kind} {exit.status} {exit.message}\n"
+        raise BenchError(f"exitless/{path}: {append}: {exit.kind} {exit.status} {exit.message}\n"
                          f"{console.decode(errors='replace')[-600:]}")
     res = guest_result(bytes(console), "blk")
-    return {"res": res, "exits": window["kvm"]["exits"], "cpu": window["vmm_cpu"], "windowed": True}
+    return {"res": res, "exits": window["kvm"]["exits"], "cpu": window["vmm_cpu"]}
 
 
-def _qemu_run(image: Path, iothread: bool, app: str, timeout: float) -> dict:
-    r = qemu.run_guestkit(guestkit_path(), app, device_args=qemu.builtin_device(image, iothread), timeout=timeout)
-    if r.exit_status != 0:
-        raise BenchError(f"qemu ({r.accel}): {app}: exit {r.exit_status}\n{r.console.decode(errors='replace')[-600:]}")
-    return {"res": guest_result(r.console, "blk"), "exits": r.exits, "cpu": r.vmm_cpu_s, "accel": r.accel}
+@dataclass(frozen=True)
+class ExitlessSetup:
+    """An exitless row: virtio-blk on I/O ``path``, the guest waiting by ``irq`` (a workload.Setup)."""
+    path: str
+    irq: str
+    image: Path
+    timeout: float
+    vmm: str = "exitless"
+
+    def measure(self, test: Test, n: int) -> dict:
+        full = _exitless_run(self.image, self.path, app(test, n, self.irq), self.timeout)
+        return per_io_row(self.vmm, self.path, test, self.irq, full)
 
 
-def _row(vmm: str, path: str, test: Test, full: dict, base: dict | None, irq: str) -> dict:
-    """Per-I/O figures: over the guest's marked window (exitless), or full minus base run (QEMU)."""
-    res = full["res"]
-    if base is None:
-        base = {"res": {"ops": 0}, "exits": 0, "cpu": 0.0}
-    dops = res["ops"] - base["res"]["ops"]
-    exits = None if full["exits"] is None or base["exits"] is None else (full["exits"] - base["exits"]) / dops
-    return {
-        "vmm": vmm, "path": path, "test": test.name, "irq": irq,
-        "iops": res["iops"], "p50_us": res["p50_ns"] / 1000, "p99_us": res["p99_ns"] / 1000,
-        "mbps": res["kib_s"] * 1024 / 1e6, "exits_per_io": exits,
-        "cpu_us_per_io": max(0.0, full["cpu"] - base["cpu"]) * 1e6 / dops,
-        "errors": res["errors"] + res["verify_errors"], "ops": res["ops"],
-    }
+def run(tests=TESTS, paths=EXITLESS_PATHS, *, with_qemu: bool = True, scale: float = 1.0, timeout: float = 600,
+        with_vhost: bool = False, rounds: int = 3, progress: Progress = no_progress,
+        notes=lambda text: None) -> list[dict]:
+    """The rows (medians of ``rounds`` interleaved rounds).
 
-
-def make_image(directory: str | None = None) -> Path:
-    fd, name = tempfile.mkstemp(prefix="exitless-bench-", suffix=".img", dir=directory or "/var/tmp")
-    os.ftruncate(fd, IMAGE_BYTES)
-    os.close(fd)
-    return Path(name)
-
-
-def run(tests=TESTS, paths=EXITLESS_PATHS, *, with_qemu: bool = True, scale: float = 1.0,
-        timeout: float = 600, log=print, with_vhost: bool = False) -> list[dict]:
-    """``with_vhost``: add ``qemu+exitless`` rows (QEMU frontend, exitless vhost-user back-end; bench.vhost)."""
+    ``with_vhost``: add the rows of ``bench vhost`` (QEMU frontend with the exitless and
+    qemu-storage-daemon vhost-user back-ends) to the same rounds, on the same image.
+    ``notes(text)`` is told which rows are left out and why.
+    """
+    tests = select_tests(tests)
     image = make_image()
-    rows = []
     try:
         # write the whole image once, so that reads hit allocated blocks in both VMMs
-        _exitless_run(image, "ioeventfd", "blk rw=fill bs=131072 qd=4 seed=5", timeout)
-        for test in tests:
-            n = max(10, int(test.n * scale))
-            for path in paths:
-                for irq in IRQ_MODES_BY_PATH[path]:
-                    log(f"exitless/{path} irq={irq} {test.name} ...")
-                    full = _exitless_run(image, path, _app(test, n, irq), timeout)
-                    rows.append(_row("exitless", path, test, full, None, irq))
-            if with_qemu and qemu.available():
-                for iothread in (False, True):
-                    for irq in ("msix", "poll"):
-                        label = "iothread-poll" if iothread else "ioeventfd"
-                        log(f"qemu/{label} irq={irq} {test.name} ...")
-                        base = _qemu_run(image, iothread, _app(test, n // 10, irq), timeout)
-                        full = _qemu_run(image, iothread, _app(test, n, irq), timeout)
-                        row = _row("qemu", label, test, full, base, irq)
-                        row["accel"] = full["accel"]
-                        rows.append(row)
-        if with_vhost and qemu.available():
-            from . import vhost
-            rows += vhost.run(list(tests), scale=scale, timeout=timeout, log=log, image=image, with_builtin=False,
-                              accel="auto")
+        _exitless_run(image, "ioeventfd", FILL_APP, timeout)
+        setups: list = [ExitlessSetup(p, irq, image, timeout) for p in paths for irq in IRQ_MODES_BY_PATH[p]]
+        with ExitStack() as stack:
+            if (with_qemu or with_vhost) and not qemu.available():
+                notes(f"{qemu.QEMU} is not installed: no QEMU rows")
+            elif with_qemu:
+                setups += [qemu.QemuSetup("qemu", label, irq, qemu.builtin_device(image, iothread), timeout=timeout)
+                           for label, iothread in QEMU_BUILTIN for irq in ("msix", "poll")]
+            if with_vhost and qemu.available():
+                setups += stack.enter_context(vhost.setups(image, with_builtin=False, timeout=timeout,
+                                                           with_qsd=_qsd_available(notes)))
+            return run_rounds(tests, setups, rounds=rounds, scale=scale, progress=progress)
     finally:
         image.unlink(missing_ok=True)
-    return rows
 
 
-def summarize(rows: list[dict]) -> dict:
-    """QD1 latency of the best exitless shared-memory path against QEMU's best, from this one run."""
-    qd1 = [r for r in rows if r["test"] == "randread-4k-qd1"]
-    ours = [r for r in qd1 if r["vmm"] == "exitless" and r["path"] in ("poll", "shared")]
-    theirs = [r for r in qd1 if r["vmm"] == "qemu"]
-    out = {}
-    if ours and theirs:
-        best = min(ours, key=lambda r: r["p50_us"])
-        peer = min(theirs, key=lambda r: r["p50_us"])
-        out["qd1_p50_best_shared_over_qemu_best"] = best["p50_us"] / peer["p50_us"]
-        out["qd1_best_path"] = (f"exitless/{best['path']} irq={best['irq']} vs qemu/{peer['path']} "
-                                f"irq={peer['irq']} ({peer.get('accel')})")
-        out["qd1_exits_per_io"] = best["exits_per_io"]
-    return out
+def _qsd_available(notes) -> bool:
+    if shutil.which(vhost.QSD_BINARY) is None:
+        notes(f"{vhost.QSD_BINARY} is not installed: no qemu+qsd rows")
+        return False
+    return True
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -159,8 +108,11 @@ def plot(rows: list[dict], path: str) -> None:
               ("read-128k", "mbps", "128K sequential read MB/s")]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
     for ax, (test, key, title) in zip(axes, panels):
-        sel = [r for r in rows if r["test"] == test]
-        ax.bar([f"{'qemu ' if r['vmm'] == 'qemu' else ''}{r['path']}/{r['irq']}" for r in sel], [r[key] for r in sel],
+        sel = [r for r in rows if r["test"] == test and r[key] is not None]
+        lo = [r[key] - r["spread"][key]["min"] for r in sel]
+        hi = [r["spread"][key]["max"] - r[key] for r in sel]
+        ax.bar([f"{'' if r['vmm'] == 'exitless' else r['vmm'] + ' '}{r['path']}/{r['irq']}" for r in sel],
+               [r[key] for r in sel], yerr=[lo, hi], capsize=2,
                color=["tab:blue" if r["vmm"] == "exitless" else "tab:gray" for r in sel])
         ax.set_title(title, fontsize=9)
         ax.tick_params(axis="x", labelsize=7)
@@ -170,3 +122,21 @@ def plot(rows: list[dict], path: str) -> None:
                    fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def main(args) -> int:
+    report = Report(args.json)
+    with report.progress() as progress:
+        rows = run(args.tests, args.paths, with_qemu=not args.no_qemu, scale=args.scale, with_vhost=args.with_vhost,
+                   rounds=args.rounds, progress=progress, notes=report.note)
+    report.table("virtio-blk (one run, same image, same guest driver)", rows, COLUMNS, spread=SPREAD_COLUMNS)
+    report.ties_note(args.rounds, rows)
+    for line in ratio_notes(target_ratios(rows)):
+        report.note(line)
+    report.json(rows)
+    if args.plot:
+        plot(rows, args.plot)
+    return 1 if any(r.get("errors") for r in rows) else 0

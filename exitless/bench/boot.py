@@ -9,7 +9,10 @@ VMM is started (exitless: before the VM is created; QEMU: the process spawn):
 * ``userspace_s``: /init printed its READY marker (userspace runs);
 * ``poweroff_s``: the VM powered off (ACPI S5: exitless stops, QEMU exits).
 
-A milestone a run never reaches is ``None`` -- never estimated.  ``reached``
+Boots alternate (exitless, QEMU, exitless, QEMU, …: ``--rounds`` of each, QEMU's
+accelerator chosen first) and a row reports each milestone's median with its
+per-round values and min–max; a median is ``None`` unless every round reached
+the milestone.  A milestone a run never reaches is ``None`` -- never estimated.  ``reached``
 says how far every run got (``power-off``, ``userspace``, ``early-boot``,
 ``nothing``), ``stop`` why the VM stopped, ``kernel_time_s`` the last printk
 timestamp (how far into its own boot the kernel got), ``last_line`` the last
@@ -153,11 +156,19 @@ def choose_qemu_accel(qemu: str, kernel: Path, initrd: Path, want: str, *, mem: 
                    f"last output {r['last_line']!r}): falling back to TCG")
 
 
+MILESTONES = ("first_line_s", "userspace_s", "poweroff_s", "stopped_after_s")
+
+
 def summarize(vmm: str, runs: list[dict], extra: dict) -> dict:
-    row = {"vmm": vmm, **extra, "runs": len(runs)}
-    for key in ("first_line_s", "userspace_s", "poweroff_s", "stopped_after_s"):
-        vals = [r[key] for r in runs]
-        row[key] = statistics.median(vals) if vals and all(v is not None for v in vals) else None
+    """One row from a VMM's boots: per milestone the median (None unless every run reached it),
+    ``per_round`` and ``spread`` (min–max of the runs that reached it); ``each``: the runs."""
+    row = {"vmm": vmm, **extra, "runs": len(runs), "rounds": len(runs), "per_round": {}, "spread": {}}
+    for key in MILESTONES + ("other_load_pct",):
+        vals = [r.get(key) for r in runs]
+        known = [v for v in vals if v is not None]
+        row[key] = statistics.median(vals) if vals and len(known) == len(vals) else None
+        row["per_round"][key] = vals
+        row["spread"][key] = {"min": min(known), "max": max(known)} if known else None
     order = ["nothing", "early-boot", "userspace", "power-off"]
     row["reached"] = min((r["reached"] for r in runs), key=order.index) if runs else "nothing"
     row["kernel_time_s"] = statistics.median([r["kernel_time_s"] for r in runs if r["kernel_time_s"] is not None]
@@ -169,11 +180,12 @@ def summarize(vmm: str, runs: list[dict], extra: dict) -> dict:
 
 
 def main(args) -> int:
-    from ..bench.common import print_table, write_json
     from ..doctor import kvm_flavour
     from ..guest.fetch import GuestFetchError
     from ..guest.plan import plan_guest
+    from .common import Report, interleave, mark_best
 
+    report = Report(args.json)
     flavour = kvm_flavour()
     try:
         plan = plan_guest(None, COMMAND, append="", cache=args.cache, decompress=args.decompress,
@@ -182,51 +194,41 @@ def main(args) -> int:
         _log(f"exitless: {e}")
         return 2
     for note in plan.notes:
-        _log(f"note: {note}")
+        report.note(f"note: {note}")
     base = plan.cmdline
-    rows = []
     timeout = args.timeout or (240.0 if flavour == "pvm" else 60.0)
-    runs = []
-    for i in range(args.runs):
-        _log(f"exitless boot {i + 1}/{args.runs} ...")
-        r = boot_exitless(plan.kernel, plan.initrd, base, mem=args.mem, cpus=args.cpus, timeout=timeout,
-                          decompress=plan.decompress)
-        _log(f"  reached {r['reached']}: first line {_s(r['first_line_s'])}, userspace {_s(r['userspace_s'])}, "
-             f"power-off {_s(r['poweroff_s'])}; stopped: {r['stop']}")
-        runs.append(r)
-    rows.append(summarize("exitless", runs, {"kvm": flavour, "cmdline": base, "decompress": plan.decompress}))
-
     qemu = shutil.which("qemu-system-x86_64")
     if args.qemu != "none" and qemu is None:
-        _log("qemu-system-x86_64 not found: no QEMU rows")
-    elif args.qemu != "none":
-        qemu_cmdline = " ".join(w for w in base.split() if w not in
-                                {"noxsave", "clearcpuid=cx16", "mitigations=off"})
-        with tempfile.TemporaryDirectory(prefix="exitless-bench-boot-") as tmp:
+        report.note("qemu-system-x86_64 not found: no QEMU rows")
+    with tempfile.TemporaryDirectory(prefix="exitless-bench-boot-") as tmp, report.progress() as progress:
+        vmms = {"exitless": lambda: boot_exitless(plan.kernel, plan.initrd, base, mem=args.mem, cpus=args.cpus,
+                                                  timeout=timeout, decompress=plan.decompress)}
+        extra = {"exitless": {"kvm": flavour, "cmdline": base, "decompress": plan.decompress}}
+        if args.qemu != "none" and qemu is not None:
+            qemu_cmdline = " ".join(w for w in base.split() if w not in
+                                    {"noxsave", "clearcpuid=cx16", "mitigations=off"})
             rd = Path(tmp) / "initrd.img"
             rd.write_bytes(plan.initrd)
+            progress("probing QEMU's accelerator", 0, 1)
             accel, why = choose_qemu_accel(qemu, plan.kernel, rd, args.qemu, mem=args.mem, cpus=args.cpus)
-            _log(f"qemu: {why}")
+            report.note(f"qemu: {why}")
             qtimeout = args.timeout or (600.0 if accel == "tcg" else 60.0)
-            qruns = []
-            for i in range(args.runs):
-                _log(f"qemu ({accel}) boot {i + 1}/{args.runs} ...")
-                r = boot_qemu(qemu, accel, plan.kernel, rd, qemu_cmdline, mem=args.mem, cpus=args.cpus,
-                              timeout=qtimeout)
-                _log(f"  reached {r['reached']}: first line {_s(r['first_line_s'])}, userspace "
-                     f"{_s(r['userspace_s'])}, power-off {_s(r['poweroff_s'])}; {r['stop']}")
-                qruns.append(r)
-            rows.append(summarize(f"qemu-{accel}", qruns, {"accel": accel, "accel_note": why,
-                                                           "cmdline": qemu_cmdline}))
-    print_table(f"Linux boot, median of {args.runs} (seconds from VMM start; '-' = not reached)", rows, [
-        ("vmm", "vmm"), ("first_line_s", "first kernel line"), ("userspace_s", "userspace"),
-        ("poweroff_s", "power-off"), ("reached", "reached"), ("stopped_after_s", "stopped after"),
-        ("kernel_time_s", "kernel clock at end"),
-        ("stop", "stopped because")])
-    if args.json:
-        write_json(rows, args.json)
+            vmms[f"qemu-{accel}"] = lambda: boot_qemu(qemu, accel, plan.kernel, rd, qemu_cmdline, mem=args.mem,
+                                                       cpus=args.cpus, timeout=qtimeout)
+            extra[f"qemu-{accel}"] = {"accel": accel, "accel_note": why, "cmdline": qemu_cmdline}
+
+        runs = interleave(list(vmms), args.runs, lambda vmm, _r: vmms[vmm](), progress,
+                          label=lambda vmm: f"{vmm} boot")
+    rows = [summarize(vmm, each, extra[vmm]) for vmm, each in zip(vmms, runs)]
+    for key in ("first_line_s", "poweroff_s"):
+        mark_best(rows, key, higher_is_better=False)
+    report.table(f"Linux boot, median (min–max) of {args.runs} alternating boots (seconds from VMM start; "
+                 "'-' = not reached)", rows, [
+                     ("vmm", "vmm"), ("first_line_s", "first kernel line"), ("userspace_s", "userspace"),
+                     ("poweroff_s", "power-off"), ("reached", "reached"), ("stopped_after_s", "stopped after"),
+                     ("kernel_time_s", "kernel clock at end"), ("stop", "stopped because"),
+                     ("other_load_pct", "other load %")],
+                 spread=MILESTONES + ("other_load_pct",))
+    report.ties_note(args.runs, rows)
+    report.json(rows)
     return 0 if rows and rows[0]["first_line_s"] is not None else 1
-
-
-def _s(v: float | None) -> str:
-    return "-" if v is None else f"{v:.2f} s"

@@ -18,6 +18,7 @@ bool`` (enable guest notifications; True if work arrived meanwhile),
 from __future__ import annotations
 
 import logging
+import traceback
 import os
 import select
 import threading
@@ -154,7 +155,7 @@ class SidecoreThread:
                 self.loop.run()
         except BaseException as e:  # reported by stop(); the VM keeps running without this device
             self.error = e
-            log.exception("%s died", self.loop.name)
+            log.error("%s died\n%s", self.loop.name, traceback.format_exc())
 
     def cpu_seconds(self) -> float | None:
         return None  # part of the VMM process's own CPU time

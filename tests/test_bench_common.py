@@ -1,0 +1,147 @@
+"""Benchmark plumbing without a guest: interleaved rounds, medians and spreads, ties with the best,
+where output goes (``--json`` alone: only JSON on stdout), the options, and no import cycle in bench/."""
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+
+from exitless.bench import common as C
+from exitless.cli import build_parser
+
+
+def test_rounds_are_interleaved_round_robin():
+    order, steps = [], []
+    samples = C.interleave(["a", "b", "c"], 3, lambda row, r: order.append((row, r)) or {"x": r},
+                           progress=lambda label, step, total: steps.append((step, total)))
+    assert order == [(row, r) for r in range(3) for row in "abc"]
+    assert steps == [(i, 9) for i in range(9)]
+    assert [[s["x"] for s in row] for row in samples] == [[0, 1, 2]] * 3
+    assert all(0 <= s["other_load_pct"] <= 100 for row in samples for s in row)   # the machine's other work
+    with pytest.raises(C.BenchError):
+        C.interleave(["a"], 0, lambda row, r: {})
+
+
+def test_aggregate_keeps_the_keys_as_medians_with_per_round_values_and_spread():
+    samples = [{"vmm": "q", "p50_us": 9.0, "iops": 100, "exits_per_io": None, "errors": 1},
+               {"vmm": "q", "p50_us": 7.0, "iops": 300, "exits_per_io": None, "errors": 0},
+               {"vmm": "q", "p50_us": 8.0, "iops": 200, "exits_per_io": None, "errors": 2}]
+    row = C.aggregate(samples, ("p50_us", "iops", "exits_per_io"))
+    assert (row["vmm"], row["p50_us"], row["iops"], row["exits_per_io"]) == ("q", 8.0, 200, None)
+    assert row["rounds"] == 3 and row["errors"] == 3          # errors are totals, never a median
+    assert "other_load_pct" not in row
+    assert row["per_round"] == {"p50_us": [9.0, 7.0, 8.0], "iops": [100, 300, 200], "exits_per_io": [None] * 3}
+    assert row["spread"] == {"p50_us": {"min": 7.0, "max": 9.0}, "iops": {"min": 100, "max": 300},
+                             "exits_per_io": None}
+
+
+def _row(test, lo, med, hi):
+    return {"test": test, "p50_us": med, "rounds": 3, "spread": {"p50_us": {"min": lo, "max": hi}}}
+
+
+def test_rows_within_the_best_rows_spread_are_marked_ties():
+    best, tie, behind, other = _row("a", 1, 2, 3), _row("a", 2.9, 4, 5), _row("a", 3.1, 4, 5), _row("b", 9, 9, 9)
+    C.mark_best([best, tie, behind, other], "p50_us", higher_is_better=False, group=lambda r: r["test"])
+    assert [r["vs_best"]["p50_us"] for r in (best, tie, behind, other)] == [C.BEST, C.TIE, C.BEHIND, C.BEST]
+    hi = [_row("a", 1, 2, 3), _row("a", 5, 6, 7)]
+    C.mark_best(hi, "p50_us", higher_is_better=True)
+    assert [r["vs_best"]["p50_us"] for r in hi] == [C.BEHIND, C.BEST]
+
+
+def test_ratios_are_taken_round_by_round():
+    num = {"per_round": {"m": [2.0, 3.0, None, 8.0]}}
+    den = {"per_round": {"m": [1.0, 1.0, 1.0, 2.0]}}
+    assert C.ratio_over_rounds(num, den, "m") == {"median": 3.0, "min": 2.0, "max": 4.0, "per_round": [2.0, 3.0, 4.0]}
+    assert C.ratio_over_rounds(None, den, "m") is None
+
+
+def test_target_ratios_compare_the_best_row_of_each_vmm_round_by_round():
+    from exitless.bench.workload import target_ratios
+
+    def row(vmm, path, iops):
+        return {"vmm": vmm, "path": path, "irq": "poll", "test": "randread-4k-qd32", "iops": sorted(iops)[1],
+                "per_round": {"iops": iops}}
+
+    rows = [row("qemu+exitless", "poll", [300, 200, 400]), row("qemu+exitless", "kick", [100, 100, 100]),
+            row("qemu+qsd", "iothread-poll", [100, 200, 100]), row("qemu", "ioeventfd", [150, 100, 100])]
+    r = target_ratios(rows)
+    assert set(r) == {"qd32_iops_serve_over_qsd", "qd32_iops_serve_over_qemu"}
+    assert r["qd32_iops_serve_over_qsd"]["per_round"] == [3.0, 1.0, 4.0]
+    assert r["qd32_iops_serve_over_qsd"]["median"] == 3.0
+    assert r["qd32_iops_serve_over_qsd"]["rows"] == "qemu+exitless/poll irq=poll vs qemu+qsd/iothread-poll irq=poll"
+
+
+ROWS = [{"path": "shared", "median_us": 0.5, "rounds": 2, "spread": {"median_us": {"min": 0.4, "max": 0.6}},
+         "vs_best": {"median_us": C.BEST}}]
+
+
+def test_json_alone_puts_only_json_on_stdout(capsys):
+    report = C.Report("-")
+    with report.progress() as step:
+        step("round 1/2: shared", 0, 2)
+    report.table("the table", ROWS, [("path", "path"), ("median_us", "median µs")], spread=("median_us",))
+    report.ties_note(2, [{"per_round": {"other_load_pct": [3.0, 55.0]}}])
+    report.note("a note")
+    report.json(ROWS)
+    out, err = capsys.readouterr()
+    assert json.loads(out) == ROWS
+    assert "the table" in err and "0.500 (0.400–0.600) ★" in err and "a note" in err and "interleaved" in err
+    assert "up to 55% of the machine busy" in err
+
+
+def test_json_to_a_file_leaves_the_tables_on_stdout(capsys, tmp_path: Path):
+    report = C.Report(str(tmp_path / "rows.json"))
+    report.table("the table", ROWS, [("path", "path")])
+    report.json(ROWS)
+    out, err = capsys.readouterr()
+    assert "the table" in out and err == ""             # stderr is not a terminal here: no progress
+    assert json.loads((tmp_path / "rows.json").read_text()) == ROWS
+
+
+@pytest.mark.parametrize("command", ["doorbell", "blk", "vhost", "boot"])
+def test_every_bench_command_takes_rounds_and_a_bare_json(command):
+    p = build_parser()
+    bare = p.parse_args(["bench", command, "--json"])
+    assert bare.json == "-" and (bare.runs if command == "boot" else bare.rounds) == 3
+    dash = p.parse_args(["bench", command, "--json", "-", "--rounds", "5"])
+    assert dash.json == "-" and (dash.runs if command == "boot" else dash.rounds) == 5
+    assert p.parse_args(["bench", command, "--json", "out.json"]).json == "out.json"
+
+
+def test_bench_modules_import_no_cycle():
+    """bench/ modules import each other without a cycle (blk and vhost share bench.workload)."""
+    pkg = Path(C.__file__).parent
+    graph = {}
+    for f in pkg.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                deps |= {node.module} if node.module else {a.name for a in node.names}
+        graph[f.stem] = {d.split(".")[0] for d in deps} & {g.stem for g in pkg.glob("*.py")}
+
+    def visit(mod, path):
+        assert mod not in path, f"import cycle: {' -> '.join(path + [mod])}"
+        for dep in graph[mod]:
+            visit(dep, path + [mod])
+
+    for mod in graph:
+        visit(mod, [])
+
+
+def test_doorbell_pins_vcpu_and_sidecores_to_two_cpus_and_restores_the_affinity():
+    import os
+
+    from exitless.bench.doorbell import _on_cpu, pinning
+
+    before = os.sched_getaffinity(0)
+    assert pinning(False) is None
+    where = pinning(True)
+    if len(before) < 2:
+        assert where is None
+        return
+    assert where.vcpu != where.sidecore and {where.vcpu, where.sidecore} <= before
+    with _on_cpu(where.sidecore):
+        assert os.sched_getaffinity(0) == {where.sidecore}    # what the sidecore threads/processes inherit
+    assert os.sched_getaffinity(0) == before
