@@ -54,9 +54,11 @@ Link state: STATUS ``LINK_UP`` drops when the TAP refuses I/O (interface down:
 EIO; deleted: EBADFD) and comes back when a write succeeds; every change raises
 a configuration interrupt.  The device keeps running and counts the drops.
 
-Threading: a queue pair's RX (the RX queue and its TAP fd) and TX are each
-driven by one thread at a time; the RX queue and the TAP pollable of a pair
-must be served by the same sidecore.
+Threading: TX of a pair is driven by one thread at a time (the transport's
+rule).  RX of a pair -- its RX queue's kicks and its TAP's readiness -- may come
+from two threads (on the trap path the vCPU thread handles the kick, a
+host-side sidecore thread the TAP), so the held buffers and the pump are
+guarded by a per-pair lock; elsewhere one sidecore serves both, uncontended.
 """
 from __future__ import annotations
 
