@@ -169,14 +169,17 @@ def format_mac(mac: bytes) -> str:
 
 
 class _RxChain:
-    """An RX buffer the device holds: the chain, its writable views and their total size."""
+    """An RX buffer the device holds: the chain, its writable views, their total size, and the
+    scatter list a frame is read with when this buffer comes first: its views, then the device's
+    bounce buffer up to :data:`MAX_RX` bytes (built once, not per frame)."""
 
-    __slots__ = ("chain", "views", "cap")
+    __slots__ = ("chain", "views", "cap", "iov")
 
-    def __init__(self, chain: DescriptorChain):
+    def __init__(self, chain: DescriptorChain, bounce: memoryview):
         self.chain = chain
         self.views = chain.writable_views()
         self.cap = chain.writable_len
+        self.iov = self.views + [bounce[:MAX_RX - self.cap]] if self.cap < MAX_RX else self.views
 
 
 class _Pair:
@@ -511,7 +514,7 @@ class VirtioNet(VirtioDevice):
             self.queues[index].push(head, 0)
             return 1
         p.held_heads[head] = 1
-        p.held.append(_RxChain(chain))
+        p.held.append(_RxChain(chain, self._bounce_view))
         return 0
 
     def rx_pump(self, pair: int) -> int:
@@ -537,9 +540,9 @@ class VirtioNet(VirtioDevice):
         stats = self.stats
         while p.held and budget:
             budget -= 1
-            iov, cap = self._rx_iov(p)
+            first = p.held[0]
             try:
-                n = os.readv(fd, iov)
+                n = os.readv(fd, first.iov)
             except BlockingIOError:
                 self._arm(p)
                 break
@@ -559,10 +562,10 @@ class VirtioNet(VirtioDevice):
                 self.set_link(False)
                 p.gone = True
                 break
-            if n <= HDR_LEN or n > cap:
+            if n <= HDR_LEN or n > first.cap and not self._fits(p, n - first.cap):
                 stats["rx_dropped"] += 1   # empty, or larger than the buffers the guest gave
                 continue
-            if not self._accept(iov, n):
+            if not self._accept(first.iov, n):
                 stats["rx_filtered"] += 1
                 continue
             delivered += 1
@@ -581,22 +584,16 @@ class VirtioNet(VirtioDevice):
             else:               # the fd cannot be watched any more (closed, or the TAP is gone)
                 p.gone = True
 
-    def _rx_iov(self, p: _Pair) -> tuple[list, int]:
-        """Scatter list for the next frame: held buffers (one without MRG_RXBUF), then the bounce
-        buffer up to MAX_RX.  Returns (iov, bytes of guest buffers in it)."""
-        iov: list = []
-        cap = 0
-        limit = _IOV_MAX - 1
-        for rx in p.held:
-            if len(iov) + len(rx.views) > limit:
-                break
-            iov.extend(rx.views)
-            cap += rx.cap
-            if cap >= MAX_RX or not self.mrg_rxbuf:
-                break
-        if cap < MAX_RX:
-            iov.append(self._bounce_view[:MAX_RX - cap])
-        return iov, cap
+    def _fits(self, p: _Pair, spill: int) -> bool:
+        """Can the held buffers after the first take ``spill`` more bytes (MRG_RXBUF only)?"""
+        if not self.mrg_rxbuf:
+            return False
+        room = 0
+        for i in range(1, len(p.held)):
+            room += p.held[i].cap
+            if room >= spill:
+                return True
+        return False
 
     def _accept(self, iov: list, n: int) -> bool:
         """The RX filter on the destination MAC (frame bytes 0..5, stream bytes 12..17)."""
@@ -616,15 +613,31 @@ class VirtioNet(VirtioDevice):
         return self.alluni or self.uc_overflow or dst == self.mac or dst in self.uc_table
 
     def _deliver(self, p: _Pair, q, n: int) -> None:
-        """Hand the buffers holding an ``n``-byte frame (header included) to the driver."""
-        first = p.held[0]
-        used = []
-        left = n
+        """Hand the buffers holding an ``n``-byte frame (header included) to the driver.
+
+        The frame was read into the first held buffer and, past its end, into the bounce
+        buffer; that spill is copied into the next held buffers (MRG_RXBUF; :meth:`_fits`
+        checked they have room).  Most frames fit the first buffer and are never copied.
+        """
+        first = p.held.popleft()
+        p.held_heads[first.chain.head] = 0
+        used = [(first.chain.head, min(first.cap, n))]
+        left = n - first.cap
+        off = 0
+        bounce = self._bounce_view
         while left > 0:
             rx = p.held.popleft()
-            take = rx.cap if rx.cap < left else left
-            used.append((rx.chain.head, take))
             p.held_heads[rx.chain.head] = 0
+            take = rx.cap if rx.cap < left else left
+            pos = off
+            for v in rx.views:
+                k = min(len(v), off + take - pos)
+                if k <= 0:
+                    break
+                v[:k] = bounce[pos:pos + k]
+                pos += k
+            used.append((rx.chain.head, take))
+            off += take
             left -= take
         hdr = bytearray(_stream_bytes(first.views, 0, HDR_LEN))
         if not self.guest_csum:
