@@ -76,6 +76,20 @@ def add_vhost(p) -> None:
     _common(p)
 
 
+#: ``exitless bench net``'s tests (names; the definitions are in exitless.bench.net)
+NET_TESTS = ("rr-64", "flood-64", "tx-64", "tx-1500", "tx-tso")
+
+
+def add_net(p) -> None:
+    p.add_argument("--paths", nargs="+", default=list(BLK_PATHS), choices=BLK_PATHS)
+    p.add_argument("--tests", nargs="+", choices=NET_TESTS, metavar="TEST", help=f"subset of: {' '.join(NET_TESTS)}")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply the packet counts")
+    p.add_argument("--no-qemu", action="store_true", help="skip QEMU's own virtio-net (tap) rows")
+    p.add_argument("--no-vhost", action="store_true", help="skip the qemu+exitless (vhost-user-net) rows")
+    p.add_argument("--plot", help="write a PNG plot here")
+    _common(p)
+
+
 def add_boot(p) -> None:
     p.add_argument("--rounds", "--runs", dest="runs", type=int, default=3,
                    help="boots per VMM, alternating exitless and QEMU (the median and min–max are reported)")

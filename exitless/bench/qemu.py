@@ -132,7 +132,7 @@ def kvm_works() -> bool:
 
 def run_guestkit(kernel: Path, append: str, *, device_args: list[str] = (), shared_memory: bool = False,
                  accel: str = "auto", mem_mib: int = 128, timeout: float = 300,
-                 extra_cpu: Callable[[], float] | None = None) -> QemuResult:
+                 extra_cpu: Callable[[], float] | None = None, pass_fds: tuple[int, ...] = ()) -> QemuResult:
     """Boot the guest kit under QEMU and measure it.
 
     The firmware is qboot where installed (:func:`firmware_args`).  QEMU starts paused
@@ -140,7 +140,8 @@ def run_guestkit(kernel: Path, append: str, *, device_args: list[str] = (), shar
     isa-debug-exit device, so when the guest has printed its result it
     halts instead of ending QEMU, and the counters and CPU are read before ``quit``.
     ``shared_memory`` backs guest RAM with a shared memfd (vhost-user needs it);
-    ``extra_cpu`` adds another process's CPU (a vhost-user back-end) to QEMU's own.
+    ``extra_cpu`` adds another process's CPU (a vhost-user back-end) to QEMU's own;
+    ``pass_fds`` are inherited by QEMU (e.g. a TAP fd for ``-netdev tap,fd=N``).
     """
     if accel == "auto":
         accel = "kvm" if kvm_works() else "tcg"
@@ -157,7 +158,7 @@ def run_guestkit(kernel: Path, append: str, *, device_args: list[str] = (), shar
            "-kernel", str(kernel), "-append", append, "-qmp", f"unix:{qmp_path},server=on,wait=off", *device_args]
     extra = extra_cpu or (lambda: 0.0)
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=pass_fds)
     out = bytearray()
     exits = None
     vmm_cpu = 0.0

@@ -1,4 +1,4 @@
-"""``exitless bench doorbell|blk|nvme|vhost|boot``: the benchmarks, rows as JSON plus a human table.
+"""``exitless bench doorbell|blk|nvme|vhost|net|boot``: the benchmarks, rows as JSON plus a human table.
 
 The options of each benchmark are in :mod:`exitless.bench.options` and its command
 is the ``main(args)`` of its module in :mod:`exitless.bench` (interleaved rounds,
@@ -21,6 +21,8 @@ def register(sub) -> None:
              options.add_nvme, cmd_bench_nvme),
             ("vhost", "virtio-blk in QEMU: vhost-user back-ends (exitless, qemu-storage-daemon) vs QEMU's own",
              options.add_vhost, cmd_bench_vhost),
+            ("net", "virtio-net (a TAP in a private namespace) under every I/O path, QEMU's tap, and QEMU with "
+                    "exitless's vhost-user-net back-end", options.add_net, cmd_bench_net),
             ("boot", "time to first kernel line, userspace and power-off, beside QEMU", options.add_boot,
              cmd_bench_boot)):
         p = bsub.add_parser(name, help=help)
@@ -50,6 +52,12 @@ def cmd_bench_vhost(args) -> int:
     from ..bench import vhost
 
     return vhost.main(args)
+
+
+def cmd_bench_net(args) -> int:
+    from ..bench import net
+
+    return net.main(args)
 
 
 def cmd_bench_boot(args) -> int:

@@ -48,6 +48,10 @@ def register(sub) -> None:
                       help="an NVMe controller with one namespace (repeatable: /dev/nvme0n1, nvme1n1...); io is "
                            "its doorbells' I/O path (default ioeventfd; the polled paths need the driver's "
                            "shadow doorbells, which Linux uses), queues its I/O queue pairs (default 4)")
+    run.add_argument("--net", type=_net_spec, action="append", default=[], metavar="SPEC",
+                     help="a virtio-net NIC on a TAP (repeatable); SPEC is tap=NAME[,mac=MAC][,io=PATH]"
+                          "[,queues=N][,netns=NS]: io is its I/O path (default ioeventfd), queues its queue pairs, "
+                          "netns the network namespace the TAP lives in")
     run.add_argument("--decompress", choices=("auto", "guest", "host"), default="auto",
                      help="bzImage: run its decompressor in the guest, or unpack it on the host "
                           "(auto: host on kvm_pvm hosts, guest elsewhere)")
@@ -87,6 +91,20 @@ def attach_devices(machine, args) -> None:
     add_nvmes(machine, args.nvme, groups=groups)
     for group in (groups or {}).values():
         group.start_on(machine)
+    if args.net:
+        from ..net.spec import add_nics
+
+        add_nics(machine, args.net)
+
+
+def _net_spec(text: str):
+    """argparse ``type=`` for ``--net``: a :class:`~exitless.net.spec.NetSpec`, or a usage error."""
+    from ..net.spec import NetSpec, NetSpecError
+
+    try:
+        return NetSpec.parse(text)
+    except NetSpecError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _run_pvh(args) -> int:

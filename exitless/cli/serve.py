@@ -28,6 +28,7 @@ def register(sub) -> None:
     serve = sub.add_parser("serve", help="serve an exitless device to another VMM (vhost-user)")
     ssub = serve.add_subparsers(dest="serve", required=True)
     _add_blk(ssub)
+    _add_net(ssub)
 
 
 def _add_blk(ssub) -> None:
@@ -55,6 +56,65 @@ def cmd_serve_blk(args) -> int:
     return serve_device(args, dev, "vhost-user-blk",
                         f"{disk.path} ({dev.capacity} sectors{', read-only' if disk.read_only else ''}, "
                         f"{dev.num_queues} queue(s) of {dev.queue_max_size})")
+
+
+NET_USAGE = """\
+    exitless serve net --socket /tmp/net.sock --tap tap0 [--netns NS] [--io kick|poll|adaptive] [--queues N]
+    qemu-system-x86_64 ... -object memory-backend-memfd,id=mem,size=1G,share=on \\
+        -machine q35,memory-backend=mem -chardev socket,id=c0,path=/tmp/net.sock \\
+        -netdev vhost-user,id=n0,chardev=c0[,queues=N] -device virtio-net-pci,netdev=n0[,mq=on]
+
+The back-end serves the RX/TX queue pairs; QEMU keeps the control queue (RX mode, MAC
+filter, MQ: it enables and disables the pairs' rings).  The TAP is attached by name (in
+network namespace NS), or created without persistence if it does not exist; with N > 1
+it must be a multi-queue TAP.  Exit status 2 if the TAP cannot be attached or the
+socket path is taken.  QEMU 7.2 under TCG: add vectors=0 to virtio-net-pci (its MSI-X
+path for vhost-user-net needs KVM irqfds and crashes without them).
+"""
+
+
+def _mac(text: str) -> bytes:
+    from ..devices.virtio.net import parse_mac
+
+    try:
+        return parse_mac(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_net(ssub) -> None:
+    from ..vhost_user import IO_MODES
+
+    net = ssub.add_parser("net", help="virtio-net on a TAP over vhost-user (QEMU: -netdev vhost-user)",
+                          description=NET_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    net.add_argument("--socket", required=True, metavar="PATH", help="unix socket to listen on")
+    net.add_argument("--tap", required=True, metavar="NAME", help="TAP interface")
+    net.add_argument("--netns", metavar="NS", help="the TAP lives in network namespace NS (/run/netns/NS)")
+    net.add_argument("--io", choices=IO_MODES, default="kick",
+                     help="kick: sleep on kick eventfds and the TAP; poll: poll rings and TAP; adaptive: both")
+    net.add_argument("--queues", type=int, default=1, choices=range(1, 17), metavar="N",
+                     help="queue pairs (QEMU's queues= must not exceed it; default 1)")
+    net.add_argument("--queue-size", type=power_of_two, default=256, metavar="N", help="maximum ring size (default 256)")
+    net.add_argument("--mac", type=_mac, metavar="MAC", help="the device's MAC (QEMU's mac= is what the guest sees)")
+    net.add_argument("--poll-us", type=float, default=64.0, help="adaptive: initial busy-poll window (µs)")
+    net.set_defaults(func=cmd_serve_net)
+
+
+def cmd_serve_net(args) -> int:
+    from ..devices.virtio.net import VirtioNet
+    from ..net.tap import Tap
+
+    tap = Tap.open(args.tap, queues=args.queues, netns=args.netns)
+    try:
+        dev = VirtioNet(tap, mac=args.mac, queue_pairs=args.queues, queue_size=args.queue_size, ctrl_queue=False)
+        where = f" in netns {args.netns}" if args.netns else ""
+        return serve_device(args, dev, "vhost-user-net",
+                            f"TAP {args.tap}{where} ({args.queues} queue pair(s) of {dev.queue_max_size})")
+    finally:
+        tap.close()
+        if "dev" in locals():
+            logging.getLogger("exitless.vhost_user").info(
+                "vhost-user-net: %s", ", ".join(f"{k} {v}" for k, v in dev.stats.items()))
 
 
 def serve_device(args, dev, name: str, what: str) -> int:

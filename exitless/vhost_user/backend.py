@@ -410,6 +410,7 @@ class VhostUserBackend:
             self._pollables = []
         dev = self.device
         if dev.activated or dev.needs_reset:
+            dev.quiesce()
             for i, ring in enumerate(self.rings):
                 if ring.live and i < len(dev.queues) and dev.queues[i].configured:
                     ring.base = dev.queues[i].last_avail_idx
@@ -458,7 +459,9 @@ class VhostUserBackend:
             for i in live:
                 queues[i].disable_notifications()
         pollables = self._pollables = [VringPollable(dev, i, self.rings[i].kick_fd) for i in live]
-        loop = SidecoreLoop(pollables, mode, poll_ns=self.poll_ns, name=f"{self.name}-dataplane")
+        # the device's host side (a TAP's receive fd) is served by the same loop as its rings
+        loop = SidecoreLoop(pollables + dev.backend_pollables(mode), mode, poll_ns=self.poll_ns,
+                            name=f"{self.name}-dataplane")
         self.worker = SidecoreThread(loop).start()
         self.loop_mode = want
         self.restarts += 1

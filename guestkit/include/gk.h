@@ -177,6 +177,7 @@ void app_doorbell(void);
 void app_idle(void);
 void app_blk(void);
 void app_nvme(void);
+void app_net(void);
 void app_selftest(void);
 void app_cost(void);
 

@@ -213,6 +213,16 @@ class VirtioDevice:
     def on_reset(self) -> None:
         """Hook for subclasses, before the queues are reset."""
 
+    def quiesce(self) -> None:
+        """The transport stops serving the queues and will resume them later from each queue's
+        ``last_avail_idx`` (vhost-user GET_VRING_BASE): a device that took chains off a ring
+        without using them (virtio-net's RX buffers) gives them back here."""
+
+    def backend_pollables(self, mode: str) -> list:
+        """Pollables for the device's host-side event sources (a TAP's receive side) that the
+        sidecore serving its queues in ``mode`` (``notify``/``poll``/``adaptive``) must serve too."""
+        return []
+
     # -- request processing -----------------------------------------------------------
     def process(self, queue_index: int, chain: DescriptorChain) -> int | None:
         """Handle one chain; return the bytes written into its device-writable part (it is then

@@ -102,13 +102,19 @@ class VirtioPci(PciDevice):
         self.slot = machine.pci.add(self)
         machine.add_worker(self)
         if path != "trap":
-            pollables = [QueuePollable(self, q) for q in range(n)]
+            # plus the device's host side (a TAP's receive fd), served by the same sidecore as its queues
+            pollables = [QueuePollable(self, q) for q in range(n)] + device.backend_pollables(MODE_OF_PATH[path])
             if sidecore is None:
                 self.sidecore = SidecoreGroup(MODE_OF_PATH[path], poll_ns=poll_ns, name=f"sidecore-virtio{self.slot}")
                 self.sidecore.add(pollables, MODE_OF_PATH[path])
                 self.sidecore.start()
             else:
                 sidecore.add(pollables, MODE_OF_PATH[path])
+        elif pollables := device.backend_pollables("notify"):
+            # trap: the queues run on the vCPU threads, the host side needs a thread of its own
+            self.sidecore = SidecoreGroup("notify", name=f"host-side-virtio{self.slot}")
+            self.sidecore.add(pollables, "notify")
+            self.sidecore.start()
 
     def _add_virtio_cap(self, cfg_type: int, bar: int, offset: int, length: int, extra: bytes = b"",
                         writable: bytes | None = None) -> int:

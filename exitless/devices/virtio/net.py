@@ -1,0 +1,801 @@
+"""virtio-net (VIRTIO 1.2 §5.1) on a host TAP device (or anything with the same fd semantics).
+
+Queues: ``receiveq0, transmitq0, ..., receiveqN-1, transmitqN-1`` and, with
+``ctrl_queue=True``, the control queue last (§5.1.2).  A vhost-user frontend
+(QEMU) keeps the control queue itself, so the back-end builds the device
+without it.
+
+Every frame on every queue starts with the 12-byte ``struct virtio_net_hdr_v1``
+(VERSION_1 is required).  The TAP is opened with ``IFF_VNET_HDR`` and
+``TUNSETVNETHDRSZ 12`` (:mod:`exitless.net.tap`), so headers pass through in
+both directions and checksum/segmentation offloads cost nothing here.
+
+Transmit (§5.1.6.2): a TX chain is header + frame, device-readable.  The
+header is copied and checked (the guest may change its buffer meanwhile), then
+``writev(header copy, frame views...)`` sends it zero-copy.  A chain is
+dropped -- used length 0, counted in :attr:`VirtioNet.stats` -- if it has a
+bad buffer, a device-writable part, fewer than 12 + 14 bytes, a frame larger
+than :data:`MAX_FRAME`, a NEEDS_CSUM request whose ``csum_start + csum_offset
++ 2`` lies past the frame or that CSUM was not negotiated for, a GSO type that
+was not negotiated (HOST_TSO4/6, HOST_ECN; UFO is not offered), a GSO frame
+without NEEDS_CSUM, with ``gso_size`` 0 or with ``hdr_len`` past the frame.
+
+Receive (§5.1.6.3-4): the device takes the driver's RX buffers off the ring as
+they arrive and holds them (at most the queue size: a head the driver offers
+again while we hold it is a broken ring).  Frames are read from the TAP fd
+with ``readv`` straight into those buffers: one chain without MRG_RXBUF, as
+many chains as the frame needs with it (header first; ``num_buffers`` says how
+many).  A bounce buffer completes the scatter list up to :data:`MAX_RX` bytes,
+so a frame never gets truncated; one that does not fit the guest's buffers is
+dropped (``rx_dropped``) and the buffers are reused for the next.  ``num_buffers``
+is always written (the kernel skips those two bytes).  Without GUEST_CSUM the
+header's flags are cleared (the TAP then delivers only checksummed frames).
+
+RX backlog: none in this process.  The TAP fd is read only while the guest
+has buffers; otherwise frames wait in the kernel's TAP queue (``txqueuelen``
+frames, then the kernel drops), and the TAP fd is not watched until the driver
+posts buffers again -- so a guest that never posts costs no CPU and no memory.
+
+Waiting for the TAP (:class:`TapRxPollable`): one-shot Linux AIO polls
+(``IOCB_CMD_POLL``, :mod:`exitless.sidecore.aio_poll`), re-armed only after a
+read returned EAGAIN (submission re-checks readiness, so a frame that arrived
+between the EAGAIN and the re-arm completes it at once: no lost wake-up).  The
+kernel reports a completion by advancing a word in memory -- which a polling
+sidecore watches in its GIL-free C spin like any doorbell -- and by signalling
+an eventfd, which a sleeping sidecore waits on.  No helper thread, no GIL.
+
+Control queue (§5.1.6.5): RX mode (promiscuous, all-multi, all-uni, no-multi,
+no-uni, no-broadcast), the MAC filter table (64 entries per table; more means
+"all"), the MAC address, announce acks and the number of queue pairs (MQ).
+The filter is applied on receive; until the driver sets a mode the device is
+promiscuous (as QEMU's).
+
+Link state: STATUS ``LINK_UP`` drops when the TAP refuses I/O (interface down:
+EIO; deleted: EBADFD) and comes back when a write succeeds; every change raises
+a configuration interrupt.  The device keeps running and counts the drops.
+
+Threading: TX of a pair is driven by one thread at a time (the transport's
+rule).  RX of a pair -- its RX queue's kicks and its TAP's readiness -- may come
+from two threads (on the trap path the vCPU thread handles the kick, a
+host-side sidecore thread the TAP), so the held buffers and the pump are
+guarded by a per-pair lock; elsewhere one sidecore serves both, uncontended.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import struct
+import threading
+from collections import deque
+from typing import Protocol
+
+from ...sidecore.aio_poll import AioPoll
+from .constants import (
+    VIRTIO_ID_NET,
+    VIRTIO_NET_CTRL_ANNOUNCE,
+    VIRTIO_NET_CTRL_ANNOUNCE_ACK,
+    VIRTIO_NET_CTRL_MAC,
+    VIRTIO_NET_CTRL_MAC_ADDR_SET,
+    VIRTIO_NET_CTRL_MAC_TABLE_SET,
+    VIRTIO_NET_CTRL_MQ,
+    VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MIN,
+    VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
+    VIRTIO_NET_CTRL_RX,
+    VIRTIO_NET_ERR,
+    VIRTIO_NET_F_CSUM,
+    VIRTIO_NET_F_CTRL_MAC_ADDR,
+    VIRTIO_NET_F_CTRL_RX,
+    VIRTIO_NET_F_CTRL_RX_EXTRA,
+    VIRTIO_NET_F_CTRL_VQ,
+    VIRTIO_NET_F_GUEST_ANNOUNCE,
+    VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_GUEST_ECN,
+    VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_HOST_ECN,
+    VIRTIO_NET_F_HOST_TSO4,
+    VIRTIO_NET_F_HOST_TSO6,
+    VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_MQ,
+    VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_GSO_ECN,
+    VIRTIO_NET_HDR_GSO_NONE,
+    VIRTIO_NET_HDR_GSO_TCPV4,
+    VIRTIO_NET_HDR_GSO_TCPV6,
+    VIRTIO_NET_OK,
+    VIRTIO_NET_S_ANNOUNCE,
+    VIRTIO_NET_S_LINK_UP,
+)
+from .device import VirtioDevice
+from .queue import DescriptorChain, VirtqueueError
+
+__all__ = ["HDR_LEN", "MAX_FRAME", "MAX_RX", "NetBackend", "TapRxPollable", "VirtioNet", "parse_mac", "format_mac"]
+
+#: struct virtio_net_hdr_v1: flags u8, gso_type u8, hdr_len, gso_size, csum_start, csum_offset, num_buffers (le16)
+_HDR = struct.Struct("<BBHHHHH")
+HDR_LEN = _HDR.size
+ETH_HLEN = 14
+#: Largest frame (without the virtio header) accepted on TX and delivered on RX: a 64 KiB GSO frame
+#: with an Ethernet and a VLAN header (Linux's virtio_net sizes its "big" RX buffers for this).
+MAX_FRAME = 65535 + ETH_HLEN + 4
+MAX_RX = HDR_LEN + MAX_FRAME
+#: Frames moved per RX pump call before the sidecore looks at its other queues.
+RX_BUDGET = 64
+MAC_TABLE_ENTRIES = 64
+#: Largest control command data read (two MAC tables of 4096 entries fit): longer ones get ERR.
+CTRL_DATA_MAX = 2 * (4 + 6 * 4096)
+_IOV_MAX = max(os.sysconf("SC_IOV_MAX"), 16) if hasattr(os, "sysconf") else 1024
+_CONFIG = struct.Struct("<6sHHHIB3x")   # mac, status, max_virtqueue_pairs, mtu, speed, duplex (+pad to 20)
+_TUN_F_CSUM, _TUN_F_TSO4, _TUN_F_TSO6, _TUN_F_TSO_ECN = 0x01, 0x02, 0x04, 0x08
+# errno values that mean "the TAP is down or gone" (not a problem of this one frame)
+_LINK_ERRNOS = (errno.EIO, errno.EBADFD, errno.ENODEV, errno.ENXIO, errno.EPIPE, errno.ENETDOWN)
+
+log = logging.getLogger("exitless.virtio.net")
+
+
+class NetBackend(Protocol):
+    """What the device needs of its host side (:class:`exitless.net.tap.Tap` is one).
+
+    ``fds[i]``: non-blocking fd of queue pair ``i`` carrying one frame (with its 12-byte
+    virtio-net header) per read/write.
+    """
+
+    fds: list[int]
+
+    def set_offload(self, offloads: int) -> None: ...
+    def set_queue_enabled(self, index: int, enabled: bool) -> None: ...
+
+
+def parse_mac(text: str) -> bytes:
+    """``"52:54:00:12:34:56"`` -> 6 bytes; ValueError if malformed or multicast."""
+    parts = text.split(":")
+    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
+        raise ValueError(f"MAC address {text!r}: six hex bytes separated by ':'")
+    try:
+        mac = bytes(int(p, 16) for p in parts)
+    except ValueError:
+        raise ValueError(f"MAC address {text!r}: six hex bytes separated by ':'") from None
+    if mac[0] & 1:
+        raise ValueError(f"MAC address {text} is a multicast address")
+    return mac
+
+
+def format_mac(mac: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+class _RxChain:
+    """An RX buffer the device holds: the chain, its writable views, their total size, and the
+    scatter list a frame is read with when this buffer comes first: its views, then the device's
+    bounce buffer up to :data:`MAX_RX` bytes (built once, not per frame)."""
+
+    __slots__ = ("chain", "views", "cap", "iov")
+
+    def __init__(self, chain: DescriptorChain, bounce: memoryview):
+        self.chain = chain
+        self.views = chain.writable_views()
+        self.cap = chain.writable_len
+        self.iov = self.views + [bounce[:MAX_RX - self.cap]] if self.cap < MAX_RX else self.views
+
+
+class _Pair:
+    """Per queue-pair receive state."""
+
+    def __init__(self, index: int):
+        self.index = index
+        self.held: deque[_RxChain] = deque()
+        self.held_heads = bytearray()       # 1 for each head we hold (sized at activation)
+        self.armed = False                  # a one-shot readiness poll on the TAP fd is pending
+        self.gone = False                   # the fd reported the TAP gone: never watched again
+        self.poller: TapRxPollable | None = None
+        # RX of a pair may be driven from two threads on the trap path (the vCPU thread handles the
+        # RX queue's kick, a sidecore thread the TAP fd): the pump and the held buffers are guarded.
+        self.lock = threading.Lock()
+
+
+class VirtioNet(VirtioDevice):
+    """virtio-net over ``backend`` (a :class:`NetBackend`, e.g. a TAP).
+
+    ``VirtioNet(backend, mac=None, queue_pairs=None, queue_size=256, ctrl_queue=True)``: ``mac``
+    is 6 bytes (default: 52:54:00 plus a hash of the backend's name); ``queue_pairs``
+    defaults to ``len(backend.fds)`` and may not exceed it.
+    """
+
+    DEVICE_ID = VIRTIO_ID_NET
+
+    def __init__(self, backend: NetBackend, mac: bytes | None = None, queue_pairs: int | None = None,
+                 queue_size: int = 256, ctrl_queue: bool = True):
+        pairs = len(backend.fds) if queue_pairs is None else queue_pairs
+        if not 1 <= pairs <= len(backend.fds):
+            raise ValueError(f"virtio-net: {pairs} queue pairs but the backend has {len(backend.fds)} queue(s)")
+        super().__init__(num_queues=2 * pairs + (1 if ctrl_queue else 0), queue_max_size=queue_size)
+        self.backend = backend
+        self.queue_pairs = pairs
+        self.ctrl_queue = ctrl_queue
+        if mac is None:
+            seed = str(getattr(backend, "name", id(backend))).encode()
+            mac = b"\x52\x54\x00" + hashlib.sha1(seed).digest()[:3]
+        if len(mac) != 6 or mac[0] & 1:
+            raise ValueError(f"virtio-net: bad MAC address {mac!r}")
+        self.default_mac = bytes(mac)
+        self.link_up = True
+        #: counters: frames and bytes moved, GSO frames among them (offloads passed through),
+        #: drops (TAP full/down, frame too big for the guest's buffers), filtered by the RX mode,
+        #: bad TX chains, control commands, link changes
+        self.stats = dict.fromkeys(("rx_packets", "rx_bytes", "rx_gso", "rx_dropped", "rx_filtered",
+                                    "tx_packets", "tx_bytes", "tx_gso", "tx_dropped", "tx_bad", "ctrl_ok",
+                                    "ctrl_err", "link_changes"), 0)
+        self._pairs = [_Pair(i) for i in range(pairs)]
+        self._bounce = bytearray(MAX_RX)
+        self._bounce_view = memoryview(self._bounce)
+        self._reset_net_state()
+
+    def _reset_net_state(self) -> None:
+        self.mac = self.default_mac
+        self.status_announce = False
+        self.active_pairs = 1
+        # RX filter (§5.1.6.5.1): promiscuous until the driver says otherwise, like QEMU.
+        self.promisc = True
+        self.allmulti = self.alluni = self.nomulti = self.nouni = self.nobcast = False
+        self.uc_table: set[bytes] = set()
+        self.mc_table: set[bytes] = set()
+        self.uc_overflow = self.mc_overflow = False
+        self.mrg_rxbuf = self.guest_csum = False
+        for p in self._pairs:
+            with p.lock:
+                p.held.clear()
+
+    # -- features and configuration -------------------------------------------------------
+    def features(self) -> int:
+        bits = [VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_CSUM,
+                VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_ECN,
+                VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_ECN]
+        if self.ctrl_queue:
+            # Without our own control queue (vhost-user) GUEST_ANNOUNCE is not ours to offer: QEMU
+            # passes it through to the driver, which then requires a control queue.
+            bits += [VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_CTRL_RX, VIRTIO_NET_F_CTRL_RX_EXTRA,
+                     VIRTIO_NET_F_CTRL_MAC_ADDR, VIRTIO_NET_F_GUEST_ANNOUNCE]
+        if self.queue_pairs > 1:
+            bits.append(VIRTIO_NET_F_MQ)
+        f = 0
+        for b in bits:
+            f |= 1 << b
+        return f
+
+    #: feature -> features it requires (spec §5.1.3.1)
+    _REQUIRES = {
+        VIRTIO_NET_F_GUEST_TSO4: (VIRTIO_NET_F_GUEST_CSUM,), VIRTIO_NET_F_GUEST_TSO6: (VIRTIO_NET_F_GUEST_CSUM,),
+        VIRTIO_NET_F_GUEST_ECN: (VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6),
+        VIRTIO_NET_F_HOST_TSO4: (VIRTIO_NET_F_CSUM,), VIRTIO_NET_F_HOST_TSO6: (VIRTIO_NET_F_CSUM,),
+        VIRTIO_NET_F_HOST_ECN: (VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6),
+        VIRTIO_NET_F_CTRL_RX: (VIRTIO_NET_F_CTRL_VQ,), VIRTIO_NET_F_CTRL_RX_EXTRA: (VIRTIO_NET_F_CTRL_RX,),
+        VIRTIO_NET_F_GUEST_ANNOUNCE: (VIRTIO_NET_F_CTRL_VQ,), VIRTIO_NET_F_MQ: (VIRTIO_NET_F_CTRL_VQ,),
+        VIRTIO_NET_F_CTRL_MAC_ADDR: (VIRTIO_NET_F_CTRL_VQ,),
+    }
+
+    def features_ok(self, driver_features: int) -> bool:
+        """Offered subset with VERSION_1, and every feature's prerequisites (for ECN: one of them)."""
+        if not super().features_ok(driver_features):
+            return False
+        for bit, needs in self._REQUIRES.items():
+            if driver_features >> bit & 1:
+                have = [driver_features >> n & 1 for n in needs]
+                ok = any(have) if bit in (VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_HOST_ECN) else all(have)
+                if not ok:
+                    return False
+        return True
+
+    def config_bytes(self) -> bytes:
+        status = (VIRTIO_NET_S_LINK_UP if self.link_up else 0) | (VIRTIO_NET_S_ANNOUNCE if self.status_announce else 0)
+        return _CONFIG.pack(self.mac, status, self.queue_pairs, 0, 0xFFFFFFFF, 0xFF)  # speed/duplex unknown
+
+    def set_link(self, up: bool) -> None:
+        """Change STATUS LINK_UP (e.g. the TAP went down) and raise a configuration interrupt."""
+        if up != self.link_up:
+            self.link_up = up
+            self.stats["link_changes"] += 1
+            log.warning("virtio-net: link %s", "up" if up else "down (TAP refuses I/O)")
+            self.config_changed()
+
+    def announce(self) -> None:
+        """Ask the driver to announce itself (gratuitous ARP after a move): STATUS ANNOUNCE + config irq."""
+        if self.has_feature(VIRTIO_NET_F_GUEST_ANNOUNCE):
+            self.status_announce = True
+            self.config_changed()
+
+    # -- life cycle ------------------------------------------------------------------------------
+    def rx_queue(self, pair: int) -> int:
+        return 2 * pair
+
+    def tx_queue(self, pair: int) -> int:
+        return 2 * pair + 1
+
+    @property
+    def ctrl_index(self) -> int | None:
+        return 2 * self.queue_pairs if self.ctrl_queue else None
+
+    def on_activate(self) -> None:
+        self.mrg_rxbuf = self.has_feature(VIRTIO_NET_F_MRG_RXBUF)
+        self.guest_csum = self.has_feature(VIRTIO_NET_F_GUEST_CSUM)
+        off = 0
+        if self.guest_csum:
+            off |= _TUN_F_CSUM
+            if self.has_feature(VIRTIO_NET_F_GUEST_TSO4):
+                off |= _TUN_F_TSO4
+            if self.has_feature(VIRTIO_NET_F_GUEST_TSO6):
+                off |= _TUN_F_TSO6
+            if self.has_feature(VIRTIO_NET_F_GUEST_ECN):
+                off |= _TUN_F_TSO_ECN
+        self.backend.set_offload(off)
+        # With a control queue only the first pair works until VQ_PAIRS_SET (§5.1.6.5.5); without
+        # one (vhost-user) the frontend enables pairs by enabling their rings.
+        self.active_pairs = 1 if self.ctrl_queue else self.queue_pairs
+        for p in self._pairs:
+            rxq = self.queues[self.rx_queue(p.index)] if self.rx_queue(p.index) < len(self.queues) else None
+            with p.lock:
+                p.held.clear()
+                p.held_heads = bytearray(rxq.size if rxq is not None and rxq.configured else 0)
+        self._apply_active_pairs()
+
+    def _apply_active_pairs(self) -> None:
+        for p in self._pairs:
+            self.backend.set_queue_enabled(p.index, self._rx_live(p.index))
+
+    def _rx_live(self, pair: int) -> bool:
+        if pair >= self.active_pairs:
+            return False
+        i = self.rx_queue(pair)
+        return i < len(self.queues) and self.queues[i].configured
+
+    def quiesce(self) -> None:
+        """Give the RX buffers the device holds unused back to the ring (rewind ``last_avail_idx``).
+
+        Called by a transport before it records where to resume a stopped ring
+        (vhost-user GET_VRING_BASE): held buffers are the last ones popped, in order.
+        """
+        for p in self._pairs:
+            i = self.rx_queue(p.index)
+            with p.lock:
+                if p.held and i < len(self.queues) and self.queues[i].configured:
+                    q = self.queues[i]
+                    q.last_avail_idx = q.last_avail_idx - len(p.held)
+                p.held.clear()
+
+    def on_reset(self) -> None:
+        self._reset_net_state()
+        self.backend.set_offload(0)
+
+    def close(self) -> None:
+        """Cancel the TAP pollables' readiness polls (the backend is the caller's to close)."""
+        for p in self._pairs:
+            if p.poller is not None:
+                p.poller.close()
+                p.poller = None
+
+    # -- sidecore integration --------------------------------------------------------------------
+    def backend_pollables(self, mode: str) -> list:
+        """One :class:`TapRxPollable` per queue pair (the same in every sidecore mode; kept across
+        activations and vhost-user sessions until :meth:`close`)."""
+        for p in self._pairs:
+            if p.poller is None:
+                p.poller = TapRxPollable(self, p.index)
+        return [p.poller for p in self._pairs]
+
+    # -- queue dispatch ----------------------------------------------------------------------------
+    def handle_queue(self, index: int) -> int:
+        """TX and control queues: the base class's drain loop; an RX queue: take the posted buffers and
+        fill them from the TAP.  Returns the number of chains completed."""
+        if index < 2 * self.queue_pairs and index % 2 == 0:
+            return self._handle_rx(index // 2)
+        return super().handle_queue(index)
+
+    def process(self, queue_index: int, chain: DescriptorChain) -> int:
+        if queue_index == self.ctrl_index:
+            return self._ctrl(chain)
+        self._tx(queue_index // 2, chain)
+        return 0
+
+    # -- transmit -------------------------------------------------------------------------------------
+    def _tx_drop(self, chain: DescriptorChain, why: str) -> None:
+        self.stats["tx_bad"] += 1
+        self.log(logging.WARNING, "virtio-net: TX chain %d dropped: %s", chain.head, why)
+
+    def check_tx_header(self, hdr: bytes, frame_len: int) -> str | None:
+        """Why a TX header is unacceptable for a frame of ``frame_len`` bytes, or None (spec §5.1.6.2.1)."""
+        flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, _nb = _HDR.unpack(hdr)
+        if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+            if not self.has_feature(VIRTIO_NET_F_CSUM):
+                return "NEEDS_CSUM without VIRTIO_NET_F_CSUM"
+            if csum_start + csum_offset + 2 > frame_len:
+                return f"checksum at {csum_start}+{csum_offset} is past the {frame_len}-byte frame"
+        if gso_type != VIRTIO_NET_HDR_GSO_NONE:
+            base = gso_type & ~VIRTIO_NET_HDR_GSO_ECN
+            need = {VIRTIO_NET_HDR_GSO_TCPV4: VIRTIO_NET_F_HOST_TSO4,
+                    VIRTIO_NET_HDR_GSO_TCPV6: VIRTIO_NET_F_HOST_TSO6}.get(base)
+            if need is None or not self.has_feature(need):
+                return f"GSO type {gso_type:#x} not negotiated"
+            if gso_type & VIRTIO_NET_HDR_GSO_ECN and not self.has_feature(VIRTIO_NET_F_HOST_ECN):
+                return "GSO ECN without VIRTIO_NET_F_HOST_ECN"
+            if not flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+                return "GSO frame without NEEDS_CSUM"
+            if gso_size == 0:
+                return "GSO frame with gso_size 0"
+            if hdr_len > frame_len:
+                return f"hdr_len {hdr_len} is past the {frame_len}-byte frame"
+        return None
+
+    def _tx(self, pair: int, chain: DescriptorChain) -> None:
+        if chain.error:
+            return self._tx_drop(chain, chain.error)
+        if chain.writable_len:
+            return self._tx_drop(chain, "TX chain has device-writable buffers")
+        frame_len = chain.readable_len - HDR_LEN
+        if frame_len < ETH_HLEN:
+            return self._tx_drop(chain, f"{chain.readable_len} bytes: no header and Ethernet frame")
+        if frame_len > MAX_FRAME:
+            return self._tx_drop(chain, f"{frame_len}-byte frame is larger than {MAX_FRAME}")
+        hdr = bytearray(chain.read(0, HDR_LEN))      # our copy: what we checked is what we send
+        why = self.check_tx_header(hdr, frame_len)
+        if why:
+            return self._tx_drop(chain, why)
+        hdr[0] &= VIRTIO_NET_HDR_F_NEEDS_CSUM
+        hdr[10] = hdr[11] = 0
+        iov = [hdr, *chain.readable(HDR_LEN, frame_len)]
+        if len(iov) > _IOV_MAX:
+            iov = [hdr, b"".join(iov[1:])]
+        try:
+            os.writev(self.backend.fds[pair], iov)
+        except BlockingIOError:
+            self.stats["tx_dropped"] += 1      # the TAP's queue is full: like a NIC, drop
+            return None
+        except OSError as e:
+            self.stats["tx_dropped"] += 1
+            if e.errno in _LINK_ERRNOS:
+                self.set_link(False)
+            else:  # EINVAL & co: the kernel refused this frame's header
+                self.log(logging.WARNING, "virtio-net: TAP refused a frame: %s", e.strerror)
+            return None
+        self.stats["tx_packets"] += 1
+        self.stats["tx_bytes"] += frame_len
+        if hdr[1]:
+            self.stats["tx_gso"] += 1
+        if not self.link_up:
+            self.set_link(True)
+        return None
+
+    # -- receive ----------------------------------------------------------------------------------------
+    def _handle_rx(self, pair: int) -> int:
+        if self.needs_reset or not self.activated or pair >= self.queue_pairs:
+            return 0
+        index = self.rx_queue(pair)
+        q = self.queues[index] if index < len(self.queues) else None
+        if q is None or not q.configured:
+            return 0
+        p = self._pairs[pair]
+        with p.lock:
+            return self._handle_rx_locked(index, q, p)
+
+    def _handle_rx_locked(self, index: int, q, p: _Pair) -> int:
+        rearm = q.notifications_enabled
+        done = 0
+        try:
+            if rearm:
+                q.disable_notifications()
+            while True:
+                while (chain := q.pop()) is not None:
+                    done += self._take_rx_buffer(index, p, chain)
+                if not rearm or not q.enable_notifications():
+                    break
+                q.disable_notifications()
+            if not p.armed:
+                done += self._rx_pump_locked(p)
+            if done:
+                self.notify(index)      # unusable buffers returned empty (the pump signals its own)
+        except VirtqueueError as e:
+            self.notify(index)
+            self._set_needs_reset(index, e)
+        return done
+
+    def _take_rx_buffer(self, index: int, p: _Pair, chain: DescriptorChain) -> int:
+        """Hold a posted RX buffer; one that cannot carry a header is returned unused (counted as done)."""
+        head = chain.head
+        if head >= len(p.held_heads):
+            p.held_heads.extend(bytes(head + 1 - len(p.held_heads)))
+        if p.held_heads[head]:
+            raise VirtqueueError(f"RX head {head} offered again while the device holds it")
+        if chain.error or chain.readable_len or chain.writable_len < HDR_LEN \
+                or len(chain.segments) >= _IOV_MAX:
+            self.log(logging.WARNING, "virtio-net: RX chain %d unusable (%s); returned empty", head,
+                     chain.error or f"{chain.readable_len} readable / {chain.writable_len} writable bytes")
+            self.queues[index].push(head, 0)
+            return 1
+        p.held_heads[head] = 1
+        p.held.append(_RxChain(chain, self._bounce_view))
+        return 0
+
+    def rx_pump(self, pair: int) -> int:
+        """Move up to :data:`RX_BUDGET` frames from the TAP fd of ``pair`` into held RX buffers.
+
+        Re-arms the TAP fd when it is drained (EAGAIN); leaves it unarmed when the
+        guest has no buffer (its next RX kick pumps again) or the budget ran out.
+        Signals the RX queue if the driver wants it.  Returns frames delivered.
+        """
+        p = self._pairs[pair]
+        with p.lock:
+            return self._rx_pump_locked(p)
+
+    def _rx_pump_locked(self, p: _Pair) -> int:
+        pair = p.index
+        if p.gone or not self.activated or self.needs_reset or not self._rx_live(pair):
+            return 0
+        index = self.rx_queue(pair)
+        q = self.queues[index]
+        fd = self.backend.fds[pair]
+        delivered = 0
+        budget = RX_BUDGET
+        stats = self.stats
+        while p.held and budget:
+            budget -= 1
+            first = p.held[0]
+            try:
+                n = os.readv(fd, first.iov)
+            except BlockingIOError:
+                self._arm(p)
+                break
+            except OSError as e:
+                stats["rx_dropped"] += 1
+                if e.errno in _LINK_ERRNOS:
+                    self.set_link(False)
+                    if e.errno != errno.EIO:
+                        p.gone = True   # the interface is gone: its fd stays readable/erroring forever
+                        break
+                    self._arm(p)
+                    break
+                self.log(logging.WARNING, "virtio-net: TAP read: %s", e.strerror)
+                break
+            if n == 0:          # end of file: the other side is gone (a TAP never returns 0)
+                stats["rx_dropped"] += 1
+                self.set_link(False)
+                p.gone = True
+                break
+            if n <= HDR_LEN or n > first.cap and not self._fits(p, n - first.cap):
+                stats["rx_dropped"] += 1   # empty, or larger than the buffers the guest gave
+                continue
+            if not self._accept(first.iov, n):
+                stats["rx_filtered"] += 1
+                continue
+            delivered += 1
+            stats["rx_packets"] += 1
+            stats["rx_bytes"] += n - HDR_LEN
+            self._deliver(p, q, n)
+        # Out of buffers: the TAP stays unarmed and the driver's next RX kick pumps again.
+        if delivered:
+            self.notify(index)
+        return delivered
+
+    def _arm(self, p: _Pair) -> None:
+        if not p.armed and p.poller is not None:
+            if p.poller.arm_tap():
+                p.armed = True
+            else:               # the fd cannot be watched any more (closed, or the TAP is gone)
+                p.gone = True
+
+    def _fits(self, p: _Pair, spill: int) -> bool:
+        """Can the held buffers after the first take ``spill`` more bytes (MRG_RXBUF only)?"""
+        if not self.mrg_rxbuf:
+            return False
+        room = 0
+        for i in range(1, len(p.held)):
+            room += p.held[i].cap
+            if room >= spill:
+                return True
+        return False
+
+    def _accept(self, iov: list, n: int) -> bool:
+        """The RX filter on the destination MAC (frame bytes 0..5, stream bytes 12..17)."""
+        if self.promisc:
+            return True
+        if n < HDR_LEN + 6:
+            return False
+        dst = _stream_bytes(iov, HDR_LEN, 6)
+        if dst[0] & 1:
+            if dst == b"\xff" * 6:
+                return not self.nobcast
+            if self.nomulti:
+                return False
+            return self.allmulti or self.mc_overflow or dst in self.mc_table
+        if self.nouni:
+            return False
+        return self.alluni or self.uc_overflow or dst == self.mac or dst in self.uc_table
+
+    def _deliver(self, p: _Pair, q, n: int) -> None:
+        """Hand the buffers holding an ``n``-byte frame (header included) to the driver.
+
+        The frame was read into the first held buffer and, past its end, into the bounce
+        buffer; that spill is copied into the next held buffers (MRG_RXBUF; :meth:`_fits`
+        checked they have room).  Most frames fit the first buffer and are never copied.
+        """
+        first = p.held.popleft()
+        p.held_heads[first.chain.head] = 0
+        used = [(first.chain.head, min(first.cap, n))]
+        left = n - first.cap
+        off = 0
+        bounce = self._bounce_view
+        while left > 0:
+            rx = p.held.popleft()
+            p.held_heads[rx.chain.head] = 0
+            take = rx.cap if rx.cap < left else left
+            pos = off
+            for v in rx.views:
+                k = min(len(v), off + take - pos)
+                if k <= 0:
+                    break
+                v[:k] = bounce[pos:pos + k]
+                pos += k
+            used.append((rx.chain.head, take))
+            off += take
+            left -= take
+        hdr = bytearray(_stream_bytes(first.views, 0, HDR_LEN))
+        if not self.guest_csum:
+            hdr[0] = 0       # §5.1.6.3.2: flags zero without GUEST_CSUM
+        elif hdr[1]:
+            self.stats["rx_gso"] += 1
+        hdr[10:12] = len(used).to_bytes(2, "little")   # num_buffers: the kernel leaves it unwritten
+        first.chain.write(0, hdr)
+        for head, take in used:
+            q.push(head, take)
+
+    # -- control queue -------------------------------------------------------------------------------
+    def _ctrl(self, chain: DescriptorChain) -> int:
+        """One control command: class u8, command u8, data (readable); ack u8 (the last writable byte)."""
+        if chain.error or chain.writable_len < 1:
+            self.stats["ctrl_err"] += 1
+            self.log(logging.WARNING, "virtio-net: control chain %d has no ack byte or a bad buffer: %s",
+                     chain.head, chain.error or "no writable byte")
+            return 0
+        ok = 2 <= chain.readable_len <= 2 + CTRL_DATA_MAX
+        if ok:
+            cls, cmd = chain.read(0, 2)
+            ok = self._ctrl_command(cls, cmd, chain.read(2, chain.readable_len - 2))
+        self.stats["ctrl_ok" if ok else "ctrl_err"] += 1
+        chain.write(chain.writable_len - 1, bytes([VIRTIO_NET_OK if ok else VIRTIO_NET_ERR]))
+        return 1
+
+    def _ctrl_command(self, cls: int, cmd: int, data: bytes) -> bool:
+        if cls == VIRTIO_NET_CTRL_RX and self.has_feature(VIRTIO_NET_F_CTRL_RX):
+            names = ["promisc", "allmulti"]
+            if self.has_feature(VIRTIO_NET_F_CTRL_RX_EXTRA):
+                names += ["alluni", "nomulti", "nouni", "nobcast"]
+            if cmd >= len(names) or len(data) != 1:
+                return False
+            setattr(self, names[cmd], bool(data[0]))
+            return True
+        if cls == VIRTIO_NET_CTRL_MAC:
+            if cmd == VIRTIO_NET_CTRL_MAC_ADDR_SET and self.has_feature(VIRTIO_NET_F_CTRL_MAC_ADDR):
+                if len(data) != 6 or data[0] & 1:
+                    return False
+                self.mac = bytes(data)
+                return True
+            if cmd == VIRTIO_NET_CTRL_MAC_TABLE_SET and self.has_feature(VIRTIO_NET_F_CTRL_RX):
+                tables = []
+                off = 0
+                for _ in range(2):      # unicast, then multicast: le32 entries, entries * 6 bytes
+                    if off + 4 > len(data):
+                        return False
+                    (entries,) = struct.unpack_from("<I", data, off)
+                    off += 4
+                    if off + 6 * entries > len(data):
+                        return False
+                    # More than we keep: receive every address of that kind (QEMU's overflow rule).
+                    tables.append(None if entries > MAC_TABLE_ENTRIES else
+                                  {bytes(data[off + 6 * i:off + 6 * i + 6]) for i in range(entries)})
+                    off += 6 * entries
+                if off != len(data):
+                    return False
+                uc, mc = tables
+                self.uc_overflow, self.uc_table = uc is None, uc or set()
+                self.mc_overflow, self.mc_table = mc is None, mc or set()
+                return True
+            return False
+        if cls == VIRTIO_NET_CTRL_ANNOUNCE and cmd == VIRTIO_NET_CTRL_ANNOUNCE_ACK \
+                and self.has_feature(VIRTIO_NET_F_GUEST_ANNOUNCE) and not data:
+            self.status_announce = False
+            return True
+        if cls == VIRTIO_NET_CTRL_MQ and cmd == VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET \
+                and self.has_feature(VIRTIO_NET_F_MQ) and len(data) == 2:
+            (n,) = struct.unpack("<H", data)
+            if not VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MIN <= n <= self.queue_pairs:
+                return False
+            self.active_pairs = n
+            self._apply_active_pairs()
+            return True
+        return False
+
+
+def _stream_bytes(iov: list, offset: int, n: int) -> bytes:
+    """Bytes ``[offset, offset+n)`` of the stream formed by ``iov``."""
+    out = bytearray()
+    pos = 0
+    for v in iov:
+        ln = len(v)
+        if pos + ln > offset:
+            lo = max(offset - pos, 0)
+            out += v[lo:lo + n - len(out)]
+            if len(out) == n:
+                break
+        pos += ln
+    return bytes(out)
+
+
+class TapRxPollable:
+    """The TAP fd of one queue pair as a sidecore pollable (see :mod:`exitless.sidecore.loop`).
+
+    Readiness comes from an AIO poll (:mod:`exitless.sidecore.aio_poll`): the kernel advances a
+    word in memory, which a polling sidecore watches in its GIL-free spin, and signals
+    ``wake_fd``, on which a sleeping one waits.  The same in every mode.
+    """
+
+    def __init__(self, device: VirtioNet, pair: int):
+        self.device = device
+        self.pair = pair
+        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            self.aio = AioPoll(device.backend.fds[pair], self.wake_fd)
+        except BaseException:
+            os.close(self.wake_fd)
+            raise
+        self._seen = self.aio.tail()
+
+    def arm_tap(self) -> bool:
+        """Ask for one readiness event (the kernel checks at once: no lost wake-up); False if refused."""
+        try:
+            self.aio.arm()
+            return True
+        except OSError as e:
+            self.device.log(logging.WARNING, "virtio-net: cannot watch TAP queue %d: %s", self.pair, e.strerror)
+            return False
+
+    def _event_seen(self) -> bool:
+        tail = self.aio.tail()
+        if tail == self._seen:
+            return False
+        self._seen = tail
+        self.aio.reap()
+        return True
+
+    # -- Pollable -----------------------------------------------------------------------------------
+    def poll(self) -> bool:
+        dev = self.device
+        p = dev._pairs[self.pair]
+        if self._event_seen():
+            with p.lock:        # after its completion was seen the poll is spent: the fd is unwatched
+                p.armed = False
+        if p.armed or not p.held:
+            return False
+        return dev.rx_pump(self.pair) > 0
+
+    def watches(self) -> list[tuple[int, int]]:
+        return [(self.aio.tail_addr, self._seen)]
+
+    def arm(self) -> bool:
+        p = self.device._pairs[self.pair]
+        return self.aio.tail() != self._seen or (not p.armed and bool(p.held) and not p.gone)
+
+    def disarm(self) -> None:
+        pass
+
+    def drain(self) -> None:
+        try:
+            os.eventfd_read(self.wake_fd)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        """Cancel the poll and unmap its ring: the sidecore watching it must have stopped."""
+        self.aio.close()
+        os.close(self.wake_fd)
+        self.device._pairs[self.pair].armed = False

@@ -1,0 +1,94 @@
+"""``--net tap=NAME[,mac=MAC][,io=PATH][,queues=N][,netns=NS]``: a virtio-net NIC on PCI over a TAP.
+
+``io`` is one of the five I/O paths (as for disks; default ``ioeventfd``); ``queues`` is the
+number of queue pairs (a multi-queue TAP when > 1); ``netns`` attaches the TAP in that network
+namespace (``/run/netns/NS``); ``mac`` defaults to 52:54:00 plus a hash of the TAP's name.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ExitlessError
+from ..sidecore.paths import PATHS
+
+__all__ = ["NetSpec", "NetSpecError", "add_nic", "add_nics"]
+
+
+class NetSpecError(ExitlessError, ValueError):
+    """A ``--net`` specification that cannot be used (the message quotes it)."""
+
+
+@dataclass
+class NetSpec:
+    tap: str
+    mac: bytes | None = None
+    io: str = "ioeventfd"
+    queues: int = 1
+    netns: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "NetSpec":
+        """Parse ``tap=NAME[,mac=..][,io=..][,queues=N][,netns=NS]``; raises :class:`NetSpecError`."""
+        from ..devices.virtio.net import parse_mac
+        from .tap import TapError, check_name
+
+        fields: dict[str, str] = {}
+        for opt in text.split(","):
+            key, eq, value = opt.partition("=")
+            if not eq or not value or key in fields:
+                raise NetSpecError(f"--net {text!r}: bad or repeated option {opt!r} "
+                                   f"(tap=NAME, mac=MAC, io={'|'.join(PATHS)}, queues=1..16, netns=NS)")
+            fields[key] = value
+        if "tap" not in fields:
+            raise NetSpecError(f"--net {text!r}: tap=NAME is required")
+        spec = cls(fields.pop("tap"))
+        try:
+            check_name(spec.tap)
+        except TapError as e:
+            raise NetSpecError(f"--net {text!r}: {e.strerror}") from None
+        for key, value in fields.items():
+            if key == "mac":
+                try:
+                    spec.mac = parse_mac(value)
+                except ValueError as e:
+                    raise NetSpecError(f"--net {text!r}: {e}") from None
+            elif key == "io" and value in PATHS:
+                spec.io = value
+            elif key == "queues" and value.isdigit() and 1 <= int(value) <= 16:
+                spec.queues = int(value)
+            elif key == "netns" and "/" not in value:
+                spec.netns = value
+            else:
+                raise NetSpecError(f"--net {text!r}: bad option {key}={value!r} "
+                                   f"(mac=MAC, io={'|'.join(PATHS)}, queues=1..16, netns=NS)")
+        return spec
+
+
+class _TapCloser:
+    """A machine worker that closes the TAP after the NIC using it stopped (workers stop in reverse)."""
+
+    def __init__(self, tap):
+        self.tap = tap
+
+    def stop(self) -> None:
+        self.tap.close()
+
+
+def add_nic(machine, spec: NetSpec, sidecore=None):
+    """Attach the TAP and plug a virtio-net-pci device into ``machine``; returns the VirtioPci.
+
+    Raises :class:`~exitless.net.tap.TapError` if the TAP cannot be attached.
+    """
+    from ..devices.virtio.net import VirtioNet
+    from ..devices.virtio.pci import VirtioPci
+    from .tap import Tap
+
+    tap = Tap.open(spec.tap, queues=spec.queues, netns=spec.netns)
+    machine.add_worker(_TapCloser(tap))
+    dev = VirtioNet(tap, mac=spec.mac, queue_pairs=spec.queues)
+    return VirtioPci(machine, dev, spec.io, sidecore=sidecore)
+
+
+def add_nics(machine, specs: list[NetSpec]) -> list:
+    """Plug every NIC (each with its own sidecore, as the I/O path asks)."""
+    return [add_nic(machine, spec) for spec in specs]

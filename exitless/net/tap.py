@@ -1,0 +1,237 @@
+"""A Linux TAP device as the host side of virtio-net (``Documentation/networking/tuntap.rst``).
+
+Each queue is one file descriptor on ``/dev/net/tun``, attached with
+``TUNSETIFF`` and ``IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`` (plus ``IFF_MULTI_QUEUE``
+when there are several queues: the kernel then spreads flows over the fds).
+``TUNSETVNETHDRSZ 12`` makes every frame read or written start with the
+12-byte ``struct virtio_net_hdr_v1`` a VERSION_1 driver uses, so TX frames go
+to the kernel with the guest's checksum/GSO request and RX frames arrive with
+the kernel's (``tun_get_user``/``tun_put_user``).  Note that on read the
+kernel writes only the first 10 bytes of that header and skips the last two
+(``num_buffers``): the device must fill them.
+
+``TUNSETOFFLOAD`` says what the *reader* (the guest) accepts: ``TUN_F_CSUM``
+(partial checksums, from VIRTIO_NET_F_GUEST_CSUM) and ``TUN_F_TSO4/6/ECN``
+(GSO frames, from GUEST_TSO4/6/ECN; the kernel refuses TSO without CSUM).
+With no offload the kernel hands over only complete, checksummed frames.
+
+The fds are non-blocking: the sidecore never sleeps in a read or a write.
+
+Network namespaces: :func:`Tap.open` with ``netns="NAME"`` attaches (or
+creates) the TAP inside ``/run/netns/NAME``: a TUNSETIFF names an interface of
+the calling thread's namespace, so the fds are opened by a short-lived thread
+that ``setns(2)``-ed into it (the fds keep working from any namespace).
+:func:`create_tap` makes a persistent TAP there with pyroute2.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import struct
+import threading
+
+from ..errors import ExitlessError
+
+__all__ = ["Tap", "TapError", "create_tap", "TUN_F_CSUM", "TUN_F_TSO4", "TUN_F_TSO6", "TUN_F_TSO_ECN",
+           "VNET_HDR_LEN"]
+
+# <linux/if_tun.h>: _IOW('T', nr, int) = 0x40045400 | nr
+TUNSETIFF = 0x400454CA
+TUNSETOFFLOAD = 0x400454D0
+TUNGETIFF = 0x800454D2
+TUNSETVNETHDRSZ = 0x400454D8
+TUNSETQUEUE = 0x400454D9
+IFF_TAP = 0x0002
+IFF_MULTI_QUEUE = 0x0100
+IFF_ATTACH_QUEUE = 0x0200
+IFF_DETACH_QUEUE = 0x0400
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+TUN_F_TSO_ECN = 0x08
+CLONE_NEWNET = 0x40000000
+IFNAMSIZ = 16
+#: struct virtio_net_hdr_v1 (VERSION_1 or MRG_RXBUF): flags, gso_type, hdr_len, gso_size, csum_start,
+#: csum_offset, num_buffers.
+VNET_HDR_LEN = 12
+NETNS_DIR = "/run/netns"
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class TapError(ExitlessError, OSError):
+    """A TAP device cannot be opened, attached or configured (the message says which and why)."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+def _ifreq(name: str, flags: int) -> bytes:
+    return struct.pack(f"{IFNAMSIZ}sH22x", name.encode(), flags)
+
+
+def check_name(name: str) -> str:
+    """An interface name the kernel accepts: 1..15 bytes, no '/', no whitespace."""
+    if not name or len(name.encode()) >= IFNAMSIZ or "/" in name or any(c.isspace() for c in name) \
+            or name in (".", ".."):
+        raise TapError(errno.EINVAL, f"{name!r} is not a valid interface name (1..15 characters, no '/' or spaces)")
+    return name
+
+
+def _in_netns(netns: str | None, fn):
+    """Run ``fn()`` in a thread that entered network namespace ``netns`` (None: here); return its result."""
+    if netns is None:
+        return fn()
+    path = netns if "/" in netns else os.path.join(NETNS_DIR, netns)
+    try:
+        nsfd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise TapError(e.errno, f"network namespace {netns!r}: {e.strerror}") from None
+    box: dict = {}
+
+    def body():
+        try:
+            if _libc.setns(nsfd, CLONE_NEWNET) != 0:
+                e = ctypes.get_errno()
+                raise TapError(e, f"setns into network namespace {netns!r}: {os.strerror(e)}")
+            box["result"] = fn()
+        except BaseException as e:  # handed to the caller
+            box["error"] = e
+
+    try:
+        t = threading.Thread(target=body, name=f"netns-{netns}")   # the thread dies with its namespace
+        t.start()
+        t.join()
+    finally:
+        os.close(nsfd)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+class Tap:
+    """An attached TAP interface: ``fds[i]`` is queue ``i`` (non-blocking, close-on-exec).
+
+    Use :meth:`open`; :meth:`close` detaches (a TAP that exitless created without
+    persistence disappears with its last fd).
+    """
+
+    def __init__(self, name: str, fds: list[int], netns: str | None):
+        self.name = name
+        self.fds = fds
+        self.netns = netns
+        self.offloads = 0
+
+    @classmethod
+    def open(cls, name: str, queues: int = 1, netns: str | None = None) -> "Tap":
+        """Attach ``queues`` fds to TAP ``name`` (created if it does not exist) in ``netns``.
+
+        Raises :class:`TapError` if ``/dev/net/tun`` cannot be opened, the name is
+        taken by a non-TAP interface or by a TAP with other flags (single- vs
+        multi-queue, no vnet header), or the namespace does not exist.
+        """
+        check_name(name)
+        if not 1 <= queues <= 256:
+            raise TapError(errno.EINVAL, f"TAP {name}: {queues} queues (1..256)")
+        flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (IFF_MULTI_QUEUE if queues > 1 else 0)
+
+        def attach() -> list[int]:
+            fds: list[int] = []
+            try:
+                for _ in range(queues):
+                    try:
+                        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+                    except OSError as e:
+                        raise TapError(e.errno, f"/dev/net/tun: {e.strerror}") from None
+                    fds.append(fd)
+                    try:
+                        fcntl.ioctl(fd, TUNSETIFF, _ifreq(name, flags))
+                        fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
+                        fcntl.ioctl(fd, TUNSETOFFLOAD, 0)
+                    except OSError as e:
+                        why = {errno.EINVAL: "exists with other flags (not a TAP, or single/multi-queue mismatch)",
+                               errno.EBUSY: "is already attached by another process (or has fewer queues)",
+                               errno.EPERM: "permission denied (CAP_NET_ADMIN or the TAP's owner needed)"}
+                        raise TapError(e.errno, f"TAP {name}: {why.get(e.errno, e.strerror)}") from None
+                return fds
+            except BaseException:
+                for fd in fds:
+                    os.close(fd)
+                raise
+
+        return cls(name, _in_netns(netns, attach), netns)
+
+    def set_offload(self, offloads: int) -> None:
+        """``TUNSETOFFLOAD`` on every queue: the TUN_F_* set the guest accepts on receive.
+
+        TSO flags without TUN_F_CSUM are dropped (the kernel refuses them).
+        """
+        if not offloads & TUN_F_CSUM:
+            offloads = 0
+        if offloads == self.offloads:
+            return
+        for fd in self.fds:
+            try:
+                fcntl.ioctl(fd, TUNSETOFFLOAD, offloads)
+            except OSError as e:
+                raise TapError(e.errno, f"TAP {self.name}: TUNSETOFFLOAD {offloads:#x}: {e.strerror}") from None
+        self.offloads = offloads
+
+    def set_queue_enabled(self, index: int, enabled: bool) -> None:
+        """Attach or detach queue ``index`` (multi-queue TAPs): the kernel steers no flow to a detached one."""
+        if len(self.fds) < 2:
+            return
+        try:
+            fcntl.ioctl(self.fds[index], TUNSETQUEUE, _ifreq("", IFF_ATTACH_QUEUE if enabled else IFF_DETACH_QUEUE))
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.EBADFD):   # already in that state / interface gone
+                raise TapError(e.errno, f"TAP {self.name}: queue {index}: {e.strerror}") from None
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+    def __enter__(self) -> "Tap":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        where = f" in netns {self.netns}" if self.netns else ""
+        return f"Tap({self.name!r}{where}, queues={len(self.fds)})"
+
+
+def create_tap(name: str, netns: str | None = None, *, queues: int = 1, address: str | None = None,
+               up: bool = True) -> None:
+    """Create a persistent TAP ``name`` (vnet header; multi-queue if ``queues`` > 1) with pyroute2,
+    in network namespace ``netns`` (which must exist), optionally with ``address`` ("10.0.0.1/24") and up.
+
+    Raises :class:`TapError` if the namespace is missing or the interface cannot be made.
+    """
+    check_name(name)
+    from pyroute2 import IPRoute, NetNS
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    try:
+        ipr = NetNS(netns, flags=0) if netns else IPRoute()
+    except (OSError, NetlinkError) as e:
+        raise TapError(errno.ENOENT, f"network namespace {netns!r}: {e}") from None
+    try:
+        ipr.link("add", ifname=name, kind="tuntap", mode="tap",
+                 ifr={"no_pi": True, "vnet_hdr": True, "multi_queue": queues > 1})
+        (idx,) = ipr.link_lookup(ifname=name)
+        if address:
+            ip, _, plen = address.partition("/")
+            ipr.addr("add", index=idx, address=ip, prefixlen=int(plen or 24))
+        if up:
+            ipr.link("set", index=idx, state="up")
+    except (OSError, NetlinkError, ValueError) as e:
+        raise TapError(errno.EINVAL, f"creating TAP {name}" + (f" in {netns}" if netns else "") + f": {e}") from None
+    finally:
+        ipr.close()
