@@ -24,7 +24,9 @@ import threading
 import time
 from typing import Protocol
 
-from .spin import wait_for_change
+from . import _spin
+from . import breakdown as _breakdown
+from .spin import pack_watches
 
 log = logging.getLogger(__name__)
 
@@ -71,20 +73,30 @@ class SidecoreLoop:
 
     # ------------------------------------------------------------------
     def run(self) -> None:
+        bd = _breakdown.ACTIVE
         last_work = time.monotonic_ns()
         while not self._stopping:
+            if bd is not None:   # detection = this iteration's time minus the other phases and idle waits
+                t_iter, phases0 = time.monotonic_ns(), sum(bd.ns.values())
             worked = self._poll_once()
             now = time.monotonic_ns()
             if worked:
                 last_work = now
+                if bd is not None:
+                    bd.add("detection", now - t_iter - (sum(bd.ns.values()) - phases0))
                 continue
             if self.mode == "poll" or (self.mode == "adaptive" and now - last_work < self.window_ns):
                 budget = SPIN_SLICE_NS if self.mode == "poll" else self.window_ns - (now - last_work)
                 watches = self._all_watches()
-                if watches:
-                    wait_for_change(watches, budget)
+                packed = pack_watches(watches) if watches else None
+                t_idle = time.monotonic_ns()
+                if packed:
+                    _spin.watch(*packed, budget)   # the GIL-free spin
                 else:  # nothing to watch yet (no queue is live): look again shortly
                     time.sleep(budget / 1e9)
+                if bd is not None:
+                    idle = time.monotonic_ns() - t_idle
+                    bd.add("detection", max(0, time.monotonic_ns() - t_iter - idle - (sum(bd.ns.values()) - phases0)))
                 continue
             if self.mode == "notify":
                 self._sleep()  # the guest always rings: nothing to arm

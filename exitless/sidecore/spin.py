@@ -22,9 +22,14 @@ def wait_for_change(watches: list[tuple[int, int]], timeout_ns: int) -> int:
 
     Returns the index of the changed word, or -1 after ``timeout_ns``.
     """
+    return _spin.watch(*pack_watches(watches), timeout_ns)
+
+
+def pack_watches(watches: list[tuple[int, int]]) -> tuple[bytes, bytes]:
+    """The ``(addresses, snapshot)`` arguments of ``_spin.watch`` for ``watches``."""
     addrs = struct.pack(f"<{len(watches)}Q", *(a for a, _ in watches))
     snap = struct.pack(f"<{len(watches)}I", *(v & 0xFFFFFFFF for _, v in watches))
-    return _spin.watch(addrs, snap, timeout_ns)
+    return addrs, snap
 
 
 def drain_eventfd(fd: int | None) -> None:

@@ -38,6 +38,7 @@ import mmap
 import os
 import stat
 import struct
+import time
 
 from .constants import (
     VIRTIO_BLK_F_BLK_SIZE,
@@ -60,6 +61,7 @@ from .constants import (
     VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
     VIRTIO_ID_BLOCK,
 )
+from ...sidecore import breakdown as _breakdown
 from .device import VirtioDevice
 from .queue import DescriptorChain
 
@@ -356,6 +358,16 @@ class VirtioBlk(VirtioDevice):
                 os.fdatasync(self.fd)
 
     def _io(self, chain: DescriptorChain, is_read: bool, start: int, nbytes: int, offset: int) -> None:
+        bd = _breakdown.ACTIVE
+        if bd is None:
+            self._move(chain, is_read, start, nbytes, offset)
+        else:
+            t0 = time.monotonic_ns()
+            self._move(chain, is_read, start, nbytes, offset)
+            bd.add("host_io", time.monotonic_ns() - t0)
+
+    def _move(self, chain: DescriptorChain, is_read: bool, start: int, nbytes: int, offset: int) -> None:
+        """Data between the chain's stream bytes [start, start+nbytes) and the disk at byte ``offset``."""
         views = chain.writable(start, nbytes) if is_read else chain.readable(start, nbytes)
         fn = os.preadv if is_read else os.pwritev
         if not self.direct:

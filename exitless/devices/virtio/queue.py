@@ -493,6 +493,11 @@ class Virtqueue:
 
         Raises :class:`VirtqueueError` if the ring is malformed (see the module docstring).
         """
+        head = self._next_head()
+        return None if head is None else self._walk(head)
+
+    def _next_head(self) -> int | None:
+        """The ring half of :meth:`pop`: consume the next avail ring entry and return its head index."""
         avail = self._avail
         if avail is None:
             return None
@@ -516,7 +521,7 @@ class Virtqueue:
             elif ((last - self._avail_event) & 0xFFFF) >= 0x4000:
                 # keep the "disabled" avail_event behind the driver (see disable_notifications)
                 self._publish_avail_event((last - 1) & 0xFFFF)
-        return self._walk(head)
+        return head
 
     def _walk(self, head: int) -> DescriptorChain:
         size = self._size
@@ -665,6 +670,33 @@ class Virtqueue:
         if WEAK_ORDERING:
             full_barrier()
         idx = self._used_idx = (idx + 1) & 0xFFFF
+        used[1] = idx
+        self._unsignalled = True
+
+    def push_many(self, completions: list[tuple[int, int]]) -> None:
+        """:meth:`push` for a batch of ``(head, written)``: every used element, then used.idx once.
+
+        The driver sees the whole batch at once (one store of used.idx), as a
+        batch completed by the C fast path is published.
+        """
+        used = self._used
+        if used is None:
+            raise VirtqueueError("push on an unconfigured virtqueue")
+        elems = self._used_elems
+        size, mask = self._size, self._mask
+        idx = self._used_idx
+        for head, written in completions:
+            if not 0 <= head < size:
+                raise ValueError(f"push of head {head} outside queue size {size}")
+            i = (idx & mask) << 1
+            elems[i] = head
+            elems[i + 1] = written & 0xFFFFFFFF
+            idx = (idx + 1) & 0xFFFF
+        if not completions:
+            return
+        if WEAK_ORDERING:
+            full_barrier()
+        self._used_idx = idx
         used[1] = idx
         self._unsignalled = True
 
