@@ -257,6 +257,9 @@ class VirtioDevice:
             while True:
                 while True:
                     if fast is not None:
+                        if completions:  # keep the used ring in request order across the two paths
+                            q.push_many(completions)
+                            completions.clear()
                         n, more = fast(q, index)
                         done += n
                         if not more:
