@@ -18,6 +18,13 @@ add the nanoseconds spent in each phase to :data:`ACTIVE`:
 ``interrupt``      the interrupt decision (used_event / NO_INTERRUPT) and, if
                    taken, raising the interrupt
 
+These are wall-clock intervals: on a loaded machine they include time the
+thread was preempted (``detection`` most, as it spans a return from the spin
+and the GIL).  ``busy_cpu_ns_per_request`` is robust to that: the sidecore
+thread's own CPU time (``CLOCK_THREAD_CPUTIME_ID``), minus its CPU time inside
+the idle spin, per request -- everything the engine spends on a request,
+timers included.
+
 On the C fast path (:mod:`exitless.devices.virtio._vring`) the phases
 inside a batch are timed in C the same way (``clock_gettime``).  Timers cost
 ~30-60 ns each in Python, so the timed path is slower than the untimed one;
@@ -51,6 +58,8 @@ class Breakdown:
         self.requests = 0
         self.batches = 0
         self.fast_requests = 0   # completed by the C fast path
+        self.thread_cpu_ns = 0   # CPU time of the sidecore loops' threads (CLOCK_THREAD_CPUTIME_ID)...
+        self.idle_cpu_ns = 0     # ...of which spinning idle in the GIL-free wait (or sleeping: ~0)
 
     def add(self, phase: str, ns: int) -> None:
         self.ns[phase] += ns
@@ -61,7 +70,8 @@ class Breakdown:
         per = {p: self.ns[p] / n for p in PHASES}
         return {"requests": self.requests, "batches": self.batches, "fast_requests": self.fast_requests,
                 "requests_per_batch": self.requests / max(self.batches, 1),
-                "ns_per_request": per, "total_ns_per_request": sum(per.values())}
+                "ns_per_request": per, "total_ns_per_request": sum(per.values()),
+                "busy_cpu_ns_per_request": (self.thread_cpu_ns - self.idle_cpu_ns) / n}
 
 
 def _from_env() -> Breakdown | None:
@@ -128,6 +138,12 @@ def _serve_run(image, app: str, tmp: str) -> dict:
     return {"iops": r["res"]["iops"], "p50_us": r["res"]["p50_ns"] / 1000, **rep}
 
 
+def _vring_c() -> bool:
+    from ..devices.virtio import queue
+
+    return queue.C_VRING
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import tempfile
@@ -136,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     from rich.table import Table
 
     ap = argparse.ArgumentParser(prog="python3 -m exitless.sidecore.breakdown",
-                                 description="per-request cost of the polled virtio-blk data plane, by phase")
+                                 description="per-request cost of the polled virtio-blk data plane, by phase "
+                                             "(EXITLESS_VRING=python: without the C fast path)")
     ap.add_argument("--tests", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     ap.add_argument("--where", nargs="+", default=["vmm", "serve"], choices=["vmm", "serve"],
                     help="vmm: the VMM's virtio-blk (poll path); serve: exitless serve blk --io poll behind QEMU")
@@ -157,17 +174,19 @@ def main(argv: list[str] | None = None) -> int:
                 app = WORKLOADS[test].format(n=args.n)
                 for where in args.where:
                     r = _vmm_run(image, app) if where == "vmm" else _serve_run(image, app, tmp)
-                    rows.append({"where": where, "test": test, **r})
+                    rows.append({"where": where, "test": test, **r, "loadavg_1min": os.getloadavg()[0],
+                                 "vring": "c" if _vring_c() else "python"})
     finally:
         image.unlink(missing_ok=True)
     table = Table(title="polled virtio-blk: ns per request, by phase (timed run; guest polls for completions)")
-    for h in ("where", "test", "IOPS", "p50 µs", "req/batch", "fast %", *PHASES, "total"):
+    for h in ("where", "test", "IOPS", "p50 µs", "req/batch", "fast %", *PHASES, "total", "busy CPU"):
         table.add_column(h, justify="right")
     for r in rows:
         per = r["ns_per_request"]
         table.add_row(r["where"], r["test"], f"{r['iops']:.0f}", f"{r['p50_us']:.2f}",
                       f"{r['requests_per_batch']:.1f}", f"{100 * r['fast_requests'] / max(r['requests'], 1):.0f}",
-                      *(f"{per[p]:.0f}" for p in PHASES), f"{r['total_ns_per_request']:.0f}")
+                      *(f"{per[p]:.0f}" for p in PHASES), f"{r['total_ns_per_request']:.0f}",
+                      f"{r['busy_cpu_ns_per_request']:.0f}")
     Console(width=200).print(table)
     if args.json:
         with open(args.json, "w") as f:

@@ -73,6 +73,15 @@ class SidecoreLoop:
     # ------------------------------------------------------------------
     def run(self) -> None:
         bd = _breakdown.ACTIVE
+        if bd is not None:
+            cpu_start = time.thread_time_ns()
+        try:
+            self._run(bd)
+        finally:
+            if bd is not None:
+                bd.thread_cpu_ns += time.thread_time_ns() - cpu_start
+
+    def _run(self, bd) -> None:
         last_work = time.monotonic_ns()
         while not self._stopping:
             if bd is not None:   # detection = this iteration's time minus the other phases and idle waits
@@ -88,6 +97,8 @@ class SidecoreLoop:
             if self.mode == "poll" or (self.mode == "adaptive" and now - last_work < self.window_ns):
                 budget = SPIN_SLICE_NS if self.mode == "poll" else self.window_ns - (now - last_work)
                 watches = self._all_watches()
+                if bd is not None:
+                    c_idle = time.thread_time_ns()
                 t_idle = time.monotonic_ns()
                 if watches:
                     wait_for_change(watches, budget)   # the GIL-free spin
@@ -95,6 +106,7 @@ class SidecoreLoop:
                     time.sleep(budget / 1e9)
                 if bd is not None:
                     idle = time.monotonic_ns() - t_idle
+                    bd.idle_cpu_ns += time.thread_time_ns() - c_idle
                     bd.add("detection", max(0, time.monotonic_ns() - t_iter - idle - (sum(bd.ns.values()) - phases0)))
                 continue
             if self.mode == "notify":

@@ -24,6 +24,13 @@ data and status are split into descriptors):
 Used length = bytes written into the device-writable area: data + 1 status
 byte for a successful IN / GET_ID, 1 otherwise.
 
+Fast path: with buffered I/O, the leading run of plain, valid IN/OUT requests of
+each pass over a queue is completed by ``_vring.Ring.blk_batch`` (C, GIL released:
+the same checks as :meth:`VirtioBlk.process`, one preadv/pwritev per request, one
+used.idx store per batch); every other request -- an error, FLUSH, GET_ID,
+DISCARD, WRITE_ZEROES, write-through writes, a failed or short transfer --
+stops the batch and goes through :meth:`VirtioBlk.process` (see ``_fast_batch``).
+
 Durability: FLUSH completes only after ``fdatasync``.  If the driver did not
 negotiate VIRTIO_BLK_F_FLUSH the disk is write-through (spec §5.2.6.2 case 1):
 every write completes only after ``fdatasync``.

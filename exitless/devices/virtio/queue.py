@@ -96,6 +96,23 @@ uncontended ``threading.Lock`` acquire/release, which glibc implements with
 LOCK-prefixed read-modify-writes: a full barrier on x86, only an
 acquire/release pair elsewhere.  :data:`BARRIER_KIND` says which is in use.
 
+C fast path
+-----------
+When the extension ``exitless/devices/virtio/_vring.c`` is built (and
+``EXITLESS_VRING`` is not ``python``; see :data:`C_VRING`), :meth:`validate`
+also builds a ``_vring.Ring`` over the same three areas and the largest RAM
+region.  :meth:`pop` then walks a chain in C first, with every check of the
+Python walk; a chain that C would not accept exactly as Python does (anything
+refused, flagged with ``error``, crossing into another region, or longer than
+1024 buffers) is walked again by the Python code below, which decides.  A
+device can also run a whole batch in C with :meth:`c_batch` (virtio-blk
+IN/OUT does, with the GIL released); it stops, without consuming it, at the
+first chain it does not handle, and the caller pops that one here.  The same
+ring state (``last_avail_idx``, the avail.idx shadow, ``used_idx``,
+avail_event) is carried in and out of C, so both paths can take turns on one
+queue.  ``tests/conftest.py`` runs the queue and virtio-blk tests under both,
+``tests/test_vring_paths.py`` checks that they agree.
+
 Threading
 ---------
 A queue is driven by one thread at a time (the transport guarantees it);
