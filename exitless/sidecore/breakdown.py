@@ -94,12 +94,13 @@ ACTIVE: Breakdown | None = _from_env()
 # ---------------------------------------------------------------------------
 # the command: python3 -m exitless.sidecore.breakdown
 # ---------------------------------------------------------------------------
+IMAGE_BYTES = 64 << 20
 WORKLOADS = {"randread-4k-qd1": "blk rw=randread bs=4096 qd=1 n={n} seed=5 irq=poll",
              "randread-4k-qd32": "blk rw=randread bs=4096 qd=32 n={n} seed=5 irq=poll"}
 
 
-def _vmm_run(image, app: str) -> dict:
-    """The VMM's own virtio-blk on the ``poll`` path (sidecore thread), the guest polling for completions."""
+def _guest(image, app: str, path: str) -> dict:
+    """The guest kit's ``app`` against the VMM's own virtio-blk on ``path``; its result line."""
     from ..bench.common import guest_result
     from ..devices.virtio.blk import VirtioBlk
     from ..devices.virtio.pci import VirtioPci
@@ -107,14 +108,19 @@ def _vmm_run(image, app: str) -> dict:
     from ..vm import Machine, VmConfig
 
     console = bytearray()
-    ACTIVE.reset()
     with Machine(VmConfig(mem_mib=128, console=console.extend)) as m:
-        VirtioPci(m, VirtioBlk(image), "poll")
+        VirtioPci(m, VirtioBlk(image), path)
         m.boot_pvh(guestkit_path(), app)
         ex = m.run(timeout=300)
     if ex.kind != "debug-exit" or ex.status != 0:
         raise RuntimeError(f"{app}: {ex.kind} {ex.status}\n{console.decode(errors='replace')[-600:]}")
-    res = guest_result(bytes(console), "blk")
+    return guest_result(bytes(console), "blk")
+
+
+def _vmm_run(image, app: str) -> dict:
+    """The VMM's own virtio-blk on the ``poll`` path (sidecore thread), the guest polling for completions."""
+    ACTIVE.reset()
+    res = _guest(image, app, "poll")
     return {"iops": res["iops"], "p50_us": res["p50_ns"] / 1000, **ACTIVE.report()}
 
 
@@ -163,13 +169,17 @@ def main(argv: list[str] | None = None) -> int:
     global ACTIVE
     if ACTIVE is None:   # this process's own sidecore threads (the vmm rows) report here
         ACTIVE = Breakdown()
-    from ..bench.blk import _exitless_run, make_image
+    from pathlib import Path
 
-    image = make_image()
+    fd, name = tempfile.mkstemp(prefix="exitless-breakdown-", suffix=".img", dir="/var/tmp")
+    os.ftruncate(fd, IMAGE_BYTES)
+    os.close(fd)
+    image = Path(name)
     rows = []
     try:
         with tempfile.TemporaryDirectory(prefix="exitless-breakdown-") as tmp:
-            _exitless_run(image, "ioeventfd", "blk rw=fill bs=131072 qd=4 seed=5", 300)
+            _guest(image, "blk rw=fill bs=131072 qd=4 seed=5", "ioeventfd")   # reads hit written blocks
+            ACTIVE.reset()
             for test in args.tests:
                 app = WORKLOADS[test].format(n=args.n)
                 for where in args.where:
