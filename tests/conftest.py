@@ -46,7 +46,8 @@ def vring_path(request):
     from exitless.devices.virtio import queue
 
     if path == "c" and queue._vring is None:
-        pytest.fail("the C fast path exitless.devices.virtio._vring is not built (python3 setup.py build_ext --inplace)")
+        pytest.fail("the C fast path exitless.devices.virtio._vring is not built "
+                    "(python3 setup.py build_ext --inplace)")
     saved = queue.C_VRING
     queue.C_VRING = path == "c"
     try:
