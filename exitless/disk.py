@@ -52,7 +52,7 @@ def add_disk(machine, spec: DiskSpec, sidecore=None):
 
 def add_disks(machine, specs: list[DiskSpec], *, one_sidecore: bool = False) -> list:
     """Plug every disk; with ``one_sidecore`` the disks of each polling path share one sidecore."""
-    from .sidecore.loop import SidecoreGroup
+    from .sidecore.engine import SidecoreGroup
     from .sidecore.paths import MODE_OF_PATH
 
     groups = {}

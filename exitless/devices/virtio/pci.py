@@ -23,7 +23,7 @@ import os
 import struct
 import threading
 
-from ...sidecore.loop import SidecoreGroup
+from ...sidecore.engine import SidecoreGroup
 from ...sidecore.paths import MODE_OF_PATH, PATHS
 from ...sidecore.spin import address_of, drain_eventfd, fence
 from ..pci.device import Bar, PciDevice
