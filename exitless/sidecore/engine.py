@@ -15,12 +15,18 @@ it after the devices it serves, so that it stops before them.
 """
 from __future__ import annotations
 
+from ..errors import ExitlessError
 from .loop import MODES, Pollable, SidecoreLoop, SidecoreThread
 from .process import DeviceSpec, SidecoreProcess, build_pollables
 
-__all__ = ["PLACEMENTS", "SidecoreGroup"]
+__all__ = ["PLACEMENTS", "SidecoreConfigError", "SidecoreGroup"]
 
 PLACEMENTS = ("thread", "process")
+
+
+class SidecoreConfigError(ExitlessError, ValueError):
+    """A sidecore asked for something it cannot do: a bad mode or placement, mixed modes, virtio
+    queues in a process."""
 
 
 class _Device:
@@ -37,15 +43,16 @@ class SidecoreGroup:
 
     ``mode``: one of :data:`~exitless.sidecore.loop.MODES`; ``placement``: ``thread`` or ``process``
     (a process serves register devices only); ``poll_ns``: the adaptive idle window, ns.
-    Add everything before :meth:`start`.  Raises ValueError for a bad mode or placement, a device of
-    another mode, or pollables given to a process sidecore; RuntimeError for an add after start.
+    Add everything before :meth:`start`.  Raises :class:`SidecoreConfigError` for a bad mode or
+    placement, a device of another mode, or pollables given to a process sidecore; RuntimeError
+    (a bug of the caller) for an add after start.
     """
 
     def __init__(self, mode: str, *, placement: str = "thread", poll_ns: int = 64_000, name: str = "sidecore"):
         if mode not in MODES:
-            raise ValueError(f"sidecore mode {mode!r}: one of {', '.join(MODES)}")
+            raise SidecoreConfigError(f"sidecore mode {mode!r}: one of {', '.join(MODES)}")
         if placement not in PLACEMENTS:
-            raise ValueError(f"sidecore placement {placement!r}: one of {', '.join(PLACEMENTS)}")
+            raise SidecoreConfigError(f"sidecore placement {placement!r}: one of {', '.join(PLACEMENTS)}")
         self.mode = mode
         self.placement = placement
         self.poll_ns = poll_ns
@@ -64,9 +71,9 @@ class SidecoreGroup:
         """Serve ``pollables`` (objects of this process, e.g. virtqueues) that want ``mode``."""
         self._check_open()
         if mode != self.mode:
-            raise ValueError(f"a {self.mode} sidecore cannot serve a {mode} device")
+            raise SidecoreConfigError(f"a {self.mode} sidecore cannot serve a {mode} device")
         if self.placement != "thread":
-            raise ValueError("virtio queues are served by a sidecore thread, not a process")
+            raise SidecoreConfigError("virtio queues are served by a sidecore thread, not a process")
         self.pollables += pollables
 
     def add_device(self, device, shared_gpa: int, wake_fd: int | None) -> None:
@@ -81,7 +88,7 @@ class SidecoreGroup:
         when register devices were added (their shared pages are mapped from it)."""
         self._check_open()
         if self.devices and mem is None:
-            raise ValueError(f"{self.name}: register devices need the guest memory to start")
+            raise SidecoreConfigError(f"{self.name}: register devices need the guest memory to start")
         if self.placement == "thread":
             pollables = list(self.pollables)
             for d in self.devices:

@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 
 from ..devices.base import SHARED_PAGE_SIZE, RegisterDevice
-from .engine import PLACEMENTS, SidecoreGroup
+from .engine import SidecoreGroup
 
 PATHS = ("trap", "ioeventfd", "shared", "poll", "adaptive")
 MODE_OF_PATH = {"ioeventfd": "notify", "shared": "poll", "poll": "poll", "adaptive": "adaptive"}
@@ -48,8 +48,6 @@ def attach(machine, device: RegisterDevice, *, mmio_gpa: int, shared_gpa: int, p
     """
     if path not in PATHS:
         raise ValueError(f"I/O path {path!r}: one of {', '.join(PATHS)}")
-    if placement not in PLACEMENTS:
-        raise ValueError(f"sidecore placement {placement!r}: one of {', '.join(PLACEMENTS)}")
     machine.add_ram_page(shared_gpa, SHARED_PAGE_SIZE)
     device.attach_shared(machine.mem.view(shared_gpa, SHARED_PAGE_SIZE))
     machine.mmio.insert(mmio_gpa, device.MMIO_SIZE, device, device.NAME)
