@@ -55,12 +55,12 @@ def test_register_device_and_virtio_queues_on_one_sidecore(tmp_path):
         assert len(group.pollables) == 1 and len(group.devices) == 1 and group.loop is not None
 
         page = m.mem.view(SHM, 4096)
-        shadow = page[0:4].cast("I")
         ack_off = DoorbellDevice.shared_area_offset() + ACK
-        ack = page[ack_off:ack_off + 4].cast("I")
+        regs = {"shadow": page[0:4].cast("I"), "ack": page[ack_off:ack_off + 4].cast("I")}
         rung, stuck = [], []
 
         def driver():   # the doorbell's driver, on the host: ring, wait for the ack, next
+            shadow, ack = regs["shadow"], regs["ack"]
             for v in range(1, 2001):
                 shadow[0] = v
                 deadline = time.monotonic() + 10
@@ -76,7 +76,9 @@ def test_register_device_and_virtio_queues_on_one_sidecore(tmp_path):
         t.start()
         exit = m.run(timeout=240)
         t.join(30)
-        del shadow, ack, page
+        assert not t.is_alive()
+        regs.clear()
+        del page
         m.close()
         group.stop()                                  # a second stop is harmless
     assert exit.kind == "debug-exit" and exit.status == 0, out.decode()[-1000:]
