@@ -1,4 +1,4 @@
-"""Build the one C extension (GIL-free spinning for sidecores) and the guest kit.
+"""Build the C extensions (GIL-free spinning for sidecores; the virtqueue/virtio-blk fast path) and the guest kit.
 
 Everything else is declared in pyproject.toml.
 """
@@ -26,7 +26,9 @@ class BuildWithGuestKit(build_py):
 
 
 setup(
-    ext_modules=[Extension("exitless.sidecore._spin", ["exitless/sidecore/_spin.c"], extra_compile_args=["-O2"])],
+    ext_modules=[Extension("exitless.sidecore._spin", ["exitless/sidecore/_spin.c"], extra_compile_args=["-O2"]),
+                 Extension("exitless.devices.virtio._vring", ["exitless/devices/virtio/_vring.c"],
+                           extra_compile_args=["-O2", "-Wall"])],
     cmdclass={"build_py": BuildWithGuestKit},
     package_data={"exitless": ["_guest/*.elf"]},
 )

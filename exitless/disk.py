@@ -128,7 +128,7 @@ def add_disks(machine, specs: list[DiskSpec], *, one_sidecore: bool = False, gro
     """Plug every disk (``/dev/vda``, ``vdb``… in the guest); returns their ``VirtioPci`` functions.
 
     With ``one_sidecore`` the disks of each polling mode (every path but ``trap``) share one
-    :class:`exitless.sidecore.loop.SidecoreGroup`, started on ``machine`` once all are added;
+    :class:`exitless.sidecore.engine.SidecoreGroup`, started on ``machine`` once all are added;
     otherwise each disk gets its own sidecore.  ``groups`` (a dict from :func:`sidecore_group`)
     shares the groups with other devices (NVMe): the caller starts them after the last device.
     Every command that plugs disks goes through here.
@@ -145,7 +145,7 @@ def add_disks(machine, specs: list[DiskSpec], *, one_sidecore: bool = False, gro
 
 def sidecore_group(groups: dict, io: str):
     """The shared sidecore of I/O path ``io``'s mode in ``groups`` (created on first use); None for ``trap``."""
-    from .sidecore.loop import SidecoreGroup
+    from .sidecore.engine import SidecoreGroup
     from .sidecore.paths import MODE_OF_PATH
 
     if io == "trap":

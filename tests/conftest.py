@@ -23,3 +23,34 @@ def _kvm_guard(request):
         if os.environ.get("EXITLESS_REQUIRE_KVM") == "1":
             pytest.fail(f"EXITLESS_REQUIRE_KVM=1 but {why}")
         pytest.skip(why)
+
+
+# The virtqueue and virtio-blk cases run under both implementations of the data plane (issue 8): the
+# pure-Python one, and the C fast path (exitless/devices/virtio/_vring.c) that takes the valid common
+# case and leaves everything else to Python.  tests/test_vring_paths.py checks that the two agree.
+VRING_PATH_MODULES = ("test_virtqueue", "test_virtio_blk")
+
+
+def pytest_generate_tests(metafunc):
+    if metafunc.module.__name__.rsplit(".", 1)[-1] in VRING_PATH_MODULES and "vring_path" in metafunc.fixturenames:
+        metafunc.parametrize("vring_path", ["python", "c"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def vring_path(request):
+    """``python`` or ``c`` for the modules above (queues validated during the test use that path), else None."""
+    path = getattr(request, "param", None)
+    if path is None:
+        yield None
+        return
+    from exitless.devices.virtio import queue
+
+    if path == "c" and queue._vring is None:
+        pytest.fail("the C fast path exitless.devices.virtio._vring is not built "
+                    "(python3 setup.py build_ext --inplace)")
+    saved = queue.C_VRING
+    queue.C_VRING = path == "c"
+    try:
+        yield path
+    finally:
+        queue.C_VRING = saved

@@ -286,7 +286,7 @@ def test_an_internal_bug_is_not_reported_as_bad_input(monkeypatch: pytest.Monkey
 def test_an_internal_bug_in_the_vm_surfaces_with_its_traceback(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     from exitless.guestkit import guestkit_path
-    from exitless.sidecore.loop import SidecoreGroup
+    from exitless.sidecore.engine import SidecoreGroup
 
     def broken(self):
         raise RuntimeError("sidecore bug")
@@ -304,7 +304,7 @@ def test_an_internal_bug_in_the_vm_surfaces_with_its_traceback(tmp_path: Path,
 def _serving_sidecores(machine) -> int:
     """Sidecores serving the machine's virtio devices: shared groups plus each device's own."""
     from exitless.devices.virtio.pci import VirtioPci
-    from exitless.sidecore.loop import SidecoreGroup
+    from exitless.sidecore.engine import SidecoreGroup
 
     shared = [w for w in machine.workers if isinstance(w, SidecoreGroup)]
     own = [w for w in machine.workers if isinstance(w, VirtioPci) and w.sidecore is not None]

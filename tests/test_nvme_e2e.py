@@ -105,7 +105,7 @@ def test_one_sidecore_serves_virtio_blk_and_nvme(tmp_path, image):
     drives the NVMe controller, another the virtio-blk disk, each with both devices on the sidecore)."""
     from exitless.devices.virtio.blk import VirtioBlk
     from exitless.devices.virtio.pci import VirtioPci
-    from exitless.sidecore.loop import SidecoreGroup
+    from exitless.sidecore.engine import SidecoreGroup
 
     disk = tmp_path / "blk.img"
     with open(disk, "wb") as f:

@@ -30,30 +30,58 @@ static inline void cpu_relax(void)
 #endif
 }
 
-/* watch(addresses: bytes of u64, snapshot: bytes of u32, timeout_ns) -> index or -1
- * Spin until the u32 at some address differs from its snapshot; return its index,
- * or -1 once timeout_ns have passed. */
+/* watch([(address, expected u32), ...], timeout_ns) -> index or -1
+ * Spin until the u32 at some address differs from its expected value; return its index,
+ * or -1 once timeout_ns have passed.  The list is read (with the GIL) before spinning. */
+#define MAX_WATCHES 256
 static PyObject *spin_watch(PyObject *self, PyObject *args)
 {
-    Py_buffer addrs, snap;
+    PyObject *seq;
     unsigned long long timeout_ns;
-    if (!PyArg_ParseTuple(args, "y*y*K", &addrs, &snap, &timeout_ns))
+    if (!PyArg_ParseTuple(args, "OK", &seq, &timeout_ns))
         return NULL;
-    Py_ssize_t n = addrs.len / 8;
-    if (addrs.len % 8 || snap.len != n * 4 || n == 0) {
-        PyBuffer_Release(&addrs);
-        PyBuffer_Release(&snap);
-        PyErr_SetString(PyExc_ValueError, "watch: need n u64 addresses and n u32 snapshot values, n > 0");
+    PyObject *fast = PySequence_Fast(seq, "watch: a sequence of (address, value) pairs");
+    if (fast == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    if (n == 0) {
+        Py_DECREF(fast);
+        PyErr_SetString(PyExc_ValueError, "watch: at least one (address, value) pair");
         return NULL;
     }
-    const uint64_t *a = (const uint64_t *)addrs.buf;
-    const uint32_t *s = (const uint32_t *)snap.buf;
+    uintptr_t a_stack[MAX_WATCHES], *a = a_stack;
+    uint32_t s_stack[MAX_WATCHES], *s = s_stack;
+    if (n > MAX_WATCHES) {
+        a = PyMem_Malloc(n * sizeof(*a));
+        s = PyMem_Malloc(n * sizeof(*s));
+        if (a == NULL || s == NULL) {
+            PyMem_Free(a);
+            PyMem_Free(s);
+            Py_DECREF(fast);
+            return PyErr_NoMemory();
+        }
+    }
+    int ok = 1;
+    for (Py_ssize_t i = 0; i < n && ok; i++) {
+        unsigned long long addr, value;
+        ok = PyArg_ParseTuple(PySequence_Fast_GET_ITEM(fast, i), "KK;watch: (address, value) pairs", &addr, &value);
+        a[i] = (uintptr_t)addr;
+        s[i] = (uint32_t)value;
+    }
+    Py_DECREF(fast);
+    if (!ok) {
+        if (a != a_stack) {
+            PyMem_Free(a);
+            PyMem_Free(s);
+        }
+        return NULL;
+    }
     long found = -1;
     Py_BEGIN_ALLOW_THREADS
     uint64_t deadline = now_ns() + timeout_ns;
     for (unsigned iter = 0;; iter++) {
         for (Py_ssize_t i = 0; i < n; i++) {
-            if (*(volatile const uint32_t *)(uintptr_t)a[i] != s[i]) {
+            if (*(volatile const uint32_t *)a[i] != s[i]) {
                 found = (long)i;
                 break;
             }
@@ -65,8 +93,10 @@ static PyObject *spin_watch(PyObject *self, PyObject *args)
             break;
     }
     Py_END_ALLOW_THREADS
-    PyBuffer_Release(&addrs);
-    PyBuffer_Release(&snap);
+    if (a != a_stack) {
+        PyMem_Free(a);
+        PyMem_Free(s);
+    }
     return PyLong_FromLong(found);
 }
 
@@ -104,7 +134,7 @@ static PyObject *spin_fence(PyObject *self, PyObject *noargs)
 }
 
 static PyMethodDef methods[] = {
-    {"watch", spin_watch, METH_VARARGS, "watch(addresses, snapshot, timeout_ns) -> index of the first changed word, or -1"},
+    {"watch", spin_watch, METH_VARARGS, "watch([(address, value)], timeout_ns) -> index of the first changed word, or -1"},
     {"store_fence_load", spin_store_fence_load, METH_VARARGS, "u32 store, full fence, u32 load"},
     {"store16_fence_load16", spin_store16_fence_load16, METH_VARARGS, "u16 store, full fence, u16 load"},
     {"fence", spin_fence, METH_NOARGS, "a full memory barrier (mfence)"},

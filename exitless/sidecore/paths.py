@@ -15,68 +15,13 @@ maps the same memfd.  Several devices can share one sidecore.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..devices.base import SHARED_PAGE_SIZE, RegisterDevice
-from .loop import SidecoreLoop, SidecoreThread
-from .process import DeviceSpec, SidecoreProcess, build_pollables
+from .engine import SidecoreGroup
 
 PATHS = ("trap", "ioeventfd", "shared", "poll", "adaptive")
-PLACEMENTS = ("thread", "process")
 MODE_OF_PATH = {"ioeventfd": "notify", "shared": "poll", "poll": "poll", "adaptive": "adaptive"}
-
-
-@dataclass
-class _Member:
-    device: RegisterDevice
-    shared_gpa: int
-    wake_fd: int | None
-
-
-@dataclass
-class Sidecore:
-    """One polling (or sleeping) agent serving several devices; a Worker of the VM."""
-
-    machine: object
-    mode: str
-    placement: str = "thread"
-    poll_ns: int = 64_000
-    members: list[_Member] = field(default_factory=list)
-    worker: SidecoreThread | SidecoreProcess | None = None
-
-    def __post_init__(self):
-        if self.placement not in PLACEMENTS:
-            raise ValueError(f"sidecore placement {self.placement!r}: one of {', '.join(PLACEMENTS)}")
-
-    def add(self, device: RegisterDevice, shared_gpa: int, wake_fd: int | None) -> None:
-        if self.worker is not None:
-            raise RuntimeError("add devices before starting the sidecore")
-        self.members.append(_Member(device, shared_gpa, wake_fd))
-
-    def start(self) -> "Sidecore":
-        mem = self.machine.mem
-        if self.placement == "thread":
-            pollables = [p for m in self.members for p in build_pollables(mem, m.device, m.shared_gpa, m.wake_fd)]
-            self.worker = SidecoreThread(SidecoreLoop(pollables, self.mode, poll_ns=self.poll_ns)).start()
-        else:
-            specs = [DeviceSpec(f"{type(m.device).__module__}:{type(m.device).__qualname__}", m.shared_gpa,
-                                m.wake_fd) for m in self.members]
-            self.worker = SidecoreProcess(mem, specs, self.mode, self.poll_ns)
-        self.machine.add_worker(self)
-        return self
-
-    def cpu_seconds(self) -> float | None:
-        """CPU spent outside the VMM process (None for a thread: it is in the VMM's own time)."""
-        return self.worker.cpu_seconds() if self.worker else None
-
-    def device_stats(self) -> list[dict]:
-        if isinstance(self.worker, SidecoreProcess):
-            return self.worker.report.get("devices", [])
-        return [m.device.stats() for m in self.members]
-
-    def stop(self) -> None:
-        if self.worker is not None:
-            self.worker.stop()
 
 
 @dataclass
@@ -85,7 +30,7 @@ class Attachment:
     path: str
     mmio_gpa: int
     shared_gpa: int
-    sidecore: Sidecore | None
+    sidecore: SidecoreGroup | None
     wake_fd: int | None
 
     def stop(self) -> None:
@@ -95,10 +40,10 @@ class Attachment:
 
 
 def attach(machine, device: RegisterDevice, *, mmio_gpa: int, shared_gpa: int, path: str,
-           placement: str = "thread", sidecore: Sidecore | None = None, poll_ns: int = 64_000) -> Attachment:
+           placement: str = "thread", sidecore: SidecoreGroup | None = None, poll_ns: int = 64_000) -> Attachment:
     """Put ``device`` on the MMIO bus and wire its doorbells through ``path``.
 
-    Pass ``sidecore`` to share one sidecore between devices (it must be started
+    Pass ``sidecore`` to share one sidecore between devices (``sidecore.start_on(machine)``
     after the last ``attach``); otherwise a dedicated one is started here.
     """
     if path not in PATHS:
@@ -115,10 +60,11 @@ def attach(machine, device: RegisterDevice, *, mmio_gpa: int, shared_gpa: int, p
     machine.add_worker(att)  # closes the eventfd after the sidecore (workers stop in reverse order)
     if path != "trap":
         own = sidecore is None
-        att.sidecore = sidecore or Sidecore(machine, MODE_OF_PATH[path], placement, poll_ns)
+        att.sidecore = sidecore or SidecoreGroup(MODE_OF_PATH[path], placement=placement, poll_ns=poll_ns,
+                                                 name=f"sidecore-{device.NAME}")
         if att.sidecore.mode != MODE_OF_PATH[path]:
             raise ValueError(f"a {att.sidecore.mode} sidecore cannot serve the {path} path")
-        att.sidecore.add(device, shared_gpa, wake_fd)
+        att.sidecore.add_device(device, shared_gpa, wake_fd)
         if own:
-            att.sidecore.start()
+            att.sidecore.start_on(machine)
     return att

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import struct
 
 from . import _spin
 
@@ -22,9 +21,7 @@ def wait_for_change(watches: list[tuple[int, int]], timeout_ns: int) -> int:
 
     Returns the index of the changed word, or -1 after ``timeout_ns``.
     """
-    addrs = struct.pack(f"<{len(watches)}Q", *(a for a, _ in watches))
-    snap = struct.pack(f"<{len(watches)}I", *(v & 0xFFFFFFFF for _, v in watches))
-    return _spin.watch(addrs, snap, timeout_ns)
+    return _spin.watch(watches, timeout_ns)
 
 
 def drain_eventfd(fd: int | None) -> None:

@@ -30,7 +30,7 @@ import logging
 import os
 import struct
 
-from ...sidecore.loop import SidecoreGroup
+from ...sidecore.engine import SidecoreGroup
 from ...sidecore.paths import MODE_OF_PATH, PATHS
 from ...sidecore.spin import address_of, drain_eventfd
 from ..pci.device import Bar, PciDevice

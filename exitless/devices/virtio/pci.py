@@ -28,7 +28,7 @@ import os
 import struct
 import threading
 
-from ...sidecore.loop import SidecoreGroup
+from ...sidecore.engine import SidecoreGroup
 from ...sidecore.paths import MODE_OF_PATH, PATHS
 from ...bus import BusError
 from ...memory import GuestMemoryError
@@ -406,6 +406,8 @@ class QueuePollable:
         self.wake_fd = t.wake_fds[index] if t.wake_fds else None
         self.shared = t.path == "shared"
         self._notify_addr = None
+        self._avail_of = None   # the Virtqueue whose avail word is cached below
+        self._avail_word = self._avail_addr = None
 
     def _queue(self):
         dev = self.t.device
@@ -437,9 +439,11 @@ class QueuePollable:
             if self._notify_addr is None:
                 self._notify_addr = address_of(self.t.notify_view[self.index * NOTIFY_MULTIPLIER:])
             return [(self._notify_addr, NOTIFY_SENTINEL)]
-        addr = address_of(self.t.machine.mem.view(q.avail_addr, 4))
-        flags = self.t.machine.mem.read_u16(q.avail_addr)
-        return [(addr, flags | (q.last_avail_idx << 16))]
+        if self._avail_of is not q:  # a new ring (activation): its avail flags+idx word, as one u32
+            view = self.t.machine.mem.view(q.avail_addr, 4)
+            self._avail_word, self._avail_addr, self._avail_of = view.cast("I"), address_of(view), q
+        # the word with the driver's current flags and our consumed index: a new avail.idx changes it
+        return [(self._avail_addr, (self._avail_word[0] & 0xFFFF) | (q.last_avail_idx << 16))]
 
     def arm(self) -> bool:
         q = self._queue()

@@ -96,6 +96,23 @@ uncontended ``threading.Lock`` acquire/release, which glibc implements with
 LOCK-prefixed read-modify-writes: a full barrier on x86, only an
 acquire/release pair elsewhere.  :data:`BARRIER_KIND` says which is in use.
 
+C fast path
+-----------
+When the extension ``exitless/devices/virtio/_vring.c`` is built (and
+``EXITLESS_VRING`` is not ``python``; see :data:`C_VRING`), :meth:`validate`
+also builds a ``_vring.Ring`` over the same three areas and the largest RAM
+region.  :meth:`pop` then walks a chain in C first, with every check of the
+Python walk; a chain that C would not accept exactly as Python does (anything
+refused, flagged with ``error``, crossing into another region, or longer than
+1024 buffers) is walked again by the Python code below, which decides.  A
+device can also run a whole batch in C with :meth:`c_batch` (virtio-blk
+IN/OUT does, with the GIL released); it stops, without consuming it, at the
+first chain it does not handle, and the caller pops that one here.  The same
+ring state (``last_avail_idx``, the avail.idx shadow, ``used_idx``,
+avail_event) is carried in and out of C, so both paths can take turns on one
+queue.  ``tests/conftest.py`` runs the queue and virtio-blk tests under both,
+``tests/test_vring_paths.py`` checks that they agree.
+
 Threading
 ---------
 A queue is driven by one thread at a time (the transport guarantees it);
@@ -108,6 +125,7 @@ from __future__ import annotations
 from ...errors import ExitlessError
 import ctypes
 import mmap
+import os
 import platform
 import struct
 import sys
@@ -115,6 +133,11 @@ import threading
 from typing import Callable
 
 from exitless.memory import GuestMemory, GuestMemoryError
+
+try:  # the C fast path (exitless/devices/virtio/_vring.c), when built
+    from . import _vring
+except ImportError:  # pragma: no cover - a tree where build_ext has not run
+    _vring = None
 
 from .constants import (
     VIRTQ_DESC_F_INDIRECT,
@@ -127,6 +150,7 @@ from .constants import (
 
 __all__ = [
     "BARRIER_KIND",
+    "C_VRING",
     "DescriptorChain",
     "Virtqueue",
     "VirtqueueError",
@@ -134,6 +158,12 @@ __all__ = [
     "full_barrier",
     "vring_need_event",
 ]
+
+
+#: Use the C fast path (:mod:`._vring`) for queues validated from now on: chain walks in :meth:`Virtqueue.pop`
+#: and device batches (:meth:`Virtqueue.c_batch`).  On when the extension is built, unless
+#: ``EXITLESS_VRING=python``; the tests run the queue and virtio-blk cases under both settings.
+C_VRING = _vring is not None and os.environ.get("EXITLESS_VRING", "c") != "python"
 
 
 class VirtqueueError(ExitlessError):
@@ -389,6 +419,8 @@ class Virtqueue:
         self._ind = False
         self._used_event_i = 0
         self._avail_event_i = 0
+        self._cring = None       # _vring.Ring over the same areas (C_VRING), pinning them like the views
+        self._cram = None        # the RAM region view the C ring translates buffers in
 
     def validate(self) -> None:
         """Check the geometry and map the three ring areas; raise :class:`VirtqueueError` if bad.
@@ -436,6 +468,11 @@ class Virtqueue:
         self._avail_event_i = 2 + 4 * size
         self._shadow_avail = self._last_avail
         self.broken = False
+        if C_VRING:
+            self._refresh_ram()
+            gpa, _end, ram = self._ram0
+            self._cring = _vring.Ring(ram, gpa, desc, avail, used, size, self.max_size, self._ind)
+            self._cram = (gpa, ram)
         # (Re)state the notification-suppression state in the new ring.
         if self._notify_enabled:
             if evt:
@@ -493,6 +530,11 @@ class Virtqueue:
 
         Raises :class:`VirtqueueError` if the ring is malformed (see the module docstring).
         """
+        head = self._next_head()
+        return None if head is None else self._walk(head)
+
+    def _next_head(self) -> int | None:
+        """The ring half of :meth:`pop`: consume the next avail ring entry and return its head index."""
         avail = self._avail
         if avail is None:
             return None
@@ -516,9 +558,18 @@ class Virtqueue:
             elif ((last - self._avail_event) & 0xFFFF) >= 0x4000:
                 # keep the "disabled" avail_event behind the driver (see disable_notifications)
                 self._publish_avail_event((last - 1) & 0xFFFF)
-        return self._walk(head)
+        return head
 
     def _walk(self, head: int) -> DescriptorChain:
+        if self._cring is not None:
+            walked = self._cring.walk(head)
+            if walked is not None:  # C found a valid chain inside one region; otherwise Python decides
+                segs, rlen, wlen = walked
+                gpa0, ram = self._cram
+                rviews, wviews = [], []
+                for addr, length, w in segs:
+                    (wviews if w else rviews).append(ram[addr - gpa0:addr - gpa0 + length])
+                return DescriptorChain(head, segs, rviews, wviews, rlen, wlen)
         size = self._size
         if head >= size:
             raise self._fail(f"available head index {head} >= queue size {size}")
@@ -645,6 +696,28 @@ class Virtqueue:
                     return tuple(out)
         return None
 
+    def c_batch(self, op: Callable, *device_args, times: bytearray | None = None) -> tuple[int, bool]:
+        """Run a C batch of :mod:`._vring` (e.g. ``_vring.Ring.blk_batch``) over this queue's state.
+
+        The C code takes available chains while it can complete them itself, pushes
+        them and publishes used.idx once; it returns ``(completed, more)``, ``more``
+        meaning "the next chain is for :meth:`pop` and the Python device model" (it
+        has not been consumed).  Without a C ring (not built, ``C_VRING`` off, or
+        a broken queue) this returns ``(0, True)``: everything goes through Python.
+        ``times``: a 40-byte buffer to which the batch adds ns per phase (ring read,
+        chain walk, request parse, host I/O, used write).
+        """
+        ring = self._cring
+        if ring is None or self.broken:
+            return 0, True
+        n, more, self._last_avail, self._shadow_avail, used_idx, self._avail_event = op(
+            ring, self._last_avail, self._shadow_avail, self._used_idx, self._avail_event, self._evt,
+            self._notify_enabled, self._size, times, *device_args)
+        if n:
+            self._used_idx = used_idx
+            self._unsignalled = True
+        return n, more
+
     # -- completing ----------------------------------------------------------------
     def push(self, head: int, written: int) -> None:
         """Return chain ``head`` to the driver with ``written`` bytes written to its writable part.
@@ -665,6 +738,33 @@ class Virtqueue:
         if WEAK_ORDERING:
             full_barrier()
         idx = self._used_idx = (idx + 1) & 0xFFFF
+        used[1] = idx
+        self._unsignalled = True
+
+    def push_many(self, completions: list[tuple[int, int]]) -> None:
+        """:meth:`push` for a batch of ``(head, written)``: every used element, then used.idx once.
+
+        The driver sees the whole batch at once (one store of used.idx), as a
+        batch completed by the C fast path is published.
+        """
+        used = self._used
+        if used is None:
+            raise VirtqueueError("push on an unconfigured virtqueue")
+        elems = self._used_elems
+        size, mask = self._size, self._mask
+        idx = self._used_idx
+        for head, written in completions:
+            if not 0 <= head < size:
+                raise ValueError(f"push of head {head} outside queue size {size}")
+            i = (idx & mask) << 1
+            elems[i] = head
+            elems[i + 1] = written & 0xFFFFFFFF
+            idx = (idx + 1) & 0xFFFF
+        if not completions:
+            return
+        if WEAK_ORDERING:
+            full_barrier()
+        self._used_idx = idx
         used[1] = idx
         self._unsignalled = True
 

@@ -1,0 +1,453 @@
+/* C fast path for the split virtqueue (VIRTIO 1.2 §2.7) and virtio-blk IN/OUT (§5.2.6).
+ *
+ * The device model is defined in Python (queue.py, blk.py).  This file only
+ * takes the *common, fully valid* case faster, and defers everything else:
+ *
+ *   Ring.walk(head)       walks and validates one chain exactly as
+ *                         Virtqueue._walk does; returns its segments, or None
+ *                         when Python must decide (anything it would refuse,
+ *                         flag with chain.error, or that leaves the region).
+ *   Ring.blk_batch(...)   takes every available chain in one pass, with the
+ *                         GIL released: walk, parse the virtio-blk header,
+ *                         preadv/pwritev straight between the disk and guest
+ *                         RAM, status byte, used element; one used.idx store
+ *                         for the batch.  It stops *before* consuming the first
+ *                         chain that is not a plain, valid IN/OUT and returns
+ *                         more=True: Python pops that chain and handles it
+ *                         (errors, flush, get-id, discard, write-zeroes, ...).
+ *
+ * "Defer" never has a side effect on the ring, so the Python path sees the
+ * chain exactly as if C had not looked at it -- the two paths cannot disagree
+ * about what is valid, only about who does the work.  A failed or short host
+ * I/O also defers: Python repeats the (idempotent) transfer and reports the
+ * error status.
+ *
+ * Memory safety: guest RAM is one mapped region given as a writable buffer
+ * (pinned while the Ring exists, like a memoryview).  Every guest-physical
+ * range -- indirect table, data buffer -- is checked to lie inside it before
+ * it is touched; the ring areas are buffers whose bounds Python validated.
+ * Guest-written values are loaded once into locals and then checked.
+ *
+ * Ordering: avail.idx is loaded with acquire semantics before the ring entry
+ * and descriptors; used elements and status bytes are stored before a release
+ * store of used.idx; 16-bit ring fields are loaded and stored whole.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <time.h>
+
+#define F_NEXT 1
+#define F_WRITE 2
+#define F_INDIRECT 4
+#define MAX_SEGS 1024          /* longer chains (and > IOV_MAX pieces) go to Python */
+#define BLK_T_IN 0
+#define BLK_T_OUT 1
+#define SECTOR 512
+
+enum { PH_RING, PH_WALK, PH_PARSE, PH_IO, PH_USED, NPH };
+
+typedef struct {
+    uint64_t gpa;
+    uint32_t len;
+    uint32_t w;
+} seg_t;
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer ram, desc, avail, used;
+    int have_ram, have_desc, have_avail, have_used;
+    uint64_t ram_gpa;
+    uint32_t size, max_chain;
+    int indirect_ok;
+} Ring;
+
+static inline uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* host pointer of guest-physical [gpa, gpa+len) if it lies inside the region, else NULL */
+static inline uint8_t *ram_ptr(const Ring *r, uint64_t gpa, uint64_t len)
+{
+    uint64_t size = (uint64_t)r->ram.len;
+    if (gpa < r->ram_gpa)
+        return NULL;
+    uint64_t off = gpa - r->ram_gpa;
+    if (off > size || len > size - off)
+        return NULL;
+    return (uint8_t *)r->ram.buf + off;
+}
+
+static inline void load_desc(const uint8_t *p, uint64_t *addr, uint32_t *len, uint16_t *flags, uint16_t *next)
+{
+    /* The driver must not change an available descriptor, but a hostile one may: each field is loaded
+     * once (never re-read from guest memory later).  The ring's table is 16-aligned; an indirect table
+     * need not be, and is then copied through volatile byte loads. */
+    uint64_t lo, hi;
+    if (((uintptr_t)p & 7) == 0) {
+        lo = __atomic_load_n((const uint64_t *)p, __ATOMIC_RELAXED);
+        hi = __atomic_load_n((const uint64_t *)(p + 8), __ATOMIC_RELAXED);
+    } else {
+        uint8_t b[16];
+        for (int i = 0; i < 16; i++)
+            b[i] = ((const volatile uint8_t *)p)[i];
+        memcpy(&lo, b, 8);
+        memcpy(&hi, b + 8, 8);
+    }
+    *addr = lo;
+    *len = (uint32_t)hi;
+    *flags = (uint16_t)(hi >> 32);
+    *next = (uint16_t)(hi >> 48);
+}
+
+/* Walk chain `head` with the checks of Virtqueue._walk.  Returns the number of
+ * segments (zero-length descriptors dropped), or -1 if Python must handle the
+ * chain: a ring error, a buffer error (chain.error), a buffer or indirect table
+ * outside this region, or more than MAX_SEGS buffers. */
+static int walk(const Ring *r, uint32_t head, seg_t *segs, uint64_t *rlen_out, uint64_t *wlen_out)
+{
+    if (head >= r->size)
+        return -1;
+    const uint8_t *table = (const uint8_t *)r->desc.buf;
+    uint32_t limit = r->size, steps = 0, ndesc = 0, idx = head;
+    int indirect = 0;
+    uint64_t rlen = 0, wlen = 0;
+    for (;;) {
+        uint64_t addr;
+        uint32_t len;
+        uint16_t flags, next;
+        load_desc(table + ((size_t)idx << 4), &addr, &len, &flags, &next);
+        steps++;
+        if (flags & F_INDIRECT) {
+            if (indirect || !r->indirect_ok || (flags & F_NEXT) || len == 0 || (len & 15))
+                return -1;
+            const uint8_t *t = ram_ptr(r, addr, len);
+            if (t == NULL)
+                return -1;
+            table = t;
+            indirect = 1;
+            limit = len >> 4;
+            steps = 0;
+            idx = 0;
+            continue;
+        }
+        if (len) {
+            ndesc++;
+            if (ndesc > r->max_chain || ndesc > MAX_SEGS)
+                return -1;
+            if (ram_ptr(r, addr, len) == NULL)
+                return -1;
+            seg_t *s = &segs[ndesc - 1];
+            s->gpa = addr;
+            s->len = len;
+            if (flags & F_WRITE) {
+                s->w = 1;
+                wlen += len;
+            } else {
+                if (wlen)
+                    return -1;  /* device-readable after device-writable: chain.error */
+                s->w = 0;
+                rlen += len;
+            }
+        }
+        if (!(flags & F_NEXT))
+            break;
+        if (next >= limit || steps >= limit)
+            return -1;
+        idx = next;
+    }
+    if (rlen + wlen > 0xFFFFFFFFull)
+        return -1;
+    *rlen_out = rlen;
+    *wlen_out = wlen;
+    return (int)ndesc;
+}
+
+/* iovecs for stream bytes [start, start+n) of the readable (w=0) or writable (w=1) segments */
+static int make_iov(const Ring *r, const seg_t *segs, int nseg, int w, uint64_t start, uint64_t n, struct iovec *iov)
+{
+    int k = 0;
+    uint64_t pos = 0, end = start + n;
+    for (int i = 0; i < nseg && pos < end; i++) {
+        if ((int)segs[i].w != w)
+            continue;
+        uint64_t nxt = pos + segs[i].len;
+        if (nxt > start) {
+            uint64_t lo = start > pos ? start - pos : 0;
+            uint64_t hi = end < nxt ? end - pos : segs[i].len;
+            iov[k].iov_base = (uint8_t *)r->ram.buf + (segs[i].gpa - r->ram_gpa) + lo;
+            iov[k].iov_len = (size_t)(hi - lo);
+            k++;
+        }
+        pos = nxt;
+    }
+    return k;
+}
+
+/* the whole transfer, retrying short I/O; 0 on success, -1 on an error or end of file */
+static int transfer(int fd, int is_read, struct iovec *iov, int niov, uint64_t offset, uint64_t nbytes)
+{
+    while (nbytes) {
+        ssize_t got = is_read ? preadv(fd, iov, niov, (off_t)offset) : pwritev(fd, iov, niov, (off_t)offset);
+        if (got < 0 && errno == EINTR)
+            continue;
+        if (got <= 0)
+            return -1;
+        nbytes -= (uint64_t)got;
+        offset += (uint64_t)got;
+        while (niov && (size_t)got >= iov->iov_len) {
+            got -= (ssize_t)iov->iov_len;
+            iov++;
+            niov--;
+        }
+        if (niov && got) {
+            iov->iov_base = (uint8_t *)iov->iov_base + got;
+            iov->iov_len -= (size_t)got;
+        }
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+static void ring_release(Ring *r)
+{
+    if (r->have_ram) PyBuffer_Release(&r->ram);
+    if (r->have_desc) PyBuffer_Release(&r->desc);
+    if (r->have_avail) PyBuffer_Release(&r->avail);
+    if (r->have_used) PyBuffer_Release(&r->used);
+    r->have_ram = r->have_desc = r->have_avail = r->have_used = 0;
+}
+
+static void ring_dealloc(Ring *r)
+{
+    ring_release(r);
+    Py_TYPE(r)->tp_free((PyObject *)r);
+}
+
+static int ring_init(Ring *r, PyObject *args, PyObject *kw)
+{
+    PyObject *ram, *desc, *avail, *used;
+    unsigned long long ram_gpa;
+    unsigned int size, max_chain;
+    int indirect_ok;
+    if (!PyArg_ParseTuple(args, "OKOOOIIp", &ram, &ram_gpa, &desc, &avail, &used, &size, &max_chain, &indirect_ok))
+        return -1;
+    ring_release(r);
+    if (PyObject_GetBuffer(ram, &r->ram, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0) return -1;
+    r->have_ram = 1;
+    if (PyObject_GetBuffer(desc, &r->desc, PyBUF_SIMPLE) < 0) return -1;
+    r->have_desc = 1;
+    if (PyObject_GetBuffer(avail, &r->avail, PyBUF_SIMPLE) < 0) return -1;
+    r->have_avail = 1;
+    if (PyObject_GetBuffer(used, &r->used, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0) return -1;
+    r->have_used = 1;
+    if (size == 0 || (size & (size - 1)) || size > 32768 || max_chain == 0
+        || (uint64_t)r->desc.len < 16ull * size || (uint64_t)r->avail.len < 4ull + 2ull * size
+        || (uint64_t)r->used.len < 4ull + 8ull * size) {
+        PyErr_SetString(PyExc_ValueError, "Ring: bad size or ring areas smaller than the queue size needs");
+        return -1;
+    }
+    r->ram_gpa = ram_gpa;
+    r->size = size;
+    r->max_chain = max_chain;
+    r->indirect_ok = indirect_ok;
+    return 0;
+}
+
+/* walk(head) -> (segments [(gpa, len, writable)], readable_len, writable_len) or None */
+static PyObject *ring_walk(Ring *r, PyObject *arg)
+{
+    unsigned long head = PyLong_AsUnsignedLong(arg);
+    if (head == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    seg_t segs[MAX_SEGS];
+    uint64_t rlen, wlen;
+    int n = walk(r, head > 0xFFFF ? 0xFFFFFFFFu : (uint32_t)head, segs, &rlen, &wlen);
+    if (n < 0)
+        Py_RETURN_NONE;
+    PyObject *list = PyList_New(n);
+    if (list == NULL)
+        return NULL;
+    for (int i = 0; i < n; i++) {
+        PyObject *t = Py_BuildValue("(KIO)", (unsigned long long)segs[i].gpa, segs[i].len,
+                                    segs[i].w ? Py_True : Py_False);
+        if (t == NULL) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, i, t);
+    }
+    return Py_BuildValue("(NKK)", list, (unsigned long long)rlen, (unsigned long long)wlen);
+}
+
+/* blk_batch(last_avail, shadow_avail, used_idx, avail_event, event_idx, notify_enabled, max_batch, times,
+ *           fd, capacity_sectors, max_request_bytes, writable_disk)
+ *   -> (completed, more, last_avail, shadow_avail, used_idx, avail_event)
+ * times: None, or a writable buffer of 5 u64 to which ns per phase are added
+ * (ring read, chain walk, request parse, host I/O, used write). */
+static PyObject *ring_blk_batch(Ring *r, PyObject *args)
+{
+    unsigned int last, shadow, used_idx, avail_event, max_batch;
+    int evt, notify_enabled, fd, writable_disk;
+    unsigned long long capacity, max_bytes;
+    PyObject *times_obj;
+    if (!PyArg_ParseTuple(args, "IIIIppIOiKKp", &last, &shadow, &used_idx, &avail_event, &evt, &notify_enabled,
+                          &max_batch, &times_obj, &fd, &capacity, &max_bytes, &writable_disk))
+        return NULL;
+    Py_buffer tb;
+    uint64_t *times = NULL;
+    if (times_obj != Py_None) {
+        if (PyObject_GetBuffer(times_obj, &tb, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0)
+            return NULL;
+        if (tb.len < (Py_ssize_t)(NPH * sizeof(uint64_t))) {
+            PyBuffer_Release(&tb);
+            PyErr_SetString(PyExc_ValueError, "blk_batch: times needs 5 u64");
+            return NULL;
+        }
+        times = (uint64_t *)tb.buf;
+    }
+    volatile uint16_t *avail = (volatile uint16_t *)r->avail.buf;
+    uint16_t *used16 = (uint16_t *)r->used.buf;
+    uint32_t *elems = (uint32_t *)((uint8_t *)r->used.buf + 4);
+    const uint32_t size = r->size, mask = size - 1, avail_event_i = 2 + 4 * size;
+    last &= 0xFFFF;
+    shadow &= 0xFFFF;
+    used_idx &= 0xFFFF;
+    avail_event &= 0xFFFF;
+    unsigned int done = 0;
+    int more = 0;
+    if (last == shadow && __atomic_load_n(&avail[1], __ATOMIC_ACQUIRE) == last) {
+        /* nothing available: answer without giving up and retaking the GIL */
+        if (times)
+            PyBuffer_Release(&tb);
+        return Py_BuildValue("(IOIIII)", 0, Py_False, last, shadow, used_idx, avail_event);
+    }
+    seg_t segs[MAX_SEGS];            /* 32 KiB of stack in all: sidecore threads have megabytes */
+    struct iovec iov[MAX_SEGS];
+    Py_BEGIN_ALLOW_THREADS
+    uint64_t t0 = times ? now_ns() : 0, t1;
+    while (done < max_batch) {
+        if (last == shadow) {
+            uint16_t idx = __atomic_load_n(&avail[1], __ATOMIC_ACQUIRE);
+            if (idx == last)
+                break;
+            if (((idx - last) & 0xFFFF) > size) {   /* Python raises for this */
+                more = 1;
+                break;
+            }
+            shadow = idx;
+        }
+        uint16_t head = __atomic_load_n(&avail[2 + (last & mask)], __ATOMIC_RELAXED);
+        if (times) { t1 = now_ns(); times[PH_RING] += t1 - t0; t0 = t1; }
+        uint64_t rlen, wlen;
+        int nseg = walk(r, head, segs, &rlen, &wlen);
+        if (times) { t1 = now_ns(); times[PH_WALK] += t1 - t0; t0 = t1; }
+        if (nseg < 0 || rlen < 16 || wlen < 1) {
+            more = 1;
+            break;
+        }
+        /* the 16-byte header: the first readable bytes, however they are split */
+        uint8_t hdr[16];
+        uint64_t got = 0;
+        for (int i = 0; i < nseg && got < 16; i++) {
+            uint64_t n = segs[i].len < 16 - got ? segs[i].len : 16 - got;
+            memcpy(hdr + got, (uint8_t *)r->ram.buf + (segs[i].gpa - r->ram_gpa), n);
+            got += n;
+        }
+        uint32_t type;
+        uint64_t sector;
+        memcpy(&type, hdr, 4);
+        memcpy(&sector, hdr + 8, 8);
+        int is_read = type == BLK_T_IN;
+        uint64_t nbytes = is_read ? wlen - 1 : rlen - 16;
+        if ((type != BLK_T_IN && type != BLK_T_OUT) || (!is_read && !writable_disk)
+            || nbytes % SECTOR || nbytes > max_bytes || sector > capacity || nbytes / SECTOR > capacity - sector) {
+            more = 1;
+            break;
+        }
+        int niov = make_iov(r, segs, nseg, is_read, is_read ? 0 : 16, nbytes, iov);
+        if (times) { t1 = now_ns(); times[PH_PARSE] += t1 - t0; t0 = t1; }
+        if (nbytes && transfer(fd, is_read, iov, niov, sector * SECTOR, nbytes) < 0) {
+            more = 1;     /* Python repeats the transfer and reports the error */
+            break;
+        }
+        if (times) { t1 = now_ns(); times[PH_IO] += t1 - t0; t0 = t1; }
+        /* status: the last writable byte */
+        for (int i = nseg - 1; i >= 0; i--) {
+            if (segs[i].w) {
+                *((uint8_t *)r->ram.buf + (segs[i].gpa - r->ram_gpa) + segs[i].len - 1) = 0;  /* VIRTIO_BLK_S_OK */
+                break;
+            }
+        }
+        if (times) { t1 = now_ns(); times[PH_PARSE] += t1 - t0; t0 = t1; }
+        uint32_t i = (used_idx & mask) << 1;
+        __atomic_store_n(&elems[i], (uint32_t)head, __ATOMIC_RELAXED);
+        __atomic_store_n(&elems[i + 1], (uint32_t)(is_read ? wlen : 1), __ATOMIC_RELAXED);
+        used_idx = (used_idx + 1) & 0xFFFF;
+        /* consume the avail entry, as Virtqueue._next_head does */
+        last = (last + 1) & 0xFFFF;
+        if (evt) {
+            if (notify_enabled) {
+                __atomic_store_n(&used16[avail_event_i], (uint16_t)last, __ATOMIC_RELAXED);
+            } else if (((last - avail_event) & 0xFFFF) >= 0x4000) {
+                avail_event = (last - 1) & 0xFFFF;
+                __atomic_store_n(&used16[avail_event_i], (uint16_t)avail_event, __ATOMIC_RELAXED);
+            }
+        }
+        done++;
+        if (times) { t1 = now_ns(); times[PH_USED] += t1 - t0; t0 = t1; }
+    }
+    if (done)  /* one used.idx store for the batch, after every element and status byte */
+        __atomic_store_n(&used16[1], (uint16_t)used_idx, __ATOMIC_RELEASE);
+    if (times) times[PH_USED] += now_ns() - t0;
+    Py_END_ALLOW_THREADS
+    if (times)
+        PyBuffer_Release(&tb);
+    return Py_BuildValue("(IOIIII)", done, more ? Py_True : Py_False, last, shadow, used_idx, avail_event);
+}
+
+static PyMethodDef ring_methods[] = {
+    {"walk", (PyCFunction)ring_walk, METH_O,
+     "walk(head) -> ([(gpa, len, writable)], readable_len, writable_len), or None: Python decides"},
+    {"blk_batch", (PyCFunction)ring_blk_batch, METH_VARARGS,
+     "virtio-blk IN/OUT batch without the GIL -> (completed, more, last_avail, shadow_avail, used_idx, avail_event)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject RingType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "exitless.devices.virtio._vring.Ring",
+    .tp_basicsize = sizeof(Ring),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Ring(ram, ram_gpa, desc, avail, used, size, max_chain, indirect): one split virtqueue's areas "
+              "(buffers: a RAM region starting at guest-physical ram_gpa, the descriptor table, avail and used rings)",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)ring_init,
+    .tp_dealloc = (destructor)ring_dealloc,
+    .tp_methods = ring_methods,
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_vring",
+                                    "C fast path for split virtqueues and virtio-blk IN/OUT", -1, NULL};
+
+PyMODINIT_FUNC PyInit__vring(void)
+{
+    if (PyType_Ready(&RingType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&RingType);
+    if (PyModule_AddObject(m, "Ring", (PyObject *)&RingType) < 0) {
+        Py_DECREF(&RingType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
