@@ -1,0 +1,111 @@
+"""Regression tests from the security review of the branch 'attack' (hostile guest / frontend inputs).
+
+No KVM needed; every case is short.
+"""
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from exitless.devices.virtio import queue as qmod
+from exitless.devices.virtio.constants import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT
+from exitless.devices.virtio.queue import Virtqueue, VirtqueueError
+from exitless.memory import GuestMemory
+
+MiB = 1 << 20
+NEXT, INDIRECT = VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_INDIRECT
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _ring(mem: GuestMemory, size: int = 16) -> Virtqueue:
+    q = Virtqueue(mem, size)
+    q.size, q.desc_addr, q.avail_addr, q.used_addr = size, 0x1000, 0x2000, 0x3000
+    q.indirect, q.ready = True, True
+    q.validate()
+    return q
+
+
+@pytest.mark.parametrize("vring", ["c", "python"])
+def test_indirect_table_of_zero_length_descriptors_is_walked_in_bounded_time(vring, monkeypatch):
+    """Finding 1 (DoS): an indirect table may be as long as guest RAM (len/16 entries, here 3 Mi).  Zero-length
+    descriptors are not counted against max_chain, and the loop check is ``steps >= len/16``, so a cycle of
+    zero-length descriptors is walked len/16 times -- by C (GIL held in Ring.walk) and then again by Python
+    (~0.3 us a step, GIL held): ~1 s here for 64 MiB, ~85 s per request for a 4 GiB guest, repeatable after
+    every device reset.  The spec bounds a chain to the queue size; the walk must stop after O(max_size)."""
+    if vring == "c" and qmod._vring is None:
+        pytest.skip("C extension not built")
+    monkeypatch.setattr(qmod, "C_VRING", vring == "c")
+    mem = GuestMemory.create([(0, 64 * MiB)])
+    try:
+        q = _ring(mem)
+        table = 16 * MiB
+        entries = bytearray(16 * 65536)     # next is u16: a cycle through the first 64 Ki entries
+        for i in range(65536):
+            struct.pack_into("<QIHH", entries, 16 * i, 0, 0, NEXT, (i + 1) & 0xFFFF)
+        mem.write(table, bytes(entries))
+        n = (64 * MiB - table) // 16
+        mem.write(0x1000, struct.pack("<QIHH", table, 16 * n, INDIRECT, 0))
+        mem.write(0x2000 + 4, struct.pack("<H", 0))
+        mem.write(0x2000 + 2, struct.pack("<H", 1))            # avail.idx = 1
+        steps = [0]
+        real = qmod._desc_unpack
+
+        def counting(buf, off):
+            steps[0] += 1
+            return real(buf, off)
+
+        monkeypatch.setattr(qmod, "_desc_unpack", counting)
+        t0 = time.monotonic()
+        with pytest.raises(VirtqueueError):
+            q.pop()
+        elapsed = time.monotonic() - t0
+        assert steps[0] <= 4 * q.max_size + 2, f"Python walked {steps[0]} descriptors of a {n}-entry table"
+        assert elapsed < 0.2, f"one chain took {elapsed:.2f} s"
+    finally:
+        mem.close()
+
+
+_SIGBUS_SCRIPT = textwrap.dedent("""
+    import fcntl, os, mmap, sys
+    sys.path.insert(0, sys.argv[1])
+    from exitless.vhost_user import memory as vm
+    from exitless.vhost_user.protocol import MemRegion, ProtocolError
+    size = 2 * mmap.PAGESIZE
+    fd = os.memfd_create("frontend-ram", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    real = fcntl.fcntl
+    def racing_fcntl(f, cmd, *args):
+        # the frontend (which holds the same memfd) truncates it between the back-end's size check and its
+        # seal: here, deterministically, just before the back-end reads the seals
+        if cmd == vm.F_GET_SEALS:
+            os.ftruncate(f, 0)
+        return real(f, cmd, *args)
+    vm.fcntl.fcntl = racing_fcntl
+    try:
+        mem = vm.VhostMemory([MemRegion(0, size, 0x7f0000000000, 0)], [os.dup(fd)])
+    except ProtocolError as e:
+        print("refused:", e)
+        sys.exit(0)
+    print("mapped; touching guest RAM")
+    sys.stdout.flush()
+    mem.guest.read(0, 16)     # SIGBUS: the page is beyond the end of the (now empty) file
+    print("read ok")
+""")
+
+
+def test_mem_table_is_sealed_before_its_size_is_checked(tmp_path):
+    """Checked, sound: VhostMemory._check_file checks st_size >= mmap_offset + size *before* it adds
+    F_SEAL_SHRINK, so a frontend can truncate its memfd in between.  This is safe only because the seal comes
+    before the mapping and Python's mmap.mmap re-checks the file size ("mmap length is greater than file
+    size" -> ProtocolError).  This guards that order: a change to map first, or to map through another API
+    without that check, would turn the race into a SIGBUS of the back-end."""
+    script = tmp_path / "race.py"
+    script.write_text(_SIGBUS_SCRIPT)
+    r = subprocess.run([sys.executable, str(script), ROOT], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, f"back-end died (status {r.returncode}): {r.stdout} {r.stderr[-500:]}"
