@@ -195,6 +195,9 @@ class _Pair:
         # RX of a pair may be driven from two threads on the trap path (the vCPU thread handles the
         # RX queue's kick, a sidecore thread the TAP fd): the pump and the held buffers are guarded.
         self.lock = threading.Lock()
+        # The spill of an RX frame past its first buffer (MRG_RXBUF), one per pair: two pairs are pumped
+        # concurrently (different locks, readv without the GIL), so a shared one mixes their frames.
+        self.bounce = memoryview(bytearray(MAX_RX))
 
 
 class VirtioNet(VirtioDevice):
@@ -230,8 +233,6 @@ class VirtioNet(VirtioDevice):
                                     "tx_packets", "tx_bytes", "tx_gso", "tx_dropped", "tx_bad", "ctrl_ok",
                                     "ctrl_err", "link_changes"), 0)
         self._pairs = [_Pair(i) for i in range(pairs)]
-        self._bounce = bytearray(MAX_RX)
-        self._bounce_view = memoryview(self._bounce)
         self._reset_net_state()
 
     def _reset_net_state(self) -> None:
@@ -514,7 +515,7 @@ class VirtioNet(VirtioDevice):
             self.queues[index].push(head, 0)
             return 1
         p.held_heads[head] = 1
-        p.held.append(_RxChain(chain, self._bounce_view))
+        p.held.append(_RxChain(chain, p.bounce))
         return 0
 
     def rx_pump(self, pair: int) -> int:
@@ -624,7 +625,7 @@ class VirtioNet(VirtioDevice):
         used = [(first.chain.head, min(first.cap, n))]
         left = n - first.cap
         off = 0
-        bounce = self._bounce_view
+        bounce = p.bounce
         while left > 0:
             rx = p.held.popleft()
             p.held_heads[rx.chain.head] = 0
