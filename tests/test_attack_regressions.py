@@ -158,3 +158,31 @@ def test_rx_of_two_queue_pairs_at_once_delivers_each_frame_intact(concurrent):
         assert not bad, f"corrupted RX frames (round, pair): {bad}"
     finally:
         r.close()
+
+
+def test_quiesce_rewinds_to_the_held_rx_buffers_not_past_a_returned_one():
+    """Finding 4 (ring state, low): ``VirtioNet.quiesce`` (vhost-user GET_VRING_BASE, every data-plane
+    restart) rewinds ``last_avail_idx`` by ``len(held)``, assuming the held RX buffers are the last ones
+    popped.  An unusable RX chain (writable part < 12 bytes, chain.error, too many segments) popped after a
+    usable one is *returned at once* (used, length 0) and not held.  The rewind then lands on that returned
+    chain's slot: on restart it is completed a second time (a driver sees a used id it does not own), and the
+    held buffer before it is never returned.  Fix: then return the held buffers used with length 0."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from test_virtio_net import Rig
+    r = Rig()
+    try:
+        q = r.dev.queues[0]
+        (a, _, _), = r.post([2048])          # usable: held by the device
+        (b, _, _), = r.post([4])             # unusable: returned empty at once
+        assert [h for h, _ in r.drivers[0].get_used()] == [b]
+        assert q.last_avail_idx == 2
+        r.dev.quiesce()
+        # Resuming at the recorded base re-offers slots [base, 2): none of them may hold a completed chain,
+        # and A must be re-offered or returned.
+        base = q.last_avail_idx
+        completed = {b} | {h for h, _ in r.drivers[0].get_used()}
+        reoffered = {r.mem.read_u16(r.drivers[0].avail + 4 + 2 * s) for s in range(base, 2)}
+        assert not reoffered & {b}, f"resume base {base}: chain {b}, already completed, would be taken again"
+        assert a in reoffered | completed, f"chain {a} is neither re-offered nor returned"
+    finally:
+        r.close()

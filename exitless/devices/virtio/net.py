@@ -189,6 +189,9 @@ class _Pair:
         self.index = index
         self.held: deque[_RxChain] = deque()
         self.held_heads = bytearray()       # 1 for each head we hold (sized at activation)
+        # a chain popped after the first held one was returned at once: the held ones are then not the last
+        # ones popped, and quiesce cannot rewind last_avail_idx over them (it returns them unused instead)
+        self.returned_after_held = False
         self.armed = False                  # a one-shot readiness poll on the TAP fd is pending
         self.gone = False                   # the fd reported the TAP gone: never watched again
         self.poller: TapRxPollable | None = None
@@ -356,15 +359,21 @@ class VirtioNet(VirtioDevice):
         """Give the RX buffers the device holds unused back to the ring (rewind ``last_avail_idx``).
 
         Called by a transport before it records where to resume a stopped ring
-        (vhost-user GET_VRING_BASE): held buffers are the last ones popped, in order.
+        (vhost-user GET_VRING_BASE): held buffers are the last ones popped, in order -- unless an unusable
+        chain was returned after one of them; then they are returned used, with length 0, instead (a rewind
+        would re-offer the chain already completed).
         """
         for p in self._pairs:
             i = self.rx_queue(p.index)
             with p.lock:
                 if p.held and i < len(self.queues) and self.queues[i].configured:
                     q = self.queues[i]
-                    q.last_avail_idx = q.last_avail_idx - len(p.held)
+                    if p.returned_after_held:
+                        q.push_many([(rx.chain.head, 0) for rx in p.held])
+                    else:
+                        q.last_avail_idx = q.last_avail_idx - len(p.held)
                 p.held.clear()
+                p.returned_after_held = False
 
     def on_reset(self) -> None:
         self._reset_net_state()
@@ -513,6 +522,8 @@ class VirtioNet(VirtioDevice):
             self.log(logging.WARNING, "virtio-net: RX chain %d unusable (%s); returned empty", head,
                      chain.error or f"{chain.readable_len} readable / {chain.writable_len} writable bytes")
             self.queues[index].push(head, 0)
+            if p.held:
+                p.returned_after_held = True
             return 1
         p.held_heads[head] = 1
         p.held.append(_RxChain(chain, p.bounce))
@@ -622,6 +633,8 @@ class VirtioNet(VirtioDevice):
         """
         first = p.held.popleft()
         p.held_heads[first.chain.head] = 0
+        if len(p.held) == 0:
+            p.returned_after_held = False
         used = [(first.chain.head, min(first.cap, n))]
         left = n - first.cap
         off = 0
@@ -629,6 +642,8 @@ class VirtioNet(VirtioDevice):
         while left > 0:
             rx = p.held.popleft()
             p.held_heads[rx.chain.head] = 0
+            if not p.held:
+                p.returned_after_held = False
             take = rx.cap if rx.cap < left else left
             pos = off
             for v in rx.views:
