@@ -186,3 +186,36 @@ def test_quiesce_rewinds_to_the_held_rx_buffers_not_past_a_returned_one():
         assert a in reoffered | completed, f"chain {a} is neither re-offered nor returned"
     finally:
         r.close()
+
+
+def test_nvme_guest_triggered_warnings_are_rate_limited(tmp_path, caplog):
+    """Finding 5 (host log flood): the NVMe controller logs every ignored doorbell write, every bad PRP
+    layout, every Doorbell Buffer Config refusal with a plain ``log.warning`` -- one host log line per guest
+    action, unbounded.  With shadow doorbells the guest does not even exit: flipping an SQ tail slot between
+    bad values makes the polling sidecore log at its own speed (host disk / journal filled, CPU burnt).  The
+    virtio devices use RateLimitedLog for exactly this; the NVMe controller should too."""
+    import logging
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from nvme_driver import DATA, Driver
+    from exitless.devices.nvme import constants as K
+    from exitless.devices.nvme.controller import NvmeController
+    from exitless.devices.nvme.namespace import Namespace
+    img = tmp_path / "ns.img"
+    img.write_bytes(bytes(1 << 20))
+    mem = GuestMemory.create([(0, 8 << 20)])
+    ns = Namespace(img, lba_size=512)
+    try:
+        ctrl = NvmeController(mem, ns, max_io_queues=2, num_vectors=3)
+        d = Driver(mem, ctrl)
+        assert d.enable() == K.CSTS_RDY
+        assert d.create_pair(1, size=16) == 0
+        caplog.set_level(logging.WARNING, logger="exitless.devices.nvme")
+        for i in range(2000):
+            d.wreg(K.DOORBELL_BASE + 8, 16 + (i & 1))                 # SQ 1 tail >= size: ignored, logged
+        for _ in range(200):                                           # reads with a PRP1 outside RAM
+            assert d.cmd(1, K.NVM_READ, nsid=1, prp1=1 << 40, cdw12=0)[0] != 0
+        n = sum(1 for rec in caplog.records if rec.name.startswith("exitless.devices.nvme"))
+        assert n <= 50, f"{n} host log lines for 2200 guest actions"
+    finally:
+        ns.close()
+        mem.close()
