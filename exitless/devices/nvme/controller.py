@@ -52,6 +52,8 @@ from .identify import firmware_slot_log, identify_controller, identify_namespace
 from .namespace import Namespace
 from .prp import PrpError, prp_segments
 
+from ..virtio.device import RateLimitedLog
+
 log = logging.getLogger(__name__)
 # Exceptions are logged as str(e): a record holding the exception would keep its traceback's
 # frames alive (the vCPU thread's, with views onto the kvm_run page) wherever records are kept.
@@ -119,6 +121,7 @@ class NvmeController:
         self.listener = listener or _NoListener()
         self.park_event_idx = False
         self.lock = threading.RLock()
+        self.log = RateLimitedLog(log)    # for what the guest can trigger at will
         self.cap = (self.MQES | 1 << 16 | self.TO << 24 | 1 << 37)   # CQR, TO, DSTRD 0, CSS NVM, MPS 4 KiB
         self.stats = {"commands": 0, "dbbuf_configs": 0, "mmio_doorbells": 0, "shadow_doorbells": 0,
                       "bad_doorbells": 0, "fatal": 0, "read_bytes": 0, "write_bytes": 0}
@@ -160,7 +163,7 @@ class NvmeController:
         return bool(self.csts & K.CSTS_RDY) and not self.csts & K.CSTS_CFS
 
     def _fatal(self, why: str) -> None:
-        log.warning("NVMe controller fatal status (CSTS.CFS): %s", why)
+        self.log(logging.WARNING, "NVMe controller fatal status (CSTS.CFS): %s", why)
         self.stats["fatal"] += 1
         self.csts |= K.CSTS_CFS
 
@@ -289,7 +292,7 @@ class NvmeController:
 
     def _bad_doorbell(self, info: int, why: str) -> None:
         self.stats["bad_doorbells"] += 1
-        log.warning("NVMe: ignored doorbell write: %s", why)
+        self.log(logging.WARNING, "NVMe: ignored doorbell write: %s", why)
         self._event(K.AER_TYPE_ERROR | info << 8 | K.LOG_ERROR_INFORMATION << 16)
 
     def service_queue(self, qid: int) -> int:
@@ -471,7 +474,7 @@ class NvmeController:
         try:
             segs = prp_segments(self.mem, prp1, prp2, len(data))
         except PrpError as e:
-            log.warning("NVMe admin command %#x: %s", cmd[0] & 0xFF, str(e))
+            self.log(logging.WARNING, "NVMe admin command %#x: %s", cmd[0] & 0xFF, str(e))
             return e.status, 0
         pos = 0
         for gpa, n in segs:
@@ -544,7 +547,7 @@ class NvmeController:
         prp1, prp2 = self._prps(cmd)
         if prp1 % K.PAGE_SIZE or prp2 % K.PAGE_SIZE or not prp1 or not prp2 or \
                 not self.mem.contains(prp1, K.PAGE_SIZE) or not self.mem.contains(prp2, K.PAGE_SIZE):
-            log.warning("NVMe Doorbell Buffer Config: shadow %#x / EventIdx %#x must be page-aligned guest RAM",
+            self.log(logging.WARNING, "NVMe Doorbell Buffer Config: shadow %#x / EventIdx %#x must be page-aligned guest RAM",
                         prp1, prp2)
             return K.SC_INVALID_FIELD, 0
         if self.shadow is not None:
@@ -694,7 +697,7 @@ class NvmeController:
         try:
             segs = prp_segments(self.mem, prp1, prp2, nbytes)
         except PrpError as e:
-            log.warning("NVMe %s at LBA %d: %s", "read" if op == K.NVM_READ else "write", slba, str(e))
+            self.log(logging.WARNING, "NVMe %s at LBA %d: %s", "read" if op == K.NVM_READ else "write", slba, str(e))
             return e.status, 0
         views = [self.mem.view(gpa, n) for gpa, n in segs]
         units = (nbytes + 511_999) // 512_000

@@ -137,6 +137,8 @@ static int walk(const Ring *r, uint32_t head, seg_t *segs, uint64_t *rlen_out, u
             idx = 0;
             continue;
         }
+        if (indirect && steps > r->max_chain)
+            return -1;  /* zero-length descriptors count too: Python refuses the chain */
         if (len) {
             ndesc++;
             if (ndesc > r->max_chain || ndesc > MAX_SEGS)

@@ -189,12 +189,18 @@ class _Pair:
         self.index = index
         self.held: deque[_RxChain] = deque()
         self.held_heads = bytearray()       # 1 for each head we hold (sized at activation)
+        # a chain popped after the first held one was returned at once: the held ones are then not the last
+        # ones popped, and quiesce cannot rewind last_avail_idx over them (it returns them unused instead)
+        self.returned_after_held = False
         self.armed = False                  # a one-shot readiness poll on the TAP fd is pending
         self.gone = False                   # the fd reported the TAP gone: never watched again
         self.poller: TapRxPollable | None = None
         # RX of a pair may be driven from two threads on the trap path (the vCPU thread handles the
         # RX queue's kick, a sidecore thread the TAP fd): the pump and the held buffers are guarded.
         self.lock = threading.Lock()
+        # The spill of an RX frame past its first buffer (MRG_RXBUF), one per pair: two pairs are pumped
+        # concurrently (different locks, readv without the GIL), so a shared one mixes their frames.
+        self.bounce = memoryview(bytearray(MAX_RX))
 
 
 class VirtioNet(VirtioDevice):
@@ -230,8 +236,6 @@ class VirtioNet(VirtioDevice):
                                     "tx_packets", "tx_bytes", "tx_gso", "tx_dropped", "tx_bad", "ctrl_ok",
                                     "ctrl_err", "link_changes"), 0)
         self._pairs = [_Pair(i) for i in range(pairs)]
-        self._bounce = bytearray(MAX_RX)
-        self._bounce_view = memoryview(self._bounce)
         self._reset_net_state()
 
     def _reset_net_state(self) -> None:
@@ -355,15 +359,21 @@ class VirtioNet(VirtioDevice):
         """Give the RX buffers the device holds unused back to the ring (rewind ``last_avail_idx``).
 
         Called by a transport before it records where to resume a stopped ring
-        (vhost-user GET_VRING_BASE): held buffers are the last ones popped, in order.
+        (vhost-user GET_VRING_BASE): held buffers are the last ones popped, in order -- unless an unusable
+        chain was returned after one of them; then they are returned used, with length 0, instead (a rewind
+        would re-offer the chain already completed).
         """
         for p in self._pairs:
             i = self.rx_queue(p.index)
             with p.lock:
                 if p.held and i < len(self.queues) and self.queues[i].configured:
                     q = self.queues[i]
-                    q.last_avail_idx = q.last_avail_idx - len(p.held)
+                    if p.returned_after_held:
+                        q.push_many([(rx.chain.head, 0) for rx in p.held])
+                    else:
+                        q.last_avail_idx = q.last_avail_idx - len(p.held)
                 p.held.clear()
+                p.returned_after_held = False
 
     def on_reset(self) -> None:
         self._reset_net_state()
@@ -512,9 +522,11 @@ class VirtioNet(VirtioDevice):
             self.log(logging.WARNING, "virtio-net: RX chain %d unusable (%s); returned empty", head,
                      chain.error or f"{chain.readable_len} readable / {chain.writable_len} writable bytes")
             self.queues[index].push(head, 0)
+            if p.held:
+                p.returned_after_held = True
             return 1
         p.held_heads[head] = 1
-        p.held.append(_RxChain(chain, self._bounce_view))
+        p.held.append(_RxChain(chain, p.bounce))
         return 0
 
     def rx_pump(self, pair: int) -> int:
@@ -621,13 +633,17 @@ class VirtioNet(VirtioDevice):
         """
         first = p.held.popleft()
         p.held_heads[first.chain.head] = 0
+        if len(p.held) == 0:
+            p.returned_after_held = False
         used = [(first.chain.head, min(first.cap, n))]
         left = n - first.cap
         off = 0
-        bounce = self._bounce_view
+        bounce = p.bounce
         while left > 0:
             rx = p.held.popleft()
             p.held_heads[rx.chain.head] = 0
+            if not p.held:
+                p.returned_after_held = False
             take = rx.cap if rx.cap < left else left
             pos = off
             for v in rx.views:

@@ -610,6 +610,9 @@ class Virtqueue:
                 steps = 0
                 idx = 0
                 continue
+            if indirect and steps > max_chain:
+                # zero-length descriptors count too: a table may be as long as RAM, the chain may not
+                raise self._fail(f"indirect chain {head} has more than {max_chain} descriptors")
             if length:
                 ndesc += 1
                 if ndesc > max_chain:
