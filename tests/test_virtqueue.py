@@ -831,12 +831,18 @@ def test_no_lost_wakeups_across_processes(mem, event_idx):
             os.close(fd)
 
 
+_SEEN_GPA = 0x900000      # the reader publishes how far it has read (u32, stored whole)
+_AHEAD_MAX = 0x4000      # the pusher never runs further ahead: a descheduled reader cannot see a wrap
+
+
 def _pusher_proc(mem, geom, n):
     size, desc, avail, used = geom
     q = Virtqueue(mem, size)
     q.size, q.desc_addr, q.avail_addr, q.used_addr = size, desc, avail, used
     q.validate()
-    for _ in range(n):
+    for i in range(n):
+        while i - mem.read_u32(_SEEN_GPA) >= _AHEAD_MAX:
+            time.sleep(0)
         q.push(0, 0)
     os._exit(0)
 
@@ -846,6 +852,7 @@ def test_used_idx_is_never_seen_torn(mem):
     sees must be a real one (a byte-wise store would expose e.g. 0x0100 between 0x01FF and 0x0200)."""
     d = Driver(mem, size=8)
     n = 200_000
+    mem.write_u32(_SEEN_GPA, 0)
     p = multiprocessing.get_context("fork").Process(target=_pusher_proc,
                                                      args=(mem, (d.size, d.desc, d.avail, d.used), n))
     p.start()
@@ -858,6 +865,7 @@ def test_used_idx_is_never_seen_torn(mem):
             seen += delta
             prev = v
             reads += 1
+            mem.write_u32(_SEEN_GPA, seen)
         assert seen == n
     finally:
         p.join(30)
