@@ -10,7 +10,14 @@ Modes:
   QEMU's IOThread polling: it doubles when a sleep ended within the longest window
   (polling longer would have caught that request) and halves after a longer sleep.
 
-A *pollable* has ``poll() -> bool`` (do available work), ``watches()`` (the
+Fairness: one round of the loop visits every pollable once, and a queue pollable takes at most
+:data:`QUEUE_BUDGET` chains per visit (``handle_queue(index, budget)``), then the next one gets its
+turn: a queue flooded at QD128 delays a QD1 queue on the same sidecore by at most one round of
+``QUEUE_BUDGET`` requests per other queue, never by the whole flood.  A pollable left with work
+keeps a watch that is already "changed", so the GIL-free spin returns at once and the next round
+comes straight back to it.
+
+A *pollable* has ``poll() -> bool`` (do available work, at most a round's budget), ``watches()`` (the
 ``(address, consumed value)`` words whose change means new work), ``arm() ->
 bool`` (enable guest notifications; True if work arrived meanwhile),
 ``disarm()``, ``drain()`` and ``wake_fd``.
@@ -34,6 +41,8 @@ MODES = ("notify", "poll", "adaptive")
 SPIN_SLICE_NS = 1_000_000        # how long one GIL-free spin lasts before Python looks around
 ADAPTIVE_MIN_NS = 16_000
 ADAPTIVE_MAX_NS = 512_000
+#: Chains one queue may complete per round of the loop (the rest wait for the next round).
+QUEUE_BUDGET = 32
 
 
 class Pollable(Protocol):

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 
 from exitless.devices.virtio.constants import VIRTIO_F_RING_EVENT_IDX
 from exitless.devices.virtio.device import VirtioDevice
-from exitless.sidecore.loop import SidecoreLoop, SidecoreThread
+from exitless.sidecore.loop import QUEUE_BUDGET, SidecoreLoop, SidecoreThread
 from exitless.sidecore.spin import address_of
 
 from . import protocol as P
@@ -130,7 +130,7 @@ class VringPollable:
     def poll(self) -> bool:
         if not self._ok() or not self.q.has_work():
             return False
-        n = self.device.handle_queue(self.index)
+        n = self.device.handle_queue(self.index, QUEUE_BUDGET)   # at most a round's share: see sidecore.loop
         self.done += n
         return n > 0
 
