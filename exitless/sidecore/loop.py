@@ -5,10 +5,16 @@ Modes:
   device thread).
 - ``poll``: poll forever; between polls spin *in C with the GIL released* until a
   watched word changes, so a sidecore thread never stalls the vCPU threads.
-- ``adaptive``: poll while busy; after an idle window arm every pollable (publish
-  EventIdx, fence, re-check) and sleep on the eventfds.  The window adapts like
-  QEMU's IOThread polling: it doubles when a sleep ended within the longest window
-  (polling longer would have caught that request) and halves after a longer sleep.
+- ``adaptive``: poll while busy.  Each pollable (queue) keeps its own idle window: once it
+  has had no work for its window it is armed on its own (publish EventIdx / clear
+  NO_NOTIFY, fence, re-check: a request that slipped in keeps it polled), and it is
+  disarmed again as soon as it has work.  The loop sleeps only when *every* pollable is
+  armed, on all their eventfds at once, so any one of them wakes it -- one busy VM's
+  queue keeps the sidecore polling without keeping an idle VM's queue from being armed
+  (its driver kicks; the kick is picked up by the next round).  A window adapts like
+  QEMU's IOThread polling: it doubles when the queue's armed spell ended within the
+  longest window (polling longer would have caught that request) and halves after a
+  longer one.
 
 Fairness: one round of the loop visits every pollable once, and a queue pollable takes at most
 :data:`QUEUE_BUDGET` chains per visit (``handle_queue(index, budget)``), then the next one gets its
@@ -66,7 +72,7 @@ class SidecoreLoop:
         self.pollables = pollables
         self.mode = mode
         self.name = name
-        self.window_ns = poll_ns
+        self.windows = [poll_ns] * len(pollables)   # adaptive: each pollable's idle window, ns
         self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._stopping = False
         self.sleeps = 0
@@ -92,41 +98,75 @@ class SidecoreLoop:
                 bd.thread_cpu_ns += time.thread_time_ns() - cpu_start
 
     def _run(self, bd) -> None:
-        last_work = time.monotonic_ns()
+        if self.mode == "adaptive":
+            self._run_adaptive(bd)
+            return
         while not self._stopping:
             if bd is not None:   # detection = this iteration's time minus the other phases and idle waits
                 t_iter, phases0 = time.monotonic_ns(), sum(bd.ns.values())
             worked = self._poll_once()
-            now = time.monotonic_ns()
-            if worked:
-                last_work = now
-                if self.mode == "notify":
-                    continue
+            if self.mode == "poll":
                 # polling: straight to the spin, which returns at once while a watched word is already
                 # ahead of what was consumed -- one Python pass over the pollables per batch, not two
-            if self.mode == "poll" or (self.mode == "adaptive" and now - last_work < self.window_ns):
-                budget = SPIN_SLICE_NS if self.mode == "poll" else self.window_ns - (now - last_work)
-                watches = self._all_watches()
-                if bd is not None:
-                    c_idle = time.thread_time_ns()
-                t_idle = time.monotonic_ns()
-                if watches:
-                    wait_for_change(watches, budget)   # the GIL-free spin
-                else:  # nothing to watch yet (no queue is live): look again shortly
-                    time.sleep(budget / 1e9)
-                if bd is not None:
-                    idle = time.monotonic_ns() - t_idle
-                    bd.idle_cpu_ns += time.thread_time_ns() - c_idle
-                    bd.add("detection", max(0, time.monotonic_ns() - t_iter - idle - (sum(bd.ns.values()) - phases0)))
+                self._spin(SPIN_SLICE_NS, bd, t_iter if bd is not None else 0, phases0 if bd is not None else 0)
+            elif not worked:
+                self._sleep()  # notify: the guest always rings, nothing to arm
+
+    def _run_adaptive(self, bd) -> None:
+        """Adaptive mode, with one idle window per pollable (see the module docstring)."""
+        pollables, windows = self.pollables, self.windows
+        now = time.monotonic_ns()
+        last_work = [now] * len(pollables)
+        armed_at: list[int | None] = [None] * len(pollables)
+        while not self._stopping:
+            if bd is not None:
+                t_iter, phases0 = time.monotonic_ns(), sum(bd.ns.values())
+            self.polls += 1
+            now = time.monotonic_ns()
+            for i, p in enumerate(pollables):
+                if p.poll():
+                    self.work += 1
+                    last_work[i] = now
+                    if armed_at[i] is not None:   # busy again: back to polling it
+                        p.disarm()
+                        self._adapt(i, now - armed_at[i])
+                        armed_at[i] = None
+            now = time.monotonic_ns()
+            wait_ns = None      # the shortest idle window still running
+            for i, p in enumerate(pollables):
+                if armed_at[i] is not None:
+                    continue
+                left = windows[i] - (now - last_work[i])
+                if left <= 0:
+                    if not p.arm():       # publish, fence, re-check: nothing slipped in
+                        armed_at[i] = now
+                        continue
+                    p.disarm()            # work arrived while arming: keep polling it
+                    last_work[i], left = now, 0
+                wait_ns = left if wait_ns is None else min(wait_ns, left)
+            if wait_ns is not None:
+                if wait_ns > 0:
+                    self._spin(min(wait_ns, SPIN_SLICE_NS), bd, t_iter if bd is not None else 0,
+                               phases0 if bd is not None else 0)
                 continue
-            if self.mode == "notify":
-                self._sleep()  # the guest always rings: nothing to arm
-            elif not self._arm_all():
-                self._adapt(self._sleep())
-            last_work = time.monotonic_ns()
-            if self.mode == "adaptive":
-                for p in self.pollables:
-                    p.disarm()
+            # every pollable is armed: sleep until one of their eventfds (or stop) fires; the next
+            # round finds the work, disarms that pollable and adapts its window
+            self._sleep()
+
+    def _spin(self, budget_ns: int, bd, t_iter: int, phases0: int) -> None:
+        """Wait up to ``budget_ns`` for a watched word to change, in C without the GIL."""
+        watches = self._all_watches()
+        if bd is not None:
+            c_idle = time.thread_time_ns()
+        t_idle = time.monotonic_ns()
+        if watches:
+            wait_for_change(watches, budget_ns)   # the GIL-free spin
+        else:  # nothing to watch yet (no queue is live): look again shortly
+            time.sleep(budget_ns / 1e9)
+        if bd is not None:
+            idle = time.monotonic_ns() - t_idle
+            bd.idle_cpu_ns += time.thread_time_ns() - c_idle
+            bd.add("detection", max(0, time.monotonic_ns() - t_iter - idle - (sum(bd.ns.values()) - phases0)))
 
     def _poll_once(self) -> bool:
         self.polls += 1
@@ -140,10 +180,6 @@ class SidecoreLoop:
     def _all_watches(self) -> list[tuple[int, int]]:
         return [w for p in self.pollables for w in p.watches()]
 
-    def _arm_all(self) -> bool:
-        """Arm every pollable; True (and stay awake) if any had work slip in."""
-        return any([p.arm() for p in self.pollables])
-
     def _sleep(self) -> int:
         self.sleeps += 1
         poller = select.poll()
@@ -156,18 +192,19 @@ class SidecoreLoop:
             p.drain()
         return time.monotonic_ns() - t0
 
-    def _adapt(self, slept_ns: int) -> None:
-        """QEMU's rule (util/aio-posix.c): a sleep that ended within ``ADAPTIVE_MAX_NS`` would have been
-        avoided by polling longer, so poll longer; a longer one was real idleness, so poll less.
+    def _adapt(self, i: int, armed_ns: int) -> None:
+        """Pollable ``i``'s window after an armed spell of ``armed_ns``.  QEMU's rule
+        (util/aio-posix.c): a spell that ended within ``ADAPTIVE_MAX_NS`` would have been avoided
+        by polling longer, so poll longer; a longer one was real idleness, so poll less.
 
         (Doubling only when a sleep was shorter than the window itself left the window stuck at its
         minimum whenever the driver's next request came 2-8 windows later -- e.g. 16 µs against a
         doorbell exit of ~50 µs on this nested host -- and every request then paid a sleep and a kick.)
         """
-        if slept_ns <= ADAPTIVE_MAX_NS:
-            self.window_ns = min(self.window_ns * 2, ADAPTIVE_MAX_NS)
+        if armed_ns <= ADAPTIVE_MAX_NS:
+            self.windows[i] = min(self.windows[i] * 2, ADAPTIVE_MAX_NS)
         else:
-            self.window_ns = max(self.window_ns // 2, ADAPTIVE_MIN_NS)
+            self.windows[i] = max(self.windows[i] // 2, ADAPTIVE_MIN_NS)
 
 
 class SidecoreThread:
