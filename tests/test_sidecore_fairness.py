@@ -173,6 +173,8 @@ class _FakeQueue:
         self.busy_left -= 1
         if self.busy_left == 0:
             self.sleeps_while_busy = self.loop_ref[0].sleeps
+            self.others_armed = [q.armed for q in self.loop_ref[0].pollables if q is not self]
+            self.windows = list(self.loop_ref[0].windows)
             self.loop_ref[0].request_stop()
         return True
 
@@ -201,8 +203,9 @@ def test_adaptive_arms_an_idle_queue_while_another_stays_busy():
     try:
         loop.run()
         assert busy.busy_left == 0 and busy.sleeps_while_busy == 0
-        assert idle.armed and idle.arms >= 1 and idle.armed_polls > 0   # armed, and still polled each round
-        assert loop.windows[0] == 1000                                  # the busy queue's window untouched
+        assert busy.others_armed == [True]                              # the idle queue was armed meanwhile,
+        assert idle.arms >= 1 and idle.armed_polls > 0                  # and still polled each round
+        assert busy.windows[0] == 1000                                  # the busy queue's window untouched
     finally:
         loop.close()
         for q in (busy, idle):

@@ -9,7 +9,8 @@ Modes:
   has had no work for its window it is armed on its own (publish EventIdx / clear
   NO_NOTIFY, fence, re-check: a request that slipped in keeps it polled), and it is
   disarmed again as soon as it has work.  The loop sleeps only when *every* pollable is
-  armed, on all their eventfds at once, so any one of them wakes it -- one busy VM's
+  armed, on all their eventfds at once, so any one of them wakes it (and then all start a
+  fresh window) -- one busy VM's
   queue keeps the sidecore polling without keeping an idle VM's queue from being armed
   (its driver kicks; the kick is picked up by the next round).  A window adapts like
   QEMU's IOThread polling: it doubles when the queue's armed spell ended within the
@@ -149,9 +150,16 @@ class SidecoreLoop:
                     self._spin(min(wait_ns, SPIN_SLICE_NS), bd, t_iter if bd is not None else 0,
                                phases0 if bd is not None else 0)
                 continue
-            # every pollable is armed: sleep until one of their eventfds (or stop) fires; the next
-            # round finds the work, disarms that pollable and adapts its window
+            # every pollable is armed: sleep until one of their eventfds (or stop) fires.  Then every
+            # pollable is disarmed and starts a fresh window: a pollable armed before its queue was
+            # live (no ring yet) had nothing to enable, so only a new arm() after the wake makes it
+            # kick-driven for real
             self._sleep()
+            now = time.monotonic_ns()
+            for i, p in enumerate(pollables):
+                p.disarm()
+                self._adapt(i, now - armed_at[i])
+                armed_at[i], last_work[i] = None, now
 
     def _spin(self, budget_ns: int, bd, t_iter: int, phases0: int) -> None:
         """Wait up to ``budget_ns`` for a watched word to change, in C without the GIL."""
