@@ -70,31 +70,91 @@ class SidecoreLoop:
             raise ValueError(f"sidecore mode {mode!r}: one of {', '.join(MODES)}")
         if mode != "poll" and any(p.wake_fd is None for p in pollables):
             raise ValueError(f"{mode} mode needs a wake eventfd for every pollable")
-        self.pollables = pollables
+        self.pollables = list(pollables)
         self.mode = mode
         self.name = name
+        self.poll_ns = poll_ns
         self.windows = [poll_ns] * len(pollables)   # adaptive: each pollable's idle window, ns
-        self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._last_work = [time.monotonic_ns()] * len(pollables)   # adaptive: each one's last work, ns
+        self._armed_at: list[int | None] = [None] * len(pollables)  # adaptive: when each was armed
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)   # stop, or a membership change
         self._stopping = False
+        # membership changes (attach/detach from other threads), applied between rounds
+        self._cond = threading.Condition()
+        self._pending: list[tuple[list, list]] = []
+        self._requested = self._applied = 0
+        self._running = False
         self.sleeps = 0
         self.polls = 0
         self.work = 0
 
     def request_stop(self) -> None:
         self._stopping = True
-        os.eventfd_write(self._stop_fd, 1)
+        os.eventfd_write(self._wake_fd, 1)
 
     def close(self) -> None:
-        os.close(self._stop_fd)
+        os.close(self._wake_fd)
+
+    # -- membership: several VMs' / frontends' queues come and go on one running loop -------------------
+    def attach(self, pollables: list[Pollable], timeout: float = 5.0) -> bool:
+        """Serve ``pollables`` too (callable from any thread); returns True once the loop serves them,
+        False if it did not reach its next round within ``timeout`` seconds (they are served from
+        then on).  Raises ValueError if this mode needs a wake eventfd that one of them lacks."""
+        if self.mode != "poll" and any(p.wake_fd is None for p in pollables):
+            raise ValueError(f"{self.mode} mode needs a wake eventfd for every pollable")
+        return self._change(list(pollables), [], timeout)
+
+    def detach(self, pollables: list[Pollable], timeout: float = 5.0) -> bool:
+        """Stop serving ``pollables``; returns True once the loop no longer touches them (their
+        owner may then unmap their memory and close their fds), False if the loop did not finish
+        its current round within ``timeout`` seconds (stuck in host I/O)."""
+        return self._change([], list(pollables), timeout)
+
+    def _change(self, add: list, remove: list, timeout: float) -> bool:
+        with self._cond:
+            self._pending.append((add, remove))
+            self._requested += 1
+            ticket = self._requested
+            if not self._running:
+                self._apply_pending()
+                return True
+        os.eventfd_write(self._wake_fd, 1)   # a sleeping loop looks at the change now
+        with self._cond:
+            return self._cond.wait_for(lambda: self._applied >= ticket, timeout)
+
+    def _apply_pending(self) -> None:
+        """Apply queued attach/detach requests (called with ``_cond`` held, between rounds)."""
+        now = time.monotonic_ns()
+        for add, remove in self._pending:
+            gone = {id(p) for p in remove}
+            keep = [i for i, p in enumerate(self.pollables) if id(p) not in gone]
+            self.pollables = [self.pollables[i] for i in keep] + add
+            self.windows = [self.windows[i] for i in keep] + [self.poll_ns] * len(add)
+            self._last_work = [self._last_work[i] for i in keep] + [now] * len(add)
+            self._armed_at = [self._armed_at[i] for i in keep] + [None] * len(add)
+        self._pending.clear()
+        self._applied = self._requested
+        self._cond.notify_all()
+
+    def _between_rounds(self) -> None:
+        if self._pending:
+            with self._cond:
+                self._apply_pending()
 
     # ------------------------------------------------------------------
     def run(self) -> None:
         bd = _breakdown.ACTIVE
         if bd is not None:
             cpu_start = time.thread_time_ns()
+        with self._cond:
+            self._running = True
+            self._apply_pending()
         try:
             self._run(bd)
         finally:
+            with self._cond:
+                self._running = False
+                self._apply_pending()      # a detach waiting on the loop's last round returns
             if bd is not None:
                 bd.thread_cpu_ns += time.thread_time_ns() - cpu_start
 
@@ -103,6 +163,7 @@ class SidecoreLoop:
             self._run_adaptive(bd)
             return
         while not self._stopping:
+            self._between_rounds()
             if bd is not None:   # detection = this iteration's time minus the other phases and idle waits
                 t_iter, phases0 = time.monotonic_ns(), sum(bd.ns.values())
             worked = self._poll_once()
@@ -115,11 +176,9 @@ class SidecoreLoop:
 
     def _run_adaptive(self, bd) -> None:
         """Adaptive mode, with one idle window per pollable (see the module docstring)."""
-        pollables, windows = self.pollables, self.windows
-        now = time.monotonic_ns()
-        last_work = [now] * len(pollables)
-        armed_at: list[int | None] = [None] * len(pollables)
         while not self._stopping:
+            self._between_rounds()   # the per-pollable lists below are replaced by a membership change
+            pollables, windows, last_work, armed_at = self.pollables, self.windows, self._last_work, self._armed_at
             if bd is not None:
                 t_iter, phases0 = time.monotonic_ns(), sum(bd.ns.values())
             self.polls += 1
@@ -191,11 +250,16 @@ class SidecoreLoop:
     def _sleep(self) -> int:
         self.sleeps += 1
         poller = select.poll()
-        poller.register(self._stop_fd, select.POLLIN)
+        poller.register(self._wake_fd, select.POLLIN)
         for p in self.pollables:
             poller.register(p.wake_fd, select.POLLIN)
         t0 = time.monotonic_ns()
         poller.poll()
+        if not self._stopping:
+            try:
+                os.eventfd_read(self._wake_fd)   # a membership change woke us: consumed
+            except BlockingIOError:
+                pass
         for p in self.pollables:
             p.drain()
         return time.monotonic_ns() - t0
