@@ -104,3 +104,61 @@ def test_frontends_share_one_loop_and_survive_a_bad_one(tmp_path, io):
         for d in devs:
             d.close()
     assert _fds() == fds0
+
+
+def test_serve_blk_cli_several_pairs(tmp_path):
+    """``exitless serve blk`` with two --socket/--disk pairs: two frontends at once, one of them drops
+    mid-I/O, the other finishes; SIGTERM ends it with status 0.  Unpaired options exit 2."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    r = subprocess.run([sys.executable, "-m", "exitless.cli", "serve", "blk", "--socket", str(tmp_path / "a.sock"),
+                        "--socket", str(tmp_path / "b.sock"), "--disk", str(tmp_path / "x.img")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "2 --socket for 1 --disk" in r.stderr and "Traceback" not in r.stderr
+
+    disks = [tmp_path / f"d{k}.img" for k in range(2)]
+    socks = [str(tmp_path / f"s{k}.sock") for k in range(2)]
+    for d in disks:
+        d.write_bytes(bytes(DISK_BYTES))
+    cmd = [sys.executable, "-m", "exitless.cli", "serve", "blk", "--io", "adaptive"]
+    for s, d in zip(socks, disks):
+        cmd += ["--socket", s, "--disk", str(d)]
+    log = open(tmp_path / "serve.log", "w+")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while not all(os.path.exists(s) for s in socks):
+            assert proc.poll() is None and time.monotonic() < deadline, open(tmp_path / "serve.log").read()
+            time.sleep(0.05)
+        a, b = Session(socks[0]), Session(socks[1])
+        try:
+            b.ram.mem.write(0x20000, pattern(4096, 7))
+            for k in range(4):
+                b.submit(VIRTIO_BLK_T_OUT, 8 * k, 0x20000, 4096, k)
+            b.close()                                    # gone with requests in flight
+            data = pattern(32 * 4096, 5)
+            for i in range(32):
+                a.ram.mem.write(0x20000, data[i * 4096:(i + 1) * 4096])
+                assert a.io(VIRTIO_BLK_T_OUT, 8 * i, 0x20000, 4096) == VIRTIO_BLK_S_OK
+            assert a.io(VIRTIO_BLK_T_FLUSH, 0, 0, 0) == VIRTIO_BLK_S_OK
+            assert disks[0].read_bytes()[:len(data)] == data
+            b2 = Session(socks[1])                       # the dropped socket serves a new frontend
+            try:
+                assert b2.io(VIRTIO_BLK_T_IN, 0, 0x30000, 4096) == VIRTIO_BLK_S_OK
+            finally:
+                b2.close()
+        finally:
+            a.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.seek(0)
+        text = log.read()
+        log.close()
+    assert "Traceback" not in text and "vhost-user-blk1" in text, text
