@@ -18,8 +18,8 @@ mode, so it is simply not processed.)
 
 Data plane: one :class:`~exitless.sidecore.loop.SidecoreLoop` on a thread
 (the session's own, or one shared by several sessions: ``dataplane``, attached
-to and detached from as the session reconfigures) serves every live ring, with a :class:`VringPollable` per ring, in the mode
-chosen by ``io``:
+to and detached from as the session reconfigures) serves every live ring, with
+a :class:`VringPollable` per ring, in the mode chosen by ``io``:
 
 * ``kick`` (loop mode ``notify``): sleep on the kick eventfds, as the
   built-in VMM's ioeventfd path does;
