@@ -272,3 +272,48 @@ def test_cli_read_only_disk_is_offered_read_only(tmp_path):
         proc.send_signal(signal.SIGINT)
         assert proc.wait(15) == 0
 
+
+
+def test_two_qemus_on_one_serve_blk_one_killed(guest, pattern, tmp_path):
+    """One ``exitless serve blk`` with two --socket/--disk pairs (one shared polling loop) serves two
+    QEMUs at once: the first is SIGKILLed in the middle of its writes, the second writes and reads
+    back its whole disk, byte for byte; then a third QEMU reads the killed one's disk through the
+    same back-end."""
+    disks = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        disks.append(make_disk(tmp_path / name, PATTERN_BYTES))
+    socks = [str(tmp_path / "a.sock"), str(tmp_path / "b.sock")]
+    log = tmp_path / "serve.log"
+    cmd = SERVE + ["--io", "adaptive"]
+    for s, d in zip(socks, disks):
+        cmd += ["--socket", s, "--disk", str(d)]
+    with open(log, "wb") as f:
+        be = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=f)
+    try:
+        deadline = time.monotonic() + 15
+        while log.read_text().count("serving") < 2:
+            assert be.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        doomed = "echo go; while :; do dd if=/pattern of=/dev/vda bs=64k oflag=direct 2>/dev/null; done\n"
+        victim = subprocess.Popen(qemu_cmd(guest, initrd(guest, tmp_path, doomed, pattern), socks[0]),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        try:
+            rc, console = run_qemu(qemu_cmd(guest, initrd(guest, tmp_path, DD_TEST.format(on0="", on1=""), pattern),
+                                            socks[1]), timeout=240)
+        finally:
+            victim.kill()                # mid-I/O (it writes in a loop), or already done if it failed
+            victim.wait()
+        assert parse_exit_status(console) == 0, console[-3000:]
+        sums = [l.split()[0] for l in console.splitlines() if l.endswith("  -")]
+        assert sums == [hashlib.sha256(pattern).hexdigest()] * 2, console[-2000:]
+        assert disks[1].read_bytes() == pattern
+        # the killed frontend's socket serves the next QEMU
+        rc, console = run_qemu(qemu_cmd(guest, initrd(guest, tmp_path, "cat /sys/block/vda/size\n"), socks[0]))
+        assert parse_exit_status(console) == 0 and re.search(rf"^{PATTERN_BYTES // 512}\s*$", console, re.M), \
+            console[-2000:]
+    finally:
+        be.send_signal(signal.SIGTERM)
+        assert be.wait(15) == 0
+    text = log.read_text()
+    assert text.count("frontend disconnected") >= 3 and "Traceback" not in text, text

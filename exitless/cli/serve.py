@@ -1,24 +1,33 @@
 """``exitless serve DEVICE``: an exitless device model served to another VMM (QEMU) over vhost-user.
 
 One ``_add_*`` function per device adds its sub-command to ``serve``; each runs until
-SIGINT/SIGTERM, one frontend at a time, logging connections.
+SIGINT/SIGTERM, one frontend per socket at a time, logging connections.  ``serve blk`` takes
+several ``--disk``/``--socket`` pairs: one server per pair, all their rings on one shared
+sidecore loop (one polling thread, however many frontends).
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
+import threading
+
+from ..errors import ExitlessError
 
 from .options import add_disk_argument, power_of_two
 
 BLK_USAGE = """\
     exitless serve blk --socket /tmp/vhost.sock --disk disk.img[,ro][,direct] [--io kick|poll|adaptive]
+                       [--socket /tmp/vhost2.sock --disk disk2.img ...]
     qemu-system-x86_64 ... -object memory-backend-memfd,id=mem,size=1G,share=on \\
         -machine q35,memory-backend=mem -chardev socket,id=c0,path=/tmp/vhost.sock \\
         -device vhost-user-blk-pci,chardev=c0,num-queues=1
 
-Runs until SIGINT/SIGTERM, one frontend at a time, logging connections.
-Exit status 2 if the socket path is taken by a live listener (or is not a
+Runs until SIGINT/SIGTERM, one frontend per socket at a time, logging
+connections.  Several --socket/--disk pairs (paired in order) are served at
+once by one polling loop; a frontend that goes away or misbehaves is detached
+and the others go on.  Exit status 2 if the socket path is taken by a live listener (or is not a
 socket) or the disk cannot be opened.
 """
 
@@ -36,8 +45,10 @@ def _add_blk(ssub) -> None:
 
     blk = ssub.add_parser("blk", help="virtio-blk over vhost-user (QEMU: -device vhost-user-blk-pci)",
                           description=BLK_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    blk.add_argument("--socket", required=True, metavar="PATH", help="unix socket to listen on")
-    add_disk_argument(blk, ("ro", "direct"), required=True, help="the disk image or block device served")
+    blk.add_argument("--socket", required=True, action="append", metavar="PATH",
+                     help="unix socket to listen on (repeatable: the n-th --socket serves the n-th --disk)")
+    add_disk_argument(blk, ("ro", "direct"), required=True, action="append",
+                      help="the disk image or block device served (repeatable)")
     blk.add_argument("--io", choices=IO_MODES, default="kick",
                      help="kick: sleep on kick eventfds; poll: poll the avail rings (no kicks); adaptive: both")
     blk.add_argument("--queues", type=int, default=1, choices=range(1, 17), metavar="N",
@@ -50,12 +61,22 @@ def _add_blk(ssub) -> None:
 def cmd_serve_blk(args) -> int:
     from ..devices.virtio.blk import VirtioBlk
 
-    disk = args.disk
-    dev = VirtioBlk(disk.path, read_only=disk.read_only, direct=disk.direct, num_queues=args.queues,
-                    queue_size=args.queue_size)
-    return serve_device(args, dev, "vhost-user-blk",
-                        f"{disk.path} ({dev.capacity} sectors{', read-only' if disk.read_only else ''}, "
-                        f"{dev.num_queues} queue(s) of {dev.queue_max_size})")
+    if len(args.socket) != len(args.disk):
+        raise ServeConfigError(f"{len(args.socket)} --socket for {len(args.disk)} --disk: give one socket per disk")
+    if len(set(map(os.path.abspath, args.socket))) != len(args.socket):
+        raise ServeConfigError("each --socket must be a different path")
+    served = []
+    try:
+        for path, disk in zip(args.socket, args.disk):
+            dev = VirtioBlk(disk.path, read_only=disk.read_only, direct=disk.direct, num_queues=args.queues,
+                            queue_size=args.queue_size)
+            served.append((path, dev, f"{disk.path} ({dev.capacity} sectors{', read-only' if disk.read_only else ''}, "
+                                      f"{dev.num_queues} queue(s) of {dev.queue_max_size})"))
+    except BaseException:
+        for _, dev, _ in served:
+            dev.close()
+        raise
+    return serve_devices(args, served, "vhost-user-blk")
 
 
 NET_USAGE = """\
@@ -120,30 +141,74 @@ def cmd_serve_net(args) -> int:
 def serve_device(args, dev, name: str, what: str) -> int:
     """Serve ``dev`` (a :class:`~exitless.devices.virtio.device.VirtioDevice`, closed at the end) on
     ``args.socket`` with ``args.io`` / ``args.poll_us`` until SIGINT or SIGTERM; returns 0."""
+    return serve_devices(args, [(args.socket, dev, what)], name)
+
+
+def serve_devices(args, served: list[tuple[str, object, str]], name: str) -> int:
+    """Serve each ``(socket path, device, description)`` of ``served`` (devices closed at the end)
+    with ``args.io`` / ``args.poll_us`` until SIGINT or SIGTERM; returns 0.  One device: its
+    sessions run their own data plane.  Several: one server thread per socket (control plane) and
+    one shared sidecore loop for every session's rings (data plane)."""
+    from ..sidecore.loop import SidecoreLoop, SidecoreThread
     from ..vhost_user import VhostUserServer
+    from ..vhost_user.backend import LOOP_MODE
 
     log = logging.getLogger("exitless.vhost_user")
     log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if not logging.getLogger().handlers:
         logging.basicConfig(format="exitless: %(levelname)s %(name)s: %(message)s")
-    server = VhostUserServer(args.socket, dev, args.io, poll_ns=int(args.poll_us * 1000), name=name)
+    poll_ns = int(args.poll_us * 1000)
+    shared = None
+    if len(served) > 1:
+        shared = SidecoreThread(SidecoreLoop([], LOOP_MODE[args.io], poll_ns=poll_ns, name=f"{name}-dataplane"))
+    servers = []
     try:
-        server.listen()
+        for i, (path, dev, _) in enumerate(served):
+            servers.append(VhostUserServer(path, dev, args.io, poll_ns=poll_ns, dataplane=shared and shared.loop,
+                                           name=name if len(served) == 1 else f"{name}{i}").listen())
     except BaseException:
-        dev.close()
+        for srv in servers:
+            srv.close()
+        for _, dev, _ in served:
+            dev.close()
+        if shared is not None:
+            shared.loop.close()
         raise
+    stop = threading.Event()
 
     def _stop(signum, _frame):
         log.info("%s: %s: stopping", name, signal.Signals(signum).name)
-        server.request_stop()
+        for srv in servers:
+            srv.request_stop()
+        stop.set()
 
     old = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    log.info("%s: serving %s on %s, io=%s", name, what, args.socket, args.io)
+    for srv, (path, _, what) in zip(servers, served):
+        log.info("%s: serving %s on %s, io=%s", srv.name, what, path, args.io)
     try:
-        server.serve_forever()
+        if shared is None:
+            servers[0].serve_forever()
+        else:
+            shared.start()
+            for srv in servers:
+                srv.start()
+            while not stop.wait(1.0):
+                if shared.error is not None:    # a bug in the data plane: say so, do not serve a dead loop
+                    raise shared.error
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        server.close()
-        dev.close()
+        for srv in servers:
+            srv.stop() if shared is not None else srv.close()
+        if shared is not None:
+            if shared.thread.ident is not None:
+                shared.stop()
+            else:
+                shared.loop.close()
+        for _, dev, _ in served:
+            dev.close()
     return 0
+
+
+class ServeConfigError(ExitlessError, ValueError):
+    """``serve`` was given options that do not fit together (sockets and disks do not pair up)."""

@@ -17,8 +17,9 @@ should be processed "without side effects"; a block device has no such
 mode, so it is simply not processed.)
 
 Data plane: one :class:`~exitless.sidecore.loop.SidecoreLoop` on a thread
-serves every live ring, with a :class:`VringPollable` per ring, in the mode
-chosen by ``io``:
+(the session's own, or one shared by several sessions: ``dataplane``, attached
+to and detached from as the session reconfigures) serves every live ring, with
+a :class:`VringPollable` per ring, in the mode chosen by ``io``:
 
 * ``kick`` (loop mode ``notify``): sleep on the kick eventfds, as the
   built-in VMM's ioeventfd path does;
@@ -52,7 +53,7 @@ from dataclasses import dataclass
 
 from exitless.devices.virtio.constants import VIRTIO_F_RING_EVENT_IDX
 from exitless.devices.virtio.device import VirtioDevice
-from exitless.sidecore.loop import SidecoreLoop, SidecoreThread
+from exitless.sidecore.loop import QUEUE_BUDGET, SidecoreLoop, SidecoreThread
 from exitless.sidecore.spin import address_of
 
 from . import protocol as P
@@ -130,7 +131,7 @@ class VringPollable:
     def poll(self) -> bool:
         if not self._ok() or not self.q.has_work():
             return False
-        n = self.device.handle_queue(self.index)
+        n = self.device.handle_queue(self.index, QUEUE_BUDGET)   # at most a round's share: see sidecore.loop
         self.done += n
         return n > 0
 
@@ -159,7 +160,8 @@ class VhostUserBackend:
     """One frontend session over ``device``.  :meth:`handle` takes a message and returns the reply bytes
     (or None); :meth:`close` ends the session and leaves ``device`` reset, ready for the next one."""
 
-    def __init__(self, device: VirtioDevice, io: str = "kick", *, poll_ns: int = 64_000, name: str = "vhost-user"):
+    def __init__(self, device: VirtioDevice, io: str = "kick", *, poll_ns: int = 64_000, name: str = "vhost-user",
+                 dataplane: SidecoreLoop | None = None):
         if io not in IO_MODES:
             raise ValueError(f"io mode {io!r}: one of {', '.join(IO_MODES)}")
         self.device = device
@@ -172,6 +174,10 @@ class VhostUserBackend:
         self.owner = False
         self.mem: VhostMemory | None = None
         self.worker: SidecoreThread | None = None
+        # a sidecore loop shared with other sessions (``exitless serve blk`` with several frontends):
+        # this session's pollables are attached to it instead of a loop of its own
+        self.dataplane = dataplane
+        self._attached: list | None = None
         self.loop_mode: str | None = None
         self.restarts = 0
         self.completed = 0              # requests completed by data planes of this session
@@ -399,12 +405,19 @@ class VhostUserBackend:
         return ring.enabled if self.protocol_negotiated else True
 
     def stop_dataplane(self) -> None:
+        stopped = self.worker is not None or self._attached is not None
         if self.worker is not None:
             self.worker.stop()
             if self.worker.thread.is_alive():   # stuck in I/O: never unmap memory under it
                 log.error("%s: the data plane did not stop; its memory stays mapped", self.name)
                 self._leaked = True
             self.worker = None
+        if self._attached is not None:
+            if not self.dataplane.detach(self._attached):   # the shared loop is stuck in I/O
+                log.error("%s: the shared data plane did not let go; its memory stays mapped", self.name)
+                self._leaked = True
+            self._attached = None
+        if stopped:
             self.loop_mode = None
             self.completed += sum(p.done for p in self._pollables)
             self._pollables = []
@@ -460,9 +473,13 @@ class VhostUserBackend:
                 queues[i].disable_notifications()
         pollables = self._pollables = [VringPollable(dev, i, self.rings[i].kick_fd) for i in live]
         # the device's host side (a TAP's receive fd) is served by the same loop as its rings
-        loop = SidecoreLoop(pollables + dev.backend_pollables(mode), mode, poll_ns=self.poll_ns,
-                            name=f"{self.name}-dataplane")
-        self.worker = SidecoreThread(loop).start()
+        served = pollables + dev.backend_pollables(mode)
+        if self.dataplane is not None and self.dataplane.mode == mode:
+            self.dataplane.attach(served)
+            self._attached = served
+        else:   # no shared loop, or it cannot serve this mode (a ring without a kick fd must be polled)
+            self.worker = SidecoreThread(SidecoreLoop(served, mode, poll_ns=self.poll_ns,
+                                                      name=f"{self.name}-dataplane")).start()
         self.loop_mode = want
         self.restarts += 1
         log.debug("%s: data plane up: rings %s, %s", self.name, live, want)

@@ -147,10 +147,15 @@ def _peer(conn: socket.socket) -> str:
 
 
 class VhostUserServer:
-    """Serve ``device`` on the unix socket ``path`` to one vhost-user frontend at a time."""
+    """Serve ``device`` on the unix socket ``path`` to one vhost-user frontend at a time.
+
+    ``dataplane``: a running :class:`~exitless.sidecore.loop.SidecoreLoop` that the sessions' rings
+    are attached to (several servers, one per disk, then share one polling loop); None gives each
+    session a loop of its own.
+    """
 
     def __init__(self, path: str, device: VirtioDevice, io: str = "kick", *, poll_ns: int = 64_000,
-                 io_timeout: float = 10.0, name: str = "vhost-user"):
+                 io_timeout: float = 10.0, name: str = "vhost-user", dataplane=None):
         if io not in IO_MODES:
             raise ValueError(f"io mode {io!r}: one of {', '.join(IO_MODES)}")
         self.path = os.fspath(path)
@@ -159,6 +164,7 @@ class VhostUserServer:
         self.poll_ns = poll_ns
         self.io_timeout = io_timeout
         self.name = name
+        self.dataplane = dataplane   # a SidecoreLoop shared with other servers' sessions, or None
         self.sock: socket.socket | None = None
         self.session: VhostUserBackend | None = None
         self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -243,7 +249,7 @@ class VhostUserServer:
         peer = _peer(conn)
         log.info("%s: frontend connected (%s), connection %d", self.name, peer, self.connections)
         session = self.session = VhostUserBackend(self.device, self.io, poll_ns=self.poll_ns,
-                                                  name=f"{self.name}#{self.connections}")
+                                                  name=f"{self.name}#{self.connections}", dataplane=self.dataplane)
         t0 = time.monotonic()
         n0 = self.messages
         why = "closed the connection"

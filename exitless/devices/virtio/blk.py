@@ -246,8 +246,9 @@ class VirtioBlk(VirtioDevice):
         # used for O_DIRECT (alignment, bounce buffers).
         self.fast_path = self._fast_batch if queue.C_VRING and not self.direct else None
 
-    def _fast_batch(self, q: Virtqueue, index: int) -> tuple[int, bool]:
-        """The leading run of plain, valid IN/OUT requests, in C without the GIL (see ``_vring.c``).
+    def _fast_batch(self, q: Virtqueue, index: int, limit: int) -> tuple[int, bool]:
+        """The leading run of at most ``limit`` plain, valid IN/OUT requests, in C without the GIL
+        (see ``_vring.c``).
 
         Writes are taken only with a write-back cache (write-through needs fdatasync, done in
         Python); everything the C code does not take is left for :meth:`process`.
@@ -257,9 +258,10 @@ class VirtioBlk(VirtioDevice):
         writable = not self.read_only and self.writeback
         bd = _breakdown.ACTIVE
         if bd is None:
-            return q.c_batch(_blk_batch, self.fd, self.capacity, self.MAX_REQUEST_BYTES, writable)
+            return q.c_batch(_blk_batch, self.fd, self.capacity, self.MAX_REQUEST_BYTES, writable, max_batch=limit)
         times = bytearray(40)
-        n, more = q.c_batch(_blk_batch, self.fd, self.capacity, self.MAX_REQUEST_BYTES, writable, times=times)
+        n, more = q.c_batch(_blk_batch, self.fd, self.capacity, self.MAX_REQUEST_BYTES, writable, times=times,
+                            max_batch=limit)
         for phase, ns in zip(("ring_read", "chain_walk", "request_parse", "host_io", "used_write"),
                              struct.unpack("<5Q", times)):
             bd.add(phase, ns)

@@ -103,11 +103,11 @@ class VirtioDevice:
     FEATURES: int = 0
     NUM_QUEUES: int = 1
     QUEUE_MAX_SIZE: int = 256
-    #: ``fast_path(queue, queue_index) -> (completed, more)``: completes (pushes, publishes) the leading
-    #: run of available chains that it handles itself and returns ``more=True`` if it stopped at a chain
-    #: that :meth:`process` must handle; None (the default) sends every chain through :meth:`process`.
-    #: It must do exactly what :meth:`process` would do for the chains it takes.
-    fast_path: Callable[[Virtqueue, int], tuple[int, bool]] | None = None
+    #: ``fast_path(queue, queue_index, limit) -> (completed, more)``: completes (pushes, publishes) the
+    #: leading run of at most ``limit`` available chains that it handles itself and returns ``more=True``
+    #: if it stopped at a chain that :meth:`process` must handle; None (the default) sends every chain
+    #: through :meth:`process`.  It must do exactly what :meth:`process` would do for the chains it takes.
+    fast_path: Callable[[Virtqueue, int, int], tuple[int, bool]] | None = None
 
     def __init__(self, num_queues: int | None = None, queue_max_size: int | None = None):
         self.num_queues = self.NUM_QUEUES if num_queues is None else num_queues
@@ -236,8 +236,12 @@ class VirtioDevice:
         pushed to the used ring) or None if the device keeps it and will call :meth:`complete`."""
         raise NotImplementedError
 
-    def handle_queue(self, index: int) -> int:
-        """Process everything available on queue ``index``; return the number of chains completed.
+    def handle_queue(self, index: int, budget: int | None = None) -> int:
+        """Process what is available on queue ``index``; return the number of chains completed.
+
+        ``budget``: take at most this many chains (a sidecore's per-queue share of one round, so
+        that a flooded queue cannot starve the others it serves: the caller comes back for the
+        rest); None takes everything.  A return value equal to ``budget`` means chains may remain.
 
         If the queue's notifications are enabled (kick-driven), they are disabled
         while draining and re-enabled afterwards with the no-lost-wake-up re-check.
@@ -265,14 +269,14 @@ class VirtioDevice:
             if rearm:
                 q.disable_notifications()
             while True:
-                while True:
+                while budget is None or done < budget:
                     if fast is not None:
                         if completions:  # keep the used ring in request order across the two paths
                             q.push_many(completions)
                             completions.clear()
-                        n, more = fast(q, index)
+                        n, more = fast(q, index, q.size if budget is None else budget - done)
                         done += n
-                        if not more:
+                        if not more or (budget is not None and done >= budget):
                             break
                     if bd is None:
                         chain = q.pop()
@@ -298,6 +302,10 @@ class VirtioDevice:
                     bd.requests += done - counted
                     bd.batches += done > counted
                     counted = done
+                if budget is not None and done >= budget:
+                    if rearm:  # the caller comes back for the rest; until then a kick is still wanted
+                        q.enable_notifications()
+                    break
                 if not rearm or not q.enable_notifications():
                     break
                 q.disable_notifications()

@@ -396,12 +396,12 @@ class VirtioNet(VirtioDevice):
         return [p.poller for p in self._pairs]
 
     # -- queue dispatch ----------------------------------------------------------------------------
-    def handle_queue(self, index: int) -> int:
-        """TX and control queues: the base class's drain loop; an RX queue: take the posted buffers and
-        fill them from the TAP.  Returns the number of chains completed."""
+    def handle_queue(self, index: int, budget: int | None = None) -> int:
+        """TX and control queues: the base class's drain loop (``budget``: see there); an RX queue:
+        take the posted buffers and fill them from the TAP.  Returns the number of chains completed."""
         if index < 2 * self.queue_pairs and index % 2 == 0:
             return self._handle_rx(index // 2)
-        return super().handle_queue(index)
+        return super().handle_queue(index, budget)
 
     def process(self, queue_index: int, chain: DescriptorChain) -> int:
         if queue_index == self.ctrl_index:

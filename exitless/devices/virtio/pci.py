@@ -29,6 +29,7 @@ import struct
 import threading
 
 from ...sidecore.engine import SidecoreGroup
+from ...sidecore.loop import QUEUE_BUDGET
 from ...sidecore.paths import MODE_OF_PATH, PATHS
 from ...bus import BusError
 from ...memory import GuestMemoryError
@@ -398,11 +399,18 @@ class _NotifyWindow:
 
 
 class QueuePollable:
-    """One virtqueue as seen by a sidecore (see :mod:`exitless.sidecore.loop`)."""
+    """One virtqueue as seen by a sidecore (see :mod:`exitless.sidecore.loop`).
 
-    def __init__(self, t: VirtioPci, index: int):
+    Each :meth:`poll` completes at most ``budget`` chains (default :data:`QUEUE_BUDGET`); a queue left
+    with chains is a *backlog*: polled again next round even though its doorbell word was re-armed, and
+    watched through its avail.idx, which is then already ahead, so the loop does not spin or sleep.
+    """
+
+    def __init__(self, t: VirtioPci, index: int, budget: int = QUEUE_BUDGET):
         self.t = t
         self.index = index
+        self.budget = budget
+        self.backlog = False
         self.wake_fd = t.wake_fds[index] if t.wake_fds else None
         self.shared = t.path == "shared"
         self._notify_addr = None
@@ -422,20 +430,24 @@ class QueuePollable:
             return False
         if self.shared:
             word = self.t.notify_words[self.index]
-            if word[0] == NOTIFY_SENTINEL:
+            if word[0] != NOTIFY_SENTINEL:
+                word[0] = NOTIFY_SENTINEL  # re-arm the doorbell page (one whole-word store)...
+                fence()                    # ...before looking at the ring
+            elif not self.backlog:
                 return False
-            word[0] = NOTIFY_SENTINEL  # re-arm the doorbell page (one whole-word store)...
-            fence()                    # ...before looking at the ring
         elif not q.has_work():
+            self.backlog = False
             return False
         with self.t.lock:
-            return self.t.device.handle_queue(self.index) > 0 or self.shared
+            n = self.t.device.handle_queue(self.index, self.budget)
+        self.backlog = n >= self.budget
+        return n > 0 or self.shared
 
     def watches(self) -> list[tuple[int, int]]:
         q = self._queue()
         if q is None:
             return []
-        if self.shared:
+        if self.shared and not self.backlog:
             if self._notify_addr is None:
                 self._notify_addr = address_of(self.t.notify_view[self.index * NOTIFY_MULTIPLIER:])
             return [(self._notify_addr, NOTIFY_SENTINEL)]

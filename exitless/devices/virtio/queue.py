@@ -699,7 +699,8 @@ class Virtqueue:
                     return tuple(out)
         return None
 
-    def c_batch(self, op: Callable, *device_args, times: bytearray | None = None) -> tuple[int, bool]:
+    def c_batch(self, op: Callable, *device_args, times: bytearray | None = None,
+                max_batch: int | None = None) -> tuple[int, bool]:
         """Run a C batch of :mod:`._vring` (e.g. ``_vring.Ring.blk_batch``) over this queue's state.
 
         The C code takes available chains while it can complete them itself, pushes
@@ -708,14 +709,16 @@ class Virtqueue:
         has not been consumed).  Without a C ring (not built, ``C_VRING`` off, or
         a broken queue) this returns ``(0, True)``: everything goes through Python.
         ``times``: a 40-byte buffer to which the batch adds ns per phase (ring read,
-        chain walk, request parse, host I/O, used write).
+        chain walk, request parse, host I/O, used write).  ``max_batch``: take at most this many
+        chains (default: the queue size).
         """
         ring = self._cring
         if ring is None or self.broken:
             return 0, True
         n, more, self._last_avail, self._shadow_avail, used_idx, self._avail_event = op(
             ring, self._last_avail, self._shadow_avail, self._used_idx, self._avail_event, self._evt,
-            self._notify_enabled, self._size, times, *device_args)
+            self._notify_enabled, self._size if max_batch is None else min(max_batch, self._size), times,
+            *device_args)
         if n:
             self._used_idx = used_idx
             self._unsignalled = True
