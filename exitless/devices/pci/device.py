@@ -8,8 +8,13 @@ to :meth:`PciDevice.bars_changed`, where the device (re)maps its windows.
 """
 from __future__ import annotations
 
+import logging
 import struct
 from dataclasses import dataclass
+
+from ...errors import ExitlessError
+
+log = logging.getLogger(__name__)
 
 COMMAND, STATUS = 0x04, 0x06
 CMD_IO, CMD_MEMORY, CMD_BUS_MASTER, CMD_INTX_DISABLE = 0x1, 0x2, 0x4, 0x400
@@ -104,15 +109,21 @@ class PciDevice:
         want = {}
         if self.command & CMD_MEMORY:
             want = {i: self.bar_address(i) for i in self.bars if self.bar_address(i)}
-        for i in self.bars:
-            old, new = self._decoding.get(i), want.get(i)
-            if old != new:
-                if old is not None:
-                    self.unmap_bar(i, old)
-                if new is not None:
-                    self.bars[i].address = new
-                    self.map_bar(i, new)
-        self._decoding = want
+        changed = [i for i in self.bars if self._decoding.get(i) != want.get(i)]
+        for i in changed:            # unmap first: a guest swapping two BARs frees the place it moves to
+            if i in self._decoding:
+                self.unmap_bar(i, self._decoding.pop(i))
+        for i in changed:
+            if i in want:
+                self.bars[i].address = want[i]
+                try:
+                    self.map_bar(i, want[i])
+                except ExitlessError as e:
+                    # The guest placed the BAR over another window or over RAM (PCI leaves
+                    # overlapping BARs undefined): it does not decode until moved somewhere free.
+                    log.warning("PCI %s BAR%d at %#x not decoded: %s", self.devfn, i, want[i], e)
+                    continue
+                self._decoding[i] = want[i]
 
     def enable_decoding(self) -> None:
         """What firmware leaves behind: BARs assigned and memory decoding on."""
