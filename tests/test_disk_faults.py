@@ -196,3 +196,108 @@ def test_enospc_fails_writes_keeps_acknowledged_ones(small_tmpfs, blk_on):
         assert drv.request(VIRTIO_BLK_T_IN, block * 8, nbytes=4096) == (VIRTIO_BLK_S_OK, bytes([block % 251 + 1]) * 4096)
     os.truncate(small_tmpfs / "d.img", MIB)  # (nothing freed: the device keeps serving the same way)
     assert drv.request(VIRTIO_BLK_T_OUT, acked[0] * 8, b"H" * 4096)[0] == VIRTIO_BLK_S_OK   # rewrite in place
+
+
+# -- end to end: the guest kit's driver on a real KVM guest, and `exitless serve blk` -------------
+DISK = 2 * MIB
+
+
+@pytest.mark.kvm
+def test_guest_sees_ioerr_vmm_goes_on_and_acknowledged_data_stays(faultfs):
+    from test_virtio_blk_e2e import pattern, run_guest
+
+    path, back = faultfs.disk("g.img", DISK)
+    exit, res = run_guest(path, "blk rw=fill bs=4096 qd=4 seed=5")
+    assert exit.status == 0 and res["errors"] == 0
+    bad = (MIB, 64 << 10)
+    faultfs.set(eio_write=[list(bad)])
+    exit, res = run_guest(path, "blk rw=fill bs=4096 qd=4 seed=6")
+    assert exit.kind == "debug-exit", exit                      # the VMM ran the guest to its end
+    assert res["errors"] == bad[1] // 4096 and res["first_error_status"] == VIRTIO_BLK_S_IOERR
+    assert res["ops"] == DISK // 4096 - bad[1] // 4096 and res["flushes"] == 1
+    old, new, disk = pattern(5, DISK), pattern(6, DISK), back.read_bytes()
+    lo, hi = bad[0], bad[0] + bad[1]
+    assert disk[:lo] == new[:lo] and disk[hi:] == new[hi:]      # every acknowledged write is there
+    assert disk[lo:hi] == old[lo:hi]                            # the failed ones changed nothing
+    faultfs.set(fail_fsync=True)
+    exit, res = run_guest(path, "blk rw=fill bs=65536 qd=4 seed=7")
+    assert exit.kind == "debug-exit" and res["errors"] == 1 and res["flushes"] == 0   # the flush failed
+
+
+@pytest.mark.kvm
+@needs_root
+def test_guest_fills_a_full_filesystem(small_tmpfs):
+    from test_virtio_blk_e2e import pattern, run_guest
+
+    path = small_tmpfs / "g.img"
+    with open(path, "wb") as f:
+        f.truncate(DISK)
+    exit, res = run_guest(path, "blk rw=fill bs=4096 qd=1 seed=8")
+    assert exit.kind == "debug-exit" and res["errors"] > 0 and res["first_error_status"] == VIRTIO_BLK_S_IOERR
+    want, disk = pattern(8, DISK), path.read_bytes()
+    written = sum(disk[i:i + 4096] == want[i:i + 4096] for i in range(0, DISK, 4096))
+    assert written == res["ops"] > 0                            # exactly the acknowledged blocks hold data
+    exit, res = run_guest(path, f"blk rw=verify bs=4096 qd=1 seed=8 size={written * 4096}")
+    assert exit.status == 0 and res["verify_errors"] == 0       # and a new VMM reads them back
+
+
+def test_serve_blk_keeps_serving_through_faults(faultfs, tmp_path):
+    from exitless.vhost_user import protocol as P
+    from exitless.vhost_user.frontend import Frontend
+
+    path, back = faultfs.disk("s.img", MIB)
+    sock = tmp_path / "vu.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "exitless.cli", "serve", "blk", "--socket", str(sock),
+                             "--disk", str(path)], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        fd = os.memfd_create("vu-fault", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.ftruncate(fd, MIB)
+        mem = GuestMemory(-1, [Region(0, MIB, 0, fd)], owns_fd=False)
+        kick, call = (os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2))
+        uva = 0x7F00_0000_0000
+        with Frontend.connect(str(sock)) as fe:
+            fe.set_owner()
+            fe.set_features((1 << VIRTIO_F_VERSION_1) | (1 << P.F_PROTOCOL_FEATURES) | (1 << 9))
+            fe.set_protocol_features(1 << P.PROTOCOL_F_REPLY_ACK)
+            fe.set_mem_table([(0, MIB, uva, 0)], [fd])
+            ring = DriverRing(mem, 0x1000, 16)
+            fe.set_vring_num(0, 16)
+            fe.set_vring_base(0, 0)
+            fe.set_vring_addr(0, uva + ring.desc, uva + ring.used, uva + ring.avail)
+            fe.set_vring_call(0, call)
+            fe.set_vring_kick(0, kick)
+            fe.set_vring_enable(0, True)
+
+            def request(rtype, sector=0, data=None):
+                mem.write(0x8000, struct.pack("<IIQ", rtype, 0, sector))
+                mem.write_u8(0x8100, 0xFF)
+                bufs = [(0x8000, 16, False)] + ([(0x10000, len(data), False)] if data else []) + [(0x8100, 1, True)]
+                if data:
+                    mem.write(0x10000, data)
+                ring.offer(bufs)
+                os.eventfd_write(kick, 1)
+                end = time.monotonic() + 10
+                while not ring.used_elements():
+                    assert time.monotonic() < end, "no completion"
+                    select.select([call], [], [], 0.05)
+                return mem.read_u8(0x8100)
+
+            assert request(VIRTIO_BLK_T_OUT, 0, b"I" * 512) == VIRTIO_BLK_S_OK
+            assert request(VIRTIO_BLK_T_FLUSH) == VIRTIO_BLK_S_OK
+            faultfs.set(eio_write=[[4096, 512]], fail_fsync=True)
+            assert request(VIRTIO_BLK_T_OUT, 8, b"J" * 512) == VIRTIO_BLK_S_IOERR
+            assert request(VIRTIO_BLK_T_OUT, 16, b"K" * 512) == VIRTIO_BLK_S_OK
+            assert request(VIRTIO_BLK_T_FLUSH) == VIRTIO_BLK_S_IOERR
+            faultfs.set()
+            assert request(VIRTIO_BLK_T_FLUSH) == VIRTIO_BLK_S_IOERR     # sticky: never OK after a lost flush
+            assert request(VIRTIO_BLK_T_OUT, 8, b"L" * 512) == VIRTIO_BLK_S_OK
+        assert proc.poll() is None                                       # still serving
+        assert back.read_bytes()[:512] == b"I" * 512
+        mem.close()
+        os.close(fd)
+    finally:
+        proc.terminate()
+        proc.wait(10)
