@@ -69,9 +69,18 @@ def cmd_serve_blk(args) -> int:
         server.request_stop()
 
     old = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    from .confine import ConfinementError, confine
+    try:
+        confined = confine(user=args.user) if not args.no_confine else False
+    except ConfinementError as e:
+        server.close()
+        dev.close()
+        print(f"exitless serve: confinement: {e} (--no-confine to run without)", file=sys.stderr)
+        return 2
     logging.getLogger("exitless.vhost_user").info(
-        "vhost-user-blk: serving %s (%d sectors%s, %d queue(s) of %d) on %s, io=%s", path, dev.capacity,
-        ", read-only" if ro else "", dev.num_queues, dev.queue_max_size, args.socket, args.io)
+        "vhost-user-blk: serving %s (%d sectors%s, %d queue(s) of %d) on %s, io=%s, %s", path, dev.capacity,
+        ", read-only" if ro else "", dev.num_queues, dev.queue_max_size, args.socket, args.io,
+        "confined (seccomp)" if confined else "NOT confined")
     try:
         server.serve_forever()
     finally:
@@ -117,6 +126,9 @@ def register(sub, *, bench=None) -> None:
                      help="virtqueues offered (QEMU's num-queues must not exceed it; default 1)")
     blk.add_argument("--queue-size", type=_pow2, default=256, metavar="N", help="maximum ring size (default 256)")
     blk.add_argument("--poll-us", type=float, default=64.0, help="adaptive: initial busy-poll window (µs)")
+    blk.add_argument("--no-confine", action="store_true",
+                     help="do not install the seccomp filter (debugging: strace, profilers)")
+    blk.add_argument("--user", metavar="USER", help="drop to this user after setup (needs root)")
     blk.set_defaults(func=cmd_serve_blk)
 
     if bench is not None:

@@ -28,6 +28,7 @@ import lzma
 import os
 import re
 import stat
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -198,7 +199,10 @@ def read_cpio(data: bytes) -> list[CpioEntry]:
     Used by the tests and handy when debugging a guest that cannot find a file.
     """
     if data[:2] == b"\x1f\x8b":
-        data = gzip.decompress(data)
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as e:
+            raise InitramfsError(f"corrupt gzip'd cpio: {e}") from None
     out: list[CpioEntry] = []
     off = 0
     while True:
@@ -207,10 +211,13 @@ def read_cpio(data: bytes) -> list[CpioEntry]:
         magic = data[off : off + 6]
         if magic not in (NEWC_MAGIC, NEWC_CRC_MAGIC):
             raise InitramfsError(f"bad cpio magic {magic!r} at offset {off}")
-        f = [int(data[off + 6 + 8 * i : off + 14 + 8 * i], 16) for i in range(13)]
+        try:
+            f = [int(data[off + 6 + 8 * i : off + 14 + 8 * i], 16) for i in range(13)]
+        except ValueError:
+            raise InitramfsError(f"cpio header at offset {off} has a field that is not hexadecimal") from None
         ino, mode, uid, gid, nlink, mtime, size, dmaj, dmin, rmaj, rmin, namesize, _check = f
         name_off = off + _HDR_LEN
-        name = data[name_off : name_off + namesize - 1].decode()
+        name = data[name_off : name_off + namesize - 1].decode("utf-8", "surrogateescape")
         off = name_off + namesize
         off += _pad4(off)
         body = data[off : off + size]

@@ -267,6 +267,8 @@ def parse_vmlinux(data: bytes, name: str = "vmlinux") -> Vmlinux:
     e_phentsize, e_phnum = struct.unpack_from("<HH", data, 0x36)
     segments = []
     entry_phys = None
+    if e_phentsize < 56 or e_phoff + e_phnum * e_phentsize > len(data):
+        raise KernelImageError(f"{name}: vmlinux program headers lie outside the payload")
     for i in range(e_phnum):
         off = e_phoff + i * e_phentsize
         p_type, _flags, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz = struct.unpack_from("<IIQQQQQ", data, off)
@@ -313,8 +315,20 @@ def extract_vmlinux(bz: BzImage) -> bytes:
         raise KernelImageError("this bzImage declares no payload (payload_length = 0): cannot unpack it on the host")
     start = hdr.kernel_offset + hdr.payload_offset
     payload = bz.image[start:start + hdr.payload_length]
+    if len(payload) < 8:
+        raise KernelImageError(f"bzImage payload of {len(payload)} bytes: corrupt")
     expected = struct.unpack("<I", payload[-4:])[0]
     fmt = payload_format(payload)
+    try:
+        out = _decompress(fmt, payload)
+    except (zlib.error, lzma.LZMAError, OSError, EOFError) as e:   # a corrupt payload
+        raise KernelImageError(f"bzImage payload ({fmt}) does not unpack: {e}") from None
+    if fmt != "none" and len(out) != expected:
+        raise KernelImageError(f"unpacked {len(out)} bytes of vmlinux, the bzImage says {expected}: corrupt payload")
+    return out
+
+
+def _decompress(fmt: str, payload: bytes) -> bytes:
     if fmt == "none":
         out = payload
     elif fmt == "gzip":
@@ -330,8 +344,6 @@ def extract_vmlinux(bz: BzImage) -> bytes:
     else:
         raise KernelImageError(f"bzImage payload compressed with {fmt}: exitless cannot unpack it on the host "
                                "(use --decompress guest)")
-    if fmt != "none" and len(out) != expected:
-        raise KernelImageError(f"unpacked {len(out)} bytes of vmlinux, the bzImage says {expected}: corrupt payload")
     return out
 
 
@@ -357,7 +369,10 @@ def lz4_legacy_decompress(data: bytes) -> bytes:
             continue
         if bsize == 0 or pos + 4 + bsize > n or bsize > 1 << 24:
             break                        # the appended uncompressed size, or the end
-        _lz4_block(data, pos + 4, pos + 4 + bsize, out)
+        try:
+            _lz4_block(data, pos + 4, pos + 4 + bsize, out)
+        except IndexError:
+            raise KernelImageError("truncated LZ4 block") from None
         pos += 4 + bsize
     return bytes(out)
 
