@@ -59,7 +59,7 @@ def parse_pvh_elf(data: bytes, name: str = "kernel") -> PvhKernel:
                         entry = int.from_bytes(raw[:8] if len(raw) >= 8 else raw[:4], "little")
             elif seg["p_type"] == "PT_LOAD" and seg["p_memsz"]:
                 segments.append((seg["p_paddr"], seg.data(), seg["p_memsz"]))
-    except (ELFError, struct.error, ValueError) as e:
+    except (ELFError, struct.error, ValueError, OverflowError) as e:
         if isinstance(e, KernelImageError):
             raise
         raise KernelImageError(f"{name}: malformed ELF ({e})") from e
