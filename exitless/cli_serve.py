@@ -69,12 +69,14 @@ def cmd_serve_blk(args) -> int:
         server.request_stop()
 
     old = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    from .confine import ConfinementError, confine
+    from .confine import ConfinementError, confine, unlink_on_exit
+    remove_socket = unlink_on_exit(args.socket)    # a confined process may not unlink it itself
     try:
         confined = confine(user=args.user) if not args.no_confine else False
     except ConfinementError as e:
         server.close()
         dev.close()
+        remove_socket()
         print(f"exitless serve: confinement: {e} (--no-confine to run without)", file=sys.stderr)
         return 2
     logging.getLogger("exitless.vhost_user").info(
@@ -88,6 +90,7 @@ def cmd_serve_blk(args) -> int:
             signal.signal(s, h)
         server.close()
         dev.close()
+        remove_socket()
     return 0
 
 

@@ -18,6 +18,8 @@ import ctypes
 import errno
 import os
 import pwd
+import signal
+from typing import Callable
 
 from .errors import ExitlessError
 
@@ -35,7 +37,7 @@ ALLOWED = (
     "rseq", "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "sigaltstack", "restart_syscall",
     "exit", "exit_group", "gettid", "getpid", "getppid", "getuid", "geteuid", "getgid", "getegid", "tgkill",
     "sched_yield", "sched_getaffinity", "nanosleep", "clock_nanosleep", "clock_gettime", "gettimeofday",
-    "getrusage", "times", "sysinfo", "uname", "getrandom",
+    "getrusage", "times", "sysinfo", "uname", "getrandom", "wait4",
 )
 PR_SET_NAME, PR_GET_NAME = 15, 16
 CLONE_THREAD = 0x10000
@@ -95,6 +97,39 @@ def drop_user(user: str) -> None:
         raise ConfinementError(e.errno, f"--user {user!r}: {e.strerror} (dropping to a user needs root)") from None
 
 
+def unlink_on_exit(path: str) -> Callable[[], None]:
+    """Remove ``path`` (a unix socket we listen on) once we are done, although we may not unlink.
+
+    Forks, before confinement, a helper that waits for EOF on a pipe -- the returned function
+    closes it and waits for the helper, as does the kernel if this process dies -- and then
+    unlinks ``path`` if it is still the file we created.
+    """
+    ino = os.stat(path).st_ino
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                    # the helper: no fds but the pipe, deaf to ^C
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            os.closerange(3, r)
+            os.closerange(r + 1, os.sysconf("SC_OPEN_MAX"))
+            while os.read(r, 1):
+                pass
+            if os.stat(path).st_ino == ino:
+                os.unlink(path)
+        except BaseException:
+            pass
+        finally:
+            os._exit(0)
+    os.close(r)
+
+    def done() -> None:
+        os.close(w)
+        os.waitpid(pid, 0)
+
+    return done
+
+
 def confine(*, user: str | None = None, extra: tuple[str, ...] = ()) -> bool:
     """Confine the calling process from now on; returns False if opted out (EXITLESS_CONFINE=0).
 
@@ -129,8 +164,7 @@ def confine(*, user: str | None = None, extra: tuple[str, ...] = ()) -> bool:
     f.add_rule(sc.ALLOW, "openat", sc.Arg(2, sc.MASKED_EQ, write_bits, 0))
     for request in IOCTLS:                   # isatty() and fd flags; no device ioctls (no KVM, no TIOCSTI)
         f.add_rule(sc.ALLOW, "ioctl", sc.Arg(1, sc.EQ, request))
-    # removing its own socket file at exit: refused (EPERM, which the server tolerates), not fatal;
-    # the next `serve` on the path reclaims the stale socket
+    # removing files: refused with EPERM (the server tolerates it) -- unlink_on_exit() does it instead
     for name in ("unlink", "unlinkat"):
         f.add_rule(sc.ERRNO(errno.EPERM), name)
     f.add_rule(sc.ALLOW, "prctl", sc.Arg(0, sc.EQ, PR_SET_NAME))

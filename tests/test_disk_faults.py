@@ -295,6 +295,8 @@ def test_serve_blk_keeps_serving_through_faults(faultfs, tmp_path):
             assert request(VIRTIO_BLK_T_FLUSH) == VIRTIO_BLK_S_IOERR     # sticky: never OK after a lost flush
             assert request(VIRTIO_BLK_T_OUT, 8, b"L" * 512) == VIRTIO_BLK_S_OK
         assert proc.poll() is None                                       # still serving
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        assert "Seccomp:\t2" in status and "NoNewPrivs:\t1" in status      # and confined all along
         assert back.read_bytes()[:512] == b"I" * 512
         mem.close()
         os.close(fd)

@@ -24,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("target", nargs="?", choices=sorted(TARGETS), metavar="TARGET")
     p.add_argument("--list", action="store_true", help="print the target names, one per line")
     p.add_argument("--all", action="store_true", help="run every target in turn (each in its own process)")
+    p.add_argument("--only", nargs="+", choices=sorted(TARGETS), metavar="TARGET", help="with --all: just these")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--runs", type=int, help="stop after N inputs")
     budget.add_argument("--seconds", type=float, help="stop after S seconds")
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("exitless").setLevel(logging.CRITICAL)   # every guest mistake is logged; not here
     if args.all:
         rows = []
-        for name in TARGETS:
+        for name in args.only or TARGETS:
             row = _run_child(name, args)
             rows.append(row)
             print(f"{name:12} exit {row['exit']:>3}  execs {row.get('executions', '?'):>9}  "
