@@ -123,3 +123,17 @@ def test_pci_cfg_capability_reaches_the_common_config(machine):
     cfg.write(cap + 12, 1)
     cfg.write(cap + 16, 0x01, 1)             # ACKNOWLEDGE through the window
     assert dev.status == 0x01
+
+
+@pytest.mark.kvm
+def test_bar_moved_onto_another_window_is_not_decoded_until_moved_away(machine):
+    """Found by the pci_config fuzz target: the guest placed BAR2 over BAR0 and the MMIO bus's
+    overlap error escaped into the PIO bus as a device failure."""
+    m, dev, cfg = machine
+    bar0, bar2 = cfg.read(0x10), cfg.read(0x18)
+    errors = m.pio.device_errors
+    cfg.write(0x18, bar0)                                     # decoding on: BAR2 now collides with BAR0
+    assert m.pio.device_errors == errors
+    assert m.mmio.find(bar0).name.endswith("-cfg") and m.mmio.find(bar2) is None
+    cfg.write(0x18, bar2)                                     # moved somewhere free: decodes again
+    assert m.mmio.find(bar2).name == "virtio-notify" and m.pio.device_errors == errors
