@@ -180,7 +180,13 @@ class GuestMemory:
         self.view(gpa, len(data))[:] = data
 
     def fill(self, gpa: int, length: int, byte: int = 0) -> None:
-        self.view(gpa, length)[:] = bytes([byte]) * length
+        # Bounds first, then at most 1 MiB of pattern at a time: ``length`` may come from a guest
+        # or an image (a segment's p_memsz) and must not size an allocation before it is checked.
+        view = self.view(gpa, length)
+        chunk = bytes([byte]) * min(length, 1 << 20)
+        for off in range(0, length, len(chunk) or 1):
+            n = min(len(chunk), length - off)
+            view[off:off + n] = chunk[:n] if n < len(chunk) else chunk
 
     def read_u8(self, gpa: int) -> int:
         return self.view(gpa, 1)[0]
