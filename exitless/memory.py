@@ -185,8 +185,7 @@ class GuestMemory:
         view = self.view(gpa, length)
         chunk = bytes([byte]) * min(length, 1 << 20)
         for off in range(0, length, len(chunk) or 1):
-            n = min(len(chunk), length - off)
-            view[off:off + n] = chunk[:n] if n < len(chunk) else chunk
+            view[off:off + len(chunk)] = chunk[:length - off]
 
     def read_u8(self, gpa: int) -> int:
         return self.view(gpa, 1)[0]

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import resource
-import logging
 import select
 import signal
 import subprocess
