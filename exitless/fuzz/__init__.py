@@ -18,8 +18,8 @@ the runner checks the three invariants of the issue:
 3. no state in which a later *valid* request fails: after every input the harness's
    ``check()`` drives a well-formed request through the same objects and verifies it.
 
-Adding a target: write ``make() -> Harness`` and ``seeds() -> list[bytes]`` in a module and
-add one line to :data:`TARGETS`; ``python3 -m exitless.fuzz --make-seeds`` writes the seeds
+Adding a target (NVMe, virtio-net, ...): write ``make_<name>() -> Harness`` and
+``seeds_<name>() -> list[bytes]`` in a module and add one line to :data:`TARGETS`; ``python3 -m exitless.fuzz --make-seeds`` writes the seeds
 into ``corpus/<name>/`` next to this file, where crash reproducers are kept too.
 """
 from __future__ import annotations
@@ -53,22 +53,23 @@ class Harness(Protocol):
 
 @dataclass(frozen=True)
 class Target:
+    """A fuzz target: module ``exitless.fuzz.<module>`` has ``make_<name>()`` (the harness, built
+    once per process) and ``seeds_<name>()`` (seed inputs); imported only when the target runs."""
+
     name: str
-    module: str           # under exitless.fuzz; imported only when the target runs
-    make_fn: str          # its function returning the Harness
-    seeds_fn: str         # its function returning the seed inputs (list of bytes)
+    module: str
     doc: str
     needs_kvm: bool = False
     max_len: int = 8192   # bytes of input libFuzzer may generate
 
-    def _fn(self, name: str):
-        return getattr(importlib.import_module(f"exitless.fuzz.{self.module}"), name)
+    def _fn(self, prefix: str):
+        return getattr(importlib.import_module(f"exitless.fuzz.{self.module}"), f"{prefix}_{self.name}")
 
     def make(self) -> Harness:
-        return self._fn(self.make_fn)()
+        return self._fn("make")()
 
     def seeds(self) -> list[bytes]:
-        return self._fn(self.seeds_fn)()
+        return self._fn("seeds")()
 
     @property
     def corpus(self) -> Path:
@@ -76,17 +77,16 @@ class Target:
 
 
 TARGETS: dict[str, Target] = {t.name: t for t in (
-    Target("virtqueue", "t_virtio", "make_virtqueue", "virtqueue_seeds", "split virtqueue pop/push over fuzzed guest memory and indices"),
-    Target("virtio_blk", "t_virtio", "make_blk", "blk_seeds", "virtio-blk requests through handle_queue on a real file"),
-    Target("virtio_pci", "t_pci", "make_virtio_pci", "virtio_pci_seeds", "virtio-pci common config, device config, notify and MSI-X BAR "
-                                                  "through the MMIO bus", needs_kvm=True),
-    Target("pci_config", "t_pci", "make_pci_config", "pci_config_seeds", "PCI config space through ports 0xCF8/0xCFC (BAR moves, "
-                                                  "decode, capabilities)", needs_kvm=True),
-    Target("vhost_user", "t_vhost", "make_vhost_user", "vhost_user_seeds", "a vhost-user message stream (with fds) against a live "
-                                                    "server and backend"),
-    Target("elf", "t_boot", "make_elf", "elf_seeds", "the PVH ELF reader (guest kit, vmlinux)"),
-    Target("bzimage", "t_boot", "make_bzimage", "bzimage_seeds", "the bzImage setup header, payload and zero page"),
-    Target("initramfs", "t_boot", "make_initramfs", "initramfs_seeds", "the newc cpio reader and the LZ4 legacy decoder"),
+    Target("virtqueue", "t_virtio", "split virtqueue pop/push over fuzzed guest memory and indices"),
+    Target("virtio_blk", "t_virtio", "virtio-blk requests through handle_queue on a real file"),
+    Target("virtio_pci", "t_pci", "virtio-pci common/device config, notify and MSI-X BAR via the MMIO bus",
+           needs_kvm=True),
+    Target("pci_config", "t_pci", "PCI config space via ports 0xCF8/0xCFC: BAR moves, decode, capabilities",
+           needs_kvm=True),
+    Target("vhost_user", "t_vhost", "a vhost-user message stream (with fds) against a live server and backend"),
+    Target("elf", "t_boot", "the PVH ELF and vmlinux readers and the PVH loader"),
+    Target("bzimage", "t_boot", "the bzImage setup header, payload unpacking and zero page"),
+    Target("initramfs", "t_boot", "the newc cpio reader and the LZ4 legacy decoder"),
 )}
 
 

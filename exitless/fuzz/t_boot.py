@@ -112,18 +112,18 @@ def _bzimage(payload: bytes = b"") -> bytes:
     return bytes(img)
 
 
-def elf_seeds() -> list[bytes]:
+def seeds_elf() -> list[bytes]:
     return [_pvh_elf(), _pvh_elf(0xFFFF_FFFF_0000), b"\x01" + _pvh_elf()]
 
 
-def bzimage_seeds() -> list[bytes]:
+def seeds_bzimage() -> list[bytes]:
     vmlinux = b"\x7fELF" + bytes(60)
     gz = gzip.compress(vmlinux, mtime=0)
     return [_bzimage(), _bzimage(gz + struct.pack("<I", len(vmlinux))),
             _bzimage(b"\x02\x21\x4c\x18" + struct.pack("<I", 5) + b"\x40abcd" + struct.pack("<I", 4))]
 
 
-def initramfs_seeds() -> list[bytes]:
+def seeds_initramfs() -> list[bytes]:
     w = I.CpioWriter()
     w.add_file("init", b"#!/bin/sh\necho hi\n", 0o755)
     w.add_symlink("bin/sh", "busybox")

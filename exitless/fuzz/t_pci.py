@@ -221,7 +221,7 @@ def make_pci_config() -> PciConfigHarness:
     return PciConfigHarness()
 
 
-def virtio_pci_seeds() -> list[bytes]:
+def seeds_virtio_pci() -> list[bytes]:
     def common(off, size, value):
         return bytes([0, SIZES.index(size), off]) + value.to_bytes(size, "little")
 
@@ -235,7 +235,7 @@ def virtio_pci_seeds() -> list[bytes]:
     return [init, init + ring + kick, init + msix + table + bytes([4, 2, 0, 0]), common(0x16, 2, 5) + common(0x18, 2, 3)]
 
 
-def pci_config_seeds() -> list[bytes]:
+def seeds_pci_config() -> list[bytes]:
     def addr(slot_sel, reg):
         return bytes([1, 0, slot_sel, 0, reg])
 

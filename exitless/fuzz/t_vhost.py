@@ -189,7 +189,7 @@ def make_vhost_user() -> VhostUserHarness:
     return VhostUserHarness()
 
 
-def vhost_user_seeds() -> list[bytes]:
+def seeds_vhost_user() -> list[bytes]:
     def msg(request, v=0, extra=b""):
         return bytes([REQUESTS.index(request), 1, v]) + extra + bytes([1])   # shaped payload, NEED_REPLY
 

@@ -214,7 +214,7 @@ class BlkHarness:
         return {"refused": self.mem.refused, "requests": self.requests}
 
 
-def make_blk() -> BlkHarness:
+def make_virtio_blk() -> BlkHarness:
     return BlkHarness()
 
 
@@ -233,7 +233,7 @@ def _heap(data: bytes) -> bytes:
     return struct.pack("<H", len(data)) + data
 
 
-def virtqueue_seeds() -> list[bytes]:
+def seeds_virtqueue() -> list[bytes]:
     direct = _ring_bytes(4, [(HEAP, 16, F_NEXT, 1), (HEAP + 16, 64, F_WRITE, 0)], [0])
     indirect = _ring_bytes(4, [(HEAP, 32, F_INDIRECT, 0)], [0])
     table = _D.pack(HEAP + 0x100, 16, F_NEXT, 1) + _D.pack(0xFFF0, 0x40, F_WRITE, 0)   # straddles regions
@@ -246,7 +246,7 @@ def virtqueue_seeds() -> list[bytes]:
     ]
 
 
-def blk_seeds() -> list[bytes]:
+def seeds_virtio_blk() -> list[bytes]:
     out = []
     hdr, data, status = HEAP, HEAP + 0x200, HEAP + 0x1000
     for rtype, wdata in ((VIRTIO_BLK_T_IN, True), (VIRTIO_BLK_T_OUT, False), (VIRTIO_BLK_T_FLUSH, None),
