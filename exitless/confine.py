@@ -137,13 +137,13 @@ def confine(*, user: str | None = None, extra: tuple[str, ...] = ()) -> bool:
     inherit the filter; the filter is also synchronised to threads that already exist).
     ``extra`` names more system calls to allow.  Raises :class:`ConfinementError` if it cannot.
     """
+    sc = _binding() if enabled() else None      # imported before a user drop can hide the module
+    if enabled() and sc is None:
+        raise ConfinementError(errno.ENOSYS, status()[1])
     if user is not None:
         drop_user(user)
-    if not enabled():
-        return False
-    sc = _binding()
     if sc is None:
-        raise ConfinementError(errno.ENOSYS, status()[1])
+        return False
     _no_new_privs()
     f = sc.SyscallFilter(defaction=sc.KILL_PROCESS)
     try:

@@ -89,3 +89,27 @@ def test_sidecore_process_confined_serves_and_its_death_is_reported(monkeypatch,
         assert "seccomp" in side.report["error"]
         mem.write_u32(0x2000, 7)                                               # this process goes on
         assert mem.read_u32(0x2000) == 7
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping to another user needs root")
+def test_serve_blk_drops_to_another_user_and_serves(tmp_path):
+    from exitless.vhost_user.frontend import Frontend
+
+    disk, sock = tmp_path / "d.img", tmp_path / "vu.sock"
+    disk.write_bytes(bytes(1 << 20))
+    proc = subprocess.Popen([sys.executable, "-m", "exitless.cli", "serve", "blk", "--socket", str(sock),
+                             "--disk", str(disk), "--user", "nobody"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while "serving" not in (line := proc.stderr.readline()):
+            assert line and time.monotonic() < deadline, "serve blk did not start"
+        assert "confined (seccomp)" in line
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        uid = next(l for l in status.splitlines() if l.startswith("Uid:")).split()[1:]
+        assert set(uid) == {"65534"} and "Seccomp:\t2" in status
+        with Frontend.connect(str(sock)) as fe:           # the socket was made before the drop
+            assert fe.get_features() >> 32 & 1             # VIRTIO_F_VERSION_1: it answers
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0
+    assert not sock.exists()                               # removed at exit although the server may not
