@@ -108,6 +108,7 @@ def _run_child(name: str, args) -> dict:
     if done:
         row["cov"], row["ft"], row["corpus"] = int(done[-1][1]), int(done[-1][2]), int(done[-1][3])
     row["libfuzzer_execs"] = stats.get("number_of_executed_units")
+    row["peak_rss_mb"] = stats.get("peak_rss_mb")
     row["crashes"] = 0 if proc.returncode == 0 else 1
     if proc.returncode != 0:
         row["log_tail"] = out[-3000:]
