@@ -57,8 +57,7 @@ class FaultFs:
     def set(self, **rules) -> None:
         tmp = self.ctl.with_suffix(".tmp")
         tmp.write_text(json.dumps(rules))
-        os.replace(tmp, self.ctl)
-        time.sleep(0.01)       # a distinct mtime for the next change
+        os.replace(tmp, self.ctl)          # a new inode: faultfs notices the change on its next call
 
     def disk(self, name: str, size: int) -> tuple[Path, Path]:
         """(path through the faulty mount, path of the backing file)."""
