@@ -52,6 +52,7 @@ class PciDevice:
         self._last_cap = None
         self.devfn = None
         self._decoding: dict[int, int] = {}  # bar index -> address currently mapped
+        self._undecodable: set[tuple[int, int]] = set()  # (bar, address) wanted but in conflict
 
     def _mask(self, offset: int, size: int, bits: int) -> None:
         self.wmask[offset:offset + size] = (bits & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
@@ -120,10 +121,20 @@ class PciDevice:
                     self.map_bar(i, want[i])
                 except ExitlessError as e:
                     # The guest placed the BAR over another window or over RAM (PCI leaves
-                    # overlapping BARs undefined): it does not decode until moved somewhere free.
-                    log.warning("PCI %s BAR%d at %#x not decoded: %s", self.devfn, i, want[i], e)
+                    # overlapping BARs undefined): it does not decode while the conflict lasts;
+                    # retry_decoding() maps it once the other window moved away.
+                    if (i, want[i]) not in self._undecodable:
+                        log.warning("PCI %s BAR%d at %#x not decoded: %s", self.devfn, i, want[i], e)
+                    self._undecodable.add((i, want[i]))
                     continue
                 self._decoding[i] = want[i]
+        self._undecodable = {(i, a) for i, a in self._undecodable if want.get(i) == a and i not in self._decoding}
+
+    def retry_decoding(self) -> None:
+        """Map the BARs that could not decode because of a conflict (the bus calls this when
+        another function's windows changed)."""
+        if self._undecodable:
+            self._update_decoding()
 
     def enable_decoding(self) -> None:
         """What firmware leaves behind: BARs assigned and memory decoding on."""

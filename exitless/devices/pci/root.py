@@ -79,6 +79,9 @@ class PciRoot:
             dev, reg = self._target()
             if dev is not None:
                 dev.config_write(reg + offset, len(data), int.from_bytes(data, "little"))
+                for other in self.devices.values():   # a BAR that moved away may end a conflict
+                    if other is not dev:
+                        other.retry_decoding()
 
 
 class _AddressPort:
