@@ -13,6 +13,7 @@ import struct
 from dataclasses import dataclass
 
 from elftools.common.exceptions import ELFError
+from elftools.construct import ConstructError
 from elftools.elf.elffile import ELFFile
 
 from ..memory import GuestMemory, GuestMemoryError
@@ -59,7 +60,7 @@ def parse_pvh_elf(data: bytes, name: str = "kernel") -> PvhKernel:
                         entry = int.from_bytes(raw[:8] if len(raw) >= 8 else raw[:4], "little")
             elif seg["p_type"] == "PT_LOAD" and seg["p_memsz"]:
                 segments.append((seg["p_paddr"], seg.data(), seg["p_memsz"]))
-    except (ELFError, struct.error, ValueError, OverflowError) as e:
+    except (ELFError, ConstructError, struct.error, ValueError, OverflowError) as e:   # pyelftools' errors
         if isinstance(e, KernelImageError):
             raise
         raise KernelImageError(f"{name}: malformed ELF ({e})") from e
