@@ -11,6 +11,7 @@ import pytest
 from exitless.fuzz import TARGETS, Runner
 
 KVM = {n for n, t in TARGETS.items() if t.needs_kvm}
+RUNS = {"pci_config": 300, "elf": 1000}     # the slow ones (KVM_IOEVENTFD ioctls; pyelftools)
 
 
 def _marks(name):
@@ -36,9 +37,9 @@ def test_corpus_replays_clean(name):
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=_marks(n)) for n in TARGETS])
 def test_fuzz_briefly(name, tmp_path):
-    """A few hundred coverage-guided inputs per target (CI: about a minute for all of them)."""
+    """A few thousand coverage-guided inputs per target (CI: about a minute for all of them)."""
     pytest.importorskip("atheris")
-    runs = 100 if name == "pci_config" else 400
+    runs = RUNS.get(name, 3000)
     p = subprocess.run([sys.executable, "-m", "exitless.fuzz", name, "--runs", str(runs), "--seed", "1",
                         "--artifacts", str(tmp_path), "--corpus", str(tmp_path / "corpus")],
                        capture_output=True, text=True, timeout=600)
