@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import confine
 from .kvm import constants as C
 from .kvm.api import Kvm
 from .kvm.syscall import KvmError
@@ -90,4 +91,6 @@ def format_report(rep: Report) -> str:
         lines.append("guest CPUID offers: " + " ".join(rep.cpu_features))
         lines.append("guest CPUID lacks:  " + (" ".join(rep.missing_features) or "-"))
     lines += [f"note: {n}" for n in rep.notes]
+    ok, how = confine.status()
+    lines.append(f"back-end confinement: {'available' if ok else 'NOT available'} ({how})")
     return "\n".join(lines)

@@ -123,3 +123,36 @@ def test_pci_cfg_capability_reaches_the_common_config(machine):
     cfg.write(cap + 12, 1)
     cfg.write(cap + 16, 0x01, 1)             # ACKNOWLEDGE through the window
     assert dev.status == 0x01
+
+
+@pytest.mark.kvm
+def test_bar_moved_onto_another_window_is_not_decoded_until_moved_away(machine):
+    """Found by the pci_config fuzz target: the guest placed BAR2 over BAR0 and the MMIO bus's
+    overlap error escaped into the PIO bus as a device failure."""
+    m, dev, cfg = machine
+    bar0, bar2 = cfg.read(0x10), cfg.read(0x18)
+    errors = m.pio.device_errors
+    cfg.write(0x18, bar0)                                     # decoding on: BAR2 now collides with BAR0
+    assert m.pio.device_errors == errors
+    assert m.mmio.find(bar0).name.endswith("-cfg") and m.mmio.find(bar2) is None
+    cfg.write(0x18, bar2)                                     # moved somewhere free: decodes again
+    assert m.mmio.find(bar2).name == "virtio-notify" and m.pio.device_errors == errors
+
+
+@pytest.mark.kvm
+def test_bar_in_conflict_decodes_once_the_other_function_moves_away(machine, tmp_path):
+    """Found by the pci_config fuzz target: the BAR that lost a conflict stayed dark after the
+    other function's window moved away; every function decodes its own BARs, as on hardware."""
+    m, dev, cfg = machine
+    img = tmp_path / "e.img"
+    img.write_bytes(b"\0" * 65536)
+    other = VirtioPci(m, VirtioBlk(img), "trap")
+    ocfg = Cfg(m, other.slot)
+    bar0, obar2 = cfg.read(0x10), ocfg.read(0x18)
+    cmd = cfg.read(0x04, 2)
+    cfg.write(0x04, cmd & ~0x2, 2)                     # function 1 stops decoding ...
+    ocfg.write(0x18, bar0)                             # ... function 2 takes its BAR0 address
+    cfg.write(0x04, cmd, 2)                            # function 1 decodes again: BAR0 in conflict
+    assert m.mmio.find(bar0).name == "virtio-notify"
+    ocfg.write(0x18, obar2)                            # function 2 moves away: BAR0 decodes
+    assert m.mmio.find(bar0).name.endswith("-cfg") and m.mmio.find(obar2).name == "virtio-notify"

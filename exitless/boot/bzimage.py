@@ -327,17 +327,17 @@ def build_zero_page(
         hdr = parse_setup_header(data)
     entries = [e if isinstance(e, E820Entry) else E820Entry(*e) for e in e820_entries]
     if len(entries) > E820_MAX_ENTRIES_ZEROPAGE:
-        raise ValueError(f"{len(entries)} e820 entries; the zero page holds {E820_MAX_ENTRIES_ZEROPAGE}")
+        raise BzImageError(f"{len(entries)} e820 entries; the zero page holds {E820_MAX_ENTRIES_ZEROPAGE}")
     high_ok = hdr.can_load_above_4g
     for name, addr, size in (("command line", cmdline_gpa, 1), ("initrd", initrd_gpa, max(initrd_size, 1))):
         if addr < 0 or addr + size > 1 << 64:
-            raise ValueError(f"{name} address {addr:#x} out of range")
+            raise BzImageError(f"{name} address {addr:#x} out of range")
         if addr + size > 1 << 32 and not high_ok:
-            raise ValueError(f"{name} at {addr:#x} is above 4 GiB but the kernel lacks XLF_CAN_BE_LOADED_ABOVE_4G")
+            raise BzImageError(f"{name} at {addr:#x} is above 4 GiB but the kernel lacks XLF_CAN_BE_LOADED_ABOVE_4G")
     if initrd_size and initrd_gpa + initrd_size - 1 > hdr.initrd_addr_max and not high_ok:
-        raise ValueError(f"initrd ends above initrd_addr_max {hdr.initrd_addr_max:#x}")
+        raise BzImageError(f"initrd ends above initrd_addr_max {hdr.initrd_addr_max:#x}")
     if initrd_size >= 1 << 64:
-        raise ValueError("initrd too large")
+        raise BzImageError("initrd too large")
 
     zp = bytearray(ZERO_PAGE_SIZE)
     zp[SETUP_HEADER_START : hdr.header_end] = hdr.raw

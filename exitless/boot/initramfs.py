@@ -28,6 +28,7 @@ import lzma
 import os
 import re
 import stat
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -234,7 +235,10 @@ def read_cpio(data: bytes) -> list[CpioEntry]:
     Raises :class:`InitramfsError` naming the bad field.
     """
     if data[:2] == b"\x1f\x8b":
-        data = gzip.decompress(data)
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as e:
+            raise InitramfsError(f"corrupt gzip'd cpio: {e}") from None
     out: list[CpioEntry] = []
     off = 0
     while True:

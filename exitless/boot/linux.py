@@ -335,8 +335,20 @@ def extract_vmlinux(bz: BzImage) -> bytes:
                                "its appended 4-byte size")
     start = hdr.kernel_offset + hdr.payload_offset
     payload = bz.image[start:start + hdr.payload_length]
+    if len(payload) < 8:
+        raise KernelImageError(f"bzImage payload of {len(payload)} bytes: corrupt")
     expected = struct.unpack("<I", payload[-4:])[0]
     fmt = payload_format(payload)
+    try:
+        out = _decompress(fmt, payload)
+    except (zlib.error, lzma.LZMAError, OSError, EOFError) as e:   # a corrupt payload
+        raise KernelImageError(f"bzImage payload ({fmt}) does not unpack: {e}") from None
+    if fmt != "none" and len(out) != expected:
+        raise KernelImageError(f"unpacked {len(out)} bytes of vmlinux, the bzImage says {expected}: corrupt payload")
+    return out
+
+
+def _decompress(fmt: str, payload: bytes) -> bytes:
     if fmt == "none":
         out = payload
     elif fmt == "gzip":
@@ -352,8 +364,6 @@ def extract_vmlinux(bz: BzImage) -> bytes:
     else:
         raise KernelImageError(f"bzImage payload compressed with {fmt}: exitless cannot unpack it on the host "
                                "(use --decompress guest)")
-    if fmt != "none" and len(out) != expected:
-        raise KernelImageError(f"unpacked {len(out)} bytes of vmlinux, the bzImage says {expected}: corrupt payload")
     return out
 
 

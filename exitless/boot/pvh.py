@@ -13,6 +13,7 @@ import struct
 from dataclasses import dataclass
 
 from elftools.common.exceptions import ELFError
+from elftools.construct import ConstructError
 from elftools.elf.elffile import ELFFile
 
 from ..memory import GuestMemory, GuestMemoryError

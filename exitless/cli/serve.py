@@ -55,6 +55,9 @@ def _add_blk(ssub) -> None:
                      help="virtqueues offered (QEMU's num-queues must not exceed it; default 1)")
     blk.add_argument("--queue-size", type=power_of_two, default=256, metavar="N", help="maximum ring size (default 256)")
     blk.add_argument("--poll-us", type=float, default=64.0, help="adaptive: initial busy-poll window (µs)")
+    blk.add_argument("--no-confine", action="store_true",
+                     help="do not install the seccomp filter (debugging: strace, profilers)")
+    blk.add_argument("--user", metavar="USER", help="drop to this user after setup (needs root)")
     blk.set_defaults(func=cmd_serve_blk)
 
 
@@ -76,7 +79,7 @@ def cmd_serve_blk(args) -> int:
         for _, dev, _ in served:
             dev.close()
         raise
-    return serve_devices(args, served, "vhost-user-blk")
+    return serve_devices(args, served, "vhost-user-blk", confined=not args.no_confine, user=args.user)
 
 
 NET_USAGE = """\
@@ -144,11 +147,19 @@ def serve_device(args, dev, name: str, what: str) -> int:
     return serve_devices(args, [(args.socket, dev, what)], name)
 
 
-def serve_devices(args, served: list[tuple[str, object, str]], name: str) -> int:
+def serve_devices(args, served: list[tuple[str, object, str]], name: str, *, confined: bool = False,
+                  user: str | None = None) -> int:
     """Serve each ``(socket path, device, description)`` of ``served`` (devices closed at the end)
     with ``args.io`` / ``args.poll_us`` until SIGINT or SIGTERM; returns 0.  One device: its
     sessions run their own data plane.  Several: one server thread per socket (control plane) and
-    one shared sidecore loop for every session's rings (data plane)."""
+    one shared sidecore loop for every session's rings (data plane).
+
+    With ``confined`` the process installs the seccomp allow-list of :mod:`exitless.confine`
+    (dropping to ``user`` first) once its listeners are up, before the first frontend is served;
+    the socket files are then removed by a helper forked beforehand (a confined process may not
+    unlink).  Raises :class:`~exitless.confine.ConfinementError` if the filter cannot be installed.
+    """
+    from ..confine import confine, unlink_on_exit
     from ..sidecore.loop import SidecoreLoop, SidecoreThread
     from ..vhost_user import VhostUserServer
     from ..vhost_user.backend import LOOP_MODE
@@ -183,8 +194,24 @@ def serve_devices(args, served: list[tuple[str, object, str]], name: str) -> int
         stop.set()
 
     old = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    removers = [unlink_on_exit(path) for path, _, _ in served] if confined else []
+    try:
+        is_confined = confined and confine(user=user)
+    except BaseException:
+        for s, h in old.items():
+            signal.signal(s, h)
+        for srv in servers:
+            srv.close()
+        for _, dev, _ in served:
+            dev.close()
+        if shared is not None:
+            shared.loop.close()
+        for remove in removers:
+            remove()
+        raise
     for srv, (path, _, what) in zip(servers, served):
-        log.info("%s: serving %s on %s, io=%s", srv.name, what, path, args.io)
+        log.info("%s: serving %s on %s, io=%s, %s", srv.name, what, path, args.io,
+                 "confined (seccomp)" if is_confined else "NOT confined")
     try:
         if shared is None:
             servers[0].serve_forever()
@@ -207,6 +234,8 @@ def serve_devices(args, served: list[tuple[str, object, str]], name: str) -> int
                 shared.loop.close()
         for _, dev, _ in served:
             dev.close()
+        for remove in removers:
+            remove()
     return 0
 
 

@@ -10,17 +10,22 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import resource
 import select
+import signal
 import subprocess
 import sys
 import threading
 from dataclasses import dataclass
 
+from ..confine import confine
 from ..memory import GuestMemory
 from .loop import SidecoreLoop
 from .shared_register import SharedRegister
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,6 +66,14 @@ class SidecoreProcess:
             self.proc.wait(5)
             raise RuntimeError(f"sidecore process failed to start (exit {self.proc.returncode})")
         self.report: dict = {}
+        self._stopping = False
+        threading.Thread(target=self._watch, name="sidecore-process-watch", daemon=True).start()
+
+    def _watch(self) -> None:
+        """Report at once a sidecore process that dies while the VM runs (its devices go silent)."""
+        self.proc.wait()
+        if not self._stopping:
+            log.error("sidecore process %d %s; its devices stopped being served", self.proc.pid, self.died())
 
     def cpu_seconds(self) -> float | None:
         """CPU time of the child so far, from /proc (clock ticks)."""
@@ -71,7 +84,20 @@ class SidecoreProcess:
         except (OSError, IndexError):
             return self.report.get("cpu_s")
 
+    def died(self) -> str | None:
+        """Why the process ended before :meth:`stop`, or None while it runs."""
+        code = self.proc.poll()
+        if code is None:
+            return None
+        if code == -signal.SIGSYS:
+            return "killed by its seccomp filter (SIGSYS): a forbidden system call"
+        return f"exited with status {code}" if code >= 0 else f"killed by {signal.Signals(-code).name}"
+
     def stop(self) -> None:
+        self._stopping = True
+        why = self.died()
+        if why is not None:
+            self.report = {"error": why}
         if self.proc.poll() is None:
             os.eventfd_write(self.stop_fd, 1)
             try:
@@ -98,6 +124,7 @@ def _child() -> int:
         devices.append(dev)
         pollables += build_pollables(mem, dev, d["shared_gpa"], d.get("wake_fd"))
     loop = SidecoreLoop(pollables, spec["mode"], poll_ns=spec["poll_ns"], name="sidecore-process")
+    confine()        # from here on only the data plane's system calls (EXITLESS_CONFINE=0: off)
 
     def watch_stop():
         select.select([spec["stop_fd"]], [], [])

@@ -33,7 +33,9 @@ stops the batch and goes through :meth:`VirtioBlk.process` (see ``_fast_batch``)
 
 Durability: FLUSH completes only after ``fdatasync``.  If the driver did not
 negotiate VIRTIO_BLK_F_FLUSH the disk is write-through (spec §5.2.6.2 case 1):
-every write completes only after ``fdatasync``.
+every write completes only after ``fdatasync``.  Host I/O errors (EIO, ENOSPC, ...)
+complete the request with VIRTIO_BLK_S_IOERR; once an ``fdatasync`` has failed, every
+later flush fails too (``VirtioBlk._sync``).
 """
 from __future__ import annotations
 
@@ -162,6 +164,8 @@ class VirtioBlk(VirtioDevice):
         self.discard = discard and not read_only
         self.write_zeroes = write_zeroes and not read_only
         self.writeback = True
+        #: Set by the first failed fdatasync; from then on every flush fails (see :meth:`_sync`).
+        self.sync_failed = False
 
     # -- backing store -----------------------------------------------------------------
     def _open(self, flags: int) -> int:
@@ -174,6 +178,23 @@ class VirtioBlk(VirtioDevice):
                 raise BackingFileError(errno.EINVAL, "the filesystem of the virtio-blk backing file does not support "
                                                      "O_DIRECT (direct=True)", self.path) from None
             raise BackingFileError(e.errno, f"virtio-blk backing file: {e.strerror}", self.path) from None
+
+    def _sync(self) -> None:
+        """``fdatasync`` the backing file; OSError if it fails -- and ever after, once it has failed.
+
+        Linux reports a writeback error to a file once (per open file description) and may drop
+        the dirty pages it could not write: a *later* fdatasync then returns 0 although writes
+        the guest saw completed are not on disk.  So the first failure is sticky: every later
+        FLUSH (and write-through write) completes with IOERR, never OK (QEMU's file-posix does
+        the same).  Only a new VirtioBlk on the file -- a restart -- clears it.
+        """
+        if self.sync_failed:
+            raise OSError(errno.EIO, "an earlier flush of this disk failed: acknowledged writes may be lost")
+        try:
+            os.fdatasync(self.fd)
+        except OSError:
+            self.sync_failed = True
+            raise
 
     def _probe_dio_align(self) -> int:
         """512 if an O_DIRECT read of 512 bytes at a 512-byte (not 4 KiB) aligned address works, else 4096."""
@@ -287,7 +308,7 @@ class VirtioBlk(VirtioDevice):
             elif rtype == VIRTIO_BLK_T_OUT:
                 self._write(chain, sector)
             elif rtype == VIRTIO_BLK_T_FLUSH:
-                os.fdatasync(self.fd)
+                self._sync()
             elif rtype == VIRTIO_BLK_T_GET_ID:
                 written += self._get_id(chain, status_off)
             elif rtype == VIRTIO_BLK_T_DISCARD and self.discard:
@@ -337,7 +358,7 @@ class VirtioBlk(VirtioDevice):
         if nbytes:
             self._io(chain, False, _HDR.size, nbytes, offset)
             if not self.writeback:
-                os.fdatasync(self.fd)
+                self._sync()
 
     def _io(self, chain: DescriptorChain, is_read: bool, start: int, nbytes: int, offset: int) -> None:
         bd = _breakdown.ACTIVE
@@ -445,7 +466,7 @@ class VirtioBlk(VirtioDevice):
             else:
                 self._zero(offset, length, unmap=bool(flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP))
         if not self.writeback:
-            os.fdatasync(self.fd)
+            self._sync()
 
     def _zero(self, offset: int, length: int, unmap: bool) -> None:
         modes = ([FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE] if unmap else []) + \

@@ -122,6 +122,9 @@ class VirtioDevice:
         #: Set by the transport: called when the configuration space changed (config interrupt).
         self.on_config_changed: Callable[[], None] | None = None
         self.log = RateLimitedLog(log)
+        #: Exceptions other than a broken ring that escaped :meth:`process`: bugs in exitless
+        #: (each also logged, and the device put in NEEDS_RESET).  Fuzz targets require it to stay 0.
+        self.internal_errors = 0
         self._clear_state()
 
     def _clear_state(self) -> None:
@@ -313,6 +316,7 @@ class VirtioDevice:
             self._publish(index, q, completions)  # completions before the breakage still get delivered
             self._set_needs_reset(index, e)
         except Exception as e:  # a device bug: keep the VMM alive, stop the device
+            self.internal_errors += 1
             self.log(logging.ERROR, "virtio device %d queue %d: internal error:\n%s", self.DEVICE_ID, index,
                      traceback.format_exc())
             if completions:  # the chains processed before the bug are answered

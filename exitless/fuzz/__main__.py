@@ -1,0 +1,154 @@
+"""``python3 -m exitless.fuzz``: run the fuzz targets (see :mod:`exitless.fuzz`)."""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+from . import TARGETS, Runner
+
+# libFuzzer's closing lines: "#123 DONE cov: 456 ft: 789 corp: ..." and -print_final_stats=1's "stat::..."
+_DONE = re.compile(r"^#(\d+)\s+DONE\s+cov: (\d+) ft: (\d+) corp: (\d+)", re.M)
+_STAT = re.compile(r"^stat::(\w+):\s+(\d+)", re.M)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python3 -m exitless.fuzz", description=__doc__)
+    p.add_argument("target", nargs="?", choices=sorted(TARGETS), metavar="TARGET")
+    p.add_argument("--list", action="store_true", help="print the target names, one per line")
+    p.add_argument("--all", action="store_true", help="run every target in turn (each in its own process)")
+    p.add_argument("--only", nargs="+", choices=sorted(TARGETS), metavar="TARGET", help="with --all: just these")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--runs", type=int, help="stop after N inputs")
+    budget.add_argument("--seconds", type=float, help="stop after S seconds")
+    p.add_argument("--make-seeds", action="store_true", help="(re)write the seed corpus from the targets' seeds()")
+    p.add_argument("--replay", nargs="+", metavar="FILE", help="run these inputs once each, without atheris")
+    p.add_argument("--corpus", metavar="DIR", help="working corpus (default: a temporary directory); the seed "
+                                                   "corpus in the package is read, never written")
+    p.add_argument("--artifacts", metavar="DIR", default=".", help="where crashing inputs are written")
+    p.add_argument("--seed", type=int, default=0, help="libFuzzer -seed (0: random)")
+    p.add_argument("--json", metavar="FILE", help="write the summary (one object per target) as JSON")
+    return p
+
+
+def _replay(name: str, files: list[str]) -> dict:
+    runner = Runner(TARGETS[name].make())
+    for f in files:
+        with open(f, "rb") as fh:
+            runner.one(fh.read())
+    return runner.summary()
+
+
+_keep: list = []
+
+
+def _c_atexit(fn) -> None:
+    callback = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(lambda _arg: fn())
+    _keep.append(callback)
+    ctypes.CDLL(None).__cxa_atexit(callback, None, None)   # what atexit(3) is in glibc
+
+
+def _fuzz(args) -> int:
+    """Run one target under libFuzzer in this process (libFuzzer exits the process when done)."""
+    import atheris
+
+    target = TARGETS[args.target]
+    with atheris.instrument_imports(include=["exitless"], exclude=["exitless.fuzz"]):
+        harness = target.make()
+    runner = Runner(harness)
+    t0 = time.monotonic()
+
+    def report() -> None:
+        summary = {"target": target.name, "seconds": round(time.monotonic() - t0, 1), **runner.summary()}
+        print("exitless-fuzz-summary " + json.dumps(summary), file=sys.stderr, flush=True)
+
+    # libFuzzer ends the process with C exit(), which skips Python's atexit: register with libc.
+    _c_atexit(report)
+    corpus = args.corpus or tempfile.mkdtemp(prefix=f"exitless-fuzz-{target.name}-")
+    os.makedirs(corpus, exist_ok=True)
+    argv = [sys.argv[0], corpus, "-print_final_stats=1", f"-seed={args.seed}",
+            f"-artifact_prefix={os.path.join(args.artifacts, target.name + '-')}", "-rss_limit_mb=4096",
+            f"-max_len={target.max_len}"]
+    if target.corpus.is_dir():
+        argv.insert(2, str(target.corpus))
+    if args.runs is not None:
+        argv.append(f"-runs={args.runs}")
+    if args.seconds is not None:
+        argv.append(f"-max_total_time={max(1, int(args.seconds))}")
+    atheris.Setup(argv, runner.one)
+    atheris.Fuzz()
+    return 0  # not reached
+
+
+def _run_child(name: str, args) -> dict:
+    """Fuzz one target in a child process; parse libFuzzer's and our closing figures."""
+    cmd = [sys.executable, "-m", "exitless.fuzz", name, "--artifacts", args.artifacts, "--seed", str(args.seed)]
+    if args.runs is not None:
+        cmd += ["--runs", str(args.runs)]
+    if args.seconds is not None:
+        cmd += ["--seconds", str(args.seconds)]
+    if args.corpus:
+        cmd += ["--corpus", os.path.join(args.corpus, name)]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+    out = proc.stdout
+    row = {"target": name, "exit": proc.returncode, "wall_s": round(time.monotonic() - t0, 1)}
+    for line in out.splitlines():
+        if line.startswith("exitless-fuzz-summary "):
+            row.update(json.loads(line.split(" ", 1)[1]))
+    stats = dict((k, int(v)) for k, v in _STAT.findall(out))
+    done = _DONE.findall(out)
+    if done:
+        row["cov"], row["ft"], row["corpus"] = int(done[-1][1]), int(done[-1][2]), int(done[-1][3])
+    row["libfuzzer_execs"] = stats.get("number_of_executed_units")
+    row["peak_rss_mb"] = stats.get("peak_rss_mb")
+    row["crashes"] = 0 if proc.returncode == 0 else 1
+    if proc.returncode != 0:
+        row["log_tail"] = out[-3000:]
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.list:
+        print("\n".join(TARGETS))
+        return 0
+    if args.make_seeds:
+        import hashlib
+        for t in TARGETS.values():
+            t.corpus.mkdir(parents=True, exist_ok=True)
+            for data in t.seeds():
+                (t.corpus / f"seed-{hashlib.sha1(data).hexdigest()[:16]}").write_bytes(data)
+        return 0
+    logging.getLogger("exitless").setLevel(logging.CRITICAL)   # every guest mistake is logged; not here
+    if args.all:
+        rows = []
+        for name in args.only or TARGETS:
+            row = _run_child(name, args)
+            rows.append(row)
+            print(f"{name:12} exit {row['exit']:>3}  execs {row.get('executions', '?'):>9}  "
+                  f"cov {row.get('cov', '?'):>6}  ft {row.get('ft', '?'):>6}  rejected {row.get('rejected', '?'):>8}  "
+                  f"refused {row.get('refused', '?'):>8}  {row['wall_s']:>7} s", flush=True)
+            if row["exit"]:
+                print(row["log_tail"], file=sys.stderr)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return 1 if any(r["exit"] for r in rows) else 0
+    if args.target is None:
+        _parser().error("a TARGET, --list or --all")
+    if args.replay:
+        print(json.dumps({"target": args.target, **_replay(args.target, args.replay)}))
+        return 0
+    return _fuzz(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Confinement of back-end processes: the seccomp filter refuses what they do not need (the process
+dies with SIGSYS, nothing else does), the normal path works under it, and the VMM reports a death."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from exitless import confine
+from exitless.devices.doorbell import DoorbellDevice
+from exitless.memory import GuestMemory
+from exitless.sidecore.process import DeviceSpec, SidecoreProcess
+
+pytestmark = pytest.mark.skipif(not confine.status()[0], reason=confine.status()[1])
+PROBE = """
+import os, socket, sys
+from exitless.confine import confine
+assert confine()
+print("confined", open("/proc/self/status").read().count("NoNewPrivs:\\t1"), flush=True)
+{action}
+print("survived", flush=True)
+"""
+
+
+def _run(action: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", PROBE.format(action=action)], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=60)
+
+
+@pytest.mark.parametrize("action", ["socket.socket()", "os.fork()", "os.execv('/bin/true', ['true'])",
+                                    "open('/tmp/exitless-confine-probe', 'w')", "os.kill(os.getppid(), 0)"])
+def test_forbidden_syscall_kills_the_confined_process(action):
+    p = _run(action)
+    assert p.returncode == -signal.SIGSYS, (p.stdout, p.stderr)
+    assert p.stdout == "confined 1\n"
+    assert not os.path.exists("/tmp/exitless-confine-probe")
+
+
+def test_allowed_work_and_opt_out():
+    p = _run("import threading; t = threading.Thread(target=print, args=('thread',)); t.start(); t.join(); "
+             "r, w = os.pipe(); os.write(w, b'x'); assert os.read(r, 1) == b'x'; open('/etc/hostname').read()")
+    assert p.returncode == 0 and p.stdout.endswith("survived\n"), p.stderr
+    p = subprocess.run([sys.executable, "-c", "from exitless.confine import confine; import socket; "
+                        "print(confine()); socket.socket()"], capture_output=True, text=True,
+                       env={**os.environ, "EXITLESS_CONFINE": "0"}, timeout=60)
+    assert p.returncode == 0 and p.stdout == "False\n"
+
+
+def _ring(mem: GuestMemory, page: int, value: int) -> None:
+    dev = DoorbellDevice()
+    reg = dev.doorbells()[0]
+    mem.write_u32(page + dev.shadow_offset(reg), value)
+
+
+def _ack(mem: GuestMemory, page: int) -> int:
+    dev = DoorbellDevice()
+    return mem.read_u32(page + dev.shared_area_offset())
+
+
+def test_sidecore_process_confined_serves_and_its_death_is_reported(monkeypatch, caplog):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    with GuestMemory.create([(0, 1 << 20)]) as mem:
+        page = 0x1000
+        side = SidecoreProcess(mem, [DeviceSpec("confine_probe:ForbiddenDevice", page)], "poll", 64_000)
+        try:
+            status = Path(f"/proc/{side.proc.pid}/status").read_text()
+            assert "Seccomp:\t2" in status and "NoNewPrivs:\t1" in status     # filtered, no new privileges
+            _ring(mem, page, 1)                                                # the normal path, confined
+            deadline = time.monotonic() + 10
+            while _ack(mem, page) != 1:
+                assert time.monotonic() < deadline, "the confined sidecore did not answer"
+                time.sleep(0.001)
+            with caplog.at_level(logging.ERROR, logger="exitless.sidecore.process"):
+                _ring(mem, page, 0xBAD)                                        # now a forbidden syscall
+                side.proc.wait(10)
+                deadline = time.monotonic() + 5
+                while "seccomp" not in caplog.text and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            assert side.proc.returncode == -signal.SIGSYS
+            assert "killed by its seccomp filter" in caplog.text               # the VMM says so, at once
+        finally:
+            side.stop()
+        assert "seccomp" in side.report["error"]
+        mem.write_u32(0x2000, 7)                                               # this process goes on
+        assert mem.read_u32(0x2000) == 7
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping to another user needs root")
+def test_serve_blk_drops_to_another_user_and_serves(tmp_path):
+    from exitless.vhost_user.frontend import Frontend
+
+    disk, sock = tmp_path / "d.img", tmp_path / "vu.sock"
+    disk.write_bytes(bytes(1 << 20))
+    proc = subprocess.Popen([sys.executable, "-m", "exitless.cli", "serve", "blk", "--socket", str(sock),
+                             "--disk", str(disk), "--user", "nobody"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while "serving" not in (line := proc.stderr.readline()):
+            assert line and time.monotonic() < deadline, "serve blk did not start"
+        assert "confined (seccomp)" in line
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        uid = next(l for l in status.splitlines() if l.startswith("Uid:")).split()[1:]
+        assert set(uid) == {"65534"} and "Seccomp:\t2" in status
+        with Frontend.connect(str(sock)) as fe:           # the socket was made before the drop
+            assert fe.get_features() >> 32 & 1             # VIRTIO_F_VERSION_1: it answers
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0
+    assert not sock.exists()                               # removed at exit although the server may not
