@@ -26,7 +26,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from ..guestkit import guestkit_path
+from ..guestkit import guestkit_cmdline, guestkit_path
 from ..net.spec import NetSpec, add_nic
 from ..net.tap import Tap, create_tap
 from ..vm import Machine, VmConfig
@@ -94,7 +94,7 @@ def _exitless_run(ns: Namespace, path: str, app: str, timeout: float) -> dict:
     console = bytearray()
     with Machine(VmConfig(mem_mib=128, console=console.extend)) as m:
         add_nic(m, NetSpec(TAP_NAME, io=path, netns=ns.name))
-        m.boot_pvh(guestkit_path(), app)
+        m.boot_pvh(guestkit_path(), guestkit_cmdline(app))
         exit = m.run(timeout=timeout)
         window = m.bench_marker.window()
     if exit.kind != "debug-exit" or window is None:

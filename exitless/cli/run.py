@@ -108,11 +108,12 @@ def _net_spec(text: str):
 
 
 def _run_pvh(args) -> int:
+    from ..guestkit import guestkit_cmdline
     from ..vm import Machine, VmConfig
 
     with Machine(VmConfig(mem_mib=args.mem, cpus=args.cpus)) as m:
         attach_devices(m, args)
-        m.boot_pvh(args.kernel, args.append, args.initrd)
+        m.boot_pvh(args.kernel, guestkit_cmdline(args.append), args.initrd)
         exit = m.run(timeout=args.timeout)
     if exit.kind == "debug-exit":
         return exit.status & 0xFF

@@ -104,13 +104,13 @@ def _guest(image, app: str, path: str) -> dict:
     from ..bench.common import guest_result
     from ..devices.virtio.blk import VirtioBlk
     from ..devices.virtio.pci import VirtioPci
-    from ..guestkit import guestkit_path
+    from ..guestkit import guestkit_cmdline, guestkit_path
     from ..vm import Machine, VmConfig
 
     console = bytearray()
     with Machine(VmConfig(mem_mib=128, console=console.extend)) as m:
         VirtioPci(m, VirtioBlk(image), path)
-        m.boot_pvh(guestkit_path(), app)
+        m.boot_pvh(guestkit_path(), guestkit_cmdline(app))
         ex = m.run(timeout=300)
     if ex.kind != "debug-exit" or ex.status != 0:
         raise RuntimeError(f"{app}: {ex.kind} {ex.status}\n{console.decode(errors='replace')[-600:]}")
