@@ -1,0 +1,59 @@
+"""Argument parsing of every command: bad values are one-line usage errors (exit 2) naming the command."""
+import argparse
+
+import pytest
+
+from exitless import cli
+from exitless.cli.options import host_ram_mib, mem_size, positive_float, positive_int
+
+
+def _parse_error(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as e:
+        cli.build_parser().parse_args(list(argv))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "usage:" not in err, err
+    return err
+
+
+def test_mem_size_units_and_upper_bound():
+    assert mem_size("256") == 256 and mem_size("1G") == 1024 and mem_size("1g") == 1024
+    assert mem_size("512MiB") == 512
+    with pytest.raises(argparse.ArgumentTypeError, match="too large"):
+        mem_size("1T" if host_ram_mib() < 1 << 20 else "100000T")
+    for bad in ("100000G", "5000G", f"{host_ram_mib() + 1}M"):
+        with pytest.raises(argparse.ArgumentTypeError, match="too large"):
+            mem_size(bad)
+    for bad in ("0", "-1G", "lots"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            mem_size(bad)
+
+
+def test_bench_boot_mem_parses_like_run():
+    args = cli.build_parser().parse_args(["bench", "boot", "--mem", "1G"])
+    assert args.mem == 1024
+
+
+def test_positive_types():
+    assert positive_int("3") == 3 and positive_float("0.5") == 0.5
+    for bad in ("0", "-5", "x", "nan", "inf"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            (positive_float if bad in ("nan", "inf") else positive_int)(bad)
+
+
+@pytest.mark.parametrize("argv", [
+    ("bench", "doorbell", "--n", "-5"), ("bench", "doorbell", "--n", "0"), ("bench", "blk", "--scale", "0"),
+    ("bench", "blk", "--scale", "-1"), ("bench", "nvme", "--rounds", "0"), ("bench", "net", "--scale", "-1"),
+    ("bench", "vhost", "--min-seconds", "0"), ("bench", "boot", "--runs", "0"), ("bench", "boot", "--timeout", "-1"),
+    ("bench", "boot", "--mem", "100000G"), ("run", "--timeout", "-1"), ("run", "--timeout", "0"),
+    ("run", "--cpus", "0"), ("run", "--mem", "100000G"), ("run", "--mem", "5000G"),
+])
+def test_bad_numbers_are_one_line_usage_errors(capsys, argv):
+    err = _parse_error(capsys, *argv)
+    prog = "exitless " + " ".join(argv[:2] if argv[0] == "bench" else argv[:1])
+    assert err.startswith(f"{prog}: error: ") and f"(see {prog} --help)" in err, err
+
+
+def test_unknown_flag_names_the_subcommand(capsys):
+    err = _parse_error(capsys, "run", "--frob")
+    assert err.startswith("exitless run: error: unrecognized arguments: --frob"), err
