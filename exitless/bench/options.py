@@ -7,7 +7,7 @@ nothing else goes there; ``--rounds`` is the number of interleaved rounds.
 """
 from __future__ import annotations
 
-from ..cli.options import mem_size, non_negative_int, positive_float, positive_int
+from ..argtypes import mem_size, non_negative_int, positive_float, positive_int
 from .workload import TESTS
 
 DOORBELL_PATHS = ("trap", "ioeventfd", "shared", "adaptive")
@@ -106,7 +106,7 @@ def add_boot(p) -> None:
     p.add_argument("--timeout", type=positive_float, default=None,
                    help="seconds per boot (default 60; 240 for exitless on kvm_pvm, 600 for QEMU TCG)")
     p.add_argument("--mem", type=mem_size, default=256, help="guest RAM, as run --mem (default 256M)")
-    p.add_argument("--cpus", type=positive_int, default=1, help="guest vCPUs (default 1)")
+    p.add_argument("--cpus", type=int, default=1, help="guest vCPUs (default 1)")
     p.add_argument("--cache", help="guest cache directory (default $EXITLESS_CACHE or ~/.cache/exitless/guest)")
     p.add_argument("--decompress", choices=("auto", "guest", "host"), default="auto",
                    help="bzImage: run its decompressor in the guest, or unpack it on the host "
