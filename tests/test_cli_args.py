@@ -57,3 +57,17 @@ def test_bad_numbers_are_one_line_usage_errors(capsys, argv):
 def test_unknown_flag_names_the_subcommand(capsys):
     err = _parse_error(capsys, "run", "--frob")
     assert err.startswith("exitless run: error: unrecognized arguments: --frob"), err
+
+
+@pytest.mark.kvm
+def test_not_a_kernel_reports_only_the_error(tmp_path):
+    """A disk image given as --kernel: one line, the real error, no note about Linux on this host first."""
+    import subprocess
+    import sys
+
+    img = tmp_path / "d.img"
+    img.write_bytes(bytes(1 << 16))
+    r = subprocess.run([sys.executable, "-m", "exitless.cli", "run", "--kernel", str(img)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "note:" not in r.stderr, r.stderr
+    assert str(img) in r.stderr

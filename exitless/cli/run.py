@@ -147,8 +147,6 @@ def _run_linux(args) -> int:
     plan = plan_guest(args.kernel, command, append=args.append, initrd=args.initrd, cache=args.cache,
                       modules=args.modules, decompress=args.decompress, quiet=not args.boot_log,
                       progress=stderr_progress())
-    for note in plan.notes:
-        _stderr(f"note: {note}")
 
     sink = CommandOutput() if easy and not args.boot_log else _stdout
     console = BootConsole(sink)
@@ -165,6 +163,8 @@ def _run_linux(args) -> int:
             signal.signal(s, on_signal)
         with Machine(VmConfig(mem_mib=args.mem, cpus=args.cpus, console=console)) as m:
             boot_linux(m, plan.kernel, plan.cmdline, plan.initrd, decompress=plan.decompress)
+            for note in plan.notes:          # after the kernel loaded: a bad image's error comes alone
+                _stderr(f"note: {note}")
             attach_devices(m, args)
             exit = m.run(timeout=args.timeout)
     except HostSignal as e:
