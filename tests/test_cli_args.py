@@ -71,3 +71,15 @@ def test_not_a_kernel_reports_only_the_error(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "note:" not in r.stderr, r.stderr
     assert str(img) in r.stderr
+
+
+def test_serve_help_qemu_examples_use_modern_virtio_pci():
+    """The guest kit drives modern virtio-pci only: the QEMU lines in serve's help say disable-legacy=on,
+    as the benchmarks' device arguments do."""
+    from exitless.bench import vhost
+    from exitless.cli.serve import BLK_USAGE, NET_USAGE
+
+    for usage, device in ((BLK_USAGE, "vhost-user-blk-pci"), (NET_USAGE, "virtio-net-pci")):
+        line = next(w for w in usage.split() if w.startswith(device + ","))
+        assert "disable-legacy=on" in line, line
+    assert "disable-legacy=on" in open(vhost.__file__).read()

@@ -15,8 +15,9 @@ BLK_USAGE = """\
     exitless serve blk --socket /tmp/vhost.sock --disk disk.img[,ro][,direct] [--io kick|poll|adaptive]
     qemu-system-x86_64 ... -object memory-backend-memfd,id=mem,size=1G,share=on \\
         -machine q35,memory-backend=mem -chardev socket,id=c0,path=/tmp/vhost.sock \\
-        -device vhost-user-blk-pci,chardev=c0,num-queues=1
+        -device vhost-user-blk-pci,chardev=c0,num-queues=1,disable-legacy=on
 
+disable-legacy=on: the guest kit drives modern (virtio 1.x) virtio-pci only.
 Runs until SIGINT/SIGTERM, one frontend at a time, logging connections.
 Exit status 2 if the socket path is taken by a live listener (or is not a
 socket) or the disk cannot be opened.
@@ -62,14 +63,15 @@ NET_USAGE = """\
     exitless serve net --socket /tmp/net.sock --tap tap0 [--netns NS] [--io kick|poll|adaptive] [--queues N]
     qemu-system-x86_64 ... -object memory-backend-memfd,id=mem,size=1G,share=on \\
         -machine q35,memory-backend=mem -chardev socket,id=c0,path=/tmp/net.sock \\
-        -netdev vhost-user,id=n0,chardev=c0[,queues=N] -device virtio-net-pci,netdev=n0[,mq=on]
+        -netdev vhost-user,id=n0,chardev=c0[,queues=N] -device virtio-net-pci,netdev=n0,disable-legacy=on[,mq=on]
 
 The back-end serves the RX/TX queue pairs; QEMU keeps the control queue (RX mode, MAC
 filter, MQ: it enables and disables the pairs' rings).  The TAP is attached by name (in
 network namespace NS), or created without persistence if it does not exist; with N > 1
 it must be a multi-queue TAP.  Exit status 2 if the TAP cannot be attached or the
 socket path is taken.  QEMU 7.2 under TCG: add vectors=0 to virtio-net-pci (its MSI-X
-path for vhost-user-net needs KVM irqfds and crashes without them).
+path for vhost-user-net needs KVM irqfds and crashes without them).  disable-legacy=on:
+the guest kit drives modern (virtio 1.x) virtio-pci only.
 """
 
 
