@@ -171,3 +171,18 @@ def test_differential_exits_are_never_negative():
     net = _row("qemu", "tap", NET_TESTS[0], {"res": nres, "exits": 10, "cpu": 1.0},
                {"res": {**nres, "ops": 100}, "exits": 50, "cpu": 0.0})
     assert net["exits_per_packet"] is None and "noise" in net["exits_note"]
+
+
+def test_boot_rows_say_null_for_unmeasured_kernel_clock_and_no_polling_warning(capsys):
+    from exitless.bench.boot import summarize
+
+    run = {"first_line_s": None, "userspace_s": None, "poweroff_s": None, "stopped_after_s": 1.0,
+           "reached": "nothing", "stop": "timeout", "kernel_time_s": None, "last_line": ""}
+    row = summarize("exitless", [run, dict(run)], {})
+    assert row["kernel_time_s"] is None and row["each"][0]["kernel_time_s"] is None
+    assert summarize("q", [run, {**run, "kernel_time_s": 2.0}], {})["kernel_time_s"] == 2.0
+
+    report = C.Report("-")
+    report.ties_note(2, [{"per_round": {"other_load_pct": [3.0, 55.0]}}], polling=False)
+    err = capsys.readouterr().err
+    assert "55% of the machine busy" in err and "poll" not in err

@@ -236,8 +236,9 @@ class Report:
             table.add_row(*(_cell(row, key) if key in spread else _fmt(row.get(key)) for key, _ in columns))
         self.console.print(table)
 
-    def ties_note(self, rounds: int, rows: Sequence[dict] = ()) -> None:
-        """Explain the marks; warn when other work loaded the machine during some round."""
+    def ties_note(self, rounds: int, rows: Sequence[dict] = (), *, polling: bool = True) -> None:
+        """Explain the marks; warn when other work loaded the machine during some round (``polling``:
+        some rows poll, and share their cores with that load)."""
         if rounds > 1:
             self.note(f"median (min–max) of {rounds} interleaved rounds; ★ best of its test, ≈ within the best "
                       "row's min–max (the rounds cannot tell the two apart)")
@@ -245,8 +246,9 @@ class Report:
                        if v is not None), default=0.0)
         if busiest > BUSY_MACHINE_PCT:
             self.note(f"warning: other processes kept up to {busiest:.0f}% of the machine busy during some rounds "
-                      "(column 'other load %'): rows where both sides poll share their cores with them, and their "
-                      "figures are not those of a quiet machine")
+                      "(column 'other load %'): " +
+                      ("rows where both sides poll share their cores with them, and their figures are not those "
+                       "of a quiet machine" if polling else "the figures are not those of a quiet machine"))
 
     def json(self, rows: list[dict]) -> None:
         if self.json_dest is None:
