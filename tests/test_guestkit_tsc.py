@@ -30,3 +30,14 @@ def test_run_passes_kvm_tsc_rate_to_guest_kit():
     res = json.loads(next(l for l in out.stdout.splitlines() if l.startswith("{")))
     assert res["tsc_source"] == "cmdline"
     assert res["tsc_khz"] == khz
+
+
+@pytest.mark.qemu
+@pytest.mark.kvm
+def test_qemu_rows_under_kvm_get_the_host_rate():
+    from exitless.bench import qemu
+    from exitless.bench.common import guest_result
+
+    r = qemu.run_guestkit(guestkit_path(), "info", accel="kvm", timeout=60)
+    res = guest_result(r.console, "info")
+    assert res["tsc_source"] == "cmdline" and res["tsc_khz"] == host_tsc_khz()
