@@ -83,3 +83,21 @@ def test_serve_help_qemu_examples_use_modern_virtio_pci():
         line = next(w for w in usage.split() if w.startswith(device + ","))
         assert "disable-legacy=on" in line, line
     assert "disable-legacy=on" in open(vhost.__file__).read()
+
+
+def test_every_option_has_help_and_names_its_default():
+    missing = []
+
+    def walk(parser, name):
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for sub, p in a.choices.items():
+                    walk(p, f"{name} {sub}")
+            elif isinstance(a, (argparse._HelpAction, argparse._VersionAction)):
+                continue
+            elif not a.help or (a.default not in (None, False, [], argparse.SUPPRESS)
+                                and not isinstance(a, argparse._StoreTrueAction) and "default" not in a.help):
+                missing.append(f"{name} {a.option_strings or a.dest}")
+
+    walk(cli.build_parser(), "exitless")
+    assert missing == []

@@ -70,14 +70,14 @@ def add_nvme(p) -> None:
 
 def add_vhost(p) -> None:
     p.add_argument("--io", nargs="+", default=list(VHOST_PATHS), choices=VHOST_PATHS,
-                   help="exitless back-end I/O paths to measure")
+                   help="exitless back-end I/O paths to measure (default: all)")
     _tests(p)
     p.add_argument("--min-seconds", type=positive_float, default=0.5,
                    help="raise the operation count so each measured run lasts at least this long (default 0.5)")
     p.add_argument("--accel", choices=["auto", "tcg", "kvm"], default="auto",
-                   help="QEMU accelerator (auto: KVM when /dev/kvm works; the guest kit runs on it)")
+                   help="QEMU accelerator (auto: KVM when /dev/kvm works; the guest kit runs on it; default auto)")
     p.add_argument("--cache", choices=CACHES, default="writeback",
-                   help="writeback: page cache on every side; none: O_DIRECT on every side")
+                   help="writeback: page cache on every side; none: O_DIRECT on every side (default writeback)")
     p.add_argument("--no-builtin", action="store_true", help="skip QEMU's built-in virtio-blk rows")
     p.add_argument("--no-qsd", action="store_true", help="skip the qemu-storage-daemon rows")
     _common(p)
@@ -112,4 +112,4 @@ def add_boot(p) -> None:
                    help="bzImage: run its decompressor in the guest, or unpack it on the host "
                         "(auto: host on kvm_pvm hosts, guest elsewhere; default auto)")
     p.add_argument("--qemu", choices=("auto", "kvm", "tcg", "none"), default="auto",
-                   help="QEMU accelerator (auto: try KVM, fall back to TCG and say so)")
+                   help="QEMU accelerator (auto: try KVM, fall back to TCG and say so; default auto)")

@@ -33,7 +33,7 @@ def register(sub) -> None:
                                      "in the fetched Linux guest")
     run.add_argument("--kernel", help="kernel: a bzImage, a vmlinux (PVH) or the guest kit; "
                      "default: the fetched Debian kernel")
-    run.add_argument("--append", default="", help="kernel command line (the guest kit's: APP [key=value...])")
+    run.add_argument("--append", default="", help="kernel command line (the guest kit's: APP [key=value...]; default empty)")
     run.add_argument("--initrd", help="an initramfs (cpio, optionally compressed) for the kernel")
     run.add_argument("--mem", type=mem_size, default=256, help="guest RAM (default 256M)")
     run.add_argument("--cpus", type=int, default=1, help="guest vCPUs (default 1)")
@@ -55,7 +55,7 @@ def register(sub) -> None:
                           "netns the network namespace the TAP lives in")
     run.add_argument("--decompress", choices=("auto", "guest", "host"), default="auto",
                      help="bzImage: run its decompressor in the guest, or unpack it on the host "
-                          "(auto: host on kvm_pvm hosts, guest elsewhere)")
+                          "(auto: host on kvm_pvm hosts, guest elsewhere; default auto)")
     run.add_argument("--cache", help="guest cache directory (default $EXITLESS_CACHE or ~/.cache/exitless/guest)")
     run.add_argument("--modules", help="modules directory for --kernel (lib/modules/<kver> or its root)")
     run.add_argument("--boot-log", action="store_true", help="easy form: show the kernel's boot messages too")

@@ -40,11 +40,12 @@ def _add_blk(ssub) -> None:
     blk.add_argument("--socket", required=True, metavar="PATH", help="unix socket to listen on")
     add_disk_argument(blk, ("ro", "direct"), required=True, help="the disk image or block device served")
     blk.add_argument("--io", choices=IO_MODES, default="kick",
-                     help="kick: sleep on kick eventfds; poll: poll the avail rings (no kicks); adaptive: both")
+                     help="kick: sleep on kick eventfds; poll: poll the avail rings (no kicks); adaptive: both "
+                          "(default kick)")
     blk.add_argument("--queues", type=int, default=1, choices=range(1, 17), metavar="N",
                      help="virtqueues offered (QEMU's num-queues must not exceed it; default 1)")
     blk.add_argument("--queue-size", type=power_of_two, default=256, metavar="N", help="maximum ring size (default 256)")
-    blk.add_argument("--poll-us", type=float, default=64.0, help="adaptive: initial busy-poll window (µs)")
+    blk.add_argument("--poll-us", type=float, default=64.0, help="adaptive: initial busy-poll window (µs; default 64)")
     blk.set_defaults(func=cmd_serve_blk)
 
 
@@ -93,12 +94,13 @@ def _add_net(ssub) -> None:
     net.add_argument("--tap", required=True, metavar="NAME", help="TAP interface")
     net.add_argument("--netns", metavar="NS", help="the TAP lives in network namespace NS (/run/netns/NS)")
     net.add_argument("--io", choices=IO_MODES, default="kick",
-                     help="kick: sleep on kick eventfds and the TAP; poll: poll rings and TAP; adaptive: both")
+                     help="kick: sleep on kick eventfds and the TAP; poll: poll rings and TAP; adaptive: both "
+                          "(default kick)")
     net.add_argument("--queues", type=int, default=1, choices=range(1, 17), metavar="N",
                      help="queue pairs (QEMU's queues= must not exceed it; default 1)")
     net.add_argument("--queue-size", type=power_of_two, default=256, metavar="N", help="maximum ring size (default 256)")
     net.add_argument("--mac", type=_mac, metavar="MAC", help="the device's MAC (QEMU's mac= is what the guest sees)")
-    net.add_argument("--poll-us", type=float, default=64.0, help="adaptive: initial busy-poll window (µs)")
+    net.add_argument("--poll-us", type=float, default=64.0, help="adaptive: initial busy-poll window (µs; default 64)")
     net.set_defaults(func=cmd_serve_net)
 
 
