@@ -101,3 +101,11 @@ def test_every_option_has_help_and_names_its_default():
 
     walk(cli.build_parser(), "exitless")
     assert missing == []
+
+
+@pytest.mark.kvm
+def test_machine_refuses_more_ram_than_the_host_has():
+    from exitless.vm import Machine, VmConfig, VmConfigError
+
+    with pytest.raises(VmConfigError, match="too large"):
+        Machine(VmConfig(mem_mib=host_ram_mib() + 1024))
