@@ -17,7 +17,6 @@ BLK_USAGE = """\
         -machine q35,memory-backend=mem -chardev socket,id=c0,path=/tmp/vhost.sock \\
         -device vhost-user-blk-pci,chardev=c0,num-queues=1,disable-legacy=on
 
-disable-legacy=on: the guest kit drives modern (virtio 1.x) virtio-pci only.
 Runs until SIGINT/SIGTERM, one frontend at a time, logging connections.
 Exit status 2 if the socket path is taken by a live listener (or is not a
 socket) or the disk cannot be opened.
