@@ -24,6 +24,8 @@ USEFUL_CAPS = ("KVM_CAP_BINARY_STATS_FD", "KVM_CAP_SIGNAL_MSI", "KVM_CAP_GET_TSC
 LEAF1_ECX = {0: "sse3", 9: "ssse3", 19: "sse4.1", 20: "sse4.2", 23: "popcnt", 26: "xsave", 28: "avx", 24: "tsc-deadline",
              21: "x2apic", 31: "hypervisor"}
 LEAF1_EDX = {0: "fpu", 4: "tsc", 5: "msr", 9: "apic", 25: "sse", 26: "sse2"}
+#: Linux's /proc/cpuinfo names of the features above, where they differ.
+CPUINFO_NAMES = {"sse3": "pni", "sse4.1": "sse4_1", "sse4.2": "sse4_2", "tsc-deadline": "tsc_deadline_timer"}
 
 
 @dataclass
@@ -36,6 +38,18 @@ class Report:
     missing_features: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     max_vcpus: int = 0
+    #: kvm_pvm only: what guest ring-3 code sees (CPUID is not intercepted there: the host's bits)
+    ring3_features: list[str] | None = None
+    ring3_missing: list[str] | None = None
+
+
+def host_cpu_features(cpuinfo: str | None = None) -> set[str]:
+    """The features of :data:`LEAF1_ECX`/:data:`LEAF1_EDX` the host CPU has, by our names (``/proc/cpuinfo``)."""
+    if cpuinfo is None:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    names = [*LEAF1_ECX.values(), *LEAF1_EDX.values()]
+    return {n for n in names if CPUINFO_NAMES.get(n, n) in flags}
 
 
 def kvm_flavour() -> str:
@@ -70,12 +84,18 @@ def diagnose(device: str = "/dev/kvm") -> Report:
                 for bit, feat in bits.items():
                     (rep.cpu_features if reg >> bit & 1 else rep.missing_features).append(feat)
         if rep.flavour == "pvm":
+            host = host_cpu_features()
+            order = [*LEAF1_ECX.values(), *LEAF1_EDX.values()]
+            rep.ring3_features = [f for f in order if f in host]
+            rep.ring3_missing = [f for f in order if f not in host]
             rep.notes += [
                 "software-nested KVM (kvm_pvm): guest ring-0 code goes through KVM's instruction emulator "
                 "(~1 µs per instruction) while ring-3 code runs natively; the guest kit runs its drivers in ring 3.",
                 "an unmodified Linux kernel boots only as far as early init here; `exitless run` adds the "
                 "parameters this host needs (noxsave, clearcpuid, mitigations=off) and says so.",
-                "guest code must stay within the CPUID above: an instruction outside it ends in a KVM emulation failure.",
+                "ring-0 guest code must stay within the ring-0 CPUID above: an instruction outside it ends in a KVM "
+                "emulation failure; ring-3 code runs natively and its CPUID shows the host's features (kvm_pvm "
+                "does not intercept CPUID in ring 3).",
             ]
         return rep
     finally:
@@ -88,8 +108,15 @@ def format_report(rep: Report) -> str:
     if rep.caps:
         lines.append("capabilities: " + ", ".join(f"{k[8:].lower()}={v}" for k, v in rep.caps.items()))
         lines.append(f"max vCPUs per VM: {rep.max_vcpus}")
-        lines.append("guest CPUID offers: " + " ".join(rep.cpu_features))
-        lines.append("guest CPUID lacks:  " + (" ".join(rep.missing_features) or "-"))
+        if rep.ring3_features is None:
+            lines.append("guest CPUID offers: " + " ".join(rep.cpu_features))
+            lines.append("guest CPUID lacks:  " + (" ".join(rep.missing_features) or "-"))
+        else:
+            lines.append("guest CPUID in ring 0 (what KVM_SET_CPUID gives) offers: " + " ".join(rep.cpu_features))
+            lines.append("guest CPUID in ring 0 lacks:  " + (" ".join(rep.missing_features) or "-"))
+            lines.append("guest CPUID in ring 3 (not intercepted on kvm_pvm: the host's bits) offers: " +
+                         " ".join(rep.ring3_features))
+            lines.append("guest CPUID in ring 3 lacks:  " + (" ".join(rep.ring3_missing or []) or "-"))
     lines += [f"note: {n}" for n in rep.notes]
     ok, how = confine.status()
     lines.append(f"back-end confinement: {'available' if ok else 'NOT available'} ({how})")

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
+from .argtypes import host_ram_mib
 from .bus import Bus
 from .devices.legacy.bench_marker import PORT as BENCH_MARKER_PORT
 from .devices.legacy.bench_marker import BenchMarker
@@ -56,6 +57,8 @@ class Machine:
         self.config = cfg = config or VmConfig()
         if cfg.mem_mib < MIN_MEM_MIB:
             raise VmConfigError(f"--mem {cfg.mem_mib}M is too small: at least {MIN_MEM_MIB} MiB")
+        if cfg.mem_mib > host_ram_mib():     # the CLI refuses it first; this guards the API (mmap would fail)
+            raise VmConfigError(f"--mem {cfg.mem_mib}M is too large: the host has {host_ram_mib()} MiB of RAM")
         if not 1 <= cfg.cpus <= 64:
             raise VmConfigError(f"--cpus {cfg.cpus}: between 1 and 64")
         self._own_kvm = kvm is None

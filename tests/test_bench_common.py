@@ -145,3 +145,44 @@ def test_doorbell_pins_vcpu_and_sidecores_to_two_cpus_and_restores_the_affinity(
     with _on_cpu(where.sidecore):
         assert os.sched_getaffinity(0) == {where.sidecore}    # what the sidecore threads/processes inherit
     assert os.sched_getaffinity(0) == before
+
+
+def test_differential_exits_are_never_negative():
+    """QEMU rows subtract a short run from a long one: a negative difference is published as null with a reason."""
+    from exitless.bench.common import aggregate, differential_per_op
+    from exitless.bench.net import TESTS as NET_TESTS, _row
+    from exitless.bench.workload import TESTS, per_io_row
+
+    assert differential_per_op(1100, 100, 1000) == (1.0, None)
+    value, note = differential_per_op(100, 130, 900)
+    assert value is None and "noise" in note
+    assert differential_per_op(None, 5, 10) == (None, None)
+
+    res = {"ops": 1000, "iops": 1.0, "p50_ns": 1, "p99_ns": 1, "kib_s": 1, "errors": 0, "verify_errors": 0}
+    base = {"res": {**res, "ops": 100}, "exits": 500, "cpu": 0.0}
+    bad = per_io_row("qemu", "kvm", TESTS[0], "msix", {"res": res, "exits": 400, "cpu": 1.0}, base)
+    good = per_io_row("qemu", "kvm", TESTS[0], "msix", {"res": res, "exits": 1400, "cpu": 1.0}, base)
+    assert bad["exits_per_io"] is None and "noise" in bad["exits_note"]
+    assert good["exits_per_io"] == 1.0 and "exits_note" not in good
+    row = aggregate([good, bad], ["exits_per_io"])
+    assert row["exits_per_io"] == 1.0 and row["exits_note"].startswith("1 of 2 rounds")
+
+    nres = {"ops": 1000, "pps": 10.0, "errors": 0, "timeouts": 0}
+    net = _row("qemu", "tap", NET_TESTS[0], {"res": nres, "exits": 10, "cpu": 1.0},
+               {"res": {**nres, "ops": 100}, "exits": 50, "cpu": 0.0})
+    assert net["exits_per_packet"] is None and "noise" in net["exits_note"]
+
+
+def test_boot_rows_say_null_for_unmeasured_kernel_clock_and_no_polling_warning(capsys):
+    from exitless.bench.boot import summarize
+
+    run = {"first_line_s": None, "userspace_s": None, "poweroff_s": None, "stopped_after_s": 1.0,
+           "reached": "nothing", "stop": "timeout", "kernel_time_s": None, "last_line": ""}
+    row = summarize("exitless", [run, dict(run)], {})
+    assert row["kernel_time_s"] is None and row["each"][0]["kernel_time_s"] is None
+    assert summarize("q", [run, {**run, "kernel_time_s": 2.0}], {})["kernel_time_s"] == 2.0
+
+    report = C.Report("-")
+    report.ties_note(2, [{"per_round": {"other_load_pct": [3.0, 55.0]}}], polling=False)
+    err = capsys.readouterr().err
+    assert "55% of the machine busy" in err and "poll" not in err

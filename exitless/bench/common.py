@@ -98,6 +98,25 @@ Progress = Callable[[str, int, int], None]
 """``progress(label, step, steps)``: called before each of ``steps`` steps (``step`` counts from 0)."""
 
 
+#: Why a differential per-operation figure is null (the row's ``exits_note``).
+NEGATIVE_DIFFERENCE = "not measurable: the short run counted more than the long one (noise beat the signal)"
+
+
+def differential_per_op(full: float | None, base: float | None, ops: int) -> tuple[float | None, str | None]:
+    """``(full - base) / ops``, the per-operation cost measured as a long run minus a short one.
+
+    Returns (value, None), or (None, reason) when the value is unknown (a counter missing, no
+    operations) or the difference is negative: a negative count per operation is never published.
+    """
+    if full is None or base is None:
+        return None, None
+    if ops <= 0:
+        return None, "not measurable: the short run did as many operations as the long one"
+    if full < base:
+        return None, NEGATIVE_DIFFERENCE
+    return (full - base) / ops, None
+
+
 def no_progress(label: str, step: int, steps: int) -> None:
     pass
 
@@ -127,7 +146,8 @@ def aggregate(samples: Sequence[dict], metrics: Iterable[str], summed: Iterable[
     """One row from its rounds: the metrics (and ``other_load_pct`` when the samples have it) are
     medians (over the rounds where they are not None), with ``per_round`` (every round's value,
     None included) and ``spread`` ({"min", "max"}); ``summed`` keys are totals over the rounds
-    (errors are never a median); other keys come from the last round."""
+    (errors are never a median); ``exits_note`` says how many rounds had no differential figure and
+    why; other keys come from the last round."""
     row = dict(samples[-1])
     row["rounds"] = len(samples)
     row["per_round"], row["spread"] = {}, {}
@@ -141,6 +161,11 @@ def aggregate(samples: Sequence[dict], metrics: Iterable[str], summed: Iterable[
     for key in summed:
         if any(key in s for s in samples):
             row[key] = sum(s.get(key) or 0 for s in samples)
+    # a round's null differential figure says why, for the row as a whole
+    notes = [s["exits_note"] for s in samples if s.get("exits_note")]
+    row.pop("exits_note", None)
+    if notes:
+        row["exits_note"] = f"{len(notes)} of {len(samples)} rounds: {notes[0]}"
     return row
 
 
@@ -211,8 +236,9 @@ class Report:
             table.add_row(*(_cell(row, key) if key in spread else _fmt(row.get(key)) for key, _ in columns))
         self.console.print(table)
 
-    def ties_note(self, rounds: int, rows: Sequence[dict] = ()) -> None:
-        """Explain the marks; warn when other work loaded the machine during some round."""
+    def ties_note(self, rounds: int, rows: Sequence[dict] = (), *, polling: bool = True) -> None:
+        """Explain the marks; warn when other work loaded the machine during some round (``polling``:
+        some rows poll, and share their cores with that load)."""
         if rounds > 1:
             self.note(f"median (min–max) of {rounds} interleaved rounds; ★ best of its test, ≈ within the best "
                       "row's min–max (the rounds cannot tell the two apart)")
@@ -220,8 +246,9 @@ class Report:
                        if v is not None), default=0.0)
         if busiest > BUSY_MACHINE_PCT:
             self.note(f"warning: other processes kept up to {busiest:.0f}% of the machine busy during some rounds "
-                      "(column 'other load %'): rows where both sides poll share their cores with them, and their "
-                      "figures are not those of a quiet machine")
+                      "(column 'other load %'): " +
+                      ("rows where both sides poll share their cores with them, and their figures are not those "
+                       "of a quiet machine" if polling else "the figures are not those of a quiet machine"))
 
     def json(self, rows: list[dict]) -> None:
         if self.json_dest is None:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from ..devices.doorbell import DoorbellDevice
-from ..guestkit import guestkit_path
+from ..guestkit import guestkit_cmdline, guestkit_path
 from ..sidecore.paths import attach
 from ..vm import Machine, VmConfig
 from .common import (BenchError, Progress, Report, aggregate, guest_result, interleave, mark_best, no_progress,
@@ -101,7 +101,7 @@ def _run(case: Case, app_args: str, timeout: float, pin: Pinning | None) -> dict
             att = attach(m, dev, mmio_gpa=MMIO_GPA, shared_gpa=SHARED_GPA, path=case.path, placement=placement)
             if case.busy_sidecore:
                 attach(m, DoorbellDevice(), mmio_gpa=BUSY_MMIO_GPA, shared_gpa=BUSY_SHARED_GPA, path="shared")
-        m.boot_pvh(guestkit_path(), app_args)
+        m.boot_pvh(guestkit_path(), guestkit_cmdline(app_args))
         cpu0, t0 = process_cpu_seconds(), time.monotonic()
         child0 = m._sidecore_process_cpu()
         with _on_cpu(pin and pin.vcpu):

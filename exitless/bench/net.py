@@ -26,12 +26,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from ..guestkit import guestkit_path
+from ..guestkit import guestkit_cmdline, guestkit_path
 from ..net.spec import NetSpec, add_nic
 from ..net.tap import Tap, create_tap
 from ..vm import Machine, VmConfig
 from . import qemu
-from .common import (BenchError, Progress, Report, aggregate, guest_result, interleave, mark_best, no_progress,
+from .common import (BenchError, Progress, Report, aggregate, differential_per_op, guest_result, interleave, mark_best, no_progress,
                      ratio_notes, ratio_over_rounds)
 
 EXITLESS_PATHS = ("trap", "ioeventfd", "shared", "poll", "adaptive")
@@ -94,7 +94,7 @@ def _exitless_run(ns: Namespace, path: str, app: str, timeout: float) -> dict:
     console = bytearray()
     with Machine(VmConfig(mem_mib=128, console=console.extend)) as m:
         add_nic(m, NetSpec(TAP_NAME, io=path, netns=ns.name))
-        m.boot_pvh(guestkit_path(), app)
+        m.boot_pvh(guestkit_path(), guestkit_cmdline(app))
         exit = m.run(timeout=timeout)
         window = m.bench_marker.window()
     if exit.kind != "debug-exit" or window is None:
@@ -117,8 +117,7 @@ def _row(vmm: str, path: str, test: Test, full: dict, base: dict | None, note: s
     if base is None:
         base = {"res": {"ops": 0}, "exits": 0, "cpu": 0.0}
     dops = res["ops"] - base["res"]["ops"]
-    exits = None if full["exits"] is None or base["exits"] is None or dops <= 0 else \
-        (full["exits"] - base["exits"]) / dops
+    exits, exits_note = differential_per_op(full["exits"], base["exits"], dops)
     dcpu = full["cpu"] - base["cpu"]
     row = {
         "vmm": vmm, "path": path, "test": test.name, "size": test.size,
@@ -131,6 +130,8 @@ def _row(vmm: str, path: str, test: Test, full: dict, base: dict | None, note: s
     }
     if note:
         row["note"] = note
+    if exits_note:
+        row["exits_note"] = exits_note
     return row
 
 

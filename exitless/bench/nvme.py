@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..devices.nvme.namespace import Namespace
 from ..devices.nvme.pci import NvmePci
-from ..guestkit import guestkit_path
+from ..guestkit import guestkit_cmdline, guestkit_path
 from ..vm import Machine, VmConfig
 from . import qemu
 from .common import BenchError, Progress, Report, guest_result, no_progress, ratio_over_rounds
@@ -50,7 +50,7 @@ def _exitless_run(image: Path, path: str, append: str, timeout: float) -> dict:
     console = bytearray()
     with Machine(VmConfig(mem_mib=128, console=console.extend)) as m:
         NvmePci(m, Namespace(image), path, queues=1)
-        m.boot_pvh(guestkit_path(), append)
+        m.boot_pvh(guestkit_path(), guestkit_cmdline(append))
         exit = m.run(timeout=timeout)
         window = m.bench_marker.window()
     if exit.kind != "debug-exit" or exit.status != 0 or window is None:

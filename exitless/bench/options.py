@@ -7,6 +7,7 @@ nothing else goes there; ``--rounds`` is the number of interleaved rounds.
 """
 from __future__ import annotations
 
+from ..argtypes import mem_size, non_negative_int, positive_float, positive_int
 from .workload import TESTS
 
 DOORBELL_PATHS = ("trap", "ioeventfd", "shared", "adaptive")
@@ -20,7 +21,7 @@ CACHES = ("writeback", "none")
 
 
 def _common(p, rounds_help: str = "interleaved rounds per row (median and spread reported)") -> None:
-    p.add_argument("--rounds", type=int, default=3, help=rounds_help)
+    p.add_argument("--rounds", type=positive_int, default=3, help=rounds_help + " (default 3)")
     p.add_argument("--json", nargs="?", const="-", metavar="FILE",
                    help="write rows as JSON to FILE, or alone: to stdout (then only JSON goes to stdout)")
 
@@ -28,22 +29,27 @@ def _common(p, rounds_help: str = "interleaved rounds per row (median and spread
 def _tests(p) -> None:
     p.add_argument("--tests", nargs="+", choices=[t.name for t in TESTS], metavar="TEST",
                    help=f"subset of: {' '.join(t.name for t in TESTS)}")
-    p.add_argument("--scale", type=float, default=1.0, help="multiply the operation counts")
+    p.add_argument("--scale", type=positive_float, default=1.0, help="multiply the operation counts (default 1.0)")
 
 
 def add_doorbell(p) -> None:
-    p.add_argument("--n", type=int, default=20000, help="measured ping-pongs per row and round")
-    p.add_argument("--warmup", type=int, default=2000, help="ping-pongs before the measured ones")
-    p.add_argument("--paths", nargs="+", default=list(DOORBELL_PATHS), choices=DOORBELL_PATHS)
-    p.add_argument("--placements", nargs="+", default=list(PLACEMENTS), choices=PLACEMENTS)
+    p.add_argument("--n", type=positive_int, default=20000, help="measured ping-pongs per row and round (default 20000)")
+    p.add_argument("--warmup", type=non_negative_int, default=2000,
+                   help="ping-pongs before the measured ones (default 2000)")
+    p.add_argument("--paths", nargs="+", default=list(DOORBELL_PATHS), choices=DOORBELL_PATHS,
+                   help=f"doorbell I/O paths to measure (default: all: {' '.join(DOORBELL_PATHS)})")
+    p.add_argument("--placements", nargs="+", default=list(PLACEMENTS), choices=PLACEMENTS,
+                   help="sidecore as a thread of the VMM or a separate process (default: both)")
     p.add_argument("--no-pin", dest="pin", action="store_false",
                    help="let the scheduler place the vCPU and the sidecores (default: pinned to two CPUs)")
-    p.add_argument("--idle-ms", type=int, default=2000, help="idle-CPU measurement per sidecore (0: skip)")
+    p.add_argument("--idle-ms", type=non_negative_int, default=2000,
+                   help="idle-CPU measurement per sidecore, ms (0: skip; default 2000)")
     _common(p)
 
 
 def add_blk(p) -> None:
-    p.add_argument("--paths", nargs="+", default=list(BLK_PATHS), choices=BLK_PATHS)
+    p.add_argument("--paths", nargs="+", default=list(BLK_PATHS), choices=BLK_PATHS,
+                   help=f"exitless I/O paths to measure (default: all: {' '.join(BLK_PATHS)})")
     _tests(p)
     p.add_argument("--no-qemu", action="store_true", help="skip the QEMU rows")
     p.add_argument("--with-vhost", action="store_true",
@@ -54,7 +60,8 @@ def add_blk(p) -> None:
 
 
 def add_nvme(p) -> None:
-    p.add_argument("--paths", nargs="+", default=list(NVME_PATHS), choices=NVME_PATHS)
+    p.add_argument("--paths", nargs="+", default=list(NVME_PATHS), choices=NVME_PATHS,
+                   help=f"exitless doorbell paths to measure (default: all: {' '.join(NVME_PATHS)})")
     _tests(p)
     p.add_argument("--no-qemu", action="store_true", help="skip the QEMU rows")
     p.add_argument("--plot", help="write a PNG plot here")
@@ -63,14 +70,14 @@ def add_nvme(p) -> None:
 
 def add_vhost(p) -> None:
     p.add_argument("--io", nargs="+", default=list(VHOST_PATHS), choices=VHOST_PATHS,
-                   help="exitless back-end I/O paths to measure")
+                   help="exitless back-end I/O paths to measure (default: all)")
     _tests(p)
-    p.add_argument("--min-seconds", type=float, default=0.5,
-                   help="raise the operation count so each measured run lasts at least this long")
+    p.add_argument("--min-seconds", type=positive_float, default=0.5,
+                   help="raise the operation count so each measured run lasts at least this long (default 0.5)")
     p.add_argument("--accel", choices=["auto", "tcg", "kvm"], default="auto",
-                   help="QEMU accelerator (auto: KVM when /dev/kvm works; the guest kit runs on it)")
+                   help="QEMU accelerator (auto: KVM when /dev/kvm works; the guest kit runs on it; default auto)")
     p.add_argument("--cache", choices=CACHES, default="writeback",
-                   help="writeback: page cache on every side; none: O_DIRECT on every side")
+                   help="writeback: page cache on every side; none: O_DIRECT on every side (default writeback)")
     p.add_argument("--no-builtin", action="store_true", help="skip QEMU's built-in virtio-blk rows")
     p.add_argument("--no-qsd", action="store_true", help="skip the qemu-storage-daemon rows")
     _common(p)
@@ -81,9 +88,10 @@ NET_TESTS = ("rr-64", "flood-64", "tx-64", "tx-1500", "tx-tso")
 
 
 def add_net(p) -> None:
-    p.add_argument("--paths", nargs="+", default=list(BLK_PATHS), choices=BLK_PATHS)
+    p.add_argument("--paths", nargs="+", default=list(BLK_PATHS), choices=BLK_PATHS,
+                   help=f"exitless I/O paths to measure (default: all: {' '.join(BLK_PATHS)})")
     p.add_argument("--tests", nargs="+", choices=NET_TESTS, metavar="TEST", help=f"subset of: {' '.join(NET_TESTS)}")
-    p.add_argument("--scale", type=float, default=1.0, help="multiply the packet counts")
+    p.add_argument("--scale", type=positive_float, default=1.0, help="multiply the packet counts (default 1.0)")
     p.add_argument("--no-qemu", action="store_true", help="skip QEMU's own virtio-net (tap) rows")
     p.add_argument("--no-vhost", action="store_true", help="skip the qemu+exitless (vhost-user-net) rows")
     p.add_argument("--plot", help="write a PNG plot here")
@@ -91,15 +99,17 @@ def add_net(p) -> None:
 
 
 def add_boot(p) -> None:
-    p.add_argument("--rounds", "--runs", dest="runs", type=int, default=3,
-                   help="boots per VMM, alternating exitless and QEMU (the median and min–max are reported)")
+    p.add_argument("--rounds", "--runs", dest="runs", type=positive_int, default=3,
+                   help="boots per VMM, alternating exitless and QEMU (the median and min–max are reported; default 3)")
     p.add_argument("--json", nargs="?", const="-", metavar="FILE",
                    help="write the results as JSON to FILE, or alone: to stdout (then only JSON goes to stdout)")
-    p.add_argument("--timeout", type=float, default=None,
+    p.add_argument("--timeout", type=positive_float, default=None,
                    help="seconds per boot (default 60; 240 for exitless on kvm_pvm, 600 for QEMU TCG)")
-    p.add_argument("--mem", type=int, default=256, help="guest MiB")
-    p.add_argument("--cpus", type=int, default=1)
-    p.add_argument("--cache")
-    p.add_argument("--decompress", choices=("auto", "guest", "host"), default="auto")
+    p.add_argument("--mem", type=mem_size, default=256, help="guest RAM, as run --mem (default 256M)")
+    p.add_argument("--cpus", type=int, default=1, help="guest vCPUs (default 1)")
+    p.add_argument("--cache", help="guest cache directory (default $EXITLESS_CACHE or ~/.cache/exitless/guest)")
+    p.add_argument("--decompress", choices=("auto", "guest", "host"), default="auto",
+                   help="bzImage: run its decompressor in the guest, or unpack it on the host "
+                        "(auto: host on kvm_pvm hosts, guest elsewhere; default auto)")
     p.add_argument("--qemu", choices=("auto", "kvm", "tcg", "none"), default="auto",
-                   help="QEMU accelerator (auto: try KVM, fall back to TCG and say so)")
+                   help="QEMU accelerator (auto: try KVM, fall back to TCG and say so; default auto)")

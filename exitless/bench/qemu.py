@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Callable
 from pathlib import Path
 
-from ..guestkit import guestkit_path
+from ..guestkit import guestkit_cmdline, guestkit_path
 from .common import HELPER_CPU_KEY, BenchError, guest_result
 from .workload import Test, app, per_io_row
 
@@ -145,6 +145,8 @@ def run_guestkit(kernel: Path, append: str, *, device_args: list[str] = (), shar
     """
     if accel == "auto":
         accel = "kvm" if kvm_works() else "tcg"
+    if accel == "kvm":       # guest TSC at the host's rate under KVM; under TCG the guest calibrates
+        append = guestkit_cmdline(append)
     tmp = tempfile.mkdtemp(prefix="exitless-qemu-")
     qmp_path = os.path.join(tmp, "qmp.sock")
     # QEMU's default CPU model under KVM: `-cpu host` asks for MSRs a software-nested KVM refuses

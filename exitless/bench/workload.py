@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
 
-from .common import BenchError, Progress, aggregate, interleave, mark_best, no_progress, ratio_over_rounds
+from .common import BenchError, Progress, aggregate, differential_per_op, interleave, mark_best, no_progress, ratio_over_rounds
 
 IMAGE_BYTES = 64 << 20
 #: Writes the whole image once, so that reads hit allocated blocks in every VMM.
@@ -81,9 +81,9 @@ def per_io_row(vmm: str, path: str, test: Test, irq: str, full: dict, base: dict
     dops = res["ops"] - base["res"]["ops"]
     if dops <= 0:
         raise BenchError(f"{vmm}/{path} {test.name}: the base run did as many requests as the full one")
-    exits = None if full["exits"] is None or base["exits"] is None else (full["exits"] - base["exits"]) / dops
+    exits, exits_note = differential_per_op(full["exits"], base["exits"], dops)
     dcpu = full["cpu"] - base["cpu"]
-    return {
+    row = {
         "vmm": vmm, "path": path, "test": test.name, "irq": irq,
         "iops": res["iops"], "p50_us": res["p50_ns"] / 1000, "p99_us": res["p99_ns"] / 1000,
         "mbps": res["kib_s"] * 1024 / 1e6, "exits_per_io": exits,
@@ -91,6 +91,9 @@ def per_io_row(vmm: str, path: str, test: Test, irq: str, full: dict, base: dict
         "cpu_us_per_io": dcpu * 1e6 / dops if dcpu >= 0 else None,
         "errors": res["errors"] + res["verify_errors"], "ops": res["ops"],
     }
+    if exits_note:
+        row["exits_note"] = exits_note
+    return row
 
 
 class Setup(Protocol):

@@ -25,11 +25,29 @@ from . import bench, doctor, guest, run, serve
 GROUPS = (run, guest, serve, bench, doctor)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors naming the (sub)command at fault; every subparser is one.
+
+    A bad or unknown option prints ``exitless run: error: ...`` and a pointer to that
+    command's ``--help`` (not the whole usage block), and exits 2.
+    """
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        # a leaf command reports its own unknown options, so the message names its usage
+        if extras and not any(isinstance(a, argparse._SubParsersAction) for a in self._actions):
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="exitless", description="Run a guest, serve a device, benchmark the I/O paths, "
+    p = Parser(prog="exitless", description="Run a guest, serve a device, benchmark the I/O paths, "
                                 "check the host.")
     p.add_argument("--version", action="version", version=f"exitless {__version__}")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="log exitless's debug messages to stderr")
     sub = p.add_subparsers(dest="command", required=True)
     for group in GROUPS:
         group.register(sub)

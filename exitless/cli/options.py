@@ -3,20 +3,10 @@ from __future__ import annotations
 
 import argparse
 
+from ..argtypes import host_ram_mib, mem_size, non_negative_int, positive_float, positive_int  # noqa: F401
 from ..disk import OPTIONS, DiskSpec, DiskSpecError, syntax
 from ..nvme import SYNTAX as NVME_SYNTAX
 from ..nvme import NvmeSpec, NvmeSpecError
-
-
-def mem_size(text: str) -> int:
-    """``'256'``, ``'256M'``, ``'1G'`` -> MiB."""
-    t = text.strip().upper()
-    try:
-        if t.endswith("G"):
-            return int(t[:-1]) * 1024
-        return int(t[:-1] if t.endswith("M") else t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad memory size {text!r} (e.g. 256M, 1G)") from None
 
 
 def power_of_two(text: str) -> int:

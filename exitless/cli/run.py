@@ -23,7 +23,7 @@ import argparse
 import signal
 import sys
 
-from .options import add_disk_argument, add_nvme_argument, mem_size
+from .options import add_disk_argument, add_nvme_argument, mem_size, positive_float
 from .progress import stderr_progress
 
 
@@ -33,11 +33,12 @@ def register(sub) -> None:
                                      "in the fetched Linux guest")
     run.add_argument("--kernel", help="kernel: a bzImage, a vmlinux (PVH) or the guest kit; "
                      "default: the fetched Debian kernel")
-    run.add_argument("--append", default="", help="kernel command line")
-    run.add_argument("--initrd")
+    run.add_argument("--append", default="", help="kernel command line (the guest kit's: APP [key=value...]; default empty)")
+    run.add_argument("--initrd", help="an initramfs (cpio, optionally compressed) for the kernel")
     run.add_argument("--mem", type=mem_size, default=256, help="guest RAM (default 256M)")
-    run.add_argument("--cpus", type=int, default=1)
-    run.add_argument("--timeout", type=float, default=None, help="stop the guest after this many seconds")
+    run.add_argument("--cpus", type=int, default=1, help="guest vCPUs (default 1)")
+    run.add_argument("--timeout", type=positive_float, default=None,
+                     help="stop the guest after this many seconds (default: no limit)")
     run.add_argument("--one-sidecore", action="store_true",
                      help="disks and NVMe controllers on the same polling path share one sidecore thread "
                           "(default: one each)")
@@ -54,7 +55,7 @@ def register(sub) -> None:
                           "netns the network namespace the TAP lives in")
     run.add_argument("--decompress", choices=("auto", "guest", "host"), default="auto",
                      help="bzImage: run its decompressor in the guest, or unpack it on the host "
-                          "(auto: host on kvm_pvm hosts, guest elsewhere)")
+                          "(auto: host on kvm_pvm hosts, guest elsewhere; default auto)")
     run.add_argument("--cache", help="guest cache directory (default $EXITLESS_CACHE or ~/.cache/exitless/guest)")
     run.add_argument("--modules", help="modules directory for --kernel (lib/modules/<kver> or its root)")
     run.add_argument("--boot-log", action="store_true", help="easy form: show the kernel's boot messages too")
@@ -108,11 +109,12 @@ def _net_spec(text: str):
 
 
 def _run_pvh(args) -> int:
+    from ..guestkit import guestkit_cmdline
     from ..vm import Machine, VmConfig
 
     with Machine(VmConfig(mem_mib=args.mem, cpus=args.cpus)) as m:
         attach_devices(m, args)
-        m.boot_pvh(args.kernel, args.append, args.initrd)
+        m.boot_pvh(args.kernel, guestkit_cmdline(args.append), args.initrd)
         exit = m.run(timeout=args.timeout)
     if exit.kind == "debug-exit":
         return exit.status & 0xFF
@@ -145,8 +147,6 @@ def _run_linux(args) -> int:
     plan = plan_guest(args.kernel, command, append=args.append, initrd=args.initrd, cache=args.cache,
                       modules=args.modules, decompress=args.decompress, quiet=not args.boot_log,
                       progress=stderr_progress())
-    for note in plan.notes:
-        _stderr(f"note: {note}")
 
     sink = CommandOutput() if easy and not args.boot_log else _stdout
     console = BootConsole(sink)
@@ -163,6 +163,8 @@ def _run_linux(args) -> int:
             signal.signal(s, on_signal)
         with Machine(VmConfig(mem_mib=args.mem, cpus=args.cpus, console=console)) as m:
             boot_linux(m, plan.kernel, plan.cmdline, plan.initrd, decompress=plan.decompress)
+            for note in plan.notes:          # after the kernel loaded: a bad image's error comes alone
+                _stderr(f"note: {note}")
             attach_devices(m, args)
             exit = m.run(timeout=args.timeout)
     except HostSignal as e:

@@ -22,7 +22,7 @@ BLK_USAGE = """\
                        [--socket /tmp/vhost2.sock --disk disk2.img ...]
     qemu-system-x86_64 ... -object memory-backend-memfd,id=mem,size=1G,share=on \\
         -machine q35,memory-backend=mem -chardev socket,id=c0,path=/tmp/vhost.sock \\
-        -device vhost-user-blk-pci,chardev=c0,num-queues=1
+        -device vhost-user-blk-pci,chardev=c0,num-queues=1,disable-legacy=on
 
 Runs until SIGINT/SIGTERM, one frontend per socket at a time, logging
 connections.  Several --socket/--disk pairs (paired in order) are served at
@@ -50,11 +50,12 @@ def _add_blk(ssub) -> None:
     add_disk_argument(blk, ("ro", "direct"), required=True, action="append",
                       help="the disk image or block device served (repeatable)")
     blk.add_argument("--io", choices=IO_MODES, default="kick",
-                     help="kick: sleep on kick eventfds; poll: poll the avail rings (no kicks); adaptive: both")
+                     help="kick: sleep on kick eventfds; poll: poll the avail rings (no kicks); adaptive: both "
+                          "(default kick)")
     blk.add_argument("--queues", type=int, default=1, choices=range(1, 17), metavar="N",
                      help="virtqueues offered (QEMU's num-queues must not exceed it; default 1)")
     blk.add_argument("--queue-size", type=power_of_two, default=256, metavar="N", help="maximum ring size (default 256)")
-    blk.add_argument("--poll-us", type=float, default=64.0, help="adaptive: initial busy-poll window (µs)")
+    blk.add_argument("--poll-us", type=float, default=64.0, help="adaptive: initial busy-poll window (µs; default 64)")
     blk.add_argument("--no-confine", action="store_true",
                      help="do not install the seccomp filter (debugging: strace, profilers)")
     blk.add_argument("--user", metavar="USER", help="drop to this user after setup (needs root)")
@@ -86,14 +87,15 @@ NET_USAGE = """\
     exitless serve net --socket /tmp/net.sock --tap tap0 [--netns NS] [--io kick|poll|adaptive] [--queues N]
     qemu-system-x86_64 ... -object memory-backend-memfd,id=mem,size=1G,share=on \\
         -machine q35,memory-backend=mem -chardev socket,id=c0,path=/tmp/net.sock \\
-        -netdev vhost-user,id=n0,chardev=c0[,queues=N] -device virtio-net-pci,netdev=n0[,mq=on]
+        -netdev vhost-user,id=n0,chardev=c0[,queues=N] -device virtio-net-pci,netdev=n0,disable-legacy=on[,mq=on]
 
 The back-end serves the RX/TX queue pairs; QEMU keeps the control queue (RX mode, MAC
 filter, MQ: it enables and disables the pairs' rings).  The TAP is attached by name (in
 network namespace NS), or created without persistence if it does not exist; with N > 1
 it must be a multi-queue TAP.  Exit status 2 if the TAP cannot be attached or the
 socket path is taken.  QEMU 7.2 under TCG: add vectors=0 to virtio-net-pci (its MSI-X
-path for vhost-user-net needs KVM irqfds and crashes without them).
+path for vhost-user-net needs KVM irqfds and crashes without them).  disable-legacy=on:
+the guest kit drives modern (virtio 1.x) virtio-pci only.
 """
 
 
@@ -115,12 +117,13 @@ def _add_net(ssub) -> None:
     net.add_argument("--tap", required=True, metavar="NAME", help="TAP interface")
     net.add_argument("--netns", metavar="NS", help="the TAP lives in network namespace NS (/run/netns/NS)")
     net.add_argument("--io", choices=IO_MODES, default="kick",
-                     help="kick: sleep on kick eventfds and the TAP; poll: poll rings and TAP; adaptive: both")
+                     help="kick: sleep on kick eventfds and the TAP; poll: poll rings and TAP; adaptive: both "
+                          "(default kick)")
     net.add_argument("--queues", type=int, default=1, choices=range(1, 17), metavar="N",
                      help="queue pairs (QEMU's queues= must not exceed it; default 1)")
     net.add_argument("--queue-size", type=power_of_two, default=256, metavar="N", help="maximum ring size (default 256)")
     net.add_argument("--mac", type=_mac, metavar="MAC", help="the device's MAC (QEMU's mac= is what the guest sees)")
-    net.add_argument("--poll-us", type=float, default=64.0, help="adaptive: initial busy-poll window (µs)")
+    net.add_argument("--poll-us", type=float, default=64.0, help="adaptive: initial busy-poll window (µs; default 64)")
     net.set_defaults(func=cmd_serve_net)
 
 

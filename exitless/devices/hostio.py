@@ -3,13 +3,21 @@
 ``transfer`` moves a list of buffers (memoryviews onto guest RAM) with
 ``os.preadv``/``os.pwritev`` until every byte moved, in IOV_MAX batches and
 across short transfers; ``fallocate`` is libc's (Python has only
-``posix_fallocate``, which cannot punch holes).
+``posix_fallocate``, which cannot punch holes).  :func:`open_backing` and
+:func:`backing_size` open and size a device's backing file, so that virtio-blk
+and NVMe report a bad one in the same words.
 """
 from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import os
+import stat
+
+from ..errors import ExitlessError
+
+log = logging.getLogger(__name__)
 
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 if _IOV_MAX <= 0:
@@ -79,3 +87,53 @@ def advance(views: list, n: int) -> list:
         out.append(v[n:] if n else v)
         n = 0
     return out
+
+
+class BackingError(ExitlessError, OSError):
+    """A block device's backing file cannot be used: ``OSError`` with ``errno``, ``strerror`` and
+    ``filename``, shown as ``PATH: WHY`` (the devices subclass it)."""
+
+    def __str__(self) -> str:
+        return f"{self.filename}: {self.strerror}" if self.filename else str(self.strerror)
+
+
+def open_backing(path: str, flags: int, what: str, error: type[BackingError],
+                 missing: type[BackingError] | None = None) -> int:
+    """``os.open(path, flags)`` for the backing file of device ``what`` ("virtio-blk", "NVMe").
+
+    Raises ``missing`` (default ``error``) when the file does not exist, else ``error`` with
+    ``"<what> backing file: <strerror>"`` (``PATH: NVMe backing file: Is a directory``) or a
+    sentence saying the file system refuses O_DIRECT.
+    """
+    try:
+        return os.open(path, flags)
+    except FileNotFoundError:
+        raise (missing or error)(errno.ENOENT, f"{what} backing file does not exist", path) from None
+    except OSError as e:
+        if flags & os.O_DIRECT and e.errno == errno.EINVAL:
+            raise error(errno.EINVAL, f"the filesystem of the {what} backing file does not support O_DIRECT "
+                                      "(direct)", path) from None
+        raise error(e.errno, f"{what} backing file: {e.strerror}", path) from None
+
+
+def backing_size(fd: int, path: str, what: str, block: int, error: type[BackingError]) -> int:
+    """The size in bytes of backing file ``fd`` (a regular file or a block device) of device ``what``.
+
+    ``block`` is the device's block size in bytes (a sector, an LBA): a file smaller than one
+    block raises ``error`` (the guest would see an empty device); a partial last block is not
+    visible to the guest, which a warning says.
+    """
+    st = os.fstat(fd)
+    if stat.S_ISBLK(st.st_mode):
+        size = os.lseek(fd, 0, os.SEEK_END)
+    elif stat.S_ISREG(st.st_mode):
+        size = st.st_size
+    else:
+        raise error(errno.EINVAL, f"{what} backing file: not a regular file or a block device", path)
+    if size < block:
+        raise error(errno.EINVAL, f"{what} backing file of {size} bytes is smaller than one {block}-byte block",
+                    path)
+    if size % block:
+        log.warning("%s: %s backing file of %d bytes is not a multiple of %d bytes: its last %d bytes are not "
+                    "visible to the guest", path, what, size, block, size % block)
+    return size

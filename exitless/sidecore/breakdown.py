@@ -104,13 +104,13 @@ def _guest(image, app: str, path: str) -> dict:
     from ..bench.common import guest_result
     from ..devices.virtio.blk import VirtioBlk
     from ..devices.virtio.pci import VirtioPci
-    from ..guestkit import guestkit_path
+    from ..guestkit import guestkit_cmdline, guestkit_path
     from ..vm import Machine, VmConfig
 
     console = bytearray()
     with Machine(VmConfig(mem_mib=128, console=console.extend)) as m:
         VirtioPci(m, VirtioBlk(image), path)
-        m.boot_pvh(guestkit_path(), app)
+        m.boot_pvh(guestkit_path(), guestkit_cmdline(app))
         ex = m.run(timeout=300)
     if ex.kind != "debug-exit" or ex.status != 0:
         raise RuntimeError(f"{app}: {ex.kind} {ex.status}\n{console.decode(errors='replace')[-600:]}")
@@ -126,22 +126,28 @@ def _vmm_run(image, app: str) -> dict:
 
 def _serve_run(image, app: str, tmp: str) -> dict:
     """``exitless serve blk --io poll`` in a child process behind QEMU's vhost-user-blk-pci."""
-    from ..bench import vhost
-    from ..bench.qemu import kvm_works
+    from ..bench import qemu, vhost
+    from ..bench.common import BenchError, guest_result
+    from ..guestkit import guestkit_path
 
     out = os.path.join(tmp, "serve-breakdown.json")
     os.environ["EXITLESS_BREAKDOWN"] = out
     try:
-        be = vhost.ServeProcess(image, "poll", tmp)
+        be = vhost.serve_process(image, "poll", tmp, "writeback")
     finally:
         del os.environ["EXITLESS_BREAKDOWN"]
     try:
-        r = vhost.qemu_run(app, vhost.vhost_device(be.sock), accel="kvm" if kvm_works() else "tcg", backend=be)
+        r = qemu.run_guestkit(guestkit_path(), app, device_args=vhost.vhost_device(be.sock), shared_memory=True,
+                              extra_cpu=be.cpu)
     finally:
         be.stop()
+    if r.exit_status != 0:
+        raise BenchError(f"qemu ({r.accel}) + exitless serve blk: {app}: no result\n"
+                         f"{r.console.decode(errors='replace')[-600:]}")
+    res = guest_result(r.console, "blk")
     with open(out) as f:
         rep = json.load(f)
-    return {"iops": r["res"]["iops"], "p50_us": r["res"]["p50_ns"] / 1000, **rep}
+    return {"iops": res["iops"], "p50_us": res["p50_ns"] / 1000, **rep}
 
 
 def _vring_c() -> bool:

@@ -507,13 +507,13 @@ static void user_main(void)
     heap_setup();
     parse_cmdline();
     if (!app_name)
-        usage_error("empty command line; usage: <app> [key=value...]; apps: doorbell idle blk net info selftest cost");
+        usage_error("empty command line; usage: <app> [key=value...]; apps: doorbell idle blk nvme net info selftest cost");
     const struct app *app = NULL;
     for (u32 i = 0; i < ARRAY_SIZE(apps); i++)
         if (!strcmp(apps[i].name, app_name))
             app = &apps[i];
     if (!app)
-        usage_error("unknown app '%s' (apps: doorbell idle blk net info selftest cost)", app_name);
+        usage_error("unknown app '%s' (apps: doorbell idle blk nvme net info selftest cost)", app_name);
     tsc_init();
     app->fn();
     gk_exit(EXIT_OK);

@@ -14,17 +14,17 @@ import errno
 import hashlib
 import mmap
 import os
-import stat
 
-from ...errors import ExitlessError
 from ...sidecore.spin import address_of
-from ..hostio import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate, transfer
+from ..hostio import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, BackingError,
+                      backing_size, fallocate, open_backing, transfer)
 
 LBA_SIZES = (512, 4096)
 
 
-class NamespaceError(ExitlessError, OSError):
-    """The backing file cannot serve as a namespace (missing, wrong type, no O_DIRECT)."""
+class NamespaceError(BackingError):
+    """The backing file cannot serve as a namespace (missing, wrong type, smaller than one LBA, no O_DIRECT);
+    shown as ``PATH: WHY``."""
 
 
 class Namespace:
@@ -43,14 +43,7 @@ class Namespace:
         flags = os.O_CLOEXEC | os.O_NONBLOCK | (os.O_RDONLY if read_only else os.O_RDWR)
         self.fd = self._open(flags | (os.O_DIRECT if direct else 0))
         try:
-            st = os.fstat(self.fd)
-            if stat.S_ISBLK(st.st_mode):
-                size = os.lseek(self.fd, 0, os.SEEK_END)
-            elif stat.S_ISREG(st.st_mode):
-                size = st.st_size
-            else:
-                raise NamespaceError(errno.EINVAL, "an NVMe namespace needs a regular file or a block device",
-                                     self.path)
+            size = backing_size(self.fd, self.path, "NVMe", lba_size, NamespaceError)
             self.nsze = size // lba_size
             self._fd_buffered = self._open(flags) if direct else self.fd
         except BaseException:
@@ -62,15 +55,7 @@ class Namespace:
         self.serial = "EXL" + digest.hex()[:17]
 
     def _open(self, flags: int) -> int:
-        try:
-            return os.open(self.path, flags)
-        except FileNotFoundError:
-            raise NamespaceError(errno.ENOENT, "NVMe backing file does not exist", self.path) from None
-        except OSError as e:
-            if flags & os.O_DIRECT and e.errno == errno.EINVAL:
-                raise NamespaceError(errno.EINVAL, "the filesystem of the NVMe backing file does not support "
-                                                   "O_DIRECT (direct)", self.path) from None
-            raise NamespaceError(e.errno, e.strerror, self.path) from None
+        return open_backing(self.path, flags, "NVMe", NamespaceError)
 
     def close(self) -> None:
         if self._fd_buffered >= 0 and self._fd_buffered != self.fd:

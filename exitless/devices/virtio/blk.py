@@ -44,12 +44,11 @@ import hashlib
 import logging
 import mmap
 import os
-import stat
 import struct
 import time
 
-from ...errors import ExitlessError
-from ..hostio import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate, transfer
+from ..hostio import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, BackingError,
+                      backing_size, fallocate, open_backing, transfer)
 from .constants import (
     VIRTIO_BLK_F_BLK_SIZE,
     VIRTIO_BLK_F_DISCARD,
@@ -85,15 +84,13 @@ _HDR = struct.Struct("<IIQ")
 _SEG = struct.Struct("<QII")
 _CONFIG = struct.Struct("<QII HBB I BBHI BBH IIIII B3x III IIIII B3x")  # struct virtio_blk_config, 96 bytes
 
-class BackingFileError(ExitlessError, OSError):
-    """The disk's backing file cannot be used (missing, no permission, not a file or block device, no O_DIRECT).
+class BackingFileError(BackingError):
+    """The disk's backing file cannot be used (missing, no permission, not a file or block device, smaller
+    than a sector, no O_DIRECT).
 
     An ``OSError`` with ``errno`` and ``filename`` set; a missing file is also a ``FileNotFoundError``
     (:class:`BackingFileMissing`).
     """
-
-    def __str__(self) -> str:
-        return f"{self.filename}: {self.strerror}"
 
 
 class BackingFileMissing(BackingFileError, FileNotFoundError):
@@ -143,14 +140,7 @@ class VirtioBlk(VirtioDevice):
         base = os.O_CLOEXEC | (os.O_RDONLY if read_only else os.O_RDWR)
         self.fd = self._open(base | (os.O_DIRECT if direct else 0))
         try:
-            st = os.fstat(self.fd)
-            if stat.S_ISBLK(st.st_mode):
-                size = os.lseek(self.fd, 0, os.SEEK_END)
-            elif stat.S_ISREG(st.st_mode):
-                size = st.st_size
-            else:
-                raise BackingFileError(errno.EINVAL, "virtio-blk backing must be a regular file or a block device",
-                                       self.path)
+            size = backing_size(self.fd, self.path, "virtio-blk", SECTOR, BackingFileError)
             self.capacity = size // SECTOR          # in 512-byte sectors; a partial tail sector is not exposed
             self.dio_align = 1
             if direct:
@@ -169,15 +159,7 @@ class VirtioBlk(VirtioDevice):
 
     # -- backing store -----------------------------------------------------------------
     def _open(self, flags: int) -> int:
-        try:
-            return os.open(self.path, flags)
-        except FileNotFoundError:
-            raise BackingFileMissing(errno.ENOENT, "virtio-blk backing file does not exist", self.path) from None
-        except OSError as e:
-            if flags & os.O_DIRECT and e.errno == errno.EINVAL:
-                raise BackingFileError(errno.EINVAL, "the filesystem of the virtio-blk backing file does not support "
-                                                     "O_DIRECT (direct=True)", self.path) from None
-            raise BackingFileError(e.errno, f"virtio-blk backing file: {e.strerror}", self.path) from None
+        return open_backing(self.path, flags, "virtio-blk", BackingFileError, BackingFileMissing)
 
     def _sync(self) -> None:
         """``fdatasync`` the backing file; OSError if it fails -- and ever after, once it has failed.

@@ -1,0 +1,64 @@
+"""argparse ``type=`` callables for sizes and counts, shared by ``exitless run`` and the bench options.
+
+Kept apart from :mod:`exitless.cli.options` (which imports the device models) so that
+:mod:`exitless.bench.options` stays light and import-cycle free; :mod:`exitless.cli.options`
+re-exports them.  Each raises :class:`argparse.ArgumentTypeError`, which the parser turns into a
+one-line usage error (exit 2).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+_MEM_UNITS = {"M": 1, "G": 1 << 10, "T": 1 << 20}
+
+
+def host_ram_mib() -> int:
+    """The host's physical RAM in MiB: the upper bound of ``--mem`` (guest RAM is mmap'ed up front)."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") >> 20
+
+
+def mem_size(text: str) -> int:
+    """argparse ``type=`` for ``--mem``: ``'256'``, ``'256M'``, ``'1G'``, ``'1T'`` -> MiB.
+
+    Refuses (a usage error, exit 2) a size that is not positive or exceeds the host's RAM
+    (:func:`host_ram_mib`), before any memory is mapped.  The lower bound is the VM's own
+    check (``exitless.vm.MIN_MEM_MIB``).
+    """
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = _MEM_UNITS.get(t[-1:], None)
+    try:
+        mib = int(t[:-1] if unit else t) * (unit or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad memory size {text!r} (e.g. 256M, 1G)") from None
+    if mib <= 0:
+        raise argparse.ArgumentTypeError(f"memory size {text!r} must be positive")
+    host = host_ram_mib()
+    if mib > host:
+        raise argparse.ArgumentTypeError(f"memory size {text} is too large: the host has {host} MiB of RAM")
+    return mib
+
+
+def _number(kind, text: str, *, zero_ok: bool):
+    try:
+        v = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (v >= 0 if zero_ok else v > 0) or v != v or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be {'>= 0' if zero_ok else '> 0'}")
+    return v
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type=`` for a count (operations, rounds, CPUs): an integer > 0."""
+    return _number(int, text, zero_ok=False)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse ``type=`` for a count where 0 means none (warm-up operations, a skipped measurement)."""
+    return _number(int, text, zero_ok=True)
+
+
+def positive_float(text: str) -> float:
+    """argparse ``type=`` for a scale factor or a timeout (seconds): a finite number > 0."""
+    return _number(float, text, zero_ok=False)
