@@ -84,12 +84,12 @@ class BackendProcess:
                 self.proc.wait()
 
 
-def serve_process(image: Path, io: str, directory: str, cache: str) -> BackendProcess:
-    """``exitless serve blk`` on ``image`` with I/O path ``io``."""
+def serve_process(image: Path, io: str, directory: str, cache: str, *, confine: bool = True) -> BackendProcess:
+    """``exitless serve blk`` on ``image`` with I/O path ``io`` (under its seccomp filter unless not ``confine``)."""
     sock = os.path.join(directory, f"exitless-{io}.sock")
     disk = f"{image},direct" if cache == "none" else str(image)
     return BackendProcess([sys.executable, "-m", "exitless.cli", "serve", "blk", "--socket", sock, "--disk", disk,
-                           "--io", io], sock, os.path.join(directory, f"exitless-{io}.log"), "exitless serve blk")
+                           "--io", io] + ([] if confine else ["--no-confine"]), sock, os.path.join(directory, f"exitless-{io}.log"), "exitless serve blk")
 
 
 def qsd_process(image: Path, poll_max_ns: int, directory: str, cache: str) -> BackendProcess:
