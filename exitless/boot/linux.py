@@ -340,7 +340,7 @@ def extract_vmlinux(bz: BzImage) -> bytes:
     expected = struct.unpack("<I", payload[-4:])[0]
     fmt = payload_format(payload)
     try:
-        out = _decompress(fmt, payload)
+        out = _decompress(fmt, payload, expected)
     except (zlib.error, lzma.LZMAError, OSError, EOFError) as e:   # a corrupt payload
         raise KernelImageError(f"bzImage payload ({fmt}) does not unpack: {e}") from None
     if fmt != "none" and len(out) != expected:
@@ -348,7 +348,8 @@ def extract_vmlinux(bz: BzImage) -> bytes:
     return out
 
 
-def _decompress(fmt: str, payload: bytes) -> bytes:
+def _decompress(fmt: str, payload: bytes, expected: int) -> bytes:
+    """``payload`` unpacked from ``fmt``; ``expected`` is the size the bzImage declares (bytes), a bound for LZ4."""
     if fmt == "none":
         out = payload
     elif fmt == "gzip":
