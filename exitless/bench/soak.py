@@ -19,11 +19,11 @@ Each sample is one JSON row; the last row (``"summary": true``) carries the tota
 """
 from __future__ import annotations
 
+import gc
 import os
 import random
 import struct
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -33,16 +33,17 @@ from ..guestkit import guestkit_cmdline, guestkit_path
 from ..vm import Machine, VmConfig
 from .common import BenchError, Report, guest_result
 from .options import BLK_PATHS
-from .vhost import serve_process
+from . import qemu
+from .vhost import serve_process, vhost_device
 
 #: Image bytes used by the soak (small: the host re-reads it all after every cycle).
 SOAK_BYTES = 4 << 20
 SECTOR = 512
 #: The guest kit's pattern multiplier (guestkit/src/blk.c ``GOLDEN``).
 GOLDEN = 0x9E3779B97F4A7C15
-COLUMNS = [("cycle", "cycle"), ("t_s", "t (s)"), ("path", "path"), ("ops", "ops"), ("flushes", "flushes"),
+COLUMNS = [("cycle", "cycle"), ("t_s", "t (s)"), ("kind", "VMM"), ("path", "path"), ("ops", "ops"), ("flushes", "flushes"),
            ("verify_errors", "guest verify errors"), ("lost_acked_writes", "lost acked sectors"),
-           ("disconnects", "frontend disconnects"), ("vmm_fds", "VMM fds"), ("vmm_threads", "VMM threads"),
+           ("disconnects", "frontend disconnects"), ("mid_io_disconnects", "mid-I/O"), ("vmm_fds", "VMM fds"), ("vmm_threads", "VMM threads"),
            ("backend_fds", "serve fds"), ("backend_threads", "serve threads")]
 
 
@@ -53,16 +54,19 @@ def pattern(generation: int, offset: int, nbytes: int) -> bytes:
     return struct.pack(f"<{nbytes // 8}Q", *((first + i) ^ k for i in range(nbytes // 8)))
 
 
+def lost_sectors_of(data: bytes, generation: int, offset: int = 0) -> int:
+    """Sectors of ``data`` (disk bytes from ``offset``) that do not hold ``generation``'s pattern."""
+    want = pattern(generation, offset, len(data))
+    if data == want:
+        return 0
+    return sum(data[s:s + SECTOR] != want[s:s + SECTOR] for s in range(0, len(data), SECTOR))
+
+
 def lost_sectors(image: Path, generation: int) -> int:
-    """Sectors of ``image`` (first SOAK_BYTES) that do not hold ``generation``'s pattern."""
-    bad = 0
+    """Sectors of ``image`` (its first SOAK_BYTES) that do not hold ``generation``'s pattern."""
     chunk = 1 << 20
     with open(image, "rb") as f:
-        for off in range(0, SOAK_BYTES, chunk):
-            got, want = f.read(chunk), pattern(generation, off, chunk)
-            if got != want:
-                bad += sum(got[s:s + SECTOR] != want[s:s + SECTOR] for s in range(0, chunk, SECTOR))
-    return bad
+        return sum(lost_sectors_of(f.read(chunk), generation, off) for off in range(0, SOAK_BYTES, chunk))
 
 
 def _proc_counts(pid: int | str = "self") -> tuple[int | None, int | None]:
@@ -88,93 +92,119 @@ def _guest(image: Path, path: str, app: str, timeout: float) -> dict:
     return res
 
 
-class Disconnector(threading.Thread):
-    """Frontends against ``sock`` that hang up after a random number of handshake messages, until stopped.
+def _hang_up(sock: str, steps: int) -> None:
+    """A vhost-user frontend that runs the first ``steps`` handshake messages and hangs up."""
+    from ..vhost_user.frontend import Frontend
 
-    ``disconnects`` counts the hang-ups, ``failures`` the full handshakes that failed afterwards.
-    """
+    with Frontend.connect(sock, timeout=10) as fe:
+        calls = [fe.get_features, fe.get_protocol_features, fe.set_owner, fe.get_queue_num]
+        for call in calls[:steps]:
+            call()
 
-    def __init__(self, sock: str, rng: random.Random):
-        super().__init__(daemon=True, name="soak-disconnector")
-        self.sock, self.rng = sock, rng
-        self.stop_event = threading.Event()
-        self.disconnects = self.failures = 0
-        self.error = ""
 
-    def _session(self, steps: int) -> None:
-        from ..vhost_user.frontend import Frontend
+def _vhost_cycle(backend, image: Path, gen: int, rng: random.Random, timeout: float) -> dict:
+    """QEMU as the frontend of ``backend`` running :func:`_apps`, where the random writes are cut off by
+    quitting QEMU at a random moment (a frontend disconnect mid-I/O; they write the fill's pattern, so
+    a torn write shows), then a few handshake hang-ups; the overwrite and verify passes after them must
+    succeed, and the host then checks the served image."""
+    device = vhost_device(backend.sock)
 
-        with Frontend.connect(self.sock, timeout=10) as fe:
-            calls = [fe.get_features, fe.get_protocol_features, fe.set_owner, fe.get_queue_num,
-                     lambda: fe.get_config(0, 8)]
-            for call in calls[:steps]:
-                call()
+    def qemu_run(app: str, limit: float) -> dict | None:
+        r = qemu.run_guestkit(guestkit_path(), app, device_args=device, shared_memory=True, mem_mib=64,
+                              timeout=limit)
+        return guest_result(r.console, "blk") if r.exit_status == 0 else None
 
-    def run(self) -> None:
-        while not self.stop_event.wait(self.rng.uniform(0.05, 0.5)):
-            try:
-                self._session(self.rng.randrange(0, 5))
-                self.disconnects += 1
-                self._session(5)   # the back-end still serves a whole handshake after the hang-up
-            except Exception as e:  # noqa: BLE001 - reported as a failure of the back-end
-                self.failures += 1
-                self.error = f"{type(e).__name__}: {e}"
+    apps = _apps(gen, rng)
+    fill = qemu_run(apps["fill"], timeout)
+    cut = qemu_run(apps["random"].replace(" n=", " ms=20000 n="), rng.uniform(0.5, 3.0))
+    hang_ups = rng.randrange(1, 4)
+    for _ in range(hang_ups):
+        _hang_up(backend.sock, rng.randrange(0, 5))
+    after = [qemu_run(apps["overwrite"], timeout), qemu_run(apps["verify"], timeout)]
+    must = [fill, *after]
+    done = [r for r in (*must, cut) if r is not None]
+    totals = _totals(done)
+    totals["errors"] += sum(r is None for r in must)
+    return {**totals, "vm_boots": 4, "disconnects": hang_ups + (cut is None), "mid_io_disconnects": int(cut is None),
+            "lost_acked_writes": lost_sectors(image, 2 * gen + 1)}
 
-    def stop(self) -> None:
-        self.stop_event.set()
-        self.join(30)
+
+def _apps(gen: int, rng: random.Random) -> dict[str, str]:
+    """The guest kit blk command lines of a cycle of generation ``gen``: ``fill``, ``random``
+    (random writes and flushes of the same pattern: a torn or misplaced write shows), ``overwrite``
+    (every sector rewritten with generation ``2·gen+1``, flushes mixed in: a lost write leaves the
+    previous generation) and ``verify`` (random verifying reads of the new generation)."""
+    old, new = 2 * gen, 2 * gen + 1
+    common = f"size={SOAK_BYTES} timeout_ms=20000"
+    flush = lambda: f"flush_every={rng.choice((1, 8, 32))}"  # noqa: E731
+    return {"fill": f"blk rw=fill bs=65536 qd=4 seed={old} {common}",
+            "random": f"blk rw=randwrite bs=4096 qd={rng.choice((1, 4, 16))} n={rng.randrange(200, 2000)} {flush()} "
+                      f"seed={old} {common}",
+            "overwrite": f"blk rw=write bs=4096 qd={rng.choice((1, 4, 16))} n={SOAK_BYTES // 4096} {flush()} "
+                         f"seed={new} {common}",
+            "verify": f"blk rw=randread verify=1 bs=4096 qd=4 n=1000 seed={new} {common}"}
+
+
+def _totals(results: list[dict]) -> dict:
+    return {"ops": sum(r.get("ops", 0) for r in results), "flushes": sum(r.get("flushes", 0) for r in results),
+            "errors": sum(r.get("errors", 0) + r.get("timeouts", 0) for r in results),
+            "verify_errors": sum(r.get("verify_errors", 0) for r in results)}
+
+
+def _exitless_cycle(image: Path, path: str, gen: int, rng: random.Random, timeout: float) -> dict:
+    """Four fresh exitless VMs on I/O ``path`` running :func:`_apps`; then the host checks the image."""
+    results = [_guest(image, path, app, timeout) for app in _apps(gen, rng).values()]
+    return {**_totals(results), "vm_boots": len(results), "lost_acked_writes": lost_sectors(image, 2 * gen + 1)}
+
+
+SUMMED = ("ops", "flushes", "errors", "verify_errors", "lost_acked_writes", "disconnects", "mid_io_disconnects")
+SAMPLED = ("vmm_fds", "vmm_threads", "backend_fds", "backend_threads")
 
 
 def run(minutes: float, *, seed: int = 1, timeout: float = 300, report_row=lambda row: None) -> list[dict]:
-    """Cycles until ``minutes`` have passed (at least one); one row per cycle plus a summary row."""
+    """Cycles until ``minutes`` have passed (at least one of each kind); one row per cycle, then a
+    summary row (``"summary": true``) with the totals and the fd/thread samples over time.
+
+    Cycles alternate: an exitless cycle (next path of BLK_PATHS), then a vhost-user cycle (QEMU
+    frontend of ``exitless serve blk``; skipped when QEMU is not installed).
+    """
     rng = random.Random(seed)
     rows: list[dict] = []
+    with_vhost = qemu.available()
     t0 = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="exitless-soak-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="exitless-soak-", dir="/var/tmp") as tmp:
         image, served = Path(tmp, "soak.img"), Path(tmp, "served.img")
         for p in (image, served):
             with open(p, "wb") as f:
                 f.truncate(SOAK_BYTES)
-        backend = serve_process(served, "kick", tmp, "writeback")
-        disconnector = Disconnector(backend.sock, rng)
-        disconnector.start()
+        backend = serve_process(served, "kick", tmp, "writeback") if with_vhost else None
         try:
             cycle = 0
-            while cycle == 0 or time.monotonic() - t0 < minutes * 60:
+            while cycle < 1 + with_vhost or time.monotonic() - t0 < minutes * 60:
                 cycle += 1
-                path = BLK_PATHS[(cycle - 1) % len(BLK_PATHS)]
-                gen = seed * 1000 + cycle
-                common = f"seed={gen} size={SOAK_BYTES} timeout_ms=20000"
-                results = [_guest(image, path, f"blk rw=fill bs=65536 qd=4 {common}", timeout),
-                           _guest(image, path, f"blk rw=randwrite bs=4096 qd={rng.choice((1, 4, 16))} "
-                                               f"n={rng.randrange(200, 2000)} flush_every={rng.choice((1, 8, 32))} "
-                                               f"{common}", timeout),
-                           _guest(image, path, f"blk rw=randread verify=1 bs=4096 qd=4 n=1000 {common}", timeout)]
-                fds, threads = _proc_counts()
-                bfds, bthreads = _proc_counts(backend.proc.pid)
-                row = {"cycle": cycle, "t_s": round(time.monotonic() - t0, 1), "path": path, "generation": gen,
-                       "ops": sum(r.get("ops", 0) for r in results),
-                       "flushes": sum(r.get("flushes", 0) for r in results),
-                       "errors": sum(r.get("errors", 0) + r.get("timeouts", 0) for r in results),
-                       "verify_errors": sum(r.get("verify_errors", 0) for r in results),
-                       "lost_acked_writes": lost_sectors(image, gen),
-                       "disconnects": disconnector.disconnects, "frontend_failures": disconnector.failures,
-                       "vmm_fds": fds, "vmm_threads": threads, "backend_fds": bfds, "backend_threads": bthreads}
+                gen = seed * 100000 + cycle
+                if with_vhost and cycle % 2 == 0:
+                    row = {"cycle": cycle, "kind": "vhost-user", "path": "serve/kick", "generation": gen,
+                           **_vhost_cycle(backend, served, gen, rng, timeout)}
+                else:
+                    path = BLK_PATHS[(cycle // (1 + with_vhost)) % len(BLK_PATHS)]
+                    row = {"cycle": cycle, "kind": "exitless", "path": path, "generation": gen,
+                           "disconnects": 0, "mid_io_disconnects": 0,
+                           **_exitless_cycle(image, path, gen, rng, timeout)}
+                gc.collect()   # count the fds still held, not those awaiting the cycle collector
+                row["vmm_fds"], row["vmm_threads"] = _proc_counts()
+                row["backend_fds"], row["backend_threads"] = _proc_counts(backend.proc.pid) if backend else (None, None)
+                row["t_s"] = round(time.monotonic() - t0, 1)
                 rows.append(row)
                 report_row(row)
         finally:
-            disconnector.stop()
-            alive = backend.proc.poll() is None
-            backend.stop()
+            alive = backend is None or backend.proc.poll() is None
+            if backend:
+                backend.stop()
     summary = {"summary": True, "minutes": round((time.monotonic() - t0) / 60, 2), "cycles": len(rows),
-               "vm_restarts": 3 * len(rows), "ops": sum(r["ops"] for r in rows),
-               "flushes": sum(r["flushes"] for r in rows), "errors": sum(r["errors"] for r in rows),
-               "verify_errors": sum(r["verify_errors"] for r in rows),
-               "lost_acked_writes": sum(r["lost_acked_writes"] for r in rows),
-               "disconnects": disconnector.disconnects, "frontend_failures": disconnector.failures,
-               "frontend_error": disconnector.error or None, "backend_survived": alive,
-               "vmm_fds": [r["vmm_fds"] for r in rows], "vmm_threads": [r["vmm_threads"] for r in rows],
-               "backend_fds": [r["backend_fds"] for r in rows], "backend_threads": [r["backend_threads"] for r in rows]}
+               "vm_restarts": sum(r["vm_boots"] for r in rows), "with_vhost": with_vhost, "backend_survived": alive,
+               **{k: sum(r[k] for r in rows) for k in SUMMED},
+               **{k: [r[k] for r in rows] for k in SAMPLED}}
     return rows + [summary]
 
 
@@ -182,14 +212,16 @@ def main(args) -> int:
     report = Report(args.json)
     with report.progress() as progress:
         rows = run(args.minutes, seed=args.seed,
-                   report_row=lambda r: progress(f"soak cycle {r['cycle']} ({r['path']})", r["cycle"], None))
+                   report_row=lambda r: progress(f"soak cycle {r['cycle']} ({r['kind']} {r['path']})", r["cycle"],
+                                                 None))
     s = rows[-1]
-    report.table("soak (one row per cycle; each cycle = 3 VM boots on that path, then a host check)",
-                 rows[:-1], COLUMNS)
-    report.note(f"{s['cycles']} cycles, {s['vm_restarts']} VM restarts, {s['ops']} guest I/Os, {s['flushes']} flushes, "
-                f"{s['disconnects']} frontend disconnects: lost acknowledged writes {s['lost_acked_writes']} "
-                f"(goal 0), guest verify errors {s['verify_errors']}, I/O errors {s['errors']}, "
-                f"frontend failures {s['frontend_failures']}, serve survived: {s['backend_survived']}")
+    report.table("soak (one row per cycle: 4 VM boots, then the host reads the image back)", rows[:-1], COLUMNS)
+    if not s["with_vhost"]:
+        report.note(f"{qemu.QEMU} is not installed: no vhost-user cycles (no frontend disconnects)")
+    report.note(f"{s['cycles']} cycles in {s['minutes']} min, {s['vm_restarts']} VM restarts, {s['ops']} guest I/Os, "
+                f"{s['flushes']} flushes, {s['disconnects']} frontend disconnects ({s['mid_io_disconnects']} mid-I/O): "
+                f"lost acknowledged writes {s['lost_acked_writes']} (goal 0), guest verify errors "
+                f"{s['verify_errors']}, I/O errors {s['errors']}, serve survived: {s['backend_survived']}")
     report.json(rows)
-    bad = s["lost_acked_writes"] or s["verify_errors"] or s["errors"] or s["frontend_failures"]
+    bad = s["lost_acked_writes"] or s["verify_errors"] or s["errors"]
     return 1 if bad or not s["backend_survived"] else 0
