@@ -1,21 +1,26 @@
 """``exitless bench soak``: a long mixed block workload with verification, VM restarts and frontend disconnects.
 
-A benchmark, not a test: it runs for ``--minutes`` and reports what happened.  Each *cycle*:
+A benchmark, not a test: it runs cycles for ``--minutes`` and reports what happened, one JSON row per
+cycle and a last row (``"summary": true``) with the totals and the samples over time.  A cycle runs the
+guest kit's ``blk`` app four times on one image, each in a freshly booted VM (:func:`_apps`): ``fill``
+with generation ``2g`` (the pattern seed), random writes and flushes of the same pattern (a torn or
+misplaced write shows), a sequential overwrite of every sector with generation ``2g+1`` with flushes
+mixed in, and random verifying reads.  Then the host reads the image back: every sector must hold
+generation ``2g+1``'s pattern (word ``i`` of the disk = ``i ^ seed·φ64``, the guest kit's pattern), so
+an acknowledged write that was lost leaves ``2g`` there and counts in ``lost_acked_writes`` (goal 0).
 
-* boots a fresh exitless VM (a VM restart every cycle) with virtio-blk on the next I/O path of
-  :data:`~exitless.bench.options.BLK_PATHS` (rotating), and runs the guest kit's ``blk`` app three
-  times on the same image with generation ``g`` (the cycle number) as the pattern seed: ``fill``
-  (every sector written, then FLUSH), ``randwrite`` with ``flush_every`` (random writes and flushes,
-  the same position-keyed pattern), ``randread verify=1`` (reads checked in the guest);
-* then the host reads the image back: every sector the guest saw acknowledged (and flushed) must
-  hold generation ``g``'s pattern (word ``i`` of the disk = ``i ^ g·φ64``, the guest kit's pattern),
-  so a lost or stale acknowledged write counts in ``lost_acked_writes`` (goal 0);
-* meanwhile an ``exitless serve blk`` process on its own image takes vhost-user frontends
-  (:class:`~exitless.vhost_user.frontend.Frontend`) that run the handshake and hang up after a
-  random number of messages, and then one full handshake that must still succeed;
-* samples this VMM process's open fds (/proc/self/fd) and threads, and the back-end process's.
+Cycles alternate between
 
-Each sample is one JSON row; the last row (``"summary": true``) carries the totals.
+* **exitless**: the VMs are exitless VMs with virtio-blk on the next I/O path of
+  :data:`~exitless.bench.options.BLK_PATHS` (rotating);
+* **vhost-user** (when QEMU is installed): the VMs are QEMU, the frontend of one long-lived
+  ``exitless serve blk`` process on its own image; the random writes are cut off by quitting QEMU at a
+  random moment (a frontend disconnect mid-I/O), then :class:`~exitless.vhost_user.frontend.Frontend`
+  connections hang up after a random number of handshake messages; the overwrite and the verifying
+  reads after them must succeed.
+
+After each cycle: open fds (/proc/PID/fd) and threads of this VMM process (also while each VM was up)
+and of the ``serve`` process.
 """
 from __future__ import annotations
 
@@ -41,10 +46,12 @@ SOAK_BYTES = 4 << 20
 SECTOR = 512
 #: The guest kit's pattern multiplier (guestkit/src/blk.c ``GOLDEN``).
 GOLDEN = 0x9E3779B97F4A7C15
-COLUMNS = [("cycle", "cycle"), ("t_s", "t (s)"), ("kind", "VMM"), ("path", "path"), ("ops", "ops"), ("flushes", "flushes"),
-           ("verify_errors", "guest verify errors"), ("lost_acked_writes", "lost acked sectors"),
-           ("disconnects", "frontend disconnects"), ("mid_io_disconnects", "mid-I/O"), ("vmm_fds", "VMM fds"), ("vmm_threads", "VMM threads"),
-           ("backend_fds", "serve fds"), ("backend_threads", "serve threads")]
+COLUMNS = [("cycle", "cycle"), ("t_s", "t (s)"), ("kind", "VMM"), ("path", "path"), ("ops", "ops"),
+           ("flushes", "flushes"), ("verify_errors", "guest verify errors"),
+           ("lost_acked_writes", "lost acked sectors"), ("disconnects", "frontend disconnects"),
+           ("mid_io_disconnects", "mid-I/O"), ("vmm_fds_vm_up", "VMM fds (VM up)"),
+           ("vmm_threads_vm_up", "VMM threads (VM up)"), ("vmm_fds", "VMM fds (after)"),
+           ("vmm_threads", "VMM threads (after)"), ("backend_fds", "serve fds"), ("backend_threads", "serve threads")]
 
 
 def pattern(generation: int, offset: int, nbytes: int) -> bytes:
@@ -85,7 +92,9 @@ def _guest(image: Path, path: str, app: str, timeout: float) -> dict:
         VirtioPci(m, VirtioBlk(image), path)
         m.boot_pvh(guestkit_path(), guestkit_cmdline(app))
         exit = m.run(timeout=timeout)
+        open_fds, open_threads = _proc_counts()   # with the VM (vCPU, sidecore, eventfds) still up
     res = guest_result(bytes(console), "blk")
+    res["_open"] = (open_fds, open_threads)
     if exit.kind != "debug-exit" or exit.status != 0:
         res.setdefault("errors", 1)
         res["exit"] = f"{exit.kind} {exit.status} {exit.message}"
@@ -154,11 +163,13 @@ def _totals(results: list[dict]) -> dict:
 def _exitless_cycle(image: Path, path: str, gen: int, rng: random.Random, timeout: float) -> dict:
     """Four fresh exitless VMs on I/O ``path`` running :func:`_apps`; then the host checks the image."""
     results = [_guest(image, path, app, timeout) for app in _apps(gen, rng).values()]
-    return {**_totals(results), "vm_boots": len(results), "lost_acked_writes": lost_sectors(image, 2 * gen + 1)}
+    return {**_totals(results), "vm_boots": len(results), "lost_acked_writes": lost_sectors(image, 2 * gen + 1),
+            "vmm_fds_vm_up": max(r["_open"][0] for r in results),
+            "vmm_threads_vm_up": max(r["_open"][1] for r in results)}
 
 
 SUMMED = ("ops", "flushes", "errors", "verify_errors", "lost_acked_writes", "disconnects", "mid_io_disconnects")
-SAMPLED = ("vmm_fds", "vmm_threads", "backend_fds", "backend_threads")
+SAMPLED = ("vmm_fds", "vmm_threads", "vmm_fds_vm_up", "vmm_threads_vm_up", "backend_fds", "backend_threads")
 
 
 def run(minutes: float, *, seed: int = 1, timeout: float = 300, report_row=lambda row: None) -> list[dict]:
@@ -185,6 +196,7 @@ def run(minutes: float, *, seed: int = 1, timeout: float = 300, report_row=lambd
                 gen = seed * 100000 + cycle
                 if with_vhost and cycle % 2 == 0:
                     row = {"cycle": cycle, "kind": "vhost-user", "path": "serve/kick", "generation": gen,
+                           "vmm_fds_vm_up": None, "vmm_threads_vm_up": None,
                            **_vhost_cycle(backend, served, gen, rng, timeout)}
                 else:
                     path = BLK_PATHS[(cycle // (1 + with_vhost)) % len(BLK_PATHS)]
