@@ -101,14 +101,19 @@ def _guest(image: Path, path: str, app: str, timeout: float) -> dict:
     return res
 
 
-def _hang_up(sock: str, steps: int) -> None:
-    """A vhost-user frontend that runs the first ``steps`` handshake messages and hangs up."""
-    from ..vhost_user.frontend import Frontend
+def _hang_up(sock: str, steps: int) -> bool:
+    """A vhost-user frontend that runs the first ``steps`` handshake messages and hangs up; False when
+    the back-end refused or failed one of them (it must not)."""
+    from ..vhost_user.frontend import Frontend, FrontendError
 
-    with Frontend.connect(sock, timeout=10) as fe:
-        calls = [fe.get_features, fe.get_protocol_features, fe.set_owner, fe.get_queue_num]
-        for call in calls[:steps]:
-            call()
+    try:
+        with Frontend.connect(sock, timeout=10) as fe:
+            calls = [fe.get_features, fe.get_protocol_features, fe.set_owner, fe.get_queue_num]
+            for call in calls[:steps]:
+                call()
+    except (OSError, FrontendError):
+        return False
+    return True
 
 
 def _vhost_cycle(backend, image: Path, gen: int, rng: random.Random, timeout: float) -> dict:
@@ -127,13 +132,12 @@ def _vhost_cycle(backend, image: Path, gen: int, rng: random.Random, timeout: fl
     fill = qemu_run(apps["fill"], timeout)
     cut = qemu_run(apps["random"].replace(" n=", " ms=20000 n="), rng.uniform(0.5, 3.0))
     hang_ups = rng.randrange(1, 4)
-    for _ in range(hang_ups):
-        _hang_up(backend.sock, rng.randrange(0, 5))
+    refused = sum(not _hang_up(backend.sock, rng.randrange(0, 5)) for _ in range(hang_ups))
     after = [qemu_run(apps["overwrite"], timeout), qemu_run(apps["verify"], timeout)]
     must = [fill, *after]
     done = [r for r in (*must, cut) if r is not None]
     totals = _totals(done)
-    totals["errors"] += sum(r is None for r in must)
+    totals["errors"] += sum(r is None for r in must) + refused
     return {**totals, "vm_boots": 4, "disconnects": hang_ups + (cut is None), "mid_io_disconnects": int(cut is None),
             "lost_acked_writes": lost_sectors(image, 2 * gen + 1)}
 
