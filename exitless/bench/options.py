@@ -113,3 +113,11 @@ def add_boot(p) -> None:
                         "(auto: host on kvm_pvm hosts, guest elsewhere; default auto)")
     p.add_argument("--qemu", choices=("auto", "kvm", "tcg", "none"), default="auto",
                    help="QEMU accelerator (auto: try KVM, fall back to TCG and say so; default auto)")
+
+
+def add_soak(p) -> None:
+    p.add_argument("--minutes", type=positive_float, default=10.0,
+                   help="run cycles until this much time has passed (at least one cycle; default 10)")
+    p.add_argument("--seed", type=positive_int, default=1, help="random choices and pattern generations (default 1)")
+    p.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                   help="write the rows as JSON to FILE, or alone: to stdout (then only JSON goes to stdout)")

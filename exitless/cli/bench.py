@@ -1,4 +1,4 @@
-"""``exitless bench doorbell|blk|nvme|vhost|net|boot``: the benchmarks, rows as JSON plus a human table.
+"""``exitless bench doorbell|blk|nvme|vhost|net|boot|soak``: the benchmarks, rows as JSON plus a human table.
 
 The options of each benchmark are in :mod:`exitless.bench.options` and its command
 is the ``main(args)`` of its module in :mod:`exitless.bench` (interleaved rounds,
@@ -24,7 +24,9 @@ def register(sub) -> None:
             ("net", "virtio-net (a TAP in a private namespace) under every I/O path, QEMU's tap, and QEMU with "
                     "exitless's vhost-user-net back-end", options.add_net, cmd_bench_net),
             ("boot", "time to first kernel line, userspace and power-off, beside QEMU", options.add_boot,
-             cmd_bench_boot)):
+             cmd_bench_boot),
+            ("soak", "mixed verified I/O with VM restarts and vhost-user frontend disconnects; lost acknowledged "
+                     "writes, fd and thread counts over time", options.add_soak, cmd_bench_soak)):
         p = bsub.add_parser(name, help=help)
         add(p)
         p.set_defaults(func=cmd)
@@ -64,3 +66,9 @@ def cmd_bench_boot(args) -> int:
     from ..bench import boot
 
     return boot.main(args)
+
+
+def cmd_bench_soak(args) -> int:
+    from ..bench import soak
+
+    return soak.main(args)
