@@ -62,3 +62,8 @@ def non_negative_int(text: str) -> int:
 def positive_float(text: str) -> float:
     """argparse ``type=`` for a scale factor or a timeout (seconds): a finite number > 0."""
     return _number(float, text, zero_ok=False)
+
+
+def non_negative_float(text: str) -> float:
+    """argparse ``type=`` for a duration where 0 means none (a minimum run time, seconds): finite, >= 0."""
+    return _number(float, text, zero_ok=True)

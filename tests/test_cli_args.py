@@ -44,7 +44,7 @@ def test_positive_types():
 @pytest.mark.parametrize("argv", [
     ("bench", "doorbell", "--n", "-5"), ("bench", "doorbell", "--n", "0"), ("bench", "blk", "--scale", "0"),
     ("bench", "blk", "--scale", "-1"), ("bench", "nvme", "--rounds", "0"), ("bench", "net", "--scale", "-1"),
-    ("bench", "vhost", "--min-seconds", "0"), ("bench", "boot", "--runs", "0"), ("bench", "boot", "--timeout", "-1"),
+    ("bench", "vhost", "--min-seconds", "-1"), ("bench", "boot", "--runs", "0"), ("bench", "boot", "--timeout", "-1"),
     ("bench", "boot", "--mem", "100000G"), ("run", "--timeout", "-1"), ("run", "--timeout", "0"),
     ("run", "--mem", "100000G"), ("run", "--mem", "5000G"),
 ])

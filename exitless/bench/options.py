@@ -7,7 +7,7 @@ nothing else goes there; ``--rounds`` is the number of interleaved rounds.
 """
 from __future__ import annotations
 
-from ..argtypes import mem_size, non_negative_int, positive_float, positive_int
+from ..argtypes import mem_size, non_negative_float, non_negative_int, positive_float, positive_int
 from .workload import TESTS
 
 DOORBELL_PATHS = ("trap", "ioeventfd", "shared", "adaptive")
@@ -72,8 +72,8 @@ def add_vhost(p) -> None:
     p.add_argument("--io", nargs="+", default=list(VHOST_PATHS), choices=VHOST_PATHS,
                    help="exitless back-end I/O paths to measure (default: all)")
     _tests(p)
-    p.add_argument("--min-seconds", type=positive_float, default=0.5,
-                   help="raise the operation count so each measured run lasts at least this long (default 0.5)")
+    p.add_argument("--min-seconds", type=non_negative_float, default=0.5,
+                   help="raise the operation count so each measured run lasts at least this long (0: no minimum; default 0.5)")
     p.add_argument("--accel", choices=["auto", "tcg", "kvm"], default="auto",
                    help="QEMU accelerator (auto: KVM when /dev/kvm works; the guest kit runs on it; default auto)")
     p.add_argument("--cache", choices=CACHES, default="writeback",
