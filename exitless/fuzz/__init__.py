@@ -83,6 +83,8 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
            needs_kvm=True),
     Target("pci_config", "t_pci", "PCI config space via ports 0xCF8/0xCFC: BAR moves, decode, capabilities",
            needs_kvm=True),
+    Target("nvme", "t_nvme", "NVMe registers, doorbells, admin and I/O SQ entries and PRP lists over guest memory",
+           max_len=65536),
     Target("vhost_user", "t_vhost", "a vhost-user message stream (with fds) against a live server and backend"),
     Target("elf", "t_boot", "the PVH ELF and vmlinux readers and the PVH loader"),
     Target("bzimage", "t_boot", "the bzImage setup header, payload unpacking and zero page"),
