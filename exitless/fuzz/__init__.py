@@ -85,6 +85,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
            needs_kvm=True),
     Target("nvme", "t_nvme", "NVMe registers, doorbells, admin and I/O SQ entries and PRP lists over guest memory",
            max_len=65536),
+    Target("virtio_net", "t_net", "virtio-net TX headers, control commands and RX buffers against a fake TAP"),
     Target("vhost_user", "t_vhost", "a vhost-user message stream (with fds) against a live server and backend"),
     Target("elf", "t_boot", "the PVH ELF and vmlinux readers and the PVH loader"),
     Target("bzimage", "t_boot", "the bzImage setup header, payload unpacking and zero page"),
