@@ -203,6 +203,33 @@ def test_io_commands(image, lba):
         r.close()
 
 
+def test_flush_fails_for_good_after_a_failed_fdatasync(rig, monkeypatch):
+    """Linux reports a writeback error once: after one failed fdatasync every later Flush (and FUA
+    write) fails, although fdatasync itself succeeds again -- acknowledged writes may be lost."""
+    d = rig.drv
+    assert d.create_pair(1) == 0
+    assert d.cmd(1, K.NVM_FLUSH, nsid=1)[0] == K.SC_SUCCESS
+    real, calls = os.fdatasync, []
+
+    def fail_once(fd):
+        calls.append(fd)
+        if len(calls) == 1:
+            raise OSError(5, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fail_once)
+    assert d.cmd(1, K.NVM_FLUSH, nsid=1)[0] != K.SC_SUCCESS
+    assert d.cmd(1, K.NVM_FLUSH, nsid=1)[0] != K.SC_SUCCESS
+    assert rw(d, 1, K.NVM_WRITE, 0, 1, DATA, cdw12_extra=1 << 30) != K.SC_SUCCESS     # FUA
+    assert rw(d, 1, K.NVM_WRITE, 0, 1, DATA) == K.SC_SUCCESS       # a cached write needs no sync
+    assert len(calls) == 1
+    fresh = Namespace(rig.ns.path)                                 # a new device (a restart) starts clean
+    try:
+        fresh.flush()
+    finally:
+        fresh.close()
+
+
 def test_read_only_namespace(image):
     before = image.read_bytes()
     r = Rig(image, read_only=True)

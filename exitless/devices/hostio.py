@@ -5,7 +5,7 @@
 across short transfers; ``fallocate`` is libc's (Python has only
 ``posix_fallocate``, which cannot punch holes).  :func:`open_backing` and
 :func:`backing_size` open and size a device's backing file, so that virtio-blk
-and NVMe report a bad one in the same words.
+and NVMe report a bad one in the same words; :class:`StickySync` is their flush.
 """
 from __future__ import annotations
 
@@ -87,6 +87,34 @@ def advance(views: list, n: int) -> list:
         out.append(v[n:] if n else v)
         n = 0
     return out
+
+
+class StickySync:
+    """``fdatasync`` of a block device's backing file whose first failure is sticky.
+
+    Linux reports a writeback error to a file once (per open file description) and may drop
+    the dirty pages it could not write: a *later* fdatasync then returns 0 although writes the
+    guest saw completed are not on disk.  So after the first failure :meth:`sync` raises
+    OSError (EIO) every time and a guest's every later flush fails, never succeeds (QEMU's
+    file-posix does the same).  Only a new device on the file -- a restart -- clears it.
+    ``what`` names the device in the error ("virtio-blk", "NVMe").
+    """
+
+    __slots__ = ("what", "failed")
+
+    def __init__(self, what: str):
+        self.what = what
+        self.failed = False     # set by the first failed fdatasync
+
+    def sync(self, fd: int) -> None:
+        """``fdatasync(fd)``; OSError if it fails -- and ever after, once it has failed."""
+        if self.failed:
+            raise OSError(errno.EIO, f"{self.what}: an earlier flush failed: acknowledged writes may be lost")
+        try:
+            os.fdatasync(fd)
+        except OSError:
+            self.failed = True
+            raise
 
 
 class BackingError(ExitlessError, OSError):

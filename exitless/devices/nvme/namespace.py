@@ -17,7 +17,7 @@ import os
 
 from ...sidecore.spin import address_of
 from ..hostio import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, BackingError,
-                      backing_size, fallocate, open_backing, transfer)
+                      StickySync, backing_size, fallocate, open_backing, transfer)
 
 LBA_SIZES = (512, 4096)
 
@@ -39,6 +39,7 @@ class Namespace:
         self.read_only = read_only
         self.direct = direct
         self.fd = self._fd_buffered = -1
+        self._flusher = StickySync("NVMe")
         # O_NONBLOCK: opening a FIFO must fail the type check below, not wait for a writer
         flags = os.O_CLOEXEC | os.O_NONBLOCK | (os.O_RDONLY if read_only else os.O_RDWR)
         self.fd = self._open(flags | (os.O_DIRECT if direct else 0))
@@ -63,6 +64,7 @@ class Namespace:
         if self.fd >= 0:
             os.close(self.fd)
         self.fd = self._fd_buffered = -1
+        self._flusher = StickySync("NVMe")
 
     # -- data --------------------------------------------------------------------------------
     def read(self, views: list[memoryview], slba: int, nbytes: int) -> None:
@@ -95,7 +97,9 @@ class Namespace:
             buf.close()
 
     def flush(self) -> None:
-        os.fdatasync(self.fd)
+        """``fdatasync`` the backing file (Flush, FUA, write-through); OSError if it fails -- and on
+        every later flush once one has failed (:class:`~exitless.devices.hostio.StickySync` says why)."""
+        self._flusher.sync(self.fd)
 
     def zero(self, slba: int, nlb: int, deallocate: bool) -> None:
         """Make LBAs [slba, slba+nlb) read as zeroes: punch a hole (``deallocate``) or zero the range."""

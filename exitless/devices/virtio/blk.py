@@ -48,7 +48,7 @@ import struct
 import time
 
 from ..hostio import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, BackingError,
-                      backing_size, fallocate, open_backing, transfer)
+                      StickySync, backing_size, fallocate, open_backing, transfer)
 from .constants import (
     VIRTIO_BLK_F_BLK_SIZE,
     VIRTIO_BLK_F_DISCARD,
@@ -154,29 +154,21 @@ class VirtioBlk(VirtioDevice):
         self.discard = discard and not read_only
         self.write_zeroes = write_zeroes and not read_only
         self.writeback = True
-        #: Set by the first failed fdatasync; from then on every flush fails (see :meth:`_sync`).
-        self.sync_failed = False
+        self._flusher = StickySync("virtio-blk")
+
+    @property
+    def sync_failed(self) -> bool:
+        """True once an fdatasync failed: from then on every flush fails (:class:`StickySync`)."""
+        return self._flusher.failed
 
     # -- backing store -----------------------------------------------------------------
     def _open(self, flags: int) -> int:
         return open_backing(self.path, flags, "virtio-blk", BackingFileError, BackingFileMissing)
 
     def _sync(self) -> None:
-        """``fdatasync`` the backing file; OSError if it fails -- and ever after, once it has failed.
-
-        Linux reports a writeback error to a file once (per open file description) and may drop
-        the dirty pages it could not write: a *later* fdatasync then returns 0 although writes
-        the guest saw completed are not on disk.  So the first failure is sticky: every later
-        FLUSH (and write-through write) completes with IOERR, never OK (QEMU's file-posix does
-        the same).  Only a new VirtioBlk on the file -- a restart -- clears it.
-        """
-        if self.sync_failed:
-            raise OSError(errno.EIO, "an earlier flush of this disk failed: acknowledged writes may be lost")
-        try:
-            os.fdatasync(self.fd)
-        except OSError:
-            self.sync_failed = True
-            raise
+        """``fdatasync`` the backing file; OSError if it fails -- and ever after, once it has failed
+        (:class:`~exitless.devices.hostio.StickySync` says why)."""
+        self._flusher.sync(self.fd)
 
     def _probe_dio_align(self) -> int:
         """512 if an O_DIRECT read of 512 bytes at a 512-byte (not 4 KiB) aligned address works, else 4096."""
