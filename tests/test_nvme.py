@@ -218,8 +218,8 @@ def test_flush_fails_for_good_after_a_failed_fdatasync(rig, monkeypatch):
         real(fd)
 
     monkeypatch.setattr(os, "fdatasync", fail_once)
-    assert d.cmd(1, K.NVM_FLUSH, nsid=1)[0] != K.SC_SUCCESS
-    assert d.cmd(1, K.NVM_FLUSH, nsid=1)[0] != K.SC_SUCCESS
+    assert d.cmd(1, K.NVM_FLUSH, nsid=1)[0] == K.SC_WRITE_FAULT
+    assert d.cmd(1, K.NVM_FLUSH, nsid=1)[0] == K.SC_WRITE_FAULT
     assert rw(d, 1, K.NVM_WRITE, 0, 1, DATA, cdw12_extra=1 << 30) != K.SC_SUCCESS     # FUA
     assert rw(d, 1, K.NVM_WRITE, 0, 1, DATA) == K.SC_SUCCESS       # a cached write needs no sync
     assert len(calls) == 1

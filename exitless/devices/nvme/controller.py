@@ -399,8 +399,9 @@ class NvmeController:
             try:
                 result = self._admin(cmd) if sq.sqid == 0 else self._io(cmd)
             except OSError as e:
-                log.error("NVMe: I/O error on %s: %s", self.ns.path, str(e))
-                result = (K.SC_WRITE_FAULT if cmd[0] & 0xFF == K.NVM_WRITE else K.SC_UNRECOVERED_READ_ERROR, 0)
+                # a failing disk can fail every command: rate-limited like any guest-triggered message
+                self.log(logging.ERROR, "NVMe: I/O error on %s: %s", self.ns.path, str(e))
+                result = (self._io_error_status(cmd) if sq.sqid else K.SC_INTERNAL_ERROR, 0)
             if result is HELD:
                 continue
             status, dw0 = result
@@ -668,6 +669,13 @@ class NvmeController:
         return self._to_host(cmd, data)
 
     # -- NVM commands (§6) ------------------------------------------------------------------------
+    @staticmethod
+    def _io_error_status(cmd) -> int:
+        """The status of an NVM command the host file failed (NVMe 1.4 §4.6.1.2.2, media errors): a
+        Read is an Unrecovered Read Error; whatever writes the medium (Write, Flush, Write Zeroes,
+        Dataset Management) a Write Fault."""
+        return K.SC_UNRECOVERED_READ_ERROR if cmd[0] & 0xFF == K.NVM_READ else K.SC_WRITE_FAULT
+
     def _io(self, cmd: list[int]):
         op, nsid = cmd[0] & 0xFF, cmd[1]
         if (cmd[0] >> 8) & 3 or (cmd[0] >> 14) & 3:
