@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
+import mmap
 import os
 import stat
 
@@ -75,6 +76,32 @@ def transfer(fn, fd: int, views: list, offset: int, nbytes: int = -1) -> int:
         if n:
             views[i] = views[i][n:]
     return total
+
+
+def zero_range(fd: int, offset: int, length: int, *, unmap: bool, write_fd: int | None = None) -> None:
+    """Make bytes [offset, offset+length) of ``fd`` read as zeroes (virtio-blk WRITE_ZEROES, NVMe Write
+    Zeroes / deallocate): punch a hole when ``unmap`` allows it, else zero the range in place, and where
+    the filesystem can do neither, write zeroes from an aligned buffer through ``write_fd`` (default
+    ``fd``; a buffered descriptor for ranges O_DIRECT cannot take).  OSError on a real failure."""
+    modes = ([FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE] if unmap else []) + [FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE]
+    for mode in modes:
+        try:
+            fallocate(fd, mode, offset, length)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOTTY, errno.ENODEV, errno.EINVAL):
+                raise
+    chunk = min(length, 1 << 20)
+    buf = mmap.mmap(-1, chunk)           # page-aligned: good for O_DIRECT too
+    try:
+        with memoryview(buf) as mv:
+            while length:
+                n = min(length, chunk)
+                transfer(os.pwritev, fd if write_fd is None else write_fd, [mv[:n]], offset)
+                offset += n
+                length -= n
+    finally:
+        buf.close()
 
 
 def advance(views: list, n: int) -> list:

@@ -16,8 +16,8 @@ import mmap
 import os
 
 from ...sidecore.spin import address_of
-from ..hostio import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, BackingError,
-                      StickySync, backing_size, fallocate, open_backing, transfer)
+from ..hostio import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, BackingError,
+                      StickySync, backing_size, fallocate, open_backing, transfer, zero_range)
 
 LBA_SIZES = (512, 4096)
 
@@ -103,27 +103,7 @@ class Namespace:
 
     def zero(self, slba: int, nlb: int, deallocate: bool) -> None:
         """Make LBAs [slba, slba+nlb) read as zeroes: punch a hole (``deallocate``) or zero the range."""
-        offset, length = slba * self.lba_size, nlb * self.lba_size
-        modes = ([FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE] if deallocate else []) + \
-                [FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE]
-        for mode in modes:
-            try:
-                fallocate(self.fd, mode, offset, length)
-                return
-            except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.ENOTTY, errno.ENODEV, errno.EINVAL):
-                    raise
-        chunk = min(length, 1 << 20)
-        buf = mmap.mmap(-1, chunk)
-        try:
-            with memoryview(buf) as mv:
-                while length:
-                    n = min(length, chunk)
-                    transfer(os.pwritev, self.fd, [mv[:n]], offset)
-                    offset += n
-                    length -= n
-        finally:
-            buf.close()
+        zero_range(self.fd, slba * self.lba_size, nlb * self.lba_size, unmap=deallocate)
 
     def deallocate(self, slba: int, nlb: int) -> None:
         """Dataset Management deallocate: punch a hole; advisory, so no support is not an error."""

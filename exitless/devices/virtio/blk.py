@@ -47,8 +47,8 @@ import os
 import struct
 import time
 
-from ..hostio import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, BackingError,
-                      StickySync, backing_size, fallocate, open_backing, transfer)
+from ..hostio import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, BackingError,
+                      StickySync, backing_size, fallocate, open_backing, transfer, zero_range)
 from .constants import (
     VIRTIO_BLK_F_BLK_SIZE,
     VIRTIO_BLK_F_DISCARD,
@@ -443,29 +443,8 @@ class VirtioBlk(VirtioDevice):
             self._sync()
 
     def _zero(self, offset: int, length: int, unmap: bool) -> None:
-        modes = ([FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE] if unmap else []) + \
-                [FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE]
-        for mode in modes:
-            try:
-                fallocate(self.fd, mode, offset, length)
-                return
-            except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.ENOTTY, errno.ENODEV, errno.EINVAL):
-                    raise
-        # No fallocate support: write zeroes (aligned buffer, so this also works with O_DIRECT).
-        chunk = min(length, 1 << 20)
-        buf = mmap.mmap(-1, chunk)
-        try:
-            with memoryview(buf) as mv:
-                fd = self.fd if not self.direct or (offset % self.dio_align == 0 and length % self.dio_align == 0) \
-                    else self._fd_buffered
-                while length:
-                    n = min(length, chunk)
-                    transfer(os.pwritev, fd, [mv[:n]], offset)
-                    offset += n
-                    length -= n
-        finally:
-            buf.close()
+        aligned = not self.direct or (offset % self.dio_align == 0 and length % self.dio_align == 0)
+        zero_range(self.fd, offset, length, unmap=unmap, write_fd=self.fd if aligned else self._fd_buffered)
 
     def on_reset(self) -> None:
         self.writeback = True
