@@ -21,6 +21,7 @@ from .kvm import constants as C
 from .kvm import structs as S
 from .kvm.api import Vcpu
 from .x86.cpu import describe_registers
+from .x86.fallback import InstructionFallback
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,10 @@ class VcpuCounters:
 
 
 class VcpuThread:
-    def __init__(self, vcpu: Vcpu, pio: Bus, mmio: Bus, on_exit: Callable[[VmExit], None]):
+    def __init__(self, vcpu: Vcpu, pio: Bus, mmio: Bus, on_exit: Callable[[VmExit], None],
+                 fallback: InstructionFallback | None = None):
         self.vcpu = vcpu
+        self.fallback = fallback
         self.pio = pio
         self.mmio = mmio
         self.on_exit = on_exit
@@ -144,6 +147,12 @@ class VcpuThread:
                     page[_MMIO_DATA:_MMIO_DATA + length] = mmio.read(m.phys_addr, length)
             elif reason == C.KVM_EXIT_INTR:
                 counters.intr += 1
+            elif (reason == C.KVM_EXIT_INTERNAL_ERROR and self.fallback is not None
+                  and run.u.internal.suberror == C.KVM_INTERNAL_ERROR_EMULATION):
+                why = self.fallback.handle(run)
+                if why is not None:
+                    return VmExit("error", 1, f"KVM internal error: emulation failure: {why}",
+                                  registers=describe_registers(vcpu))
             else:
                 counters.other[reason] = counters.other.get(reason, 0) + 1
                 result = self._terminal_exit(reason, run)

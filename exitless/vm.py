@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
@@ -26,6 +27,7 @@ from .memory import GuestMemory, Region, x86_layout
 from .vcpu import VcpuThread, install_kick_handler, wait_all
 from .x86 import cpu as X
 from .x86 import layout as L
+from .x86.fallback import InstructionFallback
 from .x86.irq import IrqRouter
 
 log = logging.getLogger(__name__)
@@ -99,6 +101,7 @@ class Machine:
             vcpu.set_cpuid(self.cpuid)
             X.setup_msrs(vcpu)
             X.setup_lapic(vcpu)
+        self.fallbacks = [InstructionFallback(v, self.mem) for v in self.vcpus]
 
     def _map_region(self, region: Region) -> None:
         slot = self._next_slot
@@ -172,7 +175,8 @@ class Machine:
     def run(self, timeout: float | None = None) -> VmExit:
         """Run until the guest stops (or ``timeout`` seconds pass: then kind='timeout')."""
         install_kick_handler()
-        self.threads = [VcpuThread(v, self.pio, self.mmio, self._vcpu_exited) for v in self.vcpus]
+        self.threads = [VcpuThread(v, self.pio, self.mmio, self._vcpu_exited, f)
+                        for v, f in zip(self.vcpus, self.fallbacks)]
         for t in self.threads:
             t.start()
         if not self._exit_event.wait(timeout):
@@ -208,6 +212,13 @@ class Machine:
     def vcpu_cpu_seconds(self) -> float:
         """CPU time of the vCPU threads that have finished (the guest's own running time)."""
         return sum(t.cpu_seconds for t in self.threads)
+
+    def fallback_counts(self) -> dict[str, int]:
+        """What the instruction fallback did, summed over the vCPUs (empty on VMX/SVM hosts)."""
+        total: Counter[str] = Counter()
+        for f in self.fallbacks:
+            total.update(f.counts)
+        return dict(total)
 
     def tsc_khz(self) -> int:
         return self.vcpus[0].tsc_khz()
