@@ -115,9 +115,13 @@ class VcpuThread:
     def _loop(self) -> VmExit:
         vcpu, run, page = self.vcpu, self.vcpu.run_struct, self.vcpu.run_page
         pio, mmio, counters = self.pio, self.mmio, self.counters
+        fallback = self.fallback
+        tick = fallback.tick if fallback is not None and fallback.breakpoints is not None else None
         while True:
             if self._stop.is_set():
                 return VmExit("stopped")
+            if tick is not None:       # between exits, with the last one completed
+                tick()
             ret = vcpu.run()
             if ret < 0:
                 if ret in (-errno.EINTR, -errno.EAGAIN):
@@ -147,9 +151,9 @@ class VcpuThread:
                     page[_MMIO_DATA:_MMIO_DATA + length] = mmio.read(m.phys_addr, length)
             elif reason == C.KVM_EXIT_INTR:
                 counters.intr += 1
-            elif (reason == C.KVM_EXIT_INTERNAL_ERROR and self.fallback is not None
+            elif (reason == C.KVM_EXIT_INTERNAL_ERROR and fallback is not None
                   and run.u.internal.suberror == C.KVM_INTERNAL_ERROR_EMULATION):
-                why = self.fallback.handle(run)
+                why = fallback.handle(run)
                 if why is not None:
                     return VmExit("error", 1, f"KVM internal error: emulation failure: {why}",
                                   registers=describe_registers(vcpu))

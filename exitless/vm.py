@@ -27,7 +27,9 @@ from .memory import GuestMemory, Region, x86_layout
 from .vcpu import VcpuThread, install_kick_handler, wait_all
 from .x86 import cpu as X
 from .x86 import layout as L
+from .doctor import kvm_flavour
 from .x86.fallback import InstructionFallback
+from .x86.pvm_syscall import SyscallRepair
 from .x86.irq import IrqRouter
 
 log = logging.getLogger(__name__)
@@ -101,7 +103,9 @@ class Machine:
             vcpu.set_cpuid(self.cpuid)
             X.setup_msrs(vcpu)
             X.setup_lapic(vcpu)
-        self.fallbacks = [InstructionFallback(v, self.mem) for v in self.vcpus]
+        # kvm_pvm only: user-mode SYSCALL needs the VMM's repair (exitless/x86/pvm_syscall.py)
+        self.syscall_repair = SyscallRepair(self.mem) if kvm_flavour() == "pvm" else None
+        self.fallbacks = [InstructionFallback(v, self.mem, self.syscall_repair) for v in self.vcpus]
 
     def _map_region(self, region: Region) -> None:
         slot = self._next_slot
@@ -218,6 +222,8 @@ class Machine:
         total: Counter[str] = Counter()
         for f in self.fallbacks:
             total.update(f.counts)
+        if self.syscall_repair is not None:
+            total.update({f"pvm {k}": v for k, v in self.syscall_repair.counts.items() if k == "planted"})
         return dict(total)
 
     def tsc_khz(self) -> int:

@@ -98,9 +98,12 @@ class InstructionFallback:
     resume, or the message to stop the VM with.
     """
 
-    def __init__(self, vcpu, memory):
+    def __init__(self, vcpu, memory, breakpoints=None):
         self.vcpu = vcpu
         self.memory = memory
+        #: VMM breakpoints (``on_int3(vcpu, regs, sregs) -> name | None``, ``poll(vcpu)``): the kvm_pvm
+        #: system-call repair (:mod:`exitless.x86.pvm_syscall`); None elsewhere
+        self.breakpoints = breakpoints
         self.counts: Counter[str] = Counter()
         self._handlers = {
             b"\xcc": self._int3, b"\x9b": self._fwait, b"\x0f\x07": self._sysret,
@@ -121,6 +124,12 @@ class InstructionFallback:
             if not (sregs.efer & 0x400 and sregs.cs.l):
                 raise EmulationFailure("the fallback emulates 64-bit code only")
             insn = decode(code)
+            if insn.opcode == b"\xcc" and self.breakpoints is not None:
+                name = self.breakpoints.on_int3(self.vcpu, regs, sregs)
+                if name is not None:          # the VMM's own breakpoint, handled: the guest never sees it
+                    self._withdraw_ud()
+                    self.counts[name] += 1
+                    return None
             handler = self._handlers.get(insn.opcode)
             if handler is None:
                 raise EmulationFailure("no emulation for this opcode")
@@ -143,6 +152,10 @@ class InstructionFallback:
         except (DecodeError, EmulationFailure) as e:
             return (f"KVM cannot emulate `{disassemble(code, regs.rip)}` at rip={regs.rip:#x} "
                     f"(cpl {sregs.cs.selector & 3}), nor can the fallback: {e}")
+
+    def tick(self) -> None:
+        """Called by the vCPU loop on ordinary exits: lets the breakpoints follow the guest."""
+        self.breakpoints.poll(self.vcpu)
 
     def _commit(self, state: _State, rip_unchanged: bool = False) -> None:
         if rip_unchanged:
