@@ -59,7 +59,7 @@ def register(sub: argparse._SubParsersAction, *, run: argparse.ArgumentParser,
     boot.add_argument("--runs", type=int, default=3, help="boots per VMM (the median is reported)")
     boot.add_argument("--json", nargs="?", const="-", help="write the results as JSON (to a file, or stdout)")
     boot.add_argument("--timeout", type=float, default=None,
-                      help="seconds per boot (default 60; 240 for exitless on kvm_pvm, 600 for QEMU TCG)")
+                      help="seconds per boot (default 60; 1800 for exitless on kvm_pvm, 600 for QEMU TCG)")
     boot.add_argument("--mem", type=int, default=256, help="guest MiB")
     boot.add_argument("--cpus", type=int, default=1)
     boot.add_argument("--cache")
@@ -180,7 +180,7 @@ def plan_guest(kernel: str | None, command: list[str], *, append: str = "", init
             notes.append("unpacking the bzImage on the host (its decompressor would take minutes under emulation; "
                          "--decompress guest to run it anyway)")
     if flavour == "pvm":
-        notes.append(f"an unmodified Linux kernel does not get past early boot here: {PVM_LIMIT}")
+        notes.append(PVM_LIMIT)
     return GuestPlan(kpath, cmdline, rd, decompress, notes)
 
 
@@ -338,6 +338,10 @@ def cmd_run_linux(args) -> int:
             boot_linux(m, plan.kernel, plan.cmdline, plan.initrd, decompress=plan.decompress)
             attach_disks(m, getattr(args, "disk", []) or [])
             exit = m.run(timeout=args.timeout)
+            if getattr(args, "verbose", False):
+                counts = m.fallback_counts()
+                _stderr(f"the VM stopped: {exit.kind}; instruction fallback: "
+                        + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "never used"))
     except HostSignal as e:
         _stderr(f"{e} received: the VM was stopped" + (" (the command's status is unknown)" if easy else ""))
         return 128 + e.signum
