@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from exitless.doctor import kvm_flavour
 from exitless.kvm import constants as C
 from exitless.kvm import structs as S
+from exitless.memory import GuestMemory
 from exitless.vm import Machine, VmConfig
 from exitless.x86 import fallback as F
 from exitless.x86.decode import DecodeError, decode
@@ -83,13 +84,14 @@ class SoftVcpu:
     """The vCPU calls the fallback makes, on plain state (flat identity paging, CPL from cs.selector)."""
 
     def __init__(self, code: bytes, *, cpl: int = 0, mem_size: int = 0x10000):
+        # a multiple of the page size (GuestMemory's unit)
         self.regs = S.kvm_regs(rip=0x1000, rflags=0x2)
         self.sregs = S.kvm_sregs(efer=0x500)
         self.sregs.cs = S.kvm_segment(selector=0x10 | cpl, l=1, dpl=cpl, type=0xB, s=1, present=1)
         self.fpu = S.kvm_fpu(fcw=0x37F, mxcsr=0x1F80)
         self.msrs = {F.MSR_STAR: 0x0023_0010 << 32, F.MSR_KERNEL_GS_BASE: 0xFFFF_8880_0001_0000}
         self.events = S.kvm_vcpu_events()
-        self.memory = _FlatMemory(mem_size)
+        self.memory = GuestMemory.create([(0, mem_size)])   # guest-physical 0.. = the flat linear space
         self.memory.write(self.regs.rip, code)
 
     def get_regs(self):
@@ -129,22 +131,8 @@ class SoftVcpu:
         self.events = S.kvm_vcpu_events.from_buffer_copy(e)
 
     def translate(self, addr):
-        ok = addr < len(self.memory.data)
+        ok = self.memory.contains(addr)
         return S.kvm_translation(linear_address=addr, physical_address=addr, valid=int(ok), writeable=int(ok))
-
-
-class _FlatMemory:
-    def __init__(self, size):
-        self.data = bytearray(size)
-
-    def read(self, gpa, n):
-        from exitless.memory import GuestMemoryError
-        if gpa + n > len(self.data):
-            raise GuestMemoryError("outside")
-        return bytes(self.data[gpa:gpa + n])
-
-    def write(self, gpa, b):
-        self.data[gpa:gpa + len(b)] = b
 
 
 def emulation_failure_run(code: bytes | None) -> S.kvm_run:

@@ -411,10 +411,12 @@ PVM_KERNEL_PARAMS: tuple[tuple[str, str], ...] = (
      "SSE/AVX (crypto and blake2s), RDRAND/RDSEED/RDPID, FSGSBASE, INVPCID/PCID"),
     ("mitigations=off", "no speculation mitigations to patch in: early boot runs ~1/3 faster under emulation, "
      "and no VERW (which the emulator lacks)"),
-    ("initcall_blacklist=ftrace_check_for_weak_functions,trace_eval_init",
-     "ftrace_check_for_weak_functions makes tens of thousands of kallsyms look-ups, and trace_eval_init's work "
-     "(eval_map_work_func: every trace event's format against every enum map) runs for minutes under emulation "
-     "while late_initcall_sync (trace_eval_sync) waits for it; both only serve tracing"),
+    ("initcall_blacklist=ftrace_check_for_weak_functions,trace_eval_init,tracer_init_tracefs",
+     "tracing set-up that runs for minutes under emulation and serves only tracing: "
+     "ftrace_check_for_weak_functions makes tens of thousands of kallsyms look-ups; trace_eval_init's work "
+     "(eval_map_work_func: every trace event's format against every enum map; late_initcall_sync waits for it) "
+     "showed as soft lockups in trace_event_update_all; tracer_init_tracefs (a file per trace event in tracefs) "
+     "had not returned after 8 minutes"),
     ("nowatchdog", "a vCPU under emulation is 'stuck' by the lockup detectors' measure: their reports (oopses "
      "printed through the emulated UART) cost more time"),
 )

@@ -34,7 +34,7 @@ import time
 from collections import Counter
 
 from ..kvm import structs as S
-from .fallback import MSR_LSTAR, MSR_STAR, MSR_SYSCALL_MASK, RFLAGS_RF
+from .fallback import MSR_LSTAR, MSR_SYSCALL_MASK, RFLAGS_RF
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +99,9 @@ class SyscallRepair:
         code = self.memory.read(tr.physical_address, 8) if self.memory.contains(tr.physical_address, 8) else b""
         displaced = next((n for n in NO_EFFECT if code.startswith(n)), None)
         if displaced is None:
-            if handler not in self._refused:
+            if handler not in self._refused:      # Linux's early IDT (push $14; jmp) is replaced at trap_init
                 self._refused.add(handler)
-                log.warning("pvm: the guest's #PF handler at %#x starts with %s, not an ENDBR64/NOP: no breakpoint, "
+                log.info("pvm: the guest's #PF handler at %#x starts with %s, not an ENDBR64/NOP: no breakpoint, "
                             "so user-mode system calls cannot be repaired", handler, code.hex(" "))
             return
         self.memory.write(tr.physical_address, bytes([INT3]))
@@ -127,11 +127,9 @@ class SyscallRepair:
         site = self._site
         if site is None or regs.rip != site[0]:
             return None
-        frame = _read_virtual(vcpu, self.memory, regs.rsp, 48)
-        if frame is None:
-            return None
+        frame = _read_virtual(vcpu, self.memory, regs.rsp, 48) or bytes(48)   # unreadable: not a syscall
         error_code, rip, cs, rflags, user_rsp, ss = (int.from_bytes(frame[i:i + 8], "little") for i in range(0, 48, 8))
-        msrs = vcpu.get_msrs([MSR_LSTAR, MSR_SYSCALL_MASK, MSR_STAR])
+        msrs = vcpu.get_msrs([MSR_LSTAR, MSR_SYSCALL_MASK])
         lstar = msrs[MSR_LSTAR]
         if cs & 3 == 3 and rip == lstar and sregs.cr2 == lstar:
             # the SYSCALL the hardware began at CPL 3: RCX = return RIP, R11 = user RFLAGS (already set)
