@@ -155,8 +155,9 @@ def plan_guest(kernel: str | None, command: list[str], *, append: str = "", init
         art = fetch_guest(cache, kernel=kernel, modules_dir=modules)
         kpath = art.vmlinuz
         mods = [m for m in DEFAULT_MODULES] if art.modules_root is not None else []
+        # kvm_pvm: gunzip in emulated ring 0 took 3.5 minutes for this initramfs; a raw cpio is only copied
         rd = build_initramfs(art.busybox, modules=mods, modules_root=art.modules_root, kver=art.kernel_version,
-                             command=shlex.join(command), applets=_applets(art))
+                             command=shlex.join(command), applets=_applets(art), compress=flavour != "pvm")
         cmdline = EASY_CMDLINE if quiet else EASY_CMDLINE.replace(" quiet loglevel=1", "")
         cmdline = f"{cmdline} {append}".strip()
     else:

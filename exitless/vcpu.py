@@ -70,6 +70,7 @@ class VcpuThread:
         self.on_exit = on_exit
         self.counters = VcpuCounters()
         self._stop = threading.Event()
+        self._sample = False          # log the guest's RIP at the next exit (see request_sample)
         self._thread: threading.Thread | None = None
         self.cpu_seconds = 0.0  # CPU time of this thread (guest execution included), set when it ends
 
@@ -84,6 +85,16 @@ class VcpuThread:
         t = self._thread
         # without our handler the signal's default action would end the whole process: then rely on
         # immediate_exit alone (the vCPU stops at its next exit)
+        if t is not None and t.is_alive() and t.ident is not None and _kick_handler_installed():
+            try:
+                signal.pthread_kill(t.ident, KICK_SIGNAL)
+            except ProcessLookupError:
+                pass
+
+    def request_sample(self) -> None:
+        """Log where the guest is (RIP) at its next exit, forced now by the kick signal: a hang's evidence."""
+        self._sample = True
+        t = self._thread
         if t is not None and t.is_alive() and t.ident is not None and _kick_handler_installed():
             try:
                 signal.pthread_kill(t.ident, KICK_SIGNAL)
@@ -127,6 +138,11 @@ class VcpuThread:
                 if ret in (-errno.EINTR, -errno.EAGAIN):
                     counters.intr += 1
                     run.immediate_exit = 0
+                    if self._sample:
+                        self._sample = False
+                        r, sr = vcpu.get_regs(), vcpu.get_sregs()
+                        log.warning("vcpu%d sample: rip=%#x rsp=%#x cpl=%d rflags=%#x", vcpu.id, r.rip, r.rsp,
+                                    sr.cs.selector & 3, r.rflags)
                     continue
                 return VmExit("error", 1, f"KVM_RUN failed: {errno.errorcode.get(-ret, -ret)}",
                               registers=describe_registers(vcpu))

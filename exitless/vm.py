@@ -8,6 +8,7 @@ threads, sidecores) register with the VM so that ``close()`` stops them all.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 from collections import Counter
@@ -183,10 +184,18 @@ class Machine:
                         for v, f in zip(self.vcpus, self.fallbacks)]
         for t in self.threads:
             t.start()
+        every = float(os.environ.get("EXITLESS_SAMPLE_RIP", "0") or 0)
+        if every > 0:     # a hang's evidence: where each vCPU is, every `every` seconds (logged as warnings)
+            threading.Thread(target=self._sample_rips, args=(every,), name="rip-sampler", daemon=True).start()
         if not self._exit_event.wait(timeout):
             self._set_exit(VmExit("timeout", 1, f"the guest did not stop within {timeout} s"))
         self.stop()
         return self._exit
+
+    def _sample_rips(self, every: float) -> None:
+        while not self._exit_event.wait(every):
+            for t in self.threads:
+                t.request_sample()
 
     def _vcpu_exited(self, exit: VmExit) -> None:
         self._set_exit(exit)

@@ -417,6 +417,12 @@ PVM_KERNEL_PARAMS: tuple[tuple[str, str], ...] = (
      "(eval_map_work_func: every trace event's format against every enum map; late_initcall_sync waits for it) "
      "showed as soft lockups in trace_event_update_all; tracer_init_tracefs (a file per trace event in tracefs) "
      "had not returned after 8 minutes"),
+    ("cryptomgr.notests", "the crypto self-tests run for minutes under emulation; a request that waits for one "
+     "gives up after 60 s ('Problem loading in-kernel X.509 certificate (-110)', a minute lost)"),
+    ("rodata=off", "after the last late initcall ('evm: HMAC attrs') the kernel went silent for more than 4 minutes "
+     "(6 in an earlier run, and under QEMU with KVM here): mark_rodata_ro() splits the kernel mapping and "
+     "the W+X check walks every kernel page table, all emulated; rodata=off skips both (the guest kernel's "
+     "text and read-only data stay writable)"),
     ("nowatchdog", "a vCPU under emulation is 'stuck' by the lockup detectors' measure: their reports (oopses "
      "printed through the emulated UART) cost more time"),
 )
