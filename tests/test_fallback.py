@@ -10,8 +10,6 @@ Two layers:
 """
 from __future__ import annotations
 
-import ctypes
-
 import pytest
 from elftools.elf.elffile import ELFFile
 from hypothesis import given, settings
@@ -274,13 +272,13 @@ def _symbols(elf) -> dict[str, int]:
 
 
 def run_ring0(tmp_path, body: str, data: str = ""):
-    """Run ``body`` at CPL 0 in 64-bit mode; returns (exit, symbols, machine memory reader, fallback counts)."""
+    """Run ``body`` at CPL 0 in 64-bit mode; returns (exit, symbols, the fault frame words, the ``out_*``
+    words, fallback counts)."""
     elf = build_guest(tmp_path, "fb", body, data, ring0=True)
     syms = _symbols(elf)
     with Machine(VmConfig(mem_mib=64)) as m:
         m.boot_pvh(elf)
         result = m.run(timeout=30)
-        mem = {name: m.mem.read_u64(syms[name] + 8 * i) for name in ("frame",) for i in range(1)}
         frame = [m.mem.read_u64(syms["frame"] + 8 * i) for i in range(7)]
         words = {k: m.mem.read_u64(v) for k, v in syms.items() if k.startswith("out_")}
         return result, syms, frame, words, m.fallback_counts()

@@ -246,7 +246,7 @@ def userspace(guest: GuestArtifacts, vmlinux: Path) -> Boot:
                          kver=guest.kernel_version, shutdown="reboot", compress=not PVM,
                          command="echo hello from the guest; echo nproc=$(nproc); cat /sys/class/rtc/rtc0/name; "
                                  "date -u +%s; exit 3")
-    return boot(vmlinux, "console=ttyS0 panic=-1", initrd=rd, timeout=USERSPACE_TIMEOUT)
+    return boot(vmlinux, host_params("console=ttyS0 panic=-1"), initrd=rd, timeout=USERSPACE_TIMEOUT)
 
 
 @pytest.mark.kvm

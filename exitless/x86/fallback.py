@@ -35,8 +35,8 @@ log = logging.getLogger(__name__)
 # exception vectors (SDM vol. 3, table 6-1)
 BP, UD, GP, PF = 3, 6, 13, 14
 MSR_STAR, MSR_LSTAR, MSR_SYSCALL_MASK = 0xC000_0081, 0xC000_0082, 0xC000_0084
-MSR_GS_BASE, MSR_KERNEL_GS_BASE = 0xC000_0101, 0xC000_0102
-RFLAGS_AC, RFLAGS_RF, RFLAGS_VM = 1 << 18, 1 << 16, 1 << 17
+MSR_KERNEL_GS_BASE = 0xC000_0102
+RFLAGS_AC, RFLAGS_RF = 1 << 18, 1 << 16
 #: SYSRET loads RFLAGS from R11 with these bits kept (SDM SYSRET: R11 & 3C7FD7H | 2)
 SYSRET_RFLAGS_MASK = 0x3C7FD7
 #: MXCSR bits LDMXCSR accepts (MXCSR_MASK of a CPU with DAZ); others are #GP(0) (SDM 10.2.3)
@@ -92,8 +92,8 @@ class InstructionFallback:
     """Finishes the instructions KVM's emulator gives up on, for one vCPU.
 
     ``memory`` is the guest's :class:`exitless.memory.GuestMemory`.  ``counts``
-    counts what was done by mnemonic (``int3``, ``ldmxcsr``...), ``#UD``...
-    for exceptions delivered.  :meth:`handle` is called with the vCPU's
+    counts what was done by mnemonic (``int3``, ``ldmxcsr``...), ``exception N``
+    for exceptions delivered, and what the breakpoints did (``pvm syscall``...).  :meth:`handle` is called with the vCPU's
     ``kvm_run`` after an emulation failure; it returns None when the guest may
     resume, or the message to stop the VM with.
     """
@@ -143,9 +143,8 @@ class InstructionFallback:
                     self._inject(BP)
                 else:
                     self._withdraw_ud()
-            except GuestException as e:
+            except GuestException as e:   # a fault: nothing was committed (faults are restartable, SDM 6.5)
                 self._withdraw_ud()
-                self._commit(state, rip_unchanged=True)
                 self.counts[f"exception {e.vector}"] += 1
                 self._inject(e.vector, e.error_code, e.cr2)
             return None
@@ -157,9 +156,7 @@ class InstructionFallback:
         """Called by the vCPU loop on ordinary exits: lets the breakpoints follow the guest."""
         self.breakpoints.poll(self.vcpu)
 
-    def _commit(self, state: _State, rip_unchanged: bool = False) -> None:
-        if rip_unchanged:
-            return           # an instruction that faults changes no state (SDM: faults are restartable)
+    def _commit(self, state: _State) -> None:
         self.vcpu.set_regs(state.regs)
         if state.sregs_dirty:
             self.vcpu.set_sregs(state.sregs)
