@@ -8,8 +8,8 @@ the e820 map, the ACPI tables, the MADT's CPU count) and stop the VM there.
 
 On a ``kvm_pvm`` host guest ring-0 code is emulated instruction by instruction
 (exitless's instruction fallback and system-call repair take the kernel to
-userspace, see ``exitless.boot.linux.PVM_LIMIT``); a boot to userspace takes
-~10 minutes there, so one boot serves every userspace test of this module.
+userspace, see ``exitless.boot.linux.PVM_LIMIT``); a boot to userspace took
+20 minutes there on a loaded host, so one boot serves every userspace test of this module.
 """
 from __future__ import annotations
 
@@ -234,13 +234,13 @@ def test_too_little_memory_for_the_kernel(guest: GuestArtifacts) -> None:
 
 # --------------------------------------------------------------------------- userspace (every KVM flavour)
 
-#: seconds for a boot to userspace and back (kvm_pvm: ring-0 code is emulated, ~10 min measured)
+#: seconds for a boot to userspace and back (kvm_pvm: ring-0 code is emulated; 20 min measured on a loaded host)
 USERSPACE_TIMEOUT = 2400.0 if PVM else 120.0
 
 
 @pytest.fixture(scope="module")
 def userspace(guest: GuestArtifacts, vmlinux: Path) -> Boot:
-    """One boot serves the userspace checks of this module (~10 min on kvm_pvm): the PVH vmlinux,
+    """One boot serves the userspace checks of this module (20 min on a loaded kvm_pvm host): the PVH vmlinux,
     1 CPU, a command that prints what the tests look for and exits 3, and /init rebooting."""
     rd = build_initramfs(guest.busybox, modules=["virtio_pci", "virtio_blk"], modules_root=guest.modules_root,
                          kver=guest.kernel_version, shutdown="reboot", compress=not PVM,
