@@ -227,7 +227,7 @@ def test_linux_userspace_through_the_cli(tmp_path: Path) -> None:
 @pytest.mark.kvm
 def test_bench_boot_reports_what_it_reaches(tmp_path: Path) -> None:
     out = tmp_path / "boot.json"
-    r = exitless("bench", "boot", "--runs", "1", "--qemu", "none", "--timeout", "30" if PVM else "60",
+    r = exitless("bench", "boot", "--runs", "1", "--qemu", "none", "--timeout", "90" if PVM else "60",
                  "--json", str(out), timeout=300)
     assert r.returncode == 0, r.stderr
     (row,) = json.loads(out.read_text())
