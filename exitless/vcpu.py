@@ -22,6 +22,7 @@ from .kvm import constants as C
 from .kvm import structs as S
 from .kvm.api import Vcpu
 from .x86.cpu import describe_registers
+from .x86.fallback import InstructionFallback
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +62,16 @@ class VcpuCounters:
 
 
 class VcpuThread:
-    def __init__(self, vcpu: Vcpu, pio: Bus, mmio: Bus, on_exit: Callable[[VmExit], None]):
+    def __init__(self, vcpu: Vcpu, pio: Bus, mmio: Bus, on_exit: Callable[[VmExit], None],
+                 fallback: InstructionFallback | None = None):
         self.vcpu = vcpu
+        self.fallback = fallback
         self.pio = pio
         self.mmio = mmio
         self.on_exit = on_exit
         self.counters = VcpuCounters()
         self._stop = threading.Event()
+        self._sample = False          # log the guest's RIP at the next exit (see request_sample)
         self._thread: threading.Thread | None = None
         self.cpu_seconds = 0.0  # CPU time of this thread (guest execution included), set when it ends
 
@@ -82,6 +86,16 @@ class VcpuThread:
         t = self._thread
         # without our handler the signal's default action would end the whole process: then rely on
         # immediate_exit alone (the vCPU stops at its next exit)
+        if t is not None and t.is_alive() and t.ident is not None and _kick_handler_installed():
+            try:
+                signal.pthread_kill(t.ident, KICK_SIGNAL)
+            except ProcessLookupError:
+                pass
+
+    def request_sample(self) -> None:
+        """Log where the guest is (RIP) at its next exit, forced now by the kick signal: a hang's evidence."""
+        self._sample = True
+        t = self._thread
         if t is not None and t.is_alive() and t.ident is not None and _kick_handler_installed():
             try:
                 signal.pthread_kill(t.ident, KICK_SIGNAL)
@@ -113,14 +127,23 @@ class VcpuThread:
     def _loop(self) -> VmExit:
         vcpu, run, page = self.vcpu, self.vcpu.run_struct, self.vcpu.run_page
         pio, mmio, counters = self.pio, self.mmio, self.counters
+        fallback = self.fallback
+        tick = fallback.tick if fallback is not None and fallback.breakpoints is not None else None
         while True:
             if self._stop.is_set():
                 return VmExit("stopped")
+            if tick is not None:       # between exits, with the last one completed
+                tick()
             ret = vcpu.run()
             if ret < 0:
                 if ret in (-errno.EINTR, -errno.EAGAIN):
                     counters.intr += 1
                     run.immediate_exit = 0
+                    if self._sample:
+                        self._sample = False
+                        r, sr = vcpu.get_regs(), vcpu.get_sregs()
+                        log.warning("vcpu%d sample: rip=%#x rsp=%#x cpl=%d rflags=%#x", vcpu.id, r.rip, r.rsp,
+                                    sr.cs.selector & 3, r.rflags)
                     continue
                 return VmExit("error", 1, f"KVM_RUN failed: {errno.errorcode.get(-ret, -ret)}",
                               registers=describe_registers(vcpu))
@@ -145,6 +168,12 @@ class VcpuThread:
                     page[_MMIO_DATA:_MMIO_DATA + length] = mmio.read(m.phys_addr, length)
             elif reason == C.KVM_EXIT_INTR:
                 counters.intr += 1
+            elif (reason == C.KVM_EXIT_INTERNAL_ERROR and fallback is not None
+                  and run.u.internal.suberror == C.KVM_INTERNAL_ERROR_EMULATION):
+                why = fallback.handle(run)
+                if why is not None:
+                    return VmExit("error", 1, f"KVM internal error: emulation failure: {why}",
+                                  registers=describe_registers(vcpu))
             else:
                 counters.other[reason] = counters.other.get(reason, 0) + 1
                 result = self._terminal_exit(reason, run)

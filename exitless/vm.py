@@ -8,9 +8,11 @@ threads, sidecores) register with the VM so that ``close()`` stops them all.
 from __future__ import annotations
 
 import logging
+import os
 import traceback
 import sys
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
@@ -29,6 +31,9 @@ from .memory import GuestMemory, Region, x86_layout
 from .vcpu import VcpuThread, install_kick_handler, wait_all
 from .x86 import cpu as X
 from .x86 import layout as L
+from .doctor import kvm_flavour
+from .x86.fallback import InstructionFallback
+from .x86.pvm_syscall import SyscallRepair
 from .x86.irq import IrqRouter
 
 log = logging.getLogger(__name__)
@@ -108,6 +113,9 @@ class Machine:
             vcpu.set_cpuid(self.cpuid)
             X.setup_msrs(vcpu)
             X.setup_lapic(vcpu)
+        # kvm_pvm only: user-mode SYSCALL needs the VMM's repair (exitless/x86/pvm_syscall.py)
+        self.syscall_repair = SyscallRepair(self.mem) if kvm_flavour() == "pvm" else None
+        self.fallbacks = [InstructionFallback(v, self.mem, self.syscall_repair) for v in self.vcpus]
 
     def _map_region(self, region: Region) -> None:
         slot = self._next_slot
@@ -188,13 +196,22 @@ class Machine:
     def run(self, timeout: float | None = None) -> VmExit:
         """Run until the guest stops (or ``timeout`` seconds pass: then kind='timeout')."""
         install_kick_handler()
-        self.threads = [VcpuThread(v, self.pio, self.mmio, self._vcpu_exited) for v in self.vcpus]
+        self.threads = [VcpuThread(v, self.pio, self.mmio, self._vcpu_exited, f)
+                        for v, f in zip(self.vcpus, self.fallbacks)]
         for t in self.threads:
             t.start()
+        every = float(os.environ.get("EXITLESS_SAMPLE_RIP", "0") or 0)
+        if every > 0:     # a hang's evidence: where each vCPU is, every `every` seconds (logged as warnings)
+            threading.Thread(target=self._sample_rips, args=(every,), name="rip-sampler", daemon=True).start()
         if not self._exit_event.wait(timeout):
             self._set_exit(VmExit("timeout", 1, f"the guest did not stop within {timeout} s"))
         self.stop()
         return self._exit
+
+    def _sample_rips(self, every: float) -> None:
+        while not self._exit_event.wait(every):
+            for t in self.threads:
+                t.request_sample()
 
     def _vcpu_exited(self, exit: VmExit) -> None:
         self._set_exit(exit)
@@ -224,6 +241,15 @@ class Machine:
     def vcpu_cpu_seconds(self) -> float:
         """CPU time of the vCPU threads that have finished (the guest's own running time)."""
         return sum(t.cpu_seconds for t in self.threads)
+
+    def fallback_counts(self) -> dict[str, int]:
+        """What the instruction fallback did, summed over the vCPUs (empty on VMX/SVM hosts)."""
+        total: Counter[str] = Counter()
+        for f in self.fallbacks:
+            total.update(f.counts)
+        if self.syscall_repair is not None:
+            total.update({f"pvm {k}": v for k, v in self.syscall_repair.counts.items() if k == "planted"})
+        return dict(total)
 
     def tsc_khz(self) -> int:
         return self.vcpus[0].tsc_khz()

@@ -1,8 +1,9 @@
 """``exitless guest fetch``, ``exitless run`` with Linux (easy form ``-- CMD`` and ``--kernel``), ``bench boot``.
 
-The CLI runs as a subprocess, as a user runs it.  Tests that need a guest in
-userspace are skipped on ``kvm_pvm`` hosts with the flavour named (an unmodified
-kernel stops in early boot there); everything else runs everywhere.
+The CLI runs as a subprocess, as a user runs it.  One boot serves all the
+userspace checks of the easy form.  On a ``kvm_pvm`` host (guest ring-0 code is
+emulated) it is skipped, with the reason (a 2-vCPU FS-base fault, open);
+tests/test_linux_boot.py's 1-vCPU userspace boot runs there.
 """
 from __future__ import annotations
 
@@ -29,12 +30,6 @@ GUESTKIT = ROOT / "exitless" / "_guest" / "guestkit.elf"
 FLAVOUR = kvm_flavour()
 PVM = FLAVOUR == "pvm"
 QEMU = shutil.which("qemu-system-x86_64")
-
-
-def needs_full_kvm() -> None:
-    if PVM:
-        pytest.skip(f"KVM flavour {FLAVOUR!r} (software-nested kvm_pvm): guest ring-0 code is emulated and "
-                    f"an unmodified Linux stops in early boot: {LX.PVM_LIMIT}")
 
 
 def exitless(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
@@ -75,8 +70,9 @@ def test_linux_kernels_take_the_linux_loader(guest: GuestArtifacts, tmp_path: Pa
 
 def test_plan_adds_host_params_and_notes(guest: GuestArtifacts) -> None:
     pvm = plan_guest(str(guest.vmlinuz), [], append="root=/dev/vda", flavour="pvm")
-    assert pvm.cmdline == "console=ttyS0 root=/dev/vda noxsave clearcpuid=cx16 mitigations=off"
-    assert pvm.decompress == "host" and any("noxsave clearcpuid=cx16 mitigations=off" in n for n in pvm.notes)
+    params = " ".join(LX.host_kernel_params("pvm"))
+    assert pvm.cmdline == f"console=ttyS0 root=/dev/vda {params}"
+    assert pvm.decompress == "host" and any(params in n for n in pvm.notes)
     vmx = plan_guest(str(guest.vmlinuz), [], append="console=hvc0", flavour="vmx")
     assert vmx.cmdline == "console=hvc0" and vmx.decompress == "guest" and vmx.notes == []
     easy = plan_guest(None, ["echo", "a b"], flavour="vmx")
@@ -141,8 +137,9 @@ def test_run_kernel_adds_host_params_with_a_note(guest: GuestArtifacts) -> None:
     line = next((ln for ln in r.stdout.splitlines() if "] Command line: " in ln), None)
     assert line is not None, r.stdout[-2000:] + r.stderr
     if PVM:
-        assert "note: this host's KVM is kvm_pvm" in r.stderr and "noxsave clearcpuid=cx16 mitigations=off" in r.stderr
-        assert line.endswith("console=ttyS0 earlyprintk=serial noxsave clearcpuid=cx16 mitigations=off")
+        params = " ".join(LX.host_kernel_params("pvm"))
+        assert "note: this host's KVM is kvm_pvm" in r.stderr and params in r.stderr
+        assert line.endswith(f"console=ttyS0 earlyprintk=serial {params}")
     else:
         assert "note:" not in r.stderr and line.endswith("console=ttyS0 earlyprintk=serial")
     assert r.returncode == 1      # no root fs: stopped by --timeout (or a panic), never a fake success
@@ -162,41 +159,68 @@ def test_sigterm_stops_the_vm(guest: GuestArtifacts) -> None:
     assert time.monotonic() - t < 10
 
 
-# --------------------------------------------------------------------------- userspace (VMX/SVM)
+# --------------------------------------------------------------------------- userspace (every KVM flavour)
+
+#: every I/O path of a virtio-blk disk, one disk each (/dev/vda, vdb... in this order)
+IO_PATHS = ("trap", "ioeventfd", "shared", "poll", "adaptive")
+#: seconds for one boot to userspace and back
+USERSPACE_TIMEOUT = 180
+GUEST_SCRIPT = r"""
+nproc
+for d in a b c d e; do
+  if mount -t ext4 /dev/vd$d /mnt; then
+    cat /mnt/hello.txt
+    echo written by Linux on vd$d > /mnt/new.txt
+    seq 1 20000 > /mnt/pattern.txt
+    umount /mnt
+  else
+    echo "mount /dev/vd$d failed"
+  fi
+done
+dmesg | grep -iE 'virtio|vd[a-e]|blk|pci' | grep -iE 'error|fail|warn|bad|timeout' | sed 's/^/DMESG: /'
+echo to stderr >&2
+exit 7
+"""
 
 
 @pytest.mark.kvm
-def test_run_command_streams_output_and_exit_status() -> None:
-    needs_full_kvm()
-    r = exitless("run", "--", "sh", "-c", "echo hello; echo to stderr >&2; exit 7", timeout=180)
-    assert r.returncode == 7, r.stderr
-    assert r.stdout == "hello\nto stderr\n"      # the guest's console carries both
-    r = exitless("run", "--", "true", timeout=180)
-    assert r.returncode == 0 and r.stdout == ""
-
-
-@pytest.mark.kvm
-def test_nproc_sees_the_cpus() -> None:
-    needs_full_kvm()
-    r = exitless("run", "--cpus", "2", "--", "nproc", timeout=180)
-    assert (r.returncode, r.stdout) == (0, "2\n"), r.stderr
-
-
-@pytest.mark.kvm
-def test_virtio_blk_mount(tmp_path: Path) -> None:
-    needs_full_kvm()
-    if not shutil.which("mke2fs") or not shutil.which("debugfs"):
-        pytest.skip("mke2fs/debugfs (e2fsprogs) not installed")
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "hello.txt").write_text("from the host\n")
-    img = tmp_path / "disk.img"
-    subprocess.run(["mke2fs", "-q", "-t", "ext4", "-d", str(src), "-F", str(img), "32M"], check=True)
-    script = "mount -t ext4 /dev/vda /mnt && cat /mnt/hello.txt && echo from the guest > /mnt/new.txt && umount /mnt"
-    r = exitless("run", "--disk", str(img), "--", "sh", "-c", script, timeout=180)
-    assert (r.returncode, r.stdout) == (0, "from the host\n"), r.stderr
-    cat = subprocess.run(["debugfs", "-R", "cat /new.txt", str(img)], capture_output=True, text=True, check=True)
-    assert cat.stdout == "from the guest\n"
+def test_linux_userspace_through_the_cli(tmp_path: Path) -> None:
+    """One boot serves every userspace check of the easy form (a boot takes ~10 min on kvm_pvm):
+    CMD's output and exit status pass through, ``nproc`` sees ``--cpus 2``, Linux's own virtio_blk
+    mounts an ext4 image made on the host under each I/O path, what Linux wrote is there on the
+    host (``e2fsck -fn`` clean), and dmesg has no error from our devices."""
+    if PVM:
+        # measured on this (shared, loaded) kvm_pvm host: with 2 vCPUs and 5 disks /init runs (17.5 min), loads
+        # the modules and probes the 5 disks, but the command's busybox segfaults on vCPU 1 at its first TLS
+        # access (FS base 0: 'segfault at 0 ... mov %fs:(%rax)'); the 1-vCPU boot of tests/test_linux_boot.py
+        # runs its command and reboots (20 min). Open item of issue 9 (report of branch 'linux').
+        pytest.skip("kvm_pvm: with 2 vCPUs the command segfaults on vCPU 1 (FS base 0); issue 9, open")
+    if not shutil.which("mke2fs") or not shutil.which("debugfs") or not shutil.which("e2fsck"):
+        pytest.fail("e2fsprogs (mke2fs, debugfs, e2fsck) is needed: scripts/setup.sh installs it")
+    images = []
+    for path in IO_PATHS:
+        src = tmp_path / f"src-{path}"
+        src.mkdir()
+        (src / "hello.txt").write_text(f"from the host, {path}\n")
+        img = tmp_path / f"{path}.img"
+        subprocess.run(["mke2fs", "-q", "-t", "ext4", "-d", str(src), "-F", str(img), "32M"], check=True)
+        images.append(img)
+    disks = [a for path, img in zip(IO_PATHS, images) for a in ("--disk", f"{img},io={path}")]
+    r = exitless("-v", "run", "--cpus", "2", "--one-sidecore", *disks, "--", "sh", "-c", GUEST_SCRIPT,
+                 timeout=USERSPACE_TIMEOUT + 60)
+    assert r.returncode == 7, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "the VM stopped: shutdown;" in r.stderr        # /init powered the machine off (ACPI S5)
+    want = "2\n" + "".join(f"from the host, {path}\n" for path in IO_PATHS) + "to stderr\n"
+    assert r.stdout == want, r.stderr[-3000:]
+    pattern = "".join(f"{i}\n" for i in range(1, 20001))
+    for letter, img in zip("abcde", images):
+        fsck = subprocess.run(["e2fsck", "-fn", str(img)], capture_output=True, text=True)
+        assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+        cat = subprocess.run(["debugfs", "-R", "cat /new.txt", str(img)], capture_output=True, text=True, check=True)
+        assert cat.stdout == f"written by Linux on vd{letter}\n"
+        cat = subprocess.run(["debugfs", "-R", "cat /pattern.txt", str(img)], capture_output=True, text=True,
+                             check=True)
+        assert cat.stdout == pattern
 
 
 # --------------------------------------------------------------------------- bench boot
@@ -205,7 +229,7 @@ def test_virtio_blk_mount(tmp_path: Path) -> None:
 @pytest.mark.kvm
 def test_bench_boot_reports_what_it_reaches(tmp_path: Path) -> None:
     out = tmp_path / "boot.json"
-    r = exitless("bench", "boot", "--runs", "1", "--qemu", "none", "--timeout", "30" if PVM else "60",
+    r = exitless("bench", "boot", "--runs", "1", "--qemu", "none", "--timeout", "90" if PVM else "60",
                  "--json", str(out), timeout=300)
     assert r.returncode == 0, r.stderr
     (row,) = json.loads(out.read_text())

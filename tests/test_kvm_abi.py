@@ -19,7 +19,9 @@ STRUCTS = {
     "kvm_msr_entry": S.kvm_msr_entry, "kvm_msrs": S.kvm_msrs, "kvm_cpuid_entry2": S.kvm_cpuid_entry2,
     "kvm_cpuid2": S.kvm_cpuid2, "kvm_ioeventfd": S.kvm_ioeventfd, "kvm_irqfd": S.kvm_irqfd,
     "kvm_enable_cap": S.kvm_enable_cap, "kvm_msi": S.kvm_msi, "kvm_irq_routing_entry": S.kvm_irq_routing_entry,
-    "kvm_irq_routing": S.kvm_irq_routing, "kvm_pit_config": S.kvm_pit_config, 
+    "kvm_irq_routing": S.kvm_irq_routing, "kvm_pit_config": S.kvm_pit_config,
+    "kvm_vcpu_events": S.kvm_vcpu_events, "kvm_translation": S.kvm_translation, "kvm_guest_debug": S.kvm_guest_debug,
+    "kvm_xsave": S.kvm_xsave,
     # kvm_run is mirrored only up to its exit union: its fields are checked by offset below
     "kvm_stats_header": S.kvm_stats_header, "kvm_stats_desc": S.kvm_stats_desc, "kvm_segment": S.kvm_segment,
 }

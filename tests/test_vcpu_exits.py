@@ -139,3 +139,16 @@ def test_vm_run_from_another_thread_stops_cleanly(tmp_path):
     t.start()
     t.join(15)
     assert not t.is_alive() and results and results[0].kind == "timeout"
+
+
+def test_rip_sampler_logs_where_a_spinning_guest_is(tmp_path, monkeypatch, caplog):
+    """EXITLESS_SAMPLE_RIP=seconds: the evidence of a hang (where each vCPU is) without stopping it."""
+    elf = build_guest(tmp_path, "spin3", "spin:\n    jmp spin")
+    monkeypatch.setenv("EXITLESS_SAMPLE_RIP", "0.1")
+    with Machine(VmConfig(mem_mib=64)) as m:
+        m.boot_pvh(elf)
+        with caplog.at_level("WARNING", logger="exitless.vcpu"):
+            result = m.run(timeout=1.0)
+    assert result.kind == "timeout"
+    samples = [r.getMessage() for r in caplog.records if "sample: rip=" in r.getMessage()]
+    assert samples and all("vcpu0 sample: rip=0x10000" in s and "cpl=0" in s for s in samples)

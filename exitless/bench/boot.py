@@ -16,9 +16,8 @@ the milestone.  A milestone a run never reaches is ``None`` -- never estimated. 
 says how far every run got (``power-off``, ``userspace``, ``early-boot``,
 ``nothing``), ``stop`` why the VM stopped, ``kernel_time_s`` the last printk
 timestamp (how far into its own boot the kernel got), ``last_line`` the last
-console line.  On a ``kvm_pvm`` host an unmodified kernel only gets through
-early boot in exitless (see :data:`exitless.boot.linux.PVM_LIMIT`), and that is
-what the row says.
+console line.  On a ``kvm_pvm`` host guest ring-0 code is emulated and a boot
+takes minutes (see :data:`exitless.boot.linux.PVM_LIMIT`): pass ``--timeout``.
 
 QEMU runs ``-machine q35`` (SeaBIOS, ``-kernel``/``-initrd``).  ``--qemu auto`` first
 checks ``-accel kvm`` (the first kernel line within a probe timeout) and falls
@@ -37,7 +36,7 @@ import time
 from pathlib import Path
 
 from ..boot.initramfs import EXIT_MARKER, READY_MARKER, parse_exit_status
-from ..boot.linux import FIRST_LINE, BootConsole, boot_linux
+from ..boot.linux import FIRST_LINE, BootConsole, boot_linux, host_kernel_params
 
 BASE_CMDLINE = "console=ttyS0 earlyprintk=serial panic=-1"
 COMMAND = ["true"]
@@ -196,7 +195,7 @@ def main(args) -> int:
     for note in plan.notes:
         report.note(f"note: {note}")
     base = plan.cmdline
-    timeout = args.timeout or (240.0 if flavour == "pvm" else 60.0)
+    timeout = args.timeout or (1800.0 if flavour == "pvm" else 60.0)
     qemu = shutil.which("qemu-system-x86_64")
     if args.qemu != "none" and qemu is None:
         report.note("qemu-system-x86_64 not found: no QEMU rows")
@@ -205,8 +204,8 @@ def main(args) -> int:
                                                   timeout=timeout, decompress=plan.decompress)}
         extra = {"exitless": {"kvm": flavour, "cmdline": base, "decompress": plan.decompress}}
         if args.qemu != "none" and qemu is not None:
-            qemu_cmdline = " ".join(w for w in base.split() if w not in
-                                    {"noxsave", "clearcpuid=cx16", "mitigations=off"})
+            pvm_only = set(host_kernel_params("pvm"))      # QEMU's accelerator needs none of them
+            qemu_cmdline = " ".join(w for w in base.split() if w not in pvm_only)
             rd = Path(tmp) / "initrd.img"
             rd.write_bytes(plan.initrd)
             progress("probing QEMU's accelerator", 0, 1)

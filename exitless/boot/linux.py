@@ -420,12 +420,33 @@ def lz4_legacy_decompress(data: bytes, max_size: int | None = None) -> bytes:
 #: guest ring-0 code runs through KVM's instruction emulator, which cannot emulate some instructions.
 PVM_KERNEL_PARAMS: tuple[tuple[str, str], ...] = (
     ("noxsave", "KVM's emulator has no XSAVE/XRSTOR: the FPU init's first XRSTOR is an emulation failure"),
-    ("clearcpuid=cx16", "nor CMPXCHG16B: SLUB's cmpxchg_double (first used right after 'Memory:') fails"),
-    ("mitigations=off", "no speculation mitigations to patch in: early boot runs ~1/3 faster under emulation"),
+    ("clearcpuid=smap,cx16,popcnt,rdrand,rdseed,fsgsbase,rdpid,invpcid,pcid,rdtscp,ssse3,sse4_1,sse4_2,pclmulqdq,"
+     "aes,sha_ni,avx,avx2,avx512f,gfni,vaes,vpclmulqdq,movbe",
+     "the kernel sees host CPUID bits KVM_GET_SUPPORTED_CPUID does not list, and KVM's emulator lacks their "
+     "instructions: CMPXCHG16B (SLUB's cmpxchg_double, right after 'Memory:'), CLAC/STAC (smap), POPCNT, "
+     "SSE/AVX (crypto and blake2s), RDRAND/RDSEED/RDPID, FSGSBASE, INVPCID/PCID"),
+    ("mitigations=off", "no speculation mitigations to patch in: early boot runs ~1/3 faster under emulation, "
+     "and no VERW (which the emulator lacks)"),
+    ("initcall_blacklist=ftrace_check_for_weak_functions,trace_eval_init,tracer_init_tracefs",
+     "tracing set-up that runs for minutes under emulation and serves only tracing: "
+     "ftrace_check_for_weak_functions makes tens of thousands of kallsyms look-ups; trace_eval_init's work "
+     "(eval_map_work_func: every trace event's format against every enum map; late_initcall_sync waits for it) "
+     "showed as soft lockups in trace_event_update_all; tracer_init_tracefs (a file per trace event in tracefs) "
+     "had not returned after 8 minutes"),
+    ("cryptomgr.notests", "the crypto self-tests run for minutes under emulation; a request that waits for one "
+     "gives up after 60 s ('Problem loading in-kernel X.509 certificate (-110)', a minute lost)"),
+    ("rodata=off", "after the last late initcall ('evm: HMAC attrs') the kernel went silent for more than 4 minutes "
+     "(6 in an earlier run, and under QEMU with KVM here): mark_rodata_ro() splits the kernel mapping and "
+     "the W+X check walks every kernel page table, all emulated; rodata=off skips both (the guest kernel's "
+     "text and read-only data stay writable)"),
+    ("nowatchdog", "a vCPU under emulation is 'stuck' by the lockup detectors' measure: their reports (oopses "
+     "printed through the emulated UART) cost more time"),
 )
-#: What still stops an unmodified kernel on kvm_pvm, after the parameters above.
-PVM_LIMIT = ("alternative_instructions() runs int3_selftest(), and KVM's emulator cannot deliver an INT3 "
-             "in long mode (emulate_int handles real mode only): the kernel stops there with an emulation failure")
+#: What an unmodified kernel meets on kvm_pvm, after the parameters above, and what exitless does about it.
+PVM_LIMIT = ("guest ring-0 code is emulated here, so Linux boots slowly (minutes to userspace); exitless finishes "
+             "the instructions KVM's emulator cannot (INT3, FWAIT, LDMXCSR...: exitless/x86/fallback.py, "
+             "'exitless -v run' counts them) and turns the page fault kvm_pvm makes of a user-mode SYSCALL back "
+             "into a system call (exitless/x86/pvm_syscall.py)")
 
 
 def host_kernel_params(flavour: str) -> list[str]:

@@ -167,6 +167,10 @@ def _run_linux(args) -> int:
                 _stderr(f"note: {note}")
             attach_devices(m, args)
             exit = m.run(timeout=args.timeout)
+            if args.verbose:
+                counts = m.fallback_counts()
+                _stderr(f"the VM stopped: {exit.kind}; instruction fallback: "
+                        + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "never used"))
     except HostSignal as e:
         _stderr(f"{e} received: the VM was stopped" + (" (the command's status is unknown)" if easy else ""))
         return 128 + e.signum

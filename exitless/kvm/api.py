@@ -165,6 +165,40 @@ class Vcpu:
     def set_fpu(self, fpu: S.kvm_fpu) -> None:
         ioctl(self.fd, I.KVM_SET_FPU, fpu)
 
+    def get_xsave(self) -> S.kvm_xsave:
+        return self._get(I.KVM_GET_XSAVE, S.kvm_xsave)
+
+    def set_xsave(self, xsave: S.kvm_xsave) -> None:
+        ioctl(self.fd, I.KVM_SET_XSAVE, xsave)
+
+    def get_mxcsr(self) -> int:
+        """MXCSR, from the XSAVE image (KVM_GET_FPU's ``mxcsr`` is not filled in by KVM)."""
+        return self.get_xsave().region[S.XSAVE_MXCSR_WORD]
+
+    def set_mxcsr(self, value: int) -> None:
+        """Set MXCSR through KVM_SET_XSAVE (KVM_SET_FPU ignores ``mxcsr``)."""
+        xs = self.get_xsave()
+        xs.region[S.XSAVE_MXCSR_WORD] = value
+        self.set_xsave(xs)
+
+    def get_vcpu_events(self) -> S.kvm_vcpu_events:
+        return self._get(I.KVM_GET_VCPU_EVENTS, S.kvm_vcpu_events)
+
+    def set_vcpu_events(self, events: S.kvm_vcpu_events) -> None:
+        ioctl(self.fd, I.KVM_SET_VCPU_EVENTS, events)
+
+    def translate(self, linear_address: int) -> S.kvm_translation:
+        """KVM_TRANSLATE: the guest-physical address of a guest-virtual one under the vCPU's current paging."""
+        tr = S.kvm_translation(linear_address=linear_address)
+        ioctl(self.fd, I.KVM_TRANSLATE, tr)
+        return tr
+
+    def set_guest_debug(self, control: int, debugreg: tuple[int, ...] = ()) -> None:
+        dbg = S.kvm_guest_debug(control=control)
+        for i, v in enumerate(debugreg):
+            dbg.arch.debugreg[i] = v
+        ioctl(self.fd, I.KVM_SET_GUEST_DEBUG, dbg)
+
     def get_lapic(self) -> S.kvm_lapic_state:
         return self._get(I.KVM_GET_LAPIC, S.kvm_lapic_state)
 

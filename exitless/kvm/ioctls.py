@@ -80,5 +80,11 @@ KVM_SET_LAPIC = _IOW(0x8F, S.kvm_lapic_state)
 KVM_SET_CPUID2 = _IOW(0x90, S.kvm_cpuid2)
 KVM_GET_CPUID2 = _IOWR(0x91, S.kvm_cpuid2)
 KVM_GET_TSC_KHZ = _IO(0xA3)
+KVM_GET_XSAVE = _IOR(0xA4, S.kvm_xsave)
+KVM_SET_XSAVE = _IOW(0xA5, S.kvm_xsave)
+KVM_TRANSLATE = _IOWR(0x85, S.kvm_translation)
+KVM_SET_GUEST_DEBUG = _IOW(0x9B, S.kvm_guest_debug)
+KVM_GET_VCPU_EVENTS = _IOR(0x9F, S.kvm_vcpu_events)
+KVM_SET_VCPU_EVENTS = _IOW(0xA0, S.kvm_vcpu_events)
 
 ALL = {k: v for k, v in globals().items() if k.startswith("KVM_") and isinstance(v, int)}

@@ -55,6 +55,51 @@ class kvm_fpu(_S):
                 ("xmm", (c_uint8 * 16) * 16), ("mxcsr", c_uint32), ("pad2", c_uint32)]
 
 
+class kvm_vcpu_events_exception(_S):
+    _fields_ = [("injected", c_uint8), ("nr", c_uint8), ("has_error_code", c_uint8), ("pending", c_uint8),
+                ("error_code", c_uint32)]
+
+
+class kvm_vcpu_events_interrupt(_S):
+    _fields_ = [("injected", c_uint8), ("nr", c_uint8), ("soft", c_uint8), ("shadow", c_uint8)]
+
+
+class kvm_vcpu_events_nmi(_S):
+    _fields_ = [("injected", c_uint8), ("pending", c_uint8), ("masked", c_uint8), ("pad", c_uint8)]
+
+
+class kvm_vcpu_events_smi(_S):
+    _fields_ = [("smm", c_uint8), ("pending", c_uint8), ("smm_inside_nmi", c_uint8), ("latched_init", c_uint8)]
+
+
+class kvm_vcpu_events(_S):
+    _fields_ = [("exception", kvm_vcpu_events_exception), ("interrupt", kvm_vcpu_events_interrupt),
+                ("nmi", kvm_vcpu_events_nmi), ("sipi_vector", c_uint32), ("flags", c_uint32),
+                ("smi", kvm_vcpu_events_smi), ("triple_fault_pending", c_uint8), ("reserved", c_uint8 * 26),
+                ("exception_has_payload", c_uint8), ("exception_payload", c_uint64)]
+
+
+class kvm_translation(_S):
+    _fields_ = [("linear_address", c_uint64), ("physical_address", c_uint64), ("valid", c_uint8),
+                ("writeable", c_uint8), ("usermode", c_uint8), ("pad", c_uint8 * 5)]
+
+
+class kvm_guest_debug_arch(_S):
+    _fields_ = [("debugreg", c_uint64 * 8)]
+
+
+class kvm_guest_debug(_S):
+    _fields_ = [("control", c_uint32), ("pad", c_uint32), ("arch", kvm_guest_debug_arch)]
+
+
+XSAVE_MXCSR_WORD = 24 // 4
+
+
+class kvm_xsave(_S):
+    """The XSAVE image; bytes 0..511 are the FXSAVE legacy area (MXCSR at offset 24, SDM 10.5.1)."""
+    _fields_ = [("region", c_uint32 * 1024)]
+
+
 class kvm_lapic_state(_S):
     _fields_ = [("regs", ctypes.c_char * 1024)]
 
