@@ -22,7 +22,7 @@ from ..devices.virtio.pci import VirtioPci
 from ..guestkit import guestkit_cmdline, guestkit_path
 from ..vm import Machine, VmConfig
 from . import qemu, vhost
-from .common import BenchError, Progress, Report, guest_result, no_progress, ratio_notes
+from .common import BenchError, Progress, Report, guest_result, no_progress, plot_panels, ratio_notes
 from .options import BLK_PATHS as EXITLESS_PATHS
 from .workload import (COLUMNS, FILL_APP, SPREAD_COLUMNS, TESTS, Test, app, make_image, per_io_row,
                        run_rounds, select_tests, target_ratios)
@@ -99,29 +99,12 @@ def _qsd_available(notes) -> bool:
 
 
 def plot(rows: list[dict], path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [("randread-4k-qd1", "p50_us", "QD1 4K random read p50 (µs, lower is better)"),
-              ("randread-4k-qd32", "iops", "QD32 4K random read IOPS"),
-              ("read-128k", "mbps", "128K sequential read MB/s")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
-    for ax, (test, key, title) in zip(axes, panels):
-        sel = [r for r in rows if r["test"] == test and r[key] is not None]
-        lo = [r[key] - r["spread"][key]["min"] for r in sel]
-        hi = [r["spread"][key]["max"] - r[key] for r in sel]
-        ax.bar([f"{'' if r['vmm'] == 'exitless' else r['vmm'] + ' '}{r['path']}/{r['irq']}" for r in sel],
-               [r[key] for r in sel], yerr=[lo, hi], capsize=2,
-               color=["tab:blue" if r["vmm"] == "exitless" else "tab:gray" for r in sel])
-        ax.set_title(title, fontsize=9)
-        ax.tick_params(axis="x", labelsize=7)
-        plt.setp(ax.get_xticklabels(), rotation=60, ha="right")
-    from matplotlib.patches import Patch
-    axes[0].legend(handles=[Patch(color="tab:blue", label="exitless"), Patch(color="tab:gray", label="QEMU")],
-                   fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    """The QD1 latency, QD32 IOPS and 128 KiB read bandwidth panels of ``rows`` as a PNG."""
+    plot_panels(rows, path, [("randread-4k-qd1", "p50_us", "QD1 4K random read p50 (µs, lower is better)"),
+                             ("randread-4k-qd32", "iops", "QD32 4K random read IOPS"),
+                             ("read-128k", "mbps", "128K sequential read MB/s")],
+                lambda r: f"{'' if r['vmm'] == 'exitless' else r['vmm'] + ' '}{r['path']}/{r['irq']}",
+                {"exitless": "tab:blue", "qemu": "tab:gray", "qemu+exitless": "tab:orange", "qemu+qsd": "tab:olive"})
 
 
 # --------------------------------------------------------------------------- command line

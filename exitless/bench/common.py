@@ -208,6 +208,38 @@ def ratio_notes(ratios: dict[str, dict]) -> list[str]:
 # --------------------------------------------------------------------------- output
 
 
+def plot_panels(rows: Sequence[dict], path: str, panels: Sequence[tuple[str, str, str]],
+                label: Callable[[dict], str], colors: dict[str, str]) -> None:
+    """One bar chart per ``(test, metric, title)`` of ``panels``, side by side, written as a PNG to ``path``.
+
+    Bars are the rows of that test (``label(row)`` under each), coloured by ``colors[row["vmm"]]``, with
+    the rounds' min–max as error bars where a row has a ``spread`` for the metric."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    # a panel whose test was not run (``--tests`` subset) is left out, not drawn empty
+    panels = [p for p in panels if any(r["test"] == p[0] and r.get(p[1]) is not None for r in rows)] or panels[:1]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
+    axes = axes[0]
+    for ax, (test, key, title) in zip(axes, panels):
+        sel = [r for r in rows if r["test"] == test and r.get(key) is not None]
+        spans = [r.get("spread", {}).get(key) for r in sel]
+        yerr = None
+        if sel and all(spans):
+            yerr = [[r[key] - sp["min"] for r, sp in zip(sel, spans)], [sp["max"] - r[key] for r, sp in zip(sel, spans)]]
+        ax.bar([label(r) for r in sel], [r[key] for r in sel], yerr=yerr, capsize=2,
+               color=[colors.get(r["vmm"], "tab:gray") for r in sel])
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(axis="x", labelsize=7)
+        plt.setp(ax.get_xticklabels(), rotation=60, ha="right")
+    axes[0].legend(handles=[Patch(color=c, label=k) for k, c in colors.items()], fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 class Report:
     """Where a bench command writes.
 

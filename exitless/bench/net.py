@@ -32,7 +32,7 @@ from ..net.tap import Tap, create_tap
 from ..vm import Machine, VmConfig
 from . import qemu
 from .common import (BenchError, Progress, Report, aggregate, differential_per_op, guest_result, interleave, mark_best, no_progress,
-                     ratio_notes, ratio_over_rounds)
+                     plot_panels, ratio_notes, ratio_over_rounds)
 
 EXITLESS_PATHS = ("trap", "ioeventfd", "shared", "poll", "adaptive")
 VHOST_MODES = ("kick", "poll", "adaptive")
@@ -279,25 +279,11 @@ def main(args) -> int:
 
 
 def plot(rows: list[dict], path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [("rr-64", "p50_us", "64 B request/response p50 (µs, lower is better)"),
-              ("flood-64", "pps", "64 B round trips/s, 32 in flight"),
-              ("tx-64", "pps", "64 B TX packets/s"),
-              ("tx-1500", "gbit_s", "1514 B TX Gbit/s"),
-              ("tx-tso", "gbit_s", "64 KiB TSO TX Gbit/s")]
-    colors = {"exitless": "tab:blue", "qemu": "tab:gray", "qemu+exitless": "tab:orange"}
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4))
-    for ax, (test, key, title) in zip(axes, panels):
-        sel = [r for r in rows if r["test"] == test and r.get(key) is not None]
-        ax.bar([f"{r['vmm'].replace('exitless', 'x')}/{r['path']}" for r in sel], [r[key] for r in sel],
-               color=[colors[r["vmm"]] for r in sel])
-        ax.set_title(title, fontsize=9)
-        ax.tick_params(axis="x", labelsize=7)
-        plt.setp(ax.get_xticklabels(), rotation=60, ha="right")
-    from matplotlib.patches import Patch
-    axes[0].legend(handles=[Patch(color=c, label=k) for k, c in colors.items()], fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    """The latency, packet-rate and bandwidth panels of ``rows`` as a PNG."""
+    plot_panels(rows, path, [("rr-64", "p50_us", "64 B request/response p50 (µs, lower is better)"),
+                             ("flood-64", "pps", "64 B round trips/s, 32 in flight"),
+                             ("tx-64", "pps", "64 B TX packets/s"),
+                             ("tx-1500", "gbit_s", "1514 B TX Gbit/s"),
+                             ("tx-tso", "gbit_s", "64 KiB TSO TX Gbit/s")],
+                lambda r: f"{r['vmm'].replace('exitless', 'x')}/{r['path']}",
+                {"exitless": "tab:blue", "qemu": "tab:gray", "qemu+exitless": "tab:orange"})

@@ -20,7 +20,7 @@ from ..devices.nvme.pci import NvmePci
 from ..guestkit import guestkit_cmdline, guestkit_path
 from ..vm import Machine, VmConfig
 from . import qemu
-from .common import BenchError, Progress, Report, guest_result, no_progress, ratio_over_rounds
+from .common import BenchError, Progress, Report, guest_result, no_progress, plot_panels, ratio_over_rounds
 from .options import NVME_PATHS
 from .workload import COLUMNS, SPREAD_COLUMNS, TESTS, Test, make_image, per_io_row, run_rounds, select_tests
 
@@ -142,23 +142,12 @@ def polled_exits(rows: list[dict]) -> float | None:
 
 
 def plot(rows: list[dict], path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [("randread-4k-qd1", "p50_us", "QD1 4K random read p50 (µs, lower is better)"),
-              ("randread-4k-qd32", "iops", "QD32 4K random read IOPS"),
-              ("randread-4k-qd1", "doorbells_per_io", "QD1 MMIO doorbell writes per I/O")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
-    for ax, (test, key, title) in zip(axes, panels):
-        sel = [r for r in rows if r["test"] == test and r.get(key) is not None]
-        ax.bar([f"{r['vmm']} {r['path']}/{r['irq']}/db{r['dbbuf']}" for r in sel], [r[key] for r in sel],
-               color=["tab:blue" if r["vmm"] == "exitless" else "tab:gray" for r in sel])
-        ax.set_title(title, fontsize=9)
-        ax.tick_params(axis="x", labelsize=7)
-        plt.setp(ax.get_xticklabels(), rotation=60, ha="right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    """The QD1 latency, QD32 IOPS and MMIO doorbells per I/O panels of ``rows`` as a PNG."""
+    plot_panels(rows, path, [("randread-4k-qd1", "p50_us", "QD1 4K random read p50 (µs, lower is better)"),
+                             ("randread-4k-qd32", "iops", "QD32 4K random read IOPS"),
+                             ("randread-4k-qd1", "doorbells_per_io", "QD1 MMIO doorbell writes per I/O")],
+                lambda r: f"{r['vmm']} {r['path']}/{r['irq']}/db{r['dbbuf']}",
+                {"exitless": "tab:blue", "qemu": "tab:gray"})
 
 
 def main(args) -> int:

@@ -36,7 +36,7 @@ from ..devices.virtio.blk import VirtioBlk
 from ..devices.virtio.pci import VirtioPci
 from ..guestkit import guestkit_cmdline, guestkit_path
 from ..vm import Machine, VmConfig
-from .common import BenchError, Report, guest_result
+from .common import Report, guest_result
 from .options import BLK_PATHS
 from . import qemu
 from .vhost import serve_process, vhost_device
