@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 APT_PACKAGES=(build-essential binutils linux-libc-dev qemu-system-x86 acpica-tools cpio
-              libseccomp2 libfuse3-3 fuse3)   # confinement; the FUSE disk-fault tests
+              libseccomp2 libfuse3-3 fuse3     # confinement; the FUSE disk-fault tests
+              e2fsprogs iproute2)              # ext4 images for Linux guests; network namespaces in the net tests
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
