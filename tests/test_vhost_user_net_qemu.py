@@ -12,13 +12,12 @@ import hashlib
 import random
 import re
 import socket
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
+
+from tests.serveproc import ServeProcess
 
 from exitless.boot.initramfs import parse_exit_status
 
@@ -32,7 +31,6 @@ except ImportError:  # pragma: no cover - tests/ as a package
 pytestmark = [pytest.mark.qemu,
               pytest.mark.skipif(N.can_make_netns() is not None, reason=N.can_make_netns() or "")]
 
-SERVE = [sys.executable, "-m", "exitless.cli", "serve", "net"]
 BYTES = 16 << 20
 UP_PORT, DOWN_PORT = 5001, 5002
 GUEST_MAC = "52:54:00:c0:ff:ee"
@@ -102,29 +100,13 @@ class Responder:
         self.down.close()
 
 
-class NetBackend:
+class NetBackend(ServeProcess):
     """``exitless serve net`` as a child process, its log in a file."""
 
     def __init__(self, tmp_path: Path, ns: str, tap: str, io: str, queues: int = 1):
         self.sock = str(tmp_path / f"net-{io}.sock")
-        self.log = tmp_path / f"serve-net-{io}.log"
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(SERVE + ["--socket", self.sock, "--tap", tap, "--netns", ns, "--io", io,
-                                                 "--queues", str(queues)],
-                                         stdout=subprocess.DEVNULL, stderr=log)
-        deadline = time.monotonic() + 15
-        while "serving" not in self.text():
-            assert self.proc.poll() is None, self.text()
-            assert time.monotonic() < deadline, self.text()
-            time.sleep(0.05)
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        return self.proc.wait(15)
+        super().__init__("net", ["--socket", self.sock, "--tap", tap, "--netns", ns, "--io", io,
+                                 "--queues", str(queues)], tmp_path / f"serve-net-{io}.log")
 
 
 @pytest.fixture(scope="module")

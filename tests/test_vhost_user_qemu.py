@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.serveproc import ServeProcess
+
 from exitless.boot.initramfs import parse_exit_status
 
 QEMU = shutil.which("qemu-system-x86_64")
@@ -91,29 +93,13 @@ def run_qemu(cmd: list[str], timeout: float = 120, until: bytes | None = None, k
     return proc.returncode, out.decode(errors="replace")
 
 
-class Backend:
+class Backend(ServeProcess):
     """``exitless serve blk`` as a child process, its log in a file."""
 
     def __init__(self, tmp_path: Path, disk: Path, io: str, sock: str | None = None, queues: int = 1):
         self.sock = sock or str(tmp_path / f"blk-{io}.sock")
-        self.log = tmp_path / f"serve-{io}.log"
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(SERVE + ["--socket", self.sock, "--disk", str(disk), "--io", io,
-                                                  "--queues", str(queues)],
-                                         stdout=subprocess.DEVNULL, stderr=log)
-        deadline = time.monotonic() + 15
-        while "serving" not in self.text():
-            assert self.proc.poll() is None, self.text()
-            assert time.monotonic() < deadline, self.text()
-            time.sleep(0.05)
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(15)
+        super().__init__("blk", ["--socket", self.sock, "--disk", str(disk), "--io", io, "--queues", str(queues)],
+                         tmp_path / f"serve-{io}.log")
 
 
 def make_disk(tmp_path: Path, size: int) -> Path:
