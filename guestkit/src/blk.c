@@ -660,6 +660,46 @@ static void app_blk_malformed(u64 bad_addr, u64 case_ms)
     gk_exit(all_ok && final_ok ? EXIT_OK : EXIT_FAIL);
 }
 
+/* ---- the start gate ----
+ * Several VMs measured side by side must start their loops at the same moment: each boots, sets up
+ * its device, prints "guestkit: blk waiting at the gate", then reads the last 4096 bytes of its disk
+ * every millisecond (halting on a 1 ms LAPIC tick in between) until its first 8 bytes hold `gate=`'s
+ * token, which the host writes into every image at once.  The gate block is outside the workload's
+ * range, and the gate's reads are not counted. */
+#define GATE_BYTES 4096u
+static u64 gate_token;
+
+static void stats_reset(void)
+{
+    ops_done = bytes_done = completions = flushes = 0;
+    nsamples = 0;
+    lat_sum = lat_max = 0;
+    lat_min = ~0ULL;
+}
+
+static bool gate_wait(u64 sector, u64 ms)
+{
+    printf("guestkit: blk waiting at the gate\n");
+    bool verify = verify_reads;
+    verify_reads = false; /* the gate block holds the token, not the pattern */
+    u64 t0 = rdtsc(), limit = ns_to_tsc(ms * 1000000ULL);
+    lapic_timer_periodic_ns(1000000ULL);
+    bool open = false;
+    while (!open && rdtsc() - t0 < limit) {
+        if (!run_one(VIRTIO_BLK_T_IN, sector, GATE_BYTES) || errors)
+            break;
+        open = *(volatile u64 *)reqs[0].data == gate_token;
+        if (!open) {
+            static volatile u32 never; /* sleep until the next interrupt: the 1 ms tick */
+            wait_for_irq(&never);
+        }
+    }
+    lapic_timer_stop();
+    verify_reads = verify;
+    stats_reset();
+    return open;
+}
+
 /* ---- the app ---- */
 static void print_results(u64 elapsed_cyc, const char *error)
 {
@@ -728,7 +768,7 @@ void app_blk(void)
                                        "size", "fua", "flush_every", "event_idx", "irq", "queues",
                                        "qsize", "timeout_ms", "index", "bad_addr", "case_ms",
                                        "bar_window", "reassign_bars", "indirect", "expect",
-                                       "unmap", NULL};
+                                       "unmap", "gate", "gate_ms", NULL};
     args_allow(keys);
     const char *rw = arg_str("rw", "randread");
     int m = -1;
@@ -865,7 +905,14 @@ void app_blk(void)
     u64 disk = capacity * SECTOR;
     if (off % SECTOR || off >= disk)
         fail_json(rw, "offset must be a multiple of 512 inside the disk");
-    u64 size = arg_u64("size", disk - off);
+    gate_token = arg_hex("gate", 0);
+    if (gate_token && disk < off + GATE_BYTES + SECTOR)
+        fail_json(rw, "gate needs a disk larger than offset + 4096 bytes");
+    if (gate_token && (mode == RW_FILL || mode == RW_MALFORMED))
+        fail_json(rw, "gate is for read/write workloads");
+    u64 size = arg_u64("size", disk - off - (gate_token ? GATE_BYTES : 0));
+    if (gate_token && off + size > disk - GATE_BYTES)
+        fail_json(rw, "offset + size overlaps the gate block (the disk's last 4096 bytes)");
     if (!size || size % SECTOR || off + size > disk)
         fail_json(rw, "size must be a non-zero multiple of 512 inside the disk");
     range_off = off / SECTOR;
@@ -902,6 +949,9 @@ void app_blk(void)
 
     max_samples = duration_cyc ? MAX_SAMPLES : MIN(n_ops + n_ops / MAX(flush_every, 1) + 2, (u64)MAX_SAMPLES);
     samples = heap_alloc(max_samples * sizeof(u64), 64);
+
+    if (gate_token && !gate_wait(capacity - GATE_BYTES / SECTOR, arg_u64("gate_ms", 120000)))
+        fail_json(rw, "gate: the token never appeared in the disk's last 4096 bytes");
 
     u64 ticks0 = timer_ticks;
     u64 irqs0 = queue_irqs();
