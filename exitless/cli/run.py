@@ -23,6 +23,7 @@ import argparse
 import signal
 import sys
 
+from ..errors import ExitlessError
 from .options import add_disk_argument, add_nvme_argument, mem_size, positive_float
 from .progress import stderr_progress
 
@@ -59,6 +60,10 @@ def register(sub) -> None:
     run.add_argument("--cache", help="guest cache directory (default $EXITLESS_CACHE or ~/.cache/exitless/guest)")
     run.add_argument("--modules", help="modules directory for --kernel (lib/modules/<kver> or its root)")
     run.add_argument("--boot-log", action="store_true", help="easy form: show the kernel's boot messages too")
+    run.add_argument("--stats", metavar="FILE",
+                     help="guest kit: when the VM stops, write KVM's counters over the guest's measured loop (its "
+                          "start and end marks on port 0x511) as JSON to FILE: {\"window\": {\"kvm\": {\"exits\": "
+                          "...}, \"vmm_cpu\": s, \"wall\": s} or null, \"exit\": kind}")
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ARGS",
                      help="run CMD in the fetched Linux guest and exit with its status")
     run.set_defaults(func=cmd_run)
@@ -116,6 +121,8 @@ def _run_pvh(args) -> int:
         attach_devices(m, args)
         m.boot_pvh(args.kernel, guestkit_cmdline(args.append), args.initrd)
         exit = m.run(timeout=args.timeout)
+        if args.stats:
+            write_stats(args.stats, m.bench_marker.window(), exit.kind)
     if exit.kind == "debug-exit":
         return exit.status & 0xFF
     if exit.ok:
@@ -124,6 +131,23 @@ def _run_pvh(args) -> int:
     if exit.registers:
         print(exit.registers, file=sys.stderr)
     return 1
+
+
+def write_stats(path: str, window: dict | None, exit_kind: str) -> None:
+    """``run --stats``: the bench marker's window (KVM exit counters, VMM CPU seconds outside the vCPUs,
+    wall seconds; None when the guest marked no start and end) and how the VM stopped, as JSON to ``path``.
+    Raises RunError (exit 2) when ``path`` cannot be written."""
+    import json
+
+    try:
+        with open(path, "w") as f:
+            json.dump({"window": window, "exit": exit_kind}, f)
+    except OSError as e:
+        raise RunStatsError(f"--stats {path}: {e.strerror}") from None
+
+
+class RunStatsError(ExitlessError):
+    """``run --stats FILE``: FILE could not be written."""
 
 
 class HostSignal(Exception):
