@@ -39,7 +39,10 @@ class QemuResult:
     stderr: str = ""
 
 
-class _Qmp:
+class Qmp:
+    """A QMP client on QEMU's Unix socket ``path`` (retried until QEMU listens, up to ``timeout`` s);
+    ``cmd(name, **args)`` returns QEMU's reply ({"return": ...} or {"error": ...})."""
+
     def __init__(self, path: str, timeout: float = 10):
         deadline = time.monotonic() + timeout
         while True:
@@ -69,7 +72,8 @@ class _Qmp:
         self.sock.close()
 
 
-def _kvm_exits(qmp: _Qmp) -> int | None:
+def kvm_exits(qmp: Qmp) -> int | None:
+    """KVM's ``exits`` summed over QEMU's vCPUs (QMP ``query-stats``), or None when QEMU has no KVM stats."""
     reply = qmp.cmd("query-stats", target="vcpu", providers=[{"provider": "kvm", "names": ["exits"]}])
     if "return" not in reply:
         return None
@@ -130,6 +134,31 @@ def kvm_works() -> bool:
     return os.access("/dev/kvm", os.R_OK | os.W_OK)
 
 
+def resolve_accel(accel: str) -> str:
+    """``auto`` → ``kvm`` when QEMU can use /dev/kvm here, else ``tcg``; others unchanged."""
+    if accel == "auto":
+        return "kvm" if kvm_works() else "tcg"
+    return accel
+
+
+def guestkit_command(kernel: Path, append: str, qmp_path: str, *, device_args: list[str] = (),
+                     shared_memory: bool = False, accel: str = "kvm", mem_mib: int = 128,
+                     paused: bool = False) -> list[str]:
+    """QEMU's command line for the guest kit: q35, qboot where installed, COM1 on stdio, QMP on ``qmp_path``,
+    ``device_args`` appended; ``accel`` is ``kvm`` or ``tcg`` (:func:`resolve_accel`); ``paused``: ``-S``."""
+    if accel == "kvm":       # guest TSC at the host's rate under KVM; under TCG the guest calibrates
+        append = guestkit_cmdline(append)
+    # QEMU's default CPU model under KVM: `-cpu host` asks for MSRs a software-nested KVM refuses
+    cpu = ["-cpu", "max"] if accel == "tcg" else []
+    machine = ["-machine", "q35"]
+    if shared_memory:
+        machine = ["-machine", "q35,memory-backend=mem",
+                   "-object", f"memory-backend-memfd,id=mem,size={mem_mib}M,share=on"]
+    return [QEMU, *machine, "-accel", accel, *cpu, *firmware_args(), "-m", f"{mem_mib}M", *(["-S"] if paused else []),
+            "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
+            "-kernel", str(kernel), "-append", append, "-qmp", f"unix:{qmp_path},server=on,wait=off", *device_args]
+
+
 def run_guestkit(kernel: Path, append: str, *, device_args: list[str] = (), shared_memory: bool = False,
                  accel: str = "auto", mem_mib: int = 128, timeout: float = 300,
                  extra_cpu: Callable[[], float] | None = None, pass_fds: tuple[int, ...] = ()) -> QemuResult:
@@ -143,21 +172,11 @@ def run_guestkit(kernel: Path, append: str, *, device_args: list[str] = (), shar
     ``extra_cpu`` adds another process's CPU (a vhost-user back-end) to QEMU's own;
     ``pass_fds`` are inherited by QEMU (e.g. a TAP fd for ``-netdev tap,fd=N``).
     """
-    if accel == "auto":
-        accel = "kvm" if kvm_works() else "tcg"
-    if accel == "kvm":       # guest TSC at the host's rate under KVM; under TCG the guest calibrates
-        append = guestkit_cmdline(append)
+    accel = resolve_accel(accel)
     tmp = tempfile.mkdtemp(prefix="exitless-qemu-")
     qmp_path = os.path.join(tmp, "qmp.sock")
-    # QEMU's default CPU model under KVM: `-cpu host` asks for MSRs a software-nested KVM refuses
-    cpu = ["-cpu", "max"] if accel == "tcg" else []
-    machine = ["-machine", "q35"]
-    if shared_memory:
-        machine = ["-machine", "q35,memory-backend=mem",
-                   "-object", f"memory-backend-memfd,id=mem,size={mem_mib}M,share=on"]
-    cmd = [QEMU, *machine, "-accel", accel, *cpu, *firmware_args(), "-m", f"{mem_mib}M", "-S",
-           "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
-           "-kernel", str(kernel), "-append", append, "-qmp", f"unix:{qmp_path},server=on,wait=off", *device_args]
+    cmd = guestkit_command(kernel, append, qmp_path, device_args=device_args, shared_memory=shared_memory,
+                           accel=accel, mem_mib=mem_mib, paused=True)
     extra = extra_cpu or (lambda: 0.0)
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=pass_fds)
@@ -166,9 +185,9 @@ def run_guestkit(kernel: Path, append: str, *, device_args: list[str] = (), shar
     vmm_cpu = 0.0
     status = None
     try:
-        qmp = _Qmp(qmp_path)
+        qmp = Qmp(qmp_path)
         try:
-            exits0 = _kvm_exits(qmp) if accel == "kvm" else None
+            exits0 = kvm_exits(qmp) if accel == "kvm" else None
             (q0, v0), e0 = qemu_cpu(proc.pid), extra()
             qmp.cmd("cont")
             os.set_blocking(proc.stdout.fileno(), False)
@@ -184,7 +203,7 @@ def run_guestkit(kernel: Path, append: str, *, device_args: list[str] = (), shar
             if status == 0:
                 (q1, v1), e1 = qemu_cpu(proc.pid), extra()
                 vmm_cpu = (q1 - q0) - (v1 - v0) + (e1 - e0)
-                exits1 = _kvm_exits(qmp) if accel == "kvm" else None
+                exits1 = kvm_exits(qmp) if accel == "kvm" else None
                 if exits0 is not None and exits1 is not None:
                     exits = exits1 - exits0
             qmp.cmd("quit")

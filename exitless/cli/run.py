@@ -23,7 +23,6 @@ import argparse
 import signal
 import sys
 
-from ..errors import ExitlessError
 from .options import add_disk_argument, add_nvme_argument, mem_size, positive_float
 from .progress import stderr_progress
 
@@ -114,6 +113,7 @@ def _net_spec(text: str):
 
 
 def _run_pvh(args) -> int:
+    from ..devices.legacy.bench_marker import write_window
     from ..guestkit import guestkit_cmdline
     from ..vm import Machine, VmConfig
 
@@ -122,7 +122,7 @@ def _run_pvh(args) -> int:
         m.boot_pvh(args.kernel, guestkit_cmdline(args.append), args.initrd)
         exit = m.run(timeout=args.timeout)
         if args.stats:
-            write_stats(args.stats, m.bench_marker.window(), exit.kind)
+            write_window(args.stats, m.bench_marker.window(), exit.kind)
     if exit.kind == "debug-exit":
         return exit.status & 0xFF
     if exit.ok:
@@ -131,23 +131,6 @@ def _run_pvh(args) -> int:
     if exit.registers:
         print(exit.registers, file=sys.stderr)
     return 1
-
-
-def write_stats(path: str, window: dict | None, exit_kind: str) -> None:
-    """``run --stats``: the bench marker's window (KVM exit counters, VMM CPU seconds outside the vCPUs,
-    wall seconds; None when the guest marked no start and end) and how the VM stopped, as JSON to ``path``.
-    Raises RunError (exit 2) when ``path`` cannot be written."""
-    import json
-
-    try:
-        with open(path, "w") as f:
-            json.dump({"window": window, "exit": exit_kind}, f)
-    except OSError as e:
-        raise RunStatsError(f"--stats {path}: {e.strerror}") from None
-
-
-class RunStatsError(ExitlessError):
-    """``run --stats FILE``: FILE could not be written."""
 
 
 class HostSignal(Exception):

@@ -715,6 +715,7 @@ static void print_results(u64 elapsed_cyc, const char *error)
     json_u64("ops", ops_done);
     json_u64("errors", errors);
     json_u64("verify_errors", verify_errors);
+    json_u64("verify", verify_reads);
     json_u64("bytes", bytes_done);
     json_u64("elapsed_us", ens / 1000);
     json_u64("iops", ens ? ops_done * 1000000000ULL / ens : 0);

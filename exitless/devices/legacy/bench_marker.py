@@ -7,10 +7,13 @@ same writes go to an unclaimed port and cost one exit each.
 """
 from __future__ import annotations
 
+import json
 import resource
 import time
 from dataclasses import dataclass
 from typing import Callable
+
+from ...errors import ExitlessError
 
 PORT = 0x511
 START, END = 1, 2
@@ -62,3 +65,19 @@ class BenchMarker:
         vmm_cpu = (end.process_cpu - start.process_cpu) - (end.vcpu_cpu - start.vcpu_cpu) + \
                   (end.extra_cpu - start.extra_cpu)
         return {"kvm": kvm, "vmm_cpu": max(0.0, vmm_cpu), "wall": end.wall - start.wall}
+
+
+class WindowFileError(ExitlessError, OSError):
+    """The window's JSON file (``run --stats FILE``) could not be written."""
+
+
+def write_window(path: str, window: dict | None, exit_kind: str) -> None:
+    """Write ``{"window": window, "exit": exit_kind}`` as JSON to ``path``: a :meth:`BenchMarker.window`
+    (KVM counters, VMM CPU seconds outside the vCPUs, wall seconds; None when the guest marked no start
+    and end) and how the VM stopped (``VmExit.kind``).  Raises WindowFileError when ``path`` cannot be
+    written (``run --stats``: exit status 2)."""
+    try:
+        with open(path, "w") as f:
+            json.dump({"window": window, "exit": exit_kind}, f)
+    except OSError as e:
+        raise WindowFileError(f"--stats {path}: {e.strerror}") from None
