@@ -7,6 +7,8 @@ nothing else goes there; ``--rounds`` is the number of interleaved rounds.
 """
 from __future__ import annotations
 
+import argparse
+
 from ..argtypes import mem_size, non_negative_float, non_negative_int, positive_float, positive_int
 from .workload import TESTS
 
@@ -113,6 +115,35 @@ def add_boot(p) -> None:
                         "(auto: host on kvm_pvm hosts, guest elsewhere; default auto)")
     p.add_argument("--qemu", choices=("auto", "kvm", "tcg", "none"), default="auto",
                    help="QEMU accelerator (auto: try KVM, fall back to TCG and say so; default auto)")
+
+
+#: ``exitless bench sidecore``'s layouts (defined in exitless.bench.sidecore)
+SIDECORE_LAYOUTS = ("shared", "shared-1proc", "per-vm", "qemu")
+
+
+def vm_counts(text: str) -> list[int]:
+    """argparse ``type=`` for ``--vms 1,2,4,8``: positive VM counts, in order, without repeats."""
+    try:
+        counts = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated VM counts, e.g. 1,2,4,8") from None
+    if not counts or min(counts) < 1 or max(counts) > 64:
+        raise argparse.ArgumentTypeError(f"{text!r}: VM counts between 1 and 64")
+    return list(dict.fromkeys(counts))
+
+
+def add_sidecore(p) -> None:
+    p.add_argument("--vms", type=vm_counts, default=[1, 2, 4, 8], metavar="N,N,…",
+                   help="VM counts, comma-separated (default 1,2,4,8)")
+    p.add_argument("--layouts", nargs="+", choices=SIDECORE_LAYOUTS, default=["shared", "per-vm", "qemu"],
+                   help="shared: one `exitless sidecore` service; shared-1proc: the VMs in one exitless process on one "
+                        "sidecore thread; per-vm: a sidecore per VM; qemu: QEMU with an iothread per VM "
+                        "(default: shared per-vm qemu)")
+    p.add_argument("--seconds", type=positive_float, default=5.0,
+                   help="seconds of I/O per VM and sample, all VMs at once (default 5)")
+    p.add_argument("--qd", type=positive_int, default=1, help="requests in flight per VM (default 1)")
+    p.add_argument("--plot", help="write a PNG plot here")
+    _common(p)
 
 
 def add_soak(p) -> None:

@@ -1,4 +1,4 @@
-"""``exitless bench doorbell|blk|nvme|vhost|net|boot|soak``: the benchmarks, rows as JSON plus a human table.
+"""``exitless bench doorbell|blk|nvme|vhost|net|sidecore|boot|soak``: the benchmarks, rows as JSON plus a human table.
 
 The options of each benchmark are in :mod:`exitless.bench.options` and its command
 is the ``main(args)`` of its module in :mod:`exitless.bench` (interleaved rounds,
@@ -23,6 +23,9 @@ def register(sub) -> None:
              options.add_vhost, cmd_bench_vhost),
             ("net", "virtio-net (a TAP in a private namespace) under every I/O path, QEMU's tap, and QEMU with "
                     "exitless's vhost-user-net back-end", options.add_net, cmd_bench_net),
+            ("sidecore", "N VMs doing 4 KiB random reads: one shared sidecore vs one per VM vs QEMU with an iothread "
+                         "per VM (IOPS, p99 of the slowest and fastest VM, host CPU, exits)", options.add_sidecore,
+             cmd_bench_sidecore),
             ("boot", "time to first kernel line, userspace and power-off, beside QEMU", options.add_boot,
              cmd_bench_boot),
             ("soak", "mixed verified I/O with VM restarts and vhost-user frontend disconnects; lost acknowledged "
@@ -60,6 +63,12 @@ def cmd_bench_net(args) -> int:
     from ..bench import net
 
     return net.main(args)
+
+
+def cmd_bench_sidecore(args) -> int:
+    from ..bench import sidecore
+
+    return sidecore.main(args)
 
 
 def cmd_bench_boot(args) -> int:
