@@ -39,7 +39,6 @@ import json
 import os
 import re
 import random
-import shutil
 import signal
 import struct
 import subprocess
@@ -105,7 +104,7 @@ def layouts(names: Sequence[str], modes: Sequence[str] = EXITLESS_MODES) -> list
     out = []
     for name in names:
         if name == "qemu":
-            out.append(Layout("qemu", "qemu", f"iothread poll-max-ns={QEMU_IOTHREAD_POLL_NS}",
+            out.append(Layout("qemu", "qemu", f"poll-max-ns={QEMU_IOTHREAD_POLL_NS}",
                               "one QEMU per VM, one iothread each"))
         elif name == "shared":
             out += [Layout("exitless", "shared", m, "one `exitless sidecore` service for all VMs") for m in modes]
@@ -463,7 +462,7 @@ def plot(rows: list[dict], path: str) -> None:
     try:
         plot_panels(rows, path, [(f"{n} VMs", "iops_total", f"{n} VMs: aggregate 4K randread IOPS") for n in counts] +
                     [(f"{n} VMs", "host_cpu_pct", f"{n} VMs: host CPU % of one core") for n in counts],
-                    lambda r: f"{r['layout']}/{r['mode'].split()[0]}", {"exitless": "tab:blue", "qemu": "tab:gray"})
+                    lambda r: f"{r['layout']}/{r['mode']}", {"exitless": "tab:blue", "qemu": "tab:gray"})
     finally:
         for r in rows:
             del r["test"]
