@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import ExitlessError
-from .sidecore.paths import PATHS
+from .sidecore.paths import PATHS, REMOTE_PATHS
 
 #: Every option of the grammar; ``run --disk`` takes them all.
 OPTIONS = ("ro", "direct", "io", "queues")
@@ -112,30 +112,36 @@ def split_spec(text: str) -> list[str]:
     return fields
 
 
-def add_disk(machine, spec: DiskSpec, sidecore=None):
+def add_disk(machine, spec: DiskSpec, sidecore=None, service: str | None = None):
     """Open the backing file and plug a virtio-blk-pci device into ``machine``.
 
-    Raises :class:`exitless.devices.virtio.blk.BackingFileError` if the file cannot be used.
+    ``service``: the socket of an ``exitless sidecore`` service that serves the disk's queues if its
+    path polls (``shared``, ``poll``, ``adaptive``); ``trap`` and ``ioeventfd`` disks stay in this VMM.
+    Raises :class:`exitless.devices.virtio.blk.BackingFileError` if the file cannot be used,
+    :class:`exitless.sidecore.remote.RemoteSidecoreError` if the service cannot be reached.
     """
     from .devices.virtio.blk import VirtioBlk
     from .devices.virtio.pci import VirtioPci
 
     dev = VirtioBlk(spec.path, read_only=spec.read_only, direct=spec.direct, num_queues=spec.queues)
-    return VirtioPci(machine, dev, spec.io, sidecore=sidecore)
+    remote = service if spec.io in REMOTE_PATHS else None
+    return VirtioPci(machine, dev, spec.io, sidecore=None if remote else sidecore, service=remote)
 
 
-def add_disks(machine, specs: list[DiskSpec], *, one_sidecore: bool = False, groups: dict | None = None) -> list:
+def add_disks(machine, specs: list[DiskSpec], *, one_sidecore: bool = False, groups: dict | None = None,
+              service: str | None = None) -> list:
     """Plug every disk (``/dev/vda``, ``vdb``… in the guest); returns their ``VirtioPci`` functions.
 
     With ``one_sidecore`` the disks of each polling mode (every path but ``trap``) share one
     :class:`exitless.sidecore.engine.SidecoreGroup`, started on ``machine`` once all are added;
     otherwise each disk gets its own sidecore.  ``groups`` (a dict from :func:`sidecore_group`)
     shares the groups with other devices (NVMe): the caller starts them after the last device.
-    Every command that plugs disks goes through here.
+    ``service``: see :func:`add_disk`.  Every command that plugs disks goes through here.
     """
     own = groups is None
     groups = {} if own else groups
-    devices = [add_disk(machine, spec, sidecore_group(groups, spec.io) if one_sidecore or not own else None)
+    devices = [add_disk(machine, spec, None if service and spec.io in REMOTE_PATHS else
+                        sidecore_group(groups, spec.io) if one_sidecore or not own else None, service)
                for spec in specs]
     if own:
         for group in groups.values():

@@ -3,17 +3,25 @@
 Guest-physical addresses are translated region by region and every access is
 bounds-checked, so a wild address from a guest driver raises GuestMemoryError
 instead of touching host memory outside guest RAM.  The backing is a memfd so
-that a sidecore *process* can map exactly the same pages (``GuestMemory.attach``).
+that a sidecore *process* -- or ``exitless sidecore``, which gets the fd over a
+socket -- can map exactly the same pages (``GuestMemory.attach``).  The memfd is
+sealed against shrinking (``F_SEAL_SHRINK``): a process mapping it can rely on
+every page it mapped staying there (touching a page past the end of a file is
+SIGBUS), and ``exitless sidecore`` refuses memory that could shrink.  It may grow
+(``add_region``).
 """
 from __future__ import annotations
 
 from .errors import ExitlessError
 import ctypes
+import fcntl
 import mmap
 import os
 from dataclasses import dataclass
 
 PAGE_SIZE = 4096
+F_SEAL_SHRINK = getattr(fcntl, "F_SEAL_SHRINK", 0x2)
+F_ADD_SEALS = getattr(fcntl, "F_ADD_SEALS", 1033)
 
 
 class GuestMemoryError(ExitlessError, ValueError):
@@ -83,7 +91,7 @@ class GuestMemory:
     @classmethod
     def create(cls, layout: list[tuple[int, int]], name: str = "exitless-guest-ram") -> "GuestMemory":
         """Allocate a memfd big enough for ``layout`` (a list of (gpa, size)) and map it."""
-        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         regions, offset = [], 0
         for gpa, size in layout:
             if size <= 0 or size % PAGE_SIZE or gpa % PAGE_SIZE:
@@ -92,6 +100,7 @@ class GuestMemory:
             regions.append(Region(gpa, size, offset))
             offset += size
         os.ftruncate(fd, offset)
+        fcntl.fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK)     # grow yes (add_region), shrink never
         return cls(fd, regions)
 
     @classmethod

@@ -19,10 +19,10 @@ import sys
 
 from .. import __version__
 from ..errors import ExitlessError
-from . import bench, doctor, guest, run, serve
+from . import bench, doctor, guest, run, serve, sidecore
 
 #: The command groups, in ``--help`` order.
-GROUPS = (run, guest, serve, bench, doctor)
+GROUPS = (run, guest, serve, sidecore, bench, doctor)
 
 
 class Parser(argparse.ArgumentParser):

@@ -42,6 +42,9 @@ def register(sub) -> None:
     run.add_argument("--one-sidecore", action="store_true",
                      help="disks and NVMe controllers on the same polling path share one sidecore thread "
                           "(default: one each)")
+    run.add_argument("--sidecore", metavar="PATH",
+                     help="hand the polled disks (io=shared|poll|adaptive) to the sidecore service listening on "
+                          "PATH (exitless sidecore --socket PATH) instead of a sidecore of this VMM")
     add_disk_argument(run, action="append", default=[],
                       help="a virtio-blk disk (repeatable: /dev/vda, vdb...); io is its I/O path (default ioeventfd), "
                            "queues its number of virtqueues")
@@ -92,7 +95,7 @@ def attach_devices(machine, args) -> None:
     from ..nvme import add_nvmes
 
     groups = {} if args.one_sidecore else None    # one sidecore per polling mode, for disks and NVMe alike
-    add_disks(machine, args.disk, one_sidecore=args.one_sidecore, groups=groups)
+    add_disks(machine, args.disk, one_sidecore=args.one_sidecore, groups=groups, service=args.sidecore)
     add_nvmes(machine, args.nvme, groups=groups)
     for group in (groups or {}).values():
         group.start_on(machine)

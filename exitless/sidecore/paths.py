@@ -22,6 +22,8 @@ from .engine import SidecoreGroup
 
 PATHS = ("trap", "ioeventfd", "shared", "poll", "adaptive")
 MODE_OF_PATH = {"ioeventfd": "notify", "shared": "poll", "poll": "poll", "adaptive": "adaptive"}
+#: The I/O paths whose queues ``exitless sidecore`` can serve (the polled ones; ``run --sidecore``).
+REMOTE_PATHS = ("shared", "poll", "adaptive")
 
 
 @dataclass

@@ -161,7 +161,7 @@ class VhostUserBackend:
     (or None); :meth:`close` ends the session and leaves ``device`` reset, ready for the next one."""
 
     def __init__(self, device: VirtioDevice, io: str = "kick", *, poll_ns: int = 64_000, name: str = "vhost-user",
-                 dataplane: SidecoreLoop | None = None):
+                 dataplane: SidecoreLoop | None = None, sealed_only: bool = False):
         if io not in IO_MODES:
             raise ValueError(f"io mode {io!r}: one of {', '.join(IO_MODES)}")
         self.device = device
@@ -173,6 +173,7 @@ class VhostUserBackend:
         self.protocol_features = 0
         self.owner = False
         self.mem: VhostMemory | None = None
+        self.sealed_only = sealed_only  # memory must be a memfd sealed against shrinking (VhostMemory)
         self.worker: SidecoreThread | None = None
         # a sidecore loop shared with other sessions (``exitless serve blk`` with several frontends):
         # this session's pollables are attached to it instead of a loop of its own
@@ -289,7 +290,7 @@ class VhostUserBackend:
     def _set_mem_table(self, msg: Message) -> None:
         regions = P.mem_table(msg)
         fds, msg.fds = msg.fds, []
-        mem = VhostMemory(regions, fds)      # owns (and on error closes) the fds
+        mem = VhostMemory(regions, fds, sealed_only=self.sealed_only)   # owns (and on error closes) the fds
         with self._reconfigure():
             old, self.mem = self.mem, mem
             if old is not None:

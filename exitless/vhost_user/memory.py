@@ -16,7 +16,9 @@ a file is SIGBUS, which would kill the backend.  So each file must cover
 shrink is sealed against shrinking (``F_SEAL_SHRINK``, which QEMU's
 ``memory-backend-memfd`` sets itself by default).  A region in a file that
 cannot be sealed (not a memfd) is accepted with a warning: its frontend can
-still crash the backend by truncating the file.
+still crash the backend by truncating the file -- unless the table is mapped
+with ``sealed_only`` (``exitless sidecore``, which serves many VMs and must
+outlive any one of them), which refuses it.
 """
 from __future__ import annotations
 
@@ -27,24 +29,26 @@ import mmap
 import os
 import stat
 
-from exitless.memory import GuestMemory, GuestMemoryError, Region
+from exitless.memory import F_ADD_SEALS, F_SEAL_SHRINK, GuestMemory, GuestMemoryError, Region
 
 from .protocol import MemRegion, ProtocolError
 
 log = logging.getLogger("exitless.vhost_user")
 
 F_SEAL_SEAL = getattr(fcntl, "F_SEAL_SEAL", 0x1)
-F_SEAL_SHRINK = getattr(fcntl, "F_SEAL_SHRINK", 0x2)
-F_ADD_SEALS = getattr(fcntl, "F_ADD_SEALS", 1033)
 F_GET_SEALS = getattr(fcntl, "F_GET_SEALS", 1034)
 _U64 = 1 << 64
 
 
 class VhostMemory:
-    """The mapped table.  Takes ownership of ``fds`` (closed by :meth:`close`, or on error)."""
+    """The mapped table.  Takes ownership of ``fds`` (closed by :meth:`close`, or on error).
 
-    def __init__(self, regions: list[MemRegion], fds: list[int]):
+    ``sealed_only``: refuse (ProtocolError) a region whose file cannot be sealed against shrinking.
+    """
+
+    def __init__(self, regions: list[MemRegion], fds: list[int], *, sealed_only: bool = False):
         self.fds = list(fds)
+        self.sealed_only = sealed_only
         self.guest: GuestMemory | None = None
         try:
             if len(regions) != len(fds):
@@ -52,7 +56,7 @@ class VhostMemory:
             self.table = list(regions)
             self._check_table()
             for r, fd in zip(regions, fds):
-                self._check_file(r, fd)
+                self._check_file(r, fd, sealed_only)
             try:
                 self.guest = GuestMemory(-1, [Region(r.gpa, r.size, r.mmap_offset, fd) for r, fd in zip(regions, fds)],
                                          owns_fd=False)
@@ -79,7 +83,7 @@ class VhostMemory:
                     raise ProtocolError(f"SET_MEM_TABLE: overlapping {name} ranges at {a0:#x} and {b0:#x}")
 
     @staticmethod
-    def _check_file(r: MemRegion, fd: int) -> None:
+    def _check_file(r: MemRegion, fd: int, sealed_only: bool) -> None:
         try:
             st = os.fstat(fd)
         except OSError as e:
@@ -92,6 +96,9 @@ class VhostMemory:
         try:
             seals = fcntl.fcntl(fd, F_GET_SEALS)
         except OSError:
+            if sealed_only:
+                raise ProtocolError(f"SET_MEM_TABLE: region at gpa {r.gpa:#x} is not in a memfd (it could "
+                                    "shrink under us)") from None
             log.warning("memory region at gpa %#x is not in a memfd: a frontend that truncates the file "
                         "can crash this backend", r.gpa)
             return

@@ -107,6 +107,21 @@ _REQUESTS = (
 ).split()
 REQUEST_NAMES = {globals()[n]: n for n in _REQUESTS}
 
+# -- exitless's one extension (``exitless sidecore``; not in vhost-user.rst) ---------------------------------
+#: The first message on a connection to ``exitless sidecore``: which device model the service builds for
+#: this connection and its backing file, by SCM_RIGHTS.  Payload :data:`BACKEND`; fds: the disk (opened
+#: O_DIRECT when ``BACKEND_F_DIRECT``), then, with ``BACKEND_F_DIRECT``, a buffered fd of the same file.
+#: Reply: u64 0 (accepted) or the connection is closed.  A request number far above the spec's (which
+#: ends at 40) so that a later vhost-user request cannot collide with it.
+EXITLESS_SET_BACKEND = 0x4558_0001
+REQUEST_NAMES[EXITLESS_SET_BACKEND] = "EXITLESS_SET_BACKEND"
+#: Version of the extension's payload; a service refuses any other.
+BACKEND_VERSION = 1
+BACKEND = struct.Struct("<IIIII20s")         # version, virtio device id, flags, num_queues, queue_size, serial
+BACKEND_F_RO = 1 << 0
+BACKEND_F_DIRECT = 1 << 1
+BACKEND_FLAGS = BACKEND_F_RO | BACKEND_F_DIRECT
+
 
 def request_name(request: int) -> str:
     return REQUEST_NAMES.get(request, f"request#{request}")
@@ -259,8 +274,41 @@ def config(msg: Message) -> tuple[int, int, int, bytes]:
     return offset, size, flags, p[CONFIG_HEAD.size:]
 
 
+@dataclass(frozen=True)
+class Backend:
+    """EXITLESS_SET_BACKEND's payload: ``device_id`` (virtio: 2 = block), ``flags`` (BACKEND_F_*),
+    ``num_queues`` and ``queue_size`` of the device, ``serial`` (its GET_ID string, ASCII)."""
+    version: int
+    device_id: int
+    flags: int
+    num_queues: int
+    queue_size: int
+    serial: str
+
+
+def backend(msg: Message) -> Backend:
+    """Decode EXITLESS_SET_BACKEND (version, flags and serial checked; the sizes are the device's to check)."""
+    _exact(msg, BACKEND.size)
+    version, device_id, flags, num_queues, queue_size, serial = BACKEND.unpack(msg.payload)
+    if version != BACKEND_VERSION:
+        raise ProtocolError(f"{msg.name}: version {version}, this service speaks {BACKEND_VERSION}")
+    if flags & ~BACKEND_FLAGS:
+        raise ProtocolError(f"{msg.name}: unknown flags {flags:#x}")
+    text = serial.rstrip(b"\0")
+    if not text.isascii() or b"\0" in text:
+        raise ProtocolError(f"{msg.name}: the serial is not ASCII")
+    return Backend(version, device_id, flags, num_queues, queue_size, text.decode())
+
+
+def encode_backend(b: Backend) -> bytes:
+    """The payload of EXITLESS_SET_BACKEND for ``b``."""
+    return BACKEND.pack(b.version, b.device_id, b.flags, b.num_queues, b.queue_size, b.serial.encode("ascii"))
+
+
 #: How many fds each request carries (a function of the payload for the vring fd requests).
 def expected_fds(msg: Message) -> int:
+    if msg.request == EXITLESS_SET_BACKEND:
+        return 2 if backend(msg).flags & BACKEND_F_DIRECT else 1
     if msg.request == SET_MEM_TABLE:
         return len(mem_table(msg))
     if msg.request in (SET_VRING_KICK, SET_VRING_CALL, SET_VRING_ERR):

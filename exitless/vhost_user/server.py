@@ -244,6 +244,10 @@ class VhostUserServer:
                     continue
                 self._serve(conn)
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
     def _serve(self, conn: socket.socket) -> None:
         self.connections += 1
         peer = _peer(conn)
@@ -253,56 +257,9 @@ class VhostUserServer:
         t0 = time.monotonic()
         n0 = self.messages
         why = "closed the connection"
-        poller = select.poll()
-        poller.register(conn.fileno(), select.POLLIN)
-        poller.register(self.sock.fileno(), select.POLLIN)
-        poller.register(self._stop_fd, select.POLLIN)
         try:
-            while not self._stopping:
-                events = dict(poller.poll())
-                if self._stopping:
-                    why = "backend stopping"
-                    break
-                if conn.fileno() not in events:
-                    # Only while our frontend is quiet: one that just closed its connection (EOF
-                    # pending on conn) and reconnected is served next, not turned away.
-                    if self.sock.fileno() in events:
-                        self._reject_extra()
-                    continue
-                try:
-                    msg = recv_message(conn, self.io_timeout)
-                except _Closed:
-                    break
-                except _Truncated as t:
-                    if not self._refuse(conn, session, t.msg, str(t)):
-                        why = "protocol error"
-                        break
-                    continue
-                except (FramingError, OSError) as e:
-                    self.errors += 1
-                    log.warning("%s: %s; closing the connection", session.name, e)
-                    why = "protocol error"
-                    break
-                self.messages += 1
-                try:
-                    log.debug("%s: <- %s flags %#x size %d fds %d", session.name, msg.name, msg.flags,
-                              len(msg.payload), len(msg.fds))
-                    try:
-                        reply = session.handle(msg)
-                    except ProtocolError as e:
-                        if not self._refuse(conn, session, msg, str(e)):
-                            why = "protocol error"
-                            break
-                        continue
-                    if reply is not None:
-                        conn.sendall(reply)
-                except OSError as e:
-                    why = f"socket error: {e}"
-                    break
-                finally:
-                    for fd in msg.fds:
-                        os.close(fd)
-                    msg.fds = []
+            why = run_session(conn, session, self, self._stop_fd, self.io_timeout, self.sock.fileno(),
+                              self._reject_extra)
         finally:
             session.close()
             self.session = None
@@ -311,20 +268,6 @@ class VhostUserServer:
                      why, self.messages - n0, session.completed, time.monotonic() - t0)
             with self.served:
                 self.served.notify_all()
-
-    def _refuse(self, conn: socket.socket, session: VhostUserBackend, msg: Message, why: str) -> bool:
-        """Answer a rejected message; False if the connection must be closed instead."""
-        self.errors += 1
-        reply = session.error_reply(msg)
-        if reply is None:
-            log.warning("%s: %s; closing the connection", session.name, why)
-            return False
-        log.warning("%s: %s; replied with a failure", session.name, why)
-        try:
-            conn.sendall(reply)
-        except OSError:
-            return False
-        return True
 
     def _reject_extra(self) -> None:
         try:
@@ -346,3 +289,77 @@ class VhostUserServer:
                     return False
                 self.served.wait(min(left, 0.1))
         return True
+
+
+def run_session(conn: socket.socket, session: VhostUserBackend, owner, stop_fd: int, io_timeout: float,
+                idle_fd: int | None = None, on_idle=None) -> str:
+    """Feed ``session`` the messages arriving on ``conn`` until the frontend leaves, breaks the protocol
+    or ``owner.stopping`` (``stop_fd`` written); returns why it ended (for the log line).
+
+    ``owner`` counts ``messages`` and ``errors`` (attributes it has).  ``idle_fd``/``on_idle``: a further
+    fd watched while the frontend is quiet and what to do when it is readable (the one-frontend server
+    turns away a second connection).  A rejected message is answered with a failure when the frontend
+    asked for a reply, else the connection ends.  Fds of each message that the session did not keep
+    are closed here.  The caller closes ``session`` and ``conn``.
+    """
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLIN)
+    poller.register(stop_fd, select.POLLIN)
+    if idle_fd is not None:
+        poller.register(idle_fd, select.POLLIN)
+    while not owner.stopping:
+        events = dict(poller.poll())
+        if owner.stopping:
+            return "backend stopping"
+        if conn.fileno() not in events:
+            # Only while our frontend is quiet: one that just closed its connection (EOF
+            # pending on conn) and reconnected is served next, not turned away.
+            if idle_fd is not None and idle_fd in events:
+                on_idle()
+            continue
+        try:
+            msg = recv_message(conn, io_timeout)
+        except _Closed:
+            return "closed the connection"
+        except _Truncated as t:
+            if not _refuse(conn, session, owner, t.msg, str(t)):
+                return "protocol error"
+            continue
+        except (FramingError, OSError) as e:
+            owner.errors += 1
+            log.warning("%s: %s; closing the connection", session.name, e)
+            return "protocol error"
+        owner.messages += 1
+        try:
+            log.debug("%s: <- %s flags %#x size %d fds %d", session.name, msg.name, msg.flags,
+                      len(msg.payload), len(msg.fds))
+            try:
+                reply = session.handle(msg)
+            except ProtocolError as e:
+                if not _refuse(conn, session, owner, msg, str(e)):
+                    return "protocol error"
+                continue
+            if reply is not None:
+                conn.sendall(reply)
+        except OSError as e:
+            return f"socket error: {e}"
+        finally:
+            for fd in msg.fds:
+                os.close(fd)
+            msg.fds = []
+    return "backend stopping"
+
+
+def _refuse(conn: socket.socket, session: VhostUserBackend, owner, msg: Message, why: str) -> bool:
+    """Answer a rejected message; False if the connection must be closed instead."""
+    owner.errors += 1
+    reply = session.error_reply(msg)
+    if reply is None:
+        log.warning("%s: %s; closing the connection", session.name, why)
+        return False
+    log.warning("%s: %s; replied with a failure", session.name, why)
+    try:
+        conn.sendall(reply)
+    except OSError:
+        return False
+    return True

@@ -40,6 +40,7 @@ later flush fails too (``VirtioBlk._sync``).
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import logging
 import mmap
@@ -111,6 +112,12 @@ class VirtioBlk(VirtioDevice):
     ``VirtioBlk(path, read_only=False, direct=False, num_queues=1, queue_size=256, serial=None)``;
     ``serial`` (the GET_ID string, ASCII, at most 20 bytes) defaults to
     ``"exitless-"`` plus a hash of the backing path.
+
+    ``fds``: the backing file already open, as ``(fd, buffered fd or -1)`` (the fd opened O_DIRECT
+    when ``direct``, then a buffered one of the same file); the device owns them from here on, even
+    when it raises, and ``path`` only names the disk in messages (``exitless sidecore`` receives
+    these fds from a VM).  Their access mode must fit ``read_only`` and ``direct``, else
+    :class:`BackingFileError`.
     """
 
     DEVICE_ID = VIRTIO_ID_BLOCK
@@ -123,28 +130,38 @@ class VirtioBlk(VirtioDevice):
 
     def __init__(self, path: str | os.PathLike, read_only: bool = False, direct: bool = False,
                  num_queues: int = 1, queue_size: int = 256, serial: str | None = None,
-                 discard: bool = True, write_zeroes: bool = True):
-        super().__init__(num_queues=num_queues, queue_max_size=queue_size)
+                 discard: bool = True, write_zeroes: bool = True, fds: tuple[int, int] | None = None):
+        try:
+            super().__init__(num_queues=num_queues, queue_max_size=queue_size)
+        except BaseException:
+            for fd in fds or ():
+                if fd >= 0:
+                    os.close(fd)
+            raise
+        self.fd, self._fd_buffered = fds if fds is not None else (-1, -1)
         self.path = os.fspath(path)
         self.read_only = read_only
         self.direct = direct
         if serial is None:
             serial = "exitless-" + hashlib.sha1(os.path.abspath(self.path).encode()).hexdigest()[:11]
-        sb = serial.encode("ascii")
-        if len(sb) > VIRTIO_BLK_ID_BYTES:
-            raise ValueError(f"virtio-blk serial {serial!r} is longer than {VIRTIO_BLK_ID_BYTES} bytes")
+        sb = serial.encode("ascii", "replace")
+        if len(sb) > VIRTIO_BLK_ID_BYTES or sb != serial.encode("utf-8"):
+            self.close()
+            raise ValueError(f"virtio-blk serial {serial!r} is not ASCII of at most {VIRTIO_BLK_ID_BYTES} bytes")
         self.serial = serial
         self._id = sb.ljust(VIRTIO_BLK_ID_BYTES, b"\0")
-        self.fd = -1
-        self._fd_buffered = -1
         base = os.O_CLOEXEC | (os.O_RDONLY if read_only else os.O_RDWR)
-        self.fd = self._open(base | (os.O_DIRECT if direct else 0))
         try:
+            if fds is None:
+                self.fd = self._open(base | (os.O_DIRECT if direct else 0))
+            else:
+                self._check_fds(read_only, direct)
             size = backing_size(self.fd, self.path, "virtio-blk", SECTOR, BackingFileError)
             self.capacity = size // SECTOR          # in 512-byte sectors; a partial tail sector is not exposed
             self.dio_align = 1
             if direct:
-                self._fd_buffered = self._open(base)
+                if fds is None:
+                    self._fd_buffered = self._open(base)
                 self.dio_align = self._probe_dio_align()
         except BaseException:
             self.close()
@@ -164,6 +181,26 @@ class VirtioBlk(VirtioDevice):
     # -- backing store -----------------------------------------------------------------
     def _open(self, flags: int) -> int:
         return open_backing(self.path, flags, "virtio-blk", BackingFileError, BackingFileMissing)
+
+    def _check_fds(self, read_only: bool, direct: bool) -> None:
+        """Fds handed over (``fds=``): open, for writing unless ``read_only``, O_DIRECT exactly when
+        ``direct`` (and its buffered twin without it); else :class:`BackingFileError`."""
+        wanted = [(self.fd, direct)] + ([(self._fd_buffered, False)] if direct else [])
+        if not direct and self._fd_buffered >= 0:
+            raise BackingFileError(errno.EINVAL, "virtio-blk backing file: a second fd without direct", self.path)
+        for fd, want_direct in wanted:
+            try:
+                flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+            except (OSError, OverflowError) as e:
+                raise BackingFileError(errno.EBADF, f"virtio-blk backing file: fd {fd}: {e}", self.path) from None
+            if not read_only and flags & os.O_ACCMODE != os.O_RDWR:
+                raise BackingFileError(errno.EBADF, "virtio-blk backing file: fd not open for reading and "
+                                                    "writing (the disk is not read-only)", self.path)
+            if flags & os.O_ACCMODE == os.O_WRONLY:
+                raise BackingFileError(errno.EBADF, "virtio-blk backing file: fd not open for reading", self.path)
+            if bool(flags & os.O_DIRECT) != want_direct:
+                raise BackingFileError(errno.EINVAL, "virtio-blk backing file: fd " +
+                                       ("without O_DIRECT" if want_direct else "with O_DIRECT"), self.path)
 
     def _sync(self) -> None:
         """``fdatasync`` the backing file; OSError if it fails -- and ever after, once it has failed

@@ -16,6 +16,11 @@ queue's doorbell can be, depending on the path:
 
 BAR4 holds the MSI-X table and PBA.  Completions interrupt through irqfds.
 
+With ``service`` (``run --sidecore PATH``) a polled path's queues are served by the
+``exitless sidecore`` service instead of a sidecore of this VMM: the device model here
+answers configuration only, and at DRIVER_OK the queues go to the service
+(:class:`~exitless.sidecore.remote.RemoteQueues`).
+
 Without MSI-X the function interrupts on its INTx line, whose level is a function
 of state (:meth:`PciDevice.update_intx`): asserted while ISR is non-zero, MSI-X is
 disabled and COMMAND.INTERRUPT_DISABLE is clear; reading ISR (§4.1.4.5) and a
@@ -30,7 +35,7 @@ import threading
 
 from ...sidecore.engine import SidecoreGroup
 from ...sidecore.loop import QUEUE_BUDGET
-from ...sidecore.paths import MODE_OF_PATH, PATHS
+from ...sidecore.paths import MODE_OF_PATH, PATHS, REMOTE_PATHS
 from ...bus import BusError
 from ...memory import GuestMemoryError
 from ...sidecore.spin import address_of, drain_eventfd, fence
@@ -65,12 +70,17 @@ class _QueueState:
 
 class VirtioPci(PciDevice):
     def __init__(self, machine, device: VirtioDevice, path: str = "trap", *, poll_ns: int = 64_000,
-                 sidecore: SidecoreGroup | None = None):
+                 sidecore: SidecoreGroup | None = None, service: str | None = None):
         """``sidecore``: a group shared with other devices, which the caller starts with
         ``group.start_on(machine)`` after the last device joined (so that it stops before
-        any of them); by default the device gets a sidecore of its own."""
+        any of them); by default the device gets a sidecore of its own.  ``service``: the
+        socket of an ``exitless sidecore`` that serves the queues instead (a polled path and a
+        virtio-blk device only); raises :class:`~exitless.sidecore.remote.RemoteSidecoreError`
+        if it cannot be reached or refuses the device."""
         if path not in PATHS:
             raise ValueError(f"I/O path {path!r}: one of {', '.join(PATHS)}")
+        if service is not None and (path not in REMOTE_PATHS or sidecore is not None):
+            raise ValueError(f"the {path} path cannot be served by a sidecore service")
         n = device.num_queues
         notify_size = max(4096, 1 << (n * NOTIFY_MULTIPLIER - 1).bit_length())
         super().__init__(vendor=VIRTIO_VENDOR, device=0x1040 + device.device_id, revision=1,
@@ -100,9 +110,14 @@ class VirtioPci(PciDevice):
         self.notify_region = None
         self._ioeventfds_at = None
         self.sidecore = None
+        self.remote = None
         self.slot = machine.pci.add(self)
         machine.add_worker(self)
-        if path != "trap":
+        if service is not None:
+            from ...sidecore.remote import RemoteQueues   # the VM side of the service (it imports vhost_user)
+
+            self.remote = RemoteQueues(service, self)
+        elif path != "trap":
             # plus the device's host side (a TAP's receive fd), served by the same sidecore as its queues
             pollables = [QueuePollable(self, q) for q in range(n)] + device.backend_pollables(MODE_OF_PATH[path])
             if sidecore is None:
@@ -250,6 +265,11 @@ class VirtioPci(PciDevice):
         self.status |= VIRTIO_STATUS_DEVICE_NEEDS_RESET
         self._config_interrupt()
 
+    def remote_failed(self) -> None:
+        """The sidecore service refused the queues, broke a ring or went away (logged by the caller)."""
+        if self.status & VIRTIO_STATUS_DRIVER_OK and not self.status & VIRTIO_STATUS_DEVICE_NEEDS_RESET:
+            self._needs_reset()
+
     # -- common configuration ------------------------------------------------------
     def common_read(self, offset: int, size: int) -> int:
         q = self.queues[self.queue_select] if self.queue_select < len(self.queues) else None
@@ -307,6 +327,8 @@ class VirtioPci(PciDevice):
 
     def _write_status(self, value: int) -> None:
         if value == 0:
+            if self.remote is not None:
+                self.remote.deactivate()
             if self.device.activated or self.device.needs_reset:
                 self.device.reset()
             self._reset_transport()
@@ -320,6 +342,11 @@ class VirtioPci(PciDevice):
             self._activate()
 
     def _activate(self) -> None:
+        if self.remote is not None:
+            # a kick fd only where the guest's doorbell write reaches one (not the shared path's RAM page)
+            kicks = [fd if self.path != "shared" else None for fd in self.wake_fds] or [None] * len(self.queues)
+            self.remote.activate(self.driver_features, self.queues, kicks)
+            return
         vqs = self.device.create_queues(self.machine.mem)
         for vq, st in zip(vqs, self.queues):
             vq.size, vq.desc_addr, vq.avail_addr, vq.used_addr = st.size, st.desc, st.driver, st.device
@@ -352,6 +379,9 @@ class VirtioPci(PciDevice):
         if self.sidecore is not None:  # our own; a shared group is a worker of the machine itself
             self.sidecore.stop()
             self.sidecore = None
+        if self.remote is not None:    # the service detaches the queues before our fds close
+            self.remote.close()
+            self.remote = None
         for fd in self.wake_fds:
             os.close(fd)
         self.wake_fds = []

@@ -1,0 +1,76 @@
+"""``exitless sidecore``: the sidecore service (:mod:`exitless.sidecore.service`) as a command.
+
+Runs until SIGINT/SIGTERM; logs each VM that connects and each that is detached (with why) on
+stderr, and ``serving`` with the socket path once it listens.  After setup it confines itself
+(:mod:`exitless.confine`): from then on it receives fds and maps guest memory, nothing more.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+
+USAGE = """\
+    exitless sidecore --socket /tmp/sidecore.sock [--mode poll|adaptive]
+    exitless run --kernel guestkit/build/guestkit.elf --disk a.img,io=poll --sidecore /tmp/sidecore.sock \\
+        --append "blk rw=randread qd=1"
+    exitless run --kernel guestkit/build/guestkit.elf --disk b.img,io=poll --sidecore /tmp/sidecore.sock ...
+
+One polling loop serves the polled disks (io=shared|poll|adaptive) of every VM started with
+--sidecore PATH.  A VM that exits, is killed or misbehaves is detached; the others go on.
+Exit status 2 if the socket path is taken by a live listener (or is not a socket).
+"""
+
+
+def register(sub) -> None:
+    """Add ``sidecore`` to the top-level subparsers."""
+    p = sub.add_parser("sidecore", help="a sidecore service: one polling loop for the polled disks of many VMs "
+                                        "(run --sidecore PATH)",
+                       description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--socket", required=True, metavar="PATH", help="unix socket the VMs connect to")
+    p.add_argument("--mode", choices=("poll", "adaptive"), default="poll",
+                   help="poll: poll every ring; adaptive: poll while busy, sleep on the VMs' ioeventfds when "
+                        "every ring is idle (default poll)")
+    p.add_argument("--poll-us", type=float, default=64.0, help="adaptive: initial busy-poll window (µs; default 64)")
+    p.add_argument("--max-vms", type=int, default=64, metavar="N",
+                   help="disks (connections) served at once; more are refused (default 64)")
+    p.add_argument("--no-confine", action="store_true",
+                   help="do not install the seccomp filter (debugging: strace, profilers)")
+    p.add_argument("--user", metavar="USER", help="drop to this user after setup (needs root)")
+    p.set_defaults(func=cmd_sidecore)
+
+
+def cmd_sidecore(args) -> int:
+    from ..confine import confine, unlink_on_exit
+    from ..sidecore.service import SidecoreService
+
+    log = logging.getLogger("exitless.sidecore.service")
+    log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    logging.getLogger("exitless.vhost_user").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="exitless: %(levelname)s %(name)s: %(message)s")
+    service = SidecoreService(args.socket, args.mode, poll_ns=int(args.poll_us * 1000),
+                              max_clients=args.max_vms).listen()
+
+    def _stop(signum, _frame):
+        log.info("sidecore: %s: stopping", signal.Signals(signum).name)
+        service.request_stop()
+
+    old = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    remove = None
+    try:
+        if not args.no_confine:
+            remove = unlink_on_exit(args.socket)     # a confined process may not unlink its socket
+        confined = not args.no_confine and confine(user=args.user)
+        log.info("sidecore: serving on %s, mode %s, at most %d VMs, %s", args.socket, args.mode, args.max_vms,
+                 "confined (seccomp)" if confined else "NOT confined")
+        service.serve_forever()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        service.close()
+        if remove is not None:
+            remove()
+        log.info("sidecore: stopped: %d connections, %d refused, %d protocol errors", service.connections,
+                 service.refused, service.errors)
+    return 0

@@ -1,0 +1,189 @@
+"""The VM's side of ``exitless sidecore``: one virtio-pci device whose queues the service polls.
+
+``run --sidecore PATH`` gives each polled disk a :class:`RemoteQueues`: a connection to the service
+(:mod:`exitless.sidecore.service` describes the protocol: vhost-user plus EXITLESS_SET_BACKEND).
+
+* At construction: EXITLESS_SET_BACKEND with the disk's fd(s), the feature handshake (the service's
+  device must offer exactly what the VM's own model offers), SET_OWNER, and SET_MEM_TABLE with the
+  guest RAM memfd (one region per RAM range; the "frontend virtual address" of a region is its
+  guest-physical address, so ring addresses go over unchanged).
+* At DRIVER_OK (:meth:`activate`): the negotiated features, then per enabled queue its size, base 0,
+  ring addresses, interrupt fd, error fd, kick fd and enable.  The interrupt fd is the KVM irqfd of
+  the queue's MSI-X vector when that vector is programmed and MSI-X is on -- a completion then
+  interrupts the guest straight from the service -- else an eventfd relayed here to
+  ``VirtioPci.signal_queue`` (INTx, no vector).  The kick fd is the queue's ioeventfd (``poll`` and
+  ``adaptive`` paths: the service sleeps on it in adaptive mode), or "no fd: poll" (``shared``: the
+  doorbell page is RAM and the service polls the avail ring instead).
+* At a device reset (:meth:`deactivate`): GET_VRING_BASE for each started queue, which stops it.
+* :meth:`close` (VM exit) closes the connection; a killed VMM's connection closes with it.  Either
+  way the service detaches the queues.
+
+A service that refuses a message, or goes away, leaves the device in DEVICE_NEEDS_RESET with a log
+line (a guest driver then resets it; its queues stay unserved): the VMM itself goes on.
+Known limit: a guest that masks a queue's MSI-X vector after DRIVER_OK still gets that vector's
+interrupts (a KVM irqfd has no mask); Linux and the guest kit do not mask live vectors.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import socket
+import threading
+
+from ..errors import ExitlessError
+from ..vhost_user import protocol as P
+from ..vhost_user.frontend import Frontend, FrontendError
+
+log = logging.getLogger("exitless.sidecore.remote")
+
+#: Protocol features the VM asks for (if offered): REPLY_ACK makes every request synchronous, so a
+#: queue is served (or refused) by the time the driver's DRIVER_OK write returns.
+WANTED_PROTOCOL = 1 << P.PROTOCOL_F_REPLY_ACK
+
+
+class RemoteSidecoreError(ExitlessError, OSError):
+    """The sidecore service cannot be reached or refused the disk (the message says which and why)."""
+
+
+class RemoteQueues:
+    """The queues of virtio-pci function ``pci`` (its ``device`` a :class:`~exitless.devices.virtio.blk.VirtioBlk`),
+    served by the ``exitless sidecore`` listening on ``path``.  Raises :class:`RemoteSidecoreError`."""
+
+    def __init__(self, path: str, pci, *, timeout: float = 10.0):
+        self.path = path
+        self.pci = pci
+        dev = pci.device
+        n = dev.num_queues
+        self.fe: Frontend | None = None
+        self.started: list[int] = []
+        self.relay_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(n)]
+        self.err_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._failed = False
+        self._watcher: threading.Thread | None = None
+        try:
+            try:
+                self.fe = Frontend.connect(path, timeout)
+            except OSError as e:
+                raise RemoteSidecoreError(e.errno or errno.EIO,
+                                          f"cannot reach the sidecore service at {path}: {e.strerror or e}") from None
+            self._handshake(dev)
+        except BaseException:
+            self.close()
+            raise
+        self._watcher = threading.Thread(target=self._watch, name=f"sidecore-remote-virtio{pci.slot}", daemon=True)
+        self._watcher.start()
+
+    def _handshake(self, dev) -> None:
+        fe = self.fe
+        flags = (P.BACKEND_F_RO if dev.read_only else 0) | (P.BACKEND_F_DIRECT if dev.direct else 0)
+        fds = [dev.fd] + ([dev._fd_buffered] if dev.direct else [])
+        body = P.encode_backend(P.Backend(P.BACKEND_VERSION, dev.device_id, flags, dev.num_queues,
+                                          dev.queue_max_size, dev.serial))
+        try:
+            if fe.request(P.EXITLESS_SET_BACKEND, body, fds, expect_reply=True) != P.U64.pack(0):
+                raise FrontendError("EXITLESS_SET_BACKEND refused")
+            offered = fe.get_features()
+            want = dev.device_features() | (1 << P.F_PROTOCOL_FEATURES)
+            if offered != want:
+                raise FrontendError(f"its device offers features {offered:#x}, this VM's {want:#x} "
+                                    "(a service of another exitless version?)")
+            fe.set_features(1 << P.F_PROTOCOL_FEATURES)
+            fe.set_protocol_features(fe.get_protocol_features() & WANTED_PROTOCOL)
+            fe.set_owner()
+            mem, ram = self.pci.machine.mem, {gpa for gpa, _ in self.pci.machine.ram_layout}
+            regions = [(r.gpa, r.size, r.gpa, r.offset) for r in mem.regions if r.gpa in ram]
+            fe.set_mem_table(regions, [mem.fd] * len(regions))
+        except (FrontendError, OSError) as e:
+            raise RemoteSidecoreError(errno.EPROTO, f"the sidecore service at {self.path} refused "
+                                                    f"{dev.path}: {e}") from None
+
+    # -- the device's life cycle (called by VirtioPci on the vCPU thread, under its lock) --------------------
+    def activate(self, driver_features: int, queues, kick_fds: list[int | None]) -> bool:
+        """DRIVER_OK: hand the enabled queues (``queues``: virtio-pci queue states with ``size``,
+        ``enable``, ``desc``/``driver``/``device`` guest-physical addresses, ``msix_vector``) to the service;
+        False (logged) if it refused or is gone."""
+        if self._failed:
+            return False
+        fe, msix = self.fe, self.pci.msix
+        try:
+            fe.set_features(driver_features | (1 << P.F_PROTOCOL_FEATURES))
+            for i, st in enumerate(queues):
+                if not st.enable:
+                    continue
+                fe.set_vring_num(i, st.size)
+                fe.set_vring_base(i, 0)
+                fe.set_vring_addr(i, st.desc, st.device, st.driver)
+                vec = msix.vectors[st.msix_vector] if msix.enabled and st.msix_vector < msix.n else None
+                fe.set_vring_call(i, vec.fd if vec is not None and vec.address else self.relay_fds[i])
+                fe.set_vring_err(i, self.err_fd)
+                fe.set_vring_kick(i, kick_fds[i])
+                fe.set_vring_enable(i, True)
+                self.started.append(i)
+        except (FrontendError, OSError) as e:
+            self._fail(f"refused the queues at DRIVER_OK: {e}")
+            return False
+        return True
+
+    def deactivate(self) -> None:
+        """Device reset: stop every started queue (GET_VRING_BASE); the service resets its device."""
+        started, self.started = self.started, []
+        if self._failed:
+            return
+        try:
+            for i in started:
+                self.fe.get_vring_base(i)
+        except (FrontendError, OSError) as e:
+            self._fail(f"failed to stop the queues at reset: {e}")
+
+    def _fail(self, why: str) -> None:
+        if not self._failed:
+            self._failed = True
+            log.error("virtio%d: the sidecore service at %s %s; the device needs a reset and its queues are "
+                      "not served", self.pci.slot, self.path, why)
+            self.pci.remote_failed()
+
+    # -- the relay thread: INTx/no-vector interrupts, ring errors, the service going away ----------------------
+    def _watch(self) -> None:
+        poller = select.poll()
+        for fd in self.relay_fds + [self.err_fd, self._stop_fd]:
+            poller.register(fd, select.POLLIN)
+        sock = self.fe.sock.fileno()
+        poller.register(sock, select.POLLRDHUP)
+        while True:
+            for fd, ev in poller.poll():
+                if fd == self._stop_fd:
+                    return
+                if fd == sock:
+                    poller.unregister(sock)
+                    self._fail("closed the connection")
+                    continue
+                try:
+                    os.eventfd_read(fd)
+                except BlockingIOError:
+                    continue
+                if fd == self.err_fd:
+                    self._fail("reported a broken ring")
+                else:
+                    self.pci.signal_queue(self.relay_fds.index(fd))
+
+    def close(self) -> None:
+        """Hang up (the service detaches the queues) and close the fds (idempotent)."""
+        if self._watcher is not None:
+            os.eventfd_write(self._stop_fd, 1)
+            self._watcher.join(5)
+            self._watcher = None
+        if self.fe is not None:
+            self._failed = True          # the watcher is gone: a hang-up from here on is ours
+            try:
+                self.fe.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self.fe.close()
+            self.fe = None
+        for fd in self.relay_fds + [self.err_fd, self._stop_fd]:
+            if fd >= 0:
+                os.close(fd)
+        self.relay_fds, self.err_fd, self._stop_fd = [], -1, -1
