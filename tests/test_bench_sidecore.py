@@ -2,6 +2,7 @@
 the guest kit's start gate; the targets' verdicts computed from the rows.  No figure is asserted."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -48,18 +49,30 @@ def test_gate_keeps_the_loop_closed_until_the_token(tmp_path):
     image, = sidecore.make_images(1, str(tmp_path))
     app = sidecore.guest_app(0.1, 1, 0xABC)
 
-    def run(extra: str) -> subprocess.CompletedProcess:
+    def run(extra: str, *flags: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "exitless", "run", "--kernel", str(guestkit_path()),
-                               "--mem", "64M", "--disk", f"{image},io=poll", "--append", app + extra],
+                               "--mem", "64M", "--disk", f"{image},io=poll", "--append", app + extra, *flags],
                               capture_output=True, text=True, timeout=120)
 
     closed = run(" gate_ms=300")
     assert closed.returncode == 1 and "gate: the token never appeared" in closed.stdout
     assert sidecore.GATE_LINE.decode() in closed.stdout
     sidecore.set_gate([image], 0xABC)
-    opened = run("")
+    stats = tmp_path / "stats.json"
+    opened = run("", "--stats", str(stats))
     assert opened.returncode == 0, opened.stdout
     assert '"verify":1' in opened.stdout and '"verify_errors":0' in opened.stdout
+    # run --stats: KVM's counters over the guest's loop (after the gate), as bench sidecore reads them
+    saved = json.loads(stats.read_text())
+    assert saved["exit"] == "debug-exit" and saved["window"]["kvm"]["exits"] > 0
+    assert 0.05 < saved["window"]["wall"] < 60
+
+
+@pytest.mark.kvm
+def test_run_stats_to_an_unwritable_file_is_a_usage_error(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "exitless", "run", "--kernel", str(guestkit_path()), "--append", "info",
+                        "--stats", str(tmp_path / "no" / "such.json")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--stats" in r.stderr and "Traceback" not in r.stderr
 
 
 def _row(layout, mode, vmm, iops, cpu, p99_ratio):
