@@ -109,3 +109,21 @@ def test_bad_vm_counts_are_a_usage_error(text):
     r = subprocess.run([sys.executable, "-m", "exitless", "bench", "sidecore", "--vms", text], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 2 and "--vms" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_plot_has_a_panel_per_vm_count_and_metric(tmp_path):
+    """Two VM counts → 2×2 panels (IOPS over host CPU) written as a PNG; the rows are left as they were."""
+    rows = []
+    for n in (1, 4):
+        for layout, vmm in (("shared", "exitless"), ("qemu", "qemu")):
+            r = _row(layout, "poll", vmm, (1000.0 * n, 1100.0 * n), (50.0, 60.0), 1.0)
+            r["vms"] = n
+            r["spread"].update(iops_total={"min": 1000.0 * n, "max": 1100.0 * n},
+                               host_cpu_pct={"min": 50.0, "max": 60.0})
+            rows.append(r)
+    before = [dict(r) for r in rows]
+    sidecore.plot(rows, str(tmp_path / "p.png"))
+    from PIL import Image
+
+    w, h = Image.open(tmp_path / "p.png").size
+    assert rows == before and w / 2 < h < w   # two panels to a line, two lines (one line of 4 would be 4.5:1)

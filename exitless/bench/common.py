@@ -209,8 +209,9 @@ def ratio_notes(ratios: dict[str, dict]) -> list[str]:
 
 
 def plot_panels(rows: Sequence[dict], path: str, panels: Sequence[tuple[str, str, str]],
-                label: Callable[[dict], str], colors: dict[str, str]) -> None:
-    """One bar chart per ``(test, metric, title)`` of ``panels``, side by side, written as a PNG to ``path``.
+                label: Callable[[dict], str], colors: dict[str, str], ncols: int | None = None) -> None:
+    """One bar chart per ``(test, metric, title)`` of ``panels``, side by side (``ncols`` to a line; default
+    all on one), written as a PNG to ``path``.
 
     Bars are the rows of that test (``label(row)`` under each), coloured by ``colors[row["vmm"]]``, with
     the rounds' min–max as error bars where a row has a ``spread`` for the metric."""
@@ -221,8 +222,12 @@ def plot_panels(rows: Sequence[dict], path: str, panels: Sequence[tuple[str, str
 
     # a panel whose test was not run (``--tests`` subset) is left out, not drawn empty
     panels = [p for p in panels if any(r["test"] == p[0] and r.get(p[1]) is not None for r in rows)] or panels[:1]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
-    axes = axes[0]
+    ncols = min(ncols or len(panels), len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, grid = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 4 * nrows), squeeze=False)
+    axes = grid.flatten()
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
     for ax, (test, key, title) in zip(axes, panels):
         sel = [r for r in rows if r["test"] == test and r.get(key) is not None]
         spans = [r.get("spread", {}).get(key) for r in sel]

@@ -455,14 +455,18 @@ def targets(rows: list[dict], vms: int = TARGET_VMS) -> list[dict]:
 
 
 def plot(rows: list[dict], path: str) -> None:
-    """Aggregate IOPS and host CPU per layout, one panel per VM count, as a PNG."""
+    """Aggregate IOPS (first line) and host CPU (second line) per layout, one panel per VM count, as a PNG."""
+    def vms(n: int) -> str:
+        return f"{n} VM" + ("s" if n > 1 else "")
+
     for r in rows:
-        r["test"] = f"{r['vms']} VMs"
+        r["test"] = vms(r["vms"])
     counts = sorted({r["vms"] for r in rows})
     try:
-        plot_panels(rows, path, [(f"{n} VMs", "iops_total", f"{n} VMs: aggregate 4K randread IOPS") for n in counts] +
-                    [(f"{n} VMs", "host_cpu_pct", f"{n} VMs: host CPU % of one core") for n in counts],
-                    lambda r: f"{r['layout']}/{r['mode']}", {"exitless": "tab:blue", "qemu": "tab:gray"})
+        plot_panels(rows, path, [(vms(n), "iops_total", f"{vms(n)}: aggregate 4K randread IOPS") for n in counts] +
+                    [(vms(n), "host_cpu_pct", f"{vms(n)}: host CPU % of one core") for n in counts],
+                    lambda r: f"{r['layout']}/{r['mode']}", {"exitless": "tab:blue", "qemu": "tab:gray"},
+                    ncols=len(counts))
     finally:
         for r in rows:
             del r["test"]
