@@ -342,7 +342,11 @@ def measure(layout: Layout, images: Sequence[Path], *, seconds: float, qd: int =
         results = [_result(fleet, k) for k in range(n)]
         if fleet.vmm == "exitless":
             for p in fleet.procs:         # their windows are written when the VMs stop
-                p.wait(timeout)
+                try:
+                    p.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    raise BenchError(f"exitless: {' '.join(map(str, p.args[:4]))}… did not stop within {timeout} s "
+                                     "of its guest's result") from None
             windows = [_window(path) for path in fleet.stats]
             exits_per_s = sum(w["kvm"]["exits"] / w["wall"] for w in windows)
         else:
