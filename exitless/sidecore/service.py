@@ -117,6 +117,7 @@ class SidecoreService:
             raise SocketPathError(f"{self.path}: cannot listen here: {e.strerror or e}") from e
         self.sock = sock
         self._ino = os.stat(self.path).st_ino
+        self.dataplane.start()      # now, so that the service's threads are all there once it says "serving"
         return self
 
     def request_stop(self) -> None:
@@ -127,7 +128,6 @@ class SidecoreService:
     def serve_forever(self) -> None:
         """Accept VMs until :meth:`request_stop`; then detach them all and stop the loop."""
         assert self.sock is not None, "listen() first"
-        self.dataplane.start()
         poller = select.poll()
         poller.register(self.sock.fileno(), select.POLLIN)
         poller.register(self._stop_fd, select.POLLIN)
@@ -151,7 +151,6 @@ class SidecoreService:
                 threads = list(self._clients.values())
             for t in threads:
                 t.join(self.io_timeout + 5)
-            self.dataplane.stop()
 
     def _admit(self, conn: socket.socket) -> None:
         with self._lock:
@@ -168,7 +167,14 @@ class SidecoreService:
         t.start()
 
     def close(self) -> None:
-        """Remove the socket (if still ours) and close what :meth:`listen` opened."""
+        """Stop the loop, remove the socket (if still ours) and close what :meth:`listen` opened (after
+        :meth:`serve_forever` has returned, or instead of it; idempotent)."""
+        if self._stop_fd < 0:
+            return
+        if self.dataplane.thread.ident is not None:
+            self.dataplane.stop()
+        else:
+            self.dataplane.loop.close()
         if self.sock is not None:
             self.sock.close()
             self.sock = None
@@ -180,8 +186,6 @@ class SidecoreService:
         if self._stop_fd >= 0:
             os.close(self._stop_fd)
             self._stop_fd = -1
-        if self.dataplane.thread.ident is None:
-            self.dataplane.loop.close()
 
     # -- one VM ---------------------------------------------------------------------------------------------------
     def _client(self, conn: socket.socket, cid: int) -> None:
