@@ -219,12 +219,12 @@ class SidecoreService:
             if device is not None:
                 device.close()
             conn.close()
-            with self._lock:
-                self._clients.pop(cid, None)
-                self.detached += 1
             (log.warning if why.startswith(("refused", "protocol", "internal", "socket")) else log.info)(
                 "sidecore: %s detached (%s): %s after %.1f s, %d requests", name, peer, why,
                 time.monotonic() - t0, session.completed if session is not None else 0)
+            with self._lock:
+                self._clients.pop(cid, None)
+                self.detached += 1
 
     def _handshake(self, conn: socket.socket, name: str) -> VirtioBlk | None:
         """The connection's first message, EXITLESS_SET_BACKEND: the VM's disk as a device model, or
