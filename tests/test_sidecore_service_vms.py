@@ -8,6 +8,7 @@ once every VM has gone the service is back to the fds and threads it had when it
 from __future__ import annotations
 
 import json
+import struct
 import os
 import signal
 import subprocess
@@ -153,3 +154,55 @@ def test_run_without_a_service_is_a_usage_error(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2, r.stderr
     assert "cannot reach the sidecore service" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_device_reset_detaches_and_a_dead_service_needs_reset(tmp_path):
+    """The VM side, driven register by register from Python: DRIVER_OK hands the queue to the service
+    (a request completes through it), a device reset (status 0) takes it off the service's loop, a second
+    DRIVER_OK brings it back, and a service that goes away leaves the device in DEVICE_NEEDS_RESET."""
+    from exitless.devices.virtio.blk import VirtioBlk
+    from exitless.devices.virtio.constants import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN
+    from exitless.devices.virtio.pci import VirtioPci
+    from exitless.vm import Machine, VmConfig
+    from test_sidecore_service import Running, pattern
+    from test_vhost_user_backend import DriverRing
+
+    img = tmp_path / "d.img"
+    img.write_bytes(pattern(1 << 20, 5))
+    run = Running(tmp_path / "s.sock", "poll")
+    loop = run.svc.dataplane.loop
+    try:
+        with Machine(VmConfig(mem_mib=64, console=lambda b: None)) as m:
+            pci = VirtioPci(m, VirtioBlk(img), "poll", service=run.svc.path)
+            ring_gpa = 0x10_0000
+
+            def driver_ok() -> DriverRing:
+                ring = DriverRing(m.mem, size=64, base=ring_gpa)
+                pci.common_write(0x14, 1, 0x3)                       # ACKNOWLEDGE | DRIVER
+                pci.common_write(0x08, 4, 1)
+                pci.common_write(0x0C, 4, 1)                         # VIRTIO_F_VERSION_1
+                pci.common_write(0x14, 1, 0xB)                       # FEATURES_OK
+                pci.common_write(0x16, 2, 0)
+                pci.common_write(0x18, 2, 64)
+                for off, gpa in ((0x20, ring.desc), (0x28, ring.avail), (0x30, ring.used)):
+                    pci.common_write(off, 8, gpa)
+                pci.common_write(0x1C, 2, 1)
+                pci.common_write(0x14, 1, 0xF)                       # DRIVER_OK: to the service
+                return ring
+
+            ring = driver_ok()
+            wait_for(lambda: len(loop.pollables) == 1, 10, lambda: f"{len(loop.pollables)} pollables")
+            hdr, data, status = 0x20_0000, 0x20_1000, 0x20_2000
+            m.mem.write(hdr, struct.pack("<IIQ", VIRTIO_BLK_T_IN, 0, 8))
+            ring.add([(hdr, 16, False), (data, 4096, True), (status, 1, True)])
+            wait_for(lambda: ring.reap(), 10, lambda: "no completion from the service")
+            assert m.mem.read_u8(status) == VIRTIO_BLK_S_OK
+            assert m.mem.read(data, 4096) == pattern(1 << 20, 5)[4096:8192]
+            pci.common_write(0x14, 1, 0)                             # device reset
+            assert loop.pollables == [] and pci.status == 0
+            driver_ok()
+            wait_for(lambda: len(loop.pollables) == 1, 10, lambda: f"{len(loop.pollables)} pollables")
+            run.stop()                                               # the service goes away
+            wait_for(lambda: pci.status & 0x40, 10, lambda: f"status {pci.status:#x}")   # DEVICE_NEEDS_RESET
+    finally:
+        run.stop()

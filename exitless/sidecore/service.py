@@ -123,7 +123,8 @@ class SidecoreService:
     def request_stop(self) -> None:
         """From a signal handler or another thread: every connection ends, then :meth:`serve_forever`."""
         self._stopping = True
-        os.eventfd_write(self._stop_fd, 1)
+        if self._stop_fd >= 0:       # (after close() there is nothing left to stop)
+            os.eventfd_write(self._stop_fd, 1)
 
     def serve_forever(self) -> None:
         """Accept VMs until :meth:`request_stop`; then detach them all and stop the loop."""
