@@ -9,12 +9,17 @@ from pathlib import Path
 
 
 class ServeProcess:
-    """``python -m exitless.cli serve DEVICE ARGS…`` with its stderr in ``log``; ready once it logs "serving"."""
+    """``python -m exitless.cli serve DEVICE ARGS…`` with its stderr in ``log``; ready once it logs "serving".
 
-    def __init__(self, device: str, args: list[str], log: Path, ready_s: float = 15.0):
+    ``command``: the words before ``ARGS`` instead (``("sidecore",)`` runs ``exitless sidecore ARGS…``).
+    """
+
+    def __init__(self, device: str | None, args: list[str], log: Path, ready_s: float = 15.0, *,
+                 command: tuple[str, ...] | None = None):
         self.log = log
+        words = list(command) if command is not None else ["serve", device]
         with open(log, "wb") as f:
-            self.proc = subprocess.Popen([sys.executable, "-m", "exitless.cli", "serve", device, *args],
+            self.proc = subprocess.Popen([sys.executable, "-m", "exitless.cli", *words, *args],
                                          stdout=subprocess.DEVNULL, stderr=f)
         deadline = time.monotonic() + ready_s
         while "serving" not in self.text():

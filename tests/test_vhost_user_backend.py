@@ -116,9 +116,12 @@ class Session:
     """A frontend session with one ring set up, and the guest's blk request helpers."""
 
     def __init__(self, path: str, *, evt: bool = True, protocol: bool = True, nofd: bool = False,
-                 enable: bool = True, base: int = 0, ram: GuestRam | None = None, queues: int = 1):
+                 enable: bool = True, base: int = 0, ram: GuestRam | None = None, queues: int = 1, hello=None):
+        """``hello(frontend)``: what to send first (``exitless sidecore`` wants EXITLESS_SET_BACKEND)."""
         self.ram = ram or GuestRam()
         self.fe = Frontend.connect(path)
+        if hello is not None:
+            hello(self.fe)
         new = lambda: os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # noqa: E731
         self.kicks_fd = [new() for _ in range(queues)]
         self.calls_fd = [new() for _ in range(queues)]

@@ -177,48 +177,56 @@ class SidecoreLoop:
     def _run_adaptive(self, bd) -> None:
         """Adaptive mode, with one idle window per pollable (see the module docstring)."""
         while not self._stopping:
-            self._between_rounds()   # the per-pollable lists below are replaced by a membership change
-            pollables, windows, last_work, armed_at = self.pollables, self.windows, self._last_work, self._armed_at
-            if bd is not None:
-                t_iter, phases0 = time.monotonic_ns(), sum(bd.ns.values())
-            self.polls += 1
-            now = time.monotonic_ns()
-            for i, p in enumerate(pollables):
-                if p.poll():
-                    self.work += 1
-                    last_work[i] = now
-                    if armed_at[i] is not None:   # busy again: back to polling it
-                        p.disarm()
-                        self._adapt(i, now - armed_at[i])
-                        armed_at[i] = None
-            now = time.monotonic_ns()
-            wait_ns = None      # the shortest idle window still running
-            for i, p in enumerate(pollables):
-                if armed_at[i] is not None:
-                    continue
-                left = windows[i] - (now - last_work[i])
-                if left <= 0:
-                    if not p.arm():       # publish, fence, re-check: nothing slipped in
-                        armed_at[i] = now
-                        continue
-                    p.disarm()            # work arrived while arming: keep polling it
-                    last_work[i], left = now, 0
-                wait_ns = left if wait_ns is None else min(wait_ns, left)
-            if wait_ns is not None:
-                if wait_ns > 0:
-                    self._spin(min(wait_ns, SPIN_SLICE_NS), bd, t_iter if bd is not None else 0,
-                               phases0 if bd is not None else 0)
+            self._between_rounds()   # the per-pollable lists of a round are replaced by a membership change
+            # One round per call: its locals (the pollables it iterated) die with it.  A loop variable
+            # left bound to a detached pollable kept that VM's ring views, so its owner could not unmap
+            # the memory (the mmap and its fd lived on until another VM's round rebound the variable).
+            self._adaptive_round(bd)
+
+    def _adaptive_round(self, bd) -> None:
+        """One round of adaptive mode: poll everything, arm what stayed idle for its window, and sleep
+        when everything is armed."""
+        pollables, windows, last_work, armed_at = self.pollables, self.windows, self._last_work, self._armed_at
+        if bd is not None:
+            t_iter, phases0 = time.monotonic_ns(), sum(bd.ns.values())
+        self.polls += 1
+        now = time.monotonic_ns()
+        for i, p in enumerate(pollables):
+            if p.poll():
+                self.work += 1
+                last_work[i] = now
+                if armed_at[i] is not None:   # busy again: back to polling it
+                    p.disarm()
+                    self._adapt(i, now - armed_at[i])
+                    armed_at[i] = None
+        now = time.monotonic_ns()
+        wait_ns = None      # the shortest idle window still running
+        for i, p in enumerate(pollables):
+            if armed_at[i] is not None:
                 continue
-            # every pollable is armed: sleep until one of their eventfds (or stop) fires.  Then every
-            # pollable is disarmed and starts a fresh window: a pollable armed before its queue was
-            # live (no ring yet) had nothing to enable, so only a new arm() after the wake makes it
-            # kick-driven for real
-            self._sleep()
-            now = time.monotonic_ns()
-            for i, p in enumerate(pollables):
-                p.disarm()
-                self._adapt(i, now - armed_at[i])
-                armed_at[i], last_work[i] = None, now
+            left = windows[i] - (now - last_work[i])
+            if left <= 0:
+                if not p.arm():       # publish, fence, re-check: nothing slipped in
+                    armed_at[i] = now
+                    continue
+                p.disarm()            # work arrived while arming: keep polling it
+                last_work[i], left = now, 0
+            wait_ns = left if wait_ns is None else min(wait_ns, left)
+        if wait_ns is not None:
+            if wait_ns > 0:
+                self._spin(min(wait_ns, SPIN_SLICE_NS), bd, t_iter if bd is not None else 0,
+                           phases0 if bd is not None else 0)
+            return
+        # every pollable is armed: sleep until one of their eventfds (or stop) fires.  Then every
+        # pollable is disarmed and starts a fresh window: a pollable armed before its queue was
+        # live (no ring yet) had nothing to enable, so only a new arm() after the wake makes it
+        # kick-driven for real
+        self._sleep()
+        now = time.monotonic_ns()
+        for i, p in enumerate(pollables):
+            p.disarm()
+            self._adapt(i, now - armed_at[i])
+            armed_at[i], last_work[i] = None, now
 
     def _spin(self, budget_ns: int, bd, t_iter: int, phases0: int) -> None:
         """Wait up to ``budget_ns`` for a watched word to change, in C without the GIL."""

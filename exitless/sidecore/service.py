@@ -117,17 +117,18 @@ class SidecoreService:
             raise SocketPathError(f"{self.path}: cannot listen here: {e.strerror or e}") from e
         self.sock = sock
         self._ino = os.stat(self.path).st_ino
+        self.dataplane.start()      # now, so that the service's threads are all there once it says "serving"
         return self
 
     def request_stop(self) -> None:
         """From a signal handler or another thread: every connection ends, then :meth:`serve_forever`."""
         self._stopping = True
-        os.eventfd_write(self._stop_fd, 1)
+        if self._stop_fd >= 0:       # (after close() there is nothing left to stop)
+            os.eventfd_write(self._stop_fd, 1)
 
     def serve_forever(self) -> None:
         """Accept VMs until :meth:`request_stop`; then detach them all and stop the loop."""
         assert self.sock is not None, "listen() first"
-        self.dataplane.start()
         poller = select.poll()
         poller.register(self.sock.fileno(), select.POLLIN)
         poller.register(self._stop_fd, select.POLLIN)
@@ -151,7 +152,6 @@ class SidecoreService:
                 threads = list(self._clients.values())
             for t in threads:
                 t.join(self.io_timeout + 5)
-            self.dataplane.stop()
 
     def _admit(self, conn: socket.socket) -> None:
         with self._lock:
@@ -168,7 +168,14 @@ class SidecoreService:
         t.start()
 
     def close(self) -> None:
-        """Remove the socket (if still ours) and close what :meth:`listen` opened."""
+        """Stop the loop, remove the socket (if still ours) and close what :meth:`listen` opened (after
+        :meth:`serve_forever` has returned, or instead of it; idempotent)."""
+        if self._stop_fd < 0:
+            return
+        if self.dataplane.thread.ident is not None:
+            self.dataplane.stop()
+        else:
+            self.dataplane.loop.close()
         if self.sock is not None:
             self.sock.close()
             self.sock = None
@@ -180,8 +187,6 @@ class SidecoreService:
         if self._stop_fd >= 0:
             os.close(self._stop_fd)
             self._stop_fd = -1
-        if self.dataplane.thread.ident is None:
-            self.dataplane.loop.close()
 
     # -- one VM ---------------------------------------------------------------------------------------------------
     def _client(self, conn: socket.socket, cid: int) -> None:
@@ -215,12 +220,12 @@ class SidecoreService:
             if device is not None:
                 device.close()
             conn.close()
-            with self._lock:
-                self._clients.pop(cid, None)
-                self.detached += 1
             (log.warning if why.startswith(("refused", "protocol", "internal", "socket")) else log.info)(
                 "sidecore: %s detached (%s): %s after %.1f s, %d requests", name, peer, why,
                 time.monotonic() - t0, session.completed if session is not None else 0)
+            with self._lock:
+                self._clients.pop(cid, None)
+                self.detached += 1
 
     def _handshake(self, conn: socket.socket, name: str) -> VirtioBlk | None:
         """The connection's first message, EXITLESS_SET_BACKEND: the VM's disk as a device model, or

@@ -1,0 +1,208 @@
+"""``exitless sidecore`` serving real KVM guests (issue 12 items 2 and 6).
+
+Three guest-kit VMs -- separate ``python3 -m exitless run … --sidecore PATH`` processes, on the
+``shared``, ``poll`` and ``adaptive`` paths -- on one confined service: one is SIGKILLed mid-I/O,
+the other two fill their disks and verify them (in the guest and byte for byte on the host), and
+once every VM has gone the service is back to the fds and threads it had when it started serving.
+"""
+from __future__ import annotations
+
+import json
+import struct
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from exitless import confine
+from exitless.bench.soak import lost_sectors_of
+from exitless.guestkit import guestkit_path
+
+try:
+    from serveproc import ServeProcess
+except ImportError:  # run from the repository root as a package
+    from tests.serveproc import ServeProcess
+
+pytestmark = pytest.mark.kvm
+DISK_BYTES = 16 << 20
+
+
+class Vm:
+    """``python3 -m exitless run`` of the guest kit with one disk on the service; stdout collected."""
+
+    def __init__(self, image: Path, io: str, app: str, sock: Path, timeout: int = 180):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "exitless", "run", "--kernel", str(guestkit_path()), "--mem", "64M",
+             "--disk", f"{image},io={io}", "--sidecore", str(sock), "--timeout", str(timeout), "--append", app],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.lines: list[str] = []
+        self.probed = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for raw in self.proc.stdout:
+            line = raw.decode(errors="replace")
+            self.lines.append(line)
+            if line.startswith("guestkit: virtio-blk"):    # the driver found the disk: I/O starts now
+                self.probed.set()
+
+    def wait_probed(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.probed.wait(0.1):
+            assert self.proc.poll() is None, self.output()
+            assert time.monotonic() < deadline, self.output()
+
+    def result(self, timeout: float = 180) -> dict:
+        rc = self.proc.wait(timeout)
+        self._reader.join(5)
+        out = [x for x in self.lines if x.startswith('{"app":')]
+        assert rc == 0 and out, self.output()
+        return json.loads(out[-1])
+
+    def output(self) -> str:
+        err = self.proc.stderr.read().decode(errors="replace") if self.proc.poll() is not None else ""
+        return "".join(self.lines)[-2000:] + err[-3000:]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(30)
+
+
+def counts(pid: int) -> tuple[int, int]:
+    """(open fds, threads) of process ``pid``."""
+    return len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task"))
+
+
+def wait_for(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, what()
+        time.sleep(0.1)
+
+
+@pytest.mark.skipif(not confine.status()[0], reason=confine.status()[1])
+@pytest.mark.parametrize("mode", ["poll", "adaptive"])
+def test_three_vms_on_one_service_one_killed_mid_io(tmp_path, mode):
+    sock = tmp_path / "sidecore.sock"
+    images = []
+    for name in ("a", "b", "victim"):
+        p = tmp_path / f"{name}.img"
+        with open(p, "wb") as f:
+            f.truncate(DISK_BYTES)
+        images.append(p)
+    a_img, b_img, v_img = images
+    svc = ServeProcess(None, ["--socket", str(sock), "--mode", mode], tmp_path / "sidecore.log", command=("sidecore",))
+    vms: list[Vm] = []
+    try:
+        assert "confined (seccomp)" in svc.text()
+        base = counts(svc.proc.pid)
+        # the victim writes for a long time on the shared path; a and b fill their disks meanwhile
+        victim = Vm(v_img, "shared", "blk rw=randwrite bs=4096 qd=16 ms=60000 seed=3", sock)
+        vms.append(victim)
+        victim.wait_probed()
+        a = Vm(a_img, "poll", "blk rw=fill bs=4096 qd=8 seed=11", sock)
+        b = Vm(b_img, "adaptive", "blk rw=fill bs=4096 qd=4 seed=22", sock)
+        vms += [a, b]
+        a.wait_probed()
+        b.wait_probed()
+        up = counts(svc.proc.pid)
+        assert up[0] > base[0]                  # each VM's memfd, eventfds and disk fd are in the service
+        victim.kill()                           # SIGKILL, mid-I/O: no goodbye on the socket
+        assert victim.proc.returncode == -signal.SIGKILL
+        wait_for(lambda: "vm#1 detached" in svc.text(), 30, svc.text)
+        for vm, img, seed in ((a, a_img, 11), (b, b_img, 22)):
+            res = vm.result()
+            assert res["errors"] == 0 and res["ops"] == DISK_BYTES // 4096 and res["flushes"] == 1, res
+            assert lost_sectors_of(img.read_bytes(), seed) == 0          # byte for byte on the host
+        # and read back by the guest, through the service again
+        checks = [Vm(img, io, f"blk rw=verify bs=16384 qd=4 seed={seed}", sock)
+                  for img, io, seed in ((a_img, "adaptive", 11), (b_img, "poll", 22))]
+        vms += checks
+        for vm in checks:
+            res = vm.result()
+            assert res["errors"] == 0 and res["verify_errors"] == 0, res
+        log = svc.text()
+        wait_for(lambda: svc.text().count(" detached ") == 5, 30, svc.text)
+        assert svc.proc.poll() is None          # every VM gone, the service still serves
+        wait_for(lambda: counts(svc.proc.pid) == base, 30,
+                 lambda: f"service fds/threads {counts(svc.proc.pid)} != {base} at start\n{svc.text()}")
+        for vm in range(1, 6):
+            assert f"vm#{vm} detached" in svc.text()
+    finally:
+        for vm in vms:
+            vm.kill()
+        rc = svc.stop()
+    log = svc.text()
+    assert rc == 0, log
+    assert "Traceback" not in log and "SIGSYS" not in log, log
+    assert not sock.exists()                    # removed on the way out, although confined
+
+
+def test_run_without_a_service_is_a_usage_error(tmp_path):
+    """``run --sidecore`` pointing at nothing: one line, exit 2, before the guest boots."""
+    img = tmp_path / "d.img"
+    img.write_bytes(bytes(1 << 20))
+    r = subprocess.run([sys.executable, "-m", "exitless", "run", "--kernel", str(guestkit_path()),
+                        "--disk", f"{img},io=poll", "--sidecore", str(tmp_path / "none.sock"), "--append", "info"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert "cannot reach the sidecore service" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_device_reset_detaches_and_a_dead_service_needs_reset(tmp_path):
+    """The VM side, driven register by register from Python: DRIVER_OK hands the queue to the service
+    (a request completes through it), a device reset (status 0) takes it off the service's loop, a second
+    DRIVER_OK brings it back, and a service that goes away leaves the device in DEVICE_NEEDS_RESET."""
+    from exitless.devices.virtio.blk import VirtioBlk
+    from exitless.devices.virtio.constants import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN
+    from exitless.devices.virtio.pci import VirtioPci
+    from exitless.vm import Machine, VmConfig
+    from test_sidecore_service import Running, pattern
+    from test_vhost_user_backend import DriverRing
+
+    img = tmp_path / "d.img"
+    img.write_bytes(pattern(1 << 20, 5))
+    run = Running(tmp_path / "s.sock", "poll")
+    loop = run.svc.dataplane.loop
+    try:
+        with Machine(VmConfig(mem_mib=64, console=lambda b: None)) as m:
+            pci = VirtioPci(m, VirtioBlk(img), "poll", service=run.svc.path)
+            ring_gpa = 0x10_0000
+
+            def driver_ok() -> DriverRing:
+                ring = DriverRing(m.mem, size=64, base=ring_gpa)
+                pci.common_write(0x14, 1, 0x3)                       # ACKNOWLEDGE | DRIVER
+                pci.common_write(0x08, 4, 1)
+                pci.common_write(0x0C, 4, 1)                         # VIRTIO_F_VERSION_1
+                pci.common_write(0x14, 1, 0xB)                       # FEATURES_OK
+                pci.common_write(0x16, 2, 0)
+                pci.common_write(0x18, 2, 64)
+                for off, gpa in ((0x20, ring.desc), (0x28, ring.avail), (0x30, ring.used)):
+                    pci.common_write(off, 8, gpa)
+                pci.common_write(0x1C, 2, 1)
+                pci.common_write(0x14, 1, 0xF)                       # DRIVER_OK: to the service
+                return ring
+
+            ring = driver_ok()
+            wait_for(lambda: len(loop.pollables) == 1, 10, lambda: f"{len(loop.pollables)} pollables")
+            hdr, data, status = 0x20_0000, 0x20_1000, 0x20_2000
+            m.mem.write(hdr, struct.pack("<IIQ", VIRTIO_BLK_T_IN, 0, 8))
+            ring.add([(hdr, 16, False), (data, 4096, True), (status, 1, True)])
+            wait_for(lambda: ring.reap(), 10, lambda: "no completion from the service")
+            assert m.mem.read_u8(status) == VIRTIO_BLK_S_OK
+            assert m.mem.read(data, 4096) == pattern(1 << 20, 5)[4096:8192]
+            pci.common_write(0x14, 1, 0)                             # device reset
+            assert loop.pollables == [] and pci.status == 0
+            driver_ok()
+            wait_for(lambda: len(loop.pollables) == 1, 10, lambda: f"{len(loop.pollables)} pollables")
+            run.stop()                                               # the service goes away
+            wait_for(lambda: pci.status & 0x40, 10, lambda: f"status {pci.status:#x}")   # DEVICE_NEEDS_RESET
+    finally:
+        run.stop()
