@@ -35,6 +35,7 @@ VM's p99 is at most 2× its fastest VM's.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -178,8 +179,12 @@ def process_tree(pids: Sequence[int]) -> list[int]:
 
 
 def tree_cpu(pids: Sequence[int]) -> float:
-    """CPU seconds (user + system, every thread) of the processes ``pids``, each from its CPU clock."""
-    return sum(qemu.process_cpu(pid) for pid in pids)
+    """CPU seconds (user + system, every thread) of the processes ``pids``, each from its CPU clock;
+    BenchError when one is gone (it ended inside the measured window)."""
+    try:
+        return sum(qemu.process_cpu(pid) for pid in pids)
+    except OSError as e:
+        raise BenchError(f"a VMM process ended inside the measured window ({e})") from None
 
 
 @dataclass
@@ -246,16 +251,16 @@ def launch(layout: Layout, images: Sequence[Path], append: str, workdir: Path, t
     kernel = str(guestkit_path())
     run = [sys.executable, "-m", "exitless", "run", "--kernel", kernel, "--mem", f"{MEM_MIB}M",
            "--timeout", str(timeout), "--append", append]
+    numbers = itertools.count()
+
     def popen(cmd: list[str], stdout) -> subprocess.Popen:
         # stderr to a file: a pipe nobody reads could fill up and stall the process
-        path = workdir / f"stderr{next_err[0]}.txt"
-        next_err[0] += 1
+        path = workdir / f"stderr{next(numbers)}.txt"
         with open(path, "wb") as err:
             proc = subprocess.Popen(cmd, stdout=stdout, stderr=err, stdin=subprocess.DEVNULL)
         proc.stderr_path = path
         return proc
 
-    next_err = [0]
     try:
         with ExitStack() as files:
             out = [files.enter_context(open(c, "wb")) for c in consoles]
