@@ -28,7 +28,7 @@ def _kvm_guard(request):
 # The virtqueue, virtio-blk and virtio-net cases run under both implementations of the data plane (issue 8): the
 # pure-Python one, and the C fast path (exitless/devices/virtio/_vring.c) that takes the valid common
 # case and leaves everything else to Python.  tests/test_vring_paths.py checks that the two agree.
-VRING_PATH_MODULES = ("test_virtqueue", "test_virtio_blk", "test_virtio_net", "test_net_tap")
+VRING_PATH_MODULES = ("test_virtqueue", "test_virtio_blk", "test_virtio_net")
 
 
 def pytest_generate_tests(metafunc):

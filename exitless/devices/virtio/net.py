@@ -52,7 +52,20 @@ promiscuous (as QEMU's).
 
 Link state: STATUS ``LINK_UP`` drops when the TAP refuses I/O (interface down:
 EIO; deleted: EBADFD) and comes back when a write succeeds; every change raises
-a configuration interrupt.  The device keeps running and counts the drops.
+a configuration interrupt.  The device keeps running and counts the drops.  A
+deleted TAP's fds are dead for good: a thread then tries every
+:data:`REATTACH_INTERVAL` seconds to attach the backend again (``reattach()``,
+:meth:`exitless.net.tap.Tap.reattach`: only to an interface of the same name that
+exists again, keeping the fd numbers), and on success brings the link up and
+wakes the sidecore, which watches the TAP again.  Until then the pair's fd is
+not watched (no spinning on a dead fd) and TX frames are dropped.
+
+Fast path: the common case of TX and RX runs in C with the GIL released
+(``_vring.Ring.net_tx_batch``, ``net_rx_take``, ``net_rx_pump``; see
+``_vring.c``), with every check of this model; whatever it does not take --
+bad chains, errors, the link down, buffers outside the main RAM region -- it
+leaves, unconsumed, to the code here.  ``EXITLESS_VRING=python`` turns it off;
+``tests/test_net_paths.py`` checks that the two agree.
 
 Threading: TX of a pair is driven by one thread at a time (the transport's
 rule).  RX of a pair -- its RX queue's kicks and its TAP's readiness -- may come
@@ -145,6 +158,10 @@ _CONFIG = struct.Struct("<6sHHHIB3x")   # mac, status, max_virtqueue_pairs, mtu,
 _TUN_F_CSUM, _TUN_F_TSO4, _TUN_F_TSO6, _TUN_F_TSO_ECN = 0x01, 0x02, 0x04, 0x08
 # errno values that mean "the TAP is down or gone" (not a problem of this one frame)
 _LINK_ERRNOS = (errno.EIO, errno.EBADFD, errno.ENODEV, errno.ENXIO, errno.EPIPE, errno.ENETDOWN)
+# ... and those that mean "the interface was deleted": its fds never work again, the backend must be re-attached
+_GONE_ERRNOS = (errno.EBADFD, errno.ENODEV, errno.ENXIO)
+#: Seconds between two attempts to re-attach a deleted TAP (see the module docstring).
+REATTACH_INTERVAL = 0.5
 
 log = logging.getLogger("exitless.virtio.net")
 
@@ -274,6 +291,9 @@ class VirtioNet(VirtioDevice):
                                     "tx_packets", "tx_bytes", "tx_gso", "tx_dropped", "tx_bad", "ctrl_ok",
                                     "ctrl_err", "link_changes"), 0)
         self._pairs = [_Pair(i) for i in range(pairs)]
+        self._closing = threading.Event()
+        self._reattacher: threading.Thread | None = None
+        self._reattach_lock = threading.Lock()
         self._reset_net_state()
 
     def _reset_net_state(self) -> None:
@@ -421,7 +441,11 @@ class VirtioNet(VirtioDevice):
         self.backend.set_offload(0)
 
     def close(self) -> None:
-        """Cancel the TAP pollables' readiness polls (the backend is the caller's to close)."""
+        """Stop re-attaching, cancel the TAP pollables' readiness polls (the backend is the caller's to close)."""
+        self._closing.set()
+        t = self._reattacher
+        if t is not None:
+            t.join(5)
         for p in self._pairs:
             if p.poller is not None:
                 p.poller.close()
@@ -520,6 +544,8 @@ class VirtioNet(VirtioDevice):
             self.stats["tx_dropped"] += 1
             if e.errno in _LINK_ERRNOS:
                 self.set_link(False)
+                if e.errno in _GONE_ERRNOS:
+                    self._tap_gone()
             else:  # EINVAL & co: the kernel refused this frame's header
                 self.log(logging.WARNING, "virtio-net: TAP refused a frame: %s", e.strerror)
             return None
@@ -695,6 +721,8 @@ class VirtioNet(VirtioDevice):
             self.set_link(False)
             if err != errno.EIO:
                 p.gone = True   # the interface is gone: its fd stays readable/erroring forever
+                if err in _GONE_ERRNOS:
+                    self._tap_gone()
                 return
             self._arm(p)
             return
@@ -795,6 +823,47 @@ class VirtioNet(VirtioDevice):
         hdr[10:12] = len(used).to_bytes(2, "little")   # num_buffers: the kernel leaves it unwritten
         first.write(0, hdr)
         q.push_many(used)
+
+    # -- a deleted TAP coming back ---------------------------------------------------------------------
+    def _tap_gone(self) -> None:
+        """The TAP was deleted: start the thread that re-attaches the backend once the name exists again
+        (a backend without ``reattach``, e.g. a socket, stays down)."""
+        if not hasattr(self.backend, "reattach") or self._closing.is_set():
+            return
+        with self._reattach_lock:
+            if self._reattacher is not None:
+                return
+            self.log(logging.WARNING, "virtio-net: TAP %s is gone: link down; re-attaching when it exists again",
+                     getattr(self.backend, "name", "?"))
+            self._reattacher = threading.Thread(target=self._reattach_loop, name="virtio-net-reattach", daemon=True)
+            self._reattacher.start()
+
+    def _reattach_loop(self) -> None:
+        try:
+            while not self._closing.wait(REATTACH_INTERVAL):
+                try:
+                    self.backend.reattach()
+                except OSError:        # TapError: not there (yet), or not attachable: try again later
+                    continue
+                self._reattached()
+                return
+        finally:
+            with self._reattach_lock:
+                self._reattacher = None
+
+    def _reattached(self) -> None:
+        """The backend's fds work again: watch them, link up (configuration interrupt), wake the sidecore."""
+        for p in self._pairs:
+            with p.lock:
+                p.gone = False
+                p.armed = False         # the old file's poll (if any) completed: arm anew on the new one
+        if self.activated:
+            self._apply_active_pairs()
+        log.warning("virtio-net: TAP %s is back: re-attached", getattr(self.backend, "name", "?"))
+        self.set_link(True)
+        for p in self._pairs:
+            if p.poller is not None:
+                os.eventfd_write(p.poller.wake_fd, 1)    # a sleeping sidecore looks at the pair again
 
     def _arm(self, p: _Pair) -> None:
         if not p.armed and p.poller is not None:
