@@ -470,7 +470,7 @@ class VirtioNet(VirtioDevice):
 
     def fast_path(self, q: Virtqueue, index: int, limit: int) -> tuple[int, bool]:
         """TX in C (``_vring.Ring.net_tx_batch``, GIL released): the leading run of at most ``limit`` valid
-        frames, written to the TAP; it stops, unconsumed, at a chain :meth:`_tx` must drop (and log), at
+        frames, written to the TAP, then an RX pump of the pair (see below); it stops, unconsumed, at a chain :meth:`_tx` must drop (and log), at
         a write that failed other than with EAGAIN, and at once while the link is down (the first good
         write brings it up, in Python).  Control queue: everything to :meth:`process`."""
         if index == self.ctrl_index or not self.link_up or q._cring is None:
@@ -479,6 +479,11 @@ class VirtioNet(VirtioDevice):
         n, more = q.c_batch(_tx_batch, self.backend.fds[p.index], self._tx_offer, p.txc, max_batch=limit)
         if n:
             _fold(p.txc, 0, _TX_COUNTERS, self.stats)
+            # The TAP's kernel side ran in our writev (a local peer answers there, e.g. an ICMP echo or
+            # ARP reply): its answer is usually queued already.  Take it now rather than after the
+            # readiness poll's completion is noticed on the next round of the sidecore.
+            if p.ctl[1] and not p.gone:
+                self.rx_pump(p.index)
         return n, more
 
     def process(self, queue_index: int, chain: DescriptorChain) -> int:
