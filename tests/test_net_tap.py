@@ -155,6 +155,20 @@ def test_attach_errors(ns):
         Tap.open("lo", netns=ns)
 
 
+def _teardown(worker, efd: int, r, tap) -> None:
+    """Stop the test's sidecore (it must not have died), close its eventfd, the device and the TAP."""
+    import os
+
+    try:
+        if worker is not None:
+            worker.stop()
+            assert worker.error is None
+    finally:
+        os.close(efd)
+        r.dev.close()
+        tap.close()
+
+
 @pytest.mark.parametrize("mode", ["notify", "adaptive"])
 def test_tap_deleted_under_a_running_sidecore(ns, mode):
     """The TAP disappears while a sidecore watches it: its readiness poll completes with an error, the
@@ -191,12 +205,7 @@ def test_tap_deleted_under_a_running_sidecore(ns, mode):
         r.send(N.arp_request())
         assert r.dev.stats["tx_dropped"] >= 1 and r.resets == 0
     finally:
-        if worker is not None:
-            worker.stop()
-            assert worker.error is None
-        os.close(efd)
-        r.dev.close()
-        tap.close()
+        _teardown(worker, efd, r, tap)
 
 
 @pytest.mark.parametrize("mode", [None, "adaptive"])
@@ -269,9 +278,4 @@ def test_tap_deleted_and_created_again_recovers(ns, mode):
         assert answered()                                       # TX and RX through the new TAP
         assert r.resets == 0 and not r.dev.needs_reset and r.dev.internal_errors == 0
     finally:
-        if worker is not None:
-            worker.stop()
-            assert worker.error is None
-        os.close(efd)
-        r.dev.close()
-        tap.close()
+        _teardown(worker, efd, r, tap)

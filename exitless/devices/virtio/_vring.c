@@ -441,6 +441,41 @@ typedef struct {
     int evt, notify_enabled;
 } rstate_t;
 
+static inline void rstate_norm(rstate_t *s)
+{
+    s->last &= 0xFFFF;
+    s->shadow &= 0xFFFF;
+    s->used_idx &= 0xFFFF;
+    s->avail_event &= 0xFFFF;
+}
+
+static int get_u64s(PyObject *obj, Py_buffer *b, Py_ssize_t n, const char *what);
+
+/* the held FIFO (u16[]), held_flags (u8[]) and ctl (u64[nctl]) of net_rx_take / net_rx_pump; -1 (nothing held) on error */
+static int get_held(PyObject *held, PyObject *flags, PyObject *ctl, Py_ssize_t nctl, Py_buffer *hb, Py_buffer *fb,
+                    Py_buffer *cb, const char *what)
+{
+    if (PyObject_GetBuffer(held, hb, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0)
+        return -1;
+    if (PyObject_GetBuffer(flags, fb, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(hb);
+        return -1;
+    }
+    if (get_u64s(ctl, cb, nctl, what) < 0) {
+        PyBuffer_Release(hb);
+        PyBuffer_Release(fb);
+        return -1;
+    }
+    return 0;
+}
+
+static void release3(Py_buffer *a, Py_buffer *b, Py_buffer *c)
+{
+    PyBuffer_Release(a);
+    PyBuffer_Release(b);
+    PyBuffer_Release(c);
+}
+
 /* The next available head without consuming it: 1 (head in *head), 0 (none), -1 (avail.idx jumped by more
  * than the queue size: Python raises for it). */
 static inline int peek_head(const Ring *r, rstate_t *s, uint16_t *head)
@@ -569,10 +604,7 @@ static PyObject *ring_net_tx_batch(Ring *r, PyObject *args)
     if (get_u64s(ctr_obj, &cb, 4, "net_tx_batch counters") < 0)
         return NULL;
     uint64_t *ctr = (uint64_t *)cb.buf;
-    s.last &= 0xFFFF;
-    s.shadow &= 0xFFFF;
-    s.used_idx &= 0xFFFF;
-    s.avail_event &= 0xFFFF;
+    rstate_norm(&s);
     unsigned int done = 0;
     int more = 0;
     uint16_t head;
@@ -659,25 +691,13 @@ static PyObject *ring_net_rx_take(Ring *r, PyObject *args)
                           &s.notify_enabled, &max_batch, &times_obj, &held_obj, &flags_obj, &ctl_obj))
         return NULL;
     Py_buffer hb, fb, cb;
-    if (PyObject_GetBuffer(held_obj, &hb, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0)
+    if (get_held(held_obj, flags_obj, ctl_obj, 2, &hb, &fb, &cb, "net_rx_take ctl") < 0)
         return NULL;
-    if (PyObject_GetBuffer(flags_obj, &fb, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0) {
-        PyBuffer_Release(&hb);
-        return NULL;
-    }
-    if (get_u64s(ctl_obj, &cb, 2, "net_rx_take ctl") < 0) {
-        PyBuffer_Release(&hb);
-        PyBuffer_Release(&fb);
-        return NULL;
-    }
     uint16_t *held = (uint16_t *)hb.buf;
     uint8_t *hflags = (uint8_t *)fb.buf;
     uint64_t *ctl = (uint64_t *)cb.buf;
     uint64_t hcap = (uint64_t)hb.len / 2;
-    s.last &= 0xFFFF;
-    s.shadow &= 0xFFFF;
-    s.used_idx &= 0xFFFF;
-    s.avail_event &= 0xFFFF;
+    rstate_norm(&s);
     unsigned int done = 0;
     int more = 0;
     uint16_t head;
@@ -704,9 +724,7 @@ static PyObject *ring_net_rx_take(Ring *r, PyObject *args)
         done++;
     }
     Py_END_ALLOW_THREADS
-    PyBuffer_Release(&hb);
-    PyBuffer_Release(&fb);
-    PyBuffer_Release(&cb);
+    release3(&hb, &fb, &cb);
     return Py_BuildValue("(IOIIII)", done, more ? Py_True : Py_False, s.last, s.shadow, s.used_idx, s.avail_event);
 }
 
@@ -788,12 +806,8 @@ static PyObject *ring_net_rx_pump(Ring *r, PyObject *args)
         return NULL;
     Py_buffer hb, fb, cb, bb, filt;
     int have_filt = 0;
-    if (PyObject_GetBuffer(held_obj, &hb, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0)
+    if (get_held(held_obj, flags_obj, ctl_obj, 10, &hb, &fb, &cb, "net_rx_pump ctl") < 0)
         return NULL;
-    if (PyObject_GetBuffer(flags_obj, &fb, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0)
-        goto fail_h;
-    if (get_u64s(ctl_obj, &cb, 10, "net_rx_pump ctl") < 0)
-        goto fail_f;
     if (PyObject_GetBuffer(bounce_obj, &bb, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0)
         goto fail_c;
     if (bb.len < NET_MAX_RX) {
@@ -810,10 +824,7 @@ static PyObject *ring_net_rx_pump(Ring *r, PyObject *args)
     uint64_t *ctl = (uint64_t *)cb.buf;
     uint8_t *bounce = (uint8_t *)bb.buf;
     uint64_t hcap = (uint64_t)hb.len / 2;
-    s.last &= 0xFFFF;
-    s.shadow &= 0xFFFF;
-    s.used_idx &= 0xFFFF;
-    s.avail_event &= 0xFFFF;
+    rstate_norm(&s);
     unsigned int delivered = 0, reads = 0;
     uint64_t status = RX_BUDGET_DONE, value = 0;
     /* segs of the first chain, then of each spill chain in turn */
@@ -956,19 +967,13 @@ static PyObject *ring_net_rx_pump(Ring *r, PyObject *args)
     if (have_filt)
         PyBuffer_Release(&filt);
     PyBuffer_Release(&bb);
-    PyBuffer_Release(&cb);
-    PyBuffer_Release(&fb);
-    PyBuffer_Release(&hb);
+    release3(&hb, &fb, &cb);
     return Py_BuildValue("(IOIIII)", delivered, status == RX_BUDGET_DONE ? Py_True : Py_False, s.last, s.shadow,
                          s.used_idx, s.avail_event);
 fail_b:
     PyBuffer_Release(&bb);
 fail_c:
-    PyBuffer_Release(&cb);
-fail_f:
-    PyBuffer_Release(&fb);
-fail_h:
-    PyBuffer_Release(&hb);
+    release3(&hb, &fb, &cb);
     return NULL;
 }
 
