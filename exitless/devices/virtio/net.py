@@ -82,7 +82,6 @@ import logging
 import os
 import struct
 import threading
-from collections import deque
 from typing import Protocol
 
 from ...sidecore.aio_poll import AioPoll
@@ -470,9 +469,10 @@ class VirtioNet(VirtioDevice):
 
     def fast_path(self, q: Virtqueue, index: int, limit: int) -> tuple[int, bool]:
         """TX in C (``_vring.Ring.net_tx_batch``, GIL released): the leading run of at most ``limit`` valid
-        frames, written to the TAP, then an RX pump of the pair (see below); it stops, unconsumed, at a chain :meth:`_tx` must drop (and log), at
-        a write that failed other than with EAGAIN, and at once while the link is down (the first good
-        write brings it up, in Python).  Control queue: everything to :meth:`process`."""
+        frames, written to the TAP, then an RX pump of the pair (see below).  It stops, unconsumed, at a
+        chain :meth:`_tx` must drop (and log), at a write that failed other than with EAGAIN, and at once
+        while the link is down (the first good write brings it up, in Python).  Returns ``(completed,
+        more)`` as :attr:`VirtioDevice.fast_path`.  Control queue: everything to :meth:`process`."""
         if index == self.ctrl_index or not self.link_up or q._cring is None:
             return 0, True
         p = self._pairs[index // 2]
