@@ -25,10 +25,10 @@ def _kvm_guard(request):
         pytest.skip(why)
 
 
-# The virtqueue and virtio-blk cases run under both implementations of the data plane (issue 8): the
+# The virtqueue, virtio-blk and virtio-net cases run under both implementations of the data plane (issue 8): the
 # pure-Python one, and the C fast path (exitless/devices/virtio/_vring.c) that takes the valid common
 # case and leaves everything else to Python.  tests/test_vring_paths.py checks that the two agree.
-VRING_PATH_MODULES = ("test_virtqueue", "test_virtio_blk")
+VRING_PATH_MODULES = ("test_virtqueue", "test_virtio_blk", "test_virtio_net")
 
 
 def pytest_generate_tests(metafunc):

@@ -88,8 +88,8 @@ ALL = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_RING_EVENT_IDX)
 class Rig:
     """A VirtioNet activated on test-driver queues, as a transport would."""
 
-    def __init__(self, features=None, pairs=1, ctrl=True, queue_size=64, drop=(), tap=None):
-        self.mem = GuestMemory.create([(0, 64 * MiB)])
+    def __init__(self, features=None, pairs=1, ctrl=True, queue_size=64, drop=(), tap=None, regions=None):
+        self.mem = GuestMemory.create(regions or [(0, 64 * MiB)])
         self.tap = FakeTap(pairs) if tap is None else tap
         self.dev = VirtioNet(self.tap, mac=MAC, queue_size=queue_size, ctrl_queue=ctrl)
         self.signals: list[int] = []

@@ -29,6 +29,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import socket
 import struct
 import threading
 
@@ -113,6 +114,37 @@ def _in_netns(netns: str | None, fn):
     return box["result"]
 
 
+def _flags(queues: int) -> int:
+    return IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (IFF_MULTI_QUEUE if queues > 1 else 0)
+
+
+def _attach_fds(name: str, flags: int, queues: int) -> list[int]:
+    """``queues`` non-blocking fds on ``/dev/net/tun`` attached to TAP ``name`` (of the calling thread's
+    namespace) with the 12-byte vnet header and no offloads.  Raises :class:`TapError`."""
+    fds: list[int] = []
+    try:
+        for _ in range(queues):
+            try:
+                fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as e:
+                raise TapError(e.errno, f"/dev/net/tun: {e.strerror}") from None
+            fds.append(fd)
+            try:
+                fcntl.ioctl(fd, TUNSETIFF, _ifreq(name, flags))
+                fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
+                fcntl.ioctl(fd, TUNSETOFFLOAD, 0)
+            except OSError as e:
+                why = {errno.EINVAL: "exists with other flags (not a TAP, or single/multi-queue mismatch)",
+                       errno.EBUSY: "is already attached by another process (or has fewer queues)",
+                       errno.EPERM: "permission denied (CAP_NET_ADMIN or the TAP's owner needed)"}
+                raise TapError(e.errno, f"TAP {name}: {why.get(e.errno, e.strerror)}") from None
+        return fds
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+
+
 class Tap:
     """An attached TAP interface: ``fds[i]`` is queue ``i`` (non-blocking, close-on-exec).
 
@@ -137,33 +169,38 @@ class Tap:
         check_name(name)
         if not 1 <= queues <= 256:
             raise TapError(errno.EINVAL, f"TAP {name}: {queues} queues (1..256)")
-        flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (IFF_MULTI_QUEUE if queues > 1 else 0)
+        flags = _flags(queues)
+        return cls(name, _in_netns(netns, lambda: _attach_fds(name, flags, queues)), netns)
+
+    def reattach(self) -> None:
+        """Attach every queue again to TAP :attr:`name`, which was deleted and has been created again
+        (the fds of a deleted TAP only ever say EBADFD).  The new attachments take the old fd numbers
+        (``dup2``), so whoever holds ``fds[i]`` (an AIO poll, the C data path) keeps using them; the
+        offloads are set again.  Raises :class:`TapError` if there is no interface of that name (yet) --
+        it is never created here: a TUNSETIFF on a missing name would make a TAP of our own -- or it
+        cannot be attached (another kind of interface, other flags)."""
+        name, n = self.name, len(self.fds)
 
         def attach() -> list[int]:
-            fds: list[int] = []
             try:
-                for _ in range(queues):
-                    try:
-                        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-                    except OSError as e:
-                        raise TapError(e.errno, f"/dev/net/tun: {e.strerror}") from None
-                    fds.append(fd)
-                    try:
-                        fcntl.ioctl(fd, TUNSETIFF, _ifreq(name, flags))
-                        fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
-                        fcntl.ioctl(fd, TUNSETOFFLOAD, 0)
-                    except OSError as e:
-                        why = {errno.EINVAL: "exists with other flags (not a TAP, or single/multi-queue mismatch)",
-                               errno.EBUSY: "is already attached by another process (or has fewer queues)",
-                               errno.EPERM: "permission denied (CAP_NET_ADMIN or the TAP's owner needed)"}
-                        raise TapError(e.errno, f"TAP {name}: {why.get(e.errno, e.strerror)}") from None
-                return fds
-            except BaseException:
-                for fd in fds:
-                    os.close(fd)
-                raise
+                socket.if_nametoindex(name)
+            except OSError:
+                raise TapError(errno.ENODEV, f"TAP {name}: no such interface") from None
+            return _attach_fds(name, _flags(n), n)
 
-        return cls(name, _in_netns(netns, attach), netns)
+        new = _in_netns(self.netns, attach)
+        try:
+            for fd in new:
+                if self.offloads:
+                    fcntl.ioctl(fd, TUNSETOFFLOAD, self.offloads)
+        except OSError as e:
+            for fd in new:
+                os.close(fd)
+            raise TapError(e.errno, f"TAP {name}: TUNSETOFFLOAD {self.offloads:#x}: {e.strerror}") from None
+        for old, fd in zip(self.fds, new):
+            os.dup2(fd, old, inheritable=False)
+            os.close(fd)
+
 
     def set_offload(self, offloads: int) -> None:
         """``TUNSETOFFLOAD`` on every queue: the TUN_F_* set the guest accepts on receive.

@@ -414,11 +414,580 @@ static PyObject *ring_blk_batch(Ring *r, PyObject *args)
     return Py_BuildValue("(IOIIII)", done, more ? Py_True : Py_False, last, shadow, used_idx, avail_event);
 }
 
+
+/* ---------------------------------------------------------------------------------------------- */
+/* virtio-net (§5.1.6) over a TAP fd carrying one frame with its 12-byte virtio_net_hdr_v1 per read/write.
+ * net.py is the model; these batches do exactly what VirtioNet._tx / the RX pump do for the common case
+ * and hand everything else back, unconsumed, to Python. */
+#define NET_HDR 12
+#define ETH_HLEN 14
+#define NET_MAX_FRAME (65535 + ETH_HLEN + 4)
+#define NET_MAX_RX (NET_HDR + NET_MAX_FRAME)
+#define HDR_F_NEEDS_CSUM 1
+#define GSO_NONE 0
+#define GSO_TCPV4 1
+#define GSO_TCPV6 4
+#define GSO_ECN 0x80
+/* offer bits of net_tx_batch (the negotiated features the TX header check needs) */
+#define TXF_CSUM 1
+#define TXF_TSO4 2
+#define TXF_TSO6 4
+#define TXF_ECN 8
+#define NET_IOV_MAX 1024
+
+/* The ring state a batch carries in and out (Virtqueue's _last_avail, _shadow_avail, _used_idx, _avail_event). */
+typedef struct {
+    uint32_t last, shadow, used_idx, avail_event;
+    int evt, notify_enabled;
+} rstate_t;
+
+static inline void rstate_norm(rstate_t *s)
+{
+    s->last &= 0xFFFF;
+    s->shadow &= 0xFFFF;
+    s->used_idx &= 0xFFFF;
+    s->avail_event &= 0xFFFF;
+}
+
+static int get_u64s(PyObject *obj, Py_buffer *b, Py_ssize_t n, const char *what);
+
+/* the held FIFO (u16[]), held_flags (u8[]) and ctl (u64[nctl]) of net_rx_take / net_rx_pump; -1 (nothing held) on error */
+static int get_held(PyObject *held, PyObject *flags, PyObject *ctl, Py_ssize_t nctl, Py_buffer *hb, Py_buffer *fb,
+                    Py_buffer *cb, const char *what)
+{
+    if (PyObject_GetBuffer(held, hb, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0)
+        return -1;
+    if (PyObject_GetBuffer(flags, fb, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(hb);
+        return -1;
+    }
+    if (get_u64s(ctl, cb, nctl, what) < 0) {
+        PyBuffer_Release(hb);
+        PyBuffer_Release(fb);
+        return -1;
+    }
+    return 0;
+}
+
+static void release3(Py_buffer *a, Py_buffer *b, Py_buffer *c)
+{
+    PyBuffer_Release(a);
+    PyBuffer_Release(b);
+    PyBuffer_Release(c);
+}
+
+/* The next available head without consuming it: 1 (head in *head), 0 (none), -1 (avail.idx jumped by more
+ * than the queue size: Python raises for it). */
+static inline int peek_head(const Ring *r, rstate_t *s, uint16_t *head)
+{
+    volatile uint16_t *avail = (volatile uint16_t *)r->avail.buf;
+    if (s->last == s->shadow) {
+        uint16_t idx = __atomic_load_n(&avail[1], __ATOMIC_ACQUIRE);
+        if (idx == s->last)
+            return 0;
+        if (((idx - s->last) & 0xFFFF) > r->size)
+            return -1;
+        s->shadow = idx;
+    }
+    *head = __atomic_load_n(&avail[2 + (s->last & (r->size - 1))], __ATOMIC_RELAXED);
+    return 1;
+}
+
+/* consume the entry peek_head returned, as Virtqueue._next_head does (avail_event included) */
+static inline void consume_head(const Ring *r, rstate_t *s)
+{
+    uint16_t *used16 = (uint16_t *)r->used.buf;
+    s->last = (s->last + 1) & 0xFFFF;
+    if (s->evt) {
+        uint32_t i = 2 + 4 * r->size;
+        if (s->notify_enabled) {
+            __atomic_store_n(&used16[i], (uint16_t)s->last, __ATOMIC_RELAXED);
+        } else if (((s->last - s->avail_event) & 0xFFFF) >= 0x4000) {
+            s->avail_event = (s->last - 1) & 0xFFFF;
+            __atomic_store_n(&used16[i], (uint16_t)s->avail_event, __ATOMIC_RELAXED);
+        }
+    }
+}
+
+/* a used element; used.idx is published by publish_used */
+static inline void put_used(const Ring *r, rstate_t *s, uint32_t head, uint32_t len)
+{
+    uint32_t *elems = (uint32_t *)((uint8_t *)r->used.buf + 4);
+    uint32_t i = (s->used_idx & (r->size - 1)) << 1;
+    __atomic_store_n(&elems[i], head, __ATOMIC_RELAXED);
+    __atomic_store_n(&elems[i + 1], len, __ATOMIC_RELAXED);
+    s->used_idx = (s->used_idx + 1) & 0xFFFF;
+}
+
+static inline void publish_used(const Ring *r, const rstate_t *s)
+{
+    __atomic_store_n(&((uint16_t *)r->used.buf)[1], (uint16_t)s->used_idx, __ATOMIC_RELEASE);
+}
+
+/* copy stream bytes [off, off+n) of the segments with writable flag w into / out of `buf` */
+static void stream_copy(const Ring *r, const seg_t *segs, int nseg, int w, uint64_t off, uint8_t *buf, uint64_t n,
+                        int to_guest)
+{
+    uint64_t pos = 0, end = off + n;
+    for (int i = 0; i < nseg && pos < end; i++) {
+        if ((int)segs[i].w != w)
+            continue;
+        uint64_t nxt = pos + segs[i].len;
+        if (nxt > off) {
+            uint64_t lo = off > pos ? off - pos : 0, hi = end < nxt ? end - pos : segs[i].len;
+            uint8_t *g = (uint8_t *)r->ram.buf + (segs[i].gpa - r->ram_gpa) + lo;
+            if (to_guest)
+                memcpy(g, buf + (pos + lo - off), (size_t)(hi - lo));
+            else
+                memcpy(buf + (pos + lo - off), g, (size_t)(hi - lo));
+        }
+        pos = nxt;
+    }
+}
+
+/* VirtioNet.check_tx_header: 0 if the header is acceptable for a frame of frame_len bytes */
+static int tx_header_bad(const uint8_t *h, uint32_t frame_len, unsigned offer)
+{
+    uint8_t flags = h[0], gso = h[1];
+    uint16_t hdr_len, gso_size, csum_start, csum_offset;
+    memcpy(&hdr_len, h + 2, 2);
+    memcpy(&gso_size, h + 4, 2);
+    memcpy(&csum_start, h + 6, 2);
+    memcpy(&csum_offset, h + 8, 2);
+    if (flags & HDR_F_NEEDS_CSUM) {
+        if (!(offer & TXF_CSUM))
+            return 1;
+        if ((uint32_t)csum_start + csum_offset + 2 > frame_len)
+            return 1;
+    }
+    if (gso != GSO_NONE) {
+        unsigned base = gso & ~GSO_ECN & 0xFF;
+        unsigned need = base == GSO_TCPV4 ? TXF_TSO4 : base == GSO_TCPV6 ? TXF_TSO6 : 0;
+        if (!need || !(offer & need))
+            return 1;
+        if ((gso & GSO_ECN) && !(offer & TXF_ECN))
+            return 1;
+        if (!(flags & HDR_F_NEEDS_CSUM) || gso_size == 0 || hdr_len > frame_len)
+            return 1;
+    }
+    return 0;
+}
+
+static int get_u64s(PyObject *obj, Py_buffer *b, Py_ssize_t n, const char *what)
+{
+    if (PyObject_GetBuffer(obj, b, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0)
+        return -1;
+    if (b->len < n * (Py_ssize_t)sizeof(uint64_t) || ((uintptr_t)b->buf & 7)) {
+        PyBuffer_Release(b);
+        PyErr_Format(PyExc_ValueError, "%s: an aligned buffer of %zd u64", what, n);
+        return -1;
+    }
+    return 0;
+}
+
+/* net_tx_batch(last_avail, shadow_avail, used_idx, avail_event, event_idx, notify_enabled, max_batch, times,
+ *              fd, offer, counters) -> (completed, more, last_avail, shadow_avail, used_idx, avail_event)
+ * offer: TXF_* bits negotiated; counters: writable u64[4] to which tx_packets, tx_bytes, tx_gso and
+ * tx_dropped (TAP queue full) are added.  Stops before consuming a chain VirtioNet._tx would drop
+ * (bad chain or header: it logs why) or that C cannot walk, and before a frame whose write failed other
+ * than with EAGAIN (Python writes it again and decides about the link).  times: unused (None). */
+static PyObject *ring_net_tx_batch(Ring *r, PyObject *args)
+{
+    unsigned int max_batch, offer;
+    int fd;
+    PyObject *times_obj, *ctr_obj;
+    rstate_t s;
+    if (!PyArg_ParseTuple(args, "IIIIppIOiIO", &s.last, &s.shadow, &s.used_idx, &s.avail_event, &s.evt,
+                          &s.notify_enabled, &max_batch, &times_obj, &fd, &offer, &ctr_obj))
+        return NULL;
+    Py_buffer cb;
+    if (get_u64s(ctr_obj, &cb, 4, "net_tx_batch counters") < 0)
+        return NULL;
+    uint64_t *ctr = (uint64_t *)cb.buf;
+    rstate_norm(&s);
+    unsigned int done = 0;
+    int more = 0;
+    uint16_t head;
+    if (s.last == s.shadow && __atomic_load_n(&((volatile uint16_t *)r->avail.buf)[1], __ATOMIC_ACQUIRE) == s.last) {
+        PyBuffer_Release(&cb);
+        return Py_BuildValue("(IOIIII)", 0, Py_False, s.last, s.shadow, s.used_idx, s.avail_event);
+    }
+    seg_t segs[MAX_SEGS];
+    struct iovec iov[NET_IOV_MAX];
+    Py_BEGIN_ALLOW_THREADS
+    while (done < max_batch) {
+        int p = peek_head(r, &s, &head);
+        if (p == 0)
+            break;
+        if (p < 0) {
+            more = 1;
+            break;
+        }
+        uint64_t rlen = 0, wlen = 0;
+        int nseg = walk(r, head, segs, &rlen, &wlen);
+        /* what VirtioNet._tx drops (and logs), or a chain of more pieces than one writev takes */
+        if (nseg < 0 || wlen || rlen < NET_HDR + ETH_HLEN || rlen - NET_HDR > NET_MAX_FRAME || nseg + 1 > NET_IOV_MAX) {
+            more = 1;
+            break;
+        }
+        uint32_t frame_len = (uint32_t)(rlen - NET_HDR);
+        uint8_t hdr[NET_HDR];   /* our copy: what we checked is what we send */
+        stream_copy(r, segs, nseg, 0, 0, hdr, NET_HDR, 0);
+        if (tx_header_bad(hdr, frame_len, offer)) {
+            more = 1;
+            break;
+        }
+        hdr[0] &= HDR_F_NEEDS_CSUM;
+        hdr[10] = hdr[11] = 0;
+        iov[0].iov_base = hdr;
+        iov[0].iov_len = NET_HDR;
+        int niov = 1 + make_iov(r, segs, nseg, 0, NET_HDR, frame_len, iov + 1);
+        ssize_t got;
+        do
+            got = writev(fd, iov, niov);
+        while (got < 0 && errno == EINTR);
+        if (got < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+            more = 1;     /* Python writes it again, drops it and decides about the link */
+            break;
+        }
+        if (got < 0) {
+            ctr[3]++;     /* the TAP's queue is full: like a NIC, drop */
+        } else {
+            ctr[0]++;
+            ctr[1] += frame_len;
+            if (hdr[1])
+                ctr[2]++;
+        }
+        consume_head(r, &s);
+        put_used(r, &s, head, 0);
+        done++;
+    }
+    if (done)
+        publish_used(r, &s);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&cb);
+    return Py_BuildValue("(IOIIII)", done, more ? Py_True : Py_False, s.last, s.shadow, s.used_idx, s.avail_event);
+}
+
+/* is an RX chain usable (VirtioNet._take_rx_buffer): nothing device-readable, room for the header, and
+ * (with the bounce buffer) at most IOV_MAX pieces */
+static inline int rx_usable(int nseg, uint64_t rlen, uint64_t wlen)
+{
+    return nseg >= 0 && rlen == 0 && wlen >= NET_HDR && nseg < NET_IOV_MAX;
+}
+
+/* net_rx_take(last_avail, shadow_avail, used_idx, avail_event, event_idx, notify_enabled, max_batch, times,
+ *             held, held_flags, ctl) -> (taken, more, last_avail, shadow_avail, used_idx, avail_event)
+ * Takes every available RX chain that VirtioNet._take_rx_buffer would hold: appends its head to the FIFO
+ * held (u16[queue size], start ctl[0], count ctl[1]) and marks held_flags[head].  Stops, unconsumed, at
+ * a chain Python must look at (unusable: it is returned empty and logged; offered again while held; one
+ * C cannot walk). */
+static PyObject *ring_net_rx_take(Ring *r, PyObject *args)
+{
+    unsigned int max_batch;
+    PyObject *times_obj, *held_obj, *flags_obj, *ctl_obj;
+    rstate_t s;
+    if (!PyArg_ParseTuple(args, "IIIIppIOOOO", &s.last, &s.shadow, &s.used_idx, &s.avail_event, &s.evt,
+                          &s.notify_enabled, &max_batch, &times_obj, &held_obj, &flags_obj, &ctl_obj))
+        return NULL;
+    Py_buffer hb, fb, cb;
+    if (get_held(held_obj, flags_obj, ctl_obj, 2, &hb, &fb, &cb, "net_rx_take ctl") < 0)
+        return NULL;
+    uint16_t *held = (uint16_t *)hb.buf;
+    uint8_t *hflags = (uint8_t *)fb.buf;
+    uint64_t *ctl = (uint64_t *)cb.buf;
+    uint64_t hcap = (uint64_t)hb.len / 2;
+    rstate_norm(&s);
+    unsigned int done = 0;
+    int more = 0;
+    uint16_t head;
+    seg_t segs[MAX_SEGS];
+    Py_BEGIN_ALLOW_THREADS
+    while (done < max_batch) {
+        int p = peek_head(r, &s, &head);
+        if (p == 0)
+            break;
+        uint64_t rlen = 0, wlen = 0;
+        if (p < 0 || head >= (uint64_t)fb.len || hflags[head] || ctl[1] >= hcap) {
+            more = 1;
+            break;
+        }
+        int nseg = walk(r, head, segs, &rlen, &wlen);
+        if (!rx_usable(nseg, rlen, wlen)) {
+            more = 1;
+            break;
+        }
+        hflags[head] = 1;
+        held[(ctl[0] + ctl[1]) % hcap] = head;
+        ctl[1]++;
+        consume_head(r, &s);
+        done++;
+    }
+    Py_END_ALLOW_THREADS
+    release3(&hb, &fb, &cb);
+    return Py_BuildValue("(IOIIII)", done, more ? Py_True : Py_False, s.last, s.shadow, s.used_idx, s.avail_event);
+}
+
+/* RX filter (VirtioNet._accept) from a blob built by Python: mode bits, the MAC, then the unicast
+ * and multicast tables (count byte + 6-byte entries each); NULL means promiscuous. */
+#define RXF_ALLMULTI 1
+#define RXF_ALLUNI 2
+#define RXF_NOMULTI 4
+#define RXF_NOUNI 8
+#define RXF_NOBCAST 16
+#define RXF_UC_OVERFLOW 32
+#define RXF_MC_OVERFLOW 64
+
+static int table_has(const uint8_t *t, Py_ssize_t left, const uint8_t *mac, const uint8_t **next)
+{
+    int found = 0;
+    if (left < 1) {
+        *next = NULL;
+        return 0;
+    }
+    unsigned n = t[0];
+    if ((Py_ssize_t)(1 + 6 * n) > left) {
+        *next = NULL;
+        return 0;
+    }
+    for (unsigned i = 0; i < n && !found; i++)
+        found = memcmp(t + 1 + 6 * i, mac, 6) == 0;
+    *next = t + 1 + 6 * n;
+    return found;
+}
+
+static int rx_accept(const uint8_t *f, Py_ssize_t flen, const uint8_t dst[6])
+{
+    if (f == NULL)
+        return 1;
+    if (flen < 7)
+        return 0;
+    uint8_t mode = f[0];
+    const uint8_t *mac = f + 1, *mc;
+    static const uint8_t bcast[6] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
+    int in_uc = table_has(f + 7, flen - 7, dst, &mc);
+    if (dst[0] & 1) {
+        if (memcmp(dst, bcast, 6) == 0)
+            return !(mode & RXF_NOBCAST);
+        if (mode & RXF_NOMULTI)
+            return 0;
+        const uint8_t *end;
+        return (mode & (RXF_ALLMULTI | RXF_MC_OVERFLOW)) ||
+               (mc != NULL && table_has(mc, flen - (mc - f), dst, &end));
+    }
+    if (mode & RXF_NOUNI)
+        return 0;
+    return (mode & (RXF_ALLUNI | RXF_UC_OVERFLOW)) || memcmp(dst, mac, 6) == 0 || in_uc;
+}
+
+enum { RX_BUDGET_DONE, RX_EMPTY, RX_EAGAIN, RX_ERROR, RX_EOF, RX_DEFER_USE, RX_PENDING };
+
+/* net_rx_pump(last_avail, shadow_avail, used_idx, avail_event, event_idx, notify_enabled, max_reads, times,
+ *             fd, held, held_flags, ctl, bounce, mrg_rxbuf, guest_csum, filter)
+ *   -> (delivered, more, last_avail, shadow_avail, used_idx, avail_event)
+ * The RX pump of VirtioNet (_rx_pump_locked) over the held FIFO, without the GIL: readv from the TAP
+ * straight into the first held buffer (then the bounce buffer up to NET_MAX_RX), MRG_RXBUF spill into the
+ * next held buffers, the RX filter, the header (flags cleared without GUEST_CSUM, num_buffers), used
+ * elements, one used.idx store.  Held chains are walked again, with every check, when they are used.
+ * ctl: u64[10] = held start, held count, status (RX_*), value (errno for RX_ERROR, frame bytes for
+ * RX_PENDING), reads (readv calls made), then rx_packets, rx_bytes, rx_gso, rx_dropped, rx_filtered
+ * (added to).  RX_DEFER_USE: the first held chain did not walk in C (Python uses it); RX_PENDING: a frame of
+ * `value` bytes was read into the first held buffer and the bounce buffer, and a spill buffer did not walk
+ * in C: Python finishes that frame. */
+static PyObject *ring_net_rx_pump(Ring *r, PyObject *args)
+{
+    unsigned int max_reads;
+    int fd, mrg, guest_csum;
+    PyObject *times_obj, *held_obj, *flags_obj, *ctl_obj, *bounce_obj, *filter_obj;
+    rstate_t s;
+    if (!PyArg_ParseTuple(args, "IIIIppIOiOOOOppO", &s.last, &s.shadow, &s.used_idx, &s.avail_event, &s.evt,
+                          &s.notify_enabled, &max_reads, &times_obj, &fd, &held_obj, &flags_obj, &ctl_obj,
+                          &bounce_obj, &mrg, &guest_csum, &filter_obj))
+        return NULL;
+    Py_buffer hb, fb, cb, bb, filt;
+    int have_filt = 0;
+    if (get_held(held_obj, flags_obj, ctl_obj, 10, &hb, &fb, &cb, "net_rx_pump ctl") < 0)
+        return NULL;
+    if (PyObject_GetBuffer(bounce_obj, &bb, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0)
+        goto fail_c;
+    if (bb.len < NET_MAX_RX) {
+        PyErr_SetString(PyExc_ValueError, "net_rx_pump: the bounce buffer is smaller than MAX_RX");
+        goto fail_b;
+    }
+    if (filter_obj != Py_None) {
+        if (PyObject_GetBuffer(filter_obj, &filt, PyBUF_SIMPLE) < 0)
+            goto fail_b;
+        have_filt = 1;
+    }
+    uint16_t *held = (uint16_t *)hb.buf;
+    uint8_t *hflags = (uint8_t *)fb.buf;
+    uint64_t *ctl = (uint64_t *)cb.buf;
+    uint8_t *bounce = (uint8_t *)bb.buf;
+    uint64_t hcap = (uint64_t)hb.len / 2;
+    rstate_norm(&s);
+    unsigned int delivered = 0, reads = 0;
+    uint64_t status = RX_BUDGET_DONE, value = 0;
+    /* segs of the first chain, then of each spill chain in turn */
+    static __thread seg_t segs[MAX_SEGS], segs2[MAX_SEGS];
+    struct iovec iov[NET_IOV_MAX + 1];
+    Py_BEGIN_ALLOW_THREADS
+    while (reads < max_reads) {
+        if (ctl[1] == 0 || hcap == 0) {
+            status = RX_EMPTY;
+            break;
+        }
+        uint16_t head = held[ctl[0] % hcap];
+        uint64_t rlen = 0, wlen = 0;
+        int nseg = walk(r, head, segs, &rlen, &wlen);
+        if (!rx_usable(nseg, rlen, wlen)) {
+            status = RX_DEFER_USE;
+            break;
+        }
+        uint64_t cap = wlen;
+        int niov = make_iov(r, segs, nseg, 1, 0, wlen, iov);
+        if (cap < NET_MAX_RX) {
+            iov[niov].iov_base = bounce;
+            iov[niov].iov_len = NET_MAX_RX - cap;
+            niov++;
+        }
+        ssize_t n;
+        do
+            n = readv(fd, iov, niov);
+        while (n < 0 && errno == EINTR);
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                status = RX_EAGAIN;
+            } else {
+                status = RX_ERROR;
+                value = (uint64_t)errno;
+            }
+            break;
+        }
+        reads++;
+        if (n == 0) {
+            status = RX_EOF;
+            break;
+        }
+        if ((uint64_t)n <= NET_HDR) {
+            ctl[8]++;       /* empty, or larger than the buffers the guest gave */
+            continue;
+        }
+        /* MRG_RXBUF: the held buffers after the first, each walked again, until the spill fits */
+        uint64_t spill = (uint64_t)n > cap ? (uint64_t)n - cap : 0;
+        unsigned nspill = 0;
+        if (spill) {
+            if (!mrg) {
+                ctl[8]++;
+                continue;
+            }
+            uint64_t room = 0;
+            int walk_failed = 0;
+            for (uint64_t k = 1; k < ctl[1] && room < spill; k++) {
+                uint16_t h2 = held[(ctl[0] + k) % hcap];
+                uint64_t r2 = 0, w2 = 0;
+                int n2 = walk(r, h2, segs2, &r2, &w2);
+                if (!rx_usable(n2, r2, w2)) {
+                    walk_failed = 1;
+                    break;
+                }
+                room += w2;
+                nspill++;
+            }
+            if (walk_failed) {
+                status = RX_PENDING;
+                value = (uint64_t)n;
+                break;
+            }
+            if (room < spill) {
+                ctl[8]++;
+                continue;
+            }
+        }
+        /* the RX filter on the destination MAC: stream bytes 12..17 (first buffer, then the bounce) */
+        if (have_filt) {
+            uint8_t dst[6];
+            if ((uint64_t)n < NET_HDR + 6) {
+                ctl[9]++;
+                continue;
+            }
+            for (int i = 0; i < 6; i++) {
+                uint64_t off = NET_HDR + i;
+                if (off < cap)
+                    stream_copy(r, segs, nseg, 1, off, &dst[i], 1, 0);
+                else
+                    dst[i] = bounce[off - cap];
+            }
+            if (!rx_accept((const uint8_t *)filt.buf, filt.len, dst)) {
+                ctl[9]++;
+                continue;
+            }
+        }
+        /* deliver: the first buffer (already holding the frame's start), then the spill copied on */
+        uint8_t hdr[NET_HDR];
+        stream_copy(r, segs, nseg, 1, 0, hdr, NET_HDR, 0);
+        if (!guest_csum)
+            hdr[0] = 0;     /* §5.1.6.3.2: flags zero without GUEST_CSUM */
+        else if (hdr[1])
+            ctl[7]++;
+        uint16_t nb = (uint16_t)(1 + nspill);
+        memcpy(hdr + 10, &nb, 2);  /* num_buffers: the kernel leaves it unwritten */
+        stream_copy(r, segs, nseg, 1, 0, hdr, NET_HDR, 1);
+        hflags[head] = 0;
+        put_used(r, &s, head, (uint32_t)((uint64_t)n < cap ? (uint64_t)n : cap));
+        ctl[0] = (ctl[0] + 1) % hcap;
+        ctl[1]--;
+        uint64_t off = 0, left = spill;
+        for (unsigned k = 0; k < nspill; k++) {
+            uint16_t h2 = held[ctl[0] % hcap];
+            uint64_t r2 = 0, w2 = 0;
+            int n2 = walk(r, h2, segs2, &r2, &w2);   /* walked above: the same result (descriptors
+                                                       * may change under a hostile driver: re-checked) */
+            if (n2 < 0)
+                w2 = 0;
+            uint64_t take = w2 < left ? w2 : left;
+            if (n2 >= 0)
+                stream_copy(r, segs2, n2, 1, 0, bounce + off, take, 1);
+            hflags[h2] = 0;
+            put_used(r, &s, h2, (uint32_t)take);
+            ctl[0] = (ctl[0] + 1) % hcap;
+            ctl[1]--;
+            off += take;
+            left -= take;
+        }
+        ctl[5]++;
+        ctl[6] += (uint64_t)n - NET_HDR;
+        delivered++;
+    }
+    if (delivered)
+        publish_used(r, &s);
+    Py_END_ALLOW_THREADS
+    ctl[2] = status;
+    ctl[3] = value;
+    ctl[4] = reads;
+    if (have_filt)
+        PyBuffer_Release(&filt);
+    PyBuffer_Release(&bb);
+    release3(&hb, &fb, &cb);
+    return Py_BuildValue("(IOIIII)", delivered, status == RX_BUDGET_DONE ? Py_True : Py_False, s.last, s.shadow,
+                         s.used_idx, s.avail_event);
+fail_b:
+    PyBuffer_Release(&bb);
+fail_c:
+    release3(&hb, &fb, &cb);
+    return NULL;
+}
+
 static PyMethodDef ring_methods[] = {
     {"walk", (PyCFunction)ring_walk, METH_O,
      "walk(head) -> ([(gpa, len, writable)], readable_len, writable_len), or None: Python decides"},
     {"blk_batch", (PyCFunction)ring_blk_batch, METH_VARARGS,
      "virtio-blk IN/OUT batch without the GIL -> (completed, more, last_avail, shadow_avail, used_idx, avail_event)"},
+    {"net_tx_batch", (PyCFunction)ring_net_tx_batch, METH_VARARGS,
+     "virtio-net TX batch (walk, header check, writev to the TAP) without the GIL -> as blk_batch"},
+    {"net_rx_take", (PyCFunction)ring_net_rx_take, METH_VARARGS,
+     "virtio-net: hold every usable available RX chain -> as blk_batch"},
+    {"net_rx_pump", (PyCFunction)ring_net_rx_pump, METH_VARARGS,
+     "virtio-net RX: frames from the TAP into held buffers without the GIL -> as blk_batch; status in ctl"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -52,7 +52,20 @@ promiscuous (as QEMU's).
 
 Link state: STATUS ``LINK_UP`` drops when the TAP refuses I/O (interface down:
 EIO; deleted: EBADFD) and comes back when a write succeeds; every change raises
-a configuration interrupt.  The device keeps running and counts the drops.
+a configuration interrupt.  The device keeps running and counts the drops.  A
+deleted TAP's fds are dead for good: a thread then tries every
+:data:`REATTACH_INTERVAL` seconds to attach the backend again (``reattach()``,
+:meth:`exitless.net.tap.Tap.reattach`: only to an interface of the same name that
+exists again, keeping the fd numbers), and on success brings the link up and
+wakes the sidecore, which watches the TAP again.  Until then the pair's fd is
+not watched (no spinning on a dead fd) and TX frames are dropped.
+
+Fast path: the common case of TX and RX runs in C with the GIL released
+(``_vring.Ring.net_tx_batch``, ``net_rx_take``, ``net_rx_pump``; see
+``_vring.c``), with every check of this model; whatever it does not take --
+bad chains, errors, the link down, buffers outside the main RAM region -- it
+leaves, unconsumed, to the code here.  ``EXITLESS_VRING=python`` turns it off;
+``tests/test_net_paths.py`` checks that the two agree.
 
 Threading: TX of a pair is driven by one thread at a time (the transport's
 rule).  RX of a pair -- its RX queue's kicks and its TAP's readiness -- may come
@@ -64,11 +77,11 @@ from __future__ import annotations
 
 import errno
 import hashlib
+from array import array
 import logging
 import os
 import struct
 import threading
-from collections import deque
 from typing import Protocol
 
 from ...sidecore.aio_poll import AioPoll
@@ -110,8 +123,19 @@ from .constants import (
     VIRTIO_NET_S_ANNOUNCE,
     VIRTIO_NET_S_LINK_UP,
 )
+from . import queue as _queue
 from .device import VirtioDevice
-from .queue import DescriptorChain, VirtqueueError
+from .queue import DescriptorChain, Virtqueue, VirtqueueError
+
+_vring = _queue._vring
+_tx_batch = _vring.Ring.net_tx_batch if _vring is not None else None
+_rx_take = _vring.Ring.net_rx_take if _vring is not None else None
+_rx_pump = _vring.Ring.net_rx_pump if _vring is not None else None
+# net_rx_pump's status word (ctl[2]); see _vring.c
+_RX_BUDGET_DONE, _RX_EMPTY, _RX_EAGAIN, _RX_ERROR, _RX_EOF, _RX_DEFER_USE, _RX_PENDING = range(7)
+# ctl words: held start, held count, status, value, reads, then the counters below
+_RX_COUNTERS = ("rx_packets", "rx_bytes", "rx_gso", "rx_dropped", "rx_filtered")
+_TX_COUNTERS = ("tx_packets", "tx_bytes", "tx_gso", "tx_dropped")
 
 __all__ = ["HDR_LEN", "MAX_FRAME", "MAX_RX", "NetBackend", "TapRxPollable", "VirtioNet", "parse_mac", "format_mac"]
 
@@ -133,6 +157,10 @@ _CONFIG = struct.Struct("<6sHHHIB3x")   # mac, status, max_virtqueue_pairs, mtu,
 _TUN_F_CSUM, _TUN_F_TSO4, _TUN_F_TSO6, _TUN_F_TSO_ECN = 0x01, 0x02, 0x04, 0x08
 # errno values that mean "the TAP is down or gone" (not a problem of this one frame)
 _LINK_ERRNOS = (errno.EIO, errno.EBADFD, errno.ENODEV, errno.ENXIO, errno.EPIPE, errno.ENETDOWN)
+# ... and those that mean "the interface was deleted": its fds never work again, the backend must be re-attached
+_GONE_ERRNOS = (errno.EBADFD, errno.ENODEV, errno.ENXIO)
+#: Seconds between two attempts to re-attach a deleted TAP (see the module docstring).
+REATTACH_INTERVAL = 0.5
 
 log = logging.getLogger("exitless.virtio.net")
 
@@ -168,27 +196,21 @@ def format_mac(mac: bytes) -> str:
     return ":".join(f"{b:02x}" for b in mac)
 
 
-class _RxChain:
-    """An RX buffer the device holds: the chain, its writable views, their total size, and the
-    scatter list a frame is read with when this buffer comes first: its views, then the device's
-    bounce buffer up to :data:`MAX_RX` bytes (built once, not per frame)."""
-
-    __slots__ = ("chain", "views", "cap", "iov")
-
-    def __init__(self, chain: DescriptorChain, bounce: memoryview):
-        self.chain = chain
-        self.views = chain.writable_views()
-        self.cap = chain.writable_len
-        self.iov = self.views + [bounce[:MAX_RX - self.cap]] if self.cap < MAX_RX else self.views
-
-
 class _Pair:
-    """Per queue-pair receive state."""
+    """Per queue-pair state.
+
+    RX buffers the device holds are a FIFO of heads (``held``, u16 per queue slot; start and count in
+    ``ctl[0]``/``ctl[1]``), shared with the C pump, which updates it in place.  A held chain is walked
+    again, with every check, when a frame goes into it: the heads are all the device keeps.
+    """
 
     def __init__(self, index: int):
         self.index = index
-        self.held: deque[_RxChain] = deque()
-        self.held_heads = bytearray()       # 1 for each head we hold (sized at activation)
+        self.held = array("H")              # FIFO of held heads (sized at activation: the RX queue size)
+        self.held_heads = bytearray()       # 1 for each head we hold
+        #: held start, held count, then the C pump's status, value, reads and counters (see _vring.c)
+        self.ctl = array("Q", bytes(8 * 10))
+        self.txc = array("Q", bytes(8 * 4))  # the C TX batch's counters (tx_packets, tx_bytes, tx_gso, tx_dropped)
         # a chain popped after the first held one was returned at once: the held ones are then not the last
         # ones popped, and quiesce cannot rewind last_avail_idx over them (it returns them unused instead)
         self.returned_after_held = False
@@ -201,6 +223,38 @@ class _Pair:
         # The spill of an RX frame past its first buffer (MRG_RXBUF), one per pair: two pairs are pumped
         # concurrently (different locks, readv without the GIL), so a shared one mixes their frames.
         self.bounce = memoryview(bytearray(MAX_RX))
+
+    @property
+    def held_count(self) -> int:
+        return self.ctl[1]
+
+    def held_at(self, k: int) -> int:
+        """The ``k``-th held head (0: the next one a frame goes into)."""
+        return self.held[(self.ctl[0] + k) % len(self.held)]
+
+    def hold(self, head: int) -> None:
+        self.held_heads[head] = 1
+        self.held[(self.ctl[0] + self.ctl[1]) % len(self.held)] = head
+        self.ctl[1] += 1
+
+    def release_first(self) -> int:
+        head = self.held_at(0)
+        self.held_heads[head] = 0
+        self.ctl[0] = (self.ctl[0] + 1) % len(self.held)
+        self.ctl[1] -= 1
+        if not self.ctl[1]:
+            self.returned_after_held = False
+        return head
+
+    def clear_held(self, size: int | None = None) -> None:
+        """Forget the held buffers; ``size``: the RX queue's size (None keeps the current one)."""
+        if size is not None and size != len(self.held):
+            self.held = array("H", bytes(2 * size))
+            self.held_heads = bytearray(size)
+        else:
+            self.held_heads[:] = bytes(len(self.held_heads))
+        self.ctl[0] = self.ctl[1] = 0
+        self.returned_after_held = False
 
 
 class VirtioNet(VirtioDevice):
@@ -236,6 +290,9 @@ class VirtioNet(VirtioDevice):
                                     "tx_packets", "tx_bytes", "tx_gso", "tx_dropped", "tx_bad", "ctrl_ok",
                                     "ctrl_err", "link_changes"), 0)
         self._pairs = [_Pair(i) for i in range(pairs)]
+        self._closing = threading.Event()
+        self._reattacher: threading.Thread | None = None
+        self._reattach_lock = threading.Lock()
         self._reset_net_state()
 
     def _reset_net_state(self) -> None:
@@ -249,9 +306,11 @@ class VirtioNet(VirtioDevice):
         self.mc_table: set[bytes] = set()
         self.uc_overflow = self.mc_overflow = False
         self.mrg_rxbuf = self.guest_csum = False
+        self._filter_blob: bytes | None = None     # the RX filter for the C pump (None: promiscuous)
+        self._tx_offer = 0                         # the TX offloads negotiated, as net_tx_batch's bits
         for p in self._pairs:
             with p.lock:
-                p.held.clear()
+                p.clear_held()
 
     # -- features and configuration -------------------------------------------------------
     def features(self) -> int:
@@ -335,14 +394,16 @@ class VirtioNet(VirtioDevice):
             if self.has_feature(VIRTIO_NET_F_GUEST_ECN):
                 off |= _TUN_F_TSO_ECN
         self.backend.set_offload(off)
+        self._tx_offer = sum(bit for feature, bit in ((VIRTIO_NET_F_CSUM, 1), (VIRTIO_NET_F_HOST_TSO4, 2),
+                                                      (VIRTIO_NET_F_HOST_TSO6, 4), (VIRTIO_NET_F_HOST_ECN, 8))
+                             if self.has_feature(feature))
         # With a control queue only the first pair works until VQ_PAIRS_SET (§5.1.6.5.5); without
         # one (vhost-user) the frontend enables pairs by enabling their rings.
         self.active_pairs = 1 if self.ctrl_queue else self.queue_pairs
         for p in self._pairs:
             rxq = self.queues[self.rx_queue(p.index)] if self.rx_queue(p.index) < len(self.queues) else None
             with p.lock:
-                p.held.clear()
-                p.held_heads = bytearray(rxq.size if rxq is not None and rxq.configured else 0)
+                p.clear_held(rxq.size if rxq is not None and rxq.configured else 0)
         self._apply_active_pairs()
 
     def _apply_active_pairs(self) -> None:
@@ -366,21 +427,24 @@ class VirtioNet(VirtioDevice):
         for p in self._pairs:
             i = self.rx_queue(p.index)
             with p.lock:
-                if p.held and i < len(self.queues) and self.queues[i].configured:
+                if p.held_count and i < len(self.queues) and self.queues[i].configured:
                     q = self.queues[i]
                     if p.returned_after_held:
-                        q.push_many([(rx.chain.head, 0) for rx in p.held])
+                        q.push_many([(p.held_at(k), 0) for k in range(p.held_count)])
                     else:
-                        q.last_avail_idx = q.last_avail_idx - len(p.held)
-                p.held.clear()
-                p.returned_after_held = False
+                        q.last_avail_idx = q.last_avail_idx - p.held_count
+                p.clear_held()
 
     def on_reset(self) -> None:
         self._reset_net_state()
         self.backend.set_offload(0)
 
     def close(self) -> None:
-        """Cancel the TAP pollables' readiness polls (the backend is the caller's to close)."""
+        """Stop re-attaching, cancel the TAP pollables' readiness polls (the backend is the caller's to close)."""
+        self._closing.set()
+        t = self._reattacher
+        if t is not None:
+            t.join(5)
         for p in self._pairs:
             if p.poller is not None:
                 p.poller.close()
@@ -402,6 +466,25 @@ class VirtioNet(VirtioDevice):
         if index < 2 * self.queue_pairs and index % 2 == 0:
             return self._handle_rx(index // 2)
         return super().handle_queue(index, budget)
+
+    def fast_path(self, q: Virtqueue, index: int, limit: int) -> tuple[int, bool]:
+        """TX in C (``_vring.Ring.net_tx_batch``, GIL released): the leading run of at most ``limit`` valid
+        frames, written to the TAP, then an RX pump of the pair (see below).  It stops, unconsumed, at a
+        chain :meth:`_tx` must drop (and log), at a write that failed other than with EAGAIN, and at once
+        while the link is down (the first good write brings it up, in Python).  Returns ``(completed,
+        more)`` as :attr:`VirtioDevice.fast_path`.  Control queue: everything to :meth:`process`."""
+        if index == self.ctrl_index or not self.link_up or q._cring is None:
+            return 0, True
+        p = self._pairs[index // 2]
+        n, more = q.c_batch(_tx_batch, self.backend.fds[p.index], self._tx_offer, p.txc, max_batch=limit)
+        if n:
+            _fold(p.txc, 0, _TX_COUNTERS, self.stats)
+            # The TAP's kernel side ran in our writev (a local peer answers there, e.g. an ICMP echo or
+            # ARP reply): its answer is usually queued already.  Take it now rather than after the
+            # readiness poll's completion is noticed on the next round of the sidecore.
+            if p.ctl[1] and not p.gone:
+                self.rx_pump(p.index)
+        return n, more
 
     def process(self, queue_index: int, chain: DescriptorChain) -> int:
         if queue_index == self.ctrl_index:
@@ -466,6 +549,8 @@ class VirtioNet(VirtioDevice):
             self.stats["tx_dropped"] += 1
             if e.errno in _LINK_ERRNOS:
                 self.set_link(False)
+                if e.errno in _GONE_ERRNOS:
+                    self._tap_gone()
             else:  # EINVAL & co: the kernel refused this frame's header
                 self.log(logging.WARNING, "virtio-net: TAP refused a frame: %s", e.strerror)
             return None
@@ -489,15 +574,16 @@ class VirtioNet(VirtioDevice):
         with p.lock:
             return self._handle_rx_locked(index, q, p)
 
-    def _handle_rx_locked(self, index: int, q, p: _Pair) -> int:
+    def _handle_rx_locked(self, index: int, q: Virtqueue, p: _Pair) -> int:
         rearm = q.notifications_enabled
         done = 0
         try:
+            if len(p.held) != q.size and not p.held_count:
+                p.clear_held(q.size)
             if rearm:
                 q.disable_notifications()
             while True:
-                while (chain := q.pop()) is not None:
-                    done += self._take_rx_buffer(index, p, chain)
+                done += self._take_rx_buffers(index, q, p)
                 if not rearm or not q.enable_notifications():
                     break
                 q.disable_notifications()
@@ -510,24 +596,45 @@ class VirtioNet(VirtioDevice):
             self._set_needs_reset(index, e)
         return done
 
+    def _take_rx_buffers(self, index: int, q: Virtqueue, p: _Pair) -> int:
+        """Hold every available RX buffer (C takes the usable ones; Python decides about the others).
+        Returns the number returned empty."""
+        returned = 0
+        while True:
+            if q._cring is not None and not q.broken:
+                _n, more = q.c_batch(_rx_take, p.held, p.held_heads, p.ctl, publishes=False)
+                if not more:
+                    return returned
+            chain = q.pop()
+            if chain is None:
+                return returned
+            returned += self._take_rx_buffer(index, p, chain)
+
     def _take_rx_buffer(self, index: int, p: _Pair, chain: DescriptorChain) -> int:
         """Hold a posted RX buffer; one that cannot carry a header is returned unused (counted as done)."""
         head = chain.head
-        if head >= len(p.held_heads):
-            p.held_heads.extend(bytes(head + 1 - len(p.held_heads)))
-        if p.held_heads[head]:
+        if head >= len(p.held_heads) or p.held_heads[head]:
             raise VirtqueueError(f"RX head {head} offered again while the device holds it")
         if chain.error or chain.readable_len or chain.writable_len < HDR_LEN \
                 or len(chain.segments) >= _IOV_MAX:
             self.log(logging.WARNING, "virtio-net: RX chain %d unusable (%s); returned empty", head,
                      chain.error or f"{chain.readable_len} readable / {chain.writable_len} writable bytes")
             self.queues[index].push(head, 0)
-            if p.held:
+            if p.held_count:
                 p.returned_after_held = True
             return 1
-        p.held_heads[head] = 1
-        p.held.append(_RxChain(chain, p.bounce))
+        p.hold(head)
         return 0
+
+    @staticmethod
+    def _held_chain(q: Virtqueue, head: int) -> DescriptorChain:
+        """Held chain ``head`` walked again, with every check, now that a frame goes into it.  It was
+        usable when taken: if it is not any more, the driver changed a buffer the device owns."""
+        chain = q._walk(head)
+        if chain.error or chain.readable_len or chain.writable_len < HDR_LEN or len(chain.segments) >= _IOV_MAX:
+            q.broken = True
+            raise VirtqueueError(f"RX chain {head} changed while the device held it")
+        return chain
 
     def rx_pump(self, pair: int) -> int:
         """Move up to :data:`RX_BUDGET` frames from the TAP fd of ``pair`` into held RX buffers.
@@ -538,9 +645,16 @@ class VirtioNet(VirtioDevice):
         """
         p = self._pairs[pair]
         with p.lock:
-            return self._rx_pump_locked(p)
+            try:
+                return self._rx_pump_locked(p)
+            except VirtqueueError as e:
+                self.notify(self.rx_queue(pair))
+                self._set_needs_reset(self.rx_queue(pair), e)
+                return 0
 
     def _rx_pump_locked(self, p: _Pair) -> int:
+        """The pump: the C one (``_vring.Ring.net_rx_pump``, GIL released) while it can, this model
+        for what it hands back (see ``_vring.c``: the same checks, the same order)."""
         pair = p.index
         if p.gone or not self.activated or self.needs_reset or not self._rx_live(pair):
             return 0
@@ -549,71 +663,117 @@ class VirtioNet(VirtioDevice):
         fd = self.backend.fds[pair]
         delivered = 0
         budget = RX_BUDGET
-        stats = self.stats
-        while p.held and budget:
-            budget -= 1
-            first = p.held[0]
-            try:
-                n = os.readv(fd, first.iov)
-            except BlockingIOError:
-                self._arm(p)
-                break
-            except OSError as e:
-                stats["rx_dropped"] += 1
-                if e.errno in _LINK_ERRNOS:
-                    self.set_link(False)
-                    if e.errno != errno.EIO:
-                        p.gone = True   # the interface is gone: its fd stays readable/erroring forever
+        ctl = p.ctl
+        try:
+            while ctl[1] and budget > 0:
+                if q._cring is not None and not q.broken:
+                    n, _more = q.c_batch(_rx_pump, fd, p.held, p.held_heads, ctl, p.bounce, self.mrg_rxbuf,
+                                         self.guest_csum, self._rx_filter(), max_batch=budget)
+                    delivered += n
+                    budget -= ctl[4]
+                    _fold(ctl, 5, _RX_COUNTERS, self.stats)
+                    status = ctl[2]
+                    if status == _RX_EAGAIN:
+                        self._arm(p)
                         break
-                    self._arm(p)
+                    if status == _RX_ERROR:
+                        self._rx_error(p, int(ctl[3]))
+                        break
+                    if status == _RX_EOF:
+                        self._rx_eof(p)
+                        break
+                    if status == _RX_PENDING:   # a frame read by C whose spill buffers C could not walk
+                        delivered += self._rx_frame(p, q, self._held_chain(q, p.held_at(0)), int(ctl[3]))
+                        continue
+                    if status != _RX_DEFER_USE:  # budget spent, or out of buffers
+                        break
+                # one frame here (the first held chain did not walk in C, or no C ring)
+                budget -= 1
+                got = self._rx_read(p, q, fd)
+                if got is None:
                     break
-                self.log(logging.WARNING, "virtio-net: TAP read: %s", e.strerror)
-                break
-            if n == 0:          # end of file: the other side is gone (a TAP never returns 0)
-                stats["rx_dropped"] += 1
-                self.set_link(False)
-                p.gone = True
-                break
-            if n <= HDR_LEN or n > first.cap and not self._fits(p, n - first.cap):
-                stats["rx_dropped"] += 1   # empty, or larger than the buffers the guest gave
-                continue
-            if not self._accept(first.iov, n):
-                stats["rx_filtered"] += 1
-                continue
-            delivered += 1
-            stats["rx_packets"] += 1
-            stats["rx_bytes"] += n - HDR_LEN
-            self._deliver(p, q, n)
-        # Out of buffers: the TAP stays unarmed and the driver's next RX kick pumps again.
-        if delivered:
-            self.notify(index)
+                delivered += got
+        finally:
+            # Out of buffers: the TAP stays unarmed and the driver's next RX kick pumps again.
+            if delivered:
+                self.notify(index)
         return delivered
 
-    def _arm(self, p: _Pair) -> None:
-        if not p.armed and p.poller is not None:
-            if p.poller.arm_tap():
-                p.armed = True
-            else:               # the fd cannot be watched any more (closed, or the TAP is gone)
-                p.gone = True
+    def _rx_read(self, p: _Pair, q: Virtqueue, fd: int) -> int | None:
+        """Read one frame into the first held buffer (and the bounce buffer); returns 1 if delivered,
+        0 if dropped or filtered, None if the pump stops (drained, or the TAP refuses)."""
+        first = self._held_chain(q, p.held_at(0))
+        cap = first.writable_len
+        iov = first.writable_views()
+        if cap < MAX_RX:
+            iov.append(p.bounce[:MAX_RX - cap])
+        try:
+            n = os.readv(fd, iov)
+        except BlockingIOError:
+            self._arm(p)
+            return None
+        except OSError as e:
+            self._rx_error(p, e.errno)
+            return None
+        if n == 0:          # end of file: the other side is gone (a TAP never returns 0)
+            self._rx_eof(p)
+            return None
+        return self._rx_frame(p, q, first, n)
 
-    def _fits(self, p: _Pair, spill: int) -> bool:
-        """Can the held buffers after the first take ``spill`` more bytes (MRG_RXBUF only)?"""
-        if not self.mrg_rxbuf:
-            return False
-        room = 0
-        for i in range(1, len(p.held)):
-            room += p.held[i].cap
-            if room >= spill:
-                return True
-        return False
+    def _rx_error(self, p: _Pair, err: int) -> None:
+        self.stats["rx_dropped"] += 1
+        if err in _LINK_ERRNOS:
+            self.set_link(False)
+            if err != errno.EIO:
+                p.gone = True   # the interface is gone: its fd stays readable/erroring forever
+                if err in _GONE_ERRNOS:
+                    self._tap_gone()
+                return
+            self._arm(p)
+            return
+        self.log(logging.WARNING, "virtio-net: TAP read: %s", os.strerror(err))
 
-    def _accept(self, iov: list, n: int) -> bool:
-        """The RX filter on the destination MAC (frame bytes 0..5, stream bytes 12..17)."""
+    def _rx_eof(self, p: _Pair) -> None:
+        self.stats["rx_dropped"] += 1
+        self.set_link(False)
+        p.gone = True
+
+    def _rx_frame(self, p: _Pair, q: Virtqueue, first: DescriptorChain, n: int) -> int:
+        """An ``n``-byte frame (header included) was read into ``first`` (the first held buffer) and, past
+        its end, into the bounce buffer: deliver it (1) or count it dropped or filtered (0)."""
+        stats = self.stats
+        cap = first.writable_len
+        spills: list[DescriptorChain] = []
+        if n <= HDR_LEN:
+            stats["rx_dropped"] += 1        # empty
+            return 0
+        if n > cap:
+            if not self.mrg_rxbuf:
+                stats["rx_dropped"] += 1    # larger than the buffer the guest gave
+                return 0
+            room = 0
+            for k in range(1, p.held_count):
+                if room >= n - cap:
+                    break
+                spills.append(self._held_chain(q, p.held_at(k)))
+                room += spills[-1].writable_len
+            if room < n - cap:
+                stats["rx_dropped"] += 1    # larger than all the buffers the guest gave
+                return 0
+        if not self.promisc and not self._accept(_stream_bytes(first.writable_views() + [p.bounce], HDR_LEN, 6), n):
+            stats["rx_filtered"] += 1
+            return 0
+        stats["rx_packets"] += 1
+        stats["rx_bytes"] += n - HDR_LEN
+        self._deliver(p, q, first, spills, n)
+        return 1
+
+    def _accept(self, dst: bytes, n: int) -> bool:
+        """The RX filter on the destination MAC ``dst`` of an ``n``-byte frame (header included)."""
         if self.promisc:
             return True
         if n < HDR_LEN + 6:
             return False
-        dst = _stream_bytes(iov, HDR_LEN, 6)
         if dst[0] & 1:
             if dst == b"\xff" * 6:
                 return not self.nobcast
@@ -624,46 +784,98 @@ class VirtioNet(VirtioDevice):
             return False
         return self.alluni or self.uc_overflow or dst == self.mac or dst in self.uc_table
 
-    def _deliver(self, p: _Pair, q, n: int) -> None:
+    def _rx_filter(self) -> bytes | None:
+        """:meth:`_accept` as data for the C pump: None when promiscuous, else mode bits, the MAC, and
+        the unicast and multicast tables (a count byte and 6-byte entries each; at most
+        :data:`MAC_TABLE_ENTRIES`, more is an overflow)."""
+        if self.promisc:
+            return None
+        blob = self._filter_blob
+        if blob is None:
+            mode = 0
+            for bit, on in enumerate((self.allmulti, self.alluni, self.nomulti, self.nouni, self.nobcast,
+                                      self.uc_overflow, self.mc_overflow)):
+                mode |= on << bit
+            uc, mc = sorted(self.uc_table), sorted(self.mc_table)
+            blob = self._filter_blob = (bytes([mode]) + self.mac + bytes([len(uc)]) + b"".join(uc)
+                                        + bytes([len(mc)]) + b"".join(mc))
+        return blob
+
+    def _deliver(self, p: _Pair, q: Virtqueue, first: DescriptorChain, spills: list[DescriptorChain], n: int) -> None:
         """Hand the buffers holding an ``n``-byte frame (header included) to the driver.
 
         The frame was read into the first held buffer and, past its end, into the bounce
-        buffer; that spill is copied into the next held buffers (MRG_RXBUF; :meth:`_fits`
-        checked they have room).  Most frames fit the first buffer and are never copied.
+        buffer; that spill is copied into ``spills``, the next held buffers (MRG_RXBUF;
+        :meth:`_rx_frame` checked they have room).  Most frames fit the first buffer and are never copied.
         """
-        first = p.held.popleft()
-        p.held_heads[first.chain.head] = 0
-        if len(p.held) == 0:
-            p.returned_after_held = False
-        used = [(first.chain.head, min(first.cap, n))]
-        left = n - first.cap
+        p.release_first()
+        used = [(first.head, min(first.writable_len, n))]
+        left = n - first.writable_len
         off = 0
         bounce = p.bounce
-        while left > 0:
-            rx = p.held.popleft()
-            p.held_heads[rx.chain.head] = 0
-            if not p.held:
-                p.returned_after_held = False
-            take = rx.cap if rx.cap < left else left
-            pos = off
-            for v in rx.views:
-                k = min(len(v), off + take - pos)
-                if k <= 0:
-                    break
-                v[:k] = bounce[pos:pos + k]
-                pos += k
-            used.append((rx.chain.head, take))
+        for rx in spills:
+            p.release_first()
+            take = min(rx.writable_len, left)
+            rx.write(0, bounce[off:off + take])
+            used.append((rx.head, take))
             off += take
             left -= take
-        hdr = bytearray(_stream_bytes(first.views, 0, HDR_LEN))
+        hdr = bytearray(_stream_bytes(first.writable_views(), 0, HDR_LEN))
         if not self.guest_csum:
             hdr[0] = 0       # §5.1.6.3.2: flags zero without GUEST_CSUM
         elif hdr[1]:
             self.stats["rx_gso"] += 1
         hdr[10:12] = len(used).to_bytes(2, "little")   # num_buffers: the kernel leaves it unwritten
-        first.chain.write(0, hdr)
-        for head, take in used:
-            q.push(head, take)
+        first.write(0, hdr)
+        q.push_many(used)
+
+    # -- a deleted TAP coming back ---------------------------------------------------------------------
+    def _tap_gone(self) -> None:
+        """The TAP was deleted: start the thread that re-attaches the backend once the name exists again
+        (a backend without ``reattach``, e.g. a socket, stays down)."""
+        if not hasattr(self.backend, "reattach") or self._closing.is_set():
+            return
+        with self._reattach_lock:
+            if self._reattacher is not None:
+                return
+            self.log(logging.WARNING, "virtio-net: TAP %s is gone: link down; re-attaching when it exists again",
+                     getattr(self.backend, "name", "?"))
+            self._reattacher = threading.Thread(target=self._reattach_loop, name="virtio-net-reattach", daemon=True)
+            self._reattacher.start()
+
+    def _reattach_loop(self) -> None:
+        try:
+            while not self._closing.wait(REATTACH_INTERVAL):
+                try:
+                    self.backend.reattach()
+                except OSError:        # TapError: not there (yet), or not attachable: try again later
+                    continue
+                self._reattached()
+                return
+        finally:
+            with self._reattach_lock:
+                self._reattacher = None
+
+    def _reattached(self) -> None:
+        """The backend's fds work again: watch them, link up (configuration interrupt), wake the sidecore."""
+        for p in self._pairs:
+            with p.lock:
+                p.gone = False
+                p.armed = False         # the old file's poll (if any) completed: arm anew on the new one
+        if self.activated:
+            self._apply_active_pairs()
+        log.warning("virtio-net: TAP %s is back: re-attached", getattr(self.backend, "name", "?"))
+        self.set_link(True)
+        for p in self._pairs:
+            if p.poller is not None:
+                os.eventfd_write(p.poller.wake_fd, 1)    # a sleeping sidecore looks at the pair again
+
+    def _arm(self, p: _Pair) -> None:
+        if not p.armed and p.poller is not None:
+            if p.poller.arm_tap():
+                p.armed = True
+            else:               # the fd cannot be watched any more (closed, or the TAP is gone)
+                p.gone = True
 
     # -- control queue -------------------------------------------------------------------------------
     def _ctrl(self, chain: DescriptorChain) -> int:
@@ -678,6 +890,7 @@ class VirtioNet(VirtioDevice):
             cls, cmd = chain.read(0, 2)
             ok = self._ctrl_command(cls, cmd, chain.read(2, chain.readable_len - 2))
         self.stats["ctrl_ok" if ok else "ctrl_err"] += 1
+        self._filter_blob = None        # the RX mode, the MAC or its tables may have changed
         chain.write(chain.writable_len - 1, bytes([VIRTIO_NET_OK if ok else VIRTIO_NET_ERR]))
         return 1
 
@@ -730,6 +943,15 @@ class VirtioNet(VirtioDevice):
             self._apply_active_pairs()
             return True
         return False
+
+
+def _fold(ctl: array, first: int, names: tuple, stats: dict) -> None:
+    """Add the C counters ``ctl[first:first+len(names)]`` to ``stats`` and zero them."""
+    for i, name in enumerate(names, first):
+        v = ctl[i]
+        if v:
+            stats[name] += v
+            ctl[i] = 0
 
 
 def _stream_bytes(iov: list, offset: int, n: int) -> bytes:
@@ -790,7 +1012,7 @@ class TapRxPollable:
         if self._event_seen():
             with p.lock:        # after its completion was seen the poll is spent: the fd is unwatched
                 p.armed = False
-        if p.armed or not p.held:
+        if p.armed or not p.held_count:
             return False
         return dev.rx_pump(self.pair) > 0
 
@@ -799,7 +1021,7 @@ class TapRxPollable:
 
     def arm(self) -> bool:
         p = self.device._pairs[self.pair]
-        return self.aio.tail() != self._seen or (not p.armed and bool(p.held) and not p.gone)
+        return self.aio.tail() != self._seen or (not p.armed and bool(p.held_count) and not p.gone)
 
     def disarm(self) -> None:
         pass

@@ -700,7 +700,7 @@ class Virtqueue:
         return None
 
     def c_batch(self, op: Callable, *device_args, times: bytearray | None = None,
-                max_batch: int | None = None) -> tuple[int, bool]:
+                max_batch: int | None = None, publishes: bool = True) -> tuple[int, bool]:
         """Run a C batch of :mod:`._vring` (e.g. ``_vring.Ring.blk_batch``) over this queue's state.
 
         The C code takes available chains while it can complete them itself, pushes
@@ -710,7 +710,8 @@ class Virtqueue:
         a broken queue) this returns ``(0, True)``: everything goes through Python.
         ``times``: a 40-byte buffer to which the batch adds ns per phase (ring read,
         chain walk, request parse, host I/O, used write).  ``max_batch``: take at most this many
-        chains (default: the queue size).
+        chains (default: the queue size).  ``publishes=False``: the op only consumes chains (virtio-net's
+        RX buffers, held for later), no used element is owed a notification.
         """
         ring = self._cring
         if ring is None or self.broken:
@@ -719,7 +720,7 @@ class Virtqueue:
             ring, self._last_avail, self._shadow_avail, self._used_idx, self._avail_event, self._evt,
             self._notify_enabled, self._size if max_batch is None else min(max_batch, self._size), times,
             *device_args)
-        if n:
+        if n and publishes:
             self._used_idx = used_idx
             self._unsignalled = True
         return n, more
