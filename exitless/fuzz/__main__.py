@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 
+from ..argtypes import positive_float, positive_int
 from . import TARGETS, Runner
 
 # libFuzzer's closing lines: "#123 DONE cov: 456 ft: 789 corp: ..." and -print_final_stats=1's "stat::..."
@@ -26,8 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="run every target in turn (each in its own process)")
     p.add_argument("--only", nargs="+", choices=sorted(TARGETS), metavar="TARGET", help="with --all: just these")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--runs", type=int, help="stop after N inputs")
-    budget.add_argument("--seconds", type=float, help="stop after S seconds")
+    budget.add_argument("--runs", type=positive_int, help="stop after N inputs (N > 0)")
+    budget.add_argument("--seconds", type=positive_float, help="stop after S seconds (S > 0)")
     p.add_argument("--make-seeds", action="store_true", help="(re)write the seed corpus from the targets' seeds()")
     p.add_argument("--replay", nargs="+", metavar="FILE", help="run these inputs once each, without atheris")
     p.add_argument("--corpus", metavar="DIR", help="working corpus (default: a temporary directory); the seed "
