@@ -15,6 +15,7 @@ import threading
 
 from ..argtypes import non_negative_float
 from ..errors import ExitlessError
+from ..disk import refuse_shared_images
 from .options import add_disk_argument, power_of_two
 
 BLK_USAGE = """\
@@ -69,6 +70,7 @@ def cmd_serve_blk(args) -> int:
         raise ServeConfigError(f"{len(args.socket)} --socket for {len(args.disk)} --disk: give one socket per disk")
     if len(set(map(os.path.abspath, args.socket))) != len(args.socket):
         raise ServeConfigError("each --socket must be a different path")
+    refuse_shared_images(args.disk)
     served = []
     try:
         for path, disk in zip(args.socket, args.disk):
