@@ -54,7 +54,7 @@ class NetSpec:
                     raise NetSpecError(f"--net {text!r}: {e}") from None
             elif key == "io" and value in PATHS:
                 spec.io = value
-            elif key == "queues" and value.isdigit() and 1 <= int(value) <= 16:
+            elif key == "queues" and value.isascii() and value.isdigit() and 1 <= int(value) <= 16:
                 spec.queues = int(value)
             elif key == "netns" and "/" not in value:
                 spec.netns = value
