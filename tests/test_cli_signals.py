@@ -110,3 +110,10 @@ def test_an_unknown_user_is_named_without_errno() -> None:
     with pytest.raises(ConfinementError) as e:
         drop_user("no-such-user-exitless")
     assert str(e.value) == "--user 'no-such-user-exitless': no such user"
+
+
+def test_an_uncreatable_guest_cache_names_the_flag() -> None:
+    r = _exitless("exitless", "guest", "fetch", "--cache", "/proc/exitless-no-such-cache")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr == ("exitless: cannot create the guest cache /proc/exitless-no-such-cache: No such file or "
+                        "directory; choose another with --cache DIR (cache_dir=) or $EXITLESS_CACHE\n")
