@@ -98,7 +98,14 @@ def _exitless(*args: str) -> subprocess.CompletedProcess:
                                   ("exitless", "serve", "blk", "--socket", "/tmp/x.sock", "--disk", "d.img",
                                    "--poll-us", "-5"),
                                   ("exitless", "serve", "net", "--socket", "/tmp/x.sock", "--tap", "t0",
-                                   "--poll-us", "nan")])
+                                   "--poll-us", "nan"),
+                                  # an output that cannot be written: refused before the bench, not after it
+                                  ("exitless", "bench", "blk", "--json", "/nonexistent-exitless/x.json"),
+                                  ("exitless", "bench", "nvme", "--plot", "/nonexistent-exitless/x.png"),
+                                  ("exitless", "bench", "net", "--plot", "/tmp"),
+                                  ("exitless", "bench", "doorbell", "--json", "/etc/hostname/x.json"),
+                                  ("exitless", "bench", "boot", "--json", "/proc/exitless-x.json"),
+                                  ("exitless", "bench", "soak", "--json", "/nonexistent-exitless/x.json")])
 def test_numeric_flags_refuse_nonsense(args) -> None:
     r = _exitless(*args)
     assert r.returncode == 2 and "error: argument" in r.stderr and "Traceback" not in r.stderr, r.stderr
