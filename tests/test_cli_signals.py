@@ -95,6 +95,7 @@ def _exitless(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("args", [("exitless.fuzz", "elf", "--runs", "-1"),       # libFuzzer: -1 is forever
                                   ("exitless.fuzz", "elf", "--runs", "0"),
                                   ("exitless.fuzz", "elf", "--seconds", "0"),
+                                  ("exitless.fuzz", "--all", "--json", "/nonexistent-exitless/f.json"),
                                   ("exitless", "serve", "blk", "--socket", "/tmp/x.sock", "--disk", "d.img",
                                    "--poll-us", "-5"),
                                   ("exitless", "serve", "net", "--socket", "/tmp/x.sock", "--tap", "t0",

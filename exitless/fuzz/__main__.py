@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 
-from ..argtypes import positive_float, positive_int
+from ..argtypes import output_file, positive_float, positive_int
 from . import TARGETS, Runner
 
 # libFuzzer's closing lines: "#123 DONE cov: 456 ft: 789 corp: ..." and -print_final_stats=1's "stat::..."
@@ -35,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
                                                    "corpus in the package is read, never written")
     p.add_argument("--artifacts", metavar="DIR", default=".", help="where crashing inputs are written")
     p.add_argument("--seed", type=int, default=0, help="libFuzzer -seed (0: random)")
-    p.add_argument("--json", metavar="FILE", help="write the summary (one object per target) as JSON")
+    p.add_argument("--json", metavar="FILE", type=output_file,
+                   help="write the summary (one object per target) as JSON")
     return p
 
 
