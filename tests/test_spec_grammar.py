@@ -78,3 +78,14 @@ def test_serve_net_names_a_bad_tap_in_one_line(tmp_path: Path, tap: bytes) -> No
                         os.fsencode(tmp_path / "n.sock"), b"--tap", tap], capture_output=True, timeout=60, cwd=ROOT)
     assert r.returncode == 2 and r.stderr.count(b"\n") == 1, r.stderr
     assert b"not a valid interface name" in r.stderr
+
+
+@pytest.mark.parametrize("text, message", [("tap=x,,y", "'tap=x,,y': empty option"),
+                                           ("tap=x,tap=y", "'tap=x,tap=y': option 'tap' given twice"),
+                                           ("tap=x,mac=52:54:00:00:00:01,mac=52:54:00:00:00:02", "option 'mac' given twice"),
+                                           ("tap=x,io=", "'tap=x,io=': bad option 'io='")])
+def test_net_spec_errors_say_what_is_wrong_once(text: str, message: str) -> None:
+    """Like the disk grammar's: the spec quoted once (argparse already says ``argument --net:``), the fault named."""
+    with pytest.raises(NetSpecError) as e:
+        NetSpec.parse(text)
+    assert message in str(e.value) and not str(e.value).startswith("--net")
