@@ -58,7 +58,8 @@ def test_a_signal_stops_run_in_one_line(tmp_path: Path, signum: int, status: int
     assert "Traceback" not in err and err.strip().splitlines()[-1] == message, err
 
 
-def test_sigterm_during_bench_net_removes_its_namespace(tmp_path: Path) -> None:
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.3])     # in netns.create, the namespace's set-up, the first VM
+def test_sigterm_during_bench_net_removes_its_namespace(tmp_path: Path, delay: float) -> None:
     """``bench net`` makes ``/run/netns/exl-bench-PID`` and a temporary directory; SIGTERM must remove both.
 
     pyroute2 forks helpers that inherit the handler and are themselves stopped with SIGTERM: they
@@ -77,7 +78,7 @@ def test_sigterm_during_bench_net_removes_its_namespace(tmp_path: Path) -> None:
     while not netns.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     assert netns.exists(), proc.communicate()[1]
-    time.sleep(0.3)                  # inside the namespace's set-up or the first VM, wherever it is
+    time.sleep(delay)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
