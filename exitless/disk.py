@@ -9,6 +9,8 @@ command accepts a subset of the options (``serve blk`` takes ``ro`` and
 """
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass
 
 from .errors import ExitlessError
@@ -147,6 +149,33 @@ def add_disks(machine, specs: list[DiskSpec], *, one_sidecore: bool = False, gro
         for group in groups.values():
             group.start_on(machine)
     return devices
+
+
+class SharedImageError(ExitlessError, ValueError):
+    """One image backs two devices and one of them may write it; the message names both."""
+
+
+def refuse_shared_images(specs) -> None:
+    """Refuse one file (or block device) given to two devices -- ``--disk``, ``--nvme``, ``serve blk
+    --disk`` -- unless every one of them is read-only: two writers with their own caches (the
+    guest's, one per device) corrupt the file system on it silently.  QEMU refuses the same with
+    its image locks.  ``specs`` have ``path`` and ``read_only``; a path that does not exist is left
+    to the device to report.  Raises :class:`SharedImageError`.
+    """
+    seen: dict[tuple[int, int], tuple[str, bool]] = {}
+    for spec in specs:
+        try:
+            st = os.stat(spec.path)
+        except OSError:
+            continue
+        key = (st.st_dev, st.st_ino) if not stat.S_ISBLK(st.st_mode) else (-1, st.st_rdev)
+        if key in seen:
+            other, other_ro = seen[key]
+            if not (spec.read_only and other_ro):
+                raise SharedImageError(f"{spec.path}: the same image as {other} given to two devices, not both "
+                                       "read-only (add ,ro to both, or use a copy)")
+        else:
+            seen[key] = (spec.path, spec.read_only)
 
 
 def sidecore_group(groups: dict, io: str):

@@ -72,8 +72,9 @@ class Namespace:
         from pyroute2 import netns
 
         self.name = f"exl-bench-{os.getpid()}"
-        netns.create(self.name)
         try:
+            # inside the try: Ctrl-C or SIGTERM may land in netns.create once /run/netns/NAME exists
+            netns.create(self.name)
             from pyroute2 import NetNS
 
             with NetNS(self.name, flags=0) as ns:
@@ -81,13 +82,17 @@ class Namespace:
                 ns.link("set", index=lo, state="up")
             create_tap(TAP_NAME, self.name, address=HOST_ADDR)
         except BaseException:
-            netns.remove(self.name)
+            self.close()
             raise
 
     def close(self) -> None:
+        """Delete the namespace (and its TAP), if it was made."""
         from pyroute2 import netns
 
-        netns.remove(self.name)
+        try:
+            netns.remove(self.name)
+        except FileNotFoundError:
+            pass
 
 
 def _exitless_run(ns: Namespace, path: str, app: str, timeout: float) -> dict:

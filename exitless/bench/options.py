@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..argtypes import mem_size, non_negative_float, non_negative_int, positive_float, positive_int
+from ..argtypes import mem_size, non_negative_float, non_negative_int, output_file, positive_float, positive_int
 from .workload import TESTS
 
 DOORBELL_PATHS = ("trap", "ioeventfd", "shared", "adaptive")
@@ -24,7 +24,7 @@ CACHES = ("writeback", "none")
 
 def _common(p, rounds_help: str = "interleaved rounds per row (median and spread reported)") -> None:
     p.add_argument("--rounds", type=positive_int, default=3, help=rounds_help + " (default 3)")
-    p.add_argument("--json", nargs="?", const="-", metavar="FILE",
+    p.add_argument("--json", nargs="?", const="-", metavar="FILE", type=output_file,
                    help="write rows as JSON to FILE, or alone: to stdout (then only JSON goes to stdout)")
 
 
@@ -57,7 +57,7 @@ def add_blk(p) -> None:
     p.add_argument("--with-vhost", action="store_true",
                    help="add the bench vhost rows: QEMU frontend with exitless and qemu-storage-daemon "
                         "vhost-user back-ends")
-    p.add_argument("--plot", help="write a PNG plot here")
+    p.add_argument("--plot", type=output_file, metavar="PNG", help="write a PNG plot here")
     _common(p)
 
 
@@ -66,7 +66,7 @@ def add_nvme(p) -> None:
                    help=f"exitless doorbell paths to measure (default: all: {' '.join(NVME_PATHS)})")
     _tests(p)
     p.add_argument("--no-qemu", action="store_true", help="skip the QEMU rows")
-    p.add_argument("--plot", help="write a PNG plot here")
+    p.add_argument("--plot", type=output_file, metavar="PNG", help="write a PNG plot here")
     _common(p)
 
 
@@ -96,14 +96,14 @@ def add_net(p) -> None:
     p.add_argument("--scale", type=positive_float, default=1.0, help="multiply the packet counts (default 1.0)")
     p.add_argument("--no-qemu", action="store_true", help="skip QEMU's own virtio-net (tap) rows")
     p.add_argument("--no-vhost", action="store_true", help="skip the qemu+exitless (vhost-user-net) rows")
-    p.add_argument("--plot", help="write a PNG plot here")
+    p.add_argument("--plot", type=output_file, metavar="PNG", help="write a PNG plot here")
     _common(p)
 
 
 def add_boot(p) -> None:
     p.add_argument("--rounds", "--runs", dest="runs", type=positive_int, default=3,
                    help="boots per VMM, alternating exitless and QEMU (the median and min–max are reported; default 3)")
-    p.add_argument("--json", nargs="?", const="-", metavar="FILE",
+    p.add_argument("--json", nargs="?", const="-", metavar="FILE", type=output_file,
                    help="write the results as JSON to FILE, or alone: to stdout (then only JSON goes to stdout)")
     p.add_argument("--timeout", type=positive_float, default=None,
                    help="seconds per boot (default 60; 1800 for exitless on kvm_pvm, 600 for QEMU TCG)")
@@ -142,7 +142,7 @@ def add_sidecore(p) -> None:
     p.add_argument("--seconds", type=positive_float, default=5.0,
                    help="seconds of I/O per VM and sample, all VMs at once (default 5)")
     p.add_argument("--qd", type=positive_int, default=1, help="requests in flight per VM (default 1)")
-    p.add_argument("--plot", help="write a PNG plot here")
+    p.add_argument("--plot", type=output_file, metavar="PNG", help="write a PNG plot here")
     _common(p)
 
 
@@ -150,5 +150,5 @@ def add_soak(p) -> None:
     p.add_argument("--minutes", type=positive_float, default=10.0,
                    help="run cycles until this much time has passed (at least one cycle; default 10)")
     p.add_argument("--seed", type=positive_int, default=1, help="random choices and pattern generations (default 1)")
-    p.add_argument("--json", nargs="?", const="-", metavar="FILE",
+    p.add_argument("--json", nargs="?", const="-", metavar="FILE", type=output_file,
                    help="write the rows as JSON to FILE, or alone: to stdout (then only JSON goes to stdout)")

@@ -15,6 +15,7 @@ boot.rst / zero-page.rst; they are ABI and never move.
 from __future__ import annotations
 
 from ..errors import ExitlessError
+import os
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -288,8 +289,9 @@ def _cstring(data: bytes, off: int) -> str:
 
 
 def encode_cmdline(cmdline: str, header: SetupHeader) -> bytes:
-    """The NUL-terminated command line bytes; rejects one longer than ``cmdline_size``."""
-    raw = cmdline.encode()
+    """The NUL-terminated command line bytes; rejects one longer than ``cmdline_size``.  The bytes are the
+    user's (``os.fsencode``: an argument that is not UTF-8 comes back as given, not as an exception)."""
+    raw = os.fsencode(cmdline)
     if b"\0" in raw:
         raise BzImageError("kernel command line contains a NUL byte")
     if len(raw) > header.cmdline_size:

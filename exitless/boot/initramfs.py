@@ -184,7 +184,7 @@ def _norm(path: str) -> str:
 
 
 def _header(name: str, ino: int, mode: int, nlink: int, mtime: int, size: int, rdev: tuple[int, int]) -> bytes:
-    raw = name.encode() + b"\0"
+    raw = os.fsencode(name) + b"\0"         # a host file name that is not UTF-8 keeps its bytes
     fields = (ino, mode, 0, 0, nlink, mtime, size, 0, 0, rdev[0], rdev[1], len(raw), 0)
     for v in fields:
         if not 0 <= v <= 0xFFFFFFFF:
@@ -550,10 +550,11 @@ def build_initramfs(
                 w.add_file(f"{gbase}/{meta}", (mdir / meta).read_bytes())
 
     if command is not None:
-        w.add_file("/etc/exitless/command.sh", command.encode() + b"\n", 0o755)
+        # the user's argv bytes, also where they are not UTF-8 (os.fsencode undoes the surrogateescape)
+        w.add_file("/etc/exitless/command.sh", os.fsencode(command) + b"\n", 0o755)
     if init_script is None:
         init_script = make_init(guest_modules, command, shutdown=shutdown)
-    w.add_file("/init", init_script.encode() if isinstance(init_script, str) else init_script, 0o755)
+    w.add_file("/init", os.fsencode(init_script) if isinstance(init_script, str) else init_script, 0o755)
 
     for gpath, spec in (extra_files or {}).items():
         mode: int | None = None

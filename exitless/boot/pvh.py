@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ..errors import ExitlessError
 import io
+import os
 import struct
 from dataclasses import dataclass
 
@@ -185,8 +186,12 @@ def load_pvh(mem: GuestMemory, kernel: PvhKernel, cmdline: str, ram: list[tuple[
 
 
 def pvh_cmdline(cmdline: str) -> bytes:
-    """The NUL-terminated command line; :class:`KernelImageError` if it is longer than its page allows."""
-    raw = cmdline.encode() + b"\0"
+    """The NUL-terminated command line; :class:`KernelImageError` if it holds a NUL or is longer than its page
+    allows.  The bytes are the user's (``os.fsencode``: an argument that is not UTF-8 comes back as given)."""
+    raw = os.fsencode(cmdline)
+    if b"\0" in raw:
+        raise KernelImageError("kernel command line contains a NUL byte")
+    raw += b"\0"
     if len(raw) > L.CMDLINE_MAX:
         raise KernelImageError(f"command line is {len(raw) - 1} bytes, longer than {L.CMDLINE_MAX - 1}")
     return raw

@@ -91,9 +91,10 @@ def attach_devices(machine, args) -> None:
     A new device option (``--nvme``, ``--net``) adds its argument in :func:`register` and its
     attach call here, so that the guest kit and Linux get it alike.
     """
-    from ..disk import add_disks
+    from ..disk import add_disks, refuse_shared_images
     from ..nvme import add_nvmes
 
+    refuse_shared_images([*args.disk, *args.nvme])
     groups = {} if args.one_sidecore else None    # one sidecore per polling mode, for disks and NVMe alike
     add_disks(machine, args.disk, one_sidecore=args.one_sidecore, groups=groups, service=args.sidecore)
     add_nvmes(machine, args.nvme, groups=groups)

@@ -13,8 +13,9 @@ import os
 import signal
 import threading
 
+from ..argtypes import non_negative_float
 from ..errors import ExitlessError
-
+from ..disk import refuse_shared_images
 from .options import add_disk_argument, power_of_two
 
 BLK_USAGE = """\
@@ -55,7 +56,7 @@ def _add_blk(ssub) -> None:
     blk.add_argument("--queues", type=int, default=1, choices=range(1, 17), metavar="N",
                      help="virtqueues offered (QEMU's num-queues must not exceed it; default 1)")
     blk.add_argument("--queue-size", type=power_of_two, default=256, metavar="N", help="maximum ring size (default 256)")
-    blk.add_argument("--poll-us", type=float, default=64.0, help="adaptive: initial busy-poll window (µs; default 64)")
+    blk.add_argument("--poll-us", type=non_negative_float, default=64.0, help="adaptive: initial busy-poll window (µs; default 64)")
     blk.add_argument("--no-confine", action="store_true",
                      help="do not install the seccomp filter (debugging: strace, profilers)")
     blk.add_argument("--user", metavar="USER", help="drop to this user after setup (needs root)")
@@ -69,6 +70,7 @@ def cmd_serve_blk(args) -> int:
         raise ServeConfigError(f"{len(args.socket)} --socket for {len(args.disk)} --disk: give one socket per disk")
     if len(set(map(os.path.abspath, args.socket))) != len(args.socket):
         raise ServeConfigError("each --socket must be a different path")
+    refuse_shared_images(args.disk)
     served = []
     try:
         for path, disk in zip(args.socket, args.disk):
@@ -123,7 +125,7 @@ def _add_net(ssub) -> None:
                      help="queue pairs (QEMU's queues= must not exceed it; default 1)")
     net.add_argument("--queue-size", type=power_of_two, default=256, metavar="N", help="maximum ring size (default 256)")
     net.add_argument("--mac", type=_mac, metavar="MAC", help="the device's MAC (QEMU's mac= is what the guest sees)")
-    net.add_argument("--poll-us", type=float, default=64.0, help="adaptive: initial busy-poll window (µs; default 64)")
+    net.add_argument("--poll-us", type=non_negative_float, default=64.0, help="adaptive: initial busy-poll window (µs; default 64)")
     net.set_defaults(func=cmd_serve_net)
 
 

@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 
+from ..argtypes import output_file, positive_float, positive_int
 from . import TARGETS, Runner
 
 # libFuzzer's closing lines: "#123 DONE cov: 456 ft: 789 corp: ..." and -print_final_stats=1's "stat::..."
@@ -26,15 +27,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="run every target in turn (each in its own process)")
     p.add_argument("--only", nargs="+", choices=sorted(TARGETS), metavar="TARGET", help="with --all: just these")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--runs", type=int, help="stop after N inputs")
-    budget.add_argument("--seconds", type=float, help="stop after S seconds")
+    budget.add_argument("--runs", type=positive_int, help="stop after N inputs (N > 0)")
+    budget.add_argument("--seconds", type=positive_float, help="stop after S seconds (S > 0)")
     p.add_argument("--make-seeds", action="store_true", help="(re)write the seed corpus from the targets' seeds()")
     p.add_argument("--replay", nargs="+", metavar="FILE", help="run these inputs once each, without atheris")
     p.add_argument("--corpus", metavar="DIR", help="working corpus (default: a temporary directory); the seed "
                                                    "corpus in the package is read, never written")
     p.add_argument("--artifacts", metavar="DIR", default=".", help="where crashing inputs are written")
     p.add_argument("--seed", type=int, default=0, help="libFuzzer -seed (0: random)")
-    p.add_argument("--json", metavar="FILE", help="write the summary (one object per target) as JSON")
+    p.add_argument("--json", metavar="FILE", type=output_file,
+                   help="write the summary (one object per target) as JSON")
     return p
 
 

@@ -139,7 +139,8 @@ def fetch_guest(
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise GuestFetchError(f"cannot create the guest cache {cache}: {exc}; pass cache_dir= or set ${CACHE_ENV}") from exc
+        raise GuestFetchError(f"cannot create the guest cache {cache}: {exc.strerror}; choose another with "
+                              f"--cache DIR (cache_dir=) or ${CACHE_ENV}") from exc
 
     want_kernel = kernel is None
     want_busybox = busybox is None

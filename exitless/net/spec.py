@@ -35,31 +35,35 @@ class NetSpec:
         fields: dict[str, str] = {}
         for opt in text.split(","):
             key, eq, value = opt.partition("=")
-            if not eq or not value or key in fields:
-                raise NetSpecError(f"--net {text!r}: bad or repeated option {opt!r} "
+            if not opt:
+                raise NetSpecError(f"{text!r}: empty option")
+            if key in fields:
+                raise NetSpecError(f"{text!r}: option {key!r} given twice")
+            if not eq or not value:
+                raise NetSpecError(f"{text!r}: bad option {opt!r} "
                                    f"(tap=NAME, mac=MAC, io={'|'.join(PATHS)}, queues=1..16, netns=NS)")
             fields[key] = value
         if "tap" not in fields:
-            raise NetSpecError(f"--net {text!r}: tap=NAME is required")
+            raise NetSpecError(f"{text!r}: tap=NAME is required")
         spec = cls(fields.pop("tap"))
         try:
             check_name(spec.tap)
         except TapError as e:
-            raise NetSpecError(f"--net {text!r}: {e.strerror}") from None
+            raise NetSpecError(f"{text!r}: {e.strerror}") from None
         for key, value in fields.items():
             if key == "mac":
                 try:
                     spec.mac = parse_mac(value)
                 except ValueError as e:
-                    raise NetSpecError(f"--net {text!r}: {e}") from None
+                    raise NetSpecError(f"{text!r}: {e}") from None
             elif key == "io" and value in PATHS:
                 spec.io = value
-            elif key == "queues" and value.isdigit() and 1 <= int(value) <= 16:
+            elif key == "queues" and value.isascii() and value.isdigit() and 1 <= int(value) <= 16:
                 spec.queues = int(value)
             elif key == "netns" and "/" not in value:
                 spec.netns = value
             else:
-                raise NetSpecError(f"--net {text!r}: bad option {key}={value!r} "
+                raise NetSpecError(f"{text!r}: bad option {key}={value!r} "
                                    f"(mac=MAC, io={'|'.join(PATHS)}, queues=1..16, netns=NS)")
         return spec
 

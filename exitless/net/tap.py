@@ -76,10 +76,17 @@ def _ifreq(name: str, flags: int) -> bytes:
 
 
 def check_name(name: str) -> str:
-    """An interface name the kernel accepts: 1..15 bytes, no '/', no whitespace."""
-    if not name or len(name.encode()) >= IFNAMSIZ or "/" in name or any(c.isspace() for c in name) \
+    """An interface name the kernel accepts (``dev_valid_name``): 1..15 bytes, no '/', ':' or whitespace, not
+    '.' or '..' -- and UTF-8 (pyroute2 and our ioctls take text).  Raises :class:`TapError` otherwise (the
+    kernel's EINVAL for such a name read as "exists with other flags")."""
+    try:
+        raw = name.encode()
+    except UnicodeEncodeError:
+        raw = b""
+    if not raw or len(raw) >= IFNAMSIZ or "/" in name or ":" in name or any(c.isspace() for c in name) \
             or name in (".", ".."):
-        raise TapError(errno.EINVAL, f"{name!r} is not a valid interface name (1..15 characters, no '/' or spaces)")
+        raise TapError(errno.EINVAL, f"{name!r} is not a valid interface name (1..15 bytes of UTF-8, no '/', ':' "
+                                     "or spaces)")
     return name
 
 

@@ -341,9 +341,12 @@ class VirtioNet(VirtioDevice):
     }
 
     def features_ok(self, driver_features: int) -> bool:
-        """Offered subset with VERSION_1, and every feature's prerequisites (for ECN: one of them)."""
+        """Offered subset with VERSION_1, and every feature's prerequisites (for ECN: one of them).
+        Without a control queue of ours (vhost-user) the frontend keeps one: CTRL_VQ counts as there."""
         if not super().features_ok(driver_features):
             return False
+        if not self.ctrl_queue:
+            driver_features |= 1 << VIRTIO_NET_F_CTRL_VQ
         for bit, needs in self._REQUIRES.items():
             if driver_features >> bit & 1:
                 have = [driver_features >> n & 1 for n in needs]
