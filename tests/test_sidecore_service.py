@@ -318,18 +318,14 @@ class ServiceUnderAttack(RuleBasedStateMachine):
             if hello == "good":
                 hello_with(self.disk)(fe)
                 fe.set_protocol_features(1 << P.PROTOCOL_F_REPLY_ACK)
-            elif hello == "bad-version":
-                fd = os.open(self.disk, os.O_RDWR)
-                fe.send(P.EXITLESS_SET_BACKEND, backend_payload(version=0), [fd])
-                os.close(fd)
-            elif hello == "bad-fd":
-                fd = os.eventfd(0)
-                fe.send(P.EXITLESS_SET_BACKEND, backend_payload(), [fd])
-                os.close(fd)
-            elif hello == "ro-fd":
-                fd = os.open(self.disk, os.O_RDONLY)
-                fe.send(P.EXITLESS_SET_BACKEND, backend_payload(), [fd])
-                os.close(fd)
+            elif hello != "none":
+                fd = (os.eventfd(0) if hello == "bad-fd" else
+                      os.open(self.disk, os.O_RDONLY if hello == "ro-fd" else os.O_RDWR))
+                try:
+                    fe.send(P.EXITLESS_SET_BACKEND, backend_payload(version=0 if hello == "bad-version" else 1),
+                            [fd])
+                finally:
+                    os.close(fd)
         except (OSError, FrontendError):
             pass    # refused beyond the limit, or hung up on: both fine
         return fe

@@ -43,8 +43,8 @@ from ..devices.virtio.constants import VIRTIO_ID_BLOCK
 from ..errors import ExitlessError
 from ..vhost_user import protocol as P
 from ..vhost_user.backend import LOOP_MODE, VhostUserBackend
-from ..vhost_user.server import (ProtocolError, SocketPathError, _Closed, _peer, _Truncated,
-                                 claim_socket_path, recv_message, run_session)
+from ..vhost_user.server import (ProtocolError, _Closed, _peer, _Truncated, close_socket, listen_socket,
+                                 recv_message, run_session)
 from .loop import SidecoreLoop, SidecoreThread
 
 log = logging.getLogger("exitless.sidecore.service")
@@ -107,16 +107,7 @@ class SidecoreService:
 
     # -- life cycle -------------------------------------------------------------------------------------------
     def listen(self) -> "SidecoreService":
-        claim_socket_path(self.path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            sock.bind(self.path)
-            sock.listen(16)
-        except OSError as e:
-            sock.close()
-            raise SocketPathError(f"{self.path}: cannot listen here: {e.strerror or e}") from e
-        self.sock = sock
-        self._ino = os.stat(self.path).st_ino
+        self.sock, self._ino = listen_socket(self.path, 16)
         self.dataplane.start()      # now, so that the service's threads are all there once it says "serving"
         return self
 
@@ -177,13 +168,8 @@ class SidecoreService:
         else:
             self.dataplane.loop.close()
         if self.sock is not None:
-            self.sock.close()
+            close_socket(self.sock, self.path, self._ino)
             self.sock = None
-            try:
-                if os.stat(self.path).st_ino == self._ino:
-                    os.unlink(self.path)
-            except OSError:
-                pass
         if self._stop_fd >= 0:
             os.close(self._stop_fd)
             self._stop_fd = -1

@@ -68,6 +68,34 @@ def claim_socket_path(path: str) -> None:
     raise SocketPathError(f"{path}: another process is listening on this socket")
 
 
+def listen_socket(path: str, backlog: int) -> tuple[socket.socket, int]:
+    """A unix stream socket listening on ``path`` (a stale socket file there is replaced) and the inode
+    of its file (for :func:`close_socket`).  Raises :class:`SocketPathError` for a path in use or one
+    that cannot be bound (no such directory, no permission, too long: the user's path)."""
+    claim_socket_path(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(path)
+        sock.listen(backlog)
+        return sock, os.stat(path).st_ino
+    except OSError as e:
+        sock.close()
+        raise SocketPathError(f"{path}: cannot listen here: {e.strerror or e}") from e
+    except BaseException:
+        sock.close()
+        raise
+
+
+def close_socket(sock: socket.socket, path: str, ino: int) -> None:
+    """Close a socket of :func:`listen_socket` and remove its file if it is still ours (inode ``ino``)."""
+    sock.close()
+    try:
+        if os.stat(path).st_ino == ino:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
 def _fds_from(ancdata) -> list[int]:
     fds: list[int] = []
     for level, kind, data in ancdata:
@@ -179,19 +207,7 @@ class VhostUserServer:
 
     # -- life cycle -------------------------------------------------------------------------------------
     def listen(self) -> "VhostUserServer":
-        claim_socket_path(self.path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            sock.bind(self.path)
-            sock.listen(4)
-        except OSError as e:          # no such directory, no permission, path too long: the user's path
-            sock.close()
-            raise SocketPathError(f"{self.path}: cannot listen here: {e.strerror or e}") from e
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-        self._ino = os.stat(self.path).st_ino
+        self.sock, self._ino = listen_socket(self.path, 4)
         return self
 
     def start(self) -> "VhostUserServer":
@@ -215,13 +231,8 @@ class VhostUserServer:
 
     def close(self) -> None:
         if self.sock is not None:
-            self.sock.close()
+            close_socket(self.sock, self.path, self._ino)
             self.sock = None
-            try:
-                if os.stat(self.path).st_ino == self._ino:   # still ours
-                    os.unlink(self.path)
-            except OSError:
-                pass
         if self._stop_fd >= 0 and (self._thread is None or not self._thread.is_alive()):
             os.close(self._stop_fd)
             self._stop_fd = -1
