@@ -394,3 +394,27 @@ class ServiceUnderAttack(RuleBasedStateMachine):
 ServiceUnderAttack.TestCase.settings = settings(max_examples=25, stateful_step_count=12, deadline=None,
                                                suppress_health_check=list(HealthCheck))
 test_service_under_attack = ServiceUnderAttack.TestCase
+
+
+def test_cli_usage_errors(tmp_path):
+    """``exitless sidecore`` with a taken socket or a bad limit: one line, exit 2; SIGTERM: exit 0."""
+    import subprocess
+    import sys
+
+    try:
+        from serveproc import ServeProcess
+    except ImportError:  # run from the repository root as a package
+        from tests.serveproc import ServeProcess
+
+    sock = tmp_path / "s.sock"
+    svc = ServeProcess(None, ["--socket", str(sock), "--no-confine"], tmp_path / "log", command=("sidecore",))
+    try:
+        for args, words in ((["--socket", str(sock)], "another process is listening"),
+                            (["--socket", str(tmp_path / "t.sock"), "--max-vms", "0"], "--max-vms 0"),
+                            (["--socket", str(tmp_path / "no" / "dir.sock")], "cannot listen here")):
+            r = subprocess.run([sys.executable, "-m", "exitless", "sidecore", *args], capture_output=True,
+                               text=True, timeout=60)
+            assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
+    finally:
+        assert svc.stop() == 0          # SIGTERM: a clean stop
+    assert "NOT confined" in svc.text() and not sock.exists()

@@ -189,7 +189,7 @@ class SidecoreService:
                 return
             session = VhostUserBackend(device, self.mode, poll_ns=self.poll_ns, name=f"sidecore {name}",
                                        dataplane=self.dataplane.loop, sealed_only=True)
-            log.info("sidecore: %s serves %s (%d sectors%s, %d queue(s) of %d)", name, device.path,
+            log.info("sidecore: %s serves its disk %s (%d sectors%s, %d queue(s) of %d)", name, device.serial,
                      device.capacity, ", read-only" if device.read_only else "", device.num_queues,
                      device.queue_max_size)
             why = run_session(conn, session, self, self._stop_fd, self.io_timeout)
