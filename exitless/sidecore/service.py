@@ -43,7 +43,7 @@ from ..devices.virtio.constants import VIRTIO_ID_BLOCK
 from ..errors import ExitlessError
 from ..vhost_user import protocol as P
 from ..vhost_user.backend import LOOP_MODE, VhostUserBackend
-from ..vhost_user.server import (ProtocolError, _Closed, _peer, _Truncated, close_socket, listen_socket,
+from ..vhost_user.server import (PeerClosed, ProtocolError, TooManyFds, close_socket, listen_socket, peer_name,
                                  recv_message, run_session)
 from .loop import SidecoreLoop, SidecoreThread
 
@@ -148,7 +148,7 @@ class SidecoreService:
         with self._lock:
             if len(self._clients) >= self.max_clients:
                 self.refused += 1
-                log.warning("sidecore: %s refused: already serving %d VMs (--max-vms)", _peer(conn),
+                log.warning("sidecore: %s refused: already serving %d VMs (--max-vms)", peer_name(conn),
                             len(self._clients))
                 conn.close()
                 return
@@ -177,7 +177,7 @@ class SidecoreService:
     # -- one VM ---------------------------------------------------------------------------------------------------
     def _client(self, conn: socket.socket, cid: int) -> None:
         name = f"vm#{cid}"
-        peer = _peer(conn)
+        peer = peer_name(conn)
         t0 = time.monotonic()
         device = session = None
         why = "closed the connection"
@@ -227,9 +227,9 @@ class SidecoreService:
             raise ProtocolError(f"no EXITLESS_SET_BACKEND within {self.io_timeout:g} s")
         try:
             msg = recv_message(conn, self.io_timeout)
-        except _Closed:
+        except PeerClosed:
             return None
-        except _Truncated as t:
+        except TooManyFds as t:
             raise ProtocolError(str(t)) from None
         self.messages += 1
         try:

@@ -42,7 +42,7 @@ class SocketPathError(ExitlessError, OSError):
     """The socket path cannot be used (a live listener is there, or it is not a socket)."""
 
 
-class _Closed(Exception):
+class PeerClosed(Exception):
     """The frontend closed the connection between messages."""
 
 
@@ -107,7 +107,8 @@ def _fds_from(ancdata) -> list[int]:
 
 
 def recv_message(conn: socket.socket, io_timeout: float = 10.0) -> Message:
-    """Read one message; raises _Closed on a clean EOF before it, FramingError on a broken stream.
+    """Read one message; raises PeerClosed on a clean EOF before it, FramingError on a broken stream,
+    TooManyFds (its ``msg`` without fds) when more than :data:`~exitless.vhost_user.protocol.MAX_FDS` came.
 
     The caller has waited until ``conn`` is readable.  Fds received before an
     error are closed here.
@@ -135,7 +136,7 @@ def recv_message(conn: socket.socket, io_timeout: float = 10.0) -> Message:
                 truncated = True
             if not data:
                 if first and not buf:
-                    raise _Closed()
+                    raise PeerClosed()
                 raise FramingError(f"connection closed mid-message ({len(buf)} of {n} bytes)")
             buf += data
             first = False
@@ -154,11 +155,11 @@ def recv_message(conn: socket.socket, io_timeout: float = 10.0) -> Message:
         for fd in fds:
             os.close(fd)
         msg.fds = []
-        raise _Truncated(msg)
+        raise TooManyFds(msg)
     return msg
 
 
-class _Truncated(Exception):
+class TooManyFds(Exception):
     """More fds than fit in one message arrived (the kernel dropped the rest)."""
 
     def __init__(self, msg: Message):
@@ -166,7 +167,8 @@ class _Truncated(Exception):
         self.msg = msg
 
 
-def _peer(conn: socket.socket) -> str:
+def peer_name(conn: socket.socket) -> str:
+    """``pid P uid U`` of the process at the other end of unix socket ``conn`` (for log lines)."""
     try:
         pid, uid, gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
         return f"pid {pid} uid {uid}"
@@ -261,7 +263,7 @@ class VhostUserServer:
 
     def _serve(self, conn: socket.socket) -> None:
         self.connections += 1
-        peer = _peer(conn)
+        peer = peer_name(conn)
         log.info("%s: frontend connected (%s), connection %d", self.name, peer, self.connections)
         session = self.session = VhostUserBackend(self.device, self.io, poll_ns=self.poll_ns,
                                                   name=f"{self.name}#{self.connections}", dataplane=self.dataplane)
@@ -287,7 +289,7 @@ class VhostUserServer:
             return
         self.rejected += 1
         log.warning("%s: a second frontend connected (%s) while one is served: disconnected", self.name,
-                    _peer(extra))
+                    peer_name(extra))
         extra.close()
 
     def wait_connections(self, n: int, timeout: float) -> bool:
@@ -330,9 +332,9 @@ def run_session(conn: socket.socket, session: VhostUserBackend, owner, stop_fd: 
             continue
         try:
             msg = recv_message(conn, io_timeout)
-        except _Closed:
+        except PeerClosed:
             return "closed the connection"
-        except _Truncated as t:
+        except TooManyFds as t:
             if not _refuse(conn, session, owner, t.msg, str(t)):
                 return "protocol error"
             continue
