@@ -15,7 +15,7 @@ import threading
 import time
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
 
@@ -418,3 +418,24 @@ def test_cli_usage_errors(tmp_path):
     finally:
         assert svc.stop() == 0          # SIGTERM: a clean stop
     assert "NOT confined" in svc.text() and not sock.exists()
+
+
+@st.composite
+def _backends(draw):
+    return P.Backend(P.BACKEND_VERSION, draw(st.integers(0, 2**32 - 1)), draw(st.integers(0, P.BACKEND_FLAGS)),
+                     draw(st.integers(0, 2**32 - 1)), draw(st.integers(0, 2**32 - 1)),
+                     draw(st.text(st.characters(min_codepoint=1, max_codepoint=127), max_size=20)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=60) | st.binary(min_size=P.BACKEND.size, max_size=P.BACKEND.size), _backends())
+def test_backend_payload_decodes_or_is_refused(data, good):
+    """EXITLESS_SET_BACKEND's decoder: any bytes give a Backend or ProtocolError (nothing else), and
+    every well-formed payload round-trips."""
+    try:
+        b = P.backend(P.Message(P.EXITLESS_SET_BACKEND, 1, data))
+        assert b.version == P.BACKEND_VERSION and not b.flags & ~P.BACKEND_FLAGS and b.serial.isascii()
+        assert P.expected_fds(P.Message(P.EXITLESS_SET_BACKEND, 1, data)) in (1, 2)
+    except P.ProtocolError:
+        pass
+    assert P.backend(P.Message(P.EXITLESS_SET_BACKEND, 1, P.encode_backend(good))) == good
