@@ -209,5 +209,8 @@ def test_device_reset_detaches_and_a_dead_service_needs_reset(tmp_path):
             wait_for(lambda: len(loop.pollables) == 1, 10, lambda: f"{len(loop.pollables)} pollables")
             run.stop()                                               # the service goes away
             wait_for(lambda: pci.status & 0x40, 10, lambda: f"status {pci.status:#x}")   # DEVICE_NEEDS_RESET
+            pci.common_write(0x14, 1, 0)                             # the driver resets and tries again:
+            driver_ok()
+            assert pci.status & 0x40                                 # told at once, not left waiting
     finally:
         run.stop()
