@@ -15,7 +15,7 @@ import threading
 import time
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
 
@@ -318,18 +318,14 @@ class ServiceUnderAttack(RuleBasedStateMachine):
             if hello == "good":
                 hello_with(self.disk)(fe)
                 fe.set_protocol_features(1 << P.PROTOCOL_F_REPLY_ACK)
-            elif hello == "bad-version":
-                fd = os.open(self.disk, os.O_RDWR)
-                fe.send(P.EXITLESS_SET_BACKEND, backend_payload(version=0), [fd])
-                os.close(fd)
-            elif hello == "bad-fd":
-                fd = os.eventfd(0)
-                fe.send(P.EXITLESS_SET_BACKEND, backend_payload(), [fd])
-                os.close(fd)
-            elif hello == "ro-fd":
-                fd = os.open(self.disk, os.O_RDONLY)
-                fe.send(P.EXITLESS_SET_BACKEND, backend_payload(), [fd])
-                os.close(fd)
+            elif hello != "none":
+                fd = (os.eventfd(0) if hello == "bad-fd" else
+                      os.open(self.disk, os.O_RDONLY if hello == "ro-fd" else os.O_RDWR))
+                try:
+                    fe.send(P.EXITLESS_SET_BACKEND, backend_payload(version=0 if hello == "bad-version" else 1),
+                            [fd])
+                finally:
+                    os.close(fd)
         except (OSError, FrontendError):
             pass    # refused beyond the limit, or hung up on: both fine
         return fe
@@ -398,3 +394,48 @@ class ServiceUnderAttack(RuleBasedStateMachine):
 ServiceUnderAttack.TestCase.settings = settings(max_examples=25, stateful_step_count=12, deadline=None,
                                                suppress_health_check=list(HealthCheck))
 test_service_under_attack = ServiceUnderAttack.TestCase
+
+
+def test_cli_usage_errors(tmp_path):
+    """``exitless sidecore`` with a taken socket or a bad limit: one line, exit 2; SIGTERM: exit 0."""
+    import subprocess
+    import sys
+
+    try:
+        from serveproc import ServeProcess
+    except ImportError:  # run from the repository root as a package
+        from tests.serveproc import ServeProcess
+
+    sock = tmp_path / "s.sock"
+    svc = ServeProcess(None, ["--socket", str(sock), "--no-confine"], tmp_path / "log", command=("sidecore",))
+    try:
+        for args, words in ((["--socket", str(sock)], "another process is listening"),
+                            (["--socket", str(tmp_path / "t.sock"), "--max-vms", "0"], "--max-vms 0"),
+                            (["--socket", str(tmp_path / "no" / "dir.sock")], "cannot listen here")):
+            r = subprocess.run([sys.executable, "-m", "exitless", "sidecore", *args], capture_output=True,
+                               text=True, timeout=60)
+            assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
+    finally:
+        assert svc.stop() == 0          # SIGTERM: a clean stop
+    assert "NOT confined" in svc.text() and not sock.exists()
+
+
+@st.composite
+def _backends(draw):
+    return P.Backend(P.BACKEND_VERSION, draw(st.integers(0, 2**32 - 1)), draw(st.integers(0, P.BACKEND_FLAGS)),
+                     draw(st.integers(0, 2**32 - 1)), draw(st.integers(0, 2**32 - 1)),
+                     draw(st.text(st.characters(min_codepoint=1, max_codepoint=127), max_size=20)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=60) | st.binary(min_size=P.BACKEND.size, max_size=P.BACKEND.size), _backends())
+def test_backend_payload_decodes_or_is_refused(data, good):
+    """EXITLESS_SET_BACKEND's decoder: any bytes give a Backend or ProtocolError (nothing else), and
+    every well-formed payload round-trips."""
+    try:
+        b = P.backend(P.Message(P.EXITLESS_SET_BACKEND, 1, data))
+        assert b.version == P.BACKEND_VERSION and not b.flags & ~P.BACKEND_FLAGS and b.serial.isascii()
+        assert P.expected_fds(P.Message(P.EXITLESS_SET_BACKEND, 1, data)) in (1, 2)
+    except P.ProtocolError:
+        pass
+    assert P.backend(P.Message(P.EXITLESS_SET_BACKEND, 1, P.encode_backend(good))) == good

@@ -10,6 +10,9 @@ What it serves (all in one mode: ``notify``, ``poll`` or ``adaptive``):
 * ready-made pollables (:meth:`SidecoreGroup.add`), e.g. the virtqueues of a virtio-pci device
   (``virtio.pci.QueuePollable``): objects of the VMM, so only a thread can serve them.
 
+The same loop also runs in ``exitless sidecore`` (:mod:`exitless.sidecore.service`), a process of its
+own that serves the virtqueues of many VMs, each handed over through a socket (``run --sidecore``).
+
 A ``SidecoreGroup`` is a Worker of the VM (``stop()``); ``start_on(machine)`` starts it and registers
 it after the devices it serves, so that it stops before them.
 """

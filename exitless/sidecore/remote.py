@@ -105,7 +105,8 @@ class RemoteQueues:
         """DRIVER_OK: hand the enabled queues (``queues``: virtio-pci queue states with ``size``,
         ``enable``, ``desc``/``driver``/``device`` guest-physical addresses, ``msix_vector``) to the service;
         False (logged) if it refused or is gone."""
-        if self._failed:
+        if self._failed:                 # the service is gone: the driver learns it at once, again
+            self.pci.remote_failed()
             return False
         fe, msix = self.fe, self.pci.msix
         try:
@@ -143,7 +144,7 @@ class RemoteQueues:
             self._failed = True
             log.error("virtio%d: the sidecore service at %s %s; the device needs a reset and its queues are "
                       "not served", self.pci.slot, self.path, why)
-            self.pci.remote_failed()
+        self.pci.remote_failed()
 
     # -- the relay thread: INTx/no-vector interrupts, ring errors, the service going away ----------------------
     def _watch(self) -> None:

@@ -43,8 +43,8 @@ from ..devices.virtio.constants import VIRTIO_ID_BLOCK
 from ..errors import ExitlessError
 from ..vhost_user import protocol as P
 from ..vhost_user.backend import LOOP_MODE, VhostUserBackend
-from ..vhost_user.server import (ProtocolError, SocketPathError, _Closed, _peer, _Truncated,
-                                 claim_socket_path, recv_message, run_session)
+from ..vhost_user.server import (PeerClosed, ProtocolError, TooManyFds, close_socket, listen_socket, peer_name,
+                                 recv_message, run_session)
 from .loop import SidecoreLoop, SidecoreThread
 
 log = logging.getLogger("exitless.sidecore.service")
@@ -107,16 +107,7 @@ class SidecoreService:
 
     # -- life cycle -------------------------------------------------------------------------------------------
     def listen(self) -> "SidecoreService":
-        claim_socket_path(self.path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            sock.bind(self.path)
-            sock.listen(16)
-        except OSError as e:
-            sock.close()
-            raise SocketPathError(f"{self.path}: cannot listen here: {e.strerror or e}") from e
-        self.sock = sock
-        self._ino = os.stat(self.path).st_ino
+        self.sock, self._ino = listen_socket(self.path, 16)
         self.dataplane.start()      # now, so that the service's threads are all there once it says "serving"
         return self
 
@@ -157,7 +148,7 @@ class SidecoreService:
         with self._lock:
             if len(self._clients) >= self.max_clients:
                 self.refused += 1
-                log.warning("sidecore: %s refused: already serving %d VMs (--max-vms)", _peer(conn),
+                log.warning("sidecore: %s refused: already serving %d VMs (--max-vms)", peer_name(conn),
                             len(self._clients))
                 conn.close()
                 return
@@ -177,13 +168,8 @@ class SidecoreService:
         else:
             self.dataplane.loop.close()
         if self.sock is not None:
-            self.sock.close()
+            close_socket(self.sock, self.path, self._ino)
             self.sock = None
-            try:
-                if os.stat(self.path).st_ino == self._ino:
-                    os.unlink(self.path)
-            except OSError:
-                pass
         if self._stop_fd >= 0:
             os.close(self._stop_fd)
             self._stop_fd = -1
@@ -191,7 +177,7 @@ class SidecoreService:
     # -- one VM ---------------------------------------------------------------------------------------------------
     def _client(self, conn: socket.socket, cid: int) -> None:
         name = f"vm#{cid}"
-        peer = _peer(conn)
+        peer = peer_name(conn)
         t0 = time.monotonic()
         device = session = None
         why = "closed the connection"
@@ -203,7 +189,7 @@ class SidecoreService:
                 return
             session = VhostUserBackend(device, self.mode, poll_ns=self.poll_ns, name=f"sidecore {name}",
                                        dataplane=self.dataplane.loop, sealed_only=True)
-            log.info("sidecore: %s serves %s (%d sectors%s, %d queue(s) of %d)", name, device.path,
+            log.info("sidecore: %s serves its disk %s (%d sectors%s, %d queue(s) of %d)", name, device.serial,
                      device.capacity, ", read-only" if device.read_only else "", device.num_queues,
                      device.queue_max_size)
             why = run_session(conn, session, self, self._stop_fd, self.io_timeout)
@@ -241,9 +227,9 @@ class SidecoreService:
             raise ProtocolError(f"no EXITLESS_SET_BACKEND within {self.io_timeout:g} s")
         try:
             msg = recv_message(conn, self.io_timeout)
-        except _Closed:
+        except PeerClosed:
             return None
-        except _Truncated as t:
+        except TooManyFds as t:
             raise ProtocolError(str(t)) from None
         self.messages += 1
         try:

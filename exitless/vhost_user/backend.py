@@ -158,7 +158,12 @@ class VringPollable:
 
 class VhostUserBackend:
     """One frontend session over ``device``.  :meth:`handle` takes a message and returns the reply bytes
-    (or None); :meth:`close` ends the session and leaves ``device`` reset, ready for the next one."""
+    (or None); :meth:`close` ends the session and leaves ``device`` reset, ready for the next one.
+
+    ``dataplane``: a running loop shared with other sessions (see above); ``sealed_only``: refuse
+    memory that is not a memfd sealed against shrinking (``exitless sidecore``: one frontend must not
+    be able to crash a service that serves many with a truncated file).
+    """
 
     def __init__(self, device: VirtioDevice, io: str = "kick", *, poll_ns: int = 64_000, name: str = "vhost-user",
                  dataplane: SidecoreLoop | None = None, sealed_only: bool = False):

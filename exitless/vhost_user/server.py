@@ -42,7 +42,7 @@ class SocketPathError(ExitlessError, OSError):
     """The socket path cannot be used (a live listener is there, or it is not a socket)."""
 
 
-class _Closed(Exception):
+class PeerClosed(Exception):
     """The frontend closed the connection between messages."""
 
 
@@ -68,6 +68,34 @@ def claim_socket_path(path: str) -> None:
     raise SocketPathError(f"{path}: another process is listening on this socket")
 
 
+def listen_socket(path: str, backlog: int) -> tuple[socket.socket, int]:
+    """A unix stream socket listening on ``path`` (a stale socket file there is replaced) and the inode
+    of its file (for :func:`close_socket`).  Raises :class:`SocketPathError` for a path in use or one
+    that cannot be bound (no such directory, no permission, too long: the user's path)."""
+    claim_socket_path(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(path)
+        sock.listen(backlog)
+        return sock, os.stat(path).st_ino
+    except OSError as e:
+        sock.close()
+        raise SocketPathError(f"{path}: cannot listen here: {e.strerror or e}") from e
+    except BaseException:
+        sock.close()
+        raise
+
+
+def close_socket(sock: socket.socket, path: str, ino: int) -> None:
+    """Close a socket of :func:`listen_socket` and remove its file if it is still ours (inode ``ino``)."""
+    sock.close()
+    try:
+        if os.stat(path).st_ino == ino:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
 def _fds_from(ancdata) -> list[int]:
     fds: list[int] = []
     for level, kind, data in ancdata:
@@ -79,7 +107,8 @@ def _fds_from(ancdata) -> list[int]:
 
 
 def recv_message(conn: socket.socket, io_timeout: float = 10.0) -> Message:
-    """Read one message; raises _Closed on a clean EOF before it, FramingError on a broken stream.
+    """Read one message; raises PeerClosed on a clean EOF before it, FramingError on a broken stream,
+    TooManyFds (its ``msg`` without fds) when more than :data:`~exitless.vhost_user.protocol.MAX_FDS` came.
 
     The caller has waited until ``conn`` is readable.  Fds received before an
     error are closed here.
@@ -107,7 +136,7 @@ def recv_message(conn: socket.socket, io_timeout: float = 10.0) -> Message:
                 truncated = True
             if not data:
                 if first and not buf:
-                    raise _Closed()
+                    raise PeerClosed()
                 raise FramingError(f"connection closed mid-message ({len(buf)} of {n} bytes)")
             buf += data
             first = False
@@ -126,11 +155,11 @@ def recv_message(conn: socket.socket, io_timeout: float = 10.0) -> Message:
         for fd in fds:
             os.close(fd)
         msg.fds = []
-        raise _Truncated(msg)
+        raise TooManyFds(msg)
     return msg
 
 
-class _Truncated(Exception):
+class TooManyFds(Exception):
     """More fds than fit in one message arrived (the kernel dropped the rest)."""
 
     def __init__(self, msg: Message):
@@ -138,7 +167,8 @@ class _Truncated(Exception):
         self.msg = msg
 
 
-def _peer(conn: socket.socket) -> str:
+def peer_name(conn: socket.socket) -> str:
+    """``pid P uid U`` of the process at the other end of unix socket ``conn`` (for log lines)."""
     try:
         pid, uid, gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
         return f"pid {pid} uid {uid}"
@@ -179,19 +209,7 @@ class VhostUserServer:
 
     # -- life cycle -------------------------------------------------------------------------------------
     def listen(self) -> "VhostUserServer":
-        claim_socket_path(self.path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            sock.bind(self.path)
-            sock.listen(4)
-        except OSError as e:          # no such directory, no permission, path too long: the user's path
-            sock.close()
-            raise SocketPathError(f"{self.path}: cannot listen here: {e.strerror or e}") from e
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-        self._ino = os.stat(self.path).st_ino
+        self.sock, self._ino = listen_socket(self.path, 4)
         return self
 
     def start(self) -> "VhostUserServer":
@@ -215,13 +233,8 @@ class VhostUserServer:
 
     def close(self) -> None:
         if self.sock is not None:
-            self.sock.close()
+            close_socket(self.sock, self.path, self._ino)
             self.sock = None
-            try:
-                if os.stat(self.path).st_ino == self._ino:   # still ours
-                    os.unlink(self.path)
-            except OSError:
-                pass
         if self._stop_fd >= 0 and (self._thread is None or not self._thread.is_alive()):
             os.close(self._stop_fd)
             self._stop_fd = -1
@@ -250,7 +263,7 @@ class VhostUserServer:
 
     def _serve(self, conn: socket.socket) -> None:
         self.connections += 1
-        peer = _peer(conn)
+        peer = peer_name(conn)
         log.info("%s: frontend connected (%s), connection %d", self.name, peer, self.connections)
         session = self.session = VhostUserBackend(self.device, self.io, poll_ns=self.poll_ns,
                                                   name=f"{self.name}#{self.connections}", dataplane=self.dataplane)
@@ -276,7 +289,7 @@ class VhostUserServer:
             return
         self.rejected += 1
         log.warning("%s: a second frontend connected (%s) while one is served: disconnected", self.name,
-                    _peer(extra))
+                    peer_name(extra))
         extra.close()
 
     def wait_connections(self, n: int, timeout: float) -> bool:
@@ -319,9 +332,9 @@ def run_session(conn: socket.socket, session: VhostUserBackend, owner, stop_fd: 
             continue
         try:
             msg = recv_message(conn, io_timeout)
-        except _Closed:
+        except PeerClosed:
             return "closed the connection"
-        except _Truncated as t:
+        except TooManyFds as t:
             if not _refuse(conn, session, owner, t.msg, str(t)):
                 return "protocol error"
             continue
