@@ -191,8 +191,9 @@ class SidecoreLoop:
         A busy round costs what a poll-mode round costs: it reads no clock in Python (``now`` is
         the time the GIL-free spin returned, read in C: when the work was seen) and looks at the
         windows only once ``now`` reaches ``check_at``, a time before which no unarmed pollable's
-        window can run out.  ``check_at`` may be early (a pollable that worked since has moved its
-        own deadline on): then :meth:`_arm_idle` finds nothing to arm and sets it afresh.
+        window can run out (a pollable that is disarmed joins them, so ``check_at`` is then reset).
+        ``check_at`` may be early (a pollable that worked since has moved its own deadline on): then
+        :meth:`_arm_idle` finds nothing to arm and sets it afresh.
         """
         now = time.monotonic_ns()
         check_at = now
@@ -209,10 +210,11 @@ class SidecoreLoop:
                 if p.poll():
                     self.work += 1
                     last_work[i] = now
-                    if armed_at[i] is not None:   # busy again: back to polling it
-                        p.disarm()
+                    if armed_at[i] is not None:   # busy again: back to polling it, on a window of its
+                        p.disarm()                # own that check_at did not count: look at them all now
                         self._adapt(i, now - armed_at[i])
                         armed_at[i] = None
+                        check_at = now
             if now >= check_at:
                 check_at = self._arm_idle(now)
                 if check_at is None:
