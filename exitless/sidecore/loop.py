@@ -191,9 +191,11 @@ class SidecoreLoop:
         A busy round costs what a poll-mode round costs: it reads no clock in Python (``now`` is
         the time the GIL-free spin returned, read in C: when the work was seen) and looks at the
         windows only once ``now`` reaches ``check_at``, a time before which no unarmed pollable's
-        window can run out (a pollable that is disarmed joins them, so ``check_at`` is then reset).
-        ``check_at`` may be early (a pollable that worked since has moved its own deadline on): then
-        :meth:`_arm_idle` finds nothing to arm and sets it afresh.
+        window can run out (a pollable that is disarmed joins them, so ``check_at`` is then reset),
+        and at most :data:`SPIN_SLICE_NS` after it was set, so that the spin returns to look at
+        ``_stopping`` and membership changes.  ``check_at`` may be early (a pollable that worked
+        since has moved its own deadline on): then :meth:`_arm_idle` finds nothing to arm and sets
+        it afresh.
         """
         now = time.monotonic_ns()
         check_at = now
@@ -229,15 +231,16 @@ class SidecoreLoop:
                         self._adapt(i, now - armed_at[i])
                         armed_at[i], last_work[i] = None, now
                     continue
-            now = self._spin_until(min(check_at, now + SPIN_SLICE_NS), bd, t_iter if bd is not None else 0,
-                                   phases0 if bd is not None else 0)
+            now = self._spin_until(check_at, bd, t_iter if bd is not None else 0, phases0 if bd is not None else 0)
 
     def _arm_idle(self, now: int) -> int | None:
         """Arm every unarmed pollable whose idle window has run out by ``now`` (ns): publish, fence,
         re-check -- one where work slipped in meanwhile is disarmed and polled again at once.  Returns
-        the earliest time (ns) another window can run out, or None if every pollable is armed."""
+        the earliest time (ns) another window can run out, but no later than ``now`` +
+        :data:`SPIN_SLICE_NS`; None if every pollable is armed."""
         pollables, windows, last_work, armed_at = self.pollables, self.windows, self._last_work, self._armed_at
         check_at = None
+        slice_end = now + SPIN_SLICE_NS
         for i, p in enumerate(pollables):
             if armed_at[i] is not None:
                 continue
@@ -248,7 +251,9 @@ class SidecoreLoop:
                     continue
                 p.disarm()            # work arrived while arming: keep polling it, and look again now
                 last_work[i] = due = now
-            check_at = due if check_at is None else min(check_at, due)
+            check_at = slice_end if check_at is None else check_at
+            if due < check_at:
+                check_at = due
         return check_at
 
     def _spin_until(self, deadline_ns: int, bd, t_iter: int, phases0: int) -> int:
