@@ -107,22 +107,32 @@ static long watches_spin(const struct watches *w, uint64_t deadline_ns)
     }
 }
 
+/* The body of watch() and watch_until(): parse (watches, t), spin without the GIL until a word
+ * changed or the deadline (now + t if relative, else t) passed; *found = the index or -1, *now =
+ * CLOCK_MONOTONIC at return.  0, or -1 with an exception set. */
+static int watch_call(PyObject *args, int relative, long *found, uint64_t *now)
+{
+    PyObject *seq;
+    unsigned long long t;
+    struct watches w;
+    if (!PyArg_ParseTuple(args, "OK", &seq, &t) || watches_parse(seq, &w) < 0)
+        return -1;
+    Py_BEGIN_ALLOW_THREADS
+    *found = watches_spin(&w, relative ? now_ns() + t : t);
+    *now = now_ns();
+    Py_END_ALLOW_THREADS
+    watches_free(&w);
+    return 0;
+}
+
 /* watch([(address, expected u32), ...], timeout_ns) -> index or -1
  * Spin until the u32 at some address differs from its expected value; return its index,
  * or -1 once timeout_ns have passed. */
 static PyObject *spin_watch(PyObject *self, PyObject *args)
 {
-    PyObject *seq;
-    unsigned long long timeout_ns;
-    struct watches w;
-    if (!PyArg_ParseTuple(args, "OK", &seq, &timeout_ns) || watches_parse(seq, &w) < 0)
-        return NULL;
     long found;
-    Py_BEGIN_ALLOW_THREADS
-    found = watches_spin(&w, now_ns() + timeout_ns);
-    Py_END_ALLOW_THREADS
-    watches_free(&w);
-    return PyLong_FromLong(found);
+    uint64_t now;
+    return watch_call(args, 1, &found, &now) < 0 ? NULL : PyLong_FromLong(found);
 }
 
 /* watch_until([(address, expected u32), ...], deadline_ns) -> now_ns
@@ -132,18 +142,9 @@ static PyObject *spin_watch(PyObject *self, PyObject *args)
  * in Python. */
 static PyObject *spin_watch_until(PyObject *self, PyObject *args)
 {
-    PyObject *seq;
-    unsigned long long deadline_ns;
-    struct watches w;
-    if (!PyArg_ParseTuple(args, "OK", &seq, &deadline_ns) || watches_parse(seq, &w) < 0)
-        return NULL;
+    long found;
     uint64_t now;
-    Py_BEGIN_ALLOW_THREADS
-    watches_spin(&w, deadline_ns);
-    now = now_ns();
-    Py_END_ALLOW_THREADS
-    watches_free(&w);
-    return PyLong_FromUnsignedLongLong(now);
+    return watch_call(args, 0, &found, &now) < 0 ? NULL : PyLong_FromUnsignedLongLong(now);
 }
 
 /* store_fence_load(store_addr, value, load_addr) -> u32
