@@ -219,3 +219,42 @@ def test_watch_until_refuses_a_bad_watch_list():
             _spin.watch_until(bad, 0)
     big = ctypes.c_uint32(1)
     assert _spin.watch_until([(ctypes.addressof(big), 0)] * 300, 0) > 0    # more than the stack holds
+
+
+def test_an_idle_adaptive_sidecore_sleeps():
+    """A doorbell nobody rings: once its window has run out the adaptive sidecore arms it and sleeps on
+    its eventfd -- it stops polling and its thread stops using CPU -- and a ring wakes it."""
+    from exitless.memory import GuestMemory
+    from exitless.sidecore.loop import SidecoreThread
+    from exitless.sidecore.shared_register import SharedRegister
+    try:
+        from test_sidecore_handshake import Recorder
+    except ImportError:
+        from tests.test_sidecore_handshake import Recorder
+
+    with GuestMemory.create([(0, 1 << 20)]) as mem:
+        page = mem.view(0, 4096)
+        dev = Recorder()
+        dev.attach_shared(page)
+        reg = dev.doorbells()[0]
+        wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        loop = SidecoreLoop([SharedRegister(dev, reg, page, wake)], "adaptive", poll_ns=64_000)
+        worker = SidecoreThread(loop).start()
+        try:
+            deadline = time.monotonic() + 10
+            while loop.sleeps == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert loop.sleeps == 1
+            cpu = time.pthread_getcpuclockid(worker.thread.ident)
+            polls, c0 = loop.polls, time.clock_gettime_ns(cpu)
+            time.sleep(0.3)
+            assert loop.polls == polls and loop.sleeps == 1                 # asleep, not polling
+            assert time.clock_gettime_ns(cpu) - c0 < 3_000_000               # < 1% of the 0.3 s
+            page.cast("I")[dev.shadow_offset(reg) // 4] = 1                  # the driver writes...
+            os.eventfd_write(wake, 1)                                         # ...and rings (EventIdx said so)
+            while not dev.values and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert dev.values == [1]
+        finally:
+            worker.stop()
+            os.close(wake)
