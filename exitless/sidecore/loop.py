@@ -40,7 +40,7 @@ import time
 from typing import Protocol
 
 from . import breakdown as _breakdown
-from .spin import wait_for_change
+from .spin import wait_until
 
 log = logging.getLogger(__name__)
 
@@ -136,10 +136,13 @@ class SidecoreLoop:
         self._applied = self._requested
         self._cond.notify_all()
 
-    def _between_rounds(self) -> None:
-        if self._pending:
-            with self._cond:
-                self._apply_pending()
+    def _between_rounds(self) -> bool:
+        """Apply pending membership changes; True if there were any (the per-pollable lists changed)."""
+        if not self._pending:
+            return False
+        with self._cond:
+            self._apply_pending()
+        return True
 
     # ------------------------------------------------------------------
     def run(self) -> None:
@@ -161,87 +164,112 @@ class SidecoreLoop:
     def _run(self, bd) -> None:
         if self.mode == "adaptive":
             self._run_adaptive(bd)
-            return
+        elif self.mode == "poll":
+            self._run_poll(bd)
+        else:
+            while not self._stopping:
+                self._between_rounds()
+                if not self._poll_once():
+                    self._sleep()  # notify: the guest always rings, nothing to arm
+
+    def _run_poll(self, bd) -> None:
+        """Poll mode: a round polls every pollable, then goes straight to the GIL-free spin, which
+        returns at once while a watched word is already ahead of what was consumed -- one Python pass
+        over the pollables per batch, not two."""
+        now = time.monotonic_ns()
         while not self._stopping:
             self._between_rounds()
             if bd is not None:   # detection = this iteration's time minus the other phases and idle waits
                 t_iter, phases0 = time.monotonic_ns(), sum(bd.ns.values())
-            worked = self._poll_once()
-            if self.mode == "poll":
-                # polling: straight to the spin, which returns at once while a watched word is already
-                # ahead of what was consumed -- one Python pass over the pollables per batch, not two
-                self._spin(SPIN_SLICE_NS, bd, t_iter if bd is not None else 0, phases0 if bd is not None else 0)
-            elif not worked:
-                self._sleep()  # notify: the guest always rings, nothing to arm
+            self._poll_once()
+            now = self._spin_until(now + SPIN_SLICE_NS, bd, t_iter if bd is not None else 0,
+                                   phases0 if bd is not None else 0)
 
     def _run_adaptive(self, bd) -> None:
-        """Adaptive mode, with one idle window per pollable (see the module docstring)."""
-        while not self._stopping:
-            self._between_rounds()   # the per-pollable lists of a round are replaced by a membership change
-            # One round per call: its locals (the pollables it iterated) die with it.  A loop variable
-            # left bound to a detached pollable kept that VM's ring views, so its owner could not unmap
-            # the memory (the mmap and its fd lived on until another VM's round rebound the variable).
-            self._adaptive_round(bd)
+        """Adaptive mode, with one idle window per pollable (see the module docstring).
 
-    def _adaptive_round(self, bd) -> None:
-        """One round of adaptive mode: poll everything, arm what stayed idle for its window, and sleep
-        when everything is armed."""
+        A busy round costs what a poll-mode round costs: it reads no clock in Python (``now`` is
+        the time the GIL-free spin returned, read in C: when the work was seen) and looks at the
+        windows only once ``now`` reaches ``check_at``, a time before which no unarmed pollable's
+        window can run out (a pollable that is disarmed joins them, so ``check_at`` is then reset),
+        and at most :data:`SPIN_SLICE_NS` after it was set, so that the spin returns to look at
+        ``_stopping`` and membership changes.  ``check_at`` may be early (a pollable that worked
+        since has moved its own deadline on): then :meth:`_arm_idle` finds nothing to arm and sets
+        it afresh.
+        """
+        now = time.monotonic_ns()
+        check_at = now
         pollables, windows, last_work, armed_at = self.pollables, self.windows, self._last_work, self._armed_at
-        if bd is not None:
-            t_iter, phases0 = time.monotonic_ns(), sum(bd.ns.values())
-        self.polls += 1
-        now = time.monotonic_ns()
-        for i, p in enumerate(pollables):
-            if p.poll():
-                self.work += 1
-                last_work[i] = now
-                if armed_at[i] is not None:   # busy again: back to polling it
-                    p.disarm()
-                    self._adapt(i, now - armed_at[i])
-                    armed_at[i] = None
-        now = time.monotonic_ns()
-        wait_ns = None      # the shortest idle window still running
+        while not self._stopping:
+            if self._between_rounds():   # the per-pollable lists were replaced: look at every window
+                pollables, windows, last_work, armed_at = (self.pollables, self.windows, self._last_work,
+                                                           self._armed_at)
+                # the loop variable must not outlive a detached pollable: it holds that VM's ring
+                # views, so its owner could not unmap the memory (with no VM left, no loop rebinds it)
+                p = None
+                check_at = now
+            if bd is not None:
+                t_iter, phases0 = time.monotonic_ns(), sum(bd.ns.values())
+            self.polls += 1
+            for i, p in enumerate(pollables):
+                if p.poll():
+                    self.work += 1
+                    last_work[i] = now
+                    if armed_at[i] is not None:   # busy again: back to polling it, on a window of its
+                        p.disarm()                # own that check_at did not count: look at them all now
+                        self._adapt(i, now - armed_at[i])
+                        armed_at[i] = None
+                        check_at = now
+            if now >= check_at:
+                check_at = self._arm_idle(now)
+                if check_at is None:
+                    # every pollable is armed: sleep until one of their eventfds (or stop) fires.  Then
+                    # every pollable is disarmed and starts a fresh window: a pollable armed before its
+                    # queue was live (no ring yet) had nothing to enable, so only a new arm() after the
+                    # wake makes it kick-driven for real
+                    self._sleep()
+                    now = check_at = time.monotonic_ns()
+                    for i, p in enumerate(pollables):
+                        p.disarm()
+                        self._adapt(i, now - armed_at[i])
+                        armed_at[i], last_work[i] = None, now
+                    continue
+            now = self._spin_until(check_at, bd, t_iter if bd is not None else 0, phases0 if bd is not None else 0)
+
+    def _arm_idle(self, now: int) -> int | None:
+        """Arm every unarmed pollable whose idle window has run out by ``now`` (ns): publish, fence,
+        re-check -- one where work slipped in meanwhile is disarmed and polled again at once.  Returns
+        the earliest time (ns) another window can run out, but no later than ``now`` +
+        :data:`SPIN_SLICE_NS`; None if every pollable is armed."""
+        pollables, windows, last_work, armed_at = self.pollables, self.windows, self._last_work, self._armed_at
+        check_at = None
+        slice_end = now + SPIN_SLICE_NS
         for i, p in enumerate(pollables):
             if armed_at[i] is not None:
                 continue
-            left = windows[i] - (now - last_work[i])
-            if left <= 0:
-                if not p.arm():       # publish, fence, re-check: nothing slipped in
+            due = last_work[i] + windows[i]
+            if due <= now:
+                if not p.arm():       # nothing slipped in: kick-driven from now on
                     armed_at[i] = now
                     continue
-                p.disarm()            # work arrived while arming: keep polling it
-                last_work[i], left = now, 0
-            wait_ns = left if wait_ns is None else min(wait_ns, left)
-        if wait_ns is not None:
-            if wait_ns > 0:
-                self._spin(min(wait_ns, SPIN_SLICE_NS), bd, t_iter if bd is not None else 0,
-                           phases0 if bd is not None else 0)
-            return
-        # every pollable is armed: sleep until one of their eventfds (or stop) fires.  Then every
-        # pollable is disarmed and starts a fresh window: a pollable armed before its queue was
-        # live (no ring yet) had nothing to enable, so only a new arm() after the wake makes it
-        # kick-driven for real
-        self._sleep()
-        now = time.monotonic_ns()
-        for i, p in enumerate(pollables):
-            p.disarm()
-            self._adapt(i, now - armed_at[i])
-            armed_at[i], last_work[i] = None, now
+                p.disarm()            # work arrived while arming: keep polling it, and look again now
+                last_work[i] = due = now
+            check_at = slice_end if check_at is None else check_at
+            if due < check_at:
+                check_at = due
+        return check_at
 
-    def _spin(self, budget_ns: int, bd, t_iter: int, phases0: int) -> None:
-        """Wait up to ``budget_ns`` for a watched word to change, in C without the GIL."""
-        watches = self._all_watches()
-        if bd is not None:
-            c_idle = time.thread_time_ns()
-        t_idle = time.monotonic_ns()
-        if watches:
-            wait_for_change(watches, budget_ns)   # the GIL-free spin
-        else:  # nothing to watch yet (no queue is live): look again shortly
-            time.sleep(budget_ns / 1e9)
-        if bd is not None:
-            idle = time.monotonic_ns() - t_idle
-            bd.idle_cpu_ns += time.thread_time_ns() - c_idle
-            bd.add("detection", max(0, time.monotonic_ns() - t_iter - idle - (sum(bd.ns.values()) - phases0)))
+    def _spin_until(self, deadline_ns: int, bd, t_iter: int, phases0: int) -> int:
+        """Wait until ``deadline_ns`` (monotonic) for a watched word to change, in C without the GIL;
+        returns the monotonic time at return."""
+        if bd is None:
+            return wait_until(self._all_watches(), deadline_ns)
+        c_idle, t_idle = time.thread_time_ns(), time.monotonic_ns()
+        now = wait_until(self._all_watches(), deadline_ns)
+        idle = now - t_idle
+        bd.idle_cpu_ns += time.thread_time_ns() - c_idle
+        bd.add("detection", max(0, now - t_iter - idle - (sum(bd.ns.values()) - phases0)))
+        return now
 
     def _poll_once(self) -> bool:
         self.polls += 1

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import time
 
 from . import _spin
 
@@ -22,6 +23,21 @@ def wait_for_change(watches: list[tuple[int, int]], timeout_ns: int) -> int:
     Returns the index of the changed word, or -1 after ``timeout_ns``.
     """
     return _spin.watch(watches, timeout_ns)
+
+
+def wait_until(watches: list[tuple[int, int]], deadline_ns: int) -> int:
+    """Spin with the GIL released until the u32 at one of ``(address, expected)`` differs, or until
+    ``time.monotonic_ns()`` reaches ``deadline_ns``; the words are looked at at least once.
+
+    Returns ``time.monotonic_ns()`` at return (the same clock, read in C), so that a sidecore's busy
+    round needs no clock read of its own.  Without watches (``[]``) it sleeps until the deadline.
+    """
+    if watches:
+        return _spin.watch_until(watches, deadline_ns)
+    delay = deadline_ns - time.monotonic_ns()
+    if delay > 0:
+        time.sleep(delay / 1e9)
+    return time.monotonic_ns()
 
 
 def drain_eventfd(fd: int | None) -> None:
