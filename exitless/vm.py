@@ -203,9 +203,11 @@ class Machine:
         every = float(os.environ.get("EXITLESS_SAMPLE_RIP", "0") or 0)
         if every > 0:     # a hang's evidence: where each vCPU is, every `every` seconds (logged as warnings)
             threading.Thread(target=self._sample_rips, args=(every,), name="rip-sampler", daemon=True).start()
-        if not self._exit_event.wait(timeout):
-            self._set_exit(VmExit("timeout", 1, f"the guest did not stop within {timeout} s"))
-        self.stop()
+        try:
+            if not self._exit_event.wait(timeout):
+                self._set_exit(VmExit("timeout", 1, f"the guest did not stop within {timeout} s"))
+        finally:      # Ctrl-C/SIGTERM raised in the wait: the vCPUs stop before the command unwinds
+            self.stop()
         return self._exit
 
     def _sample_rips(self, every: float) -> None:

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 
 from ..guestkit import guestkit_cmdline, guestkit_path
+from ..interrupts import uninterruptible
 from ..net.spec import NetSpec, add_nic
 from ..net.tap import Tap, create_tap
 from ..vm import Machine, VmConfig
@@ -73,14 +74,16 @@ class Namespace:
 
         self.name = f"exl-bench-{os.getpid()}"
         try:
-            # inside the try: Ctrl-C or SIGTERM may land in netns.create once /run/netns/NAME exists
-            netns.create(self.name)
-            from pyroute2 import NetNS
+            # pyroute2 forks helpers and hands sockets between threads: a SIGTERM/Ctrl-C unwinding it
+            # half way left a lock held (the VM then hung); it is raised once the setup is whole
+            with uninterruptible():
+                netns.create(self.name)
+                from pyroute2 import NetNS
 
-            with NetNS(self.name, flags=0) as ns:
-                (lo,) = ns.link_lookup(ifname="lo")
-                ns.link("set", index=lo, state="up")
-            create_tap(TAP_NAME, self.name, address=HOST_ADDR)
+                with NetNS(self.name, flags=0) as ns:
+                    (lo,) = ns.link_lookup(ifname="lo")
+                    ns.link("set", index=lo, state="up")
+                create_tap(TAP_NAME, self.name, address=HOST_ADDR)
         except BaseException:
             self.close()
             raise
@@ -90,7 +93,8 @@ class Namespace:
         from pyroute2 import netns
 
         try:
-            netns.remove(self.name)
+            with uninterruptible():
+                netns.remove(self.name)
         except FileNotFoundError:
             pass
 

@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import signal
 import sys
 
-from .. import __version__
+from .. import __version__, interrupts
 from ..errors import ExitlessError
 from . import bench, doctor, guest, run, serve, sidecore
 
@@ -59,28 +57,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class Terminated(BaseException):
-    """SIGTERM arrived: raised in the main thread, like ``KeyboardInterrupt`` for Ctrl-C, to unwind the command.
-
-    A ``BaseException`` so that no ``except Exception`` on the way swallows it.
-    """
-
-
-_owner_pid = 0       # the process whose main() installed _raise_terminated
-
-
-def _raise_terminated(signum, frame):
-    if os.getpid() != _owner_pid:
-        # a forked child (pyroute2's netns helper) inherits the handler and is stopped with SIGTERM:
-        # it must die as it would have, not unwind a copy of our stack (and delete our netns twice)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
-        return
-    # one is enough: a second SIGTERM must not interrupt the clean-up the first one started
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise Terminated()
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the command ``argv`` (default ``sys.argv[1:]``); return its exit status.
 
@@ -90,21 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="exitless: %(levelname)s %(name)s: %(message)s")
-    global _owner_pid
-    previous = signal.getsignal(signal.SIGTERM)
-    if previous == signal.SIG_DFL:
-        _owner_pid = os.getpid()       # the default would kill us without clean-up (leaking netns, temp dirs)
-        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        return args.func(args)
+        with interrupts.installed():
+            return args.func(args)
     except ExitlessError as e:
         print(f"exitless: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nexitless: interrupted", file=sys.stderr)
         return 130
-    except Terminated:
+    except interrupts.Terminated:
         print("\nexitless: SIGTERM: stopped", file=sys.stderr)
         return 143
-    finally:
-        signal.signal(signal.SIGTERM, previous)

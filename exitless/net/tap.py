@@ -34,6 +34,7 @@ import struct
 import threading
 
 from ..errors import ExitlessError
+from ..interrupts import uninterruptible
 
 __all__ = ["Tap", "TapError", "create_tap", "TUN_F_CSUM", "TUN_F_TSO4", "TUN_F_TSO6", "TUN_F_TSO_ECN",
            "VNET_HDR_LEN"]
@@ -111,9 +112,11 @@ def _in_netns(netns: str | None, fn):
             box["error"] = e
 
     try:
-        t = threading.Thread(target=body, name=f"netns-{netns}")   # the thread dies with its namespace
-        t.start()
-        t.join()
+        # not unwound half way by SIGTERM/Ctrl-C: closing nsfd under the thread that is entering it
+        with uninterruptible():
+            t = threading.Thread(target=body, name=f"netns-{netns}")   # the thread dies with its namespace
+            t.start()
+            t.join()
     finally:
         os.close(nsfd)
     if "error" in box:
