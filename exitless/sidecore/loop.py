@@ -35,12 +35,18 @@ import logging
 import traceback
 import os
 import select
+import struct
 import threading
 import time
 from typing import Protocol
 
 from . import breakdown as _breakdown
 from .spin import wait_for_change
+
+try:   # the C round over many virtio-blk queues (absent when the extension is not built)
+    from ..devices.virtio._vring import serve as _c_serve
+except ImportError:  # pragma: no cover - a tree without its C extensions
+    _c_serve = None
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +90,7 @@ class SidecoreLoop:
         self._pending: list[tuple[list, list]] = []
         self._requested = self._applied = 0
         self._running = False
+        self._poller = None          # select.poll over the wake fds (adaptive/notify sleeps), per membership
         self.sleeps = 0
         self.polls = 0
         self.work = 0
@@ -133,6 +140,7 @@ class SidecoreLoop:
             self._last_work = [self._last_work[i] for i in keep] + [now] * len(add)
             self._armed_at = [self._armed_at[i] for i in keep] + [None] * len(add)
         self._pending.clear()
+        self._poller = None          # the sleep's poll set is rebuilt for the new membership
         self._applied = self._requested
         self._cond.notify_all()
 
@@ -166,13 +174,30 @@ class SidecoreLoop:
             self._between_rounds()
             if bd is not None:   # detection = this iteration's time minus the other phases and idle waits
                 t_iter, phases0 = time.monotonic_ns(), sum(bd.ns.values())
-            worked = self._poll_once()
             if self.mode == "poll":
+                if self._poll_round(bd):
+                    continue
+                self._poll_once()
                 # polling: straight to the spin, which returns at once while a watched word is already
                 # ahead of what was consumed -- one Python pass over the pollables per batch, not two
                 self._spin(SPIN_SLICE_NS, bd, t_iter if bd is not None else 0, phases0 if bd is not None else 0)
-            elif not worked:
+            elif not self._poll_once():
                 self._sleep()  # notify: the guest always rings, nothing to arm
+
+    def _poll_round(self, bd) -> bool:
+        """Poll mode with a C round: the queues that have a C path are served by ``_vring.serve``
+        (completions and interrupts included) for a spin slice; the others are polled here and their
+        words watched by it.  False (nothing done) when no pollable has a C path.  A method of its own
+        so that its locals (jobs pinning a detached VM's rings) die with the round."""
+        jobs, owners, rest = self._split(self.pollables)
+        if not jobs:
+            return False
+        self.polls += 1
+        for p in rest:
+            if p.poll():
+                self.work += 1
+        self._c_round(jobs, owners, rest, SPIN_SLICE_NS, bd)
+        return True
 
     def _run_adaptive(self, bd) -> None:
         """Adaptive mode, with one idle window per pollable (see the module docstring)."""
@@ -184,49 +209,107 @@ class SidecoreLoop:
             self._adaptive_round(bd)
 
     def _adaptive_round(self, bd) -> None:
-        """One round of adaptive mode: poll everything, arm what stayed idle for its window, and sleep
-        when everything is armed."""
+        """One round of adaptive mode: poll the armed pollables, arm what stayed idle for its window,
+        serve the rest (in C where they have a C path) until the shortest window left runs out, and
+        sleep when everything is armed."""
         pollables, windows, last_work, armed_at = self.pollables, self.windows, self._last_work, self._armed_at
         if bd is not None:
             t_iter, phases0 = time.monotonic_ns(), sum(bd.ns.values())
         self.polls += 1
         now = time.monotonic_ns()
         for i, p in enumerate(pollables):
-            if p.poll():
+            if armed_at[i] is not None and p.poll():   # busy again: back to polling it
                 self.work += 1
                 last_work[i] = now
-                if armed_at[i] is not None:   # busy again: back to polling it
-                    p.disarm()
-                    self._adapt(i, now - armed_at[i])
-                    armed_at[i] = None
-        now = time.monotonic_ns()
+                p.disarm()
+                self._adapt(i, now - armed_at[i])
+                armed_at[i] = None
         wait_ns = None      # the shortest idle window still running
+        jobs, owners, rest, served = [], [], [], []
         for i, p in enumerate(pollables):
-            if armed_at[i] is not None:
-                continue
-            left = windows[i] - (now - last_work[i])
-            if left <= 0:
-                if not p.arm():       # publish, fence, re-check: nothing slipped in
-                    armed_at[i] = now
-                    continue
-                p.disarm()            # work arrived while arming: keep polling it
-                last_work[i], left = now, 0
-            wait_ns = left if wait_ns is None else min(wait_ns, left)
+            if armed_at[i] is None:
+                left = windows[i] - (now - last_work[i])
+                if left <= 0:
+                    if not p.arm():       # publish, fence, re-check: nothing slipped in
+                        armed_at[i] = now
+                    else:
+                        p.disarm()        # work arrived while arming: keep polling it
+                        last_work[i], left = now, 0
+                if armed_at[i] is None:
+                    wait_ns = left if wait_ns is None else min(wait_ns, left)
+                    c_job = getattr(p, "c_job", None) if _c_serve is not None else None
+                    job = c_job() if c_job is not None else None
+                    if job is not None:
+                        jobs.append(job)
+                        owners.append(p)
+                        served.append(i)
+                        continue
+                    if p.poll():
+                        self.work += 1
+                        last_work[i] = now
+            rest.append(p)
         if wait_ns is not None:
-            if wait_ns > 0:
+            if jobs:
+                for i, t in zip(served, self._c_round(jobs, owners, rest, min(max(wait_ns, 0), SPIN_SLICE_NS), bd)):
+                    if t:
+                        last_work[i] = t
+            elif wait_ns > 0:
                 self._spin(min(wait_ns, SPIN_SLICE_NS), bd, t_iter if bd is not None else 0,
                            phases0 if bd is not None else 0)
             return
-        # every pollable is armed: sleep until one of their eventfds (or stop) fires.  Then every
-        # pollable is disarmed and starts a fresh window: a pollable armed before its queue was
-        # live (no ring yet) had nothing to enable, so only a new arm() after the wake makes it
-        # kick-driven for real
-        self._sleep()
+        # every pollable is armed: sleep until one of their eventfds (or stop) fires.  The pollables
+        # whose eventfd fired are disarmed and start a fresh window; the others stay armed (an idle
+        # VM's queue costs nothing while another VM's kick wakes the loop).  A membership change or
+        # stop (the loop's own eventfd) disarms them all.
+        fired = self._sleep()
         now = time.monotonic_ns()
         for i, p in enumerate(pollables):
-            p.disarm()
-            self._adapt(i, now - armed_at[i])
-            armed_at[i], last_work[i] = None, now
+            if fired is None or p.wake_fd in fired:
+                p.disarm()
+                self._adapt(i, now - armed_at[i])
+                armed_at[i], last_work[i] = None, now
+
+    def _split(self, pollables: list) -> tuple[list, list, list]:
+        """``(jobs, owners, rest)`` for one round: the C round's jobs (``p.c_job()``) with their
+        pollables, and the pollables polled in Python (no C path, or not this round)."""
+        jobs, owners, rest = [], [], []
+        for p in pollables:
+            c_job = getattr(p, "c_job", None) if _c_serve is not None else None
+            job = c_job() if c_job is not None else None
+            if job is None:
+                rest.append(p)
+            else:
+                jobs.append(job)
+                owners.append(p)
+        return jobs, owners, rest
+
+    def _c_round(self, jobs: list, owners: list, rest: list, timeout_ns: int, bd) -> list[int]:
+        """Serve ``jobs`` in C (``_vring.serve``: chains, used ring, interrupt decision and irqfd write,
+        ``QUEUE_BUDGET`` chains per queue per pass) for up to ``timeout_ns`` ns, or until a watched
+        word of ``rest`` changes or a job's next chain needs the Python device model (that pollable
+        is then polled here).  Returns each owner's last completion time (CLOCK_MONOTONIC ns; 0: none)."""
+        watches = [w for p in rest for w in p.watches()]
+        times = bytearray(40) if bd is not None else None
+        reason, index, results, idle_ns = _c_serve(jobs, watches, timeout_ns, QUEUE_BUDGET, times)
+        last = []
+        done = 0
+        for p, r in zip(owners, results):
+            n, t = p.c_done(r)
+            done += n
+            self.work += n > 0
+            last.append(t if n else 0)
+        if reason == 1 and owners[index].poll():   # the next chain of that ring is for Python
+            self.work += 1
+            last[index] = time.monotonic_ns()
+        if bd is not None:
+            for phase, ns in zip(("ring_read", "chain_walk", "request_parse", "host_io", "used_write"),
+                                 struct.unpack("<5Q", times)):
+                bd.add(phase, ns)
+            bd.requests += done
+            bd.fast_requests += done
+            bd.batches += sum(1 for t in last if t)
+            bd.idle_cpu_ns += idle_ns    # spinning with nothing to do (wall time inside the C round)
+        return last
 
     def _spin(self, budget_ns: int, bd, t_iter: int, phases0: int) -> None:
         """Wait up to ``budget_ns`` for a watched word to change, in C without the GIL."""
@@ -255,22 +338,29 @@ class SidecoreLoop:
     def _all_watches(self) -> list[tuple[int, int]]:
         return [w for p in self.pollables for w in p.watches()]
 
-    def _sleep(self) -> int:
+    def _sleep(self) -> set[int] | None:
+        """Sleep until the loop's eventfd or a pollable's ``wake_fd`` fires; drain what fired.  Returns
+        the pollables' eventfds that fired, or None when the loop's own did (stop or membership change:
+        every pollable is to be looked at).  The poll set is built once per membership, not per sleep."""
         self.sleeps += 1
-        poller = select.poll()
-        poller.register(self._wake_fd, select.POLLIN)
+        if self._poller is None:
+            self._poller = select.poll()
+            self._poller.register(self._wake_fd, select.POLLIN)
+            for p in self.pollables:
+                self._poller.register(p.wake_fd, select.POLLIN)
+        events = self._poller.poll()
+        fired: set[int] | None = {fd for fd, _ in events}
+        if self._wake_fd in fired:
+            if not self._stopping:
+                try:
+                    os.eventfd_read(self._wake_fd)   # a membership change woke us: consumed
+                except BlockingIOError:
+                    pass
+            fired = None
         for p in self.pollables:
-            poller.register(p.wake_fd, select.POLLIN)
-        t0 = time.monotonic_ns()
-        poller.poll()
-        if not self._stopping:
-            try:
-                os.eventfd_read(self._wake_fd)   # a membership change woke us: consumed
-            except BlockingIOError:
-                pass
-        for p in self.pollables:
-            p.drain()
-        return time.monotonic_ns() - t0
+            if fired is None or p.wake_fd in fired:
+                p.drain()
+        return fired
 
     def _adapt(self, i: int, armed_ns: int) -> None:
         """Pollable ``i``'s window after an armed spell of ``armed_ns``.  QEMU's rule
