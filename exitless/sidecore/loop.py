@@ -218,8 +218,13 @@ class SidecoreLoop:
         self.polls += 1
         now = time.monotonic_ns()
         for i, p in enumerate(pollables):
-            if armed_at[i] is not None and p.poll():   # busy again: back to polling it
-                self.work += 1
+            if armed_at[i] is None:
+                continue
+            # busy again: back to polling it -- a queue with a C path is disarmed first and served by the
+            # C round below (not by the Python device model here)
+            has_work = getattr(p, "has_work", None) if _c_serve is not None else None
+            if (p.poll() if has_work is None else has_work()):
+                self.work += has_work is None
                 last_work[i] = now
                 p.disarm()
                 self._adapt(i, now - armed_at[i])
@@ -308,7 +313,7 @@ class SidecoreLoop:
             bd.requests += done
             bd.fast_requests += done
             bd.batches += sum(1 for t in last if t)
-            bd.idle_cpu_ns += idle_ns    # spinning with nothing to do (wall time inside the C round)
+            bd.idle_cpu_ns += idle_ns    # CPU spent spinning with nothing to do inside the C round
         return last
 
     def _spin(self, budget_ns: int, bd, t_iter: int, phases0: int) -> None:
