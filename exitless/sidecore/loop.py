@@ -9,8 +9,8 @@ Modes:
   has had no work for its window it is armed on its own (publish EventIdx / clear
   NO_NOTIFY, fence, re-check: a request that slipped in keeps it polled), and it is
   disarmed again as soon as it has work.  The loop sleeps only when *every* pollable is
-  armed, on all their eventfds at once, so any one of them wakes it (and then all start a
-  fresh window) -- one busy VM's
+  armed, on all their eventfds at once (one poll set per membership), so any one of them wakes
+  it; only the queues whose eventfd fired are disarmed and start a fresh window -- one busy VM's
   queue keeps the sidecore polling without keeping an idle VM's queue from being armed
   (its driver kicks; the kick is picked up by the next round).  A window adapts like
   QEMU's IOThread polling: it doubles when the queue's armed spell ended within the
@@ -23,6 +23,16 @@ turn: a queue flooded at QD128 delays a QD1 queue on the same sidecore by at mos
 ``QUEUE_BUDGET`` requests per other queue, never by the whole flood.  A pollable left with work
 keeps a watch that is already "changed", so the GIL-free spin returns at once and the next round
 comes straight back to it.
+
+The C round: a pollable that offers ``c_job()`` (a virtio-blk ring of the sidecore service,
+:class:`~exitless.vhost_user.backend.VringPollable`) is served by ``_vring.serve`` -- a GIL-free C
+loop over all those queues that completes plain reads/writes, decides each interrupt (used_event /
+NO_INTERRUPT) and writes the queue's irqfd itself, for a spin slice (poll) or until the shortest idle
+window runs out (adaptive); Python runs once per slice, not once per request, and no Python runs for
+an idle queue.  The other pollables are polled in Python and their words watched by the C round; a
+chain C leaves (errors, flush, ...) goes to ``poll()`` at once.  ``c_done(result)`` takes the queue's
+state back.  In adaptive mode an armed queue with a C path and work (``has_work()``) is disarmed and
+goes to the C round.
 
 A *pollable* has ``poll() -> bool`` (do available work, at most a round's budget), ``watches()`` (the
 ``(address, consumed value)`` words whose change means new work), ``arm() ->
