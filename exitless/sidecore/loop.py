@@ -9,8 +9,8 @@ Modes:
   has had no work for its window it is armed on its own (publish EventIdx / clear
   NO_NOTIFY, fence, re-check: a request that slipped in keeps it polled), and it is
   disarmed again as soon as it has work.  The loop sleeps only when *every* pollable is
-  armed, on all their eventfds at once, so any one of them wakes it (and then all start a
-  fresh window) -- one busy VM's
+  armed, on all their eventfds at once (one poll set per membership), so any one of them wakes
+  it; only the queues whose eventfd fired are disarmed and start a fresh window -- one busy VM's
   queue keeps the sidecore polling without keeping an idle VM's queue from being armed
   (its driver kicks; the kick is picked up by the next round).  A window adapts like
   QEMU's IOThread polling: it doubles when the queue's armed spell ended within the
@@ -24,6 +24,16 @@ turn: a queue flooded at QD128 delays a QD1 queue on the same sidecore by at mos
 keeps a watch that is already "changed", so the GIL-free spin returns at once and the next round
 comes straight back to it.
 
+The C round: a pollable that offers ``c_job()`` (a virtio-blk ring of the sidecore service,
+:class:`~exitless.vhost_user.backend.VringPollable`) is served by ``_vring.serve`` -- a GIL-free C
+loop over all those queues that completes plain reads/writes, decides each interrupt (used_event /
+NO_INTERRUPT) and writes the queue's irqfd itself, for a spin slice (poll) or until the shortest idle
+window runs out (adaptive); Python runs once per slice, not once per request, and no Python runs for
+an idle queue.  The other pollables are polled in Python and their words watched by the C round; a
+chain C leaves (errors, flush, ...) goes to ``poll()`` at once.  ``c_done(result)`` takes the queue's
+state back.  In adaptive mode an armed queue with a C path and work (``has_work()``) is disarmed and
+goes to the C round.
+
 A *pollable* has ``poll() -> bool`` (do available work, at most a round's budget), ``watches()`` (the
 ``(address, consumed value)`` words whose change means new work), ``arm() ->
 bool`` (enable guest notifications; True if work arrived meanwhile),
@@ -35,12 +45,18 @@ import logging
 import traceback
 import os
 import select
+import struct
 import threading
 import time
 from typing import Protocol
 
 from . import breakdown as _breakdown
 from .spin import wait_until
+
+try:   # the C round over many virtio-blk queues (absent when the extension is not built)
+    from ..devices.virtio._vring import serve as _c_serve
+except ImportError:  # pragma: no cover - a tree without its C extensions
+    _c_serve = None
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +100,7 @@ class SidecoreLoop:
         self._pending: list[tuple[list, list]] = []
         self._requested = self._applied = 0
         self._running = False
+        self._poller = None          # select.poll over the wake fds (adaptive/notify sleeps), per membership
         self.sleeps = 0
         self.polls = 0
         self.work = 0
@@ -133,6 +150,7 @@ class SidecoreLoop:
             self._last_work = [self._last_work[i] for i in keep] + [now] * len(add)
             self._armed_at = [self._armed_at[i] for i in keep] + [None] * len(add)
         self._pending.clear()
+        self._poller = None          # the sleep's poll set is rebuilt for the new membership
         self._applied = self._requested
         self._cond.notify_all()
 
@@ -181,9 +199,27 @@ class SidecoreLoop:
             self._between_rounds()
             if bd is not None:   # detection = this iteration's time minus the other phases and idle waits
                 t_iter, phases0 = time.monotonic_ns(), sum(bd.ns.values())
+            if self._poll_round(bd):      # the C round served a slice
+                now = time.monotonic_ns()
+                continue
             self._poll_once()
             now = self._spin_until(now + SPIN_SLICE_NS, bd, t_iter if bd is not None else 0,
                                    phases0 if bd is not None else 0)
+
+    def _poll_round(self, bd) -> bool:
+        """Poll mode with a C round: the queues that have a C path are served by ``_vring.serve``
+        (completions and interrupts included) for a spin slice; the others are polled here and their
+        words watched by it.  False (nothing done) when no pollable has a C path.  A method of its own
+        so that its locals (jobs pinning a detached VM's rings) die with the round."""
+        jobs, owners, rest = self._split(self.pollables)
+        if not jobs:
+            return False
+        self.polls += 1
+        for p in rest:
+            if p.poll():
+                self.work += 1
+        self._c_round(jobs, owners, rest, SPIN_SLICE_NS, bd)
+        return True
 
     def _run_adaptive(self, bd) -> None:
         """Adaptive mode, with one idle window per pollable (see the module docstring).
@@ -259,6 +295,48 @@ class SidecoreLoop:
                 check_at = due
         return check_at
 
+    def _split(self, pollables: list) -> tuple[list, list, list]:
+        """``(jobs, owners, rest)`` for one round: the C round's jobs (``p.c_job()``) with their
+        pollables, and the pollables polled in Python (no C path, or not this round)."""
+        jobs, owners, rest = [], [], []
+        for p in pollables:
+            c_job = getattr(p, "c_job", None) if _c_serve is not None else None
+            job = c_job() if c_job is not None else None
+            if job is None:
+                rest.append(p)
+            else:
+                jobs.append(job)
+                owners.append(p)
+        return jobs, owners, rest
+
+    def _c_round(self, jobs: list, owners: list, rest: list, timeout_ns: int, bd) -> list[int]:
+        """Serve ``jobs`` in C (``_vring.serve``: chains, used ring, interrupt decision and irqfd write,
+        ``QUEUE_BUDGET`` chains per queue per pass) for up to ``timeout_ns`` ns, or until a watched
+        word of ``rest`` changes or a job's next chain needs the Python device model (that pollable
+        is then polled here).  Returns each owner's last completion time (CLOCK_MONOTONIC ns; 0: none)."""
+        watches = [w for p in rest for w in p.watches()]
+        times = bytearray(40) if bd is not None else None
+        reason, index, results, idle_ns = _c_serve(jobs, watches, timeout_ns, QUEUE_BUDGET, times)
+        last = []
+        done = 0
+        for p, r in zip(owners, results):
+            n, t = p.c_done(r)
+            done += n
+            self.work += n > 0
+            last.append(t if n else 0)
+        if reason == 1 and owners[index].poll():   # the next chain of that ring is for Python
+            self.work += 1
+            last[index] = time.monotonic_ns()
+        if bd is not None:
+            for phase, ns in zip(("ring_read", "chain_walk", "request_parse", "host_io", "used_write"),
+                                 struct.unpack("<5Q", times)):
+                bd.add(phase, ns)
+            bd.requests += done
+            bd.fast_requests += done
+            bd.batches += sum(1 for t in last if t)
+            bd.idle_cpu_ns += idle_ns    # CPU spent spinning with nothing to do inside the C round
+        return last
+
     def _spin_until(self, deadline_ns: int, bd, t_iter: int, phases0: int) -> int:
         """Wait until ``deadline_ns`` (monotonic) for a watched word to change, in C without the GIL;
         returns the monotonic time at return."""
@@ -283,22 +361,29 @@ class SidecoreLoop:
     def _all_watches(self) -> list[tuple[int, int]]:
         return [w for p in self.pollables for w in p.watches()]
 
-    def _sleep(self) -> int:
+    def _sleep(self) -> set[int] | None:
+        """Sleep until the loop's eventfd or a pollable's ``wake_fd`` fires; drain what fired.  Returns
+        the pollables' eventfds that fired, or None when the loop's own did (stop or membership change:
+        every pollable is to be looked at).  The poll set is built once per membership, not per sleep."""
         self.sleeps += 1
-        poller = select.poll()
-        poller.register(self._wake_fd, select.POLLIN)
+        if self._poller is None:
+            self._poller = select.poll()
+            self._poller.register(self._wake_fd, select.POLLIN)
+            for p in self.pollables:
+                self._poller.register(p.wake_fd, select.POLLIN)
+        events = self._poller.poll()
+        fired: set[int] | None = {fd for fd, _ in events}
+        if self._wake_fd in fired:
+            if not self._stopping:
+                try:
+                    os.eventfd_read(self._wake_fd)   # a membership change woke us: consumed
+                except BlockingIOError:
+                    pass
+            fired = None
         for p in self.pollables:
-            poller.register(p.wake_fd, select.POLLIN)
-        t0 = time.monotonic_ns()
-        poller.poll()
-        if not self._stopping:
-            try:
-                os.eventfd_read(self._wake_fd)   # a membership change woke us: consumed
-            except BlockingIOError:
-                pass
-        for p in self.pollables:
-            p.drain()
-        return time.monotonic_ns() - t0
+            if fired is None or p.wake_fd in fired:
+                p.drain()
+        return fired
 
     def _adapt(self, i: int, armed_ns: int) -> None:
         """Pollable ``i``'s window after an armed spell of ``armed_ns``.  QEMU's rule

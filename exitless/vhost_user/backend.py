@@ -115,9 +115,10 @@ class Ring:
 class VringPollable:
     """One live vring as seen by the sidecore loop (compare ``virtio.pci.QueuePollable``)."""
 
-    def __init__(self, device: VirtioDevice, index: int, kick_fd: int):
+    def __init__(self, device: VirtioDevice, index: int, kick_fd: int, call_fd: int = -1):
         self.device = device
         self.index = index
+        self.call_fd = call_fd      # the frontend's interrupt eventfd (a KVM irqfd), written by the C round
         self.q = device.queues[index]
         self.wake_fd = kick_fd if kick_fd >= 0 else None
         self.done = 0                                           # requests completed
@@ -134,6 +135,20 @@ class VringPollable:
         n = self.device.handle_queue(self.index, QUEUE_BUDGET)   # at most a round's share: see sidecore.loop
         self.done += n
         return n > 0
+
+    def has_work(self) -> bool:
+        """Chains are available that this ring has not taken (no work done here)."""
+        return self._ok() and self.q.has_work()
+
+    def c_job(self) -> tuple | None:
+        """This ring as a job of the loop's C round (``_vring.serve``), or None (polled in Python)."""
+        return self.device.serve_job(self.index, self.call_fd) if self._ok() else None
+
+    def c_done(self, result: tuple) -> tuple[int, int]:
+        """The C round's result for this ring: ``(completed, last_work_ns)``."""
+        n, last_work, _irqs = self.q.served(result)
+        self.done += n
+        return n, last_work
 
     def watches(self) -> list[tuple[int, int]]:
         if not self._ok():
@@ -485,7 +500,8 @@ class VhostUserBackend:
         if mode != "notify":
             for i in live:
                 queues[i].disable_notifications()
-        pollables = self._pollables = [VringPollable(dev, i, self.rings[i].kick_fd) for i in live]
+        pollables = self._pollables = [VringPollable(dev, i, self.rings[i].kick_fd, self.rings[i].call_fd)
+                                        for i in live]
         # the device's host side (a TAP's receive fd) is served by the same loop as its rings
         served = pollables + dev.backend_pollables(mode)
         if self.dataplane is not None and self.dataplane.mode == mode:

@@ -39,6 +39,7 @@
 #include <string.h>
 #include <sys/uio.h>
 #include <time.h>
+#include <unistd.h>
 
 #define F_NEXT 1
 #define F_WRITE 2
@@ -64,6 +65,24 @@ typedef struct {
     uint32_t size, max_chain;
     int indirect_ok;
 } Ring;
+
+static PyTypeObject RingType;
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __asm__ __volatile__("pause" ::: "memory");
+#else
+    __asm__ __volatile__("" ::: "memory");
+#endif
+}
+
+static inline uint64_t thread_cpu_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
 
 static inline uint64_t now_ns(void)
 {
@@ -288,51 +307,28 @@ static PyObject *ring_walk(Ring *r, PyObject *arg)
     return Py_BuildValue("(NKK)", list, (unsigned long long)rlen, (unsigned long long)wlen);
 }
 
-/* blk_batch(last_avail, shadow_avail, used_idx, avail_event, event_idx, notify_enabled, max_batch, times,
- *           fd, capacity_sectors, max_request_bytes, writable_disk)
- *   -> (completed, more, last_avail, shadow_avail, used_idx, avail_event)
- * times: None, or a writable buffer of 5 u64 to which ns per phase are added
- * (ring read, chain walk, request parse, host I/O, used write). */
-static PyObject *ring_blk_batch(Ring *r, PyObject *args)
+/* One queue's consumer state, as Virtqueue keeps it (_last_avail, _shadow_avail, _used_idx,
+ * _avail_event, _evt, _notify_enabled, _signalled_used, _signalled_valid). */
+typedef struct {
+    uint32_t last, shadow, used_idx, avail_event, signalled_used;
+    int evt, notify_enabled, signalled_valid;
+} qstate_t;
+
+/* The batch itself, called without the GIL: at most max_batch plain IN/OUT chains, one used.idx
+ * store for them.  Returns the number completed; *more is set when the next chain is for Python
+ * (see the file comment). */
+static unsigned blk_run(Ring *r, qstate_t *st, unsigned max_batch, uint64_t *times, int fd, uint64_t capacity,
+                        uint64_t max_bytes, int writable_disk, int *more_out, seg_t *segs, struct iovec *iov)
 {
-    unsigned int last, shadow, used_idx, avail_event, max_batch;
-    int evt, notify_enabled, fd, writable_disk;
-    unsigned long long capacity, max_bytes;
-    PyObject *times_obj;
-    if (!PyArg_ParseTuple(args, "IIIIppIOiKKp", &last, &shadow, &used_idx, &avail_event, &evt, &notify_enabled,
-                          &max_batch, &times_obj, &fd, &capacity, &max_bytes, &writable_disk))
-        return NULL;
-    Py_buffer tb;
-    uint64_t *times = NULL;
-    if (times_obj != Py_None) {
-        if (PyObject_GetBuffer(times_obj, &tb, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0)
-            return NULL;
-        if (tb.len < (Py_ssize_t)(NPH * sizeof(uint64_t))) {
-            PyBuffer_Release(&tb);
-            PyErr_SetString(PyExc_ValueError, "blk_batch: times needs 5 u64");
-            return NULL;
-        }
-        times = (uint64_t *)tb.buf;
-    }
     volatile uint16_t *avail = (volatile uint16_t *)r->avail.buf;
     uint16_t *used16 = (uint16_t *)r->used.buf;
     uint32_t *elems = (uint32_t *)((uint8_t *)r->used.buf + 4);
     const uint32_t size = r->size, mask = size - 1, avail_event_i = 2 + 4 * size;
-    last &= 0xFFFF;
-    shadow &= 0xFFFF;
-    used_idx &= 0xFFFF;
-    avail_event &= 0xFFFF;
+    uint32_t last = st->last & 0xFFFF, shadow = st->shadow & 0xFFFF, used_idx = st->used_idx & 0xFFFF;
+    uint32_t avail_event = st->avail_event & 0xFFFF;
+    const int evt = st->evt, notify_enabled = st->notify_enabled;
     unsigned int done = 0;
     int more = 0;
-    if (last == shadow && __atomic_load_n(&avail[1], __ATOMIC_ACQUIRE) == last) {
-        /* nothing available: answer without giving up and retaking the GIL */
-        if (times)
-            PyBuffer_Release(&tb);
-        return Py_BuildValue("(IOIIII)", 0, Py_False, last, shadow, used_idx, avail_event);
-    }
-    seg_t segs[MAX_SEGS];            /* 32 KiB of stack in all: sidecore threads have megabytes */
-    struct iovec iov[MAX_SEGS];
-    Py_BEGIN_ALLOW_THREADS
     uint64_t t0 = times ? now_ns() : 0, t1;
     while (done < max_batch) {
         if (last == shadow) {
@@ -408,10 +404,282 @@ static PyObject *ring_blk_batch(Ring *r, PyObject *args)
     if (done)  /* one used.idx store for the batch, after every element and status byte */
         __atomic_store_n(&used16[1], (uint16_t)used_idx, __ATOMIC_RELEASE);
     if (times) times[PH_USED] += now_ns() - t0;
+    st->last = last;
+    st->shadow = shadow;
+    st->used_idx = used_idx;
+    st->avail_event = avail_event;
+    *more_out = more;
+    return done;
+}
+
+/* After a published batch: does the driver want a used-buffer notification?  Virtqueue.should_signal
+ * (VIRTIO 1.2 §2.7.10): a full barrier orders the used.idx store before the load of used_event (or
+ * avail.flags); the driver does the mirror image. */
+static int want_signal(const Ring *r, qstate_t *st)
+{
+    const volatile uint16_t *avail = (const volatile uint16_t *)r->avail.buf;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    uint32_t now = st->used_idx & 0xFFFF;
+    if (st->evt) {
+        uint32_t old = st->signalled_used & 0xFFFF;
+        st->signalled_used = now;
+        if (!st->signalled_valid) {
+            st->signalled_valid = 1;
+            return 1;
+        }
+        if ((uint64_t)r->avail.len < 6ull + 2ull * r->size)   /* no used_event field: always */
+            return 1;
+        uint32_t used_event = __atomic_load_n(&avail[2 + r->size], __ATOMIC_RELAXED);
+        return ((now - used_event - 1) & 0xFFFF) < ((now - old) & 0xFFFF);
+    }
+    return !(__atomic_load_n(&avail[0], __ATOMIC_RELAXED) & 1);   /* VRING_AVAIL_F_NO_INTERRUPT */
+}
+
+/* blk_batch(last_avail, shadow_avail, used_idx, avail_event, event_idx, notify_enabled, max_batch, times,
+ *           fd, capacity_sectors, max_request_bytes, writable_disk)
+ *   -> (completed, more, last_avail, shadow_avail, used_idx, avail_event)
+ * times: None, or a writable buffer of 5 u64 to which ns per phase are added
+ * (ring read, chain walk, request parse, host I/O, used write). */
+static PyObject *ring_blk_batch(Ring *r, PyObject *args)
+{
+    unsigned int last, shadow, used_idx, avail_event, max_batch;
+    int evt, notify_enabled, fd, writable_disk;
+    unsigned long long capacity, max_bytes;
+    PyObject *times_obj;
+    if (!PyArg_ParseTuple(args, "IIIIppIOiKKp", &last, &shadow, &used_idx, &avail_event, &evt, &notify_enabled,
+                          &max_batch, &times_obj, &fd, &capacity, &max_bytes, &writable_disk))
+        return NULL;
+    Py_buffer tb;
+    uint64_t *times = NULL;
+    if (times_obj != Py_None) {
+        if (PyObject_GetBuffer(times_obj, &tb, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0)
+            return NULL;
+        if (tb.len < (Py_ssize_t)(NPH * sizeof(uint64_t))) {
+            PyBuffer_Release(&tb);
+            PyErr_SetString(PyExc_ValueError, "blk_batch: times needs 5 u64");
+            return NULL;
+        }
+        times = (uint64_t *)tb.buf;
+    }
+    qstate_t st = {last & 0xFFFF, shadow & 0xFFFF, used_idx & 0xFFFF, avail_event & 0xFFFF, 0, evt, notify_enabled, 0};
+    unsigned int done = 0;
+    int more = 0;
+    const volatile uint16_t *avail = (const volatile uint16_t *)r->avail.buf;
+    if (st.last == st.shadow && __atomic_load_n(&avail[1], __ATOMIC_ACQUIRE) == st.last) {
+        /* nothing available: answer without giving up and retaking the GIL */
+        if (times)
+            PyBuffer_Release(&tb);
+        return Py_BuildValue("(IOIIII)", 0, Py_False, st.last, st.shadow, st.used_idx, st.avail_event);
+    }
+    seg_t segs[MAX_SEGS];            /* 32 KiB of stack in all: sidecore threads have megabytes */
+    struct iovec iov[MAX_SEGS];
+    Py_BEGIN_ALLOW_THREADS
+    done = blk_run(r, &st, max_batch, times, fd, capacity, max_bytes, writable_disk, &more, segs, iov);
     Py_END_ALLOW_THREADS
     if (times)
         PyBuffer_Release(&tb);
-    return Py_BuildValue("(IOIIII)", done, more ? Py_True : Py_False, last, shadow, used_idx, avail_event);
+    return Py_BuildValue("(IOIIII)", done, more ? Py_True : Py_False, st.last, st.shadow, st.used_idx,
+                         st.avail_event);
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* serve(jobs, watches, timeout_ns, budget, times)
+ *   -> (reason, index, [(last_avail, shadow_avail, used_idx, avail_event, signalled_used, signalled_valid,
+ *                        completed, last_work_ns, interrupts)] per job, idle_ns)
+ *
+ * A sidecore round for many virtio-blk queues at once, without the GIL: visit every job in turn, take
+ * at most `budget` chains from it (blk_run), and when a visit completed some, decide the interrupt
+ * as Virtqueue.should_signal does and write the queue's irqfd (call_fd; -1: the caller signals) --
+ * so a completion reaches the guest with no Python in between.  Spin (pause) while nothing is
+ * available, until `timeout_ns` have passed (reason 0; at least one pass is made), a job's next
+ * chain is for Python (reason 1, index = that job: the caller pops it), or one of `watches`
+ * ([(address, expected u32)], the words of pollables served in Python) changed (reason 2, index =
+ * that watch).  One visit takes at most `budget` chains, so a flooded queue delays the others by
+ * one budget per pass (issue 12's fairness).
+ *
+ * jobs: [(ring, last_avail, shadow_avail, used_idx, avail_event, event_idx, notify_enabled,
+ *         signalled_used, signalled_valid, fd, capacity_sectors, max_request_bytes, writable_disk, call_fd)]
+ * times: None, or 5 u64 (as blk_batch) to which the phases are added; idle_ns (this thread's CPU
+ * time spinning with nothing to do) is measured only then, else 0.
+ * The caller keeps every ring's memory mapped and every fd open for the duration of the call (the
+ * sidecore loop detaches a queue only between rounds). */
+#define MAX_JOBS 1024
+typedef struct {
+    Ring *ring;
+    qstate_t st;
+    int fd, writable, call_fd;
+    uint64_t capacity, max_bytes, last_work;
+    unsigned done, irqs;
+} job_t;
+
+static PyObject *vring_serve(PyObject *self, PyObject *args)
+{
+    PyObject *jobs_obj, *watch_obj, *times_obj;
+    unsigned long long timeout_ns;
+    unsigned int budget;
+    if (!PyArg_ParseTuple(args, "OOKIO", &jobs_obj, &watch_obj, &timeout_ns, &budget, &times_obj))
+        return NULL;
+    if (budget == 0) {
+        PyErr_SetString(PyExc_ValueError, "serve: budget must be at least 1");
+        return NULL;
+    }
+    PyObject *jobs_seq = PySequence_Fast(jobs_obj, "serve: jobs must be a sequence");
+    if (jobs_seq == NULL)
+        return NULL;
+    PyObject *watch_seq = PySequence_Fast(watch_obj, "serve: watches must be a sequence");
+    if (watch_seq == NULL) {
+        Py_DECREF(jobs_seq);
+        return NULL;
+    }
+    Py_ssize_t nj = PySequence_Fast_GET_SIZE(jobs_seq), nw = PySequence_Fast_GET_SIZE(watch_seq);
+    job_t *jobs = NULL;
+    uintptr_t *waddr = NULL;
+    uint32_t *wval = NULL;
+    PyObject *result = NULL;
+    Py_buffer tb;
+    uint64_t *times = NULL;
+    Py_ssize_t held = 0;      /* rings INCREF'd so far */
+    if (nj > MAX_JOBS || nw > MAX_JOBS) {
+        PyErr_SetString(PyExc_ValueError, "serve: at most 1024 jobs and 1024 watches");
+        goto done;
+    }
+    jobs = PyMem_Calloc(nj ? nj : 1, sizeof(*jobs));
+    waddr = PyMem_Calloc(nw ? nw : 1, sizeof(*waddr));
+    wval = PyMem_Calloc(nw ? nw : 1, sizeof(*wval));
+    if (jobs == NULL || waddr == NULL || wval == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < nj; i++) {
+        job_t *j = &jobs[i];
+        PyObject *ring;
+        unsigned int last, shadow, used_idx, avail_event, signalled_used;
+        int evt, notify_enabled, signalled_valid;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(jobs_seq, i), "O!IIIIppIpiKKpi;serve: a job tuple",
+                              &RingType, &ring, &last, &shadow, &used_idx, &avail_event, &evt, &notify_enabled,
+                              &signalled_used, &signalled_valid, &j->fd, &j->capacity, &j->max_bytes, &j->writable,
+                              &j->call_fd))
+            goto done;
+        Py_INCREF(ring);
+        held = i + 1;
+        j->ring = (Ring *)ring;
+        if (!j->ring->have_used) {
+            PyErr_SetString(PyExc_ValueError, "serve: a Ring that was never initialised");
+            goto done;
+        }
+        j->st = (qstate_t){last & 0xFFFF, shadow & 0xFFFF, used_idx & 0xFFFF, avail_event & 0xFFFF,
+                           signalled_used & 0xFFFF, evt, notify_enabled, signalled_valid};
+    }
+    for (Py_ssize_t i = 0; i < nw; i++) {
+        unsigned long long addr, value;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(watch_seq, i), "KK;serve: (address, value) watches", &addr,
+                              &value))
+            goto done;
+        waddr[i] = (uintptr_t)addr;
+        wval[i] = (uint32_t)value;
+    }
+    if (times_obj != Py_None) {
+        if (PyObject_GetBuffer(times_obj, &tb, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0)
+            goto done;
+        if (tb.len < (Py_ssize_t)(NPH * sizeof(uint64_t))) {
+            PyBuffer_Release(&tb);
+            PyErr_SetString(PyExc_ValueError, "serve: times needs 5 u64");
+            goto done;
+        }
+        times = (uint64_t *)tb.buf;
+    }
+    int reason = 0;
+    long index = -1;
+    uint64_t idle = 0, busy = 0;
+    seg_t *segs = PyMem_Malloc(MAX_SEGS * sizeof(seg_t));
+    struct iovec *iov = PyMem_Malloc(MAX_SEGS * sizeof(struct iovec));
+    if (segs == NULL || iov == NULL) {
+        PyMem_Free(segs);
+        PyMem_Free(iov);
+        if (times)
+            PyBuffer_Release(&tb);
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    const uint64_t start = now_ns(), deadline = start + timeout_ns, cpu_start = times ? thread_cpu_ns() : 0;
+    for (unsigned iter = 1;; iter++) {
+        int worked = 0;
+        for (Py_ssize_t i = 0; i < nj && !reason; i++) {
+            job_t *j = &jobs[i];
+            const volatile uint16_t *avail = (const volatile uint16_t *)j->ring->avail.buf;
+            if (j->st.last == j->st.shadow && __atomic_load_n(&avail[1], __ATOMIC_ACQUIRE) == j->st.last)
+                continue;
+            int more = 0;
+            uint64_t t_busy = times ? thread_cpu_ns() : 0;
+            unsigned n = blk_run(j->ring, &j->st, budget, times, j->fd, j->capacity, j->max_bytes, j->writable,
+                                 &more, segs, iov);
+            if (n) {
+                worked = 1;
+                j->done += n;
+                j->last_work = now_ns();
+                if (j->call_fd >= 0 && want_signal(j->ring, &j->st)) {
+                    static const uint64_t one = 1;
+                    /* EAGAIN: a counter at its maximum (a hostile peer's fd) already signals */
+                    if (write(j->call_fd, &one, sizeof one) == sizeof one)
+                        j->irqs++;
+                }
+            }
+            if (times)
+                busy += thread_cpu_ns() - t_busy;
+            if (more) {
+                reason = 1;
+                index = (long)i;
+            }
+        }
+        for (Py_ssize_t i = 0; i < nw && !reason; i++) {
+            if (*(volatile const uint32_t *)waddr[i] != wval[i]) {
+                reason = 2;
+                index = (long)i;
+            }
+        }
+        if (reason)
+            break;
+        if (worked) {
+            if (now_ns() >= deadline)
+                break;
+            continue;
+        }
+        cpu_relax();
+        if (((iter & 63) == 0 || timeout_ns == 0) && now_ns() >= deadline)
+            break;
+    }
+    if (times)
+        idle = thread_cpu_ns() - cpu_start - busy;
+    Py_END_ALLOW_THREADS
+    PyMem_Free(segs);
+    PyMem_Free(iov);
+    if (times)
+        PyBuffer_Release(&tb);
+    PyObject *list = PyList_New(nj);
+    if (list == NULL)
+        goto done;
+    for (Py_ssize_t i = 0; i < nj; i++) {
+        job_t *j = &jobs[i];
+        PyObject *t = Py_BuildValue("(IIIIIOIKI)", j->st.last, j->st.shadow, j->st.used_idx, j->st.avail_event,
+                                    j->st.signalled_used, j->st.signalled_valid ? Py_True : Py_False, j->done,
+                                    (unsigned long long)j->last_work, j->irqs);
+        if (t == NULL) {
+            Py_DECREF(list);
+            goto done;
+        }
+        PyList_SET_ITEM(list, i, t);
+    }
+    result = Py_BuildValue("(ilNK)", reason, index, list, (unsigned long long)idle);
+done:
+    for (Py_ssize_t i = 0; i < held; i++)
+        Py_DECREF((PyObject *)jobs[i].ring);
+    PyMem_Free(jobs);
+    PyMem_Free(waddr);
+    PyMem_Free(wval);
+    Py_DECREF(jobs_seq);
+    Py_DECREF(watch_seq);
+    return result;
 }
 
 
@@ -1004,8 +1272,15 @@ static PyTypeObject RingType = {
     .tp_methods = ring_methods,
 };
 
+static PyMethodDef module_methods[] = {
+    {"serve", vring_serve, METH_VARARGS,
+     "serve(jobs, watches, timeout_ns, budget, times) -> (reason, index, [per-job state], idle_ns): "
+     "many virtio-blk queues served and their irqfds written without the GIL"},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_vring",
-                                    "C fast path for split virtqueues and virtio-blk IN/OUT", -1, NULL};
+                                    "C fast path for split virtqueues and virtio-blk IN/OUT", -1, module_methods};
 
 PyMODINIT_FUNC PyInit__vring(void)
 {

@@ -300,6 +300,15 @@ class VirtioBlk(VirtioDevice):
         bd.fast_requests += n
         return n, more
 
+    def serve_job(self, index: int, call_fd: int) -> tuple | None:
+        """Queue ``index`` for ``_vring.serve`` (plain IN/OUT completed in C; anything else comes back
+        to :meth:`handle_queue`), or None when the C path does not apply (see :meth:`_fast_batch`)."""
+        if (self.fast_path is None or type(self).process is not _C_BATCH_IMPLEMENTS or self.needs_reset
+                or not self.activated or not 0 <= index < len(self.queues)):
+            return None
+        return self.queues[index].serve_job(self.fd, self.capacity, self.MAX_REQUEST_BYTES,
+                                            not self.read_only and self.writeback, call_fd=call_fd)
+
     # -- requests -------------------------------------------------------------------------
     def process(self, queue_index: int, chain: DescriptorChain) -> int:
         wlen = chain.writable_len

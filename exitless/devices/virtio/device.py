@@ -228,6 +228,11 @@ class VirtioDevice:
         ``last_avail_idx`` (vhost-user GET_VRING_BASE): a device that took chains off a ring
         without using them (virtio-net's RX buffers) gives them back here."""
 
+    def serve_job(self, index: int, call_fd: int) -> tuple | None:
+        """Queue ``index`` as a job of ``_vring.serve`` (completed in C, its interrupt written to
+        ``call_fd``), or None: this device or queue is served by :meth:`handle_queue` (the default)."""
+        return None
+
     def backend_pollables(self, mode: str) -> list:
         """Pollables for the device's host-side event sources (a TAP's receive side) that the
         sidecore serving its queues in ``mode`` (``notify``/``poll``/``adaptive``) must serve too."""

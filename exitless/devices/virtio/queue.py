@@ -725,6 +725,29 @@ class Virtqueue:
             self._unsignalled = True
         return n, more
 
+    def serve_job(self, *device_args, call_fd: int) -> tuple | None:
+        """This queue's state as one job of ``_vring.serve`` (many queues served in C, interrupts
+        included: see :meth:`served`), or None when it must be polled in Python this round: no C
+        ring, broken, notifications enabled (kick-driven: :meth:`enable_notifications` handshakes in
+        Python), or a completion pushed whose interrupt is not decided yet.  ``device_args``: the
+        device's part of the job (for virtio-blk: fd, capacity in sectors, largest request in bytes,
+        writable); ``call_fd``: the eventfd (a KVM irqfd) to write when the driver wants a used-buffer
+        notification, -1 for none."""
+        ring = self._cring
+        if ring is None or self.broken or self._notify_enabled or self._unsignalled:
+            return None
+        return (ring, self._last_avail, self._shadow_avail, self._used_idx, self._avail_event, self._evt, False,
+                self._signalled_used, self._signalled_valid, *device_args, call_fd)
+
+    def served(self, result: tuple) -> tuple[int, int, int]:
+        """Take back this queue's state from a ``_vring.serve`` result; returns ``(completed,
+        last_work_ns, interrupts)`` (``last_work_ns``: CLOCK_MONOTONIC of its last completion).  The
+        interrupt decisions were made in C (as :meth:`should_signal`), so nothing is left unsignalled."""
+        (self._last_avail, self._shadow_avail, used_idx, self._avail_event, self._signalled_used,
+         self._signalled_valid, n, last_work, irqs) = result
+        self._used_idx = used_idx
+        return n, last_work, irqs
+
     # -- completing ----------------------------------------------------------------
     def push(self, head: int, written: int) -> None:
         """Return chain ``head`` to the driver with ``written`` bytes written to its writable part.
