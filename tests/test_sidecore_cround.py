@@ -113,7 +113,12 @@ def test_c_round_agrees_with_handle_queue(batches, event_idx, budget):
                 ins_bytes = [b"".join(s.mem.read(g, n) for g, n in zip(gpas[no:], ins)) for gpas, no, ins in placed]
                 outcome.append((done, s.d.get_used(), ins_bytes, s.dev.needs_reset))
             assert outcome[0] == outcome[1]
-            assert irqs[0] == irqs[1]
+            # Whether the batch interrupted must agree; how many times need not: the C round and
+            # handle_queue split a batch differently (a hand-off to Python mid-batch is one more
+            # decision), and with EVENT_IDX the crossing of used_event falls in exactly one part
+            # of any split, with NO_INTERRUPT in none.
+            assert (irqs[0] > 0) == (irqs[1] > 0)
+            irqs = [0, 0]
         with open(py.dev.path, "rb") as a, open(c.dev.path, "rb") as b:
             assert a.read() == b.read()
     finally:
