@@ -74,3 +74,34 @@ def test_every_write_delivered_once_in_order(mode):
             assert loop.sleeps > 0 and rings > 0  # it really slept and was woken by the driver
         if mode == "poll":
             assert rings == 0
+
+
+@pytest.mark.parametrize("yield_after_ns", [0, 1, 20_000])
+def test_yielding_spin_sees_a_change_and_times_out(yield_after_ns):
+    """The GIL-free spin that yields the CPU between checks (after ``yield_after_ns`` idle) still returns
+    the index of a word another thread changed, and -1 after its timeout when nothing changed."""
+    with GuestMemory.create([(0, 1 << 20)]) as mem:
+        page = mem.view(0, 4096)
+        addrs = [address_of(page[off:]) for off in (0, 64)]
+        assert wait_for_change([(addrs[0], 0), (addrs[1], 0)], 2_000_000, yield_after_ns) == -1
+        for _ in range(20):
+            t = threading.Timer(0.002, lambda: struct.pack_into("<I", page, 64, struct.unpack_from("<I", page, 64)[0] + 1))
+            t.start()
+            v = struct.unpack_from("<I", page, 64)[0]
+            assert wait_for_change([(addrs[0], 0), (addrs[1], v)], 5_000_000_000, yield_after_ns) == 1
+            t.join()
+        assert wait_for_change([(addrs[0], 1)], 5_000_000_000, yield_after_ns) == 0   # already changed
+
+
+def test_spin_yield_setting(monkeypatch):
+    from exitless.errors import ExitlessError
+    from exitless.sidecore.loop import SPIN_YIELD_ENV, SPIN_YIELD_NS, spin_yield_ns
+
+    monkeypatch.delenv(SPIN_YIELD_ENV, raising=False)
+    assert spin_yield_ns() == SPIN_YIELD_NS
+    monkeypatch.setenv(SPIN_YIELD_ENV, "0")
+    assert spin_yield_ns() == 0
+    for bad in ("-5", "soon", ""):
+        monkeypatch.setenv(SPIN_YIELD_ENV, bad)
+        with pytest.raises(ExitlessError, match=SPIN_YIELD_ENV):
+            spin_yield_ns()

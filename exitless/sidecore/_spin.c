@@ -12,6 +12,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <sched.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -32,15 +33,20 @@ static inline void cpu_relax(void)
 #endif
 }
 
-/* watch([(address, expected u32), ...], timeout_ns) -> index or -1
+/* watch([(address, expected u32), ...], timeout_ns[, yield_after_ns]) -> index or -1
  * Spin until the u32 at some address differs from its expected value; return its index,
- * or -1 once timeout_ns have passed.  The list is read (with the GIL) before spinning. */
+ * or -1 once timeout_ns have passed.  The list is read (with the GIL) before spinning.
+ * After yield_after_ns of fruitless spinning (0: never) the spin calls sched_yield(2) between
+ * checks: on an oversubscribed host the thread that will change the word (a vCPU of the same VMM,
+ * in the same scheduling group) is often queued behind this spinner on its CPU, and every hand-off
+ * then waited for the spinner's whole time slice.  On an idle CPU sched_yield returns at once.
+ * The price: a spinner that gave its CPU away is late for the next change (loop.SPIN_YIELD_NS). */
 #define MAX_WATCHES 256
 static PyObject *spin_watch(PyObject *self, PyObject *args)
 {
     PyObject *seq;
-    unsigned long long timeout_ns;
-    if (!PyArg_ParseTuple(args, "OK", &seq, &timeout_ns))
+    unsigned long long timeout_ns, yield_after_ns = 0;
+    if (!PyArg_ParseTuple(args, "OK|K", &seq, &timeout_ns, &yield_after_ns))
         return NULL;
     PyObject *fast = PySequence_Fast(seq, "watch: a sequence of (address, value) pairs");
     if (fast == NULL)
@@ -80,7 +86,9 @@ static PyObject *spin_watch(PyObject *self, PyObject *args)
     }
     long found = -1;
     Py_BEGIN_ALLOW_THREADS
-    uint64_t deadline = now_ns() + timeout_ns;
+    uint64_t start = now_ns(), deadline = start + timeout_ns;
+    uint64_t yield_at = yield_after_ns ? start + yield_after_ns : UINT64_MAX;
+    int yielding = 0;
     for (unsigned iter = 0;; iter++) {
         for (Py_ssize_t i = 0; i < n; i++) {
             if (*(volatile const uint32_t *)a[i] != s[i]) {
@@ -90,9 +98,17 @@ static PyObject *spin_watch(PyObject *self, PyObject *args)
         }
         if (found >= 0)
             break;
-        cpu_relax();
-        if ((iter & 63) == 0 && now_ns() >= deadline)
-            break;
+        if (yielding) {
+            sched_yield();
+        } else {
+            cpu_relax();
+        }
+        if ((iter & 63) == 0 || yielding) {
+            uint64_t t = now_ns();
+            if (t >= deadline)
+                break;
+            yielding = t >= yield_at;
+        }
     }
     Py_END_ALLOW_THREADS
     if (a != a_stack) {

@@ -4,7 +4,8 @@ Modes:
 - ``notify``: never poll; sleep on the devices' eventfds (the ``ioeventfd`` path's
   device thread).
 - ``poll``: poll forever; between polls spin *in C with the GIL released* until a
-  watched word changes, so a sidecore thread never stalls the vCPU threads.
+  watched word changes, so a sidecore thread never stalls the vCPU threads.  Optionally
+  (:data:`SPIN_YIELD_NS`, off by default) the spin yields the CPU between checks after an idle spell.
 - ``adaptive``: poll while busy.  Each pollable (queue) keeps its own idle window: once it
   has had no work for its window it is armed on its own (publish EventIdx / clear
   NO_NOTIFY, fence, re-check: a request that slipped in keeps it polled), and it is
@@ -39,6 +40,7 @@ import threading
 import time
 from typing import Protocol
 
+from ..errors import ExitlessError
 from . import breakdown as _breakdown
 from .spin import wait_for_change
 
@@ -46,6 +48,30 @@ log = logging.getLogger(__name__)
 
 MODES = ("notify", "poll", "adaptive")
 SPIN_SLICE_NS = 1_000_000        # how long one GIL-free spin lasts before Python looks around
+# Off by default (0): a polling sidecore may yield the CPU between checks (sched_yield) after this
+# many ns without a change.  Measured on the loaded 2-core host (docs/results/net-flood.md): at 20 us
+# it cut the sidecore's CPU ~10x and raised polled flood-64 ~2.5x, but a sidecore that gave its CPU
+# away was then late for the next request: rr-64 p50 on ``shared`` went from 8.6 us to 12 ms.
+SPIN_YIELD_NS = 0
+SPIN_YIELD_ENV = "EXITLESS_SPIN_YIELD_NS"     # override in ns (0: never yield), for side-by-side runs
+
+
+def spin_yield_ns() -> int:
+    """The idle spin (ns) after which a polling sidecore yields the CPU between checks: ``SPIN_YIELD_NS``
+    (0: never), or ``$EXITLESS_SPIN_YIELD_NS``.  Raises :class:`ExitlessError` for a value that is not a
+    non-negative integer."""
+    text = os.environ.get(SPIN_YIELD_ENV)
+    if text is None:
+        return SPIN_YIELD_NS
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ExitlessError(f"{SPIN_YIELD_ENV}={text!r}: a non-negative number of nanoseconds")
+    return value
+
+
 ADAPTIVE_MIN_NS = 16_000
 ADAPTIVE_MAX_NS = 512_000
 #: Chains one queue may complete per round of the loop (the rest wait for the next round).
@@ -74,6 +100,7 @@ class SidecoreLoop:
         self.mode = mode
         self.name = name
         self.poll_ns = poll_ns
+        self.yield_ns = spin_yield_ns()
         self.windows = [poll_ns] * len(pollables)   # adaptive: each pollable's idle window, ns
         self._last_work = [time.monotonic_ns()] * len(pollables)   # adaptive: each one's last work, ns
         self._armed_at: list[int | None] = [None] * len(pollables)  # adaptive: when each was armed
@@ -235,7 +262,7 @@ class SidecoreLoop:
             c_idle = time.thread_time_ns()
         t_idle = time.monotonic_ns()
         if watches:
-            wait_for_change(watches, budget_ns)   # the GIL-free spin
+            wait_for_change(watches, budget_ns, self.yield_ns)   # the GIL-free spin
         else:  # nothing to watch yet (no queue is live): look again shortly
             time.sleep(budget_ns / 1e9)
         if bd is not None:

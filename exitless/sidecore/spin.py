@@ -16,12 +16,14 @@ def address_of(view: memoryview) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(view))
 
 
-def wait_for_change(watches: list[tuple[int, int]], timeout_ns: int) -> int:
+def wait_for_change(watches: list[tuple[int, int]], timeout_ns: int, yield_after_ns: int = 0) -> int:
     """Spin with the GIL released until the u32 at one of ``(address, expected)`` differs.
 
+    After ``yield_after_ns`` (ns; 0: never) without a change, the spin yields the CPU between
+    checks (``sched_yield``), so a vCPU thread queued behind it on an oversubscribed host runs.
     Returns the index of the changed word, or -1 after ``timeout_ns``.
     """
-    return _spin.watch(watches, timeout_ns)
+    return _spin.watch(watches, timeout_ns, yield_after_ns)
 
 
 def drain_eventfd(fd: int | None) -> None:
