@@ -133,7 +133,7 @@ def test_bench_modules_import_no_cycle():
 def test_doorbell_pins_vcpu_and_sidecores_to_two_cpus_and_restores_the_affinity():
     import os
 
-    from exitless.bench.doorbell import _on_cpu, pinning
+    from exitless.bench.doorbell import on_cpu, pinning
 
     before = os.sched_getaffinity(0)
     assert pinning(False) is None
@@ -142,7 +142,7 @@ def test_doorbell_pins_vcpu_and_sidecores_to_two_cpus_and_restores_the_affinity(
         assert where is None
         return
     assert where.vcpu != where.sidecore and {where.vcpu, where.sidecore} <= before
-    with _on_cpu(where.sidecore):
+    with on_cpu(where.sidecore):
         assert os.sched_getaffinity(0) == {where.sidecore}    # what the sidecore threads/processes inherit
     assert os.sched_getaffinity(0) == before
 

@@ -8,6 +8,7 @@ Addresses are 10.0.0.0/24 inside the namespace; nothing outside it is touched.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -193,3 +194,8 @@ def test_bench_net_json_on_stdout():
         assert x["rounds"] == 2 and len(x["per_round"]["pps"]) == 2 and x["errors"] == 0 and x["pps"] > 0
     assert rows[0]["p50_us"] > 0 and "vhost=off" in rows[1]["note"]
     assert "rr64_p50_exitless_over_qemu" in r.stderr
+    # exitless's vCPU and sidecore pinned to two CPUs by default (QEMU never: its rows say nothing)
+    cpus = sorted(os.sched_getaffinity(0))
+    want = {"vcpu": cpus[0], "sidecore": cpus[1]} if len(cpus) >= 2 else None
+    assert [x.get("pinned", "absent") for x in rows] == [want, "absent", want, "absent"]
+    assert ("vCPU on CPU" in r.stderr) == (want is not None)

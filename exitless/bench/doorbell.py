@@ -78,7 +78,7 @@ def pinning(pin: bool = True) -> Pinning | None:
 
 
 @contextmanager
-def _on_cpu(cpu: int | None) -> Iterator[None]:
+def on_cpu(cpu: int | None) -> Iterator[None]:
     """Run the calling thread on ``cpu`` (None: unchanged) until the block ends; threads and
     processes it starts meanwhile inherit that affinity."""
     if cpu is None:
@@ -97,14 +97,14 @@ def _run(case: Case, app_args: str, timeout: float, pin: Pinning | None) -> dict
     with Machine(VmConfig(mem_mib=64, console=console.extend)) as m:
         dev = DoorbellDevice()
         placement = case.sidecore if case.sidecore != "none" else "thread"
-        with _on_cpu(pin and pin.sidecore):
+        with on_cpu(pin and pin.sidecore):
             att = attach(m, dev, mmio_gpa=MMIO_GPA, shared_gpa=SHARED_GPA, path=case.path, placement=placement)
             if case.busy_sidecore:
                 attach(m, DoorbellDevice(), mmio_gpa=BUSY_MMIO_GPA, shared_gpa=BUSY_SHARED_GPA, path="shared")
         m.boot_pvh(guestkit_path(), guestkit_cmdline(app_args))
         cpu0, t0 = process_cpu_seconds(), time.monotonic()
         child0 = m._sidecore_process_cpu()
-        with _on_cpu(pin and pin.vcpu):
+        with on_cpu(pin and pin.vcpu):
             exit = m.run(timeout=timeout)
         cpu1, wall = process_cpu_seconds(), time.monotonic() - t0
         child_cpu = m._sidecore_process_cpu() - child0

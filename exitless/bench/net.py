@@ -18,6 +18,13 @@ threads; it includes the host kernel's work for the frames done in the VMM's thr
 writes and reads, and for echoes the namespace's ICMP reply, which runs in the writer's context),
 and a vhost-user back-end process's CPU.  QEMU's TAP peer runs without vhost-net (``vhost=off``):
 this host has no ``/dev/vhost-net`` (the rows say so in ``note``).
+
+Placement (as ``bench doorbell``): exitless's vCPU thread runs pinned to one CPU and the device's
+sidecore (its TAP thread on ``trap``) to another (``--no-pin``: the scheduler's choice; rows say
+``pinned``).  Unpinned on a busy host, a polling sidecore lands on the spinning vCPU's CPU and every
+hand-off (32 echoes out, 32 replies back in flood-64) waits for a scheduler time slice: ~1k round
+trips/s instead of tens of thousands (docs/results/net-flood.md).  QEMU is not pinned: its I/O thread
+sleeps until the vCPU's ioeventfd wakes it.
 """
 from __future__ import annotations
 
@@ -32,6 +39,7 @@ from ..net.spec import NetSpec, add_nic
 from ..net.tap import Tap, create_tap
 from ..vm import Machine, VmConfig
 from . import qemu
+from .doorbell import Pinning, on_cpu, pinning
 from .common import (BenchError, Progress, Report, aggregate, differential_per_op, guest_result, interleave, mark_best, no_progress,
                      plot_panels, ratio_notes, ratio_over_rounds)
 
@@ -99,12 +107,17 @@ class Namespace:
             pass
 
 
-def _exitless_run(ns: Namespace, path: str, app: str, timeout: float) -> dict:
+def _exitless_run(ns: Namespace, path: str, app: str, timeout: float, pin: Pinning | None = None) -> dict:
+    """One exitless row's run; ``pin``: the device's sidecore (and TAP thread) on one CPU, the vCPU on
+    another (see :mod:`exitless.bench.doorbell`: a polling sidecore that the scheduler puts on the
+    spinning vCPU's CPU turns every hand-off into a scheduler time slice)."""
     console = bytearray()
     with Machine(VmConfig(mem_mib=128, console=console.extend)) as m:
-        add_nic(m, NetSpec(TAP_NAME, io=path, netns=ns.name))
+        with on_cpu(pin and pin.sidecore):
+            add_nic(m, NetSpec(TAP_NAME, io=path, netns=ns.name))
         m.boot_pvh(guestkit_path(), guestkit_cmdline(app))
-        exit = m.run(timeout=timeout)
+        with on_cpu(pin and pin.vcpu):
+            exit = m.run(timeout=timeout)
         window = m.bench_marker.window()
     if exit.kind != "debug-exit" or window is None:
         raise BenchError(f"exitless/{path}: {app}: {exit.kind} {exit.status} {exit.message}\n"
@@ -193,10 +206,14 @@ COLUMNS = [("vmm", "vmm"), ("path", "path"), ("test", "test"), ("p50_us", "p50 Â
            ("other_load_pct", "other load %")]
 
 
-def _measure(ns: Namespace, setup: Setup, test: Test, n: int, timeout: float, tmp: str) -> dict:
-    """One sample of ``test`` on ``setup``: exitless over the guest's marked window, QEMU differential."""
+def _measure(ns: Namespace, setup: Setup, test: Test, n: int, timeout: float, tmp: str,
+             pin: Pinning | None = None) -> dict:
+    """One sample of ``test`` on ``setup``: exitless over the guest's marked window (``pin``: see
+    :func:`_exitless_run`), QEMU differential (never pinned: its I/O thread sleeps until woken)."""
     if setup.vmm == "exitless":
-        return _row("exitless", setup.path, test, _exitless_run(ns, setup.path, _app(test, n), timeout), None)
+        row = _row("exitless", setup.path, test, _exitless_run(ns, setup.path, _app(test, n), timeout, pin), None)
+        row["pinned"] = None if pin is None else {"vcpu": pin.vcpu, "sidecore": pin.sidecore}
+        return row
     if setup.vmm == "qemu":
         with Tap.open(TAP_NAME, netns=ns.name) as tap:
             fd = tap.fds[0]
@@ -222,9 +239,11 @@ def _measure(ns: Namespace, setup: Setup, test: Test, n: int, timeout: float, tm
 
 
 def run(tests=TESTS, paths=EXITLESS_PATHS, *, with_qemu: bool = True, with_vhost: bool = True,
-        vhost_modes=VHOST_MODES, scale: float = 1.0, timeout: float = 600, rounds: int = 3,
+        vhost_modes=VHOST_MODES, scale: float = 1.0, timeout: float = 600, rounds: int = 3, pin: bool = True,
         progress: Progress = no_progress, notes=lambda text: None) -> list[dict]:
-    """The rows (medians of ``rounds`` interleaved rounds; see the module docstring)."""
+    """The rows (medians of ``rounds`` interleaved rounds; see the module docstring).  ``pin``: exitless's
+    vCPU on one CPU and the device's sidecore on another (:func:`exitless.bench.doorbell.pinning`)."""
+    where = pinning(pin)
     setups = [Setup("exitless", p) for p in paths]
     if (with_qemu or with_vhost) and not qemu.available():
         notes(f"{qemu.QEMU} is not installed: no QEMU rows")
@@ -237,7 +256,7 @@ def run(tests=TESTS, paths=EXITLESS_PATHS, *, with_qemu: bool = True, with_vhost
         with tempfile.TemporaryDirectory(prefix="exitless-bench-net-") as tmp:
             samples = interleave(cells, rounds,
                                  lambda cell, _r: _measure(ns, cell[0], cell[1], max(10, int(cell[1].n * scale)),
-                                                           timeout, tmp),
+                                                           timeout, tmp, where),
                                  progress, label=lambda cell: f"{cell[0].vmm}/{cell[0].path} {cell[1].name}")
     finally:
         ns.close()
@@ -271,8 +290,10 @@ def main(args) -> int:
     tests = [t for t in TESTS if not args.tests or t.name in args.tests]
     with report.progress() as progress:
         rows = run(tests, args.paths, with_qemu=not args.no_qemu, with_vhost=not args.no_vhost, scale=args.scale,
-                   rounds=args.rounds, progress=progress, notes=report.note)
-    report.table("virtio-net (same guest driver; a private namespace's kernel answers)", rows, COLUMNS,
+                   rounds=args.rounds, pin=args.pin, progress=progress, notes=report.note)
+    where = pinning(args.pin)
+    placed = f"exitless: vCPU on CPU {where.vcpu}, sidecore on CPU {where.sidecore}" if where else "not pinned"
+    report.table(f"virtio-net (same guest driver; a private namespace's kernel answers; {placed})", rows, COLUMNS,
                  spread=SPREAD_COLUMNS)
     report.ties_note(args.rounds, rows)
     polled = [r["exits_per_packet"] for r in rows if r["vmm"] == "exitless" and r["path"] in ("shared", "poll")

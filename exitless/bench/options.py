@@ -34,6 +34,11 @@ def _tests(p) -> None:
     p.add_argument("--scale", type=positive_float, default=1.0, help="multiply the operation counts (default 1.0)")
 
 
+def _pin(p) -> None:
+    p.add_argument("--no-pin", dest="pin", action="store_false",
+                   help="let the scheduler place the vCPU and the sidecores (default: pinned to two CPUs)")
+
+
 def add_doorbell(p) -> None:
     p.add_argument("--n", type=positive_int, default=20000, help="measured ping-pongs per row and round (default 20000)")
     p.add_argument("--warmup", type=non_negative_int, default=2000,
@@ -42,8 +47,7 @@ def add_doorbell(p) -> None:
                    help=f"doorbell I/O paths to measure (default: all: {' '.join(DOORBELL_PATHS)})")
     p.add_argument("--placements", nargs="+", default=list(PLACEMENTS), choices=PLACEMENTS,
                    help="sidecore as a thread of the VMM or a separate process (default: both)")
-    p.add_argument("--no-pin", dest="pin", action="store_false",
-                   help="let the scheduler place the vCPU and the sidecores (default: pinned to two CPUs)")
+    _pin(p)
     p.add_argument("--idle-ms", type=non_negative_int, default=2000,
                    help="idle-CPU measurement per sidecore, ms (0: skip; default 2000)")
     _common(p)
@@ -96,6 +100,7 @@ def add_net(p) -> None:
     p.add_argument("--scale", type=positive_float, default=1.0, help="multiply the packet counts (default 1.0)")
     p.add_argument("--no-qemu", action="store_true", help="skip QEMU's own virtio-net (tap) rows")
     p.add_argument("--no-vhost", action="store_true", help="skip the qemu+exitless (vhost-user-net) rows")
+    _pin(p)
     p.add_argument("--plot", type=output_file, metavar="PNG", help="write a PNG plot here")
     _common(p)
 
