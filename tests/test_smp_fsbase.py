@@ -24,9 +24,8 @@ FS base, and checks it every time:
   each vCPU's registers between its runs.
 
 The exit status says what failed: 0x200 + cpu a wrong ``%fs:0`` in user mode, 0x300 /
-0x310 a wrong per-CPU area (timer / SYSCALL), 0x320 + cpu and 0x340 a non-null FS
-selector (SYSCALL / timer), 0x330 + cpu and 0x350 a changed IA32_FS_BASE (SYSCALL /
-timer); 0x100 + vector an unexpected exception in ring 0.
+0x310 a wrong per-CPU area (timer / SYSCALL), 0x320 + cpu a non-null FS selector,
+0x330 + cpu a changed IA32_FS_BASE; 0x100 + vector an unexpected exception in ring 0.
 """
 import threading
 
@@ -56,16 +55,15 @@ BODY = r"""
     mov %%ax, (%%rdi)
     shr $16, %%eax
     mov %%ax, 6(%%rdi)
-    lea ring0_idt+16*31(%%rip), %%rdi    /* gate 31 -> timer_handler */
-    mov $timer_handler, %%eax
-    mov %%ax, (%%rdi)
-    shr $16, %%eax
-    mov %%ax, 6(%%rdi)
-    lea ring0_idt+16*30(%%rip), %%rdi    /* gate 30 -> ipi_handler */
+    lea ring0_idt+16*30(%%rip), %%rdi    /* gate 30 -> ipi_handler, 31 -> timer_handler */
     mov $ipi_handler, %%eax
     mov %%ax, (%%rdi)
     shr $16, %%eax
     mov %%ax, 6(%%rdi)
+    mov $timer_handler, %%eax
+    mov %%ax, 16(%%rdi)
+    shr $16, %%eax
+    mov %%ax, 22(%%rdi)
     /* each candidate FS target holds its own address: 256 quadwords per CPU at 0x500000 + cpu * 0x10000 */
     mov $0x500000, %%edi
     mov $0x20000 / 8, %%ecx
@@ -136,6 +134,11 @@ ap_prot32:
     ljmp $0x18, $ap_long
     .code64
 ap_long:
+    lea ring0_gdt(%%rip), %%rsi
+    lea ap_gdt(%%rip), %%rdi
+    mov $10 * 8, %%ecx
+    rep movsb
+    movb $0x89, ap_gdt_tss+5(%%rip)       /* available 64-bit TSS (the copy has the BSP's busy bit) */
     lgdt ap_gdt_ptr(%%rip)
     pushq $0x10
     lea 1f(%%rip), %%rax
@@ -202,50 +205,49 @@ fs_test:
     pushq $0x400000
     iretq
 
-timer_handler:                           /* vector 31: count, EOI; SWAPGS when from user mode, as Linux */
-    testb $3, 8(%%rsp)
+timer_handler:                           /* vector 31 */
+    pushq $0
+    jmp apic_handler
+ipi_handler:                             /* vector 30: the other CPU's IPI */
+    pushq $1
+    jmp apic_handler
+apic_handler:                            /* (%%rsp) = 1 for the IPI, then the interrupt frame */
+    testb $3, 16(%%rsp)                  /* SWAPGS when from user mode, as Linux */
     jz 1f
     swapgs
 1:  push %%rax
     push %%rbx
+    push %%rdi
+    mov 24(%%rsp), %%edi
     mov $0xfee00000, %%ebx
-    movl $0, 0xb0(%%rbx)
+    movl $0, 0xb0(%%rbx)                  /* EOI */
     mov 0x20(%%rbx), %%eax                /* APIC ID: the CPU */
     shr $24, %%eax
-    testb $3, 24(%%rsp)
+    testb $3, 40(%%rsp)                   /* the frame's CS */
     jz 2f
     cmp %%gs:0, %%rax                     /* the per-CPU area is this CPU's */
-    je 2f
+    je 3f
     mov $0x300, %%eax
     jmp exit_with_eax
-2:  testb $3, 24(%%rsp)                  /* from user mode: FS as at a context switch (selector 0, base kept) */
-    jz 4f
-    mov %%fs, %%ebx
-    test %%ebx, %%ebx
-    jz 5f
-    lea bad_sel(%%rip), %%rdx
-    mov %%rbx, (%%rdx,%%rax,8)
-    mov $0x340, %%eax
-    jmp exit_with_eax
-5:  push %%rcx
+3:  push %%rcx                            /* from user mode: FS as at a context switch */
     push %%rdx
+    push %%r9
+    push %%r10
     push %%rax
-    mov $0xc0000100, %%ecx
-    rdmsr
-    shl $32, %%rdx
-    or %%rax, %%rdx
+    push %%rdi
+    mov %%rax, %%rdi
+    call check_fs
+    pop %%rdi
     pop %%rax
-    cmp %%gs:8, %%rdx
-    je 6f
-    lea bad_msr(%%rip), %%rbx
-    mov %%rdx, (%%rbx,%%rax,8)
-    mov %%gs:8, %%rdx
-    lea bad_value(%%rip), %%rbx
-    mov %%rdx, (%%rbx,%%rax,8)
-    mov $0x350, %%eax
-    jmp exit_with_eax
-6:  pop %%rdx
+    pop %%r10
+    pop %%r9
+    pop %%rdx
     pop %%rcx
+2:  test %%edi, %%edi
+    jz 4f
+    lea ipis(%%rip), %%rbx
+    incq (%%rbx,%%rax,8)
+    jmp 8f
 4:  lea ticks(%%rip), %%rbx
     incq (%%rbx,%%rax,8)
     mov $NCPU, %%ebx                      /* an IPI to the other CPU: KVM kicks its vCPU thread from this one */
@@ -256,32 +258,43 @@ timer_handler:                           /* vector 31: count, EOI; SWAPGS when f
     mov $0xfee00000, %%ebx
     mov %%eax, 0x310(%%rbx)
     movl $0x1e, 0x300(%%rbx)              /* fixed, vector 30 */
-8:
+8:  pop %%rdi
     pop %%rbx
     pop %%rax
-    testb $3, 8(%%rsp)
-    jz 3f
+    testb $3, 16(%%rsp)
+    jz 9f
     swapgs
-3:  iretq
+9:  add $8, %%rsp
+    iretq
 
-ipi_handler:                             /* vector 30: count, EOI */
-    testb $3, 8(%%rsp)
+/* %%rdi = cpu, GS = its per-CPU area: the FS selector is still null and IA32_FS_BASE still the base this
+   kernel wrote last (%%gs:8), what Linux's save_fsgs() and load_seg_legacy() rely on at a context switch;
+   else the VM stops with 0x320 + cpu (the selector in bad_sel) or 0x330 + cpu (bad_msr, bad_value).
+   Clobbers rax rcx rdx r9 r10. */
+check_fs:
+    mov %%fs, %%r10d
+    test %%r10d, %%r10d
     jz 1f
-    swapgs
-1:  push %%rax
-    push %%rbx
-    mov $0xfee00000, %%ebx
-    movl $0, 0xb0(%%rbx)
-    mov 0x20(%%rbx), %%eax
-    shr $24, %%eax
-    lea ipis(%%rip), %%rbx
-    incq (%%rbx,%%rax,8)
-    pop %%rbx
-    pop %%rax
-    testb $3, 8(%%rsp)
-    jz 3f
-    swapgs
-3:  iretq
+    lea bad_sel(%%rip), %%r9
+    mov %%r10, (%%r9,%%rdi,8)
+    mov $0x320, %%eax
+    add %%edi, %%eax
+    jmp exit_with_eax
+1:  mov $0xc0000100, %%ecx
+    rdmsr
+    shl $32, %%rdx
+    or %%rax, %%rdx
+    cmp %%gs:8, %%rdx
+    je 2f
+    lea bad_msr(%%rip), %%r9
+    mov %%rdx, (%%r9,%%rdi,8)
+    mov %%gs:8, %%rdx
+    lea bad_value(%%rip), %%r9
+    mov %%rdx, (%%r9,%%rdi,8)
+    mov $0x330, %%eax
+    add %%edi, %%eax
+    jmp exit_with_eax
+2:  ret
 
 pf_handler:
     endbr64
@@ -301,30 +314,9 @@ syscall_entry:
     jne 1f
     lea calls(%%rip), %%r9
     incq (%%r9,%%rdi,8)
-    mov %%fs, %%r10d                      /* what Linux's save_fsgs() reads at a context switch: 0 */
-    test %%r10d, %%r10d
-    jz 5f
-    lea bad_sel(%%rip), %%r9
-    mov %%r10, (%%r9,%%rdi,8)
-    mov $0x320, %%eax
-    add %%edi, %%eax
-    jmp exit_with_eax
-5:  mov $0xc0000100, %%ecx                /* the base is still the one written last time */
-    rdmsr
-    shl $32, %%rdx
-    or %%rax, %%rdx
     swapgs
-    cmp %%gs:8, %%rdx
-    je 6f
-    lea bad_msr(%%rip), %%r9
-    mov %%rdx, (%%r9,%%rdi,8)
-    mov %%gs:8, %%rdx
-    lea bad_value(%%rip), %%r9
-    mov %%rdx, (%%r9,%%rdi,8)
-    mov $0x330, %%eax
-    add %%edi, %%eax
-    jmp exit_with_eax
-6:  mov %%rsi, %%gs:8
+    call check_fs
+    mov %%rsi, %%gs:8
     swapgs
     xor %%eax, %%eax
     mov %%eax, %%fs                      /* Linux's loadseg(FS, 0), then the MSR */
@@ -400,11 +392,9 @@ apic_pd: .fill 0x1f7, 8, 0
     .quad 0xfee0009b
     .fill 511 - 0x1f7, 8, 0
     .balign 16
-ap_gdt: .quad 0, 0, 0x00af9b000000ffff, 0x00cf93000000ffff, 0x00cffb000000ffff, 0x00cff3000000ffff
-    .quad 0x00affb000000ffff, 0
-ap_gdt_tss: .quad 0x0000890000000067, 0
-ap_gdt_end:
-ap_gdt_ptr: .word ap_gdt_end - ap_gdt - 1
+ap_gdt: .fill 10, 8, 0                 /* a copy of ring0_gdt, with the AP's own TSS */
+    .set ap_gdt_tss, ap_gdt + 0x40
+ap_gdt_ptr: .word 10 * 8 - 1
     .long ap_gdt, 0
     .balign 16
 ap_tss: .long 0
