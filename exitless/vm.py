@@ -106,15 +106,17 @@ class Machine:
         self.irq_router.commit()
         self._pci = None
         self.cpuid = []
+        pvm = kvm_flavour() == "pvm"
         for i in range(cfg.cpus):
             vcpu = self.vm.create_vcpu(i)
             self.vcpus.append(vcpu)
-            self.cpuid = X.guest_cpuid(self.kvm, i, cfg.cpus)
+            # kvm_pvm: VMCALL from guest ring 0 never completes, so no hypercall-based PV features there
+            self.cpuid = X.guest_cpuid(self.kvm, i, cfg.cpus, hypercalls=not pvm)
             vcpu.set_cpuid(self.cpuid)
             X.setup_msrs(vcpu)
             X.setup_lapic(vcpu)
         # kvm_pvm only: user-mode SYSCALL needs the VMM's repair (exitless/x86/pvm_syscall.py)
-        self.syscall_repair = SyscallRepair(self.mem) if kvm_flavour() == "pvm" else None
+        self.syscall_repair = SyscallRepair(self.mem) if pvm else None
         self.fallbacks = [InstructionFallback(v, self.mem, self.syscall_repair) for v in self.vcpus]
 
     def _map_region(self, region: Region) -> None:

@@ -194,7 +194,14 @@ def test_linux_userspace_through_the_cli(tmp_path: Path) -> None:
         # the modules and probes the 5 disks, but the command's busybox segfaults on vCPU 1 at its first TLS
         # access (FS base 0: 'segfault at 0 ... mov %fs:(%rax)'); the 1-vCPU boot of tests/test_linux_boot.py
         # runs its command and reboots (20 min). Open item of issue 9 (report of branch 'linux').
-        pytest.skip("kvm_pvm: with 2 vCPUs the command segfaults on vCPU 1 (FS base 0); issue 9, open")
+        # Session 3 (branch 'smp'): the VMM paths suspected (SYSCALL repair per vCPU, SWAPGS, RIP sampling,
+        # vCPU ioctls from another thread, timer and IPIs in user mode) keep every vCPU's FS base in
+        # tests/test_smp_fsbase.py; what differs for a 2-vCPU Linux is hypercalls, and a VMCALL never returns
+        # here (tests/test_pvm_hypercall.py), so the VMM no longer offers PV IPIs/spinlocks/yield on kvm_pvm.
+        # Not yet confirmed with Linux: on a host at load ~15 the 2-vCPU boot spent >20 min after 'vgaarb:
+        # loaded' with both vCPUs sampled in timer-tick code.
+        pytest.skip("kvm_pvm: the 2-vCPU boot is not yet confirmed to run its command (FS base 0 on vCPU 1 "
+                    "before session 3's hypercall fix); issue 9, open")
     if not shutil.which("mke2fs") or not shutil.which("debugfs") or not shutil.which("e2fsck"):
         pytest.fail("e2fsprogs (mke2fs, debugfs, e2fsck) is needed: scripts/setup.sh installs it")
     images = []

@@ -1,9 +1,10 @@
 """Initial x86 vCPU state: CPUID, LAPIC wiring, MSRs, and the registers of a boot entry.
 
-The guest always gets exactly what ``KVM_GET_SUPPORTED_CPUID`` reports (plus its
-own APIC ID and the hypervisor bit): on software-nested hosts (kvm_pvm) an
-instruction outside that set ends in an emulation failure, so guests must see
-the truth.
+The guest always gets what ``KVM_GET_SUPPORTED_CPUID`` reports (plus its own APIC
+ID and the hypervisor bit): on software-nested hosts (kvm_pvm) an instruction
+outside that set ends in an emulation failure, so guests must see the truth.  The
+one thing taken away, on kvm_pvm only, is the KVM paravirtual features that need a
+working VMCALL (:data:`KVM_HYPERCALL_FEATURES`).
 """
 from __future__ import annotations
 
@@ -32,13 +33,27 @@ MSR_STAR, MSR_LSTAR, MSR_CSTAR, MSR_SYSCALL_MASK, MSR_KERNEL_GS_BASE = (
     0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084, 0xC0000102)
 
 CPUID_1_ECX_HYPERVISOR = 1 << 31
+CPUID_KVM_FEATURES = 0x4000_0001      # KVM's paravirtual feature bits (Documentation/virt/kvm/x86/cpuid.rst)
+KVM_FEATURE_PV_UNHALT, KVM_FEATURE_PV_SEND_IPI, KVM_FEATURE_PV_SCHED_YIELD = 1 << 7, 1 << 11, 1 << 13
+#: The KVM paravirtual features a guest uses through the VMCALL hypercall: PV spinlocks kick a halted
+#: waiter (KVM_HC_KICK_CPU), IPIs go as KVM_HC_SEND_IPI, and a yield to a preempted vCPU is
+#: KVM_HC_SCHED_YIELD.  On kvm_pvm a VMCALL from guest ring 0 never completes (measured,
+#: tests/test_pvm_hypercall.py: the vCPU stays on it; likely KVM's emulator, whose em_hypercall patches the
+#: instruction and lets the guest re-execute it, which is emulated again), so there the guest must not be offered them: Linux
+#: then sends IPIs through its x2APIC and spins natively.  A 1-vCPU Linux never makes these calls.
+KVM_HYPERCALL_FEATURES = KVM_FEATURE_PV_UNHALT | KVM_FEATURE_PV_SEND_IPI | KVM_FEATURE_PV_SCHED_YIELD
 
 
-def guest_cpuid(kvm: Kvm, vcpu_id: int, num_cpus: int) -> list[S.kvm_cpuid_entry2]:
-    """The supported CPUID, personalised for one vCPU (APIC ID, topology count)."""
+def guest_cpuid(kvm: Kvm, vcpu_id: int, num_cpus: int, *, hypercalls: bool = True) -> list[S.kvm_cpuid_entry2]:
+    """The supported CPUID, personalised for one vCPU (APIC ID, topology count).
+
+    ``hypercalls``: False leaves out :data:`KVM_HYPERCALL_FEATURES` (a host where VMCALL does not work).
+    """
     entries = kvm.supported_cpuid()
     for e in entries:
-        if e.function == 1:
+        if e.function == CPUID_KVM_FEATURES and not hypercalls:
+            e.eax &= ~KVM_HYPERCALL_FEATURES
+        elif e.function == 1:
             e.ebx = (e.ebx & 0x0000FFFF) | (vcpu_id << 24) | (min(num_cpus, 255) << 16)
             e.ecx |= CPUID_1_ECX_HYPERVISOR
             if num_cpus > 1:
