@@ -26,9 +26,10 @@ class BuildWithGuestKit(build_py):
 
 
 setup(
-    ext_modules=[Extension("exitless.sidecore._spin", ["exitless/sidecore/_spin.c"], extra_compile_args=["-O2"]),
+    ext_modules=[Extension("exitless.sidecore._spin", ["exitless/sidecore/_spin.c"], extra_compile_args=["-O2"],
+                           depends=["exitless/cpu_relax.h"]),
                  Extension("exitless.devices.virtio._vring", ["exitless/devices/virtio/_vring.c"],
-                           extra_compile_args=["-O2", "-Wall"])],
+                           extra_compile_args=["-O2", "-Wall"], depends=["exitless/cpu_relax.h"])],
     cmdclass={"build_py": BuildWithGuestKit},
     package_data={"exitless": ["_guest/*.elf"]},
 )

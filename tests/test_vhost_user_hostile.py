@@ -308,6 +308,20 @@ def messages(draw):
     return request, flags, payload, fds
 
 
+def deliver(b, msg: "P.Message") -> None:
+    """Hand ``msg`` to back-end ``b`` as the server does: a refused message gets the error reply, its
+    reply must parse as a message stream, and the fds it carried are closed afterwards."""
+    try:
+        reply = b.handle(msg)
+        if reply is not None:
+            P.parse_stream(reply)
+    except P.ProtocolError:
+        b.error_reply(msg)
+    finally:
+        for fd in msg.fds:
+            os.close(fd)
+
+
 def _make_fd(kind: str) -> int:
     if kind == "eventfd":
         return os.eventfd(0, os.EFD_CLOEXEC)
@@ -339,16 +353,7 @@ def test_backend_handles_any_message_sequence(disk, live, seq):
         for i, (request, flags, payload, kinds) in enumerate(good + seq):
             if live and i == len(good):
                 assert b.worker is not None, "the valid set-up did not start the data plane"
-            msg = P.Message(request, flags, payload, [_make_fd(k) for k in kinds])
-            try:
-                reply = b.handle(msg)
-                if reply is not None:
-                    P.parse_stream(reply)
-            except P.ProtocolError:
-                b.error_reply(msg)
-            finally:
-                for fd in msg.fds:
-                    os.close(fd)
+            deliver(b, P.Message(request, flags, payload, [_make_fd(k) for k in kinds]))
     finally:
         b.close()
         dev.close()

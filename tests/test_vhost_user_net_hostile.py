@@ -24,7 +24,7 @@ from exitless.vhost_user import protocol as P
 
 from netns import can_make_netns, netns_with_tap
 from test_vhost_user_backend import MIB, UVA_A
-from test_vhost_user_hostile import _make_fd, memfd, messages, open_fds, table
+from test_vhost_user_hostile import _make_fd, deliver, memfd, messages, open_fds, table
 
 pytestmark = pytest.mark.skipif(can_make_netns() is not None, reason=str(can_make_netns()))
 
@@ -81,16 +81,7 @@ def test_net_backend_handles_any_message_sequence(tap, live, features, ram, seq)
                 for k in kicks:                  # let the data plane chew on the random rings
                     os.eventfd_write(k, 1)
                 time.sleep(0.02)
-            msg = P.Message(request, flags, payload, [k if isinstance(k, int) else _make_fd(k) for k in kinds])
-            try:
-                reply = b.handle(msg)
-                if reply is not None:
-                    P.parse_stream(reply)
-            except P.ProtocolError:
-                b.error_reply(msg)
-            finally:
-                for fd in msg.fds:
-                    os.close(fd)
+            deliver(b, P.Message(request, flags, payload, [k if isinstance(k, int) else _make_fd(k) for k in kinds]))
         time.sleep(0.01)
     finally:
         b.close()

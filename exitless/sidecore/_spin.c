@@ -16,6 +16,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "../cpu_relax.h"
+
 static inline uint64_t now_ns(void)
 {
     struct timespec ts;
@@ -23,14 +25,6 @@ static inline uint64_t now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
-static inline void cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __asm__ __volatile__("pause" ::: "memory");
-#else
-    __asm__ __volatile__("" ::: "memory");
-#endif
-}
 
 /* The watch list of watch() and watch_until(): a sequence of (address, expected u32) pairs,
  * parsed (with the GIL) into host addresses and values before spinning. */

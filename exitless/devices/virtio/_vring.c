@@ -41,6 +41,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "../../cpu_relax.h"
+
 #define F_NEXT 1
 #define F_WRITE 2
 #define F_INDIRECT 4
@@ -68,14 +70,6 @@ typedef struct {
 
 static PyTypeObject RingType;
 
-static inline void cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __asm__ __volatile__("pause" ::: "memory");
-#else
-    __asm__ __volatile__("" ::: "memory");
-#endif
-}
 
 static inline uint64_t thread_cpu_ns(void)
 {
