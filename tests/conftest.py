@@ -54,3 +54,20 @@ def vring_path(request):
         yield path
     finally:
         queue.C_VRING = saved
+
+
+@pytest.fixture(scope="session")
+def linux_io(tmp_path_factory):
+    """One Linux boot with an NVMe controller and a virtio-net NIC per I/O path, every check run by its
+    initramfs (see tests/linux_io.py): shared by test_nvme_linux.py and test_net_linux.py, since on a
+    kvm_pvm host a boot to userspace takes minutes."""
+    why = kvm_unusable_reason()
+    if why:     # a session fixture is set up before the function-scoped guard above could skip
+        if os.environ.get("EXITLESS_REQUIRE_KVM") == "1":
+            pytest.fail(f"EXITLESS_REQUIRE_KVM=1 but {why}")
+        pytest.skip(why)
+    try:
+        from linux_io import boot_linux_io
+    except ImportError:  # pragma: no cover - tests/ as a package
+        from tests.linux_io import boot_linux_io
+    return boot_linux_io(tmp_path_factory.mktemp("linux-io"))

@@ -6,9 +6,12 @@ inside it.  Nothing on the host's own network is touched.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import os
+import socket
 import struct
+import threading
 
 HOST_IP = "10.0.0.1"
 GUEST_IP = "10.0.0.2"
@@ -30,22 +33,83 @@ def can_make_netns() -> str | None:
 
 
 @contextlib.contextmanager
-def netns_with_tap(tap: str = "exltap0", queues: int = 1, address: str = HOST_IP + "/24"):
-    """Create namespace ``exl-test-<pid>-<n>`` with a persistent TAP (``address``, up); yield the namespace's
-    name; delete the namespace (and with it the TAP) afterwards."""
+def netns_only():
+    """Create namespace ``exl-test-<pid>-<n>`` with its loopback up; yield its name; delete it (and every
+    interface made in it) afterwards."""
     from pyroute2 import netns
-
-    from exitless.net.tap import create_tap
 
     name = f"exl-test-{os.getpid()}-{next(_seq)}"
     netns.create(name)
     try:
         with netns_lo_up(name):
             pass
-        create_tap(tap, name, queues=queues, address=address)
         yield name
     finally:
         netns.remove(name)
+
+
+@contextlib.contextmanager
+def netns_with_tap(tap: str = "exltap0", queues: int = 1, address: str = HOST_IP + "/24"):
+    """A namespace (:func:`netns_only`) with a persistent TAP (``address``, up); yields the namespace's name."""
+    from exitless.net.tap import create_tap
+
+    with netns_only() as name:
+        create_tap(tap, name, queues=queues, address=address)
+        yield name
+
+
+class TcpResponder:
+    """TCP servers on ``ip`` inside namespace ``ns``: ``up_port`` takes bytes until EOF and answers their
+    MD5 (hex, a newline); ``down_port`` sends ``data`` and closes.  ``timeout``: seconds an accept may
+    wait (the guest may take minutes to get there).  ``received_md5`` and ``errors`` are for the test."""
+
+    def __init__(self, ns: str, data: bytes, *, ip: str = HOST_IP, up_port: int = 5001, down_port: int = 5002,
+                 timeout: float = 180):
+        from exitless.net.tap import _in_netns
+
+        self.data = data
+        self.received_md5: str | None = None
+        self.errors: list[BaseException] = []
+
+        def listen(port):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)   # belongs to the namespace it is made in
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((ip, port))
+            s.listen(1)
+            s.settimeout(timeout)
+            return s
+
+        self.up, self.down = _in_netns(ns, lambda: (listen(up_port), listen(down_port)))
+        self.threads = [threading.Thread(target=self._guard, args=(f,), daemon=True)
+                        for f in (self._serve_up, self._serve_down)]
+        for t in self.threads:
+            t.start()
+
+    def _guard(self, fn):
+        try:
+            fn()
+        except BaseException as e:  # reported by the test
+            self.errors.append(e)
+
+    def _serve_up(self):
+        conn, _ = self.up.accept()
+        with conn:
+            conn.settimeout(120)
+            h = hashlib.md5()
+            while chunk := conn.recv(1 << 16):
+                h.update(chunk)
+            self.received_md5 = h.hexdigest()
+            conn.sendall(self.received_md5.encode() + b"\n")
+
+    def _serve_down(self):
+        conn, _ = self.down.accept()
+        with conn:
+            conn.settimeout(120)
+            conn.sendall(self.data)
+
+    def close(self):
+        self.up.close()
+        self.down.close()
 
 
 @contextlib.contextmanager

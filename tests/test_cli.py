@@ -344,6 +344,41 @@ def test_one_sidecore_is_honoured_by_every_run_path(kernel: str, tmp_path: Path,
     assert seen == [1, 2]
 
 
+@pytest.mark.kvm
+def test_one_sidecore_takes_nics_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--one-sidecore``: a polled NIC joins the polled disk's sidecore (one thread, not two)."""
+    from exitless.devices.virtio.pci import VirtioPci
+    from exitless.guestkit import guestkit_path
+    from exitless.sidecore.engine import SidecoreGroup
+    from exitless.vm import Machine
+
+    try:
+        import netns as N
+    except ImportError:  # pragma: no cover - tests/ as a package
+        from tests import netns as N
+    if N.can_make_netns():
+        pytest.skip(N.can_make_netns())
+    seen = []
+
+    def probe(self, timeout=None):
+        groups = [w for w in self.workers if isinstance(w, SidecoreGroup)]
+        own = [w for w in self.workers if isinstance(w, VirtioPci) and w.sidecore is not None]
+        seen.append((len(groups), len(own), sum(len(g.pollables) for g in groups)))
+        return VmExit("debug-exit", 0)
+
+    monkeypatch.setattr(Machine, "run", probe)
+    img = tmp_path / "d.img"
+    img.write_bytes(bytes(1 << 16))
+    with N.netns_with_tap("exlcli0") as ns:
+        argv = ["run", "--kernel", str(guestkit_path()), "--disk", f"{img},io=poll",
+                "--net", f"tap=exlcli0,io=poll,netns={ns}"]
+        assert cli.main(argv + ["--one-sidecore"]) == 0
+        assert cli.main(argv) == 0
+    (groups, own, pollables), (groups2, own2, _) = seen
+    assert (groups, own) == (1, 0) and pollables >= 3     # the disk's queue, the NIC's RX, TX and TAP
+    assert (groups2, own2) == (0, 2)
+
+
 # --------------------------------------------------------------------------- progress
 
 

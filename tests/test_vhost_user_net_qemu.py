@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-import socket
-import threading
 from pathlib import Path
 
 import pytest
@@ -46,58 +44,6 @@ NET_TEST = (
     f"echo DOWN $(nc 10.0.0.1 {DOWN_PORT} < /dev/null | md5sum)\n"
     "echo QUEUES $(ls /sys/class/net/eth0/queues/)\n"
 )
-
-
-class Responder:
-    """TCP servers inside the namespace: UP_PORT takes bytes until EOF and answers their MD5;
-    DOWN_PORT sends ``data`` and closes."""
-
-    def __init__(self, ns: str, data: bytes):
-        from exitless.net.tap import _in_netns
-
-        self.data = data
-        self.received_md5: str | None = None
-        self.errors: list[BaseException] = []
-
-        def listen(port):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)   # belongs to the namespace it is made in
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind((N.HOST_IP, port))
-            s.listen(1)
-            s.settimeout(180)
-            return s
-
-        self.up, self.down = _in_netns(ns, lambda: (listen(UP_PORT), listen(DOWN_PORT)))
-        self.threads = [threading.Thread(target=self._guard, args=(f,), daemon=True)
-                        for f in (self._serve_up, self._serve_down)]
-        for t in self.threads:
-            t.start()
-
-    def _guard(self, fn):
-        try:
-            fn()
-        except BaseException as e:  # reported by the test
-            self.errors.append(e)
-
-    def _serve_up(self):
-        conn, _ = self.up.accept()
-        with conn:
-            conn.settimeout(120)
-            h = hashlib.md5()
-            while chunk := conn.recv(1 << 16):
-                h.update(chunk)
-            self.received_md5 = h.hexdigest()
-            conn.sendall(self.received_md5.encode() + b"\n")
-
-    def _serve_down(self):
-        conn, _ = self.down.accept()
-        with conn:
-            conn.settimeout(120)
-            conn.sendall(self.data)
-
-    def close(self):
-        self.up.close()
-        self.down.close()
 
 
 class NetBackend(ServeProcess):
@@ -143,7 +89,7 @@ def test_linux_virtio_net_pings_and_moves_16_mib_each_way(guest, net_initrd, tmp
         pytest.skip("qemu-system-x86_64 not installed")
     down = random.Random(7).randbytes(BYTES)
     with N.netns_with_tap("exlnet0", queues=queues) as ns:
-        responder = Responder(ns, down)
+        responder = N.TcpResponder(ns, down, up_port=UP_PORT, down_port=DOWN_PORT)
         be = NetBackend(tmp_path, ns, "exlnet0", io, queues)
         try:
             rc, console = run_qemu(qemu_net_cmd(guest, net_initrd, be.sock, queues=queues), timeout=240)

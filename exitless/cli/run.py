@@ -40,7 +40,7 @@ def register(sub) -> None:
     run.add_argument("--timeout", type=positive_float, default=None,
                      help="stop the guest after this many seconds (default: no limit)")
     run.add_argument("--one-sidecore", action="store_true",
-                     help="disks and NVMe controllers on the same polling path share one sidecore thread "
+                     help="disks, NVMe controllers and NICs on the same polling mode share one sidecore thread "
                           "(default: one each)")
     run.add_argument("--sidecore", metavar="PATH",
                      help="hand the polled disks (io=shared|poll|adaptive) to the sidecore service listening on "
@@ -95,15 +95,15 @@ def attach_devices(machine, args) -> None:
     from ..nvme import add_nvmes
 
     refuse_shared_images([*args.disk, *args.nvme])
-    groups = {} if args.one_sidecore else None    # one sidecore per polling mode, for disks and NVMe alike
+    groups = {} if args.one_sidecore else None    # one sidecore per polling mode, for disks, NVMe and NICs alike
     add_disks(machine, args.disk, one_sidecore=args.one_sidecore, groups=groups, service=args.sidecore)
     add_nvmes(machine, args.nvme, groups=groups)
-    for group in (groups or {}).values():
-        group.start_on(machine)
     if args.net:
         from ..net.spec import add_nics
 
-        add_nics(machine, args.net)
+        add_nics(machine, args.net, groups=groups)
+    for group in (groups or {}).values():
+        group.start_on(machine)
 
 
 def _net_spec(text: str):

@@ -93,6 +93,11 @@ def add_nic(machine, spec: NetSpec, sidecore=None):
     return VirtioPci(machine, dev, spec.io, sidecore=sidecore)
 
 
-def add_nics(machine, specs: list[NetSpec]) -> list:
-    """Plug every NIC (each with its own sidecore, as the I/O path asks)."""
-    return [add_nic(machine, spec) for spec in specs]
+def add_nics(machine, specs: list[NetSpec], *, groups: dict | None = None) -> list:
+    """Plug every NIC: each with its own sidecore, as the I/O path asks, or with ``groups`` (see
+    :func:`exitless.disk.sidecore_group`) those on a polling path join the shared sidecores (with the
+    disks and NVMe controllers), which the caller starts after the last device."""
+    from ..disk import sidecore_group
+
+    return [add_nic(machine, spec, sidecore_group(groups, spec.io) if groups is not None else None)
+            for spec in specs]

@@ -40,10 +40,12 @@ def wait_until(watches: list[tuple[int, int]], deadline_ns: int) -> int:
     return time.monotonic_ns()
 
 
-def drain_eventfd(fd: int | None) -> None:
-    """Reset a non-blocking eventfd's counter (a wake-up that has been seen)."""
+def drain_eventfd(fd: int | None) -> int:
+    """Reset a non-blocking eventfd's counter (a wake-up that has been seen); returns the counter read
+    (the number of signals since the last read: for an ioeventfd, the guest's register writes), 0 if none."""
     if fd is not None:
         try:
-            os.eventfd_read(fd)
+            return os.eventfd_read(fd)
         except BlockingIOError:
             pass
+    return 0

@@ -75,6 +75,7 @@ class NvmePci(PciDevice):
         self._ioeventfds: dict[int, int] = {}  # qid -> BAR0 address the ioeventfds are registered at
         self._bar0 = None
         self._warned_fallback = False
+        self.ioeventfd_doorbells = 0           # summed by QueuePairPollable.drain (one sidecore thread)
         self.sidecore = None
         self.slot = machine.pci.add(self)
         machine.add_worker(self)
@@ -161,7 +162,10 @@ class NvmePci(PciDevice):
         self.ctrl.write_register(offset, 4, value)
 
     def stats(self) -> dict:
-        return dict(self.ctrl.stats, path=self.path, msix_fired=self.msix.fired)
+        """The controller's counters, plus ``ioeventfd_doorbells``: I/O doorbell writes KVM turned into
+        eventfd signals (summed from the eventfd counters as the sidecore drains them)."""
+        return dict(self.ctrl.stats, path=self.path, msix_fired=self.msix.fired,
+                    ioeventfd_doorbells=self.ioeventfd_doorbells)
 
     def stop(self) -> None:
         if self.sidecore is not None:
@@ -219,4 +223,5 @@ class QueuePairPollable:
         self.t.ctrl.disarm(self.qid)
 
     def drain(self) -> None:
-        drain_eventfd(self.wake_fd)
+        # an eventfd's counter is the number of writes since the last read: each is one doorbell write
+        self.t.ioeventfd_doorbells += drain_eventfd(self.wake_fd)

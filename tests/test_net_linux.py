@@ -1,0 +1,48 @@
+"""Linux's own virtio_net (a module of Debian's 6.1 cloud kernel) under exitless's own VMM: one NIC per
+I/O path in ONE boot (the ``linux_io`` fixture shared with test_nvme_linux.py, see tests/linux_io.py),
+each on its own TAP in a network namespace the fixture creates (10.0.<10+i>.0/24).
+
+For each path: Linux finds the NIC by its MAC, configures its address, pings the namespace's kernel
+and moves data over TCP both ways with busybox ``nc``; a Python responder in the namespace checks the
+MD5 of what came up, the guest the MD5 of what came down.  Nothing outside the namespace is touched.
+"""
+from __future__ import annotations
+
+import pytest
+
+try:
+    from linux_io import NET_PATHS, nic_subnet
+except ImportError:  # pragma: no cover - tests/ as a package
+    from tests.linux_io import NET_PATHS, nic_subnet
+
+pytestmark = pytest.mark.kvm
+
+
+def line(linux_io, tag: str, i: int) -> list[str]:
+    found = [x[1:] for x in linux_io.lines(tag) if x and x[0] == str(i)]
+    assert len(found) == 1, (tag, i, linux_io.console[-3000:])
+    return found[0]
+
+
+@pytest.mark.parametrize("path", NET_PATHS)
+def test_linux_virtio_net_pings_and_moves_data_both_ways(linux_io, path):
+    if linux_io.net_skip:
+        pytest.skip(linux_io.net_skip)
+    i = linux_io.net[path]["index"]
+    assert line(linux_io, "NET-IF", i), f"no interface has the NIC's MAC ({path})"
+    assert line(linux_io, "NET-PING", i)[:1] == ["3"], (path, nic_subnet(i))
+    up = line(linux_io, "NET-UP", i)
+    responder = linux_io.responders[i]
+    assert not responder.errors, responder.errors
+    assert len(up) == 2 and up[0] == up[1] == responder.received_md5, (up, responder.received_md5)
+    assert line(linux_io, "NET-DOWN", i) == [linux_io.down_md5[i]]
+    stats = linux_io.net[path]
+    assert stats["tx_bad"] == 0 and stats["rx_packets"] > 100 and stats["tx_packets"] > 100, stats
+
+
+def test_no_virtio_net_errors_in_dmesg(linux_io):
+    if linux_io.net_skip:
+        pytest.skip(linux_io.net_skip)
+    net = [" ".join(x) for x in linux_io.lines("DMESG") if "virtio" in " ".join(x).lower()]
+    bad = [x for x in net if "error" in x.lower() or "timeout" in x.lower() or "fail" in x.lower()]
+    assert not bad, bad
