@@ -34,9 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="print the target names, one per line")
     p.add_argument("--all", action="store_true", help="run every target in turn (each in its own process)")
     p.add_argument("--only", nargs="+", choices=sorted(TARGETS), metavar="TARGET", help="with --all: just these")
-    budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--runs", type=int, help="stop after N inputs")
-    budget.add_argument("--seconds", type=float, help="stop after S seconds")
+    p.add_argument("--runs", type=int, help="stop after N inputs")
+    p.add_argument("--seconds", type=float, help="stop after S seconds (with --runs: whichever comes first)")
     p.add_argument("--make-seeds", action="store_true", help="(re)write the seed corpus from the targets' seeds()")
     p.add_argument("--replay", nargs="+", metavar="FILE", help="run these inputs once each, without atheris")
     p.add_argument("--corpus", metavar="DIR", help="working corpus (default: a temporary directory); the seed "
@@ -44,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--artifacts", metavar="DIR", default=".", help="where crashing inputs are written")
     p.add_argument("--seed", type=int, default=0, help="libFuzzer -seed (0: random)")
     p.add_argument("--json", metavar="FILE", help="write the summary (one object per target) as JSON")
+    p.add_argument("--log", metavar="DIR", help="with --all: append each target's libFuzzer output to DIR/TARGET.log "
+                                                "as it runs")
     return p
 
 
@@ -106,8 +107,17 @@ def _run_child(name: str, args) -> dict:
     if args.corpus:
         cmd += ["--corpus", os.path.join(args.corpus, name)]
     t0 = time.monotonic()
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
-    out = proc.stdout
+    lines = []
+    log = open(os.path.join(args.log, f"{name}.log"), "a") if args.log else None
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace") as proc:
+        for line in proc.stdout:      # libFuzzer's progress, followed as it comes (a campaign runs for hours)
+            lines.append(line)
+            if log:
+                log.write(line)
+                log.flush()
+    if log:
+        log.close()
+    out = "".join(lines)
     row = {"target": name, "exit": proc.returncode, "wall_s": round(time.monotonic() - t0, 1)}
     for line in out.splitlines():
         if line.startswith("exitless-fuzz-summary "):
