@@ -1,4 +1,4 @@
-"""Confinement of exitless's back-end processes (``serve blk``, a sidecore process).
+"""Confinement of exitless's back-end processes (``serve blk``, ``serve net``, a sidecore process).
 
 After its setup -- disk opened, socket bound, guest memory mapped -- a back-end process calls
 :func:`confine`: it sets ``no_new_privs``, can drop to another user, and installs a seccomp
@@ -130,12 +130,15 @@ def unlink_on_exit(path: str) -> Callable[[], None]:
     return done
 
 
-def confine(*, user: str | None = None, extra: tuple[str, ...] = ()) -> bool:
+def confine(*, user: str | None = None, extra: tuple[str, ...] = (),
+            ioctls: tuple[tuple[int, int], ...] = ()) -> bool:
     """Confine the calling process from now on; returns False if opted out (EXITLESS_CONFINE=0).
 
     Call it once, after setup and before the process starts serving (threads started later
     inherit the filter; the filter is also synchronised to threads that already exist).
-    ``extra`` names more system calls to allow.  Raises :class:`ConfinementError` if it cannot.
+    ``extra`` names more system calls to allow; ``ioctls``, ``(fd, request)`` pairs, device
+    ioctls allowed on exactly that fd (a TAP's TUNSETOFFLOAD on its own queue fds, not on any
+    fd the process may hold).  Raises :class:`ConfinementError` if it cannot.
     """
     sc = _binding() if enabled() else None      # imported before a user drop can hide the module
     if enabled() and sc is None:
@@ -164,6 +167,8 @@ def confine(*, user: str | None = None, extra: tuple[str, ...] = ()) -> bool:
     f.add_rule(sc.ALLOW, "openat", sc.Arg(2, sc.MASKED_EQ, write_bits, 0))
     for request in IOCTLS:                   # isatty() and fd flags; no device ioctls (no KVM, no TIOCSTI)
         f.add_rule(sc.ALLOW, "ioctl", sc.Arg(1, sc.EQ, request))
+    for fd, request in ioctls:               # the caller's device ioctls, each on its own fd only
+        f.add_rule(sc.ALLOW, "ioctl", sc.Arg(0, sc.EQ, fd), sc.Arg(1, sc.EQ, request))
     # removing files: refused with EPERM (the server tolerates it) -- unlink_on_exit() does it instead
     for name in ("unlink", "unlinkat"):
         f.add_rule(sc.ERRNO(errno.EPERM), name)

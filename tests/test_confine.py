@@ -113,3 +113,88 @@ def test_serve_blk_drops_to_another_user_and_serves(tmp_path):
         proc.terminate()
         assert proc.wait(10) == 0
     assert not sock.exists()                               # removed at exit although the server may not
+
+
+def test_serve_net_confined_a_forbidden_syscall_ends_only_it(tmp_path, monkeypatch):
+    """``serve net`` is confined after setup (its TAP attached in a namespace first); a forbidden
+    system call in its device model kills it alone with SIGSYS -- reported as its exit status, and to
+    the frontend as a closed connection -- while the TAP, the socket-removing helper and this process
+    go on.  (The data path under the filter: tests/test_vhost_user_net_qemu.py.)"""
+    from exitless.vhost_user import protocol as P
+    from exitless.vhost_user.frontend import Frontend
+
+    try:
+        from tests import netns as N
+    except ImportError:
+        import netns as N
+    if N.can_make_netns() is not None:
+        pytest.skip(N.can_make_netns())
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    sock, log = tmp_path / "net.sock", tmp_path / "serve.log"
+    with N.netns_with_tap("exlcnf0") as ns:
+        with open(log, "wb") as f:
+            proc = subprocess.Popen([sys.executable, "-c", "import sys, confine_probe; "
+                                     "sys.exit(confine_probe.serve_net_main(sys.argv[1:]))",
+                                     "serve", "net", "--socket", str(sock), "--tap", "exlcnf0", "--netns", ns],
+                                    stdout=subprocess.DEVNULL, stderr=f)
+        try:
+            deadline = time.monotonic() + 20
+            while "serving" not in log.read_text():
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+            assert "confined (seccomp)" in log.read_text()
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+            assert "Seccomp:\t2" in status and "NoNewPrivs:\t1" in status
+            with Frontend.connect(str(sock)) as fe:
+                fe.set_owner()                                      # the control plane works confined
+                fe.set_features((1 << 32) | (1 << P.F_PROTOCOL_FEATURES))
+                fe.set_protocol_features(1 << P.PROTOCOL_F_CONFIG)
+                assert len(fe.get_config(0, 6)) == 6                # the MAC
+                fe.send(P.GET_CONFIG, P.CONFIG_HEAD.pack(0xBA, 3, 0) + bytes(3))
+                assert fe.closed_by_peer(10)                        # the frontend sees it go
+            assert proc.wait(10) == -signal.SIGSYS, log.read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        from pyroute2 import NetNS
+        with NetNS(ns, flags=0) as n:
+            assert n.link_lookup(ifname="exlcnf0")                  # the TAP is still there
+        deadline = time.monotonic() + 5
+        while sock.exists() and time.monotonic() < deadline:       # the helper forked before confinement
+            time.sleep(0.05)                                       # removed the socket
+        assert not sock.exists()
+    assert "Traceback" not in log.read_text()
+
+
+@pytest.mark.parametrize("flags,uid,seccomp", [(["--user", "nobody"], "65534", "2"), (["--no-confine"], "0", "0")])
+def test_serve_net_user_and_no_confine(tmp_path, flags, uid, seccomp):
+    """``serve net --user`` drops to that user after attaching its TAP (and stays confined);
+    ``--no-confine`` leaves the filter off and says so."""
+    from exitless.vhost_user import protocol as P
+    from exitless.vhost_user.frontend import Frontend
+
+    try:
+        from tests import netns as N
+        from tests.serveproc import ServeProcess
+    except ImportError:
+        import netns as N
+        from serveproc import ServeProcess
+    if N.can_make_netns() is not None:
+        pytest.skip(N.can_make_netns())
+    sock = tmp_path / "net.sock"
+    with N.netns_with_tap("exlcnf1") as ns:
+        be = ServeProcess("net", ["--socket", str(sock), "--tap", "exlcnf1", "--netns", ns, *flags],
+                          tmp_path / "serve.log", ready_s=20)
+        try:
+            assert ("NOT confined" if seccomp == "0" else "confined (seccomp)") in be.text()
+            status = Path(f"/proc/{be.proc.pid}/status").read_text()
+            assert set(next(l for l in status.splitlines() if l.startswith("Uid:")).split()[1:]) == {uid}
+            assert f"Seccomp:\t{seccomp}" in status
+            with Frontend.connect(str(sock)) as fe:
+                fe.set_features((1 << 32) | (1 << P.F_PROTOCOL_FEATURES))
+                fe.set_protocol_features(1 << P.PROTOCOL_F_CONFIG)
+                assert len(fe.get_config(0, 6)) == 6
+        finally:
+            assert be.stop() == 0, be.text()
+    assert not sock.exists()
