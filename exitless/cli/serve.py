@@ -137,6 +137,7 @@ def _add_net(ssub) -> None:
 def cmd_serve_net(args) -> int:
     from ..devices.virtio.net import VirtioNet
     from ..net.tap import Tap
+    from ..sidecore.aio_poll import SYSCALLS as AIO_SYSCALLS
 
     tap = Tap.open(args.tap, queues=args.queues, netns=args.netns)
     try:
@@ -144,9 +145,9 @@ def cmd_serve_net(args) -> int:
         where = f" in netns {args.netns}" if args.netns else ""
         what = f"TAP {args.tap}{where} ({args.queues} queue pair(s) of {dev.queue_max_size})"
         # the TAP is attached (in its namespace) before confinement; afterwards only its offload and
-        # queue ioctls, on its own fds, are left
+        # queue ioctls, on its own fds, are left, and the AIO polls that report its frames
         return serve_devices(args, [(args.socket, dev, what)], "vhost-user-net", confined=not args.no_confine,
-                             user=args.user, ioctls=tuple(tap.runtime_ioctls()))
+                             user=args.user, ioctls=tuple(tap.runtime_ioctls()), extra=AIO_SYSCALLS)
     finally:
         tap.close()
         if "dev" in locals():
@@ -155,14 +156,15 @@ def cmd_serve_net(args) -> int:
 
 
 def serve_devices(args, served: list[tuple[str, object, str]], name: str, *, confined: bool = False,
-                  user: str | None = None, ioctls: tuple[tuple[int, int], ...] = ()) -> int:
+                  user: str | None = None, ioctls: tuple[tuple[int, int], ...] = (), extra: tuple[str, ...] = ()) -> int:
     """Serve each ``(socket path, device, description)`` of ``served`` (devices closed at the end)
     with ``args.io`` / ``args.poll_us`` until SIGINT or SIGTERM; returns 0.  One device: its
     sessions run their own data plane.  Several: one server thread per socket (control plane) and
     one shared sidecore loop for every session's rings (data plane).
 
     With ``confined`` the process installs the seccomp allow-list of :mod:`exitless.confine`
-    (dropping to ``user`` first; ``ioctls``: the ``(fd, request)`` device ioctls still allowed) once
+    (dropping to ``user`` first; ``ioctls``: the ``(fd, request)`` device ioctls still allowed,
+    ``extra``: more system calls by name) once
     its listeners are up, before the first frontend is served;
     the socket files are then removed by a helper forked beforehand (a confined process may not
     unlink).  Raises :class:`~exitless.confine.ConfinementError` if the filter cannot be installed.
@@ -204,7 +206,7 @@ def serve_devices(args, served: list[tuple[str, object, str]], name: str, *, con
     old = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
     removers = [unlink_on_exit(path) for path, _, _ in served] if confined else []
     try:
-        is_confined = confined and confine(user=user, ioctls=ioctls)
+        is_confined = confined and confine(user=user, ioctls=ioctls, extra=extra)
     except BaseException:
         for s, h in old.items():
             signal.signal(s, h)
