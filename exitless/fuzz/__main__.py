@@ -42,6 +42,8 @@ def not_instrumented() -> list[str]:
 # libFuzzer's closing lines: "#123 DONE cov: 456 ft: 789 corp: ..." and -print_final_stats=1's "stat::..."
 _DONE = re.compile(r"^#(\d+)\s+DONE\s+cov: (\d+) ft: (\d+) corp: (\d+)", re.M)
 _STAT = re.compile(r"^stat::(\w+):\s+(\d+)", re.M)
+_STATUS = re.compile(r"^#(\d+)\s+\w+\s+cov: (\d+) ft: (\d+) corp: (\d+)", re.M)
+REPORT_S = 30.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -98,6 +100,15 @@ def _fuzz(args) -> int:
 
     # libFuzzer ends the process with C exit(), which skips Python's atexit: register with libc.
     _c_atexit(report)
+    # A graceful stop (SIGUSR1: libFuzzer prints its stats, then _Exit()s past every atexit) keeps
+    # the figures of the last report: one every REPORT_S seconds.
+    one, last = runner.one, [t0]
+
+    def one_and_report(data: bytes) -> None:
+        one(data)
+        if not runner.executions & 1023 and time.monotonic() - last[0] > REPORT_S:
+            last[0] = time.monotonic()
+            report()
     corpus = args.corpus or tempfile.mkdtemp(prefix=f"exitless-fuzz-{target.name}-")
     os.makedirs(corpus, exist_ok=True)
     argv = [sys.argv[0], corpus, "-print_final_stats=1", f"-seed={args.seed}",
@@ -109,7 +120,7 @@ def _fuzz(args) -> int:
         argv.append(f"-runs={args.runs}")
     if args.seconds is not None:
         argv.append(f"-max_total_time={max(1, int(args.seconds))}")
-    atheris.Setup(argv, runner.one)
+    atheris.Setup(argv, one_and_report)
     atheris.Fuzz()
     return 0  # not reached
 
@@ -140,7 +151,7 @@ def _run_child(name: str, args) -> dict:
         if line.startswith("exitless-fuzz-summary "):
             row.update(json.loads(line.split(" ", 1)[1]))
     stats = dict((k, int(v)) for k, v in _STAT.findall(out))
-    done = _DONE.findall(out)
+    done = _DONE.findall(out) or _STATUS.findall(out)     # a graceful stop (SIGUSR1) prints no DONE line
     if done:
         row["cov"], row["ft"], row["corpus"] = int(done[-1][1]), int(done[-1][2]), int(done[-1][3])
     row["libfuzzer_execs"] = stats.get("number_of_executed_units")
