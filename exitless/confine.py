@@ -66,14 +66,50 @@ def enabled() -> bool:
     return os.environ.get("EXITLESS_CONFINE", "1") not in ("0", "no", "off")
 
 
-def status() -> tuple[bool, str]:
-    """(available, how or why not) -- for ``exitless doctor``."""
+def status(*, probe: bool = False) -> tuple[bool, str]:
+    """(available, how or why not) -- for ``exitless doctor``.  With ``probe``, :func:`probe_filter` tries it
+    for real in a child process (a container may forbid loading a filter although the kernel has
+    seccomp)."""
     sc = _binding()
     if sc is None:
         return False, "no libseccomp binding (apt install python3-seccomp, or pip install pyseccomp)"
     if not os.path.exists("/proc/self/status") or "Seccomp:" not in open("/proc/self/status").read():
         return False, "the kernel does not support seccomp"
-    return True, f"seccomp filter via {sc.__name__}{'' if enabled() else ' (disabled by EXITLESS_CONFINE=0)'}"
+    how = f"seccomp filter via {sc.__name__}"
+    if probe:
+        ok, why = probe_filter()
+        if not ok:
+            return False, f"{how}: {why}"
+        how += f"; {why}"
+    return True, how + ("" if enabled() else " (disabled by EXITLESS_CONFINE=0)")
+
+
+def probe_filter() -> tuple[bool, str]:
+    """Confine a forked child and have it make a forbidden system call (``socket``): (True, what
+    happened) if the filter killed it with SIGSYS, else (False, why not).  Call it from a process
+    with one thread (``exitless doctor``): the child of a fork keeps only the calling thread."""
+    pid = os.fork()
+    if pid == 0:                                       # the child: never returns
+        code = 0
+        try:
+            os.environ["EXITLESS_CONFINE"] = "1"       # a probe of what confinement can do here
+            confine()
+            import socket
+            socket.socket().close()
+            code = 3                                   # survived: the filter did not hold
+        except ConfinementError:
+            code = 4
+        except BaseException:
+            code = 5
+        finally:
+            os._exit(code)
+    _, wstatus = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(wstatus) and os.WTERMSIG(wstatus) == signal.SIGSYS:
+        return True, "probed: a forbidden system call in a confined child ended it with SIGSYS"
+    code = os.WEXITSTATUS(wstatus) if os.WIFEXITED(wstatus) else -os.WTERMSIG(wstatus)
+    return False, {3: "probed: a confined child made a forbidden call and lived",
+                   4: "probed: the filter could not be installed (no_new_privs or seccomp refused)"}.get(
+                       code, f"probed: the confined child ended with status {code}")
 
 
 def _no_new_privs() -> None:

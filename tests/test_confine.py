@@ -198,3 +198,19 @@ def test_serve_net_user_and_no_confine(tmp_path, flags, uid, seccomp):
         finally:
             assert be.stop() == 0, be.text()
     assert not sock.exists()
+
+
+def test_doctor_says_confinement_is_available_because_it_was_tried():
+    """doctor's line comes from a confined child that was killed for a forbidden call, not from a guess."""
+    from exitless.doctor import Report, format_report
+
+    text = format_report(Report(True, flavour="vmx", caps={}, cpu_features=[], missing_features=[]))
+    line = next(l for l in text.splitlines() if l.startswith("back-end confinement:"))
+    assert line.startswith("back-end confinement: available (seccomp filter via") and "SIGSYS" in line, line
+
+
+def test_probe_tells_a_filter_that_does_not_hold(monkeypatch):
+    monkeypatch.setattr(confine, "confine", lambda **kw: False)       # as if the filter were never loaded
+    ok, why = confine.probe_filter()
+    assert not ok and "lived" in why
+    assert confine.status(probe=True)[0] is False
