@@ -47,3 +47,13 @@ def test_fuzz_briefly(name, tmp_path):
     summary = json.loads(next(line for line in p.stderr.splitlines()
                               if line.startswith("exitless-fuzz-summary ")).split(" ", 1)[1])
     assert summary["executions"] >= runs
+
+
+def test_cli_replay_of_the_fd_counting_target():
+    """``--replay FILE…`` runs each input with its file closed: vhost_user counts its process's fds
+    after every input, and an open reproducer file used to read as a leak."""
+    files = [str(f) for f in sorted(TARGETS["vhost_user"].corpus.iterdir())]
+    p = subprocess.run([sys.executable, "-m", "exitless.fuzz", "vhost_user", "--replay", *files],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads(p.stdout)["executions"] == len(files)
