@@ -57,3 +57,46 @@ def test_cli_replay_of_the_fd_counting_target():
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert json.loads(p.stdout)["executions"] == len(files)
+
+
+@pytest.mark.kvm
+def test_ioeventfd_ledger_refuses_what_kvm_refuses():
+    """pci_config's model of KVM's ioeventfd table (IoeventfdLedger) answers every assignment and
+    deassignment of a sequence -- collisions by length 0, by datamatch, wrong fd, twice -- as the
+    real KVM_IOEVENTFD on a fresh VM does (success, EEXIST or ENOENT)."""
+    import errno
+    import os
+
+    from exitless.fuzz.t_pci import IoeventfdLedger
+    from exitless.kvm.api import Kvm
+    from exitless.kvm.syscall import KvmError
+
+    a, b = 0xC000_0000, 0xC000_1000
+    ops = [  # (fd index, address, length, datamatch, deassign)
+        (0, a, 0, None, False), (0, a, 0, None, False), (1, a, 4, None, False), (1, a, 4, 7, False),
+        (0, b, 4, 7, False), (1, b, 4, 8, False), (1, b, 4, None, False), (0, b, 0, None, False),
+        (1, b, 4, 7, True), (0, b, 4, 8, True), (0, b, 4, 7, True), (0, b, 4, 7, True),
+        (0, a, 4, None, True), (1, a, 0, None, True), (0, a, 0, None, True), (1, a, 4, None, False),
+        (0, a, 4, 3, False), (0, a, 2, None, False), (1, a, 4, None, True), (0, a, 2, None, False),
+    ]
+    fds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(2)]
+    kvm = Kvm()
+    vm = kvm.create_vm()
+    ledger = IoeventfdLedger()
+
+    def outcome(call, fd, addr, length, dm, deassign):
+        try:
+            call(fds[fd], addr, length, datamatch=dm, deassign=deassign)
+            return 0
+        except KvmError as e:
+            return e.errno
+
+    try:
+        got = [(outcome(vm.ioeventfd, *op), outcome(ledger.ioeventfd, *op)) for op in ops]
+    finally:
+        vm.close()
+        kvm.close()
+        for fd in fds:
+            os.close(fd)
+    assert [real for real, _ in got] == [model for _, model in got], list(zip(ops, got))
+    assert {real for real, _ in got} == {0, errno.EEXIST, errno.ENOENT}     # every answer was exercised

@@ -44,8 +44,8 @@ class IoeventfdLedger:
     the MMIO bus), which held ``pci_config`` to ~60 executions per second.  The fuzzed code --
     config-space decode, ``map_bar``/``unmap_bar`` of the ioeventfd-path function -- is the same;
     only the kernel's table is this dict, refusing what KVM refuses (virt/kvm/eventfd.c):
-    ``EEXIST`` for an assignment that collides with a registered one (same bus and address; the
-    same length or either of length 0; the same datamatch or either without one), ``ENOENT``
+    ``EEXIST`` for an assignment that collides with a registered one (same bus and address, and
+    either of length 0, or the same length with the same datamatch or either without one), ``ENOENT``
     for a deassignment of nothing registered with exactly those fields.  ``check()`` then asks
     for more than KVM would have: the table must be exactly the notify addresses of the function
     where its BAR decodes (nothing stale, nothing missing).  Real KVM with BAR moves is
@@ -66,9 +66,9 @@ class IoeventfdLedger:
                 raise KvmError(KVM_IOEVENTFD, errno.ENOENT, f"mmio {addr:#x}/{length} (ledger)")
             del self.table[key]
             return
-        for (p, a, n, dm) in self.table:
-            if p == pio and a == addr and (n == length or 0 in (n, length)) and \
-                    (dm == datamatch or None in (dm, datamatch)):
+        for (p, a, n, dm) in self.table:      # ioeventfd_check_collision()
+            if p == pio and a == addr and (0 in (n, length) or
+                                           (n == length and (None in (dm, datamatch) or dm == datamatch))):
                 raise KvmError(KVM_IOEVENTFD, errno.EEXIST, f"mmio {addr:#x}/{length} (ledger)")
         self.table[key] = fd
 
