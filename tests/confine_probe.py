@@ -11,18 +11,19 @@ class ForbiddenDevice(DoorbellDevice):
         super().on_doorbell(reg, value)
 
 
-def serve_net_main(argv):
-    """``exitless <argv>`` (``serve net ...``) with one planted flaw: a vhost-user GET_CONFIG at
-    offset 0xBA (with 3 bytes) makes the device model open a socket, as a taken-over model might."""
-    from exitless.cli import main
-    from exitless.devices.virtio.net import VirtioNet
 
-    read_config = VirtioNet.read_config
+def serve_main(argv):
+    """``exitless <argv>`` (``serve blk|net ...``) with one planted flaw: a vhost-user GET_CONFIG of
+    3 bytes at offset 0xBA makes the device model open a socket, as a taken-over model might."""
+    from exitless.cli import main
+    from exitless.devices.virtio.device import VirtioDevice
+
+    read_config = VirtioDevice.read_config
 
     def planted(self, offset, length):
         if (offset, length) == (0xBA, 3):
             socket.socket()
         return read_config(self, offset, length)
 
-    VirtioNet.read_config = planted
+    VirtioDevice.read_config = planted
     return main(argv)

@@ -2,6 +2,7 @@
 dies with SIGSYS, nothing else does), the normal path works under it, and the VMM reports a death."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -115,11 +116,13 @@ def test_serve_blk_drops_to_another_user_and_serves(tmp_path):
     assert not sock.exists()                               # removed at exit although the server may not
 
 
-def test_serve_net_confined_a_forbidden_syscall_ends_only_it(tmp_path, monkeypatch):
-    """``serve net`` is confined after setup (its TAP attached in a namespace first); a forbidden
-    system call in its device model kills it alone with SIGSYS -- reported as its exit status, and to
-    the frontend as a closed connection -- while the TAP, the socket-removing helper and this process
-    go on.  (The data path under the filter: tests/test_vhost_user_net_qemu.py.)"""
+@pytest.mark.parametrize("device", ["blk", "net"])
+def test_serve_confined_a_forbidden_syscall_ends_only_it(tmp_path, monkeypatch, device):
+    """``serve blk`` / ``serve net`` are confined after setup (the disk opened; the TAP attached in a
+    namespace); a forbidden system call in the device model kills the server alone with SIGSYS --
+    reported as its exit status, and to the frontend as a closed connection -- while its disk or TAP,
+    the socket-removing helper and this process go on.  (Their data paths under the filter:
+    tests/test_disk_faults.py, tests/test_vhost_user_net_qemu.py.)"""
     from exitless.vhost_user import protocol as P
     from exitless.vhost_user.frontend import Frontend
 
@@ -127,15 +130,22 @@ def test_serve_net_confined_a_forbidden_syscall_ends_only_it(tmp_path, monkeypat
         from tests import netns as N
     except ImportError:
         import netns as N
-    if N.can_make_netns() is not None:
-        pytest.skip(N.can_make_netns())
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
-    sock, log = tmp_path / "net.sock", tmp_path / "serve.log"
-    with N.netns_with_tap("exlcnf0") as ns:
+    sock, log = tmp_path / "vu.sock", tmp_path / "serve.log"
+    with contextlib.ExitStack() as stack:
+        if device == "net":
+            if N.can_make_netns() is not None:
+                pytest.skip(N.can_make_netns())
+            ns = stack.enter_context(N.netns_with_tap("exlcnf0"))
+            args = ["--tap", "exlcnf0", "--netns", ns]
+        else:
+            disk = tmp_path / "d.img"
+            disk.write_bytes(bytes(1 << 20))
+            args = ["--disk", str(disk)]
         with open(log, "wb") as f:
             proc = subprocess.Popen([sys.executable, "-c", "import sys, confine_probe; "
-                                     "sys.exit(confine_probe.serve_net_main(sys.argv[1:]))",
-                                     "serve", "net", "--socket", str(sock), "--tap", "exlcnf0", "--netns", ns],
+                                     "sys.exit(confine_probe.serve_main(sys.argv[1:]))",
+                                     "serve", device, "--socket", str(sock), *args],
                                     stdout=subprocess.DEVNULL, stderr=f)
         try:
             deadline = time.monotonic() + 20
@@ -149,7 +159,7 @@ def test_serve_net_confined_a_forbidden_syscall_ends_only_it(tmp_path, monkeypat
                 fe.set_owner()                                      # the control plane works confined
                 fe.set_features((1 << 32) | (1 << P.F_PROTOCOL_FEATURES))
                 fe.set_protocol_features(1 << P.PROTOCOL_F_CONFIG)
-                assert len(fe.get_config(0, 6)) == 6                # the MAC
+                assert len(fe.get_config(0, 6)) == 6                # capacity / the MAC
                 fe.send(P.GET_CONFIG, P.CONFIG_HEAD.pack(0xBA, 3, 0) + bytes(3))
                 assert fe.closed_by_peer(10)                        # the frontend sees it go
             assert proc.wait(10) == -signal.SIGSYS, log.read_text()
@@ -157,9 +167,12 @@ def test_serve_net_confined_a_forbidden_syscall_ends_only_it(tmp_path, monkeypat
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
-        from pyroute2 import NetNS
-        with NetNS(ns, flags=0) as n:
-            assert n.link_lookup(ifname="exlcnf0")                  # the TAP is still there
+        if device == "net":
+            from pyroute2 import NetNS
+            with NetNS(ns, flags=0) as n:
+                assert n.link_lookup(ifname="exlcnf0")              # the TAP is still there
+        else:
+            assert disk.stat().st_size == 1 << 20
         deadline = time.monotonic() + 5
         while sock.exists() and time.monotonic() < deadline:       # the helper forked before confinement
             time.sleep(0.05)                                       # removed the socket
