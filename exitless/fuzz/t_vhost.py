@@ -109,7 +109,12 @@ class VhostUserHarness:
 
     def run(self, data: bytes) -> None:
         inp = FuzzInput(data)
-        self.mem.write(RING, inp.take(inp.u16() % 0x3000))          # rings and buffers, as the guest left them
+        head = inp.u16()
+        self.mem.write(RING, inp.take(head % 0x3000))               # rings and buffers, as the guest left them
+        # Bit 15: the rings run on a data-plane thread of their own (started and joined at every
+        # reconfiguration, ~4 ms under load, and racing the control plane), else on this thread at
+        # each start (_ServeOnAttach: deterministic, a tenth of the cost).  libFuzzer keeps both.
+        self.server.dataplane = None if head & 0x8000 else self.sync_dataplane
         client, server = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             with client:
@@ -137,6 +142,7 @@ class VhostUserHarness:
                 self.server._serve(server)
         finally:
             server.close()
+            self.server.dataplane = None
 
     def check(self) -> None:
         """A well-behaved frontend on a new connection reads one sector through the data plane, on
