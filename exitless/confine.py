@@ -1,4 +1,4 @@
-"""Confinement of exitless's back-end processes (``serve blk``, a sidecore process).
+"""Confinement of exitless's back-end processes (``serve blk``, ``serve net``, a sidecore process).
 
 After its setup -- disk opened, socket bound, guest memory mapped -- a back-end process calls
 :func:`confine`: it sets ``no_new_privs``, can drop to another user, and installs a seccomp
@@ -70,14 +70,50 @@ def enabled() -> bool:
     return os.environ.get("EXITLESS_CONFINE", "1") not in ("0", "no", "off")
 
 
-def status() -> tuple[bool, str]:
-    """(available, how or why not) -- for ``exitless doctor``."""
+def status(*, probe: bool = False) -> tuple[bool, str]:
+    """(available, how or why not) -- for ``exitless doctor``.  With ``probe``, :func:`probe_filter` tries it
+    for real in a child process (a container may forbid loading a filter although the kernel has
+    seccomp)."""
     sc = _binding()
     if sc is None:
         return False, "no libseccomp binding (apt install python3-seccomp, or pip install pyseccomp)"
     if not os.path.exists("/proc/self/status") or "Seccomp:" not in open("/proc/self/status").read():
         return False, "the kernel does not support seccomp"
-    return True, f"seccomp filter via {sc.__name__}{'' if enabled() else ' (disabled by EXITLESS_CONFINE=0)'}"
+    how = f"seccomp filter via {sc.__name__}"
+    if probe:
+        ok, why = probe_filter()
+        if not ok:
+            return False, f"{how}: {why}"
+        how += f"; {why}"
+    return True, how + ("" if enabled() else " (disabled by EXITLESS_CONFINE=0)")
+
+
+def probe_filter() -> tuple[bool, str]:
+    """Confine a forked child and have it make a forbidden system call (``socket``): (True, what
+    happened) if the filter killed it with SIGSYS, else (False, why not).  Call it from a process
+    with one thread (``exitless doctor``): the child of a fork keeps only the calling thread."""
+    pid = os.fork()
+    if pid == 0:                                       # the child: never returns
+        code = 0
+        try:
+            os.environ["EXITLESS_CONFINE"] = "1"       # a probe of what confinement can do here
+            confine()
+            import socket
+            socket.socket().close()
+            code = 3                                   # survived: the filter did not hold
+        except ConfinementError:
+            code = 4
+        except BaseException:
+            code = 5
+        finally:
+            os._exit(code)
+    _, wstatus = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(wstatus) and os.WTERMSIG(wstatus) == signal.SIGSYS:
+        return True, "probed: a forbidden system call in a confined child ended it with SIGSYS"
+    code = os.WEXITSTATUS(wstatus) if os.WIFEXITED(wstatus) else -os.WTERMSIG(wstatus)
+    return False, {3: "probed: a confined child made a forbidden call and lived",
+                   4: "probed: the filter could not be installed (no_new_privs or seccomp refused)"}.get(
+                       code, f"probed: the confined child ended with status {code}")
 
 
 def _no_new_privs() -> None:
@@ -134,12 +170,15 @@ def unlink_on_exit(path: str) -> Callable[[], None]:
     return done
 
 
-def confine(*, user: str | None = None, extra: tuple[str, ...] = ()) -> bool:
+def confine(*, user: str | None = None, extra: tuple[str, ...] = (),
+            ioctls: tuple[tuple[int, int], ...] = ()) -> bool:
     """Confine the calling process from now on; returns False if opted out (EXITLESS_CONFINE=0).
 
     Call it once, after setup and before the process starts serving (threads started later
     inherit the filter; the filter is also synchronised to threads that already exist).
-    ``extra`` names more system calls to allow.  Raises :class:`ConfinementError` if it cannot.
+    ``extra`` names more system calls to allow; ``ioctls``, ``(fd, request)`` pairs, device
+    ioctls allowed on exactly that fd (a TAP's TUNSETOFFLOAD on its own queue fds, not on any
+    fd the process may hold).  Raises :class:`ConfinementError` if it cannot.
     """
     sc = _binding() if enabled() else None      # imported before a user drop can hide the module
     if enabled() and sc is None:
@@ -168,6 +207,8 @@ def confine(*, user: str | None = None, extra: tuple[str, ...] = ()) -> bool:
     f.add_rule(sc.ALLOW, "openat", sc.Arg(2, sc.MASKED_EQ, write_bits, 0))
     for request in IOCTLS:                   # isatty() and fd flags; no device ioctls (no KVM, no TIOCSTI)
         f.add_rule(sc.ALLOW, "ioctl", sc.Arg(1, sc.EQ, request))
+    for fd, request in ioctls:               # the caller's device ioctls, each on its own fd only
+        f.add_rule(sc.ALLOW, "ioctl", sc.Arg(0, sc.EQ, fd), sc.Arg(1, sc.EQ, request))
     # removing files: refused with EPERM (the server tolerates it) -- unlink_on_exit() does it instead
     for name in ("unlink", "unlinkat"):
         f.add_rule(sc.ERRNO(errno.EPERM), name)

@@ -119,6 +119,6 @@ def format_report(rep: Report) -> str:
                          " ".join(rep.ring3_features))
             lines.append("guest CPUID in ring 3 lacks:  " + (" ".join(rep.ring3_missing or []) or "-"))
     lines += [f"note: {n}" for n in rep.notes]
-    ok, how = confine.status()
+    ok, how = confine.status(probe=True)
     lines.append(f"back-end confinement: {'available' if ok else 'NOT available'} ({how})")
     return "\n".join(lines)

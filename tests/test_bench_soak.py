@@ -28,7 +28,7 @@ def test_soak_tiny_run_json():
     *cycles, summary = rows
     assert summary["summary"] is True and summary["cycles"] == len(cycles) >= 1
     for key in ("minutes", "vm_restarts", "ops", "flushes", "errors", "verify_errors", "lost_acked_writes",
-                "disconnects", "mid_io_disconnects", "backend_survived", "vmm_fds", "vmm_threads",
+                "disconnects", "mid_io_disconnects", "qemu_sigkills", "backend_survived", "vmm_fds", "vmm_threads",
                 "backend_fds", "backend_threads"):
         assert key in summary, key
     assert summary["lost_acked_writes"] == 0 and summary["verify_errors"] == 0 and summary["errors"] == 0
@@ -39,3 +39,5 @@ def test_soak_tiny_run_json():
                 "vmm_threads"} <= set(row)
     if summary["with_vhost"]:
         assert summary["backend_survived"] and any(r["kind"] == "vhost-user" for r in cycles)
+        # the cut-off random writes end by SIGKILL to QEMU (no vhost-user teardown), and serve blk goes on
+        assert summary["qemu_sigkills"] == summary["mid_io_disconnects"] >= 1, summary

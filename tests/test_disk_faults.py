@@ -1,6 +1,7 @@
-"""Real disk faults under virtio-blk: ENOSPC from a small tmpfs, EIO on chosen ranges and failed
-fsyncs from a FUSE pass-through (tests/faultfs.py).  Requests fail with VIRTIO_BLK_S_IOERR, the
-device keeps serving, a failed flush is never reported as success, acknowledged data stays."""
+"""Real disk faults under virtio-blk and NVMe: ENOSPC from a small tmpfs, EIO on chosen ranges and
+failed fsyncs from a FUSE pass-through (tests/faultfs.py).  Requests fail with VIRTIO_BLK_S_IOERR
+(NVMe: Write Fault / Unrecovered Read Error), the device keeps serving, a failed flush is never
+reported as success, acknowledged data stays."""
 from __future__ import annotations
 
 import json
@@ -301,3 +302,115 @@ def test_serve_blk_keeps_serving_through_faults(faultfs, tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+# -- NVMe: the same faults under the NVMe controller (NVMe 1.4 §4.6.1.2.2 media errors) -------------
+@pytest.fixture
+def nvme_on():
+    from test_nvme import Rig
+
+    made = []
+
+    def make(path):
+        rig = Rig(path)
+        made.append(rig)
+        assert rig.drv.enable() and rig.drv.create_pair(1) == 0
+        return rig
+
+    yield make
+    for r in made:
+        r.close()
+
+
+def _nvme_io(rig, opcode, slba, data=None, nbytes=0):
+    """One NVM command on I/O queue 1 (512-byte LBAs, PRP1 only: at most 4 KiB); (status, data read)."""
+    from nvme_driver import DATA
+    from test_nvme import rw
+
+    from exitless.devices.nvme import constants as K
+
+    n = len(data) if data is not None else nbytes
+    if data is not None:
+        rig.mem.write(DATA, data)
+    if opcode == K.NVM_FLUSH:
+        status = rig.drv.cmd(1, K.NVM_FLUSH, nsid=1)[0]
+    else:
+        status = rw(rig.drv, 1, opcode, slba, max(1, n // 512), DATA)
+    assert rig.ctrl.csts & K.CSTS_RDY and not rig.ctrl.csts & K.CSTS_CFS    # never controller-fatal
+    return status, rig.mem.read(DATA, nbytes) if nbytes else b""
+
+
+def test_nvme_eio_fails_only_commands_touching_the_bad_range(faultfs, nvme_on):
+    from exitless.devices.nvme import constants as K
+
+    path, back = faultfs.disk("n.img", MIB)
+    rig = nvme_on(path)
+    assert _nvme_io(rig, K.NVM_WRITE, 128, b"A" * 4096)[0] == K.SC_SUCCESS
+    faultfs.set(eio_write=[[128 * 512, 4096]], eio_read=[[256 * 512, 512]])
+    assert _nvme_io(rig, K.NVM_WRITE, 128, b"B" * 4096)[0] == K.SC_WRITE_FAULT
+    assert _nvme_io(rig, K.NVM_WRITE, 0, b"C" * 4096)[0] == K.SC_SUCCESS                 # elsewhere: fine
+    assert _nvme_io(rig, K.NVM_READ, 256, nbytes=512)[0] == K.SC_UNRECOVERED_READ_ERROR
+    assert _nvme_io(rig, K.NVM_READ, 128, nbytes=4096) == (K.SC_SUCCESS, b"A" * 4096)  # acked data kept
+    faultfs.set()
+    assert _nvme_io(rig, K.NVM_WRITE, 128, b"D" * 4096)[0] == K.SC_SUCCESS               # the fault went away
+    assert _nvme_io(rig, K.NVM_FLUSH, 0)[0] == K.SC_SUCCESS
+    assert back.read_bytes()[:4096] == b"C" * 4096 and back.read_bytes()[128 * 512:][:4096] == b"D" * 4096
+
+
+def test_nvme_failed_flush_is_reported_and_stays_failed(faultfs, nvme_on):
+    from exitless.devices.nvme import constants as K
+
+    path, back = faultfs.disk("n.img", MIB)
+    rig = nvme_on(path)
+    assert _nvme_io(rig, K.NVM_WRITE, 8, b"E" * 512)[0] == K.SC_SUCCESS
+    assert _nvme_io(rig, K.NVM_FLUSH, 0)[0] == K.SC_SUCCESS
+    faultfs.set(fail_fsync=True)
+    assert _nvme_io(rig, K.NVM_WRITE, 9, b"F" * 512)[0] == K.SC_SUCCESS
+    assert _nvme_io(rig, K.NVM_FLUSH, 0)[0] == K.SC_WRITE_FAULT
+    faultfs.set()
+    assert _nvme_io(rig, K.NVM_FLUSH, 0)[0] == K.SC_WRITE_FAULT                 # sticky, as for virtio-blk
+    assert _nvme_io(rig, K.NVM_READ, 8, nbytes=512) == (K.SC_SUCCESS, b"E" * 512)
+    assert back.read_bytes()[8 * 512:9 * 512] == b"E" * 512
+
+
+@needs_root
+def test_nvme_enospc_fails_writes_keeps_acknowledged_ones(small_tmpfs, nvme_on):
+    from exitless.devices.nvme import constants as K
+
+    path = small_tmpfs / "n.img"
+    with open(path, "wb") as f:
+        f.truncate(MIB)                 # sparse: 1 MiB of namespace on a 256 KiB filesystem
+    rig = nvme_on(path)
+    acked, failed = [], 0
+    for block in range(MIB // 4096):
+        status = _nvme_io(rig, K.NVM_WRITE, block * 8, bytes([block % 251 + 1]) * 4096)[0]
+        if status == K.SC_SUCCESS:
+            acked.append(block)
+        else:
+            assert status == K.SC_WRITE_FAULT
+            failed += 1
+    assert acked and failed > 100
+    assert _nvme_io(rig, K.NVM_FLUSH, 0)[0] == K.SC_SUCCESS
+    for block in acked:
+        assert _nvme_io(rig, K.NVM_READ, block * 8, nbytes=4096) == (K.SC_SUCCESS, bytes([block % 251 + 1]) * 4096)
+
+
+@pytest.mark.kvm
+def test_nvme_guest_sees_write_fault_vmm_goes_on_and_acknowledged_data_stays(faultfs):
+    """The guest kit's NVMe driver on a real KVM guest, its namespace on the failing filesystem."""
+    from test_nvme_e2e import pattern, run_guest
+
+    from exitless.devices.nvme import constants as K
+
+    path, back = faultfs.disk("g.img", DISK)
+    exit, res, _ = run_guest(path, "nvme rw=fill bs=4096 qd=4 queues=1 seed=5", queues=1)
+    assert exit.status == 0 and res["errors"] == 0
+    bad = (MIB, 64 << 10)
+    faultfs.set(eio_write=[list(bad)])
+    exit, res, _ = run_guest(path, "nvme rw=fill bs=4096 qd=4 queues=1 seed=6", queues=1)
+    assert exit.kind == "debug-exit", exit                      # the VMM ran the guest to its end
+    assert res["errors"] == bad[1] // 4096 and int(res["first_error_status"], 0) == K.SC_WRITE_FAULT, res  # "0x280"
+    old, new, disk = pattern(5, DISK), pattern(6, DISK), back.read_bytes()
+    lo, hi = bad[0], bad[0] + bad[1]
+    assert disk[:lo] == new[:lo] and disk[hi:] == new[hi:]      # every acknowledged write is there
+    assert disk[lo:hi] == old[lo:hi]                            # the failed ones changed nothing

@@ -109,6 +109,7 @@ def test_linux_virtio_net_pings_and_moves_16_mib_each_way(guest, net_initrd, tmp
         assert not responder.errors
         log = be.text()
         assert "frontend connected" in log and "Traceback" not in log, log[-3000:]
+        assert "confined (seccomp)" in log, log[:2000]      # Linux's traffic went through the filtered back-end
         stats = dict(re.findall(r"(\w+) (\d+)", log.rsplit("vhost-user-net: ", 1)[-1]))
         assert int(stats["rx_packets"]) > 100 and int(stats["tx_packets"]) > 100, log[-1000:]
         assert int(stats["tx_bad"]) == 0, log[-1000:]

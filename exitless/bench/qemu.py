@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -37,6 +38,7 @@ class QemuResult:
     vmm_cpu_s: float
     wall_s: float
     stderr: str = ""
+    killed: bool = False      # ended by SIGKILL at the timeout (``kill_at_timeout``), not by ``quit``
 
 
 class Qmp:
@@ -161,7 +163,8 @@ def guestkit_command(kernel: Path, append: str, qmp_path: str, *, device_args: l
 
 def run_guestkit(kernel: Path, append: str, *, device_args: list[str] = (), shared_memory: bool = False,
                  accel: str = "auto", mem_mib: int = 128, timeout: float = 300,
-                 extra_cpu: Callable[[], float] | None = None, pass_fds: tuple[int, ...] = ()) -> QemuResult:
+                 extra_cpu: Callable[[], float] | None = None, pass_fds: tuple[int, ...] = (),
+                 kill_at_timeout: bool = False) -> QemuResult:
     """Boot the guest kit under QEMU and measure it.
 
     The firmware is qboot where installed (:func:`firmware_args`).  QEMU starts paused
@@ -171,6 +174,9 @@ def run_guestkit(kernel: Path, append: str, *, device_args: list[str] = (), shar
     ``shared_memory`` backs guest RAM with a shared memfd (vhost-user needs it);
     ``extra_cpu`` adds another process's CPU (a vhost-user back-end) to QEMU's own;
     ``pass_fds`` are inherited by QEMU (e.g. a TAP fd for ``-netdev tap,fd=N``).
+    ``kill_at_timeout``: a guest still running after ``timeout`` seconds ends with SIGKILL to QEMU
+    instead of a QMP ``quit`` -- no vhost-user teardown, the back-end just sees its socket close
+    (``killed`` in the result says it happened).
     """
     accel = resolve_accel(accel)
     tmp = tempfile.mkdtemp(prefix="exitless-qemu-")
@@ -206,7 +212,10 @@ def run_guestkit(kernel: Path, append: str, *, device_args: list[str] = (), shar
                 exits1 = kvm_exits(qmp) if accel == "kvm" else None
                 if exits0 is not None and exits1 is not None:
                     exits = exits1 - exits0
-            qmp.cmd("quit")
+            if status is None and kill_at_timeout and proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+            else:
+                qmp.cmd("quit")
         finally:
             qmp.close()
     except OSError:
@@ -219,7 +228,8 @@ def run_guestkit(kernel: Path, append: str, *, device_args: list[str] = (), shar
             proc.wait()
         err = proc.stderr.read().decode(errors="replace")
         shutil.rmtree(tmp, ignore_errors=True)
-    return QemuResult(status, bytes(out), accel, exits, vmm_cpu, time.monotonic() - t0, err)
+    return QemuResult(status, bytes(out), accel, exits, vmm_cpu, time.monotonic() - t0, err,
+                      killed=proc.returncode == -signal.SIGKILL)
 
 
 class QemuSetup:

@@ -14,8 +14,8 @@ Cycles alternate between
 * **exitless**: the VMs are exitless VMs with virtio-blk on the next I/O path of
   :data:`~exitless.bench.options.BLK_PATHS` (rotating);
 * **vhost-user** (when QEMU is installed): the VMs are QEMU, the frontend of one long-lived
-  ``exitless serve blk`` process on its own image; the random writes are cut off by quitting QEMU at a
-  random moment (a frontend disconnect mid-I/O), then :class:`~exitless.vhost_user.frontend.Frontend`
+  ``exitless serve blk`` process on its own image; the random writes are cut off by SIGKILL to QEMU at a
+  random moment (a frontend gone mid-I/O without any vhost-user teardown), then :class:`~exitless.vhost_user.frontend.Frontend`
   connections hang up after a random number of handshake messages; the overwrite and the verifying
   reads after them must succeed.
 
@@ -49,7 +49,7 @@ GOLDEN = 0x9E3779B97F4A7C15
 COLUMNS = [("cycle", "cycle"), ("t_s", "t (s)"), ("kind", "VMM"), ("path", "path"), ("ops", "ops"),
            ("flushes", "flushes"), ("verify_errors", "guest verify errors"),
            ("lost_acked_writes", "lost acked sectors"), ("disconnects", "frontend disconnects"),
-           ("mid_io_disconnects", "mid-I/O"), ("vmm_fds_vm_up", "VMM fds (VM up)"),
+           ("mid_io_disconnects", "mid-I/O"), ("qemu_sigkills", "QEMU SIGKILLed"), ("vmm_fds_vm_up", "VMM fds (VM up)"),
            ("vmm_threads_vm_up", "VMM threads (VM up)"), ("vmm_fds", "VMM fds (after)"),
            ("vmm_threads", "VMM threads (after)"), ("backend_fds", "serve fds"), ("backend_threads", "serve threads")]
 
@@ -118,19 +118,22 @@ def _hang_up(sock: str, steps: int) -> bool:
 
 def _vhost_cycle(backend, image: Path, gen: int, rng: random.Random, timeout: float) -> dict:
     """QEMU as the frontend of ``backend`` running :func:`_apps`, where the random writes are cut off by
-    quitting QEMU at a random moment (a frontend disconnect mid-I/O; they write the fill's pattern, so
-    a torn write shows), then a few handshake hang-ups; the overwrite and verify passes after them must
-    succeed, and the host then checks the served image."""
+    SIGKILL to QEMU at a random moment (a frontend gone mid-I/O with requests in flight and no
+    GET_VRING_BASE; they write the fill's pattern, so a torn write shows), then a few handshake
+    hang-ups; the overwrite and verify passes after them must succeed, and the host then checks the
+    served image."""
     device = vhost_device(backend.sock)
+    killed = []
 
-    def qemu_run(app: str, limit: float) -> dict | None:
+    def qemu_run(app: str, limit: float, kill: bool = False) -> dict | None:
         r = qemu.run_guestkit(guestkit_path(), app, device_args=device, shared_memory=True, mem_mib=64,
-                              timeout=limit)
+                              timeout=limit, kill_at_timeout=kill)
+        killed.append(r.killed)
         return guest_result(r.console, "blk") if r.exit_status == 0 else None
 
     apps = _apps(gen, rng)
     fill = qemu_run(apps["fill"], timeout)
-    cut = qemu_run(apps["random"].replace(" n=", " ms=20000 n="), rng.uniform(0.5, 3.0))
+    cut = qemu_run(apps["random"].replace(" n=", " ms=20000 n="), rng.uniform(0.5, 3.0), kill=True)
     hang_ups = rng.randrange(1, 4)
     refused = sum(not _hang_up(backend.sock, rng.randrange(0, 5)) for _ in range(hang_ups))
     after = [qemu_run(apps["overwrite"], timeout), qemu_run(apps["verify"], timeout)]
@@ -139,7 +142,7 @@ def _vhost_cycle(backend, image: Path, gen: int, rng: random.Random, timeout: fl
     totals = _totals(done)
     totals["errors"] += sum(r is None for r in must) + refused
     return {**totals, "vm_boots": 4, "disconnects": hang_ups + (cut is None), "mid_io_disconnects": int(cut is None),
-            "lost_acked_writes": lost_sectors(image, 2 * gen + 1)}
+            "qemu_sigkills": sum(killed), "lost_acked_writes": lost_sectors(image, 2 * gen + 1)}
 
 
 def _apps(gen: int, rng: random.Random) -> dict[str, str]:
@@ -172,7 +175,8 @@ def _exitless_cycle(image: Path, path: str, gen: int, rng: random.Random, timeou
             "vmm_threads_vm_up": max(r["_open"][1] for r in results)}
 
 
-SUMMED = ("ops", "flushes", "errors", "verify_errors", "lost_acked_writes", "disconnects", "mid_io_disconnects")
+SUMMED = ("ops", "flushes", "errors", "verify_errors", "lost_acked_writes", "disconnects", "mid_io_disconnects",
+          "qemu_sigkills")
 SAMPLED = ("vmm_fds", "vmm_threads", "vmm_fds_vm_up", "vmm_threads_vm_up", "backend_fds", "backend_threads")
 
 
@@ -205,7 +209,7 @@ def run(minutes: float, *, seed: int = 1, timeout: float = 300, report_row=lambd
                 else:
                     path = BLK_PATHS[(cycle // (1 + with_vhost)) % len(BLK_PATHS)]
                     row = {"cycle": cycle, "kind": "exitless", "path": path, "generation": gen,
-                           "disconnects": 0, "mid_io_disconnects": 0,
+                           "disconnects": 0, "mid_io_disconnects": 0, "qemu_sigkills": 0,
                            **_exitless_cycle(image, path, gen, rng, timeout)}
                 gc.collect()   # count the fds still held, not those awaiting the cycle collector
                 row["vmm_fds"], row["vmm_threads"] = _proc_counts()
@@ -235,7 +239,8 @@ def main(args) -> int:
     if not s["with_vhost"]:
         report.note(f"{qemu.QEMU} is not installed: no vhost-user cycles (no frontend disconnects)")
     report.note(f"{s['cycles']} cycles in {s['minutes']} min, {s['vm_restarts']} VM restarts, {s['ops']} guest I/Os, "
-                f"{s['flushes']} flushes, {s['disconnects']} frontend disconnects ({s['mid_io_disconnects']} mid-I/O): "
+                f"{s['flushes']} flushes, {s['disconnects']} frontend disconnects ({s['mid_io_disconnects']} mid-I/O, "
+                f"{s['qemu_sigkills']} by SIGKILL to QEMU): "
                 f"lost acknowledged writes {s['lost_acked_writes']} (goal 0), guest verify errors "
                 f"{s['verify_errors']}, I/O errors {s['errors']}, serve survived: {s['backend_survived']}")
     report.json(rows)

@@ -57,10 +57,14 @@ def _add_blk(ssub) -> None:
                      help="virtqueues offered (QEMU's num-queues must not exceed it; default 1)")
     blk.add_argument("--queue-size", type=power_of_two, default=256, metavar="N", help="maximum ring size (default 256)")
     blk.add_argument("--poll-us", type=non_negative_float, default=64.0, help="adaptive: initial busy-poll window (µs; default 64)")
-    blk.add_argument("--no-confine", action="store_true",
-                     help="do not install the seccomp filter (debugging: strace, profilers)")
-    blk.add_argument("--user", metavar="USER", help="drop to this user after setup (needs root)")
+    _add_confine_arguments(blk)
     blk.set_defaults(func=cmd_serve_blk)
+
+
+def _add_confine_arguments(parser) -> None:
+    parser.add_argument("--no-confine", action="store_true",
+                        help="do not install the seccomp filter (debugging: strace, profilers)")
+    parser.add_argument("--user", metavar="USER", help="drop to this user after setup (needs root)")
 
 
 def cmd_serve_blk(args) -> int:
@@ -97,7 +101,9 @@ network namespace NS), or created without persistence if it does not exist; with
 it must be a multi-queue TAP.  Exit status 2 if the TAP cannot be attached or the
 socket path is taken.  QEMU 7.2 under TCG: add vectors=0 to virtio-net-pci (its MSI-X
 path for vhost-user-net needs KVM irqfds and crashes without them).  disable-legacy=on:
-the guest kit drives modern (virtio 1.x) virtio-pci only.
+the guest kit drives modern (virtio 1.x) virtio-pci only.  Once the TAP is attached the process
+is confined as serve blk is (--no-confine, --user); with --user and N > 1 the TAP must belong to
+that user (re-attaching a queue needs CAP_NET_ADMIN or the TAP's owner).
 """
 
 
@@ -126,19 +132,24 @@ def _add_net(ssub) -> None:
     net.add_argument("--queue-size", type=power_of_two, default=256, metavar="N", help="maximum ring size (default 256)")
     net.add_argument("--mac", type=_mac, metavar="MAC", help="the device's MAC (QEMU's mac= is what the guest sees)")
     net.add_argument("--poll-us", type=non_negative_float, default=64.0, help="adaptive: initial busy-poll window (µs; default 64)")
+    _add_confine_arguments(net)
     net.set_defaults(func=cmd_serve_net)
 
 
 def cmd_serve_net(args) -> int:
     from ..devices.virtio.net import VirtioNet
     from ..net.tap import Tap
+    from ..sidecore.aio_poll import SYSCALLS as AIO_SYSCALLS
 
     tap = Tap.open(args.tap, queues=args.queues, netns=args.netns)
     try:
         dev = VirtioNet(tap, mac=args.mac, queue_pairs=args.queues, queue_size=args.queue_size, ctrl_queue=False)
         where = f" in netns {args.netns}" if args.netns else ""
-        return serve_device(args, dev, "vhost-user-net",
-                            f"TAP {args.tap}{where} ({args.queues} queue pair(s) of {dev.queue_max_size})")
+        what = f"TAP {args.tap}{where} ({args.queues} queue pair(s) of {dev.queue_max_size})"
+        # the TAP is attached (in its namespace) before confinement; afterwards only its offload and
+        # queue ioctls, on its own fds, are left, and the AIO polls that report its frames
+        return serve_devices(args, [(args.socket, dev, what)], "vhost-user-net", confined=not args.no_confine,
+                             user=args.user, ioctls=tuple(tap.runtime_ioctls()), extra=AIO_SYSCALLS)
     finally:
         tap.close()
         if "dev" in locals():
@@ -146,21 +157,17 @@ def cmd_serve_net(args) -> int:
                 "vhost-user-net: %s", ", ".join(f"{k} {v}" for k, v in dev.stats.items()))
 
 
-def serve_device(args, dev, name: str, what: str) -> int:
-    """Serve ``dev`` (a :class:`~exitless.devices.virtio.device.VirtioDevice`, closed at the end) on
-    ``args.socket`` with ``args.io`` / ``args.poll_us`` until SIGINT or SIGTERM; returns 0."""
-    return serve_devices(args, [(args.socket, dev, what)], name)
-
-
 def serve_devices(args, served: list[tuple[str, object, str]], name: str, *, confined: bool = False,
-                  user: str | None = None) -> int:
+                  user: str | None = None, ioctls: tuple[tuple[int, int], ...] = (), extra: tuple[str, ...] = ()) -> int:
     """Serve each ``(socket path, device, description)`` of ``served`` (devices closed at the end)
     with ``args.io`` / ``args.poll_us`` until SIGINT or SIGTERM; returns 0.  One device: its
     sessions run their own data plane.  Several: one server thread per socket (control plane) and
     one shared sidecore loop for every session's rings (data plane).
 
     With ``confined`` the process installs the seccomp allow-list of :mod:`exitless.confine`
-    (dropping to ``user`` first) once its listeners are up, before the first frontend is served;
+    (dropping to ``user`` first; ``ioctls``: the ``(fd, request)`` device ioctls still allowed,
+    ``extra``: more system calls by name) once
+    its listeners are up, before the first frontend is served;
     the socket files are then removed by a helper forked beforehand (a confined process may not
     unlink).  Raises :class:`~exitless.confine.ConfinementError` if the filter cannot be installed.
     """
@@ -201,7 +208,7 @@ def serve_devices(args, served: list[tuple[str, object, str]], name: str, *, con
     old = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
     removers = [unlink_on_exit(path) for path, _, _ in served] if confined else []
     try:
-        is_confined = confined and confine(user=user)
+        is_confined = confined and confine(user=user, ioctls=ioctls, extra=extra)
     except BaseException:
         for s, h in old.items():
             signal.signal(s, h)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import array
 import os
-import select
 import socket
 import struct
 import tempfile
@@ -43,6 +42,16 @@ def _fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def _fds() -> dict[int, str]:
+    out = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            out[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            pass
+    return out
+
+
 class VhostUserHarness:
     def __init__(self):
         self.tmp = tempfile.TemporaryDirectory(prefix="exitless-fuzz-")
@@ -60,8 +69,10 @@ class VhostUserHarness:
         self.pipe = os.pipe()
         self.pool = [self.ram_fd, *self.events, self.null, self.pipe[0]]
         self.messages = 0
+        self.sync_dataplane = _ServeOnAttach()
         self.threads = threading.active_count()
         self.fds = _fd_count()
+        self.fd_names = _fds()
 
     # -- one fuzzed connection ---------------------------------------------------------------------
     def _payload(self, inp: FuzzInput, request: int) -> tuple[bytes, list[int]]:
@@ -98,7 +109,12 @@ class VhostUserHarness:
 
     def run(self, data: bytes) -> None:
         inp = FuzzInput(data)
-        self.mem.write(RING, inp.take(inp.u16() % 0x3000))          # rings and buffers, as the guest left them
+        head = inp.u16()
+        self.mem.write(RING, inp.take(head % 0x3000))               # rings and buffers, as the guest left them
+        # Bit 15: the rings run on a data-plane thread of their own (started and joined at every
+        # reconfiguration, ~4 ms under load, and racing the control plane), else on this thread at
+        # each start (_ServeOnAttach: deterministic, a tenth of the cost).  libFuzzer keeps both.
+        self.server.dataplane = None if head & 0x8000 else self.sync_dataplane
         client, server = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             with client:
@@ -126,63 +142,83 @@ class VhostUserHarness:
                 self.server._serve(server)
         finally:
             server.close()
+            self.server.dataplane = None
 
     def check(self) -> None:
+        """A well-behaved frontend on a new connection reads one sector through the data plane, on
+        this thread alone: its messages (no REPLY_ACK, so none is answered) and the kick are written
+        before the server reads the first, and while this check runs the server's sessions hand
+        their rings to :class:`_ServeOnAttach` instead of a data-plane thread.  (Two threads waking
+        each other for every message cost ~5 ms per check on a loaded machine; the fuzzed streams in
+        ``run`` keep the threaded data plane.)"""
         if self.dev.internal_errors:
             raise InvariantViolation(f"virtio-blk raised internally {self.dev.internal_errors} times")
-        result: dict = {}
-        client, server = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        t = threading.Thread(target=self._good_frontend, args=(client, result), daemon=True)
-        t.start()
-        try:
-            self.server._serve(server)
-        finally:
-            server.close()
-        t.join(10)
-        if result.get("status") != VIRTIO_BLK_S_OK:
-            raise InvariantViolation(f"a valid vhost-user session failed after the input: {result}")
-        deadline = time.monotonic() + 5
-        while threading.active_count() > self.threads and time.monotonic() < deadline:
-            time.sleep(0.001)
-        if threading.active_count() != self.threads or _fd_count() != self.fds:
-            raise InvariantViolation(f"leak: {threading.active_count()} threads (was {self.threads}), "
-                                     f"{_fd_count()} fds (was {self.fds})")
-
-    def _good_frontend(self, sock: socket.socket, result: dict) -> None:
         kick, call = self.events[1], self.events[2]
+        for fd in (kick, call):
+            try:
+                os.eventfd_read(fd)
+            except BlockingIOError:
+                pass
+        client, server = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ring = DriverRing(self.mem, RING, 16)
+        hdr, data, status = BUF, BUF + 0x200, BUF + 0x100
+        self.mem.write(hdr, struct.pack("<IIQ", VIRTIO_BLK_T_IN, 0, 0))
+        self.mem.write_u8(status, 0xFF)
+        ring.offer([(hdr, 16, False), (data, 512, True), (status, 1, True)])
+        os.eventfd_write(kick, 1)
         try:
-            with Frontend(sock) as fe:
+            with Frontend(client) as fe:
                 fe.set_owner()
                 fe.set_features((1 << VIRTIO_F_VERSION_1) | (1 << P.F_PROTOCOL_FEATURES))
-                fe.set_protocol_features((1 << P.PROTOCOL_F_REPLY_ACK))
+                fe.set_protocol_features(0)
                 fe.set_mem_table([(0, MIB, UVA, 0)], [self.ram_fd])
-                ring = DriverRing(self.mem, RING, 16)
                 fe.set_vring_num(0, 16)
                 fe.set_vring_base(0, 0)
                 fe.set_vring_addr(0, UVA + ring.desc, UVA + ring.used, UVA + ring.avail)
                 fe.set_vring_call(0, call)
                 fe.set_vring_kick(0, kick)
                 fe.set_vring_enable(0, True)
-                hdr, data, status = BUF, BUF + 0x200, BUF + 0x100
-                self.mem.write(hdr, struct.pack("<IIQ", VIRTIO_BLK_T_IN, 0, 0))
-                self.mem.write_u8(status, 0xFF)
-                ring.offer([(hdr, 16, False), (data, 512, True), (status, 1, True)])
-                os.eventfd_write(kick, 1)
-                deadline = time.monotonic() + 5
-                while not ring.used_elements() and time.monotonic() < deadline:
-                    select.select([call], [], [], 0.05)
-                result["status"] = self.mem.read_u8(status)
-        except Exception as e:       # reported by check() through result
-            result["error"] = repr(e)
-        finally:
-            for fd in (kick, call):
+                client.shutdown(socket.SHUT_WR)
+                self.server.dataplane = self.sync_dataplane
                 try:
-                    os.eventfd_read(fd)
-                except BlockingIOError:
-                    pass
+                    self.server._serve(server)
+                finally:
+                    self.server.dataplane = None
+        finally:
+            server.close()
+        used = ring.used_elements()
+        if len(used) != 1 or self.mem.read_u8(status) != VIRTIO_BLK_S_OK:
+            raise InvariantViolation(f"a valid vhost-user session failed after the input: used {used}, "
+                                     f"status {self.mem.read_u8(status)}")
+        deadline = time.monotonic() + 5
+        while threading.active_count() > self.threads and time.monotonic() < deadline:
+            time.sleep(0.001)
+        if threading.active_count() != self.threads or _fd_count() != self.fds:
+            new = {fd: what for fd, what in _fds().items() if self.fd_names.get(fd) != what}
+            raise InvariantViolation(f"leak: {threading.active_count()} threads (was {self.threads}), "
+                                     f"{_fd_count()} fds (was {self.fds}; new or changed: {new})")
 
     def counters(self) -> dict:
         return {"refused": self.mem.refused, "messages": self.messages, "protocol_errors": self.server.errors}
+
+
+class _ServeOnAttach:
+    """The shared data plane a :class:`~exitless.vhost_user.backend.VhostUserBackend` attaches its
+    rings to (the interface of :class:`~exitless.sidecore.loop.SidecoreLoop` it uses), serving
+    them on the caller's thread at once: consume the kick, then poll each ring until it has no
+    more work -- one round of a notify-mode loop, without the loop's thread."""
+
+    mode = "notify"
+
+    def attach(self, pollables: list, timeout: float = 5.0) -> bool:
+        for p in pollables:
+            p.drain()
+            while p.poll():
+                pass
+        return True
+
+    def detach(self, pollables: list, timeout: float = 5.0) -> bool:
+        return True
 
 
 def make_vhost_user() -> VhostUserHarness:

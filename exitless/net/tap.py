@@ -238,6 +238,12 @@ class Tap:
             if e.errno not in (errno.EINVAL, errno.EBADFD):   # already in that state / interface gone
                 raise TapError(e.errno, f"TAP {self.name}: queue {index}: {e.strerror}") from None
 
+    def runtime_ioctls(self) -> list[tuple[int, int]]:
+        """``(fd, request)`` of every ioctl the TAP may need after :meth:`open`: TUNSETOFFLOAD
+        (:meth:`set_offload`) and TUNSETQUEUE (:meth:`set_queue_enabled`) on each queue fd --
+        what a confined back-end must still be allowed (:func:`exitless.confine.confine`)."""
+        return [(fd, request) for fd in self.fds for request in (TUNSETOFFLOAD, TUNSETQUEUE)]
+
     def close(self) -> None:
         for fd in self.fds:
             os.close(fd)

@@ -25,9 +25,13 @@ import struct
 
 from ..errors import ExitlessError
 
-__all__ = ["AioPoll", "AioPollError"]
+__all__ = ["AioPoll", "AioPollError", "SYSCALLS"]
 
 _SYS_IO_SETUP, _SYS_IO_DESTROY, _SYS_IO_GETEVENTS, _SYS_IO_SUBMIT = 206, 207, 208, 209
+#: What an :class:`AioPoll` calls, by name: a confined back-end that polls a TAP this way must be
+#: allowed them (``exitless.confine.confine(extra=SYSCALLS)``); an AIO context only reaches fds
+#: the process already holds.
+SYSCALLS = ("io_setup", "io_destroy", "io_getevents", "io_submit")
 _IOCB_CMD_POLL = 5
 _IOCB_FLAG_RESFD = 1
 _RING_TAIL_OFFSET = 12             # struct aio_ring { id, nr, head, tail, ... } (u32 each)

@@ -11,7 +11,12 @@ import threading
 
 from ...errors import ExitlessError
 from ...x86 import layout as L
-from .device import PciDevice
+from .device import BAR0, COMMAND, PciDevice
+
+# Config-space bytes whose value decides decoding: COMMAND (its Memory Space bit) and BAR0-5.
+# A write anywhere else (capabilities, MSI-X control, the interrupt line, ...) cannot change
+# what any function decodes, so it does not re-derive the buses (PCI 3.0 §6.2.2, §6.2.5.1).
+_DECODE_RANGES = ((COMMAND, COMMAND + 2), (BAR0, BAR0 + 24))
 
 CONFIG_ADDRESS, CONFIG_DATA = 0xCF8, 0xCFC
 HOST_BRIDGE_VENDOR, HOST_BRIDGE_DEVICE = 0x1B36, 0x0008   # a generic host bridge, no chipset quirks
@@ -104,8 +109,10 @@ class PciRoot:
         with self._lock:
             dev, reg = self._target()
             if dev is not None:
-                dev.config_write(reg + offset, len(data), int.from_bytes(data, "little"))
-                self.sync_decoding()
+                start, end = reg + offset, reg + offset + len(data)
+                dev.config_write(start, len(data), int.from_bytes(data, "little"))
+                if any(start < hi and lo < end for lo, hi in _DECODE_RANGES):
+                    self.sync_decoding()
 
 
 class _AddressPort:
