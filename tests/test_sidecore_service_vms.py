@@ -236,6 +236,14 @@ def test_linux_virtio_blk_through_the_service(tmp_path):
     on kvm_pvm a boot takes 10-45 minutes: by hand, at nice 19 on a loaded host, 43 min)."""
     import shutil
 
+    from exitless.doctor import kvm_flavour
+
+    if kvm_flavour() == "pvm" and os.environ.get("EXITLESS_SLOW_LINUX") != "1":
+        # CI already spends two Linux boots on kvm_pvm (tests/test_linux_boot.py, tests/linux_io.py);
+        # a third (10-45 min here) does not fit its budget.  It passed by hand on this host (session 3):
+        # EXITLESS_SLOW_LINUX=1 python3 -m pytest tests/test_sidecore_service_vms.py -k linux
+        pytest.skip("kvm_pvm: a third Linux boot does not fit CI's budget; EXITLESS_SLOW_LINUX=1 runs it")
+
     if not shutil.which("mke2fs") or not shutil.which("debugfs") or not shutil.which("e2fsck"):
         pytest.fail("e2fsprogs (mke2fs, debugfs, e2fsck) is needed: scripts/setup.sh installs it")
     src = tmp_path / "src"
