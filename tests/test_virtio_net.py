@@ -48,13 +48,22 @@ MAC = bytes.fromhex("525400abcdef")
 BCAST = b"\xff" * 6
 
 
+SO_SNDBUFFORCE = 32   # <asm-generic/socket.h>: SO_SNDBUF beyond wmem_max (CAP_NET_ADMIN)
+
+
 class FakeTap:
     """Queue ``i`` is one end of a SOCK_SEQPACKET socketpair; the test holds the other (``peers[i]``)."""
 
     def __init__(self, queues: int = 1):
         pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(queues)]
-        for a, _ in pairs:
+        for a, b in pairs:
             a.setblocking(False)
+            # a test may queue several 64 KiB frames before the device reads any: with the default
+            # send buffer (~208 KiB) the test's own send() then blocked forever
+            try:
+                b.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 8 << 20)
+            except OSError:          # not root: as much as net.core.wmem_max allows
+                b.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
         self._socks = [a for a, _ in pairs]
         self.peers = [b for _, b in pairs]
         self.fds = [a.fileno() for a in self._socks]
