@@ -101,6 +101,7 @@ class SidecoreLoop:
         self._requested = self._applied = 0
         self._running = False
         self._poller = None          # select.poll over the wake fds (adaptive/notify sleeps), per membership
+        self._any_c_path = False     # does any pollable have a C round (c_job)?  per membership
         self.sleeps = 0
         self.polls = 0
         self.work = 0
@@ -151,6 +152,9 @@ class SidecoreLoop:
             self._armed_at = [self._armed_at[i] for i in keep] + [None] * len(add)
         self._pending.clear()
         self._poller = None          # the sleep's poll set is rebuilt for the new membership
+        # looked up once per membership: a poll round without C jobs (the doorbell device, NICs) must
+        # not pay a getattr per pollable per round (0.3-0.7 µs of a 1.2 µs doorbell round trip)
+        self._any_c_path = _c_serve is not None and any(getattr(p, "c_job", None) for p in self.pollables)
         self._applied = self._requested
         self._cond.notify_all()
 
@@ -211,6 +215,8 @@ class SidecoreLoop:
         (completions and interrupts included) for a spin slice; the others are polled here and their
         words watched by it.  False (nothing done) when no pollable has a C path.  A method of its own
         so that its locals (jobs pinning a detached VM's rings) die with the round."""
+        if not self._any_c_path:
+            return False
         jobs, owners, rest = self._split(self.pollables)
         if not jobs:
             return False
