@@ -10,7 +10,7 @@ Modes:
   NO_NOTIFY, fence, re-check: a request that slipped in keeps it polled), and it is
   disarmed again as soon as it has work.  The loop sleeps only when *every* pollable is
   armed, on all their eventfds at once (one poll set per membership), so any one of them wakes
-  it; only the queues whose eventfd fired are disarmed and start a fresh window -- one busy VM's
+  it (and then all start a fresh window) -- one busy VM's
   queue keeps the sidecore polling without keeping an idle VM's queue from being armed
   (its driver kicks; the kick is picked up by the next round).  A window adapts like
   QEMU's IOThread polling: it doubles when the queue's armed spell ended within the
@@ -27,12 +27,11 @@ comes straight back to it.
 The C round: a pollable that offers ``c_job()`` (a virtio-blk ring of the sidecore service,
 :class:`~exitless.vhost_user.backend.VringPollable`) is served by ``_vring.serve`` -- a GIL-free C
 loop over all those queues that completes plain reads/writes, decides each interrupt (used_event /
-NO_INTERRUPT) and writes the queue's irqfd itself, for a spin slice (poll) or until the shortest idle
-window runs out (adaptive); Python runs once per slice, not once per request, and no Python runs for
-an idle queue.  The other pollables are polled in Python and their words watched by the C round; a
-chain C leaves (errors, flush, ...) goes to ``poll()`` at once.  ``c_done(result)`` takes the queue's
-state back.  In adaptive mode an armed queue with a C path and work (``has_work()``) is disarmed and
-goes to the C round.
+NO_INTERRUPT) and writes the queue's irqfd itself, for a spin slice, in poll mode; Python runs once
+per slice, not once per request, and no Python runs for an idle queue.  The other pollables are
+polled in Python and their words watched by the C round; a chain C leaves (errors, flush, ...) goes
+to ``poll()`` at once.  ``c_done(result)`` takes the queue's state back.  Adaptive mode polls every
+queue in Python (its busy rounds read no clock there: see :meth:`SidecoreLoop._run_adaptive`).
 
 A *pollable* has ``poll() -> bool`` (do available work, at most a round's budget), ``watches()`` (the
 ``(address, consumed value)`` words whose change means new work), ``arm() ->
