@@ -1,9 +1,10 @@
 """``exitless guest fetch``, ``exitless run`` with Linux (easy form ``-- CMD`` and ``--kernel``), ``bench boot``.
 
 The CLI runs as a subprocess, as a user runs it.  One boot serves all the
-userspace checks of the easy form.  On a ``kvm_pvm`` host (guest ring-0 code is
-emulated) it is skipped, with the reason (a 2-vCPU FS-base fault, open);
-tests/test_linux_boot.py's 1-vCPU userspace boot runs there.
+userspace checks of the easy form, with 2 vCPUs, on every host: on ``kvm_pvm``
+(guest ring-0 code is emulated) it takes minutes, and it ran only once the VMM
+stopped offering KVM's hypercall features there (a ring-0 VMCALL never returns on
+kvm_pvm; tests/test_pvm_hypercall.py).
 """
 from __future__ import annotations
 
@@ -163,8 +164,11 @@ def test_sigterm_stops_the_vm(guest: GuestArtifacts) -> None:
 
 #: every I/O path of a virtio-blk disk, one disk each (/dev/vda, vdb... in this order)
 IO_PATHS = ("trap", "ioeventfd", "shared", "poll", "adaptive")
-#: seconds for one boot to userspace and back
-USERSPACE_TIMEOUT = 180
+#: seconds for the boot and the checks: ring-0 code is emulated on kvm_pvm (2 vCPUs + 5 disks: ~7 min on a quiet host)
+USERSPACE_TIMEOUT = 1800 if PVM else 180
+# The dmesg check leaves out one line that is a fact of our platform, not a device error: the host bridge
+# offers the legacy 0xCF8/0xCFC configuration mechanism and no MCFG/ECAM, so Linux says it "can't access
+# extended PCI configuration space" (virtio-pci and NVMe need none of it).
 GUEST_SCRIPT = r"""
 nproc
 for d in a b c d e; do
@@ -177,7 +181,7 @@ for d in a b c d e; do
     echo "mount /dev/vd$d failed"
   fi
 done
-dmesg | grep -iE 'virtio|vd[a-e]|blk|pci' | grep -iE 'error|fail|warn|bad|timeout' | sed 's/^/DMESG: /'
+dmesg | grep -iE 'virtio|vd[a-e]|blk|pci' | grep -iE 'error|fail|warn|bad|timeout' | grep -v 'fail to add MMCONFIG' | sed 's/^/DMESG: /'
 echo to stderr >&2
 exit 7
 """
@@ -189,19 +193,6 @@ def test_linux_userspace_through_the_cli(tmp_path: Path) -> None:
     CMD's output and exit status pass through, ``nproc`` sees ``--cpus 2``, Linux's own virtio_blk
     mounts an ext4 image made on the host under each I/O path, what Linux wrote is there on the
     host (``e2fsck -fn`` clean), and dmesg has no error from our devices."""
-    if PVM:
-        # measured on this (shared, loaded) kvm_pvm host: with 2 vCPUs and 5 disks /init runs (17.5 min), loads
-        # the modules and probes the 5 disks, but the command's busybox segfaults on vCPU 1 at its first TLS
-        # access (FS base 0: 'segfault at 0 ... mov %fs:(%rax)'); the 1-vCPU boot of tests/test_linux_boot.py
-        # runs its command and reboots (20 min). Open item of issue 9 (report of branch 'linux').
-        # Session 3 (branch 'smp'): the VMM paths suspected (SYSCALL repair per vCPU, SWAPGS, RIP sampling,
-        # vCPU ioctls from another thread, timer and IPIs in user mode) keep every vCPU's FS base in
-        # tests/test_smp_fsbase.py; what differs for a 2-vCPU Linux is hypercalls, and a VMCALL never returns
-        # here (tests/test_pvm_hypercall.py), so the VMM no longer offers PV IPIs/spinlocks/yield on kvm_pvm.
-        # Not yet confirmed with Linux: on a host at load ~15 the 2-vCPU boot spent >20 min after 'vgaarb:
-        # loaded' with both vCPUs sampled in timer-tick code.
-        pytest.skip("kvm_pvm: the 2-vCPU boot is not yet confirmed to run its command (FS base 0 on vCPU 1 "
-                    "before session 3's hypercall fix); issue 9, open")
     if not shutil.which("mke2fs") or not shutil.which("debugfs") or not shutil.which("e2fsck"):
         pytest.fail("e2fsprogs (mke2fs, debugfs, e2fsck) is needed: scripts/setup.sh installs it")
     images = []
