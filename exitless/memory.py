@@ -17,6 +17,7 @@ import ctypes
 import fcntl
 import mmap
 import os
+import weakref
 from dataclasses import dataclass
 
 PAGE_SIZE = 4096
@@ -63,6 +64,7 @@ class GuestMemory:
             raise GuestMemoryError("guest memory needs at least one region")
         self.fd = fd
         self._owns_fd = owns_fd
+        self._fd_finalizer = None
         #: Accesses refused because they fell (partly) outside guest RAM -- each one a guest (or
         #: frontend) handing us a wild address.  The fuzz targets report it and tests assert on it.
         self.refused = 0
@@ -86,6 +88,11 @@ class GuestMemory:
             for m in self._maps:
                 m.close()
             raise
+        # An owned memfd is closed when this object is collected even if nobody called close(): a
+        # harness or a failed VM build that drops its memory must not keep the fd (and the RAM) alive.
+        # Armed only once construction succeeded: until then the caller still owns the fd.
+        if owns_fd and fd >= 0:
+            self._fd_finalizer = weakref.finalize(self, os.close, fd)
 
     # -- construction -------------------------------------------------
     @classmethod
@@ -99,9 +106,13 @@ class GuestMemory:
                 raise GuestMemoryError(f"region gpa={gpa:#x} size={size:#x} is not page aligned")
             regions.append(Region(gpa, size, offset))
             offset += size
-        os.ftruncate(fd, offset)
-        fcntl.fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK)     # grow yes (add_region), shrink never
-        return cls(fd, regions)
+        try:
+            os.ftruncate(fd, offset)
+            fcntl.fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK)     # grow yes (add_region), shrink never
+            return cls(fd, regions)
+        except BaseException:
+            os.close(fd)            # not adopted: the object was never built
+            raise
 
     @classmethod
     def attach(cls, fd: int, regions: list[tuple[int, int, int]]) -> "GuestMemory":
@@ -235,8 +246,8 @@ class GuestMemory:
                 # A caller still holds a view; the mapping dies with the last reference.
                 pass
         self._maps.clear()
-        if self._owns_fd and self.fd >= 0:
-            os.close(self.fd)
+        if self._fd_finalizer is not None:
+            self._fd_finalizer()        # closes the owned fd once, and never again at collection
         self.fd = -1
 
     def __enter__(self) -> "GuestMemory":

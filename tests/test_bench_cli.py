@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from exitless.bench.common import NEGATIVE_DIFFERENCE
+
 QEMU = shutil.which("qemu-system-x86_64")
 QSD = shutil.which("qemu-storage-daemon")
 
@@ -92,7 +94,10 @@ def test_bench_vhost_json_on_stdout():
     accel = rows[0]["accel"]
     assert all(r["errors"] == 0 and r["accel"] == accel and r["cache"] == "writeback" and r["iops"] > 0
                for r in rows)
-    assert all((r["exits_per_io"] is None) == (accel == "tcg") for r in rows)   # TCG: no KVM exits to count
+    # TCG: no KVM exits to count.  Under KVM a count is missing only with its reason (QEMU's rows are a
+    # long run minus a short one, and on a loaded host the short one can take more exits).
+    assert all((r["exits_per_io"] is None) == (accel == "tcg" or r.get("exits_note") == NEGATIVE_DIFFERENCE)
+               for r in rows)
     assert_rounds(rows, 2, ("iops", "p50_us", "p99_us", "cpu_us_per_io"))
     assert_ranked(rows, "p50_us")
     assert "qemu-storage-daemon" in err

@@ -7,7 +7,6 @@ and temporary directory were left behind).
 from __future__ import annotations
 
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -15,6 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from exitless.fdwait import wait_readable
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,8 +30,7 @@ def _spawn(*args: str) -> subprocess.Popen:
 def _wait_for_line(proc: subprocess.Popen, prefix: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], deadline - time.monotonic())
-        if not ready:
+        if not wait_readable(proc.stdout, deadline - time.monotonic()):
             break
         line = proc.stdout.readline()
         if not line:

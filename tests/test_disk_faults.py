@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import struct
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from exitless.devices.virtio.constants import (
     VIRTIO_F_VERSION_1,
 )
 from exitless.devices.virtio.queue import Virtqueue
+from exitless.fdwait import wait_readable
 from exitless.fuzz.ring import DriverRing
 from exitless.memory import GuestMemory, Region
 
@@ -281,7 +281,7 @@ def test_serve_blk_keeps_serving_through_faults(faultfs, tmp_path):
                 end = time.monotonic() + 10
                 while not ring.used_elements():
                     assert time.monotonic() < end, "no completion"
-                    select.select([call], [], [], 0.05)
+                    wait_readable(call, 0.05)
                 return mem.read_u8(0x8100)
 
             assert request(VIRTIO_BLK_T_OUT, 0, b"I" * 512) == VIRTIO_BLK_S_OK

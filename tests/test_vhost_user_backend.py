@@ -8,7 +8,6 @@ buffers as GPAs, buffers straddling the two regions.
 from __future__ import annotations
 
 import os
-import select
 import struct
 import time
 
@@ -26,6 +25,7 @@ from exitless.devices.virtio.constants import (
     VIRTIO_F_VERSION_1,
 )
 from exitless.devices.virtio.queue import vring_need_event
+from exitless.fdwait import wait_readable
 from exitless.memory import GuestMemory, Region
 from exitless.vhost_user import VhostUserServer
 from exitless.vhost_user import protocol as P
@@ -190,7 +190,7 @@ class Session:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"{len(done)} of {n} requests completed")
-            if select.select([self.calls_fd[q]], [], [], min(left, 0.05))[0]:
+            if wait_readable(self.calls_fd[q], min(left, 0.05)):
                 os.eventfd_read(self.calls_fd[q])
                 self.interrupts += 1
         return done

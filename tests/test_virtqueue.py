@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import select
 import struct
 import time
 from collections import deque
@@ -30,6 +29,7 @@ from exitless.devices.virtio.queue import (
     full_barrier,
     vring_need_event,
 )
+from exitless.fdwait import wait_readable
 from exitless.memory import GuestMemory, GuestMemoryError
 
 MiB = 1 << 20
@@ -762,8 +762,7 @@ def _device_proc(mem, geom, n, kick_r, call_w, event_idx, result_w):
                 break
             if q.enable_notifications():
                 continue
-            r, _, _ = select.select([kick_r], [], [], 10.0)
-            if not r:
+            if not wait_readable(kick_r, 10.0):
                 status = (f"lost wake-up: device asleep with {done}/{n} done, last_avail={q.last_avail_idx}, "
                           f"avail={q.ring_avail_idx()}, used={q.used_idx}").encode()
                 break
@@ -818,8 +817,7 @@ def test_no_lost_wakeups_across_processes(mem, event_idx):
             full_barrier()
             if d.used_idx() != d.last_used:
                 continue
-            r, _, _ = select.select([call_r], [], [], 10.0)
-            assert r, f"driver asleep with {completed}/{n} completed, device used={d.used_idx()}"
+            assert wait_readable(call_r, 10.0), f"driver asleep with {completed}/{n} completed, device used={d.used_idx()}"
             os.read(call_r, 4096)
         res = os.read(res_r, 4096)
         assert res == b"ok", f"{res.decode()} (driver: {completed} completed, {sent} sent)"

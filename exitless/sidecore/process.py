@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import resource
-import select
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import threading
 from dataclasses import dataclass
 
 from ..confine import confine
+from ..fdwait import wait_readable
 from ..memory import GuestMemory
 from .loop import SidecoreLoop
 from .shared_register import SharedRegister
@@ -127,7 +127,7 @@ def _child() -> int:
     confine()        # from here on only the data plane's system calls (EXITLESS_CONFINE=0: off)
 
     def watch_stop():
-        select.select([spec["stop_fd"]], [], [])
+        wait_readable(spec["stop_fd"])
         loop.request_stop()
 
     threading.Thread(target=watch_stop, daemon=True).start()
