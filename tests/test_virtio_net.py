@@ -131,6 +131,7 @@ class Rig:
     def close(self):
         self.dev.close()
         self.tap.close()
+        self.mem.close()
 
     # -- guest side helpers --
     def send(self, data: bytes, header: bytes | None = None, pair=0, split=False):
