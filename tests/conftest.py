@@ -71,3 +71,44 @@ def linux_io(tmp_path_factory):
     except ImportError:  # pragma: no cover - tests/ as a package
         from tests.linux_io import boot_linux_io
     return boot_linux_io(tmp_path_factory.mktemp("linux-io"))
+
+
+# -- fd leaks --------------------------------------------------------------------------------------------
+# Leaks of a few fds per test once pushed a whole CI session past select()'s FD_SETSIZE (1024) and 55
+# unrelated tests failed.  The session records the open-fd count after every test; if it grew by more than
+# FD_GROWTH_LIMIT, the session fails and names the tests where it grew most.
+FD_GROWTH_LIMIT = 256
+_fd_counts: list[tuple[str, int]] = []
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def pytest_sessionstart(session):
+    _fd_counts.append(("(session start)", _open_fds()))
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    _fd_counts.append((nodeid, _open_fds()))
+
+
+def _fd_growth() -> tuple[int, list[tuple[int, str]]]:
+    deltas = [(b[1] - a[1], b[0]) for a, b in zip(_fd_counts, _fd_counts[1:])]
+    return _fd_counts[-1][1] - _fd_counts[0][1], sorted((d for d in deltas if d[0] > 0), reverse=True)[:10]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    growth, _ = _fd_growth()
+    if growth > FD_GROWTH_LIMIT and session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    growth, top = _fd_growth()
+    if growth > FD_GROWTH_LIMIT:
+        terminalreporter.section("file descriptors leaked", red=True)
+        terminalreporter.write_line(f"the test process holds {growth} more fds than at the start "
+                                    f"(limit {FD_GROWTH_LIMIT}); largest steps:")
+        for d, nodeid in top:
+            terminalreporter.write_line(f"  +{d}  {nodeid}")
