@@ -81,16 +81,12 @@ FD_GROWTH_LIMIT = 256
 _fd_counts: list[tuple[str, int]] = []
 
 
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 def pytest_sessionstart(session):
-    _fd_counts.append(("(session start)", _open_fds()))
+    _fd_counts.append(("(session start)", len(os.listdir("/proc/self/fd"))))
 
 
 def pytest_runtest_logfinish(nodeid, location):
-    _fd_counts.append((nodeid, _open_fds()))
+    _fd_counts.append((nodeid, len(os.listdir("/proc/self/fd"))))
 
 
 def _fd_growth() -> tuple[int, list[tuple[int, str]]]:

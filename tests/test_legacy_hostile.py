@@ -28,6 +28,7 @@ from exitless.devices.legacy.acpi_pm import AcpiPm, ResetControl
 from exitless.devices.legacy.bench_marker import BenchMarker
 from exitless.exits import GuestStop
 
+from fds import open_fds
 from test_legacy_devices import Clock
 
 COM1 = 0x3F8
@@ -135,7 +136,7 @@ def test_vhost_user_message_keeps_at_most_max_fds() -> None:
     from exitless.vhost_user import server as S
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     fds = [os.eventfd(0) for _ in range(P.MAX_FDS)]
-    before = len(os.listdir("/proc/self/fd"))
+    before = open_fds()
     try:
         payload = struct.pack("<Q", 0)
         pieces = [P.HEADER.pack(P.SET_OWNER, P.VERSION, len(payload))] + [payload[i:i + 1] for i in range(8)]
@@ -143,7 +144,7 @@ def test_vhost_user_message_keeps_at_most_max_fds() -> None:
             a.sendmsg([piece], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
         with pytest.raises(S.TooManyFds):
             S.recv_message(b, 1.0)
-        assert len(os.listdir("/proc/self/fd")) == before
+        assert open_fds() == before
     finally:
         for fd in fds:
             os.close(fd)

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from exitless.memory import GuestMemory, GuestMemoryError, x86_layout
+from fds import open_fds
 
 MIB = 1 << 20
 
@@ -87,21 +88,16 @@ def test_x86_layout_leaves_the_pci_hole():
     assert x86_layout(4 << 30) == [(0, 0xC000_0000), (1 << 32, (4 << 30) - 0xC000_0000)]
 
 
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 def test_dropped_memory_releases_its_memfd():
     """A GuestMemory nobody closed (a harness, a VM build that failed half-way) gives its memfd back when
     it is collected: 300 of them once pushed a test session past select()'s 1024-fd limit."""
-    gc.collect()
-    before = _open_fds()
+    before = open_fds()
     for _ in range(50):
         m = GuestMemory.create([(0, 0x10000)])
         m.write(0x1000, b"x")
         del m
     gc.collect()
-    assert _open_fds() == before
+    assert open_fds() == before
 
 
 def test_close_then_collection_closes_the_memfd_once():

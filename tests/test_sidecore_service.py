@@ -25,14 +25,11 @@ from exitless.sidecore.service import ServiceConfigError, SidecoreService
 from exitless.vhost_user import protocol as P
 from exitless.vhost_user.frontend import Frontend, FrontendError
 
+from fds import open_fds
 from test_vhost_user_backend import MIB, UVA_A, GuestRam, Session, pattern
 from test_vhost_user_hostile import _make_fd, memfd, messages, table
 
 DISK_BYTES = 1 * MIB
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 def backend_payload(*, version=P.BACKEND_VERSION, device=2, flags=0, queues=1, qsize=256,

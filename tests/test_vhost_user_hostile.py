@@ -18,13 +18,10 @@ from exitless.vhost_user import VhostUserBackend, VhostUserServer
 from exitless.vhost_user import protocol as P
 from exitless.vhost_user.frontend import Frontend
 
+from fds import open_fds
 from test_vhost_user_backend import MIB, UVA_A, Session, pattern
 
 REPLY_ACK = 1 << P.PROTOCOL_F_REPLY_ACK
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 @pytest.fixture(scope="module")

@@ -21,18 +21,16 @@ from exitless.vhost_user import VhostUserServer
 from exitless.vhost_user.backend import LOOP_MODE
 
 try:
+    from fds import open_fds
     from test_vhost_user_backend import DISK_BYTES, Session, pattern
 except ImportError:  # run from the repository root as a package
+    from tests.fds import open_fds
     from tests.test_vhost_user_backend import DISK_BYTES, Session, pattern
-
-
-def _fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 @pytest.mark.parametrize("io", ["kick", "poll", "adaptive"])
 def test_frontends_share_one_loop_and_survive_a_bad_one(tmp_path, io):
-    fds0 = _fds()
+    fds0 = open_fds()
     loop = SidecoreLoop([], LOOP_MODE[io], poll_ns=64_000, name="shared-dataplane")
     worker = SidecoreThread(loop).start()
     disks, devs, servers = [], [], []
@@ -103,7 +101,7 @@ def test_frontends_share_one_loop_and_survive_a_bad_one(tmp_path, io):
         worker.stop()
         for d in devs:
             d.close()
-    assert _fds() == fds0
+    assert open_fds() == fds0
 
 
 def test_serve_blk_cli_several_pairs(tmp_path):
