@@ -19,6 +19,7 @@ from typing import Callable
 from pathlib import Path
 
 from ..guestkit import guestkit_cmdline, guestkit_path
+from ..threadname import is_vcpu
 from .common import HELPER_CPU_KEY, BenchError, guest_result
 from .workload import Test, app, per_io_row
 
@@ -99,14 +100,24 @@ def _thread_cpu(tid: int) -> float:
 
 def qemu_cpu(pid: int) -> tuple[float, float]:
     """(QEMU's process CPU seconds, its vCPU threads' CPU seconds)."""
+    return process_cpu(pid), vcpu_threads_cpu(pid)
+
+
+def vcpu_threads_cpu(pid: int) -> float:
+    """CPU seconds of process ``pid``'s vCPU threads (QEMU's ``CPU 0/KVM``…, exitless's ``vcpu0``…: by
+    their kernel names, :func:`exitless.threadname.is_vcpu`), to the nanosecond; 0.0 for a process gone."""
     vcpu = 0.0
-    for task in Path(f"/proc/{pid}/task").iterdir():
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return 0.0
+    for task in tasks:
         try:
-            if (task / "comm").read_text().startswith("CPU "):
+            if is_vcpu((task / "comm").read_text().rstrip("\n")):
                 vcpu += _thread_cpu(int(task.name))
         except OSError:
             continue
-    return process_cpu(pid), vcpu
+    return vcpu
 
 
 def builtin_device(image: Path, iothread: bool, cache: str = "writeback") -> list[str]:

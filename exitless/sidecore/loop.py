@@ -48,6 +48,7 @@ import threading
 import time
 from typing import Protocol
 
+from .. import threadname
 from . import breakdown as _breakdown
 from .spin import wait_until
 
@@ -483,6 +484,7 @@ class SidecoreThread:
         return self
 
     def _main(self) -> None:
+        threadname.set_current(self.loop.name)
         profile_dir = os.environ.get("EXITLESS_PROFILE_SIDECORE")
         try:
             if profile_dir:  # where does a sidecore's time go? (cProfile profiles only its own thread)
