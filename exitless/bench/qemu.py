@@ -94,8 +94,13 @@ def process_cpu(pid: int) -> float:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _thread_cpu(tid: int) -> float:
-    return time.clock_gettime((~tid << 3) | 6)      # CPUCLOCK_PERTHREAD | CPUCLOCK_SCHED
+def _thread_cpu(pid: int, tid: int) -> float:
+    """CPU seconds of thread ``tid`` of process ``pid``, to the nanosecond: the first field of its
+    /proc schedstat (the scheduler's sum_exec_runtime).  A per-thread CPU clock
+    (``clock_gettime(~tid << 3 | 6)``) would be finer, but the kernel answers it only for threads of
+    the caller's own process (EINVAL otherwise)."""
+    with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+        return int(f.read().split()[0]) / 1e9
 
 
 def qemu_cpu(pid: int) -> tuple[float, float]:
@@ -114,7 +119,7 @@ def vcpu_threads_cpu(pid: int) -> float:
     for task in tasks:
         try:
             if is_vcpu((task / "comm").read_text().rstrip("\n")):
-                vcpu += _thread_cpu(int(task.name))
+                vcpu += _thread_cpu(pid, int(task.name))
         except OSError:
             continue
     return vcpu
@@ -158,7 +163,7 @@ def guestkit_command(kernel: Path, append: str, qmp_path: str, *, device_args: l
                      shared_memory: bool = False, accel: str = "kvm", mem_mib: int = 128,
                      paused: bool = False) -> list[str]:
     """QEMU's command line for the guest kit: q35, qboot where installed, COM1 on stdio, QMP on ``qmp_path``,
-    ``device_args`` appended; ``accel`` is ``kvm`` or ``tcg`` (:func:`resolve_accel`); ``paused``: ``-S``."""
+    threads named (``debug-threads=on``), ``device_args`` appended; ``accel`` is ``kvm`` or ``tcg`` (:func:`resolve_accel`); ``paused``: ``-S``."""
     if accel == "kvm":       # guest TSC at the host's rate under KVM; under TCG the guest calibrates
         append = guestkit_cmdline(append)
     # QEMU's default CPU model under KVM: `-cpu host` asks for MSRs a software-nested KVM refuses
@@ -167,7 +172,11 @@ def guestkit_command(kernel: Path, append: str, qmp_path: str, *, device_args: l
     if shared_memory:
         machine = ["-machine", "q35,memory-backend=mem",
                    "-object", f"memory-backend-memfd,id=mem,size={mem_mib}M,share=on"]
-    return [QEMU, *machine, "-accel", accel, *cpu, *firmware_args(), "-m", f"{mem_mib}M", *(["-S"] if paused else []),
+    # debug-threads=on: QEMU names its threads (vCPUs "CPU 0/KVM", iothreads "IO …"); without it every
+    # thread is "qemu-system-x86" and vcpu_threads_cpu() finds none, so QEMU's guest time would count as
+    # its VMM CPU
+    return [QEMU, "-name", "exitless-bench,debug-threads=on", *machine, "-accel", accel, *cpu, *firmware_args(),
+            "-m", f"{mem_mib}M", *(["-S"] if paused else []),
             "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
             "-kernel", str(kernel), "-append", append, "-qmp", f"unix:{qmp_path},server=on,wait=off", *device_args]
 

@@ -482,13 +482,13 @@ static PyObject *ring_blk_batch(Ring *r, PyObject *args)
  *                        completed, last_work_ns, interrupts)] per job, idle_ns)
  *
  * A sidecore round for many virtio-blk queues at once, without the GIL: visit every job in turn, take
- * at most `budget` chains from it (blk_run), and when a visit completed some, decide the interrupt
- * as Virtqueue.should_signal does and write the queue's irqfd (call_fd; -1: the caller signals) --
- * so a completion reaches the guest with no Python in between.  Spin (pause) while nothing is
- * available, until `timeout_ns` have passed (reason 0; at least one pass is made), a job's next
- * chain is for Python (reason 1, index = that job: the caller pops it), or one of `watches`
- * ([(address, expected u32)], the words of pollables served in Python) changed (reason 2, index =
- * that watch).  One visit takes at most `budget` chains, so a flooded queue delays the others by
+ * at most `budget` chains from it (blk_run), and at the end of the pass, for each queue that completed
+ * some, decide the interrupt as Virtqueue.should_signal does and write the queue's irqfd (call_fd; -1:
+ * the caller signals) -- so a completion reaches the guest with no Python in between.  Spin (pause)
+ * while nothing is available, until `timeout_ns` have passed (reason 0; at least one pass is made),
+ * a job's next chain is for Python (reason 1, index = that job: the caller pops it), or one of
+ * `watches` ([(address, expected u32)], the words of pollables served in Python) changed (reason 2,
+ * index = that watch).  One visit takes at most `budget` chains, so a flooded queue delays the others by
  * one budget per pass (issue 12's fairness).
  *
  * jobs: [(ring, last_avail, shadow_avail, used_idx, avail_event, event_idx, notify_enabled,
@@ -504,6 +504,7 @@ typedef struct {
     int fd, writable, call_fd;
     uint64_t capacity, max_bytes, last_work;
     unsigned done, irqs;
+    int signal_due;           /* completed chains this pass: decide (and send) its interrupt at the pass's end */
 } job_t;
 
 static PyObject *vring_serve(PyObject *self, PyObject *args)
@@ -612,6 +613,27 @@ static PyObject *vring_serve(PyObject *self, PyObject *args)
                 worked = 1;
                 j->done += n;
                 j->last_work = now_ns();
+                j->signal_due = 1;
+            }
+            if (times)
+                busy += thread_cpu_ns() - t_busy;
+            if (more) {
+                reason = 1;
+                index = (long)i;
+            }
+        }
+        /* The interrupts of the pass, after every queue's completions of it are published: a write to
+         * an irqfd wakes a halted vCPU (~15-20 µs of this thread's CPU on a nested host), and the woken
+         * vCPU thread may preempt this one on its CPU -- so no queue's completions wait behind another
+         * queue's interrupt.  want_signal() is the same decision at this point: a queue's used.idx does
+         * not move between its visit and here. */
+        if (worked) {
+            uint64_t t_busy = times ? thread_cpu_ns() : 0;
+            for (Py_ssize_t i = 0; i < nj; i++) {
+                job_t *j = &jobs[i];
+                if (!j->signal_due)
+                    continue;
+                j->signal_due = 0;
                 if (j->call_fd >= 0 && want_signal(j->ring, &j->st)) {
                     static const uint64_t one = 1;
                     /* EAGAIN: a counter at its maximum (a hostile peer's fd) already signals */
@@ -621,10 +643,6 @@ static PyObject *vring_serve(PyObject *self, PyObject *args)
             }
             if (times)
                 busy += thread_cpu_ns() - t_busy;
-            if (more) {
-                reason = 1;
-                index = (long)i;
-            }
         }
         for (Py_ssize_t i = 0; i < nw && !reason; i++) {
             if (*(volatile const uint32_t *)waddr[i] != wval[i]) {
