@@ -101,7 +101,7 @@ def test_c_round_agrees_with_handle_queue(batches, event_idx, budget):
                             if n < budget:
                                 break
                             continue
-                        reason, index, (result,), _idle = serve([job], [], 0, budget, None)
+                        reason, index, (result,), _idle, _yields = serve([job], [], 0, budget, None)
                         n, _t, _irqs = s.dev.queues[0].served(result)
                         done += n
                         if reason == 1:          # the next chain is for the Python device model
@@ -142,7 +142,7 @@ def test_one_pass_takes_at_most_a_budget_per_queue_and_a_watch_ends_the_round():
         flood.d.publish()
         single.d.add([struct.pack("<IIQ", VIRTIO_BLK_T_OUT, 0, 3), b"\x5A" * 512], [1])
         jobs = [s.dev.serve_job(0, fd) for s, fd in zip(sides, fds)]
-        reason, _index, results, _idle = serve(jobs, [], 0, 8, None)   # timeout 0: one pass
+        reason, _index, results, _idle, _yields = serve(jobs, [], 0, 8, None)   # timeout 0: one pass
         assert reason == 0
         assert [s.dev.queues[0].served(r)[0] for s, r in zip(sides, results)] == [8, 1]
         assert [_eventfd_count(fd) for fd in fds] == [1, 1]            # first completions: signalled
@@ -153,7 +153,7 @@ def test_one_pass_takes_at_most_a_budget_per_queue_and_a_watch_ends_the_round():
         word = memoryview(bytearray(4))
         addr = address_of(word)
         jobs = [s.dev.serve_job(0, fd) for s, fd in zip(sides, fds)]
-        reason, index, results, _idle = serve(jobs, [(addr, 1)], 10**9, 64, None)
+        reason, index, results, _idle, _yields = serve(jobs, [(addr, 1)], 10**9, 64, None)
         assert (reason, index) == (2, 0)
         for s, r in zip(sides, results):
             s.dev.queues[0].served(r)
@@ -163,4 +163,35 @@ def test_one_pass_takes_at_most_a_budget_per_queue_and_a_watch_ends_the_round():
             s.close()
         for fd in fds:
             os.close(fd)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_an_idle_round_yields_its_cpu_only_after_yield_ns_without_work():
+    """With nothing to do, the round's spin calls sched_yield once ``yield_ns`` has passed since the last
+    work (and never with yield_ns 0 or before it has passed); it still returns at its deadline."""
+    import time
+
+    tmp = tempfile.mkdtemp(prefix="exitless-cround-", dir="/var/tmp" if os.path.isdir("/var/tmp") else None)
+    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    side = None
+    try:
+        side = _Side(_disk(tmp, "0.img"), True, True)
+        q = side.dev.queues[0]
+        q.disable_notifications()
+
+        def round_(timeout_ns, yield_ns):
+            t0 = time.monotonic_ns()
+            reason, _i, (result,), _idle, yields = serve([side.dev.serve_job(0, fd)], [], timeout_ns, 8, None,
+                                                         yield_ns)
+            q.served(result)
+            return reason, time.monotonic_ns() - t0, yields
+
+        reason, took, yields = round_(20_000_000, 1000)
+        assert reason == 0 and took >= 20_000_000 and yields > 0
+        assert round_(20_000_000, 0)[2] == 0                           # never asked to
+        assert round_(5_000_000, 10**12)[2] == 0                       # the idle time never reached it
+    finally:
+        if side is not None:
+            side.close()
+        os.close(fd)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -79,6 +79,6 @@ def cmd_sidecore(args) -> int:
             remove()
         loop = service.dataplane.loop
         log.info("sidecore: stopped: %d connections, %d refused, %d protocol errors; the loop made %d rounds, "
-                 "did work in %d and slept %d times", service.connections, service.refused, service.errors,
-                 loop.polls, loop.work, loop.sleeps)
+                 "did work in %d, slept %d times and yielded its CPU %d times", service.connections,
+                 service.refused, service.errors, loop.polls, loop.work, loop.sleeps, loop.yields)
     return 0

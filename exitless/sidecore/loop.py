@@ -24,8 +24,9 @@ comes straight back to it.
 The C round: a pollable that offers ``c_job()`` (a virtio-blk ring of the sidecore service,
 :class:`~exitless.vhost_user.backend.VringPollable`) is served by ``_vring.serve`` -- a GIL-free C
 loop over all those queues that completes plain reads/writes, decides each interrupt (used_event /
-NO_INTERRUPT) and writes the queue's irqfd itself, for a spin slice, in poll mode; Python runs once
-per slice, not once per request, and no Python runs for an idle queue.  The other pollables are
+NO_INTERRUPT) and writes the queue's irqfd itself (after each pass), for a spin slice; Python runs once
+per slice, not once per request, and no Python runs for an idle queue.  Its idle spin yields the CPU
+to waiting threads after :data:`IDLE_YIELD_NS` without work.  The other pollables are
 polled in Python and their words watched by the C round; a chain C leaves (errors, flush, ...) goes
 to ``poll()`` at once.  ``c_done(result)`` takes the queue's state back.  Both poll and adaptive
 mode use it; in adaptive mode a C round lasts until the next window can run out (see
@@ -65,6 +66,12 @@ ADAPTIVE_MIN_NS = 16_000
 ADAPTIVE_MAX_NS = 512_000
 #: Chains one queue may complete per round of the loop (the rest wait for the next round).
 QUEUE_BUDGET = 32
+#: The C round's idle spin yields its CPU (sched_yield) once no queue has had work for this long (ns).
+#: The service shares its host's cores with the vCPUs it serves: 4 VMs and a sidecore on 2 cores, a
+#: spin that never yields keeps a runnable vCPU (the next request's producer) off its CPU.  With no
+#: thread waiting for the CPU the call returns at once (~1 µs), so a dedicated core keeps polling.
+#: 20 µs: more than the gap between requests of a busy queue, so a busy loop never yields.
+IDLE_YIELD_NS = 20_000
 
 
 class Pollable(Protocol):
@@ -109,6 +116,7 @@ class SidecoreLoop:
         self.sleeps = 0
         self.polls = 0
         self.work = 0
+        self.yields = 0              # sched_yield calls of the C round's idle spin
 
     def request_stop(self) -> None:
         self._stopping = True
@@ -387,7 +395,9 @@ class SidecoreLoop:
         is then polled here).  Returns each owner's last completion time (CLOCK_MONOTONIC ns; 0: none)."""
         watches = [w for p in rest for w in p.watches()]
         times = bytearray(40) if bd is not None else None
-        reason, index, results, idle_ns = _c_serve(jobs, watches, timeout_ns, QUEUE_BUDGET, times)
+        reason, index, results, idle_ns, yields = _c_serve(jobs, watches, timeout_ns, QUEUE_BUDGET, times,
+                                                           IDLE_YIELD_NS)
+        self.yields += yields
         last = []
         done = 0
         for p, r in zip(owners, results):
