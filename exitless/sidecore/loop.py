@@ -277,9 +277,7 @@ class SidecoreLoop:
                         self.work += 1
                         last_work[i] = now
                         if armed_at[i] is not None:   # busy again: back to polling it, on a window of its
-                            p.disarm()                # own that check_at did not count: look at them all now
-                            self._adapt(i, now - armed_at[i])
-                            armed_at[i] = None
+                            self._disarm(i, now)      # own that check_at did not count: look at them all now
                             check_at = now
             if now >= check_at:
                 check_at = self._arm_idle(now)
@@ -291,10 +289,8 @@ class SidecoreLoop:
                     # the wake makes it kick-driven for real
                     self._sleep()
                     now = check_at = time.monotonic_ns()
-                    for i, p in enumerate(pollables):
-                        p.disarm()
-                        self._adapt(i, now - armed_at[i])
-                        armed_at[i], last_work[i] = None, now
+                    for i in range(len(pollables)):
+                        self._disarm(i, now)
                     continue
             if served:      # the C round spun until check_at or returned with work for Python
                 continue
@@ -316,10 +312,8 @@ class SidecoreLoop:
             if c_job is not None and armed_at[i] is not None and p.has_work():
                 # an armed queue with work: disarmed first, so that C serves it this round (in Python
                 # its requests would cost a handle_queue each, interrupt included)
-                p.disarm()
-                self._adapt(i, now - armed_at[i])
-                armed_at[i] = None
-                last_work[i] = check_at = now
+                self._disarm(i, now)
+                check_at = now
             job = c_job() if c_job is not None else None
             if job is None:
                 rest.append(p)
@@ -327,9 +321,7 @@ class SidecoreLoop:
                     self.work += 1
                     last_work[i] = now
                     if armed_at[i] is not None:
-                        p.disarm()
-                        self._adapt(i, now - armed_at[i])
-                        armed_at[i] = None
+                        self._disarm(i, now)
                         check_at = now
             else:
                 jobs.append(job)
@@ -465,6 +457,14 @@ class SidecoreLoop:
             if fired is None or p.wake_fd in fired:
                 p.drain()
         return fired
+
+    def _disarm(self, i: int, now: int) -> None:
+        """Armed pollable ``i`` is busy again (or the loop woke) at ``now`` (ns): polled from now on, on a
+        fresh window adapted to the armed spell that just ended."""
+        self.pollables[i].disarm()
+        self._adapt(i, now - self._armed_at[i])
+        self._armed_at[i] = None
+        self._last_work[i] = now
 
     def _adapt(self, i: int, armed_ns: int) -> None:
         """Pollable ``i``'s window after an armed spell of ``armed_ns``.  QEMU's rule
