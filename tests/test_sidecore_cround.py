@@ -195,3 +195,44 @@ def test_an_idle_round_yields_its_cpu_only_after_yield_ns_without_work():
             side.close()
         os.close(fd)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.mark.parametrize("mode", ["poll", "adaptive"])
+def test_the_loop_yields_an_idle_cpu_and_still_serves(mode):
+    """A sidecore loop (both polling modes) whose only ring stays idle yields its CPU from its C round
+    (``idle_yield_ns``; never with 0), and a request that then arrives is served and signalled."""
+    import time
+
+    from exitless.sidecore.loop import SidecoreLoop, SidecoreThread
+    from exitless.vhost_user.backend import VringPollable
+
+    tmp = tempfile.mkdtemp(prefix="exitless-cround-", dir="/var/tmp" if os.path.isdir("/var/tmp") else None)
+    call, kick = (os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2))
+    side = None
+    try:
+        side = _Side(_disk(tmp, "0.img"), True, True)
+        side.dev.queues[0].disable_notifications()
+        for k, yield_ns in enumerate((0, 1000)):
+            loop = SidecoreLoop([VringPollable(side.dev, 0, kick, call)], mode, poll_ns=10**9,
+                                idle_yield_ns=yield_ns)
+            worker = SidecoreThread(loop).start()
+            try:
+                time.sleep(0.2)
+                assert (loop.yields > 0) == (yield_ns > 0), (yield_ns, loop.yields)
+                side.d.set_used_event(k)        # the driver wants this completion's interrupt
+                kicks = side.d.kicks
+                side.d.add([struct.pack("<IIQ", VIRTIO_BLK_T_IN, 0, 1)], [512, 1])
+                if side.d.kicks > kicks:         # adaptive: the loop armed the ring and sleeps
+                    os.eventfd_write(kick, 1)
+                deadline = time.monotonic() + 10
+                while not side.d.get_used() and time.monotonic() < deadline:
+                    time.sleep(0.001)
+                assert _eventfd_count(call) == 1 and worker.error is None
+            finally:
+                worker.stop()
+    finally:
+        if side is not None:
+            side.close()
+        for fd in (call, kick):
+            os.close(fd)
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -26,7 +26,7 @@ The C round: a pollable that offers ``c_job()`` (a virtio-blk ring of the sideco
 loop over all those queues that completes plain reads/writes, decides each interrupt (used_event /
 NO_INTERRUPT) and writes the queue's irqfd itself (after each pass), for a spin slice; Python runs once
 per slice, not once per request, and no Python runs for an idle queue.  Its idle spin yields the CPU
-to waiting threads after :data:`IDLE_YIELD_NS` without work.  The other pollables are
+to waiting threads after ``idle_yield_ns`` without work (:data:`IDLE_YIELD_NS`).  The other pollables are
 polled in Python and their words watched by the C round; a chain C leaves (errors, flush, ...) goes
 to ``poll()`` at once.  ``c_done(result)`` takes the queue's state back.  Both poll and adaptive
 mode use it; in adaptive mode a C round lasts until the next window can run out (see
@@ -66,11 +66,14 @@ ADAPTIVE_MIN_NS = 16_000
 ADAPTIVE_MAX_NS = 512_000
 #: Chains one queue may complete per round of the loop (the rest wait for the next round).
 QUEUE_BUDGET = 32
-#: The C round's idle spin yields its CPU (sched_yield) once no queue has had work for this long (ns).
+#: The C round's idle spin yields its CPU (sched_yield) once no queue has had work for this long (ns; the
+#: default of ``SidecoreLoop(idle_yield_ns=…)``, 0: never).
 #: The service shares its host's cores with the vCPUs it serves: 4 VMs and a sidecore on 2 cores, a
 #: spin that never yields keeps a runnable vCPU (the next request's producer) off its CPU.  With no
 #: thread waiting for the CPU the call returns at once (~1 µs), so a dedicated core keeps polling.
-#: 20 µs: more than the gap between requests of a busy queue, so a busy loop never yields.
+#: 20 µs: more than the gap between requests of a busy queue, so a busy loop never yields.  The price:
+#: each yield with another thread waiting puts this one behind it (EEVDF moves its deadline a slice
+#: on), so under load from other processes the loop waits its turn more often.
 IDLE_YIELD_NS = 20_000
 
 
@@ -88,11 +91,14 @@ class SidecoreLoop:
     """Runs in a thread of the VMM or as the body of a sidecore process."""
 
     def __init__(self, pollables: list[Pollable], mode: str, *, poll_ns: int = 64_000,
-                 poll_max_ns: int = ADAPTIVE_MAX_NS, name: str = "sidecore"):
+                 poll_max_ns: int = ADAPTIVE_MAX_NS, idle_yield_ns: int = IDLE_YIELD_NS, name: str = "sidecore"):
         if mode not in MODES:
             raise ValueError(f"sidecore mode {mode!r}: one of {', '.join(MODES)}")
         if not ADAPTIVE_MIN_NS <= poll_max_ns:
             raise ValueError(f"adaptive poll_max_ns {poll_max_ns}: at least {ADAPTIVE_MIN_NS} ns")
+        if idle_yield_ns < 0:
+            raise ValueError(f"idle_yield_ns {idle_yield_ns}: 0 (never yield) or more")
+        self.idle_yield_ns = idle_yield_ns   # the C round's idle spin yields its CPU after this long (0: never)
         if mode != "poll" and any(p.wake_fd is None for p in pollables):
             raise ValueError(f"{mode} mode needs a wake eventfd for every pollable")
         self.pollables = list(pollables)
@@ -388,7 +394,7 @@ class SidecoreLoop:
         watches = [w for p in rest for w in p.watches()]
         times = bytearray(40) if bd is not None else None
         reason, index, results, idle_ns, yields = _c_serve(jobs, watches, timeout_ns, QUEUE_BUDGET, times,
-                                                           IDLE_YIELD_NS)
+                                                           self.idle_yield_ns)
         self.yields += yields
         last = []
         done = 0
