@@ -41,7 +41,8 @@ def register(sub) -> None:
     p.add_argument("--idle-yield-us", type=float, default=IDLE_YIELD_NS / 1000,
                    help="once no ring has had work for this long, the polling spin yields its CPU to any thread "
                         "waiting for it (often a vCPU of a VM it serves, when the host has fewer cores than "
-                        "threads); 0: never, for a dedicated core (µs; default %(default)g)")
+                        "threads): less CPU per I/O, but under other processes' load the service waits its "
+                        "turn (µs; default %(default)g: never)")
     p.add_argument("--max-vms", type=int, default=64, metavar="N",
                    help="disks (connections) served at once; more are refused (default 64)")
     p.add_argument("--no-confine", action="store_true",

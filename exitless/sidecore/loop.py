@@ -25,9 +25,9 @@ The C round: a pollable that offers ``c_job()`` (a virtio-blk ring of the sideco
 :class:`~exitless.vhost_user.backend.VringPollable`) is served by ``_vring.serve`` -- a GIL-free C
 loop over all those queues that completes plain reads/writes, decides each interrupt (used_event /
 NO_INTERRUPT) and writes the queue's irqfd itself (after each pass), for a spin slice; Python runs once
-per slice, not once per request, and no Python runs for an idle queue.  Its idle spin yields the CPU
-to waiting threads after ``idle_yield_ns`` without work (:data:`IDLE_YIELD_NS`).  The other pollables are
-polled in Python and their words watched by the C round; a chain C leaves (errors, flush, ...) goes
+per slice, not once per request, and no Python runs for an idle queue.  With ``idle_yield_ns`` set,
+its idle spin yields the CPU to waiting threads after that long without work (:data:`IDLE_YIELD_NS`).
+The other pollables are polled in Python and their words watched by the C round; a chain C leaves (errors, flush, ...) goes
 to ``poll()`` at once.  ``c_done(result)`` takes the queue's state back.  Both poll and adaptive
 mode use it; in adaptive mode a C round lasts until the next window can run out (see
 :meth:`SidecoreLoop._adaptive_c_round`), and an armed queue (kick-driven: its handshake is Python's)
@@ -66,15 +66,16 @@ ADAPTIVE_MIN_NS = 16_000
 ADAPTIVE_MAX_NS = 512_000
 #: Chains one queue may complete per round of the loop (the rest wait for the next round).
 QUEUE_BUDGET = 32
-#: The C round's idle spin yields its CPU (sched_yield) once no queue has had work for this long (ns; the
-#: default of ``SidecoreLoop(idle_yield_ns=…)``, 0: never).
-#: The service shares its host's cores with the vCPUs it serves: 4 VMs and a sidecore on 2 cores, a
-#: spin that never yields keeps a runnable vCPU (the next request's producer) off its CPU.  With no
-#: thread waiting for the CPU the call returns at once (~1 µs), so a dedicated core keeps polling.
-#: 20 µs: more than the gap between requests of a busy queue, so a busy loop never yields.  The price:
-#: each yield with another thread waiting puts this one behind it (EEVDF moves its deadline a slice
-#: on), so under load from other processes the loop waits its turn more often.
-IDLE_YIELD_NS = 20_000
+#: The default of ``SidecoreLoop(idle_yield_ns=…)``: 0, the C round's idle spin never yields its CPU.
+#: With ``idle_yield_ns`` > 0 it calls sched_yield once no queue has had work for that long (ns): on a
+#: host with fewer cores than the vCPUs it serves (4 VMs and a sidecore on 2 cores), a runnable vCPU --
+#: the next request's producer -- then gets the CPU instead of the spin; with no thread waiting the
+#: call returns at once (~1 µs).  Measured at 4 VMs on a loaded 2-core host (20 µs): ~20 % less host
+#: CPU per I/O, but each yield with another thread waiting puts the loop behind it (EEVDF moves its
+#: deadline a slice on), so under other processes' load the loop waits its turn, its guests wait for
+#: their completions, and aggregate IOPS fell by about half.  A polling sidecore is there for latency:
+#: yielding is the user's choice (``exitless sidecore --idle-yield-us``).
+IDLE_YIELD_NS = 0
 
 
 class Pollable(Protocol):
