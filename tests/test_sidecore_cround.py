@@ -213,7 +213,8 @@ def test_the_loop_yields_an_idle_cpu_and_still_serves(mode):
         side = _Side(_disk(tmp, "0.img"), True, True)
         side.dev.queues[0].disable_notifications()
         for k, yield_ns in enumerate((0, 1000)):
-            loop = SidecoreLoop([VringPollable(side.dev, 0, kick, call)], mode, poll_ns=10**9,
+            # a 1 s idle window: the adaptive loop polls through the 0.2 s (it does not arm and sleep)
+            loop = SidecoreLoop([VringPollable(side.dev, 0, kick, call)], mode, poll_ns=10**9, poll_max_ns=10**9,
                                 idle_yield_ns=yield_ns)
             worker = SidecoreThread(loop).start()
             try:
