@@ -36,7 +36,8 @@ is watched, then disarmed and served in C as soon as it has work.
 A *pollable* has ``poll() -> bool`` (do available work, at most a round's budget), ``watches()`` (the
 ``(address, consumed value)`` words whose change means new work), ``arm() ->
 bool`` (enable guest notifications; True if work arrived meanwhile),
-``disarm()``, ``drain()`` and ``wake_fd``.
+``disarm()``, ``drain()`` and ``wake_fd``; one with a C path also ``c_job()``, ``c_done(result)`` and
+``has_work()``.
 """
 from __future__ import annotations
 
