@@ -10,9 +10,9 @@ Modes:
   fence, re-check: a request that slipped in keeps that one polled) and the loop sleeps on all their
   eventfds at once (one poll set per membership), so any one of them wakes it, and then all are
   disarmed and start a fresh window.  An idle queue is not armed alone while another keeps the loop
-  polling: its driver would then kick (an exit) for a request the loop sees anyway.  A window adapts like QEMU's IOThread polling: it
-  doubles when the queue's armed spell ended within ``poll_max_ns`` (polling longer would have
-  caught that request) and halves after a longer one.
+  polling: its driver would then kick (an exit) for a request the loop sees anyway.  A window adapts
+  like QEMU's IOThread polling: it doubles when the queue's armed spell ended within ``poll_max_ns``
+  (polling longer would have caught that request) and halves after a longer one.
 
 Fairness: one round of the loop visits every pollable once, and a queue pollable takes at most
 :data:`QUEUE_BUDGET` chains per visit (``handle_queue(index, budget)``), then the next one gets its
@@ -24,14 +24,15 @@ comes straight back to it.
 The C round: a pollable that offers ``c_job()`` (a virtio-blk ring of the sidecore service,
 :class:`~exitless.vhost_user.backend.VringPollable`) is served by ``_vring.serve`` -- a GIL-free C
 loop over all those queues that completes plain reads/writes, decides each interrupt (used_event /
-NO_INTERRUPT) and writes the queue's irqfd itself (after each pass), for a spin slice; Python runs once
-per slice, not once per request, and no Python runs for an idle queue.  With ``idle_yield_ns`` set,
-its idle spin yields the CPU to waiting threads after that long without work (:data:`IDLE_YIELD_NS`).
-The other pollables are polled in Python and their words watched by the C round; a chain C leaves (errors, flush, ...) goes
-to ``poll()`` at once.  ``c_done(result)`` takes the queue's state back.  Both poll and adaptive
-mode use it; in adaptive mode a C round lasts until the next window can run out (see
-:meth:`SidecoreLoop._adaptive_c_round`), and an armed queue (kick-driven: its handshake is Python's)
-is watched, then disarmed and served in C as soon as it has work.
+NO_INTERRUPT) and writes the queue's irqfd itself (after each pass), for a spin slice; Python runs
+once per slice, not once per request, and no Python runs for an idle queue.  With ``idle_yield_ns``
+set, its idle spin yields the CPU to waiting threads after that long without work
+(:data:`IDLE_YIELD_NS`).  The other pollables are polled in Python and their words watched by the C
+round; a chain C leaves (errors, flush, ...) goes to ``poll()`` at once.  ``c_done(result)`` takes
+the queue's state back.  Both poll and adaptive mode use it; in adaptive mode a C round lasts until
+the next window can run out (see :meth:`SidecoreLoop._adaptive_c_round`), and an armed queue
+(kick-driven: its handshake is Python's) is watched, then disarmed and served in C as soon as it
+has work.
 
 A *pollable* has ``poll() -> bool`` (do available work, at most a round's budget), ``watches()`` (the
 ``(address, consumed value)`` words whose change means new work), ``arm() ->
@@ -252,11 +253,12 @@ class SidecoreLoop:
         """Adaptive mode, with one idle window per pollable (see the module docstring).
 
         A busy round costs what a poll-mode round costs: it reads no clock in Python (``now`` is
-        the time the GIL-free spin or the C round returned: when the work was seen) and looks at the
-        windows only once ``now`` reaches ``check_at``, a time before which not every unarmed
-        pollable's window can have run out (a pollable that is disarmed joins them, so ``check_at``
-        is then reset), and at most :data:`SPIN_SLICE_NS` after it was set, so that the spin returns
-        to look at ``_stopping`` and membership changes.  ``check_at`` may be early (a pollable that
+        the time the GIL-free spin returned, read in C: when the work was seen; with a C round, one
+        read per C round, which serves many requests) and looks at the windows only once ``now``
+        reaches ``check_at``, a time before which not every unarmed pollable's window can have run
+        out (a pollable that is disarmed joins them, so ``check_at`` is then reset), and at most
+        :data:`SPIN_SLICE_NS` after it was set, so that the spin returns to look at ``_stopping``
+        and membership changes.  ``check_at`` may be early (a pollable that
         worked since has moved its own deadline on): then :meth:`_arm_idle` arms nothing and sets it
         afresh.
         """
