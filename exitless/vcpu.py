@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from . import threadname
 from .bus import Bus
 from .exits import GuestStop, VmExit
 from .kvm import constants as C
@@ -113,6 +114,7 @@ class VcpuThread:
         return self._thread is not None and self._thread.is_alive()
 
     def _main(self) -> None:
+        threadname.set_current(f"vcpu{self.vcpu.id}")     # top -H, perf and benchmarks see which it is
         try:
             result = self._loop()
         except GuestStop as stop:

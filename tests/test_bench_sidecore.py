@@ -14,7 +14,7 @@ from exitless.bench.sidecore import METRICS, targets
 from tests.test_bench_cli import QEMU, assert_rounds, bench
 
 ROW_KEYS = {"vmm", "layout", "mode", "vms", "iops_total", "p50_us_slowest", "p99_us_slowest", "p50_us_fastest",
-            "p99_us_fastest", "host_cpu_pct", "exits_per_s", "vms_verified", "per_vm", "errors"}
+            "p99_us_fastest", "host_cpu_pct", "io_cpu_pct", "exits_per_s", "vms_verified", "per_vm", "errors"}
 
 
 @pytest.mark.kvm
@@ -39,6 +39,8 @@ def test_bench_sidecore_rows_and_every_vm_verified():
         assert r["vms_verified"] == r["vms"] and r["errors"] == 0
         assert r["iops_total"] == sum(vm["iops"] for vm in r["per_vm"])
         assert r["host_cpu_pct"] > 0 and r["exits_per_s"] is not None and r["exits_per_s"] > 0
+        # the vCPU threads are told apart by their kernel names (vcpu0 / CPU 0/KVM): they ran the guest
+        assert 0 <= r["io_cpu_pct"] < r["host_cpu_pct"], r
         assert r["p99_us_slowest"] >= r["p50_us_slowest"] > 0 and r["p99_us_fastest"] >= r["p50_us_fastest"] > 0
     assert "4 KiB random reads" in err and "targets: not evaluated" in err    # no 4-VM rows here
 
@@ -75,24 +77,27 @@ def test_run_stats_to_an_unwritable_file_is_a_usage_error(tmp_path):
     assert r.returncode == 2 and "--stats" in r.stderr and "Traceback" not in r.stderr
 
 
-def _row(layout, mode, vmm, iops, cpu, p99_ratio):
-    """A 4-VM row with two rounds (as aggregate() leaves it)."""
+def _row(layout, mode, vmm, iops, cpu, p99_ratio, io_cpu=None):
+    """A 4-VM row with two rounds (as aggregate() leaves it); ``io_cpu`` defaults to ``cpu``."""
+    io_cpu = io_cpu or cpu
     return {"vms": 4, "layout": layout, "mode": mode, "vmm": vmm, "iops_total": iops[0], "host_cpu_pct": cpu[0],
-            "p99_slowest_over_fastest": p99_ratio,
-            "per_round": {"iops_total": list(iops), "host_cpu_pct": list(cpu)},
+            "io_cpu_pct": io_cpu[0], "p99_slowest_over_fastest": p99_ratio,
+            "per_round": {"iops_total": list(iops), "host_cpu_pct": list(cpu), "io_cpu_pct": list(io_cpu)},
             "spread": {"p99_slowest_over_fastest": {"min": p99_ratio, "max": p99_ratio}}}
 
 
 def test_targets_are_computed_from_the_rows():
-    q = _row("qemu", "x", "qemu", (1000, 1000), (100, 100), 1.0)
-    good = _row("shared", "poll", "exitless", (2500, 2100), (40, 50), 1.5)
-    bad = _row("shared", "adaptive", "exitless", (1500, 1900), (60, 70), 3.0)
+    q = _row("qemu", "x", "qemu", (1000, 1000), (100, 100), 1.0, io_cpu=(40, 40))
+    good = _row("shared", "poll", "exitless", (2500, 2100), (40, 50), 1.5, io_cpu=(10, 15))
+    bad = _row("shared", "adaptive", "exitless", (1500, 1900), (60, 70), 3.0, io_cpu=(30, 30))
     verdicts = {(t["rows"], t["target"].split(": ", 1)[1]): t for t in targets([q, good, bad])}
     assert {k: v["pass"] for k, v in verdicts.items()} == {
         ("shared/poll vs qemu", "shared/poll aggregate IOPS / QEMU's ≥ 2"): True,
+        ("shared/poll vs qemu", "shared/poll I/O CPU / QEMU's ≤ 0.5"): True,
         ("shared/poll vs qemu", "shared/poll host CPU / QEMU's ≤ 0.5"): True,
         ("shared/poll", "shared/poll slowest VM's p99 / fastest's ≤ 2"): True,
         ("shared/adaptive vs qemu", "shared/adaptive aggregate IOPS / QEMU's ≥ 2"): False,
+        ("shared/adaptive vs qemu", "shared/adaptive I/O CPU / QEMU's ≤ 0.5"): False,
         ("shared/adaptive vs qemu", "shared/adaptive host CPU / QEMU's ≤ 0.5"): False,
         ("shared/adaptive", "shared/adaptive slowest VM's p99 / fastest's ≤ 2"): False}
     iops = verdicts[("shared/poll vs qemu", "shared/poll aggregate IOPS / QEMU's ≥ 2")]

@@ -1,6 +1,7 @@
-"""When the adaptive sidecore arms a pollable (issue 8): never before its idle window has run out, and
-in the first round after it has; a busy round reads no clock in Python (it takes the time the C spin
-returned).  The loop runs on a fake clock, driven round by round by a script, so the assertions are on
+"""When the adaptive sidecore arms its pollables (issues 8 and 12): never one before its own idle window
+has run out, nor alone while another's has not (its driver would kick for nothing while the loop
+polls), and all of them in the first round after every window has run out; a busy round reads no
+clock in Python (it takes the time the C spin returned).  The loop runs on a fake clock, driven round by round by a script, so the assertions are on
 the order of events, never on time.  Also the C spin's ``watch_until``.  No KVM needed.
 
 The publish/fence/re-check handshake itself is unchanged; ``test_sidecore_handshake.py`` and
@@ -44,8 +45,7 @@ class _Clock:
 
     def wait_until(self, watches, deadline_ns) -> int:
         loop = self.loop_ref[0]
-        for p in self.pollables:   # a pollable due by now and idle this round must have been armed
-            p.check_end_of_round(self.now, loop)
+        check_end_of_round(self.pollables, self.now, loop, self.rounds)
         if not self.script:
             loop.request_stop()
             return self.now
@@ -67,6 +67,8 @@ class _Scripted:
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.work_next = self.slip_next = False
         self.armed = False
+        self.armed_in = None    # the round (the clock's count) in which it was armed
+        self.slipped = False    # an arm this round raced a write (the loop polls it on)
         self.last_work = None   # fake ns; None until the loop's first round
         self.worked_this_round = False
         self.arms = 0
@@ -96,9 +98,11 @@ class _Scripted:
         self.arms += 1
         if self.slip_next:          # the driver wrote while we armed: the re-check sees it
             self.slip_next = False
+            self.slipped = True
             self.last_work = now
             return True
         self.armed = True
+        self.armed_in = self.clock_ref[0].rounds
         os.eventfd_write(self.wake_fd, 1)   # and it kicks at once, so the loop's sleep returns
         return False
 
@@ -113,12 +117,29 @@ class _Scripted:
         except BlockingIOError:
             pass
 
-    def check_end_of_round(self, now: int, loop) -> None:
-        if self.last_work is None or self.armed or self.worked_this_round:
-            return
-        window = loop.windows[loop.pollables.index(self)]
-        if now >= self.last_work + window:
-            self.errors.append(f"idle since {self.last_work}, window {window}, not armed at {now}")
+    def due(self, now: int, loop) -> bool:
+        """Idle this round and its window has run out by ``now`` (or armed already)."""
+        if self.armed:
+            return True
+        if self.last_work is None or self.worked_this_round:
+            return False
+        return now >= self.last_work + loop.windows[loop.pollables.index(self)]
+
+
+def check_end_of_round(pollables: list, now: int, loop, round_: int) -> None:
+    """The reference model at the end of a round: once every pollable is due, all must be armed; while
+    one is not, none may have been armed this round (the loop polls: a kick would be for nothing).  A
+    pollable whose arm raced a write this round was due when the loop armed them all."""
+    if all(p.slipped or p.due(now, loop) for p in pollables):
+        for p in pollables:
+            if not p.armed and not p.slipped:
+                p.errors.append(f"every window ran out by {now}, not armed")
+    else:
+        for p in pollables:
+            if p.armed and p.armed_in == round_:
+                p.errors.append(f"armed at {now} while another pollable's window had not run out")
+    for p in pollables:
+        p.slipped = False
 
 
 def _run_scripted(windows: list[int], script: list[tuple[int, int, int]]):
@@ -154,8 +175,9 @@ _step = st.tuples(st.sampled_from([0, 1, 300, 999, 1000, 1001, 2500, 70_000, 600
        script=st.lists(_step, min_size=1, max_size=60))
 def test_armed_exactly_when_the_window_has_run_out(windows, script):
     """For any script of rounds (time steps, which pollables have work, which arms race a write) and
-    any mix of windows, each pollable is armed only once its window has run out since its last work,
-    and in the round in which it has run out; a raced arm keeps it polled."""
+    any mix of windows, each pollable is armed only once its window has run out since its last work
+    and every other pollable's has too, and all are armed in the round in which the last one has run
+    out; a raced arm keeps that one polled."""
     clock, _, pollables = _run_scripted(windows, script)
     for p in pollables:
         assert not p.errors, p.errors

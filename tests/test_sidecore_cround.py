@@ -101,7 +101,7 @@ def test_c_round_agrees_with_handle_queue(batches, event_idx, budget):
                             if n < budget:
                                 break
                             continue
-                        reason, index, (result,), _idle = serve([job], [], 0, budget, None)
+                        reason, index, (result,), _idle, _yields = serve([job], [], 0, budget, None)
                         n, _t, _irqs = s.dev.queues[0].served(result)
                         done += n
                         if reason == 1:          # the next chain is for the Python device model
@@ -142,7 +142,7 @@ def test_one_pass_takes_at_most_a_budget_per_queue_and_a_watch_ends_the_round():
         flood.d.publish()
         single.d.add([struct.pack("<IIQ", VIRTIO_BLK_T_OUT, 0, 3), b"\x5A" * 512], [1])
         jobs = [s.dev.serve_job(0, fd) for s, fd in zip(sides, fds)]
-        reason, _index, results, _idle = serve(jobs, [], 0, 8, None)   # timeout 0: one pass
+        reason, _index, results, _idle, _yields = serve(jobs, [], 0, 8, None)   # timeout 0: one pass
         assert reason == 0
         assert [s.dev.queues[0].served(r)[0] for s, r in zip(sides, results)] == [8, 1]
         assert [_eventfd_count(fd) for fd in fds] == [1, 1]            # first completions: signalled
@@ -153,7 +153,7 @@ def test_one_pass_takes_at_most_a_budget_per_queue_and_a_watch_ends_the_round():
         word = memoryview(bytearray(4))
         addr = address_of(word)
         jobs = [s.dev.serve_job(0, fd) for s, fd in zip(sides, fds)]
-        reason, index, results, _idle = serve(jobs, [(addr, 1)], 10**9, 64, None)
+        reason, index, results, _idle, _yields = serve(jobs, [(addr, 1)], 10**9, 64, None)
         assert (reason, index) == (2, 0)
         for s, r in zip(sides, results):
             s.dev.queues[0].served(r)
@@ -162,5 +162,78 @@ def test_one_pass_takes_at_most_a_budget_per_queue_and_a_watch_ends_the_round():
         for s in sides:
             s.close()
         for fd in fds:
+            os.close(fd)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_an_idle_round_yields_its_cpu_only_after_yield_ns_without_work():
+    """With nothing to do, the round's spin calls sched_yield once ``yield_ns`` has passed since the last
+    work (and never with yield_ns 0 or before it has passed); it still returns at its deadline."""
+    import time
+
+    tmp = tempfile.mkdtemp(prefix="exitless-cround-", dir="/var/tmp" if os.path.isdir("/var/tmp") else None)
+    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    side = None
+    try:
+        side = _Side(_disk(tmp, "0.img"), True, True)
+        q = side.dev.queues[0]
+        q.disable_notifications()
+
+        def round_(timeout_ns, yield_ns):
+            t0 = time.monotonic_ns()
+            reason, _i, (result,), _idle, yields = serve([side.dev.serve_job(0, fd)], [], timeout_ns, 8, None,
+                                                         yield_ns)
+            q.served(result)
+            return reason, time.monotonic_ns() - t0, yields
+
+        reason, took, yields = round_(20_000_000, 1000)
+        assert reason == 0 and took >= 20_000_000 and yields > 0
+        assert round_(20_000_000, 0)[2] == 0                           # never asked to
+        assert round_(5_000_000, 10**12)[2] == 0                       # the idle time never reached it
+    finally:
+        if side is not None:
+            side.close()
+        os.close(fd)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.mark.parametrize("mode", ["poll", "adaptive"])
+def test_the_loop_yields_an_idle_cpu_and_still_serves(mode):
+    """A sidecore loop (both polling modes) whose only ring stays idle yields its CPU from its C round
+    (``idle_yield_ns``; never with 0), and a request that then arrives is served and signalled."""
+    import time
+
+    from exitless.sidecore.loop import SidecoreLoop, SidecoreThread
+    from exitless.vhost_user.backend import VringPollable
+
+    tmp = tempfile.mkdtemp(prefix="exitless-cround-", dir="/var/tmp" if os.path.isdir("/var/tmp") else None)
+    call, kick = (os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2))
+    side = None
+    try:
+        side = _Side(_disk(tmp, "0.img"), True, True)
+        side.dev.queues[0].disable_notifications()
+        for k, yield_ns in enumerate((0, 1000)):
+            # a 1 s idle window: the adaptive loop polls through the 0.2 s (it does not arm and sleep)
+            loop = SidecoreLoop([VringPollable(side.dev, 0, kick, call)], mode, poll_ns=10**9, poll_max_ns=10**9,
+                                idle_yield_ns=yield_ns)
+            worker = SidecoreThread(loop).start()
+            try:
+                time.sleep(0.2)
+                assert (loop.yields > 0) == (yield_ns > 0), (yield_ns, loop.yields)
+                side.d.set_used_event(k)        # the driver wants this completion's interrupt
+                kicks = side.d.kicks
+                side.d.add([struct.pack("<IIQ", VIRTIO_BLK_T_IN, 0, 1)], [512, 1])
+                if side.d.kicks > kicks:         # adaptive: the loop armed the ring and sleeps
+                    os.eventfd_write(kick, 1)
+                deadline = time.monotonic() + 10
+                while not side.d.get_used() and time.monotonic() < deadline:
+                    time.sleep(0.001)
+                assert _eventfd_count(call) == 1 and worker.error is None
+            finally:
+                worker.stop()
+    finally:
+        if side is not None:
+            side.close()
+        for fd in (call, kick):
             os.close(fd)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -157,25 +157,23 @@ def test_budget_keeps_a_kick_driven_queue_armed(tmp_path):
 # -- adaptive mode across queues: one idle window per queue ------------------------------------------
 class _FakeQueue:
     """A pollable that is busy for ``busy_rounds`` polls (its ``arm`` then reports work, as a queue
-    with a backlog does), or idle; it counts how often it was armed."""
+    with a backlog does), or idle; it counts its polls and how often it was armed, and stops the loop
+    once every queue of it is armed (the loop is about to sleep)."""
 
     def __init__(self, loop_ref: list, busy_rounds: int):
         self.loop_ref, self.busy_left = loop_ref, busy_rounds
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.arms = self.armed_polls = 0
+        self.arms = self.polls = 0
         self.armed = False
+        self.armed_while_other_busy = 0
 
     def poll(self) -> bool:
-        if self.armed:
-            self.armed_polls += 1
+        self.polls += 1
         if self.busy_left <= 0:
             return False
         self.busy_left -= 1
         if self.busy_left == 0:
-            self.sleeps_while_busy = self.loop_ref[0].sleeps
-            self.others_armed = [q.armed for q in self.loop_ref[0].pollables if q is not self]
-            self.windows = list(self.loop_ref[0].windows)
-            self.loop_ref[0].request_stop()
+            self.polls_when_done = {id(q): q.polls for q in self.loop_ref[0].pollables}
         return True
 
     def watches(self):
@@ -183,7 +181,12 @@ class _FakeQueue:
 
     def arm(self) -> bool:
         self.arms += 1
+        loop = self.loop_ref[0]
+        if any(q.busy_left > 0 for q in loop.pollables if q is not self):
+            self.armed_while_other_busy += 1
         self.armed = self.busy_left <= 0
+        if all(q.armed for q in loop.pollables):
+            loop.request_stop()
         return not self.armed
 
     def disarm(self) -> None:
@@ -193,19 +196,20 @@ class _FakeQueue:
         pass
 
 
-def test_adaptive_arms_an_idle_queue_while_another_stays_busy():
-    """The idle queue is armed on its own window while the busy one keeps the sidecore polling: the
-    loop never sleeps (a busy queue is never armed), yet the idle queue's driver would kick."""
+def test_adaptive_keeps_an_idle_queue_polled_while_another_stays_busy():
+    """While the busy queue keeps the sidecore polling, the idle one is polled each round but not
+    armed on its own (its driver's kicks would be exits for nothing); once the busy one's window has
+    run out too, both are armed and the loop goes to sleep."""
     ref = []
     busy, idle = _FakeQueue(ref, 3000), _FakeQueue(ref, 0)
     loop = SidecoreLoop([busy, idle], "adaptive", poll_ns=1000)
     ref.append(loop)
     try:
         loop.run()
-        assert busy.busy_left == 0 and busy.sleeps_while_busy == 0
-        assert busy.others_armed == [True]                              # the idle queue was armed meanwhile,
-        assert idle.arms >= 1 and idle.armed_polls > 0                  # and still polled each round
-        assert busy.windows[0] == 1000                                  # the busy queue's window untouched
+        assert busy.busy_left == 0
+        assert idle.armed_while_other_busy == 0 and busy.armed_while_other_busy == 0
+        assert busy.polls_when_done[id(idle)] >= 3000 - 1     # polled in every round meanwhile (after busy)
+        assert busy.arms == idle.arms == 1 and loop.sleeps == 1         # then both armed, once, and it slept
     finally:
         loop.close()
         for q in (busy, idle):

@@ -281,6 +281,10 @@ def test_bad_configuration_is_the_users_error(tmp_path):
         SidecoreService(str(tmp_path / "s"), "notify")
     with pytest.raises(ServiceConfigError):
         SidecoreService(str(tmp_path / "s"), "poll", max_clients=0)
+    with pytest.raises(ServiceConfigError):
+        SidecoreService(str(tmp_path / "s"), "adaptive", poll_max_ns=1000)
+    with pytest.raises(ServiceConfigError):
+        SidecoreService(str(tmp_path / "s"), "poll", idle_yield_ns=-1)
 
 
 # ---------------------------------------------------------------------------------------------- the kind
@@ -415,6 +419,8 @@ def test_cli_usage_errors(tmp_path):
     try:
         for args, words in ((["--socket", str(sock)], "another process is listening"),
                             (["--socket", str(tmp_path / "t.sock"), "--max-vms", "0"], "--max-vms 0"),
+                            (["--socket", str(tmp_path / "t.sock"), "--poll-max-us", "3"], "--poll-max-us 3"),
+                            (["--socket", str(tmp_path / "t.sock"), "--idle-yield-us", "-1"], "--idle-yield-us -1"),
                             (["--socket", str(tmp_path / "no" / "dir.sock")], "cannot listen here")):
             r = subprocess.run([sys.executable, "-m", "exitless", "sidecore", *args], capture_output=True,
                                text=True, timeout=60)

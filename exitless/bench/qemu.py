@@ -19,6 +19,7 @@ from typing import Callable
 from pathlib import Path
 
 from ..guestkit import guestkit_cmdline, guestkit_path
+from ..threadname import is_vcpu
 from .common import HELPER_CPU_KEY, BenchError, guest_result
 from .workload import Test, app, per_io_row
 
@@ -93,20 +94,35 @@ def process_cpu(pid: int) -> float:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _thread_cpu(tid: int) -> float:
-    return time.clock_gettime((~tid << 3) | 6)      # CPUCLOCK_PERTHREAD | CPUCLOCK_SCHED
+def _thread_cpu(pid: int, tid: int) -> float:
+    """CPU seconds of thread ``tid`` of process ``pid``, to the nanosecond: the first field of its
+    /proc schedstat (the scheduler's sum_exec_runtime).  A per-thread CPU clock
+    (``clock_gettime(~tid << 3 | 6)``) would be finer, but the kernel answers it only for threads of
+    the caller's own process (EINVAL otherwise)."""
+    with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+        return int(f.read().split()[0]) / 1e9
 
 
 def qemu_cpu(pid: int) -> tuple[float, float]:
     """(QEMU's process CPU seconds, its vCPU threads' CPU seconds)."""
+    return process_cpu(pid), vcpu_threads_cpu(pid)
+
+
+def vcpu_threads_cpu(pid: int) -> float:
+    """CPU seconds of process ``pid``'s vCPU threads (QEMU's ``CPU 0/KVM``…, exitless's ``vcpu0``…: by
+    their kernel names, :func:`exitless.threadname.is_vcpu`), to the nanosecond; 0.0 for a process gone."""
     vcpu = 0.0
-    for task in Path(f"/proc/{pid}/task").iterdir():
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return 0.0
+    for task in tasks:
         try:
-            if (task / "comm").read_text().startswith("CPU "):
-                vcpu += _thread_cpu(int(task.name))
+            if is_vcpu((task / "comm").read_text().rstrip("\n")):
+                vcpu += _thread_cpu(pid, int(task.name))
         except OSError:
             continue
-    return process_cpu(pid), vcpu
+    return vcpu
 
 
 def builtin_device(image: Path, iothread: bool, cache: str = "writeback") -> list[str]:
@@ -147,7 +163,7 @@ def guestkit_command(kernel: Path, append: str, qmp_path: str, *, device_args: l
                      shared_memory: bool = False, accel: str = "kvm", mem_mib: int = 128,
                      paused: bool = False) -> list[str]:
     """QEMU's command line for the guest kit: q35, qboot where installed, COM1 on stdio, QMP on ``qmp_path``,
-    ``device_args`` appended; ``accel`` is ``kvm`` or ``tcg`` (:func:`resolve_accel`); ``paused``: ``-S``."""
+    threads named (``debug-threads=on``), ``device_args`` appended; ``accel`` is ``kvm`` or ``tcg`` (:func:`resolve_accel`); ``paused``: ``-S``."""
     if accel == "kvm":       # guest TSC at the host's rate under KVM; under TCG the guest calibrates
         append = guestkit_cmdline(append)
     # QEMU's default CPU model under KVM: `-cpu host` asks for MSRs a software-nested KVM refuses
@@ -156,7 +172,11 @@ def guestkit_command(kernel: Path, append: str, qmp_path: str, *, device_args: l
     if shared_memory:
         machine = ["-machine", "q35,memory-backend=mem",
                    "-object", f"memory-backend-memfd,id=mem,size={mem_mib}M,share=on"]
-    return [QEMU, *machine, "-accel", accel, *cpu, *firmware_args(), "-m", f"{mem_mib}M", *(["-S"] if paused else []),
+    # debug-threads=on: QEMU names its threads (vCPUs "CPU 0/KVM", iothreads "IO …"); without it every
+    # thread is "qemu-system-x86" and vcpu_threads_cpu() finds none, so QEMU's guest time would count as
+    # its VMM CPU
+    return [QEMU, "-name", "exitless-bench,debug-threads=on", *machine, "-accel", accel, *cpu, *firmware_args(),
+            "-m", f"{mem_mib}M", *(["-S"] if paused else []),
             "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
             "-kernel", str(kernel), "-append", append, "-qmp", f"unix:{qmp_path},server=on,wait=off", *device_args]
 

@@ -32,6 +32,17 @@ def register(sub) -> None:
                    help="poll: poll every ring; adaptive: poll while busy, sleep on the VMs' ioeventfds when "
                         "every ring is idle (default poll)")
     p.add_argument("--poll-us", type=float, default=64.0, help="adaptive: initial busy-poll window (µs; default 64)")
+    from ..sidecore.loop import ADAPTIVE_MAX_NS, IDLE_YIELD_NS
+
+    p.add_argument("--poll-max-us", type=float, default=ADAPTIVE_MAX_NS / 1000,
+                   help="adaptive: the longest busy-poll window (µs; default %(default)g; QEMU's iothread poll-max-ns "
+                        "is 32 µs): a longer one catches more requests without a kick, a shorter one lets the "
+                        "service sleep between them")
+    p.add_argument("--idle-yield-us", type=float, default=IDLE_YIELD_NS / 1000,
+                   help="once no ring has had work for this long, the polling spin yields its CPU to any thread "
+                        "waiting for it (often a vCPU of a VM it serves, when the host has fewer cores than "
+                        "threads): less CPU per I/O, but under other processes' load the service waits its "
+                        "turn (µs; default %(default)g: never)")
     p.add_argument("--max-vms", type=int, default=64, metavar="N",
                    help="disks (connections) served at once; more are refused (default 64)")
     p.add_argument("--no-confine", action="store_true",
@@ -50,6 +61,7 @@ def cmd_sidecore(args) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(format="exitless: %(levelname)s %(name)s: %(message)s")
     service = SidecoreService(args.socket, args.mode, poll_ns=int(args.poll_us * 1000),
+                              poll_max_ns=int(args.poll_max_us * 1000), idle_yield_ns=int(args.idle_yield_us * 1000),
                               max_clients=args.max_vms).listen()
 
     def _stop(signum, _frame):
@@ -71,6 +83,8 @@ def cmd_sidecore(args) -> int:
         service.close()
         if remove is not None:
             remove()
-        log.info("sidecore: stopped: %d connections, %d refused, %d protocol errors", service.connections,
-                 service.refused, service.errors)
+        loop = service.dataplane.loop
+        log.info("sidecore: stopped: %d connections, %d refused, %d protocol errors; the loop made %d rounds, "
+                 "did work in %d, slept %d times and yielded its CPU %d times", service.connections,
+                 service.refused, service.errors, loop.polls, loop.work, loop.sleeps, loop.yields)
     return 0

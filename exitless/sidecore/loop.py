@@ -5,17 +5,14 @@ Modes:
   device thread).
 - ``poll``: poll forever; between polls spin *in C with the GIL released* until a
   watched word changes, so a sidecore thread never stalls the vCPU threads.
-- ``adaptive``: poll while busy.  Each pollable (queue) keeps its own idle window: once it
-  has had no work for its window it is armed on its own (publish EventIdx / clear
-  NO_NOTIFY, fence, re-check: a request that slipped in keeps it polled), and it is
-  disarmed again as soon as it has work.  The loop sleeps only when *every* pollable is
-  armed, on all their eventfds at once (one poll set per membership), so any one of them wakes
-  it (and then all start a fresh window) -- one busy VM's
-  queue keeps the sidecore polling without keeping an idle VM's queue from being armed
-  (its driver kicks; the kick is picked up by the next round).  A window adapts like
-  QEMU's IOThread polling: it doubles when the queue's armed spell ended within the
-  longest window (polling longer would have caught that request) and halves after a
-  longer one.
+- ``adaptive``: poll while busy.  Each pollable (queue) keeps its own idle window, from its own last
+  work.  Once every pollable's window has run out, all are armed (publish EventIdx / clear NO_NOTIFY,
+  fence, re-check: a request that slipped in keeps that one polled) and the loop sleeps on all their
+  eventfds at once (one poll set per membership), so any one of them wakes it, and then all are
+  disarmed and start a fresh window.  An idle queue is not armed alone while another keeps the loop
+  polling: its driver would then kick (an exit) for a request the loop sees anyway.  A window adapts
+  like QEMU's IOThread polling: it doubles when the queue's armed spell ended within ``poll_max_ns``
+  (polling longer would have caught that request) and halves after a longer one.
 
 Fairness: one round of the loop visits every pollable once, and a queue pollable takes at most
 :data:`QUEUE_BUDGET` chains per visit (``handle_queue(index, budget)``), then the next one gets its
@@ -27,16 +24,21 @@ comes straight back to it.
 The C round: a pollable that offers ``c_job()`` (a virtio-blk ring of the sidecore service,
 :class:`~exitless.vhost_user.backend.VringPollable`) is served by ``_vring.serve`` -- a GIL-free C
 loop over all those queues that completes plain reads/writes, decides each interrupt (used_event /
-NO_INTERRUPT) and writes the queue's irqfd itself, for a spin slice, in poll mode; Python runs once
-per slice, not once per request, and no Python runs for an idle queue.  The other pollables are
-polled in Python and their words watched by the C round; a chain C leaves (errors, flush, ...) goes
-to ``poll()`` at once.  ``c_done(result)`` takes the queue's state back.  Adaptive mode polls every
-queue in Python (its busy rounds read no clock there: see :meth:`SidecoreLoop._run_adaptive`).
+NO_INTERRUPT) and writes the queue's irqfd itself (after each pass), for a spin slice; Python runs
+once per slice, not once per request, and no Python runs for an idle queue.  With ``idle_yield_ns``
+set, its idle spin yields the CPU to waiting threads after that long without work
+(:data:`IDLE_YIELD_NS`).  The other pollables are polled in Python and their words watched by the C
+round; a chain C leaves (errors, flush, ...) goes to ``poll()`` at once.  ``c_done(result)`` takes
+the queue's state back.  Both poll and adaptive mode use it; in adaptive mode a C round lasts until
+the next window can run out (see :meth:`SidecoreLoop._adaptive_c_round`), and an armed queue
+(kick-driven: its handshake is Python's) is watched, then disarmed and served in C as soon as it
+has work.
 
 A *pollable* has ``poll() -> bool`` (do available work, at most a round's budget), ``watches()`` (the
 ``(address, consumed value)`` words whose change means new work), ``arm() ->
 bool`` (enable guest notifications; True if work arrived meanwhile),
-``disarm()``, ``drain()`` and ``wake_fd``.
+``disarm()``, ``drain()`` and ``wake_fd``; one with a C path also ``c_job()``, ``c_done(result)`` and
+``has_work()``.
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ import threading
 import time
 from typing import Protocol
 
+from .. import threadname
 from . import breakdown as _breakdown
 from .spin import wait_until
 
@@ -65,6 +68,16 @@ ADAPTIVE_MIN_NS = 16_000
 ADAPTIVE_MAX_NS = 512_000
 #: Chains one queue may complete per round of the loop (the rest wait for the next round).
 QUEUE_BUDGET = 32
+#: The default of ``SidecoreLoop(idle_yield_ns=…)``: 0, the C round's idle spin never yields its CPU.
+#: With ``idle_yield_ns`` > 0 it calls sched_yield once no queue has had work for that long (ns): on a
+#: host with fewer cores than the vCPUs it serves (4 VMs and a sidecore on 2 cores), a runnable vCPU --
+#: the next request's producer -- then gets the CPU instead of the spin; with no thread waiting the
+#: call returns at once (~1 µs).  Measured at 4 VMs on a loaded 2-core host (20 µs): ~20 % less host
+#: CPU per I/O, but each yield with another thread waiting puts the loop behind it (EEVDF moves its
+#: deadline a slice on), so under other processes' load the loop waits its turn, its guests wait for
+#: their completions, and aggregate IOPS fell by about half.  A polling sidecore is there for latency:
+#: yielding is the user's choice (``exitless sidecore --idle-yield-us``).
+IDLE_YIELD_NS = 0
 
 
 class Pollable(Protocol):
@@ -80,15 +93,22 @@ class Pollable(Protocol):
 class SidecoreLoop:
     """Runs in a thread of the VMM or as the body of a sidecore process."""
 
-    def __init__(self, pollables: list[Pollable], mode: str, *, poll_ns: int = 64_000, name: str = "sidecore"):
+    def __init__(self, pollables: list[Pollable], mode: str, *, poll_ns: int = 64_000,
+                 poll_max_ns: int = ADAPTIVE_MAX_NS, idle_yield_ns: int = IDLE_YIELD_NS, name: str = "sidecore"):
         if mode not in MODES:
             raise ValueError(f"sidecore mode {mode!r}: one of {', '.join(MODES)}")
+        if not ADAPTIVE_MIN_NS <= poll_max_ns:
+            raise ValueError(f"adaptive poll_max_ns {poll_max_ns}: at least {ADAPTIVE_MIN_NS} ns")
+        if idle_yield_ns < 0:
+            raise ValueError(f"idle_yield_ns {idle_yield_ns}: 0 (never yield) or more")
+        self.idle_yield_ns = idle_yield_ns   # the C round's idle spin yields its CPU after this long (0: never)
         if mode != "poll" and any(p.wake_fd is None for p in pollables):
             raise ValueError(f"{mode} mode needs a wake eventfd for every pollable")
         self.pollables = list(pollables)
         self.mode = mode
         self.name = name
-        self.poll_ns = poll_ns
+        self.poll_max_ns = poll_max_ns   # adaptive: the longest idle window (QEMU's poll-max-ns)
+        self.poll_ns = poll_ns = min(poll_ns, poll_max_ns)
         self.windows = [poll_ns] * len(pollables)   # adaptive: each pollable's idle window, ns
         self._last_work = [time.monotonic_ns()] * len(pollables)   # adaptive: each one's last work, ns
         self._armed_at: list[int | None] = [None] * len(pollables)  # adaptive: when each was armed
@@ -101,9 +121,11 @@ class SidecoreLoop:
         self._running = False
         self._poller = None          # select.poll over the wake fds (adaptive/notify sleeps), per membership
         self._any_c_path = False     # does any pollable have a C round (c_job)?  per membership
+        self._c_jobs: list = []      # each pollable's c_job method, or None (per membership)
         self.sleeps = 0
         self.polls = 0
         self.work = 0
+        self.yields = 0              # sched_yield calls of the C round's idle spin
 
     def request_stop(self) -> None:
         self._stopping = True
@@ -153,7 +175,8 @@ class SidecoreLoop:
         self._poller = None          # the sleep's poll set is rebuilt for the new membership
         # looked up once per membership: a poll round without C jobs (the doorbell device, NICs) must
         # not pay a getattr per pollable per round (0.3-0.7 µs of a 1.2 µs doorbell round trip)
-        self._any_c_path = _c_serve is not None and any(getattr(p, "c_job", None) for p in self.pollables)
+        self._c_jobs = [getattr(p, "c_job", None) if _c_serve is not None else None for p in self.pollables]
+        self._any_c_path = any(j is not None for j in self._c_jobs)
         self._applied = self._requested
         self._cond.notify_all()
 
@@ -230,13 +253,14 @@ class SidecoreLoop:
         """Adaptive mode, with one idle window per pollable (see the module docstring).
 
         A busy round costs what a poll-mode round costs: it reads no clock in Python (``now`` is
-        the time the GIL-free spin returned, read in C: when the work was seen) and looks at the
-        windows only once ``now`` reaches ``check_at``, a time before which no unarmed pollable's
-        window can run out (a pollable that is disarmed joins them, so ``check_at`` is then reset),
-        and at most :data:`SPIN_SLICE_NS` after it was set, so that the spin returns to look at
-        ``_stopping`` and membership changes.  ``check_at`` may be early (a pollable that worked
-        since has moved its own deadline on): then :meth:`_arm_idle` finds nothing to arm and sets
-        it afresh.
+        the time the GIL-free spin returned, read in C: when the work was seen; with a C round, one
+        read per C round, which serves many requests) and looks at the windows only once ``now``
+        reaches ``check_at``, a time before which not every unarmed pollable's window can have run
+        out (a pollable that is disarmed joins them, so ``check_at`` is then reset), and at most
+        :data:`SPIN_SLICE_NS` after it was set, so that the spin returns to look at ``_stopping``
+        and membership changes.  ``check_at`` may be early (a pollable that
+        worked since has moved its own deadline on): then :meth:`_arm_idle` arms nothing and sets it
+        afresh.
         """
         now = time.monotonic_ns()
         check_at = now
@@ -252,52 +276,104 @@ class SidecoreLoop:
             if bd is not None:
                 t_iter, phases0 = time.monotonic_ns(), sum(bd.ns.values())
             self.polls += 1
-            for i, p in enumerate(pollables):
-                if p.poll():
-                    self.work += 1
-                    last_work[i] = now
-                    if armed_at[i] is not None:   # busy again: back to polling it, on a window of its
-                        p.disarm()                # own that check_at did not count: look at them all now
-                        self._adapt(i, now - armed_at[i])
-                        armed_at[i] = None
-                        check_at = now
+            if self._any_c_path:
+                # the unarmed queues with a C path are served in C until check_at (or until a watched
+                # word of the others changes); the others are polled here first
+                now, check_at, served = self._adaptive_c_round(now, check_at, bd)
+            else:
+                served = False
+                for i, p in enumerate(pollables):
+                    if p.poll():
+                        self.work += 1
+                        last_work[i] = now
+                        if armed_at[i] is not None:   # busy again: back to polling it, on a window of its
+                            self._disarm(i, now)      # own that check_at did not count: look at them all now
+                            check_at = now
             if now >= check_at:
                 check_at = self._arm_idle(now)
                 if check_at is None:
                     # every pollable is armed: sleep until one of their eventfds (or stop) fires.  Then
-                    # every pollable is disarmed and starts a fresh window: a pollable armed before its
-                    # queue was live (no ring yet) had nothing to enable, so only a new arm() after the
-                    # wake makes it kick-driven for real
+                    # every pollable is disarmed and starts a fresh window (while the loop polls, none is
+                    # armed: its driver's kicks would be exits for nothing); also, a pollable armed before
+                    # its queue was live (no ring yet) had nothing to enable, so only a new arm() after
+                    # the wake makes it kick-driven for real
                     self._sleep()
                     now = check_at = time.monotonic_ns()
-                    for i, p in enumerate(pollables):
-                        p.disarm()
-                        self._adapt(i, now - armed_at[i])
-                        armed_at[i], last_work[i] = None, now
+                    for i in range(len(pollables)):
+                        self._disarm(i, now)
                     continue
+            if served:      # the C round spun until check_at or returned with work for Python
+                continue
             now = self._spin_until(check_at, bd, t_iter if bd is not None else 0, phases0 if bd is not None else 0)
 
+    def _adaptive_c_round(self, now: int, check_at: int, bd) -> tuple[int, int, bool]:
+        """One adaptive round with the C round: poll the pollables without a C job this round (armed
+        queues, which C cannot serve: their handshake is Python's; pollables with no C path) -- one
+        with work is disarmed --, then serve the others in C until ``check_at`` (ns), a watched word
+        of the polled ones changes or a chain needs Python.  Returns ``(now, check_at, served)``: the
+        monotonic time after the round (ns), ``check_at`` (now, if a polled one was disarmed: its window
+        must be counted) and whether the C round ran (it did the waiting, so no spin follows).
+        Each C-served queue's last work is its last completion's time, read in C.  A pollable with a
+        C path also has ``has_work() -> bool``: an armed one with work is disarmed and served in C."""
+        pollables, last_work, armed_at = self.pollables, self._last_work, self._armed_at
+        jobs, owners, at, rest = [], [], [], []
+        for i, p in enumerate(pollables):
+            c_job = self._c_jobs[i]
+            if c_job is not None and armed_at[i] is not None and p.has_work():
+                # an armed queue with work: disarmed first, so that C serves it this round (in Python
+                # its requests would cost a handle_queue each, interrupt included)
+                self._disarm(i, now)
+                check_at = now
+            job = c_job() if c_job is not None else None
+            if job is None:
+                rest.append(p)
+                if p.poll():
+                    self.work += 1
+                    last_work[i] = now
+                    if armed_at[i] is not None:
+                        self._disarm(i, now)
+                        check_at = now
+            else:
+                jobs.append(job)
+                owners.append(p)
+                at.append(i)
+        if not jobs:
+            return now, check_at, False
+        last = self._c_round(jobs, owners, rest, max(0, check_at - now), bd)
+        now = time.monotonic_ns()
+        for i, t in zip(at, last):
+            if t > last_work[i]:
+                last_work[i] = t
+        return now, check_at, True
+
     def _arm_idle(self, now: int) -> int | None:
-        """Arm every unarmed pollable whose idle window has run out by ``now`` (ns): publish, fence,
-        re-check -- one where work slipped in meanwhile is disarmed and polled again at once.  Returns
-        the earliest time (ns) another window can run out, but no later than ``now`` +
-        :data:`SPIN_SLICE_NS`; None if every pollable is armed."""
+        """Once the idle window of every unarmed pollable has run out by ``now`` (ns), arm them all:
+        publish, fence, re-check each -- one where work slipped in meanwhile is disarmed, its window
+        starts afresh and the loop polls on.  None is armed earlier, alone, while the loop still polls
+        for another: its driver would then kick (an exit) for nothing, since the loop sees its work
+        anyway, and the loop can sleep only once all are armed.  Returns when to look again (ns): when
+        the last unarmed window runs out, but no later than ``now`` + :data:`SPIN_SLICE_NS`; None if
+        every pollable is armed (the loop sleeps)."""
         pollables, windows, last_work, armed_at = self.pollables, self.windows, self._last_work, self._armed_at
+        latest = None
+        for i in range(len(pollables)):
+            if armed_at[i] is None:
+                due = last_work[i] + windows[i]
+                if latest is None or due > latest:
+                    latest = due
+        if latest is None:
+            return None
+        if latest > now:
+            return min(latest, now + SPIN_SLICE_NS)
         check_at = None
-        slice_end = now + SPIN_SLICE_NS
         for i, p in enumerate(pollables):
             if armed_at[i] is not None:
                 continue
-            due = last_work[i] + windows[i]
-            if due <= now:
-                if not p.arm():       # nothing slipped in: kick-driven from now on
-                    armed_at[i] = now
-                    continue
-                p.disarm()            # work arrived while arming: keep polling it, and look again now
-                last_work[i] = due = now
-            check_at = slice_end if check_at is None else check_at
-            if due < check_at:
-                check_at = due
+            if not p.arm():           # nothing slipped in: kick-driven from now on
+                armed_at[i] = now
+                continue
+            p.disarm()                # work arrived while arming: keep polling it, and look again now
+            last_work[i] = check_at = now
         return check_at
 
     def _split(self, pollables: list) -> tuple[list, list, list]:
@@ -321,7 +397,9 @@ class SidecoreLoop:
         is then polled here).  Returns each owner's last completion time (CLOCK_MONOTONIC ns; 0: none)."""
         watches = [w for p in rest for w in p.watches()]
         times = bytearray(40) if bd is not None else None
-        reason, index, results, idle_ns = _c_serve(jobs, watches, timeout_ns, QUEUE_BUDGET, times)
+        reason, index, results, idle_ns, yields = _c_serve(jobs, watches, timeout_ns, QUEUE_BUDGET, times,
+                                                           self.idle_yield_ns)
+        self.yields += yields
         last = []
         done = 0
         for p, r in zip(owners, results):
@@ -390,17 +468,25 @@ class SidecoreLoop:
                 p.drain()
         return fired
 
+    def _disarm(self, i: int, now: int) -> None:
+        """Armed pollable ``i`` is busy again (or the loop woke) at ``now`` (ns): polled from now on, on a
+        fresh window adapted to the armed spell that just ended."""
+        self.pollables[i].disarm()
+        self._adapt(i, now - self._armed_at[i])
+        self._armed_at[i] = None
+        self._last_work[i] = now
+
     def _adapt(self, i: int, armed_ns: int) -> None:
         """Pollable ``i``'s window after an armed spell of ``armed_ns``.  QEMU's rule
-        (util/aio-posix.c): a spell that ended within ``ADAPTIVE_MAX_NS`` would have been avoided
+        (util/aio-posix.c): a spell that ended within ``poll_max_ns`` would have been avoided
         by polling longer, so poll longer; a longer one was real idleness, so poll less.
 
         (Doubling only when a sleep was shorter than the window itself left the window stuck at its
         minimum whenever the driver's next request came 2-8 windows later -- e.g. 16 µs against a
         doorbell exit of ~50 µs on this nested host -- and every request then paid a sleep and a kick.)
         """
-        if armed_ns <= ADAPTIVE_MAX_NS:
-            self.windows[i] = min(self.windows[i] * 2, ADAPTIVE_MAX_NS)
+        if armed_ns <= self.poll_max_ns:
+            self.windows[i] = min(self.windows[i] * 2, self.poll_max_ns)
         else:
             self.windows[i] = max(self.windows[i] // 2, ADAPTIVE_MIN_NS)
 
@@ -418,6 +504,7 @@ class SidecoreThread:
         return self
 
     def _main(self) -> None:
+        threadname.set_current(self.loop.name)
         profile_dir = os.environ.get("EXITLESS_PROFILE_SIDECORE")
         try:
             if profile_dir:  # where does a sidecore's time go? (cProfile profiles only its own thread)

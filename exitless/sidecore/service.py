@@ -45,7 +45,7 @@ from ..vhost_user import protocol as P
 from ..vhost_user.backend import LOOP_MODE, VhostUserBackend
 from ..vhost_user.server import (PeerClosed, ProtocolError, TooManyFds, close_socket, listen_socket, peer_name,
                                  recv_message, run_session)
-from .loop import SidecoreLoop, SidecoreThread
+from .loop import ADAPTIVE_MAX_NS, ADAPTIVE_MIN_NS, IDLE_YIELD_NS, SidecoreLoop, SidecoreThread
 
 log = logging.getLogger("exitless.sidecore.service")
 
@@ -65,14 +65,16 @@ class SidecoreService:
     """Listen on ``path`` and serve each connecting VM's polled disk from one loop in ``mode``.
 
     ``mode``: ``poll`` or ``adaptive`` (the loop's; a ring the VM gives no kick fd is polled
-    regardless); ``poll_ns``: the adaptive initial idle window, ns; ``io_timeout``: seconds a
+    regardless); ``poll_ns``: the adaptive initial idle window, ns; ``poll_max_ns``: the longest
+    one; ``idle_yield_ns``: when the idle spin starts yielding its CPU (0: never; both
+    :class:`~exitless.sidecore.loop.SidecoreLoop`'s); ``io_timeout``: seconds a
     message (and a connection's first message) may take to arrive once started; ``max_clients``:
-    connections served at once.  Raises :class:`ServiceConfigError` for a bad mode or limit,
+    connections served at once.  Raises :class:`ServiceConfigError` for a bad mode, window or limit,
     :class:`~exitless.vhost_user.server.SocketPathError` if the path cannot be listened on.
     """
 
-    def __init__(self, path: str, mode: str = "poll", *, poll_ns: int = 64_000, io_timeout: float = 10.0,
-                 max_clients: int = MAX_CLIENTS):
+    def __init__(self, path: str, mode: str = "poll", *, poll_ns: int = 64_000, poll_max_ns: int = ADAPTIVE_MAX_NS,
+                 idle_yield_ns: int = IDLE_YIELD_NS, io_timeout: float = 10.0, max_clients: int = MAX_CLIENTS):
         if mode not in MODES:
             raise ServiceConfigError(f"sidecore mode {mode!r}: one of {', '.join(MODES)}")
         if not 1 <= max_clients <= 1024:
@@ -83,7 +85,12 @@ class SidecoreService:
         self.io_timeout = io_timeout
         self.max_clients = max_clients
         self.sock: socket.socket | None = None
-        self.dataplane = SidecoreThread(SidecoreLoop([], LOOP_MODE[mode], poll_ns=poll_ns, name="sidecore-service"))
+        if poll_max_ns < ADAPTIVE_MIN_NS:
+            raise ServiceConfigError(f"--poll-max-us {poll_max_ns / 1000:g}: at least {ADAPTIVE_MIN_NS / 1000:g} µs")
+        if idle_yield_ns < 0:
+            raise ServiceConfigError(f"--idle-yield-us {idle_yield_ns / 1000:g}: 0 (never) or more")
+        self.dataplane = SidecoreThread(SidecoreLoop([], LOOP_MODE[mode], poll_ns=poll_ns, poll_max_ns=poll_max_ns,
+                                                     idle_yield_ns=idle_yield_ns, name="sidecore-service"))
         self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._stopping = False
         self._lock = threading.Lock()

@@ -136,6 +136,10 @@ class VringPollable:
         self.done += n
         return n > 0
 
+    def has_work(self) -> bool:
+        """Requests are available (the sidecore loop's test before serving an armed ring in C)."""
+        return self._ok() and self.q.has_work()
+
     def c_job(self) -> tuple | None:
         """This ring as a job of the loop's C round (``_vring.serve``), or None (polled in Python)."""
         return self.device.serve_job(self.index, self.call_fd) if self._ok() else None

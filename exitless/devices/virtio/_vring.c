@@ -39,6 +39,7 @@
 #include <string.h>
 #include <sys/uio.h>
 #include <time.h>
+#include <sched.h>
 #include <unistd.h>
 
 #include "../../cpu_relax.h"
@@ -477,19 +478,24 @@ static PyObject *ring_blk_batch(Ring *r, PyObject *args)
 }
 
 /* ---------------------------------------------------------------------------------------------- */
-/* serve(jobs, watches, timeout_ns, budget, times)
+/* serve(jobs, watches, timeout_ns, budget, times, yield_ns=0)
  *   -> (reason, index, [(last_avail, shadow_avail, used_idx, avail_event, signalled_used, signalled_valid,
- *                        completed, last_work_ns, interrupts)] per job, idle_ns)
+ *                        completed, last_work_ns, interrupts)] per job, idle_ns, yields)
  *
  * A sidecore round for many virtio-blk queues at once, without the GIL: visit every job in turn, take
- * at most `budget` chains from it (blk_run), and when a visit completed some, decide the interrupt
- * as Virtqueue.should_signal does and write the queue's irqfd (call_fd; -1: the caller signals) --
- * so a completion reaches the guest with no Python in between.  Spin (pause) while nothing is
- * available, until `timeout_ns` have passed (reason 0; at least one pass is made), a job's next
- * chain is for Python (reason 1, index = that job: the caller pops it), or one of `watches`
- * ([(address, expected u32)], the words of pollables served in Python) changed (reason 2, index =
- * that watch).  One visit takes at most `budget` chains, so a flooded queue delays the others by
+ * at most `budget` chains from it (blk_run), and at the end of the pass, for each queue that completed
+ * some, decide the interrupt as Virtqueue.should_signal does and write the queue's irqfd (call_fd; -1:
+ * the caller signals) -- so a completion reaches the guest with no Python in between.  Spin (pause)
+ * while nothing is available, until `timeout_ns` have passed (reason 0; at least one pass is made),
+ * a job's next chain is for Python (reason 1, index = that job: the caller pops it), or one of
+ * `watches` ([(address, expected u32)], the words of pollables served in Python) changed (reason 2,
+ * index = that watch).  One visit takes at most `budget` chains, so a flooded queue delays the others by
  * one budget per pass (issue 12's fairness).
+ *
+ * yield_ns: once no queue has had work for this long (0: never), the idle spin calls sched_yield() at
+ * each of its clock reads (every 64 pauses): a runnable thread waiting for this CPU -- on a host with
+ * fewer cores than threads, often a vCPU of a VM this round serves -- runs instead of the spin, and
+ * with nobody waiting the call returns at once.  `yields` counts the calls.
  *
  * jobs: [(ring, last_avail, shadow_avail, used_idx, avail_event, event_idx, notify_enabled,
  *         signalled_used, signalled_valid, fd, capacity_sectors, max_request_bytes, writable_disk, call_fd)]
@@ -504,14 +510,15 @@ typedef struct {
     int fd, writable, call_fd;
     uint64_t capacity, max_bytes, last_work;
     unsigned done, irqs;
+    int signal_due;           /* completed chains this pass: decide (and send) its interrupt at the pass's end */
 } job_t;
 
 static PyObject *vring_serve(PyObject *self, PyObject *args)
 {
     PyObject *jobs_obj, *watch_obj, *times_obj;
-    unsigned long long timeout_ns;
+    unsigned long long timeout_ns, yield_ns = 0;
     unsigned int budget;
-    if (!PyArg_ParseTuple(args, "OOKIO", &jobs_obj, &watch_obj, &timeout_ns, &budget, &times_obj))
+    if (!PyArg_ParseTuple(args, "OOKIO|K", &jobs_obj, &watch_obj, &timeout_ns, &budget, &times_obj, &yield_ns))
         return NULL;
     if (budget == 0) {
         PyErr_SetString(PyExc_ValueError, "serve: budget must be at least 1");
@@ -584,7 +591,7 @@ static PyObject *vring_serve(PyObject *self, PyObject *args)
     }
     int reason = 0;
     long index = -1;
-    uint64_t idle = 0, busy = 0;
+    uint64_t idle = 0, busy = 0, yields = 0;
     seg_t *segs = PyMem_Malloc(MAX_SEGS * sizeof(seg_t));
     struct iovec *iov = PyMem_Malloc(MAX_SEGS * sizeof(struct iovec));
     if (segs == NULL || iov == NULL) {
@@ -597,6 +604,7 @@ static PyObject *vring_serve(PyObject *self, PyObject *args)
     }
     Py_BEGIN_ALLOW_THREADS
     const uint64_t start = now_ns(), deadline = start + timeout_ns, cpu_start = times ? thread_cpu_ns() : 0;
+    uint64_t last_busy = start;
     for (unsigned iter = 1;; iter++) {
         int worked = 0;
         for (Py_ssize_t i = 0; i < nj && !reason; i++) {
@@ -612,6 +620,27 @@ static PyObject *vring_serve(PyObject *self, PyObject *args)
                 worked = 1;
                 j->done += n;
                 j->last_work = now_ns();
+                j->signal_due = 1;
+            }
+            if (times)
+                busy += thread_cpu_ns() - t_busy;
+            if (more) {
+                reason = 1;
+                index = (long)i;
+            }
+        }
+        /* The interrupts of the pass, after every queue's completions of it are published: a write to
+         * an irqfd wakes a halted vCPU (~15-20 µs of this thread's CPU on a nested host), and the woken
+         * vCPU thread may preempt this one on its CPU -- so no queue's completions wait behind another
+         * queue's interrupt.  want_signal() is the same decision at this point: a queue's used.idx does
+         * not move between its visit and here. */
+        if (worked) {
+            uint64_t t_busy = times ? thread_cpu_ns() : 0;
+            for (Py_ssize_t i = 0; i < nj; i++) {
+                job_t *j = &jobs[i];
+                if (!j->signal_due)
+                    continue;
+                j->signal_due = 0;
                 if (j->call_fd >= 0 && want_signal(j->ring, &j->st)) {
                     static const uint64_t one = 1;
                     /* EAGAIN: a counter at its maximum (a hostile peer's fd) already signals */
@@ -621,10 +650,6 @@ static PyObject *vring_serve(PyObject *self, PyObject *args)
             }
             if (times)
                 busy += thread_cpu_ns() - t_busy;
-            if (more) {
-                reason = 1;
-                index = (long)i;
-            }
         }
         for (Py_ssize_t i = 0; i < nw && !reason; i++) {
             if (*(volatile const uint32_t *)waddr[i] != wval[i]) {
@@ -635,13 +660,21 @@ static PyObject *vring_serve(PyObject *self, PyObject *args)
         if (reason)
             break;
         if (worked) {
-            if (now_ns() >= deadline)
+            last_busy = now_ns();
+            if (last_busy >= deadline)
                 break;
             continue;
         }
         cpu_relax();
-        if (((iter & 63) == 0 || timeout_ns == 0) && now_ns() >= deadline)
-            break;
+        if ((iter & 63) == 0 || timeout_ns == 0) {
+            uint64_t t = now_ns();
+            if (t >= deadline)
+                break;
+            if (yield_ns && t - last_busy >= yield_ns) {
+                sched_yield();
+                yields++;
+            }
+        }
     }
     if (times)
         idle = thread_cpu_ns() - cpu_start - busy;
@@ -664,7 +697,7 @@ static PyObject *vring_serve(PyObject *self, PyObject *args)
         }
         PyList_SET_ITEM(list, i, t);
     }
-    result = Py_BuildValue("(ilNK)", reason, index, list, (unsigned long long)idle);
+    result = Py_BuildValue("(ilNKK)", reason, index, list, (unsigned long long)idle, (unsigned long long)yields);
 done:
     for (Py_ssize_t i = 0; i < held; i++)
         Py_DECREF((PyObject *)jobs[i].ring);
@@ -1268,7 +1301,8 @@ static PyTypeObject RingType = {
 
 static PyMethodDef module_methods[] = {
     {"serve", vring_serve, METH_VARARGS,
-     "serve(jobs, watches, timeout_ns, budget, times) -> (reason, index, [per-job state], idle_ns): "
+     "serve(jobs, watches, timeout_ns, budget, times, yield_ns=0) -> (reason, index, [per-job state], idle_ns, "
+     "yields): "
      "many virtio-blk queues served and their irqfds written without the GIL"},
     {NULL, NULL, 0, NULL},
 };
