@@ -45,7 +45,8 @@ def _number(kind, text: str, *, zero_ok: bool):
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not (v >= 0 if zero_ok else v > 0) or v != v or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} must be {'>= 0' if zero_ok else '> 0'}")
+        finite = "a finite number " if kind is float else ""
+        raise argparse.ArgumentTypeError(f"{text} must be {finite}{'>= 0' if zero_ok else '> 0'}")
     return v
 
 

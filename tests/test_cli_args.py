@@ -1,6 +1,9 @@
 """Argument parsing of every command: bad values are one-line usage errors (exit 2) naming the command."""
 import argparse
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 import pytest
 
 from exitless import cli
@@ -109,3 +112,41 @@ def test_machine_refuses_more_ram_than_the_host_has():
 
     with pytest.raises(VmConfigError, match="too large"):
         Machine(VmConfig(mem_mib=host_ram_mib() + 1024))
+
+
+def _leaf_parsers(parser: argparse.ArgumentParser):
+    """Every (sub)command's parser that takes options, its sub-commands' included."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield parser
+    for action in subs:
+        for sub in dict.fromkeys(action.choices.values()):
+            yield from _leaf_parsers(sub)
+
+
+def _numeric_options():
+    return [(p.prog, a) for p in _leaf_parsers(cli.build_parser()) for a in p._actions
+            if a.option_strings and a.type is not None and a.choices is None
+            and getattr(a.type, "__name__", "") in ("int", "float", "positive_int", "non_negative_int",
+                                                   "positive_float", "non_negative_float", "mem_size")]
+
+
+def test_no_option_takes_a_bare_int_or_float():
+    """``type=float`` takes 'nan' and 'inf' (``sidecore --poll-us nan`` was a traceback), ``type=int``
+    takes negative counts: every number option of every command goes through exitless.argtypes."""
+    bare = [f"{prog} {a.option_strings[0]}" for prog, a in _numeric_options() if a.type in (int, float)]
+    assert not bare, bare
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.one_of(st.text(max_size=12), st.sampled_from(["nan", "-nan", "inf", "-inf", "1e309", "-0", "0",
+                                                              "-1", "1e-400", "0x10", "1_000", " 5 "])))
+def test_every_number_option_gives_a_finite_positive_value_or_a_usage_error(text):
+    """Whatever the text, a number option's type either gives a finite value >= 0 or raises one of the
+    errors argparse turns into a one-line usage error (exit 2)."""
+    for prog, action in _numeric_options():
+        try:
+            v = action.type(text)
+        except (argparse.ArgumentTypeError, ValueError, TypeError):
+            continue
+        assert v == v and v not in (float("inf"), float("-inf")) and v >= 0, (prog, action.option_strings, text, v)

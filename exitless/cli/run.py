@@ -23,7 +23,7 @@ import argparse
 import signal
 import sys
 
-from .options import add_disk_argument, add_nvme_argument, mem_size, positive_float
+from .options import add_disk_argument, add_nvme_argument, mem_size, positive_float, positive_int
 from .progress import stderr_progress
 
 
@@ -36,7 +36,7 @@ def register(sub) -> None:
     run.add_argument("--append", default="", help="kernel command line (the guest kit's: APP [key=value...]; default empty)")
     run.add_argument("--initrd", help="an initramfs (cpio, optionally compressed) for the kernel")
     run.add_argument("--mem", type=mem_size, default=256, help="guest RAM (default 256M)")
-    run.add_argument("--cpus", type=int, default=1, help="guest vCPUs (default 1)")
+    run.add_argument("--cpus", type=positive_int, default=1, help="guest vCPUs (default 1)")
     run.add_argument("--timeout", type=positive_float, default=None,
                      help="stop the guest after this many seconds (default: no limit)")
     run.add_argument("--one-sidecore", action="store_true",

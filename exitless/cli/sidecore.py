@@ -10,6 +10,8 @@ import argparse
 import logging
 import signal
 
+from ..argtypes import non_negative_float, positive_int
+
 USAGE = """\
     exitless sidecore --socket /tmp/sidecore.sock [--mode poll|adaptive]
     exitless run --kernel guestkit/build/guestkit.elf --disk a.img,io=poll --sidecore /tmp/sidecore.sock \\
@@ -31,8 +33,8 @@ def register(sub) -> None:
     p.add_argument("--mode", choices=("poll", "adaptive"), default="poll",
                    help="poll: poll every ring; adaptive: poll while busy, sleep on the VMs' ioeventfds when "
                         "every ring is idle (default poll)")
-    p.add_argument("--poll-us", type=float, default=64.0, help="adaptive: initial busy-poll window (µs; default 64)")
-    p.add_argument("--max-vms", type=int, default=64, metavar="N",
+    p.add_argument("--poll-us", type=non_negative_float, default=64.0, help="adaptive: initial busy-poll window (µs; default 64)")
+    p.add_argument("--max-vms", type=positive_int, default=64, metavar="N",
                    help="disks (connections) served at once; more are refused (default 64)")
     p.add_argument("--no-confine", action="store_true",
                    help="do not install the seccomp filter (debugging: strace, profilers)")
