@@ -88,3 +88,11 @@ def output_file(text: str) -> str:
     if not existed:
         os.unlink(text)
     return text
+
+
+def output_path(text: str) -> str:
+    """argparse ``type=`` for a file written when a VM stops (``run --stats FILE``): as :func:`output_file`,
+    but a file only -- stdout carries the guest's console."""
+    if text == "-":
+        raise argparse.ArgumentTypeError("give a file: stdout carries the guest's console")
+    return output_file(text)

@@ -150,3 +150,50 @@ def test_every_number_option_gives_a_finite_positive_value_or_a_usage_error(text
         except (argparse.ArgumentTypeError, ValueError, TypeError):
             continue
         assert v == v and v not in (float("inf"), float("-inf")) and v >= 0, (prog, action.option_strings, text, v)
+
+
+_FORM_VALUES = {"--initrd": ["rd.img"], "--modules": ["mods"], "--cache": ["cache"], "--boot-log": [],
+                "--decompress": ["host"], "--stats": ["stats.json"]}
+
+
+def _form_argv(form: str, tmp_path) -> tuple[list[str], list[str]]:
+    """(the words before the option, the words after it) of a ``run`` of ``form``."""
+    from exitless.guestkit import guestkit_path
+
+    if form == "guestkit":
+        return ["run", "--kernel", str(guestkit_path())], ["--append", "info"]
+    if form == "linux":
+        kernel = tmp_path / "bzImage"
+        kernel.write_bytes(b"not an ELF: taken for a bzImage")
+        return ["run", "--kernel", str(kernel)], []
+    return ["run"], ["--", "true"]
+
+
+@pytest.mark.parametrize("form", ["guestkit", "linux", "easy"])
+def test_an_option_the_form_would_ignore_is_refused(tmp_path, capsys, monkeypatch, form):
+    """``run --kernel guestkit.elf --initrd X`` booted without the initramfs, ``--stats`` with Linux wrote
+    nothing: each option a form does not use is one line, exit 2, naming the option, before anything boots."""
+    from exitless.cli.run import FORM_OPTIONS
+
+    monkeypatch.chdir(tmp_path)
+    assert set(FORM_OPTIONS) == set(_FORM_VALUES)
+    before, after = _form_argv(form, tmp_path)
+    for option, (_, forms, _) in FORM_OPTIONS.items():
+        if form in forms:
+            continue
+        assert cli.main([*before, option, *_FORM_VALUES[option], *after]) == 2, option
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"exitless: {option} does nothing with"), err
+
+
+def test_sidecore_without_a_polled_disk_is_refused(tmp_path, capsys):
+    """``run --disk a.img --sidecore S`` (io defaults to ioeventfd) would never use the service."""
+    from exitless.guestkit import guestkit_path
+
+    img = tmp_path / "a.img"
+    img.write_bytes(bytes(1 << 20))
+    for disks in ([], ["--disk", str(img)], ["--disk", f"{img},io=trap"]):
+        assert cli.main(["run", "--kernel", str(guestkit_path()), *disks, "--sidecore", str(tmp_path / "s.sock"),
+                         "--append", "info"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "no --disk on a polled path" in err, err

@@ -23,6 +23,8 @@ import argparse
 import signal
 import sys
 
+from ..errors import ExitlessError
+from ..argtypes import output_path
 from .options import add_disk_argument, add_nvme_argument, mem_size, positive_float, positive_int
 from .progress import stderr_progress
 
@@ -62,7 +64,7 @@ def register(sub) -> None:
     run.add_argument("--cache", help="guest cache directory (default $EXITLESS_CACHE or ~/.cache/exitless/guest)")
     run.add_argument("--modules", help="modules directory for --kernel (lib/modules/<kver> or its root)")
     run.add_argument("--boot-log", action="store_true", help="easy form: show the kernel's boot messages too")
-    run.add_argument("--stats", metavar="FILE",
+    run.add_argument("--stats", metavar="FILE", type=output_path,
                      help="guest kit: when the VM stops, write KVM's counters over the guest's measured loop (its "
                           "start and end marks on port 0x511) as JSON to FILE: {\"window\": {\"kvm\": {\"exits\": "
                           "...}, \"vmm_cpu\": s, \"wall\": s} or null, \"exit\": kind}")
@@ -74,8 +76,45 @@ def register(sub) -> None:
 def cmd_run(args) -> int:
     """The one dispatch of ``run``: a Linux kernel or the easy form, else a PVH ELF (the guest kit)."""
     if wants_linux_loader(args):
+        refuse_unused_options(args, "easy" if args.cmd else "linux")
         return _run_linux(args)
+    refuse_unused_options(args, "guestkit")
     return _run_pvh(args)
+
+
+class RunOptionError(ExitlessError, ValueError):
+    """An option of ``run`` that the chosen form (guest kit, Linux kernel, ``-- CMD``) would ignore."""
+
+
+#: The options each form of ``run`` uses, beyond the common ones: option -> (its dest, the forms that
+#: use it, why the others do not).  An option a form would ignore is refused: a user who writes
+#: ``--initrd`` for the guest kit, or ``--stats`` for Linux, expects it to do something.
+FORM_OPTIONS = {
+    "--initrd": ("initrd", ("linux",), "the guest kit reads no initramfs, and -- CMD runs from exitless's own"),
+    "--modules": ("modules", ("easy",), "it is the modules directory of the -- CMD form's --kernel"),
+    "--cache": ("cache", ("easy",), "only the -- CMD form boots the fetched guest"),
+    "--boot-log": ("boot_log", ("easy",), "only the -- CMD form hides the kernel's messages"),
+    "--decompress": ("decompress", ("linux", "easy"), "only a bzImage has a decompressor"),
+    "--stats": ("stats", ("guestkit",), "only the guest kit marks its measured loop on port 0x511"),
+}
+FORM_NAMES = {"guestkit": "the guest kit (a PVH ELF that is not Linux)", "linux": "a Linux --kernel",
+              "easy": "-- CMD"}
+
+
+def refuse_unused_options(args, form: str) -> None:
+    """Raise :class:`RunOptionError`, before anything boots, for an option given (not at its default)
+    that ``form`` -- ``guestkit``, ``linux`` or ``easy`` -- does not use (:data:`FORM_OPTIONS`), and
+    for ``--sidecore`` without a disk on a polled path (the service would serve nothing)."""
+    from ..disk import DEFAULT_IO
+    from ..sidecore.paths import REMOTE_PATHS
+
+    for option, (dest, forms, why) in FORM_OPTIONS.items():
+        value = getattr(args, dest)
+        if form not in forms and value not in (None, False, "auto"):
+            raise RunOptionError(f"{option} does nothing with {FORM_NAMES[form]}: {why}")
+    if args.sidecore and not any(d.io in REMOTE_PATHS for d in args.disk):
+        raise RunOptionError(f"--sidecore {args.sidecore}: no --disk on a polled path to hand over (add "
+                             f",io={'|'.join(REMOTE_PATHS)} to a --disk; the default is io={DEFAULT_IO})")
 
 
 def wants_linux_loader(args) -> bool:
