@@ -7,6 +7,7 @@ probe that looks at the machine and stops it.
 from __future__ import annotations
 
 import argparse
+import errno
 import ast
 import os
 import subprocess
@@ -14,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from exitless import cli
@@ -497,3 +498,41 @@ def test_command_output_holds_a_bounded_line_whatever_the_guest_prints():
     assert len(co.line) <= 4096 and co.state == "command"
     co(b"\n")
     assert co.state == "done" and out == []
+
+
+def _exitless_errors() -> list[type]:
+    """Every ExitlessError subclass of the package (each module imported)."""
+    import importlib
+    import pkgutil
+
+    import exitless
+    from exitless.errors import ExitlessError
+
+    for mod in pkgutil.walk_packages(exitless.__path__, "exitless."):
+        if ".fuzz" in mod.name or mod.name.endswith("__main__"):
+            continue
+        try:
+            importlib.import_module(mod.name)
+        except ImportError:
+            continue
+    found, todo = [], [ExitlessError]
+    while todo:
+        cls = todo.pop()
+        found.append(cls)
+        todo += cls.__subclasses__()
+    return found
+
+
+@settings(max_examples=50, deadline=None)
+@given(err=st.sampled_from([errno.ENOENT, errno.EPROTO, errno.EINVAL, errno.EACCES]),
+       message=st.text(min_size=1, max_size=40).filter(str.strip))
+def test_an_os_error_of_ours_prints_its_message_alone(err, message) -> None:
+    """``run --sidecore /nonexistent`` printed "exitless: [Errno 2] cannot reach ...": every ExitlessError
+    that is an OSError, raised as (errno, message), prints the message alone."""
+    from exitless.kvm.syscall import KvmError
+
+    oserrors = [c for c in _exitless_errors() if issubclass(c, OSError)]
+    assert len(oserrors) >= 5
+    for cls in oserrors:
+        e = KvmError(0xAE01, err, message) if cls is KvmError else cls(err, message)
+        assert "Errno" not in str(e) and message in str(e), (cls, str(e))
