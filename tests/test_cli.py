@@ -219,7 +219,11 @@ def test_bad_disk_spec_exits_2_naming_the_part() -> None:
 def test_user_errors_exit_2_with_one_line(tmp_path: Path) -> None:
     """Bad input is reported in one line naming it, exit 2 (no VM needed for these)."""
     r = exitless("run", "--kernel", str(tmp_path / "nope.elf"), "--cpus", "0")
-    assert (r.returncode, r.stderr) == (2, "exitless: --cpus 0: between 1 and 64\n")
+    assert (r.returncode, r.stderr) == (2, "exitless run: error: argument --cpus: 0 must be > 0 (see exitless run --help)\n")
+    from exitless.guestkit import guestkit_path
+
+    r = exitless("run", "--kernel", str(guestkit_path()), "--cpus", "65")
+    assert (r.returncode, r.stderr) == (2, "exitless: --cpus 65: between 1 and 64\n")
     disk = tmp_path / "d.img"
     disk.write_bytes(bytes(4096))
     r = exitless("serve", "blk", "--socket", str(tmp_path / "no-such-dir" / "s.sock"), "--disk", str(disk))
@@ -536,3 +540,49 @@ def test_an_os_error_of_ours_prints_its_message_alone(err, message) -> None:
     for cls in oserrors:
         e = KvmError(0xAE01, err, message) if cls is KvmError else cls(err, message)
         assert "Errno" not in str(e) and message in str(e), (cls, str(e))
+
+
+def _not_an_image(kind: str, tmp_path: Path) -> str:
+    """A path of ``kind`` that a command must refuse where it wants a kernel, initrd or busybox file."""
+    import socket as _socket
+
+    p = tmp_path / kind
+    if kind == "fifo":
+        os.mkfifo(p)
+    elif kind == "directory":
+        p.mkdir()
+    elif kind == "socket":
+        s = _socket.socket(_socket.AF_UNIX)
+        s.bind(str(p))
+        s.close()
+    elif kind == "too large":
+        with open(p, "wb") as f:
+            f.truncate(128 << 20)                  # sparse: 128 MiB for a 64 MiB guest
+    elif kind == "char device":
+        return "/dev/zero"
+    return str(p)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "char device", "directory", "socket", "missing", "too large"])
+def test_a_file_that_is_not_an_image_is_refused_at_once(tmp_path: Path, kind: str) -> None:
+    """``run --kernel FIFO`` blocked forever, ``--initrd /dev/zero`` read until the VMM was killed for its
+    memory, ``guest fetch --busybox DIR`` said "does not exist" after a download: every kernel, initrd and
+    busybox path is one line, exit 2, at once, whatever it names."""
+    from exitless.guestkit import guestkit_path
+
+    bad = _not_an_image(kind, tmp_path)
+    fake_bzimage = tmp_path / "bzImage"
+    fake_bzimage.write_bytes(b"not an ELF: taken for a bzImage" * 100)
+    cache = str(tmp_path / "cache")
+    argvs = [["run", "--mem", "64M", "--kernel", bad, "--append", "info"],
+             ["run", "--mem", "64M", "--kernel", str(fake_bzimage), "--initrd", bad],
+             ["run", "--mem", "64M", "--initrd", bad, "--", "true"],
+             ["guest", "fetch", "--cache", cache, "--kernel", str(fake_bzimage), "--busybox", bad]]
+    if kind != "too large":                        # (a big file is a fine kernel for guest fetch to keep)
+        argvs += [["guest", "fetch", "--cache", cache, "--kernel", bad],
+                  ["guest", "fetch", "--cache", cache, "--busybox", bad]]
+    for argv in argvs:
+        r = exitless(*argv, timeout=30)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, (argv, r.stderr)
+        assert bad in r.stderr, (argv, r.stderr)
+    assert str(guestkit_path())

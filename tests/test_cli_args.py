@@ -176,6 +176,7 @@ def test_an_option_the_form_would_ignore_is_refused(tmp_path, capsys, monkeypatc
     from exitless.cli.run import FORM_OPTIONS
 
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "rd.img").write_bytes(b"an initrd")     # (a missing file would be reported first)
     assert set(FORM_OPTIONS) == set(_FORM_VALUES)
     before, after = _form_argv(form, tmp_path)
     for option, (_, forms, _) in FORM_OPTIONS.items():
