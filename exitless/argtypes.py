@@ -65,6 +65,19 @@ def positive_float(text: str) -> float:
     return _number(float, text, zero_ok=False)
 
 
+#: The largest ``--scale``: a run a thousand times the default is hours long already; beyond it the counts
+#: overflow what the guest kit takes (and 1e308 was infinity, a traceback).
+MAX_SCALE = 1000.0
+
+
+def scale_factor(text: str) -> float:
+    """argparse ``type=`` for ``--scale`` (a multiplier of operation or packet counts): finite, in (0, 1000]."""
+    v = _number(float, text, zero_ok=False)
+    if v > MAX_SCALE:
+        raise argparse.ArgumentTypeError(f"{text} is more than {MAX_SCALE:g}")
+    return v
+
+
 def non_negative_float(text: str) -> float:
     """argparse ``type=`` for a duration where 0 means none (a minimum run time, seconds): finite, >= 0."""
     return _number(float, text, zero_ok=True)

@@ -49,7 +49,8 @@ def test_positive_types():
     ("bench", "blk", "--scale", "-1"), ("bench", "nvme", "--rounds", "0"), ("bench", "net", "--scale", "-1"),
     ("bench", "vhost", "--min-seconds", "-1"), ("bench", "boot", "--runs", "0"), ("bench", "boot", "--timeout", "-1"),
     ("bench", "boot", "--mem", "100000G"), ("run", "--timeout", "-1"), ("run", "--timeout", "0"),
-    ("run", "--mem", "100000G"), ("run", "--mem", "5000G"),
+    ("run", "--mem", "100000G"), ("run", "--mem", "5000G"), ("bench", "blk", "--scale", "1e308"),
+    ("bench", "net", "--scale", "1001"), ("bench", "nvme", "--scale", "inf"),
 ])
 def test_bad_numbers_are_one_line_usage_errors(capsys, argv):
     err = _parse_error(capsys, *argv)
@@ -128,7 +129,7 @@ def _numeric_options():
     return [(p.prog, a) for p in _leaf_parsers(cli.build_parser()) for a in p._actions
             if a.option_strings and a.type is not None and a.choices is None
             and getattr(a.type, "__name__", "") in ("int", "float", "positive_int", "non_negative_int",
-                                                   "positive_float", "non_negative_float", "mem_size")]
+                                                   "positive_float", "non_negative_float", "mem_size", "scale_factor")]
 
 
 def test_no_option_takes_a_bare_int_or_float():
