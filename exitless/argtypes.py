@@ -104,8 +104,8 @@ def output_file(text: str) -> str:
 
 
 def output_path(text: str) -> str:
-    """argparse ``type=`` for a file written when a VM stops (``run --stats FILE``): as :func:`output_file`,
-    but a file only -- stdout carries the guest's console."""
+    """argparse ``type=`` for a file a command writes besides its output on stdout (``run --stats FILE``:
+    stdout carries the guest's console): as :func:`output_file`, but a file only."""
     if text == "-":
-        raise argparse.ArgumentTypeError("give a file: stdout carries the guest's console")
+        raise argparse.ArgumentTypeError("give a file: stdout carries this command's own output")
     return output_file(text)

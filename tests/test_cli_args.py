@@ -126,7 +126,10 @@ def _leaf_parsers(parser: argparse.ArgumentParser):
 
 
 def _numeric_options():
-    return [(p.prog, a) for p in _leaf_parsers(cli.build_parser()) for a in p._actions
+    from exitless.sidecore import breakdown
+
+    parsers = [*_leaf_parsers(cli.build_parser()), breakdown.build_parser()]
+    return [(p.prog, a) for p in parsers for a in p._actions
             if a.option_strings and a.type is not None and a.choices is None
             and getattr(a.type, "__name__", "") in ("int", "float", "positive_int", "non_negative_int",
                                                    "positive_float", "non_negative_float", "mem_size", "scale_factor")]
