@@ -202,3 +202,23 @@ def test_sidecore_without_a_polled_disk_is_refused(tmp_path, capsys):
                          "--append", "info"]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "no --disk on a polled path" in err, err
+
+
+def test_a_missing_subcommand_names_the_choices(capsys):
+    """``exitless serve`` said "required: serve" (argparse's internal dest): every command group names its
+    sub-commands instead."""
+    for argv in ([], ["serve"], ["bench"], ["guest"]):
+        err = _parse_error(capsys, *argv)
+        assert "the following arguments are required: {" in err, err
+        group = cli.build_parser() if not argv else next(
+            a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[argv[0]]
+        sub = next(a for a in group._actions if isinstance(a, argparse._SubParsersAction))
+        assert all(name in err for name in sub.choices), err
+
+
+@pytest.mark.parametrize("command", ["", " ", "\t"])
+def test_an_empty_command_is_refused_before_the_boot(capsys, command):
+    """``run -- ''`` booted Linux for minutes to run nothing."""
+    assert cli.main(["run", "--", command]) == 2
+    err = capsys.readouterr().err
+    assert err == "exitless: -- CMD: the command is an empty string\n", err

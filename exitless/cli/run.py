@@ -198,6 +198,8 @@ def _run_linux(args) -> int:
     command = list(args.cmd or [])
     if command and command[0] == "--":
         command = command[1:]
+    if command and not command[0].strip():
+        raise RunOptionError("-- CMD: the command is an empty string")
     easy = bool(command)
     plan = plan_guest(args.kernel, command, append=args.append, initrd=args.initrd, cache=args.cache,
                       modules=args.modules, decompress=args.decompress, quiet=not args.boot_log,

@@ -83,7 +83,7 @@ def plan_guest(kernel: str | None, command: list[str], *, append: str = "", init
         cmdline = f"{cmdline} {append}".strip()
     else:
         if kernel is None:
-            raise GuestPlanError("exitless run needs --kernel, or a command to run in the fetched guest: "
+            raise GuestPlanError("run needs --kernel, or a command to run in the fetched guest: "
                                  "exitless run -- CMD")
         kpath = Path(kernel)
         if initrd is not None:
