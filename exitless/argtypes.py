@@ -109,3 +109,15 @@ def output_path(text: str) -> str:
     if text == "-":
         raise argparse.ArgumentTypeError("give a file: stdout carries this command's own output")
     return output_file(text)
+
+
+def host_user(text: str) -> str:
+    """argparse ``type=`` for ``--user`` (a back-end drops to it after set-up): a user name or uid this host
+    knows, checked before anything listens (the drop itself comes later, see :mod:`exitless.confine`)."""
+    import pwd
+
+    try:
+        pwd.getpwuid(int(text)) if text.isdigit() else pwd.getpwnam(text)
+    except (KeyError, ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(f"no such user: {text!r}") from None
+    return text

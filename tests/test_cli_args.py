@@ -222,3 +222,13 @@ def test_an_empty_command_is_refused_before_the_boot(capsys, command):
     assert cli.main(["run", "--", command]) == 2
     err = capsys.readouterr().err
     assert err == "exitless: -- CMD: the command is an empty string\n", err
+
+
+@pytest.mark.parametrize("argv", [("sidecore", "--socket", "s.sock"), ("serve", "blk", "--socket", "s.sock", "--disk", "d"),
+                                  ("serve", "net", "--socket", "s.sock", "--tap", "t0")])
+@pytest.mark.parametrize("user", ["no-such-user-exitless", "4294967296", "99999999999999999999999"])
+def test_an_unknown_user_is_a_usage_error_before_anything_listens(capsys, argv, user):
+    """``sidecore --user nosuch`` listened, then logged "stopped" and the error: two lines.  Every back-end's
+    --user is checked by argparse."""
+    err = _parse_error(capsys, *argv, "--user", user)
+    assert "argument --user: no such user" in err, err

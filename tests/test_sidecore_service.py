@@ -417,7 +417,8 @@ def test_cli_usage_errors(tmp_path):
     svc = ServeProcess(None, ["--socket", str(sock), "--no-confine"], tmp_path / "log", command=("sidecore",))
     try:
         for args, words in ((["--socket", str(sock)], "another process is listening"),
-                            (["--socket", str(tmp_path / "t.sock"), "--max-vms", "0"], "--max-vms 0"),
+                            (["--socket", str(tmp_path / "t.sock"), "--max-vms", "0"], "--max-vms"),
+                            (["--socket", str(tmp_path / "t.sock"), "--max-vms", "1025"], "--max-vms 1025"),
                             (["--socket", str(tmp_path / "no" / "dir.sock")], "cannot listen here")):
             r = subprocess.run([sys.executable, "-m", "exitless", "sidecore", *args], capture_output=True,
                                text=True, timeout=60)

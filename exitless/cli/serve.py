@@ -13,7 +13,7 @@ import os
 import signal
 import threading
 
-from ..argtypes import non_negative_float
+from ..argtypes import host_user, non_negative_float
 from ..errors import ExitlessError
 from ..disk import refuse_shared_images
 from .options import add_disk_argument, power_of_two
@@ -69,7 +69,7 @@ def _add_hardening_arguments(parser) -> None:
                              "memory-backend-memfd)")
     parser.add_argument("--no-confine", action="store_true",
                         help="do not install the seccomp filter (debugging: strace, profilers)")
-    parser.add_argument("--user", metavar="USER", help="drop to this user after setup (needs root)")
+    parser.add_argument("--user", metavar="USER", type=host_user, help="drop to this user after setup (needs root)")
 
 
 def cmd_serve_blk(args) -> int:

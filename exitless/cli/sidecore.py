@@ -10,7 +10,7 @@ import argparse
 import logging
 import signal
 
-from ..argtypes import non_negative_float, positive_int
+from ..argtypes import host_user, non_negative_float, positive_int
 
 USAGE = """\
     exitless sidecore --socket /tmp/sidecore.sock [--mode poll|adaptive]
@@ -38,7 +38,7 @@ def register(sub) -> None:
                    help="disks (connections) served at once; more are refused (default 64)")
     p.add_argument("--no-confine", action="store_true",
                    help="do not install the seccomp filter (debugging: strace, profilers)")
-    p.add_argument("--user", metavar="USER", help="drop to this user after setup (needs root)")
+    p.add_argument("--user", metavar="USER", type=host_user, help="drop to this user after setup (needs root)")
     p.set_defaults(func=cmd_sidecore)
 
 
