@@ -32,8 +32,8 @@ def _open_image(path, what: str, max_bytes: int | None) -> tuple[int, int]:
             raise KernelImageError(f"{_name(path, what)}: not a regular file (a FIFO, socket or device cannot be "
                                    "read as an image)")
         if max_bytes is not None and st.st_size > max_bytes:
-            raise KernelImageError(f"{_name(path, what)}: {st.st_size} bytes cannot fit in {max_bytes >> 20} MiB "
-                                   "of guest RAM")
+            raise KernelImageError(f"{_name(path, what)}: {st.st_size / (1 << 20):.1f} MiB does not fit in "
+                                   f"{max_bytes >> 20} MiB of guest RAM")
     except BaseException:
         os.close(fd)
         raise

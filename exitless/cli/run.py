@@ -77,14 +77,13 @@ def cmd_run(args) -> int:
     """The one dispatch of ``run``: a Linux kernel or the easy form, else a PVH ELF (the guest kit)."""
     from ..boot.files import check_image
 
-    for what, path in (("", args.kernel), ("initrd", args.initrd)):
-        if path is not None:         # a missing kernel is reported as such, not as a form it was taken for
-            check_image(path, what, args.mem << 20)
-    if wants_linux_loader(args):
-        refuse_unused_options(args, "easy" if args.cmd else "linux")
-        return _run_linux(args)
-    refuse_unused_options(args, "guestkit")
-    return _run_pvh(args)
+    if args.kernel is not None:      # a missing kernel is reported as such, not as a form it was taken for
+        check_image(args.kernel, "", args.mem << 20)
+    form = ("easy" if args.cmd else "linux") if wants_linux_loader(args) else "guestkit"
+    refuse_unused_options(args, form)
+    if args.initrd is not None:
+        check_image(args.initrd, "initrd", args.mem << 20)
+    return _run_pvh(args) if form == "guestkit" else _run_linux(args)
 
 
 class RunOptionError(ExitlessError, ValueError):
