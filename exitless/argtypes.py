@@ -39,6 +39,11 @@ def mem_size(text: str) -> int:
     return mib
 
 
+#: The largest float option: every one is a duration (seconds, minutes, µs), and a finite 1e300 still
+#: overflowed time_t in a timed wait (``run --timeout 1e300`` was a traceback); 1e8 s is three years.
+MAX_FLOAT = 1e8
+
+
 def _number(kind, text: str, *, zero_ok: bool):
     try:
         v = kind(text)
@@ -47,6 +52,8 @@ def _number(kind, text: str, *, zero_ok: bool):
     if not (v >= 0 if zero_ok else v > 0) or v != v or v == float("inf"):
         finite = "a finite number " if kind is float else ""
         raise argparse.ArgumentTypeError(f"{text} must be {finite}{'>= 0' if zero_ok else '> 0'}")
+    if kind is float and v > MAX_FLOAT:
+        raise argparse.ArgumentTypeError(f"{text} is more than {MAX_FLOAT:g}")
     return v
 
 
@@ -61,7 +68,7 @@ def non_negative_int(text: str) -> int:
 
 
 def positive_float(text: str) -> float:
-    """argparse ``type=`` for a scale factor or a timeout (seconds): a finite number > 0."""
+    """argparse ``type=`` for a duration (a timeout, seconds; minutes): a number in (0, :data:`MAX_FLOAT`]."""
     return _number(float, text, zero_ok=False)
 
 
@@ -79,7 +86,8 @@ def scale_factor(text: str) -> float:
 
 
 def non_negative_float(text: str) -> float:
-    """argparse ``type=`` for a duration where 0 means none (a minimum run time, seconds): finite, >= 0."""
+    """argparse ``type=`` for a duration where 0 means none (a minimum run time, seconds; a poll window, µs):
+    a number in [0, :data:`MAX_FLOAT`]."""
     return _number(float, text, zero_ok=True)
 
 

@@ -50,7 +50,8 @@ def test_positive_types():
     ("bench", "vhost", "--min-seconds", "-1"), ("bench", "boot", "--runs", "0"), ("bench", "boot", "--timeout", "-1"),
     ("bench", "boot", "--mem", "100000G"), ("run", "--timeout", "-1"), ("run", "--timeout", "0"),
     ("run", "--mem", "100000G"), ("run", "--mem", "5000G"), ("bench", "blk", "--scale", "1e308"),
-    ("bench", "net", "--scale", "1001"), ("bench", "nvme", "--scale", "inf"),
+    ("bench", "net", "--scale", "1001"), ("bench", "nvme", "--scale", "inf"), ("run", "--timeout", "1e300"),
+    ("sidecore", "--socket", "s", "--poll-us", "1e300"), ("bench", "soak", "--minutes", "1e20"),
 ])
 def test_bad_numbers_are_one_line_usage_errors(capsys, argv):
     err = _parse_error(capsys, *argv)
@@ -143,7 +144,7 @@ def test_no_option_takes_a_bare_int_or_float():
 
 
 @settings(max_examples=300, deadline=None)
-@given(text=st.one_of(st.text(max_size=12), st.sampled_from(["nan", "-nan", "inf", "-inf", "1e309", "-0", "0",
+@given(text=st.one_of(st.text(max_size=12), st.sampled_from(["nan", "-nan", "inf", "-inf", "1e309", "1e300", "-0", "0",
                                                               "-1", "1e-400", "0x10", "1_000", " 5 "])))
 def test_every_number_option_gives_a_finite_positive_value_or_a_usage_error(text):
     """Whatever the text, a number option's type either gives a finite value >= 0 or raises one of the
@@ -154,6 +155,7 @@ def test_every_number_option_gives_a_finite_positive_value_or_a_usage_error(text
         except (argparse.ArgumentTypeError, ValueError, TypeError):
             continue
         assert v == v and v not in (float("inf"), float("-inf")) and v >= 0, (prog, action.option_strings, text, v)
+        assert isinstance(v, int) or v <= 1e8, (prog, action.option_strings, text, v)   # durations: no overflow
 
 
 _FORM_VALUES = {"--initrd": ["rd.img"], "--modules": ["mods"], "--cache": ["cache"], "--boot-log": [],
