@@ -36,7 +36,8 @@ def register(sub) -> None:
     run.add_argument("--kernel", help="kernel: a bzImage, a vmlinux (PVH) or the guest kit; "
                      "default: the fetched Debian kernel")
     run.add_argument("--append", default="", help="kernel command line (the guest kit's: APP [key=value...]; default empty)")
-    run.add_argument("--initrd", help="an initramfs (cpio, optionally compressed) for the kernel")
+    run.add_argument("--initrd", help="an initramfs (cpio, optionally compressed) for a Linux --kernel (the guest kit "
+                                      "reads none; -- CMD brings its own)")
     run.add_argument("--mem", type=mem_size, default=256, help="guest RAM (default 256M)")
     run.add_argument("--cpus", type=positive_int, default=1, help="guest vCPUs (default 1)")
     run.add_argument("--timeout", type=positive_float, default=None,
@@ -61,8 +62,10 @@ def register(sub) -> None:
     run.add_argument("--decompress", choices=("auto", "guest", "host"), default="auto",
                      help="bzImage: run its decompressor in the guest, or unpack it on the host "
                           "(auto: host on kvm_pvm hosts, guest elsewhere; default auto)")
-    run.add_argument("--cache", help="guest cache directory (default $EXITLESS_CACHE or ~/.cache/exitless/guest)")
-    run.add_argument("--modules", help="modules directory for --kernel (lib/modules/<kver> or its root)")
+    run.add_argument("--cache", help="-- CMD: guest cache directory (default $EXITLESS_CACHE or "
+                                     "~/.cache/exitless/guest)")
+    run.add_argument("--modules", help="-- CMD with --kernel: that kernel's modules directory (lib/modules/<kver> or "
+                                       "its root)")
     run.add_argument("--boot-log", action="store_true", help="easy form: show the kernel's boot messages too")
     run.add_argument("--stats", metavar="FILE", type=output_path,
                      help="guest kit: when the VM stops, write KVM's counters over the guest's measured loop (its "
