@@ -12,6 +12,8 @@ import textwrap
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from exitless.devices.virtio import queue as qmod
 from exitless.devices.virtio.constants import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT
@@ -299,3 +301,26 @@ def test_serve_blk_allow_unsealed_memory_trusts_the_frontend(tmp_path):
         assert "--allow-unsealed-memory" in srv.text()
     finally:
         assert srv.stop() == 0, srv.text()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=st.binary(min_size=1, max_size=40).filter(lambda b: b"/" not in b and b"\0" not in b
+                                                     and b not in (b".", b"..")))
+def test_a_disk_path_of_any_bytes_gets_an_ascii_serial(tmp_path, name):
+    """``run --disk $'\\xff.img'`` was a UnicodeEncodeError traceback: the GET_ID serial (virtio-blk) and the
+    NVMe serial hash the path's bytes, whatever their encoding."""
+    from exitless.devices.nvme.namespace import Namespace
+    from exitless.devices.virtio.blk import VirtioBlk
+
+    path = os.path.join(os.fsencode(tmp_path), name)
+    with open(path, "wb") as f:
+        f.truncate(1 << 20)
+    try:
+        for make in (VirtioBlk, Namespace):
+            dev = make(os.fsdecode(path))
+            try:
+                assert dev.serial.isascii() and len(dev.serial) <= 20, dev.serial
+            finally:
+                dev.close()
+    finally:
+        os.unlink(path)
