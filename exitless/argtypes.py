@@ -39,13 +39,21 @@ def mem_size(text: str) -> int:
     return mib
 
 
+#: The largest float option: every one is a duration (seconds, minutes, µs), and a finite 1e300 still
+#: overflowed time_t in a timed wait (``run --timeout 1e300`` was a traceback); 1e8 s is three years.
+MAX_FLOAT = 1e8
+
+
 def _number(kind, text: str, *, zero_ok: bool):
     try:
         v = kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not (v >= 0 if zero_ok else v > 0) or v != v or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} must be {'>= 0' if zero_ok else '> 0'}")
+        finite = "a finite number " if kind is float else ""
+        raise argparse.ArgumentTypeError(f"{text} must be {finite}{'>= 0' if zero_ok else '> 0'}")
+    if kind is float and v > MAX_FLOAT:
+        raise argparse.ArgumentTypeError(f"{text} is more than {MAX_FLOAT:g}")
     return v
 
 
@@ -60,12 +68,26 @@ def non_negative_int(text: str) -> int:
 
 
 def positive_float(text: str) -> float:
-    """argparse ``type=`` for a scale factor or a timeout (seconds): a finite number > 0."""
+    """argparse ``type=`` for a duration (a timeout, seconds; minutes): a number in (0, :data:`MAX_FLOAT`]."""
     return _number(float, text, zero_ok=False)
 
 
+#: The largest ``--scale``: a run a thousand times the default is hours long already; beyond it the counts
+#: overflow what the guest kit takes (and 1e308 was infinity, a traceback).
+MAX_SCALE = 1000.0
+
+
+def scale_factor(text: str) -> float:
+    """argparse ``type=`` for ``--scale`` (a multiplier of operation or packet counts): finite, in (0, 1000]."""
+    v = _number(float, text, zero_ok=False)
+    if v > MAX_SCALE:
+        raise argparse.ArgumentTypeError(f"{text} is more than {MAX_SCALE:g}")
+    return v
+
+
 def non_negative_float(text: str) -> float:
-    """argparse ``type=`` for a duration where 0 means none (a minimum run time, seconds): finite, >= 0."""
+    """argparse ``type=`` for a duration where 0 means none (a minimum run time, seconds; a poll window, µs):
+    a number in [0, :data:`MAX_FLOAT`]."""
     return _number(float, text, zero_ok=True)
 
 
@@ -86,4 +108,24 @@ def output_file(text: str) -> str:
     os.close(fd)
     if not existed:
         os.unlink(text)
+    return text
+
+
+def output_path(text: str) -> str:
+    """argparse ``type=`` for a file a command writes besides its output on stdout (``run --stats FILE``:
+    stdout carries the guest's console): as :func:`output_file`, but a file only."""
+    if text == "-":
+        raise argparse.ArgumentTypeError("give a file: stdout carries this command's own output")
+    return output_file(text)
+
+
+def host_user(text: str) -> str:
+    """argparse ``type=`` for ``--user`` (a back-end drops to it after set-up): a user name or uid this host
+    knows, checked before anything listens (the drop itself comes later, see :mod:`exitless.confine`)."""
+    import pwd
+
+    try:
+        pwd.getpwuid(int(text)) if text.isdigit() else pwd.getpwnam(text)
+    except (KeyError, ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(f"no such user: {text!r}") from None
     return text

@@ -47,10 +47,6 @@ IOCTLS = (0x5401, 0x5421, 0x5451, 0x5450)   # TCGETS, FIONBIO, FIOCLEX, FIONCLEX
 class ConfinementError(ExitlessError, OSError):
     """Confinement was asked for and cannot be set up (no binding, unknown user, ...)."""
 
-    def __str__(self) -> str:
-        # the message is for the user: OSError's "[Errno 22] ..." prefix says nothing to them
-        return self.strerror or super().__str__()
-
 
 def _binding():
     try:

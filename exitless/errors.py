@@ -11,4 +11,13 @@ from __future__ import annotations
 
 
 class ExitlessError(Exception):
-    """Base of every error exitless raises deliberately; its message is for the user."""
+    """Base of every error exitless raises deliberately; its message is for the user.
+
+    A subclass that is also an ``OSError``, raised as ``(errno, message)``, prints as the message alone:
+    OSError's ``[Errno 2] ...`` prefix says nothing to the user (the message names the cause).
+    """
+
+    def __str__(self) -> str:
+        if isinstance(self, OSError) and self.strerror:
+            return self.strerror if self.filename is None else f"{self.filename}: {self.strerror}"
+        return super().__str__()

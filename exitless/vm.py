@@ -160,16 +160,12 @@ class Machine:
 
         ``kernel`` and ``initrd`` are paths or the file contents; returns (image, initrd gpa, initrd size).
         """
+        from .boot.files import read_image
         from .boot.placement import check_kernel_fits, place_initrd
-        from .boot.pvh import KernelImageError, load_pvh, parse_pvh_elf, pvh_cmdline
+        from .boot.pvh import load_pvh, parse_pvh_elf, pvh_cmdline
 
-        if isinstance(kernel, (bytes, bytearray)):
-            data = bytes(kernel)
-        else:
-            try:
-                data = Path(kernel).read_bytes()
-            except OSError as e:
-                raise KernelImageError(f"{kernel}: {e.strerror}") from e
+        ram = self.config.mem_mib << 20
+        data = bytes(kernel) if isinstance(kernel, (bytes, bytearray)) else read_image(kernel, "", ram)
         name = name or str(kernel if not isinstance(kernel, (bytes, bytearray)) else "kernel")
         # every check before the first byte of guest RAM is written
         image = parse_pvh_elf(data, name)
@@ -180,10 +176,7 @@ class Machine:
         rd_gpa = rd_size = 0
         blob = b""
         if initrd is not None:
-            try:
-                blob = bytes(initrd) if isinstance(initrd, (bytes, bytearray)) else Path(initrd).read_bytes()
-            except OSError as e:
-                raise KernelImageError(f"initrd {initrd}: {e.strerror}") from e
+            blob = bytes(initrd) if isinstance(initrd, (bytes, bytearray)) else read_image(initrd, "initrd", ram)
             rd_size = len(blob)
             if blob:
                 rd_gpa = place_initrd(self.ram_layout, self.config.mem_mib, rd_size, image.end)

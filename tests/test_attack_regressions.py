@@ -12,6 +12,8 @@ import textwrap
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from exitless.devices.virtio import queue as qmod
 from exitless.devices.virtio.constants import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT
@@ -219,3 +221,106 @@ def test_nvme_guest_triggered_warnings_are_rate_limited(tmp_path, caplog):
     finally:
         ns.close()
         mem.close()
+
+
+def _unsealable_memory(kind: str, where):
+    """``open_file`` for :class:`GuestRam`: region files that cannot be sealed against shrinking."""
+    import fcntl
+
+    def open_file(name: str) -> int:
+        if kind == "memfd sealed without F_SEAL_SHRINK":
+            fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            os.ftruncate(fd, 2 * MiB)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL)
+            return fd
+        path = os.path.join(where if kind == "file on a disk file system" else "/dev/shm", f"exitless-{name}-{os.getpid()}")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        os.unlink(path)          # the fd keeps it; nothing is left behind
+        return fd
+    return open_file
+
+
+@pytest.mark.parametrize("kind", ["file on a disk file system", "tmpfs file opened by path",
+                                  "memfd sealed without F_SEAL_SHRINK"])
+def test_serve_blk_refuses_memory_a_frontend_could_truncate(tmp_path, kind):
+    """A vhost-user frontend whose guest memory is a file it can truncate would kill ``serve blk`` with
+    SIGBUS (the rings and buffers are loads and stores into the mapping), and with it every other
+    frontend that process serves.  So memory that cannot be sealed against shrinking is refused unless
+    ``--allow-unsealed-memory`` says the frontend is trusted: the attacker truncates and kicks anyway,
+    and the frontend on the other socket keeps being served."""
+    from serveproc import ServeProcess
+    from test_sidecore_service import roundtrip
+    from test_vhost_user_backend import GuestRam, Session
+
+    if kind == "tmpfs file opened by path" and not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    disks = [tmp_path / f"d{k}.img" for k in range(2)]
+    for d in disks:
+        d.write_bytes(b"\0" * MiB)
+    socks = [str(tmp_path / f"vu{k}.sock") for k in range(2)]
+    srv = ServeProcess("blk", ["--socket", socks[0], "--disk", str(disks[0]), "--socket", socks[1],
+                               "--disk", str(disks[1])], tmp_path / "serve.log")
+    ram = GuestRam(_unsealable_memory(kind, str(tmp_path)))
+    try:
+        with pytest.raises(Exception):
+            s = Session(socks[0], ram=ram)      # refused: SET_MEM_TABLE fails, or the back-end hangs up
+            s.close(ram=False)
+        os.ftruncate(ram.fd_b, 0)              # what the attack would have done next: the rings' pages go
+        assert srv.proc.poll() is None, srv.text()
+        good = Session(socks[1])
+        try:
+            roundtrip(good, seed=5)
+        finally:
+            good.close()
+        assert "sealed against shrinking" in srv.text()
+    finally:
+        ram.mem.close()
+        os.close(ram.fd_a)
+        os.close(ram.fd_b)
+        assert srv.stop() == 0, srv.text()
+
+
+def test_serve_blk_allow_unsealed_memory_trusts_the_frontend(tmp_path):
+    """``--allow-unsealed-memory``: a file-backed frontend (QEMU's memory-backend-file) is served, with a
+    warning that names the risk."""
+    from serveproc import ServeProcess
+    from test_sidecore_service import roundtrip
+    from test_vhost_user_backend import GuestRam, Session
+
+    disk = tmp_path / "d.img"
+    disk.write_bytes(b"\0" * MiB)
+    sock = str(tmp_path / "vu.sock")
+    srv = ServeProcess("blk", ["--socket", sock, "--disk", str(disk), "--allow-unsealed-memory"],
+                       tmp_path / "serve.log")
+    try:
+        s = Session(sock, ram=GuestRam(_unsealable_memory("file on a disk file system", str(tmp_path))))
+        try:
+            roundtrip(s, seed=9)
+        finally:
+            s.close()
+        assert "--allow-unsealed-memory" in srv.text()
+    finally:
+        assert srv.stop() == 0, srv.text()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=st.binary(min_size=1, max_size=40).filter(lambda b: b"/" not in b and b"\0" not in b
+                                                     and b not in (b".", b"..")))
+def test_a_disk_path_of_any_bytes_gets_an_ascii_serial(tmp_path, name):
+    """``run --disk $'\\xff.img'`` was a UnicodeEncodeError traceback: the GET_ID serial (virtio-blk) and the
+    NVMe serial hash the path's bytes, whatever their encoding."""
+    from exitless.devices.nvme.namespace import Namespace
+    from exitless.devices.virtio.blk import VirtioBlk
+
+    path = os.path.join(os.fsencode(tmp_path), name)
+    with open(path, "wb") as f:
+        f.truncate(1 << 20)
+    try:
+        for make in (VirtioBlk, Namespace):
+            dev = make(os.fsdecode(path))
+            try:
+                assert dev.serial.isascii() and len(dev.serial) <= 20, dev.serial
+            finally:
+                dev.close()
+    finally:
+        os.unlink(path)

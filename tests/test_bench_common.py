@@ -186,3 +186,17 @@ def test_boot_rows_say_null_for_unmeasured_kernel_clock_and_no_polling_warning(c
     report.ties_note(2, [{"per_round": {"other_load_pct": [3.0, 55.0]}}], polling=False)
     err = capsys.readouterr().err
     assert "55% of the machine busy" in err and "poll" not in err
+
+
+def test_a_guest_kit_refusal_is_a_bench_error_not_a_key_error():
+    """``bench doorbell --n 99999999999999999999999``: the guest kit answered {"app", "error"} and the bench
+    died with KeyError 'ops'; a refusal is a BenchError quoting the guest, a result that carries an error
+    beside its figures (a timeout mid-run) is still returned."""
+    from exitless.bench.common import BenchError, guest_result
+
+    with pytest.raises(BenchError, match="refused the doorbell run: bad number for n"):
+        guest_result(b'boot\r\n{"app":"doorbell","error":"bad number for n: \'9999\'"}\r\n', "doorbell")
+    with pytest.raises(BenchError, match="refused the blk run"):
+        guest_result(b'{"app":"blk","rw":"randread","error":"unknown key"}\n', "blk")
+    partial = guest_result(b'{"app":"blk","rw":"read","ops":3,"errors":0,"error":"timeout"}\n', "blk")
+    assert partial["ops"] == 3

@@ -7,6 +7,7 @@ probe that looks at the machine and stops it.
 from __future__ import annotations
 
 import argparse
+import errno
 import ast
 import os
 import subprocess
@@ -14,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from exitless import cli
@@ -218,7 +219,11 @@ def test_bad_disk_spec_exits_2_naming_the_part() -> None:
 def test_user_errors_exit_2_with_one_line(tmp_path: Path) -> None:
     """Bad input is reported in one line naming it, exit 2 (no VM needed for these)."""
     r = exitless("run", "--kernel", str(tmp_path / "nope.elf"), "--cpus", "0")
-    assert (r.returncode, r.stderr) == (2, "exitless: --cpus 0: between 1 and 64\n")
+    assert (r.returncode, r.stderr) == (2, "exitless run: error: argument --cpus: 0 must be > 0 (see exitless run --help)\n")
+    from exitless.guestkit import guestkit_path
+
+    r = exitless("run", "--kernel", str(guestkit_path()), "--cpus", "65")
+    assert (r.returncode, r.stderr) == (2, "exitless: --cpus 65: between 1 and 64\n")
     disk = tmp_path / "d.img"
     disk.write_bytes(bytes(4096))
     r = exitless("serve", "blk", "--socket", str(tmp_path / "no-such-dir" / "s.sock"), "--disk", str(disk))
@@ -497,3 +502,86 @@ def test_command_output_holds_a_bounded_line_whatever_the_guest_prints():
     assert len(co.line) <= 4096 and co.state == "command"
     co(b"\n")
     assert co.state == "done" and out == []
+
+
+def _exitless_errors() -> list[type]:
+    """Every ExitlessError subclass of the package (each module imported)."""
+    import importlib
+    import pkgutil
+
+    import exitless
+    from exitless.errors import ExitlessError
+
+    for mod in pkgutil.walk_packages(exitless.__path__, "exitless."):
+        if ".fuzz" in mod.name or mod.name.endswith("__main__"):
+            continue
+        try:
+            importlib.import_module(mod.name)
+        except ImportError:
+            continue
+    found, todo = [], [ExitlessError]
+    while todo:
+        cls = todo.pop()
+        found.append(cls)
+        todo += cls.__subclasses__()
+    return found
+
+
+@settings(max_examples=50, deadline=None)
+@given(err=st.sampled_from([errno.ENOENT, errno.EPROTO, errno.EINVAL, errno.EACCES]),
+       message=st.text(min_size=1, max_size=40).filter(str.strip))
+def test_an_os_error_of_ours_prints_its_message_alone(err, message) -> None:
+    """``run --sidecore /nonexistent`` printed "exitless: [Errno 2] cannot reach ...": every ExitlessError
+    that is an OSError, raised as (errno, message), prints the message alone."""
+    from exitless.kvm.syscall import KvmError
+
+    oserrors = [c for c in _exitless_errors() if issubclass(c, OSError)]
+    assert len(oserrors) >= 5
+    for cls in oserrors:
+        e = KvmError(0xAE01, err, message) if cls is KvmError else cls(err, message)
+        assert "Errno" not in str(e) and message in str(e), (cls, str(e))
+
+
+def _not_an_image(kind: str, tmp_path: Path) -> str:
+    """A path of ``kind`` that a command must refuse where it wants a kernel, initrd or busybox file."""
+    import socket as _socket
+
+    p = tmp_path / kind
+    if kind == "fifo":
+        os.mkfifo(p)
+    elif kind == "directory":
+        p.mkdir()
+    elif kind == "socket":
+        s = _socket.socket(_socket.AF_UNIX)
+        s.bind(str(p))
+        s.close()
+    elif kind == "too large":
+        with open(p, "wb") as f:
+            f.truncate(128 << 20)                  # sparse: 128 MiB for a 64 MiB guest
+    elif kind == "char device":
+        return "/dev/zero"
+    return str(p)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "char device", "directory", "socket", "missing", "too large"])
+def test_a_file_that_is_not_an_image_is_refused_at_once(tmp_path: Path, kind: str) -> None:
+    """``run --kernel FIFO`` blocked forever, ``--initrd /dev/zero`` read until the VMM was killed for its
+    memory, ``guest fetch --busybox DIR`` said "does not exist" after a download: every kernel, initrd and
+    busybox path is one line, exit 2, at once, whatever it names."""
+    from exitless.guestkit import guestkit_path
+
+    bad = _not_an_image(kind, tmp_path)
+    fake_bzimage = tmp_path / "bzImage"
+    fake_bzimage.write_bytes(b"not an ELF: taken for a bzImage" * 100)
+    cache = str(tmp_path / "cache")
+    argvs = [["run", "--mem", "64M", "--kernel", bad, "--append", "info"],
+             ["run", "--mem", "64M", "--kernel", str(fake_bzimage), "--initrd", bad],
+             ["guest", "fetch", "--cache", cache, "--kernel", str(fake_bzimage), "--busybox", bad]]
+    if kind != "too large":                        # (a big file is a fine kernel for guest fetch to keep)
+        argvs += [["guest", "fetch", "--cache", cache, "--kernel", bad],
+                  ["guest", "fetch", "--cache", cache, "--busybox", bad]]
+    for argv in argvs:
+        r = exitless(*argv, timeout=30)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, (argv, r.stderr)
+        assert bad in r.stderr, (argv, r.stderr)
+    assert str(guestkit_path())

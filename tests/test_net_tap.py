@@ -7,6 +7,8 @@ from __future__ import annotations
 import time
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from exitless.devices.virtio.net import HDR_LEN
 from exitless.net.tap import Tap, TapError, check_name
@@ -279,3 +281,18 @@ def test_tap_deleted_and_created_again_recovers(ns, mode):
         assert r.resets == 0 and not r.dev.needs_reset and r.dev.internal_errors == 0
     finally:
         _teardown(worker, efd, r, tap)
+
+
+@given(st.lists(st.tuples(st.sampled_from(["t0", "t1", "exl-x"]), st.sampled_from([None, "ns0", "ns1"])),
+                min_size=1, max_size=5))
+def test_one_tap_given_to_two_nics_is_refused_by_name(pairs):
+    """``--net tap=A --net tap=A`` failed with "already attached by another process": a TAP named twice
+    (in one namespace) is refused before anything is opened; the same name in two namespaces is two TAPs."""
+    from exitless.net.spec import NetSpec, NetSpecError, refuse_shared_taps
+
+    specs = [NetSpec(tap, netns=ns) for tap, ns in pairs]
+    if len(set(pairs)) == len(pairs):
+        refuse_shared_taps(specs)
+    else:
+        with pytest.raises(NetSpecError, match="is given to two NICs"):
+            refuse_shared_taps(specs)

@@ -418,9 +418,9 @@ def test_cli_usage_errors(tmp_path):
     svc = ServeProcess(None, ["--socket", str(sock), "--no-confine"], tmp_path / "log", command=("sidecore",))
     try:
         for args, words in ((["--socket", str(sock)], "another process is listening"),
-                            (["--socket", str(tmp_path / "t.sock"), "--max-vms", "0"], "--max-vms 0"),
+                            (["--socket", str(tmp_path / "t.sock"), "--max-vms", "0"], "--max-vms"),
+                            (["--socket", str(tmp_path / "t.sock"), "--max-vms", "1025"], "--max-vms 1025"),
                             (["--socket", str(tmp_path / "t.sock"), "--poll-max-us", "3"], "--poll-max-us 3"),
-                            (["--socket", str(tmp_path / "t.sock"), "--idle-yield-us", "-1"], "--idle-yield-us -1"),
                             (["--socket", str(tmp_path / "no" / "dir.sock")], "cannot listen here")):
             r = subprocess.run([sys.executable, "-m", "exitless", "sidecore", *args], capture_output=True,
                                text=True, timeout=60)
@@ -449,3 +449,33 @@ def test_backend_payload_decodes_or_is_refused(data, good):
     except P.ProtocolError:
         pass
     assert P.backend(P.Message(P.EXITLESS_SET_BACKEND, 1, P.encode_backend(good))) == good
+
+
+@pytest.mark.parametrize("why", ["at --max-vms", "refuses the disk"])
+def test_a_vm_refused_by_the_service_says_why_in_one_line(tmp_path, disk, why):
+    """``run --sidecore`` beyond ``--max-vms`` printed "refused d.img: [Errno 32] Broken pipe": a VM whose
+    hand-over the service refuses gets a RemoteSidecoreError that names the service, the disk and the
+    likely reasons, without an errno prefix, and leaks no fd."""
+    from types import SimpleNamespace
+
+    from exitless.devices.virtio.blk import VirtioBlk
+    from exitless.sidecore.remote import RemoteQueues, RemoteSidecoreError
+
+    run = Running(tmp_path / "s.sock", max_clients=1)
+    held = Frontend.connect(run.svc.path) if why == "at --max-vms" else None
+    dev = VirtioBlk(disk, queue_size=4096 if why == "refuses the disk" else 256)
+    try:
+        if held is not None:
+            run.wait_clients(1)
+        before = open_fds()
+        with pytest.raises(RemoteSidecoreError) as e:
+            RemoteQueues(run.svc.path, SimpleNamespace(device=dev, slot=1, machine=None))
+        msg = str(e.value)
+        assert "Errno" not in msg and "\n" not in msg, msg
+        assert msg.startswith(f"the sidecore service at {run.svc.path} refused {disk}: ") and "--max-vms" in msg, msg
+        assert open_fds() <= before
+    finally:
+        dev.close()
+        if held is not None:
+            held.close()
+        run.stop()

@@ -48,9 +48,11 @@ def gpa_to_uva(gpa: int) -> int:
 class GuestRam:
     """Two memfds = two regions; the test's view of them is an ordinary GuestMemory."""
 
-    def __init__(self):
-        self.fd_a = os.memfd_create("vu-test-a", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        self.fd_b = os.memfd_create("vu-test-b", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    def __init__(self, open_file=None):
+        """``open_file(name)``: an fd for each region's file instead of a memfd (taken over, closed by close())."""
+        new = open_file or (lambda name: os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING))
+        self.fd_a = new("vu-test-a")
+        self.fd_b = new("vu-test-b")
         os.ftruncate(self.fd_a, MIB)
         os.ftruncate(self.fd_b, 2 * MIB)
         self.mem = GuestMemory(-1, [Region(0, MIB, 0, self.fd_a), Region(MIB, MIB, MIB, self.fd_b)], owns_fd=False)
@@ -130,6 +132,13 @@ class Session:
         self.nofd = nofd
         self.kicks = 0
         self.interrupts = 0
+        try:
+            self._set_up(evt, protocol, enable, base, queues)
+        except BaseException:        # a refused set-up (hostile-memory tests) leaks no fd
+            self.close(ram=ram is None)
+            raise
+
+    def _set_up(self, evt: bool, protocol: bool, enable: bool, base: int, queues: int) -> None:
         fe = self.fe
         feats = fe.get_features()
         assert feats >> P.F_PROTOCOL_FEATURES & 1 and feats >> VIRTIO_F_VERSION_1 & 1
@@ -157,7 +166,7 @@ class Session:
             fe.set_vring_base(q, base)
             desc, used, avail = ring.uvas()
             fe.set_vring_addr(q, desc, used, avail)
-            fe.set_vring_kick(q, None if nofd else self.kicks_fd[q])
+            fe.set_vring_kick(q, None if self.nofd else self.kicks_fd[q])
             fe.set_vring_call(q, self.calls_fd[q])
             fe.set_vring_err(q, self.errs_fd[q])
             if protocol and enable:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.hostfs import assert_clean_with
 from tests.serveproc import ServeProcess
 
 from exitless.boot.initramfs import parse_exit_status
@@ -167,12 +168,7 @@ def test_ext2_made_in_the_guest_passes_host_fsck(guest, pattern, tmp_path):
         assert "file 17" in console
     finally:
         assert be.stop() == 0
-    fsck = subprocess.run(["e2fsck", "-fn", str(disk)], capture_output=True, text=True)
-    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
-    got = subprocess.run(["debugfs", "-R", "cat /d/pattern", str(disk)], capture_output=True)
-    assert got.stdout == pattern
-    got = subprocess.run(["debugfs", "-R", "cat /d/f33", str(disk)], capture_output=True)
-    assert got.stdout == b"file 33\n"
+    assert_clean_with(disk, {"/d/pattern": pattern, "/d/f33": b"file 33\n"})
 
 
 BUSY_TEST = (

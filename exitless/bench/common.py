@@ -44,6 +44,9 @@ def guest_result(console_bytes: bytes, app: str) -> dict:
             result = json.loads(line)
             if result.get("app") != app:
                 raise BenchError(f"expected a {app} result, got {result.get('app')}")
+            if "error" in result and set(result) <= {"app", "rw", "error"}:
+                # the guest kit refused its arguments (a count it cannot take...): nothing was measured
+                raise BenchError(f"the guest kit refused the {app} run: {result['error']}")
             return result
     tail = console_bytes.decode(errors="replace")[-800:]
     raise BenchError(f"the guest printed no {app} result; its console ended with:\n{tail}")

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..argtypes import mem_size, non_negative_float, non_negative_int, output_file, positive_float, positive_int
+from ..argtypes import (mem_size, non_negative_float, non_negative_int, output_file, positive_float, positive_int,
+                        scale_factor)
 from .workload import TESTS
 
 DOORBELL_PATHS = ("trap", "ioeventfd", "shared", "adaptive")
@@ -31,7 +32,7 @@ def _common(p, rounds_help: str = "interleaved rounds per row (median and spread
 def _tests(p) -> None:
     p.add_argument("--tests", nargs="+", choices=[t.name for t in TESTS], metavar="TEST",
                    help=f"subset of: {' '.join(t.name for t in TESTS)}")
-    p.add_argument("--scale", type=positive_float, default=1.0, help="multiply the operation counts (default 1.0)")
+    p.add_argument("--scale", type=scale_factor, default=1.0, help="multiply the operation counts (default 1.0)")
 
 
 def _pin(p) -> None:
@@ -97,7 +98,7 @@ def add_net(p) -> None:
     p.add_argument("--paths", nargs="+", default=list(BLK_PATHS), choices=BLK_PATHS,
                    help=f"exitless I/O paths to measure (default: all: {' '.join(BLK_PATHS)})")
     p.add_argument("--tests", nargs="+", choices=NET_TESTS, metavar="TEST", help=f"subset of: {' '.join(NET_TESTS)}")
-    p.add_argument("--scale", type=positive_float, default=1.0, help="multiply the packet counts (default 1.0)")
+    p.add_argument("--scale", type=scale_factor, default=1.0, help="multiply the packet counts (default 1.0)")
     p.add_argument("--no-qemu", action="store_true", help="skip QEMU's own virtio-net (tap) rows")
     p.add_argument("--no-vhost", action="store_true", help="skip the qemu+exitless (vhost-user-net) rows")
     _pin(p)
@@ -113,7 +114,7 @@ def add_boot(p) -> None:
     p.add_argument("--timeout", type=positive_float, default=None,
                    help="seconds per boot (default 60; 1800 for exitless on kvm_pvm, 600 for QEMU TCG)")
     p.add_argument("--mem", type=mem_size, default=256, help="guest RAM, as run --mem (default 256M)")
-    p.add_argument("--cpus", type=int, default=1, help="guest vCPUs (default 1)")
+    p.add_argument("--cpus", type=positive_int, default=1, help="guest vCPUs (default 1)")
     p.add_argument("--cache", help="guest cache directory (default $EXITLESS_CACHE or ~/.cache/exitless/guest)")
     p.add_argument("--decompress", choices=("auto", "guest", "host"), default="auto",
                    help="bzImage: run its decompressor in the guest, or unpack it on the host "

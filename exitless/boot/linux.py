@@ -55,6 +55,7 @@ from .bzimage import BzImage, BzImageError, build_zero_page, encode_cmdline, par
 from .e820 import build_e820
 from .initramfs import check_initrd
 from .placement import BootFitError, check_kernel_fits, place_initrd
+from .files import read_image
 from .pvh import KernelImageError, elf_load_segments
 
 if TYPE_CHECKING:
@@ -182,8 +183,9 @@ def boot_linux(machine: "Machine", kernel: str | Path | bytes, cmdline: str = ""
         path, data = Path("kernel"), bytes(kernel)
     else:
         path = Path(kernel)
-        data = _read(path, "kernel")
-    rd = initrd if isinstance(initrd, (bytes, bytearray)) or initrd is None else _read(Path(initrd), "initrd")
+        data = read_image(path, "kernel", machine.config.mem_mib << 20)
+    rd = (initrd if isinstance(initrd, (bytes, bytearray)) or initrd is None
+          else read_image(initrd, "initrd", machine.config.mem_mib << 20))
     if rd is not None:
         check_initrd(rd, "initrd" if isinstance(initrd, (bytes, bytearray)) else f"initrd {initrd}")
     if data[:4] == b"\x7fELF":
@@ -196,13 +198,6 @@ def boot_linux(machine: "Machine", kernel: str | Path | bytes, cmdline: str = ""
         info = _boot_bzimage(machine, bz, str(path), cmdline, rd, host_decompress=decompress == "host")
     add_pc_devices(machine)
     return info
-
-
-def _read(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise KernelImageError(f"{what} {path}: {e.strerror}") from e
 
 
 def _acpi(machine: "Machine") -> AcpiBlob:

@@ -54,7 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for group in GROUPS:
         group.register(sub)
+    _name_subcommands(p)
     return p
+
+
+def _name_subcommands(parser: argparse.ArgumentParser) -> None:
+    """Give every sub-command choice a metavar listing its choices, so that a missing one reads
+    "the following arguments are required: {blk,net}" rather than naming an internal ``dest``."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            if action.metavar is None:
+                action.metavar = "{" + ",".join(action.choices) + "}"
+            for child in dict.fromkeys(action.choices.values()):
+                _name_subcommands(child)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,9 @@ import argparse
 import signal
 import sys
 
-from .options import add_disk_argument, add_nvme_argument, mem_size, positive_float
+from ..errors import ExitlessError
+from ..argtypes import output_path
+from .options import add_disk_argument, add_nvme_argument, mem_size, positive_float, positive_int
 from .progress import stderr_progress
 
 
@@ -34,9 +36,10 @@ def register(sub) -> None:
     run.add_argument("--kernel", help="kernel: a bzImage, a vmlinux (PVH) or the guest kit; "
                      "default: the fetched Debian kernel")
     run.add_argument("--append", default="", help="kernel command line (the guest kit's: APP [key=value...]; default empty)")
-    run.add_argument("--initrd", help="an initramfs (cpio, optionally compressed) for the kernel")
+    run.add_argument("--initrd", help="an initramfs (cpio, optionally compressed) for a Linux --kernel (the guest kit "
+                                      "reads none; -- CMD brings its own)")
     run.add_argument("--mem", type=mem_size, default=256, help="guest RAM (default 256M)")
-    run.add_argument("--cpus", type=int, default=1, help="guest vCPUs (default 1)")
+    run.add_argument("--cpus", type=positive_int, default=1, help="guest vCPUs (default 1)")
     run.add_argument("--timeout", type=positive_float, default=None,
                      help="stop the guest after this many seconds (default: no limit)")
     run.add_argument("--one-sidecore", action="store_true",
@@ -59,10 +62,12 @@ def register(sub) -> None:
     run.add_argument("--decompress", choices=("auto", "guest", "host"), default="auto",
                      help="bzImage: run its decompressor in the guest, or unpack it on the host "
                           "(auto: host on kvm_pvm hosts, guest elsewhere; default auto)")
-    run.add_argument("--cache", help="guest cache directory (default $EXITLESS_CACHE or ~/.cache/exitless/guest)")
-    run.add_argument("--modules", help="modules directory for --kernel (lib/modules/<kver> or its root)")
+    run.add_argument("--cache", help="-- CMD: guest cache directory (default $EXITLESS_CACHE or "
+                                     "~/.cache/exitless/guest)")
+    run.add_argument("--modules", help="-- CMD with --kernel: that kernel's modules directory (lib/modules/<kver> or "
+                                       "its root)")
     run.add_argument("--boot-log", action="store_true", help="easy form: show the kernel's boot messages too")
-    run.add_argument("--stats", metavar="FILE",
+    run.add_argument("--stats", metavar="FILE", type=output_path,
                      help="guest kit: when the VM stops, write KVM's counters over the guest's measured loop (its "
                           "start and end marks on port 0x511) as JSON to FILE: {\"window\": {\"kvm\": {\"exits\": "
                           "...}, \"vmm_cpu\": s, \"wall\": s} or null, \"exit\": kind}")
@@ -73,9 +78,50 @@ def register(sub) -> None:
 
 def cmd_run(args) -> int:
     """The one dispatch of ``run``: a Linux kernel or the easy form, else a PVH ELF (the guest kit)."""
-    if wants_linux_loader(args):
-        return _run_linux(args)
-    return _run_pvh(args)
+    from ..boot.files import check_image
+
+    if args.kernel is not None:      # a missing kernel is reported as such, not as a form it was taken for
+        check_image(args.kernel, "", args.mem << 20)
+    form = ("easy" if args.cmd else "linux") if wants_linux_loader(args) else "guestkit"
+    refuse_unused_options(args, form)
+    if args.initrd is not None:
+        check_image(args.initrd, "initrd", args.mem << 20)
+    return _run_pvh(args) if form == "guestkit" else _run_linux(args)
+
+
+class RunOptionError(ExitlessError, ValueError):
+    """An option of ``run`` that the chosen form (guest kit, Linux kernel, ``-- CMD``) would ignore."""
+
+
+#: The options each form of ``run`` uses, beyond the common ones: option -> (its dest, the forms that
+#: use it, why the others do not).  An option a form would ignore is refused: a user who writes
+#: ``--initrd`` for the guest kit, or ``--stats`` for Linux, expects it to do something.
+FORM_OPTIONS = {
+    "--initrd": ("initrd", ("linux",), "the guest kit reads no initramfs, and -- CMD runs from exitless's own"),
+    "--modules": ("modules", ("easy",), "it is the modules directory of the -- CMD form's --kernel"),
+    "--cache": ("cache", ("easy",), "only the -- CMD form boots the fetched guest"),
+    "--boot-log": ("boot_log", ("easy",), "only the -- CMD form hides the kernel's messages"),
+    "--decompress": ("decompress", ("linux", "easy"), "only a bzImage has a decompressor"),
+    "--stats": ("stats", ("guestkit",), "only the guest kit marks its measured loop on port 0x511"),
+}
+FORM_NAMES = {"guestkit": "the guest kit (a PVH ELF that is not Linux)", "linux": "a Linux --kernel",
+              "easy": "-- CMD"}
+
+
+def refuse_unused_options(args, form: str) -> None:
+    """Raise :class:`RunOptionError`, before anything boots, for an option given (not at its default)
+    that ``form`` -- ``guestkit``, ``linux`` or ``easy`` -- does not use (:data:`FORM_OPTIONS`), and
+    for ``--sidecore`` without a disk on a polled path (the service would serve nothing)."""
+    from ..disk import DEFAULT_IO
+    from ..sidecore.paths import REMOTE_PATHS
+
+    for option, (dest, forms, why) in FORM_OPTIONS.items():
+        value = getattr(args, dest)
+        if form not in forms and value not in (None, False, "auto"):
+            raise RunOptionError(f"{option} does nothing with {FORM_NAMES[form]}: {why}")
+    if args.sidecore and not any(d.io in REMOTE_PATHS for d in args.disk):
+        raise RunOptionError(f"--sidecore {args.sidecore}: no --disk on a polled path to hand over (add "
+                             f",io={'|'.join(REMOTE_PATHS)} to a --disk; the default is io={DEFAULT_IO})")
 
 
 def wants_linux_loader(args) -> bool:
@@ -154,6 +200,8 @@ def _run_linux(args) -> int:
     command = list(args.cmd or [])
     if command and command[0] == "--":
         command = command[1:]
+    if command and not command[0].strip():
+        raise RunOptionError("-- CMD: the command is an empty string")
     easy = bool(command)
     plan = plan_guest(args.kernel, command, append=args.append, initrd=args.initrd, cache=args.cache,
                       modules=args.modules, decompress=args.decompress, quiet=not args.boot_log,

@@ -13,7 +13,7 @@ import os
 import signal
 import threading
 
-from ..argtypes import non_negative_float
+from ..argtypes import host_user, non_negative_float
 from ..errors import ExitlessError
 from ..disk import refuse_shared_images
 from .options import add_disk_argument, power_of_two
@@ -57,14 +57,19 @@ def _add_blk(ssub) -> None:
                      help="virtqueues offered (QEMU's num-queues must not exceed it; default 1)")
     blk.add_argument("--queue-size", type=power_of_two, default=256, metavar="N", help="maximum ring size (default 256)")
     blk.add_argument("--poll-us", type=non_negative_float, default=64.0, help="adaptive: initial busy-poll window (µs; default 64)")
-    _add_confine_arguments(blk)
+    _add_hardening_arguments(blk)
     blk.set_defaults(func=cmd_serve_blk)
 
 
-def _add_confine_arguments(parser) -> None:
+def _add_hardening_arguments(parser) -> None:
+    parser.add_argument("--allow-unsealed-memory", action="store_true",
+                        help="accept guest memory that cannot be sealed against shrinking (QEMU's "
+                             "memory-backend-file on a disk, a tmpfs file by path): a frontend that truncates it "
+                             "kills this process with SIGBUS; trusted frontends only (default: refused, use "
+                             "memory-backend-memfd)")
     parser.add_argument("--no-confine", action="store_true",
                         help="do not install the seccomp filter (debugging: strace, profilers)")
-    parser.add_argument("--user", metavar="USER", help="drop to this user after setup (needs root)")
+    parser.add_argument("--user", metavar="USER", type=host_user, help="drop to this user after setup (needs root)")
 
 
 def cmd_serve_blk(args) -> int:
@@ -132,7 +137,7 @@ def _add_net(ssub) -> None:
     net.add_argument("--queue-size", type=power_of_two, default=256, metavar="N", help="maximum ring size (default 256)")
     net.add_argument("--mac", type=_mac, metavar="MAC", help="the device's MAC (QEMU's mac= is what the guest sees)")
     net.add_argument("--poll-us", type=non_negative_float, default=64.0, help="adaptive: initial busy-poll window (µs; default 64)")
-    _add_confine_arguments(net)
+    _add_hardening_arguments(net)
     net.set_defaults(func=cmd_serve_net)
 
 
@@ -188,6 +193,7 @@ def serve_devices(args, served: list[tuple[str, object, str]], name: str, *, con
     try:
         for i, (path, dev, _) in enumerate(served):
             servers.append(VhostUserServer(path, dev, args.io, poll_ns=poll_ns, dataplane=shared and shared.loop,
+                                           sealed_only=not args.allow_unsealed_memory,
                                            name=name if len(served) == 1 else f"{name}{i}").listen())
     except BaseException:
         for srv in servers:

@@ -10,6 +10,8 @@ import argparse
 import logging
 import signal
 
+from ..argtypes import host_user, non_negative_float, positive_int
+
 USAGE = """\
     exitless sidecore --socket /tmp/sidecore.sock [--mode poll|adaptive]
     exitless run --kernel guestkit/build/guestkit.elf --disk a.img,io=poll --sidecore /tmp/sidecore.sock \\
@@ -31,23 +33,24 @@ def register(sub) -> None:
     p.add_argument("--mode", choices=("poll", "adaptive"), default="poll",
                    help="poll: poll every ring; adaptive: poll while busy, sleep on the VMs' ioeventfds when "
                         "every ring is idle (default poll)")
-    p.add_argument("--poll-us", type=float, default=64.0, help="adaptive: initial busy-poll window (µs; default 64)")
+    p.add_argument("--poll-us", type=non_negative_float, default=64.0,
+                   help="adaptive: initial busy-poll window (µs; default 64)")
     from ..sidecore.loop import ADAPTIVE_MAX_NS, IDLE_YIELD_NS
 
-    p.add_argument("--poll-max-us", type=float, default=ADAPTIVE_MAX_NS / 1000,
+    p.add_argument("--poll-max-us", type=non_negative_float, default=ADAPTIVE_MAX_NS / 1000,
                    help="adaptive: the longest busy-poll window (µs; default %(default)g; QEMU's iothread poll-max-ns "
                         "is 32 µs): a longer one catches more requests without a kick, a shorter one lets the "
                         "service sleep between them")
-    p.add_argument("--idle-yield-us", type=float, default=IDLE_YIELD_NS / 1000,
+    p.add_argument("--idle-yield-us", type=non_negative_float, default=IDLE_YIELD_NS / 1000,
                    help="once no ring has had work for this long, the polling spin yields its CPU to any thread "
                         "waiting for it (often a vCPU of a VM it serves, when the host has fewer cores than "
                         "threads): less CPU per I/O, but under other processes' load the service waits its "
                         "turn (µs; default %(default)g: never)")
-    p.add_argument("--max-vms", type=int, default=64, metavar="N",
+    p.add_argument("--max-vms", type=positive_int, default=64, metavar="N",
                    help="disks (connections) served at once; more are refused (default 64)")
     p.add_argument("--no-confine", action="store_true",
                    help="do not install the seccomp filter (debugging: strace, profilers)")
-    p.add_argument("--user", metavar="USER", help="drop to this user after setup (needs root)")
+    p.add_argument("--user", metavar="USER", type=host_user, help="drop to this user after setup (needs root)")
     p.set_defaults(func=cmd_sidecore)
 
 

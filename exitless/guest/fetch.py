@@ -135,7 +135,11 @@ def fetch_guest(
     """
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     if modules_dir is not None and kernel is None:
-        raise GuestFetchError("modules_dir= needs kernel= too: modules only load into the kernel they were built for")
+        raise GuestFetchError("--modules (modules_dir=) needs --kernel (kernel=) too: modules only load into the "
+                              "kernel they were built for")
+    for given, what in ((kernel, "kernel"), (busybox, "busybox")):
+        if given is not None:       # before any download: a typo fails at once
+            _existing_file(given, what)
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -537,9 +541,12 @@ def _busybox_applets(busybox: Path) -> tuple[str, ...]:
 
 
 def _existing_file(p: str | os.PathLike[str] | None, what: str) -> Path:
+    """``p`` as a Path if it names a regular file; GuestFetchError saying what it is instead."""
     path = Path(p).expanduser() if p is not None else None
-    if path is None or not path.is_file():
+    if path is None or not path.exists():
         raise GuestFetchError(f"{what} file {p} does not exist")
+    if not path.is_file():
+        raise GuestFetchError(f"{what} file {p} is not a regular file")
     return path
 
 
@@ -560,8 +567,8 @@ def _run(cmd: list[str], *, cwd: Path | None = None,
     try:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 stdin=subprocess.DEVNULL)
-    except FileNotFoundError as exc:
-        raise GuestFetchError(f"cannot run {cmd[0]}: {exc}") from exc
+    except OSError as exc:          # missing, not executable (a --busybox that is no program), not a binary
+        raise GuestFetchError(f"cannot run {cmd[0]}: {exc.strerror or exc}") from exc
     deadline = time.monotonic() + COMMAND_TIMEOUT
     with proc:
         while True:

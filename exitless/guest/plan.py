@@ -83,7 +83,7 @@ def plan_guest(kernel: str | None, command: list[str], *, append: str = "", init
         cmdline = f"{cmdline} {append}".strip()
     else:
         if kernel is None:
-            raise GuestPlanError("exitless run needs --kernel, or a command to run in the fetched guest: "
+            raise GuestPlanError("run needs --kernel, or a command to run in the fetched guest: "
                                  "exitless run -- CMD")
         kpath = Path(kernel)
         if initrd is not None:
@@ -110,8 +110,13 @@ def plan_guest(kernel: str | None, command: list[str], *, append: str = "", init
 def is_linux_kernel(path: str | os.PathLike) -> bool:
     """Is ``path`` a Linux kernel (a bzImage, or an ELF vmlinux) rather than another PVH ELF (the guest kit)?
 
-    An unreadable file counts as not Linux: the PVH loader then reports it.
+    An unreadable file, or one that is not a regular file (a FIFO would block the read), counts as not
+    Linux: the PVH loader then reports it.
     """
+    from ..boot.files import is_regular_file
+
+    if not is_regular_file(path):
+        return False
     try:
         with open(path, "rb") as f:
             head = f.read(4)
@@ -138,6 +143,10 @@ def is_linux_elf(path: str | os.PathLike) -> bool:
 
 def is_bzimage(path: str | os.PathLike) -> bool:
     """Does ``path`` carry the boot protocol's ``HdrS`` magic at 0x202 (Documentation/arch/x86/boot.rst)?"""
+    from ..boot.files import is_regular_file
+
+    if not is_regular_file(path):
+        return False
     try:
         with open(path, "rb") as f:
             head = f.read(0x206)
@@ -154,9 +163,9 @@ def _applets(art) -> tuple[str, ...]:
 
 
 def _read_initrd(path: str) -> bytes:
-    from ..boot.pvh import KernelImageError
+    from ..argtypes import host_ram_mib
+    from ..boot.files import read_image
 
-    try:
-        return Path(path).read_bytes()
-    except OSError as e:
-        raise KernelImageError(f"initrd {path}: {e.strerror}") from e
+    # the guest RAM is not known here: no initrd larger than the host's RAM is read (boot_linux then
+    # checks that it fits the guest's)
+    return read_image(path, "initrd", host_ram_mib() << 20)

@@ -32,9 +32,6 @@ class KvmError(ExitlessError, OSError):
             msg += f" [{what}]"
         super().__init__(err, msg)
 
-    def __str__(self) -> str:
-        return self.args[1]
-
 
 def ioctl(fd: int, request: int, arg=None, *, what: str = "") -> int:
     """ioctl(fd, request, arg) where arg is None, an int, or a ctypes object (passed by reference)."""

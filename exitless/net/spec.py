@@ -93,11 +93,25 @@ def add_nic(machine, spec: NetSpec, sidecore=None):
     return VirtioPci(machine, dev, spec.io, sidecore=sidecore)
 
 
+def refuse_shared_taps(specs: list[NetSpec]) -> None:
+    """Refuse one TAP (a name in a network namespace) given to two NICs: the second attach would fail
+    with the kernel's "busy", which reads as if another process held it.  Raises :class:`NetSpecError`."""
+    seen: set[tuple[str | None, str]] = set()
+    for spec in specs:
+        key = (spec.netns, spec.tap)
+        if key in seen:
+            where = f" in netns {spec.netns}" if spec.netns else ""
+            raise NetSpecError(f"--net tap={spec.tap}{where} is given to two NICs: one TAP per NIC")
+        seen.add(key)
+
+
 def add_nics(machine, specs: list[NetSpec], *, groups: dict | None = None) -> list:
     """Plug every NIC: each with its own sidecore, as the I/O path asks, or with ``groups`` (see
     :func:`exitless.disk.sidecore_group`) those on a polling path join the shared sidecores (with the
-    disks and NVMe controllers), which the caller starts after the last device."""
+    disks and NVMe controllers), which the caller starts after the last device.  One TAP given to two
+    NICs is refused first (:func:`refuse_shared_taps`)."""
     from ..disk import sidecore_group
 
+    refuse_shared_taps(specs)
     return [add_nic(machine, spec, sidecore_group(groups, spec.io) if groups is not None else None)
             for spec in specs]

@@ -68,9 +68,6 @@ _libc = ctypes.CDLL(None, use_errno=True)
 class TapError(ExitlessError, OSError):
     """A TAP device cannot be opened, attached or configured (the message says which and why)."""
 
-    def __str__(self) -> str:
-        return self.strerror or super().__str__()
-
 
 def _ifreq(name: str, flags: int) -> bytes:
     return struct.pack(f"{IFNAMSIZ}sH22x", name.encode(), flags)

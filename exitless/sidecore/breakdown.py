@@ -157,12 +157,11 @@ def _vring_c() -> bool:
     return queue.C_VRING
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser():
+    """This tool's options (every number through :mod:`exitless.argtypes`)."""
     import argparse
-    import tempfile
 
-    from rich.console import Console
-    from rich.table import Table
+    from ..argtypes import output_path, positive_int
 
     ap = argparse.ArgumentParser(prog="python3 -m exitless.sidecore.breakdown",
                                  description="per-request cost of the polled virtio-blk data plane, by phase "
@@ -170,8 +169,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tests", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     ap.add_argument("--where", nargs="+", default=["vmm", "serve"], choices=["vmm", "serve"],
                     help="vmm: the VMM's virtio-blk (poll path); serve: exitless serve blk --io poll behind QEMU")
-    ap.add_argument("-n", type=int, default=20000, help="requests per workload")
-    ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("-n", type=positive_int, default=20000, help="requests per workload")
+    ap.add_argument("--json", type=output_path, help="write the rows here")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    import tempfile
+
+    from rich.console import Console
+    from rich.table import Table
+
+    ap = build_parser()
     args = ap.parse_args(argv)
     global ACTIVE
     if ACTIVE is None:   # this process's own sidecore threads (the vmm rows) report here

@@ -97,8 +97,14 @@ class RemoteQueues:
             regions = [(r.gpa, r.size, r.gpa, r.offset) for r in mem.regions if r.gpa in ram]
             fe.set_mem_table(regions, [mem.fd] * len(regions))
         except (FrontendError, OSError) as e:
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            if isinstance(e, (BrokenPipeError, ConnectionResetError)) or "closed the connection" in why:
+                # the service hangs up without a word when it already serves --max-vms VMs (it refuses before
+                # reading anything, so that a flood of connections costs it nothing) or on a bad hand-over
+                why = ("it closed the connection (it may already serve its --max-vms VMs, or refused the "
+                       "hand-over: its log says which)")
             raise RemoteSidecoreError(errno.EPROTO, f"the sidecore service at {self.path} refused "
-                                                    f"{dev.path}: {e}") from None
+                                                    f"{dev.path}: {why}") from None
 
     # -- the device's life cycle (called by VirtioPci on the vCPU thread, under its lock) --------------------
     def activate(self, driver_features: int, queues, kick_fds: list[int | None]) -> bool:

@@ -195,7 +195,7 @@ class SidecoreService:
                 why = "backend stopping" if self._stopping else "closed the connection"
                 return
             session = VhostUserBackend(device, self.mode, poll_ns=self.poll_ns, name=f"sidecore {name}",
-                                       dataplane=self.dataplane.loop, sealed_only=True)
+                                       dataplane=self.dataplane.loop)
             log.info("sidecore: %s serves its disk %s (%d sectors%s, %d queue(s) of %d)", name, device.serial,
                      device.capacity, ", read-only" if device.read_only else "", device.num_queues,
                      device.queue_max_size)

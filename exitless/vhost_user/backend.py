@@ -175,13 +175,14 @@ class VhostUserBackend:
     """One frontend session over ``device``.  :meth:`handle` takes a message and returns the reply bytes
     (or None); :meth:`close` ends the session and leaves ``device`` reset, ready for the next one.
 
-    ``dataplane``: a running loop shared with other sessions (see above); ``sealed_only``: refuse
-    memory that is not a memfd sealed against shrinking (``exitless sidecore``: one frontend must not
-    be able to crash a service that serves many with a truncated file).
+    ``dataplane``: a running loop shared with other sessions (see above); ``sealed_only`` (default):
+    refuse memory that is not a memfd sealed against shrinking (a frontend must not be able to crash
+    the back-end, and the other frontends it serves, by truncating its file); False accepts it with a
+    warning (``serve --allow-unsealed-memory``).
     """
 
     def __init__(self, device: VirtioDevice, io: str = "kick", *, poll_ns: int = 64_000, name: str = "vhost-user",
-                 dataplane: SidecoreLoop | None = None, sealed_only: bool = False):
+                 dataplane: SidecoreLoop | None = None, sealed_only: bool = True):
         if io not in IO_MODES:
             raise ValueError(f"io mode {io!r}: one of {', '.join(IO_MODES)}")
         self.device = device

@@ -11,14 +11,17 @@ addresses are translated UVA -> GPA here, and every range is checked against
 the table.
 
 A frontend could truncate a memfd under us: touching a page beyond the end of
-a file is SIGBUS, which would kill the backend.  So each file must cover
-``mmap_offset + memory_size`` when it is mapped, and a memfd that may still
-shrink is sealed against shrinking (``F_SEAL_SHRINK``, which QEMU's
-``memory-backend-memfd`` sets itself by default).  A region in a file that
-cannot be sealed (not a memfd) is accepted with a warning: its frontend can
-still crash the backend by truncating the file -- unless the table is mapped
-with ``sealed_only`` (``exitless sidecore``, which serves many VMs and must
-outlive any one of them), which refuses it.
+a file is SIGBUS, which would kill the backend (and every other frontend it
+serves).  So each file must cover ``mmap_offset + memory_size`` when it is
+mapped, and a memfd that may still shrink is sealed against shrinking
+(``F_SEAL_SHRINK``, which QEMU's ``memory-backend-memfd`` sets itself by
+default).  A region in a file that cannot be sealed -- a file on a disk file
+system (QEMU's ``memory-backend-file``), or a tmpfs/hugetlbfs file opened by
+path, whose seals are fixed at ``F_SEAL_SEAL`` -- is refused by default
+(``sealed_only``); ``exitless serve --allow-unsealed-memory`` accepts it with a
+warning, for a trusted frontend only.  (Catching the SIGBUS instead is not an
+option here: the faulting load may be in the C data plane, with the GIL
+released, and Python runs signal handlers only between bytecodes.)
 """
 from __future__ import annotations
 
@@ -43,10 +46,11 @@ _U64 = 1 << 64
 class VhostMemory:
     """The mapped table.  Takes ownership of ``fds`` (closed by :meth:`close`, or on error).
 
-    ``sealed_only``: refuse (ProtocolError) a region whose file cannot be sealed against shrinking.
+    ``sealed_only`` (default): refuse (ProtocolError) a region whose file cannot be sealed against
+    shrinking; False accepts it with a warning (its frontend can then crash the back-end).
     """
 
-    def __init__(self, regions: list[MemRegion], fds: list[int], *, sealed_only: bool = False):
+    def __init__(self, regions: list[MemRegion], fds: list[int], *, sealed_only: bool = True):
         self.fds = list(fds)
         self.sealed_only = sealed_only
         self.guest: GuestMemory | None = None
@@ -96,19 +100,24 @@ class VhostMemory:
         try:
             seals = fcntl.fcntl(fd, F_GET_SEALS)
         except OSError:
-            if sealed_only:
-                raise ProtocolError(f"SET_MEM_TABLE: region at gpa {r.gpa:#x} is not in a memfd (it could "
-                                    "shrink under us)") from None
-            log.warning("memory region at gpa %#x is not in a memfd: a frontend that truncates the file "
-                        "can crash this backend", r.gpa)
-            return
-        if not seals & F_SEAL_SHRINK:
+            seals = None            # not a shmem/hugetlbfs file: no seals at all
+        if seals is not None and not seals & F_SEAL_SHRINK:
             try:
                 fcntl.fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK)
+                return
             except OSError as e:
-                if e.errno == errno.EPERM:  # F_SEAL_SEAL set without F_SEAL_SHRINK: it may shrink any time
-                    raise ProtocolError("SET_MEM_TABLE: region memfd is sealed but may shrink") from None
-                raise ProtocolError(f"SET_MEM_TABLE: cannot seal the region memfd: {e.strerror}") from None
+                # EPERM: F_SEAL_SEAL without F_SEAL_SHRINK -- a memfd sealed that way, or a tmpfs or
+                # hugetlbfs file opened by path (born with F_SEAL_SEAL): it may shrink any time
+                if e.errno != errno.EPERM:
+                    raise ProtocolError(f"SET_MEM_TABLE: cannot seal the region memfd: {e.strerror}") from None
+        elif seals is not None:
+            return                  # sealed against shrinking already
+        if sealed_only:
+            raise ProtocolError(f"SET_MEM_TABLE: region at gpa {r.gpa:#x} is not in a memfd that can be sealed "
+                                "against shrinking (a frontend that truncates its file would crash the back-end; "
+                                "QEMU: memory-backend-memfd; serve --allow-unsealed-memory trusts the frontend)")
+        log.warning("memory region at gpa %#x cannot be sealed against shrinking: a frontend that truncates the "
+                    "file can crash this back-end (--allow-unsealed-memory)", r.gpa)
 
     # -- translation -------------------------------------------------------------------------------
     def uva_to_gpa(self, uva: int, length: int = 1) -> int:

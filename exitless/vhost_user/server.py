@@ -181,11 +181,11 @@ class VhostUserServer:
 
     ``dataplane``: a running :class:`~exitless.sidecore.loop.SidecoreLoop` that the sessions' rings
     are attached to (several servers, one per disk, then share one polling loop); None gives each
-    session a loop of its own.
+    session a loop of its own.  ``sealed_only``: see :class:`~exitless.vhost_user.backend.VhostUserBackend`.
     """
 
     def __init__(self, path: str, device: VirtioDevice, io: str = "kick", *, poll_ns: int = 64_000,
-                 io_timeout: float = 10.0, name: str = "vhost-user", dataplane=None):
+                 io_timeout: float = 10.0, name: str = "vhost-user", dataplane=None, sealed_only: bool = True):
         if io not in IO_MODES:
             raise ValueError(f"io mode {io!r}: one of {', '.join(IO_MODES)}")
         self.path = os.fspath(path)
@@ -195,6 +195,7 @@ class VhostUserServer:
         self.io_timeout = io_timeout
         self.name = name
         self.dataplane = dataplane   # a SidecoreLoop shared with other servers' sessions, or None
+        self.sealed_only = sealed_only
         self.sock: socket.socket | None = None
         self.session: VhostUserBackend | None = None
         self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -266,7 +267,8 @@ class VhostUserServer:
         peer = peer_name(conn)
         log.info("%s: frontend connected (%s), connection %d", self.name, peer, self.connections)
         session = self.session = VhostUserBackend(self.device, self.io, poll_ns=self.poll_ns,
-                                                  name=f"{self.name}#{self.connections}", dataplane=self.dataplane)
+                                                  name=f"{self.name}#{self.connections}", dataplane=self.dataplane,
+                                                  sealed_only=self.sealed_only)
         t0 = time.monotonic()
         n0 = self.messages
         why = "closed the connection"

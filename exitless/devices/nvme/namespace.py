@@ -50,7 +50,7 @@ class Namespace:
         except BaseException:
             self.close()
             raise
-        digest = hashlib.sha1(os.path.abspath(self.path).encode()).digest()
+        digest = hashlib.sha1(os.fsencode(os.path.abspath(self.path))).digest()
         self.nguid = digest[:16]
         self.eui64 = digest[16:20] + digest[:4]
         self.serial = "EXL" + digest.hex()[:17]

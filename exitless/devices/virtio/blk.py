@@ -143,7 +143,7 @@ class VirtioBlk(VirtioDevice):
         self.read_only = read_only
         self.direct = direct
         if serial is None:
-            serial = "exitless-" + hashlib.sha1(os.path.abspath(self.path).encode()).hexdigest()[:11]
+            serial = "exitless-" + hashlib.sha1(os.fsencode(os.path.abspath(self.path))).hexdigest()[:11]
         sb = serial.encode("ascii", "replace")
         if len(sb) > VIRTIO_BLK_ID_BYTES or sb != serial.encode("utf-8"):
             self.close()
