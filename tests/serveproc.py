@@ -14,7 +14,7 @@ class ServeProcess:
     ``command``: the words before ``ARGS`` instead (``("sidecore",)`` runs ``exitless sidecore ARGS…``).
     """
 
-    def __init__(self, device: str | None, args: list[str], log: Path, ready_s: float = 15.0, *,
+    def __init__(self, device: str | None, args: list[str], log: Path, ready_s: float = 60.0, *,
                  command: tuple[str, ...] | None = None):
         self.log = log
         words = list(command) if command is not None else ["serve", device]
