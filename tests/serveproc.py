@@ -22,10 +22,15 @@ class ServeProcess:
             self.proc = subprocess.Popen([sys.executable, "-m", "exitless.cli", *words, *args],
                                          stdout=subprocess.DEVNULL, stderr=f)
         deadline = time.monotonic() + ready_s
-        while "serving" not in self.text():
-            assert self.proc.poll() is None, self.text()
-            assert time.monotonic() < deadline, self.text()
-            time.sleep(0.05)
+        try:
+            while "serving" not in self.text():
+                assert self.proc.poll() is None, self.text()
+                assert time.monotonic() < deadline, self.text()
+                time.sleep(0.05)
+        except BaseException:
+            self.proc.kill()            # a back-end that never got ready must not outlive its test
+            self.proc.wait()
+            raise
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
