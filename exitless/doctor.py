@@ -66,8 +66,13 @@ def kvm_flavour() -> str:
     return "unknown"
 
 
+def kvm_module(flavour: str) -> str:
+    """The KVM module of a :func:`kvm_flavour` value (``kvm_pvm``, ``kvm_intel``, ``kvm_amd``; else the flavour)."""
+    return next((mod for mod, f, _ in KVM_MODULES if f == flavour), flavour)
+
+
 def host_label(flavour: str) -> str:
-    """What a benchmark row says about the host it ran on, for a :func:`kvm_flavour` value."""
+    """What a benchmark says about the host it ran on, for a :func:`kvm_flavour` value."""
     return next((label for _, f, label in KVM_MODULES if f == flavour), f"{flavour} (no KVM module known)")
 
 

@@ -18,11 +18,11 @@ median is ``None`` unless every round reached the milestone.  A milestone a run 
 ``None`` -- never estimated.  ``reached`` says how far every run got (one of
 :data:`exitless.boot.milestones.REACHED`), ``stop`` why the VM stopped, ``kernel_time_s`` the last
 printk timestamp (how far into its own boot the kernel got), ``last_line`` the last console line.
-Every row says which ``host`` it ran on (:func:`exitless.doctor.host_label`: ``kvm_pvm``, or
-VMX/SVM hardware KVM): on ``kvm_pvm`` guest ring-0 code is emulated instruction by instruction
-(see :data:`exitless.boot.linux.PVM_LIMIT`), a boot to power-off takes minutes and each boot may
-take :data:`PVM_BOOT_TIMEOUT` seconds (``--timeout`` overrides); exitless's rows there also count
-what its instruction fallback finished (``fallback``).
+Every row says which ``host`` it ran on (its KVM module: ``kvm_pvm``, or ``kvm_intel``/``kvm_amd``
+for VMX/SVM hardware KVM; ``host_note`` says what that means): on ``kvm_pvm`` guest ring-0 code is
+emulated instruction by instruction (see :data:`exitless.boot.linux.PVM_LIMIT`), a boot to power-off
+takes minutes and each boot may take :data:`PVM_BOOT_TIMEOUT` seconds (``--timeout`` overrides);
+exitless's runs also count what its instruction fallback finished (``fallback``).
 
 QEMU runs ``-machine q35`` (SeaBIOS, ``-kernel``/``-initrd``).  ``--qemu auto`` on ``kvm_pvm`` gives two
 QEMU rows, ``-accel kvm`` (the same host KVM, with the same kernel parameters exitless adds there) and
@@ -222,7 +222,7 @@ def default_timeout(vmm: str, flavour: str) -> float:
 
 
 def main(args) -> int:
-    from ..doctor import host_label, kvm_flavour
+    from ..doctor import host_label, kvm_flavour, kvm_module
     from ..guest.fetch import GuestFetchError
     from ..guest.plan import plan_guest
     from .common import Report, interleave, mark_best
@@ -239,7 +239,7 @@ def main(args) -> int:
     for note in plan.notes:
         report.note(f"note: {note}")
     base = plan.cmdline
-    host = host_label(flavour)
+    host = {"host": kvm_module(flavour), "host_note": host_label(flavour)}
     qemu = shutil.which("qemu-system-x86_64")
     wanted = [w for w in args.qemu if w != "none"]
     if wanted and qemu is None:
@@ -252,7 +252,7 @@ def main(args) -> int:
             t = args.timeout or default_timeout("exitless", flavour)
             boots["exitless", cpus] = functools.partial(boot_exitless, plan.kernel, plan.initrd, base, mem=args.mem,
                                                         cpus=cpus, timeout=t, decompress=plan.decompress)
-            extra["exitless", cpus] = {"cpus": cpus, "host": host, "kvm": flavour, "cmdline": base,
+            extra["exitless", cpus] = {"cpus": cpus, **host, "kvm": flavour, "cmdline": base,
                                        "decompress": plan.decompress, "timeout_s": t}
         if wanted and qemu is not None:
             rd = Path(tmp) / "initrd.img"
@@ -270,7 +270,7 @@ def main(args) -> int:
                     t = args.timeout or default_timeout(f"qemu-{accel}", flavour)
                     boots[f"qemu-{accel}", cpus] = functools.partial(boot_qemu, qemu, accel, plan.kernel, rd, cmdline,
                                                                      mem=args.mem, cpus=cpus, timeout=t)
-                    extra[f"qemu-{accel}", cpus] = {"cpus": cpus, "host": host, "accel": accel, "accel_note": why,
+                    extra[f"qemu-{accel}", cpus] = {"cpus": cpus, **host, "accel": accel, "accel_note": why,
                                                     "cmdline": cmdline, "timeout_s": t}
 
         runs = interleave(list(boots), rounds, lambda key, _r: boots[key](), progress,
@@ -278,10 +278,10 @@ def main(args) -> int:
     rows = [summarize(key[0], each, extra[key]) for key, each in zip(boots, runs)]
     for key in ("first_line_s", "init_s", "poweroff_s"):
         mark_best(rows, key, higher_is_better=False, group=lambda r: r["cpus"])
-    report.note(f"host: {host}")
-    report.table(f"Linux boot on {host}, median (min–max) of {rounds} alternating boots (seconds from VMM start; "
-                 "'-' = not reached)", rows, [
-                     ("vmm", "vmm"), ("cpus", "vCPUs"), ("first_line_s", "first kernel line"),
+    report.note(f"host: {host['host_note']}")
+    report.table(f"Linux boot on {host['host']}, median (min–max) of {rounds} alternating boots "
+                 "(seconds from VMM start; '-' = not reached)", rows, [
+                     ("vmm", "vmm"), ("host", "host"), ("cpus", "vCPUs"), ("first_line_s", "first kernel line"),
                      ("init_s", "/init"), ("userspace_s", "userspace ready"), ("poweroff_s", "power-off"),
                      ("reached", "reached"), ("kernel_time_s", "kernel clock at end"), ("stop", "stopped because"),
                      ("other_load_pct", "other load %")],
