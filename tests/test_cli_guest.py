@@ -248,7 +248,7 @@ def test_bench_boot_runs_exitless_to_power_off(tmp_path: Path) -> None:
     for each in row["each"]:
         assert 0 < each["first_line_s"] < each["init_s"] < each["userspace_s"] < each["poweroff_s"], each
         assert each["status"] == 0 and each["stop"].startswith("shutdown")
-        assert (each["fallback"] != {}) == PVM       # exitless's instruction fallback works only on kvm_pvm
+        assert (sum(each["fallback"].values()) > 0) == PVM     # the instruction fallback works only on kvm_pvm
     assert row["decompress"] == ("host" if PVM else "guest")
     assert f"Linux boot on {row['host']}," in r.stdout and f"host: {row['host_note']}" in r.stdout
 
