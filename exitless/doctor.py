@@ -52,12 +52,28 @@ def host_cpu_features(cpuinfo: str | None = None) -> set[str]:
     return {n for n in names if CPUINFO_NAMES.get(n, n) in flags}
 
 
+#: (kernel module, flavour, what a benchmark row says of such a host), in the order they are looked for
+KVM_MODULES = (("kvm_pvm", "pvm", "kvm_pvm (software nested KVM: guest ring 0 emulated)"),
+               ("kvm_intel", "vmx", "kvm_intel (VMX)"), ("kvm_amd", "svm", "kvm_amd (SVM)"))
+
+
 def kvm_flavour() -> str:
+    """``pvm``, ``vmx`` or ``svm``: which KVM module this host has loaded (``unknown`` for none)."""
     mods = Path("/sys/module")
-    for name, flavour in (("kvm_pvm", "pvm"), ("kvm_intel", "vmx"), ("kvm_amd", "svm")):
+    for name, flavour, _ in KVM_MODULES:
         if (mods / name).exists():
             return flavour
     return "unknown"
+
+
+def kvm_module(flavour: str) -> str:
+    """The KVM module of a :func:`kvm_flavour` value (``kvm_pvm``, ``kvm_intel``, ``kvm_amd``; else the flavour)."""
+    return next((mod for mod, f, _ in KVM_MODULES if f == flavour), flavour)
+
+
+def host_label(flavour: str) -> str:
+    """What a benchmark says about the host it ran on, for a :func:`kvm_flavour` value."""
+    return next((label for _, f, label in KVM_MODULES if f == flavour), f"{flavour} (no KVM module known)")
 
 
 def diagnose(device: str = "/dev/kvm") -> Report:

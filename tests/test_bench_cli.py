@@ -110,6 +110,7 @@ def test_bench_boot_json_on_stdout():
     """Boots alternate exitless / QEMU; a short timeout: what a boot reaches is not the point here."""
     rows, err, rc = bench("boot", "--rounds", "2", "--qemu", "tcg", "--timeout", "5", timeout=300)
     assert [r["vmm"] for r in rows] == ["exitless", "qemu-tcg"], err
-    assert all(len(r["each"]) == 2 for r in rows)
-    assert_rounds(rows, 2, ("first_line_s", "userspace_s", "poweroff_s", "stopped_after_s"))
-    assert "Linux boot" in err
+    assert all(len(r["each"]) == 2 and r["cpus"] == 1 and r["host"] for r in rows)
+    assert_rounds(rows, 2, ("first_line_s", "init_s", "userspace_s", "poweroff_s", "stopped_after_s"))
+    assert "Linux boot on " in err
+    assert rc == (0 if rows[0]["reached"] == "power-off" else 1), err     # exitless's row decides

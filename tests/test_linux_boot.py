@@ -270,6 +270,18 @@ def test_rtc_time_reaches_the_guest(userspace: Boot) -> None:
     assert stamps and abs(stamps[-1] - time.time()) < 120 + userspace.seconds
 
 
+@pytest.mark.kvm
+def test_userspace_milestones(userspace: Boot) -> None:
+    """The milestones ``exitless bench boot`` reports, read by the same parser from this real boot
+    (which CI pays for anyway: on kvm_pvm the bench's own run to power-off is in the slow set)."""
+    m = userspace.console.milestones
+    assert m.reached() == "userspace", f"{m.row()}; console:\n{userspace.console.tail(40)}"
+    assert 0 < m.first_line_s < m.init_s < m.userspace_s < userspace.seconds, m.row()
+    assert m.init_path == "/init"
+    assert m.kernel_time_s is not None and m.kernel_time_s > 0
+    assert m.last_line == userspace.lines[-1][:160]
+
+
 # --------------------------------------------------------------------------- pieces (no KVM)
 
 

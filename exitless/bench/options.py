@@ -107,20 +107,26 @@ def add_net(p) -> None:
 
 
 def add_boot(p) -> None:
-    p.add_argument("--rounds", "--runs", dest="runs", type=positive_int, default=3,
-                   help="boots per VMM, alternating exitless and QEMU (the median and min–max are reported; default 3)")
+    p.add_argument("--rounds", "--runs", dest="runs", type=positive_int, default=None,
+                   help="boots per row, alternating exitless and QEMU (the median and min–max are reported; "
+                        "default 3, 1 on kvm_pvm hosts where a boot takes minutes)")
     p.add_argument("--json", nargs="?", const="-", metavar="FILE", type=output_file,
                    help="write the results as JSON to FILE, or alone: to stdout (then only JSON goes to stdout)")
     p.add_argument("--timeout", type=positive_float, default=None,
-                   help="seconds per boot (default 60; 1800 for exitless on kvm_pvm, 600 for QEMU TCG)")
+                   help="seconds per boot before it is stopped (default 60; 600 for QEMU TCG; 3600 on kvm_pvm "
+                        "hosts, where guest ring 0 is emulated)")
     p.add_argument("--mem", type=mem_size, default=256, help="guest RAM, as run --mem (default 256M)")
-    p.add_argument("--cpus", type=positive_int, default=1, help="guest vCPUs (default 1)")
+    p.add_argument("--cpus", type=positive_int, nargs="+", default=[1], metavar="N",
+                   help="guest vCPUs; several values give a row per VMM for each (default 1)")
+    p.add_argument("--append", default="", metavar="PARAMS",
+                   help="more kernel parameters for every boot (e.g. to measure what one saves)")
     p.add_argument("--cache", help="guest cache directory (default $EXITLESS_CACHE or ~/.cache/exitless/guest)")
     p.add_argument("--decompress", choices=("auto", "guest", "host"), default="auto",
                    help="bzImage: run its decompressor in the guest, or unpack it on the host "
                         "(auto: host on kvm_pvm hosts, guest elsewhere; default auto)")
-    p.add_argument("--qemu", choices=("auto", "kvm", "tcg", "none"), default="auto",
-                   help="QEMU accelerator (auto: try KVM, fall back to TCG and say so; default auto)")
+    p.add_argument("--qemu", choices=("auto", "kvm", "tcg", "none"), nargs="+", default=["auto"], metavar="ACCEL",
+                   help="QEMU rows: auto, kvm, tcg or none; several give a row each (auto: on kvm_pvm hosts kvm "
+                        "and tcg, elsewhere kvm if it works, else tcg, saying why; default auto)")
 
 
 #: ``exitless bench sidecore``'s layouts (defined in exitless.bench.sidecore)
