@@ -119,7 +119,7 @@ def add_boot(p) -> None:
     p.add_argument("--cpus", type=positive_int, nargs="+", default=[1], metavar="N",
                    help="guest vCPUs; several values give a row per VMM for each (default 1)")
     p.add_argument("--append", default="", metavar="PARAMS",
-                   help="more kernel parameters for every boot (e.g. to measure what one saves)")
+                   help="more kernel parameters for every boot (e.g. to measure what one saves; default none)")
     p.add_argument("--cache", help="guest cache directory (default $EXITLESS_CACHE or ~/.cache/exitless/guest)")
     p.add_argument("--decompress", choices=("auto", "guest", "host"), default="auto",
                    help="bzImage: run its decompressor in the guest, or unpack it on the host "
