@@ -847,38 +847,16 @@ static int get_u64s(PyObject *obj, Py_buffer *b, Py_ssize_t n, const char *what)
     return 0;
 }
 
-/* net_tx_batch(last_avail, shadow_avail, used_idx, avail_event, event_idx, notify_enabled, max_batch, times,
- *              fd, offer, counters) -> (completed, more, last_avail, shadow_avail, used_idx, avail_event)
- * offer: TXF_* bits negotiated; counters: writable u64[4] to which tx_packets, tx_bytes, tx_gso and
- * tx_dropped (TAP queue full) are added.  Stops before consuming a chain VirtioNet._tx would drop
- * (bad chain or header: it logs why) or that C cannot walk, and before a frame whose write failed other
- * than with EAGAIN (Python writes it again and decides about the link).  times: unused (None). */
-static PyObject *ring_net_tx_batch(Ring *r, PyObject *args)
+/* The TX batch, without the GIL: at most max_batch frames written to `fd`, one used.idx store.  Returns
+ * the number completed; *more_out is set when the next chain is for VirtioNet._tx (see net_tx_batch). */
+static unsigned tx_run(Ring *r, rstate_t *s, unsigned max_batch, int fd, unsigned offer, uint64_t *ctr, int *more_out,
+                       seg_t *segs, struct iovec *iov)
 {
-    unsigned int max_batch, offer;
-    int fd;
-    PyObject *times_obj, *ctr_obj;
-    rstate_t s;
-    if (!PyArg_ParseTuple(args, "IIIIppIOiIO", &s.last, &s.shadow, &s.used_idx, &s.avail_event, &s.evt,
-                          &s.notify_enabled, &max_batch, &times_obj, &fd, &offer, &ctr_obj))
-        return NULL;
-    Py_buffer cb;
-    if (get_u64s(ctr_obj, &cb, 4, "net_tx_batch counters") < 0)
-        return NULL;
-    uint64_t *ctr = (uint64_t *)cb.buf;
-    rstate_norm(&s);
     unsigned int done = 0;
     int more = 0;
     uint16_t head;
-    if (s.last == s.shadow && __atomic_load_n(&((volatile uint16_t *)r->avail.buf)[1], __ATOMIC_ACQUIRE) == s.last) {
-        PyBuffer_Release(&cb);
-        return Py_BuildValue("(IOIIII)", 0, Py_False, s.last, s.shadow, s.used_idx, s.avail_event);
-    }
-    seg_t segs[MAX_SEGS];
-    struct iovec iov[NET_IOV_MAX];
-    Py_BEGIN_ALLOW_THREADS
     while (done < max_batch) {
-        int p = peek_head(r, &s, &head);
+        int p = peek_head(r, s, &head);
         if (p == 0)
             break;
         if (p < 0) {
@@ -920,12 +898,45 @@ static PyObject *ring_net_tx_batch(Ring *r, PyObject *args)
             if (hdr[1])
                 ctr[2]++;
         }
-        consume_head(r, &s);
-        put_used(r, &s, head, 0);
+        consume_head(r, s);
+        put_used(r, s, head, 0);
         done++;
     }
     if (done)
-        publish_used(r, &s);
+        publish_used(r, s);
+    *more_out = more;
+    return done;
+}
+
+/* net_tx_batch(last_avail, shadow_avail, used_idx, avail_event, event_idx, notify_enabled, max_batch, times,
+ *              fd, offer, counters) -> (completed, more, last_avail, shadow_avail, used_idx, avail_event)
+ * offer: TXF_* bits negotiated; counters: writable u64[4] to which tx_packets, tx_bytes, tx_gso and
+ * tx_dropped (TAP queue full) are added.  Stops before consuming a chain VirtioNet._tx would drop
+ * (bad chain or header: it logs why) or that C cannot walk, and before a frame whose write failed other
+ * than with EAGAIN (Python writes it again and decides about the link).  times: unused (None). */
+static PyObject *ring_net_tx_batch(Ring *r, PyObject *args)
+{
+    unsigned int max_batch, offer;
+    int fd;
+    PyObject *times_obj, *ctr_obj;
+    rstate_t s;
+    if (!PyArg_ParseTuple(args, "IIIIppIOiIO", &s.last, &s.shadow, &s.used_idx, &s.avail_event, &s.evt,
+                          &s.notify_enabled, &max_batch, &times_obj, &fd, &offer, &ctr_obj))
+        return NULL;
+    Py_buffer cb;
+    if (get_u64s(ctr_obj, &cb, 4, "net_tx_batch counters") < 0)
+        return NULL;
+    rstate_norm(&s);
+    unsigned int done = 0;
+    int more = 0;
+    if (s.last == s.shadow && __atomic_load_n(&((volatile uint16_t *)r->avail.buf)[1], __ATOMIC_ACQUIRE) == s.last) {
+        PyBuffer_Release(&cb);
+        return Py_BuildValue("(IOIIII)", 0, Py_False, s.last, s.shadow, s.used_idx, s.avail_event);
+    }
+    seg_t segs[MAX_SEGS];
+    struct iovec iov[NET_IOV_MAX];
+    Py_BEGIN_ALLOW_THREADS
+    done = tx_run(r, &s, max_batch, fd, offer, (uint64_t *)cb.buf, &more, segs, iov);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&cb);
     return Py_BuildValue("(IOIIII)", done, more ? Py_True : Py_False, s.last, s.shadow, s.used_idx, s.avail_event);
@@ -936,6 +947,52 @@ static PyObject *ring_net_tx_batch(Ring *r, PyObject *args)
 static inline int rx_usable(int nseg, uint64_t rlen, uint64_t wlen)
 {
     return nseg >= 0 && rlen == 0 && wlen >= NET_HDR && nseg < NET_IOV_MAX;
+}
+
+/* The held RX buffers: a FIFO of heads (start ctl[0], count ctl[1], capacity hcap), a flag per head
+ * (flen of them), the pump's ctl words, its bounce buffer and the RX filter (NULL: promiscuous). */
+typedef struct {
+    uint16_t *held;
+    uint8_t *hflags;
+    Py_ssize_t flen;
+    uint64_t *ctl;
+    uint64_t hcap;
+    uint8_t *bounce;
+    int mrg, guest_csum;
+    const uint8_t *filt;
+    Py_ssize_t filt_len;
+} rxheld_t;
+
+/* The RX take, without the GIL: every available usable chain, at most max_batch, appended to the held
+ * FIFO.  Returns the number taken; *more_out is set at a chain Python must look at (see net_rx_take). */
+static unsigned rx_take_run(Ring *r, rstate_t *s, unsigned max_batch, rxheld_t *x, int *more_out, seg_t *segs)
+{
+    unsigned int done = 0;
+    int more = 0;
+    uint16_t head;
+    uint64_t *ctl = x->ctl;
+    while (done < max_batch) {
+        int p = peek_head(r, s, &head);
+        if (p == 0)
+            break;
+        uint64_t rlen = 0, wlen = 0;
+        if (p < 0 || head >= (uint64_t)x->flen || x->hflags[head] || ctl[1] >= x->hcap) {
+            more = 1;
+            break;
+        }
+        int nseg = walk(r, head, segs, &rlen, &wlen);
+        if (!rx_usable(nseg, rlen, wlen)) {
+            more = 1;
+            break;
+        }
+        x->hflags[head] = 1;
+        x->held[(ctl[0] + ctl[1]) % x->hcap] = head;
+        ctl[1]++;
+        consume_head(r, s);
+        done++;
+    }
+    *more_out = more;
+    return done;
 }
 
 /* net_rx_take(last_avail, shadow_avail, used_idx, avail_event, event_idx, notify_enabled, max_batch, times,
@@ -955,36 +1012,13 @@ static PyObject *ring_net_rx_take(Ring *r, PyObject *args)
     Py_buffer hb, fb, cb;
     if (get_held(held_obj, flags_obj, ctl_obj, 2, &hb, &fb, &cb, "net_rx_take ctl") < 0)
         return NULL;
-    uint16_t *held = (uint16_t *)hb.buf;
-    uint8_t *hflags = (uint8_t *)fb.buf;
-    uint64_t *ctl = (uint64_t *)cb.buf;
-    uint64_t hcap = (uint64_t)hb.len / 2;
+    rxheld_t x = {(uint16_t *)hb.buf, (uint8_t *)fb.buf, fb.len, (uint64_t *)cb.buf, (uint64_t)hb.len / 2};
     rstate_norm(&s);
     unsigned int done = 0;
     int more = 0;
-    uint16_t head;
     seg_t segs[MAX_SEGS];
     Py_BEGIN_ALLOW_THREADS
-    while (done < max_batch) {
-        int p = peek_head(r, &s, &head);
-        if (p == 0)
-            break;
-        uint64_t rlen = 0, wlen = 0;
-        if (p < 0 || head >= (uint64_t)fb.len || hflags[head] || ctl[1] >= hcap) {
-            more = 1;
-            break;
-        }
-        int nseg = walk(r, head, segs, &rlen, &wlen);
-        if (!rx_usable(nseg, rlen, wlen)) {
-            more = 1;
-            break;
-        }
-        hflags[head] = 1;
-        held[(ctl[0] + ctl[1]) % hcap] = head;
-        ctl[1]++;
-        consume_head(r, &s);
-        done++;
-    }
+    done = rx_take_run(r, &s, max_batch, &x, &more, segs);
     Py_END_ALLOW_THREADS
     release3(&hb, &fb, &cb);
     return Py_BuildValue("(IOIIII)", done, more ? Py_True : Py_False, s.last, s.shadow, s.used_idx, s.avail_event);
@@ -1044,55 +1078,21 @@ static int rx_accept(const uint8_t *f, Py_ssize_t flen, const uint8_t dst[6])
 
 enum { RX_BUDGET_DONE, RX_EMPTY, RX_EAGAIN, RX_ERROR, RX_EOF, RX_DEFER_USE, RX_PENDING };
 
-/* net_rx_pump(last_avail, shadow_avail, used_idx, avail_event, event_idx, notify_enabled, max_reads, times,
- *             fd, held, held_flags, ctl, bounce, mrg_rxbuf, guest_csum, filter)
- *   -> (delivered, more, last_avail, shadow_avail, used_idx, avail_event)
- * The RX pump of VirtioNet (_rx_pump_locked) over the held FIFO, without the GIL: readv from the TAP
- * straight into the first held buffer (then the bounce buffer up to NET_MAX_RX), MRG_RXBUF spill into the
- * next held buffers, the RX filter, the header (flags cleared without GUEST_CSUM, num_buffers), used
- * elements, one used.idx store.  Held chains are walked again, with every check, when they are used.
- * ctl: u64[10] = held start, held count, status (RX_*), value (errno for RX_ERROR, frame bytes for
- * RX_PENDING), reads (readv calls made), then rx_packets, rx_bytes, rx_gso, rx_dropped, rx_filtered
- * (added to).  RX_DEFER_USE: the first held chain did not walk in C (Python uses it); RX_PENDING: a frame of
- * `value` bytes was read into the first held buffer and the bounce buffer, and a spill buffer did not walk
- * in C: Python finishes that frame. */
-static PyObject *ring_net_rx_pump(Ring *r, PyObject *args)
+/* The RX pump, without the GIL (see net_rx_pump): at most max_reads readv calls on `fd`, one used.idx
+ * store for the frames delivered.  Sets ctl[2] (status), ctl[3] (value) and ctl[4] (reads) and adds to
+ * the counters ctl[5..9]; returns the frames delivered. */
+static unsigned rx_pump_run(Ring *r, rstate_t *sp, unsigned max_reads, int fd, rxheld_t *x, seg_t *segs, seg_t *segs2,
+                            struct iovec *iov)
 {
-    unsigned int max_reads;
-    int fd, mrg, guest_csum;
-    PyObject *times_obj, *held_obj, *flags_obj, *ctl_obj, *bounce_obj, *filter_obj;
-    rstate_t s;
-    if (!PyArg_ParseTuple(args, "IIIIppIOiOOOOppO", &s.last, &s.shadow, &s.used_idx, &s.avail_event, &s.evt,
-                          &s.notify_enabled, &max_reads, &times_obj, &fd, &held_obj, &flags_obj, &ctl_obj,
-                          &bounce_obj, &mrg, &guest_csum, &filter_obj))
-        return NULL;
-    Py_buffer hb, fb, cb, bb, filt;
-    int have_filt = 0;
-    if (get_held(held_obj, flags_obj, ctl_obj, 10, &hb, &fb, &cb, "net_rx_pump ctl") < 0)
-        return NULL;
-    if (PyObject_GetBuffer(bounce_obj, &bb, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0)
-        goto fail_c;
-    if (bb.len < NET_MAX_RX) {
-        PyErr_SetString(PyExc_ValueError, "net_rx_pump: the bounce buffer is smaller than MAX_RX");
-        goto fail_b;
-    }
-    if (filter_obj != Py_None) {
-        if (PyObject_GetBuffer(filter_obj, &filt, PyBUF_SIMPLE) < 0)
-            goto fail_b;
-        have_filt = 1;
-    }
-    uint16_t *held = (uint16_t *)hb.buf;
-    uint8_t *hflags = (uint8_t *)fb.buf;
-    uint64_t *ctl = (uint64_t *)cb.buf;
-    uint8_t *bounce = (uint8_t *)bb.buf;
-    uint64_t hcap = (uint64_t)hb.len / 2;
-    rstate_norm(&s);
+    rstate_t s = *sp;
+    uint16_t *held = x->held;
+    uint8_t *hflags = x->hflags;
+    uint64_t *ctl = x->ctl;
+    const uint64_t hcap = x->hcap;
+    uint8_t *bounce = x->bounce;
+    const int mrg = x->mrg, guest_csum = x->guest_csum, have_filt = x->filt != NULL;
     unsigned int delivered = 0, reads = 0;
     uint64_t status = RX_BUDGET_DONE, value = 0;
-    /* segs of the first chain, then of each spill chain in turn */
-    static __thread seg_t segs[MAX_SEGS], segs2[MAX_SEGS];
-    struct iovec iov[NET_IOV_MAX + 1];
-    Py_BEGIN_ALLOW_THREADS
     while (reads < max_reads) {
         if (ctl[1] == 0 || hcap == 0) {
             status = RX_EMPTY;
@@ -1179,7 +1179,7 @@ static PyObject *ring_net_rx_pump(Ring *r, PyObject *args)
                 else
                     dst[i] = bounce[off - cap];
             }
-            if (!rx_accept((const uint8_t *)filt.buf, filt.len, dst)) {
+            if (!rx_accept(x->filt, x->filt_len, dst)) {
                 ctl[9]++;
                 continue;
             }
@@ -1222,10 +1222,64 @@ static PyObject *ring_net_rx_pump(Ring *r, PyObject *args)
     }
     if (delivered)
         publish_used(r, &s);
-    Py_END_ALLOW_THREADS
+    if (delivered)
+        publish_used(r, &s);
     ctl[2] = status;
     ctl[3] = value;
     ctl[4] = reads;
+    *sp = s;
+    return delivered;
+}
+
+/* net_rx_pump(last_avail, shadow_avail, used_idx, avail_event, event_idx, notify_enabled, max_reads, times,
+ *             fd, held, held_flags, ctl, bounce, mrg_rxbuf, guest_csum, filter)
+ *   -> (delivered, more, last_avail, shadow_avail, used_idx, avail_event)
+ * The RX pump of VirtioNet (_rx_pump_locked) over the held FIFO, without the GIL: readv from the TAP
+ * straight into the first held buffer (then the bounce buffer up to NET_MAX_RX), MRG_RXBUF spill into the
+ * next held buffers, the RX filter, the header (flags cleared without GUEST_CSUM, num_buffers), used
+ * elements, one used.idx store.  Held chains are walked again, with every check, when they are used.
+ * ctl: u64[10] = held start, held count, status (RX_*), value (errno for RX_ERROR, frame bytes for
+ * RX_PENDING), reads (readv calls made), then rx_packets, rx_bytes, rx_gso, rx_dropped, rx_filtered
+ * (added to).  RX_DEFER_USE: the first held chain did not walk in C (Python uses it); RX_PENDING: a frame of
+ * `value` bytes was read into the first held buffer and the bounce buffer, and a spill buffer did not walk
+ * in C: Python finishes that frame. */
+static PyObject *ring_net_rx_pump(Ring *r, PyObject *args)
+{
+    unsigned int max_reads;
+    int fd, mrg, guest_csum;
+    PyObject *times_obj, *held_obj, *flags_obj, *ctl_obj, *bounce_obj, *filter_obj;
+    rstate_t s;
+    if (!PyArg_ParseTuple(args, "IIIIppIOiOOOOppO", &s.last, &s.shadow, &s.used_idx, &s.avail_event, &s.evt,
+                          &s.notify_enabled, &max_reads, &times_obj, &fd, &held_obj, &flags_obj, &ctl_obj,
+                          &bounce_obj, &mrg, &guest_csum, &filter_obj))
+        return NULL;
+    Py_buffer hb, fb, cb, bb, filt;
+    int have_filt = 0;
+    if (get_held(held_obj, flags_obj, ctl_obj, 10, &hb, &fb, &cb, "net_rx_pump ctl") < 0)
+        return NULL;
+    if (PyObject_GetBuffer(bounce_obj, &bb, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0)
+        goto fail_c;
+    if (bb.len < NET_MAX_RX) {
+        PyErr_SetString(PyExc_ValueError, "net_rx_pump: the bounce buffer is smaller than MAX_RX");
+        goto fail_b;
+    }
+    if (filter_obj != Py_None) {
+        if (PyObject_GetBuffer(filter_obj, &filt, PyBUF_SIMPLE) < 0)
+            goto fail_b;
+        have_filt = 1;
+    }
+    rxheld_t x = {(uint16_t *)hb.buf, (uint8_t *)fb.buf, fb.len, (uint64_t *)cb.buf, (uint64_t)hb.len / 2,
+                  (uint8_t *)bb.buf, mrg, guest_csum, have_filt ? (const uint8_t *)filt.buf : NULL,
+                  have_filt ? filt.len : 0};
+    rstate_norm(&s);
+    unsigned int delivered = 0;
+    /* segs of the first chain, then of each spill chain in turn */
+    static __thread seg_t segs[MAX_SEGS], segs2[MAX_SEGS];
+    struct iovec iov[NET_IOV_MAX + 1];
+    Py_BEGIN_ALLOW_THREADS
+    delivered = rx_pump_run(r, &s, max_reads, fd, &x, segs, segs2, iov);
+    Py_END_ALLOW_THREADS
+    uint64_t status = x.ctl[2];
     if (have_filt)
         PyBuffer_Release(&filt);
     PyBuffer_Release(&bb);
