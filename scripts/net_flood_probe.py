@@ -83,6 +83,8 @@ def main() -> None:
     for name in ("_tx_batch", "_rx_take", "_rx_pump"):
         if getattr(vnet, name) is not None:
             cpu_timed(vnet, name, "c" + name, frames=lambda r: r[0])
+    if getattr(vnet, "_serve", None) is not None:   # the pair served in C during the spin (poll mode)
+        cpu_timed(vnet, "_serve", "c_serve", frames=lambda r: r[2] + r[3])
     orig_run = sloop.SidecoreLoop.run
 
     def run(self):
@@ -109,11 +111,12 @@ def main() -> None:
     ops = max(1, res["ops"])
     if counts["sidecore_cpu_ns"]:
         busy = counts["sidecore_cpu_ns"] - counts["idle_spin_cpu_ns"]
-        c = sum(counts[f"c{n}_cpu_ns"] for n in ("_tx_batch", "_rx_take", "_rx_pump"))
+        c = sum(counts[f"c{n}_cpu_ns"] for n in ("_tx_batch", "_rx_take", "_rx_pump", "_serve"))
         print(f"  sidecore thread CPU per op (ns; whole run incl. ARP and set-up): total "
               f"{counts['sidecore_cpu_ns'] / ops:.0f}, idle spin {counts['idle_spin_cpu_ns'] / ops:.0f}, "
               f"busy {busy / ops:.0f} = C batches {c / ops:.0f} (TX {counts['c_tx_batch_cpu_ns'] / ops:.0f}, "
-              f"RX pump {counts['c_rx_pump_cpu_ns'] / ops:.0f}, RX take {counts['c_rx_take_cpu_ns'] / ops:.0f}) "
+              f"RX pump {counts['c_rx_pump_cpu_ns'] / ops:.0f}, RX take {counts['c_rx_take_cpu_ns'] / ops:.0f}, "
+              f"pair served in the spin {counts['c_serve_cpu_ns'] / ops:.0f}) "
               f"+ Python {(busy - c) / ops:.0f}")
     for key in ("tx_batch", "rx_pump"):
         hist = sorted((n, c) for (k, n), c in sizes.items() if k == key)

@@ -37,6 +37,7 @@
 #include <errno.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
@@ -1293,7 +1294,228 @@ fail_c:
     return NULL;
 }
 
+/* ---------------------------------------------------------------------------------------------- */
+/* net_serve: one virtio-net queue pair served in C for a spin slice (the sidecore's poll mode), so that
+ * the Python loop runs once per slice, not once per batch of frames.  A pass: the AIO poll's completion
+ * (the TAP became readable) is reaped; newly posted RX buffers are taken (rx_take_run); TX frames are
+ * written (tx_run, at most max_batch); the TAP is read into held buffers (rx_pump_run) if it may hold
+ * frames (its poll fired or is not armed, or frames were just written: a local peer answers inside our
+ * writev); a drained TAP gets its one-shot poll re-armed (io_submit).  After each published batch the
+ * interrupt is decided as Virtqueue.should_signal does; C raises none: it returns and Python does.
+ * Between passes it spins (pause) on the rings, the poll's completion word and the `watches` of the
+ * sidecore's other pollables.
+ *
+ * tx_ring.net_serve(tx_state, rx_ring, rx_state, max_batch, rx_budget, fd, offer, txc, held, held_flags, ctl,
+ *                   bounce, mrg_rxbuf, guest_csum, filter, aio, watches, deadline_ns)
+ *   state: (last_avail, shadow_avail, used_idx, avail_event, event_idx, notify_enabled, signalled_used,
+ *           signalled_valid) of each queue; aio: (ctx, iocb_address, tail_address, tail_seen, armed,
+ *           events_address (room for 4 io_events)); watches: [(address, expected u32)] (a word of this pair --
+ *           either ring's avail area or the poll's tail -- is skipped: served here).
+ *   -> (reason, value, tx_done, rx_done, (tx last, shadow, used_idx, avail_event, signalled_used,
+ *       signalled_valid), (the same for rx), tail_seen, armed, tx_signal, rx_signal, now_ns)
+ * reason: NS_DEADLINE; NS_TX (the next TX chain is for VirtioNet._tx); NS_RX_TAKE (the next RX chain is for
+ * Python); NS_RX_PUMP (the pump's status ctl[2] is for Python: an error, end of file, a chain it cannot
+ * walk, a frame to finish); NS_SIGNAL (tx_signal / rx_signal: the driver wants a used-buffer notification);
+ * NS_WATCH (watch number `value` changed); NS_ARM (re-arming the poll failed: value = errno).
+ * The other arguments are those of net_tx_batch / net_rx_take / net_rx_pump.  Both rings must be of the
+ * same guest RAM region; with notifications enabled (the shared path's doorbell page) avail_event follows
+ * as Virtqueue.pop moves it.  The caller keeps every buffer and fd alive. */
+enum { NS_DEADLINE, NS_TX, NS_RX_TAKE, NS_RX_PUMP, NS_SIGNAL, NS_WATCH, NS_ARM };
+
+static int net_want_signal(const Ring *r, const rstate_t *s, uint32_t *sig_used, int *sig_valid)
+{
+    qstate_t q = {0};
+    q.used_idx = s->used_idx;
+    q.evt = s->evt;
+    q.signalled_used = *sig_used;
+    q.signalled_valid = *sig_valid;
+    int want = want_signal(r, &q);
+    *sig_used = q.signalled_used & 0xFFFF;
+    *sig_valid = q.signalled_valid;
+    return want;
+}
+
+static PyObject *ring_net_serve(Ring *tx, PyObject *args)
+{
+    rstate_t ts, rs;
+    unsigned int tsig, rsig, max_batch, rx_budget, offer, seen;
+    int tsig_valid, rsig_valid, fd, mrg, guest_csum, armed;
+    unsigned long long ctx, iocb, tail_addr, events, deadline;
+    PyObject *rx_obj, *txc_obj, *held_obj, *flags_obj, *ctl_obj, *bounce_obj, *filter_obj, *watch_obj;
+    if (!PyArg_ParseTuple(args, "(IIIIppIp)O!(IIIIppIp)IIiIOOOOOppO(KKKIpK)OK", &ts.last, &ts.shadow, &ts.used_idx,
+                          &ts.avail_event, &ts.evt, &ts.notify_enabled, &tsig, &tsig_valid, &RingType, &rx_obj,
+                          &rs.last, &rs.shadow, &rs.used_idx, &rs.avail_event, &rs.evt, &rs.notify_enabled, &rsig,
+                          &rsig_valid, &max_batch, &rx_budget, &fd, &offer, &txc_obj, &held_obj, &flags_obj,
+                          &ctl_obj, &bounce_obj, &mrg, &guest_csum, &filter_obj, &ctx, &iocb, &tail_addr, &seen,
+                          &armed, &events, &watch_obj, &deadline))
+        return NULL;
+    Ring *rx = (Ring *)rx_obj;
+    if (!tx->have_used || !rx->have_used || tx->ram.buf != rx->ram.buf) {
+        PyErr_SetString(PyExc_ValueError, "net_serve: two rings of one RAM region");
+        return NULL;
+    }
+    PyObject *watch_seq = PySequence_Fast(watch_obj, "net_serve: watches must be a sequence");
+    if (watch_seq == NULL)
+        return NULL;
+    Py_ssize_t nw = PySequence_Fast_GET_SIZE(watch_seq);
+    if (nw > MAX_JOBS) {
+        Py_DECREF(watch_seq);
+        PyErr_SetString(PyExc_ValueError, "net_serve: at most 1024 watches");
+        return NULL;
+    }
+    uintptr_t waddr[MAX_JOBS];
+    uint32_t wval[MAX_JOBS];
+    Py_ssize_t nwatch = 0;
+    const uintptr_t own[3] = {(uintptr_t)tx->avail.buf, (uintptr_t)rx->avail.buf, (uintptr_t)tail_addr};
+    for (Py_ssize_t i = 0; i < nw; i++) {
+        unsigned long long addr, value;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(watch_seq, i), "KK;net_serve: (address, value) watches", &addr,
+                              &value)) {
+            Py_DECREF(watch_seq);
+            return NULL;
+        }
+        if (addr == own[0] || addr == own[1] || addr == own[2])
+            continue;
+        waddr[nwatch] = (uintptr_t)addr;
+        wval[nwatch++] = (uint32_t)value;
+    }
+    Py_DECREF(watch_seq);
+    Py_buffer txcb, hb, fb, cb, bb, filt;
+    int have_filt = 0;
+    if (get_u64s(txc_obj, &txcb, 4, "net_serve counters") < 0)
+        return NULL;
+    if (get_held(held_obj, flags_obj, ctl_obj, 10, &hb, &fb, &cb, "net_serve ctl") < 0)
+        goto fail_t;
+    if (PyObject_GetBuffer(bounce_obj, &bb, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0)
+        goto fail_c;
+    if (bb.len < NET_MAX_RX) {
+        PyErr_SetString(PyExc_ValueError, "net_serve: the bounce buffer is smaller than MAX_RX");
+        goto fail_b;
+    }
+    if (filter_obj != Py_None) {
+        if (PyObject_GetBuffer(filter_obj, &filt, PyBUF_SIMPLE) < 0)
+            goto fail_b;
+        have_filt = 1;
+    }
+    rxheld_t x = {(uint16_t *)hb.buf, (uint8_t *)fb.buf, fb.len, (uint64_t *)cb.buf, (uint64_t)hb.len / 2,
+                  (uint8_t *)bb.buf, mrg, guest_csum, have_filt ? (const uint8_t *)filt.buf : NULL,
+                  have_filt ? filt.len : 0};
+    uint64_t *txc = (uint64_t *)txcb.buf, *ctl = x.ctl;
+    rstate_norm(&ts);
+    rstate_norm(&rs);
+    int reason = NS_DEADLINE, tx_signal = 0, rx_signal = 0;
+    long value = 0;
+    unsigned long long tx_done = 0, rx_done = 0, now = 0;
+    static __thread seg_t segs[MAX_SEGS], segs2[MAX_SEGS];
+    static __thread struct iovec iov[NET_IOV_MAX + 1];
+    /* the counters are added to by every pass: ctl[5..9] as one pump call would, read back by Python */
+    Py_BEGIN_ALLOW_THREADS
+    const volatile uint16_t *tx_avail = (const volatile uint16_t *)tx->avail.buf;
+    const volatile uint16_t *rx_avail = (const volatile uint16_t *)rx->avail.buf;
+    const volatile uint32_t *tail = (const volatile uint32_t *)(uintptr_t)tail_addr;
+    for (unsigned iter = 1;; iter++) {
+        int worked = 0, more = 0, fired = 0;
+        uint32_t t = __atomic_load_n(tail, __ATOMIC_ACQUIRE);
+        if (t != seen) {          /* the poll completed: it is spent (one-shot); reap its event */
+            struct timespec zero = {0, 0};
+            seen = t;
+            armed = 0;
+            fired = 1;
+            (void)syscall(SYS_io_getevents, (unsigned long)ctx, 0L, 4L, (void *)(uintptr_t)events, &zero);
+        }
+        if (rs.last != rs.shadow || __atomic_load_n(&rx_avail[1], __ATOMIC_ACQUIRE) != rs.last) {
+            rx_take_run(rx, &rs, rx->size, &x, &more, segs);
+            if (more) {
+                reason = NS_RX_TAKE;
+                break;
+            }
+        }
+        unsigned n = 0;
+        if (ts.last != ts.shadow || __atomic_load_n(&tx_avail[1], __ATOMIC_ACQUIRE) != ts.last) {
+            n = tx_run(tx, &ts, max_batch, fd, offer, txc, &more, segs, iov);
+            if (n) {
+                worked = 1;
+                tx_done += n;
+                if (net_want_signal(tx, &ts, &tsig, &tsig_valid))
+                    tx_signal = 1;
+            }
+            if (more) {
+                reason = NS_TX;
+                break;
+            }
+        }
+        if (ctl[1] && (!armed || fired || n)) {
+            unsigned d = rx_pump_run(rx, &rs, rx_budget, fd, &x, segs, segs2, iov);
+            if (d) {
+                worked = 1;
+                rx_done += d;
+                if (net_want_signal(rx, &rs, &rsig, &rsig_valid))
+                    rx_signal = 1;
+            }
+            uint64_t status = ctl[2];
+            if (status == RX_EAGAIN) {
+                if (!armed) {     /* drained: one readiness poll (checked at once by the kernel: no lost wake-up) */
+                    void *iocbs[1] = {(void *)(uintptr_t)iocb};
+                    if (syscall(SYS_io_submit, (unsigned long)ctx, 1L, iocbs) != 1) {
+                        reason = NS_ARM;
+                        value = errno;
+                        break;
+                    }
+                    armed = 1;
+                }
+            } else if (status == RX_BUDGET_DONE) {
+                worked = 1;
+            } else if (status != RX_EMPTY) {
+                reason = NS_RX_PUMP;
+                break;
+            }
+        }
+        if (tx_signal || rx_signal) {
+            reason = NS_SIGNAL;
+            break;
+        }
+        for (Py_ssize_t i = 0; i < nwatch; i++) {
+            if (__atomic_load_n((const volatile uint32_t *)waddr[i], __ATOMIC_RELAXED) != wval[i]) {
+                reason = NS_WATCH;
+                value = (long)i;
+                break;
+            }
+        }
+        if (reason)
+            break;
+        if (worked) {
+            if (now_ns() >= deadline)
+                break;
+            continue;
+        }
+        cpu_relax();
+        if ((iter & 63) == 0 && now_ns() >= deadline)
+            break;
+    }
+    now = now_ns();
+    Py_END_ALLOW_THREADS
+    if (have_filt)
+        PyBuffer_Release(&filt);
+    PyBuffer_Release(&bb);
+    release3(&hb, &fb, &cb);
+    PyBuffer_Release(&txcb);
+    return Py_BuildValue("(ilKK(IIIIIO)(IIIIIO)IOOOK)", reason, value, tx_done, rx_done, ts.last, ts.shadow,
+                         ts.used_idx, ts.avail_event, tsig, tsig_valid ? Py_True : Py_False, rs.last, rs.shadow,
+                         rs.used_idx, rs.avail_event, rsig, rsig_valid ? Py_True : Py_False, seen,
+                         armed ? Py_True : Py_False, tx_signal ? Py_True : Py_False, rx_signal ? Py_True : Py_False,
+                         now);
+fail_b:
+    PyBuffer_Release(&bb);
+fail_c:
+    release3(&hb, &fb, &cb);
+fail_t:
+    PyBuffer_Release(&txcb);
+    return NULL;
+}
+
 static PyMethodDef ring_methods[] = {
+    {"net_serve", (PyCFunction)ring_net_serve, METH_VARARGS,
+     "net_serve(...): a virtio-net queue pair served in C for a spin slice (see _vring.c)"},
     {"walk", (PyCFunction)ring_walk, METH_O,
      "walk(head) -> ([(gpa, len, writable)], readable_len, writable_len), or None: Python decides"},
     {"blk_batch", (PyCFunction)ring_blk_batch, METH_VARARGS,

@@ -31,14 +31,13 @@ from __future__ import annotations
 import logging
 import os
 import struct
-import threading
 
 from ...sidecore.engine import SidecoreGroup
 from ...sidecore.loop import QUEUE_BUDGET
 from ...sidecore.paths import MODE_OF_PATH, PATHS, REMOTE_PATHS
 from ...bus import BusError
 from ...memory import GuestMemoryError
-from ...sidecore.spin import address_of, drain_eventfd, fence
+from ...sidecore.spin import WatchedLock, address_of, drain_eventfd, fence
 from ..pci.device import Bar, PciDevice
 from ..pci.msix import CAP_ID_MSIX, NO_VECTOR, Msix
 from .constants import VIRTIO_STATUS_DEVICE_NEEDS_RESET, VIRTIO_STATUS_DRIVER_OK, VIRTIO_STATUS_FEATURES_OK
@@ -90,7 +89,9 @@ class VirtioPci(PciDevice):
         self.machine = machine
         self.device = device
         self.path = path
-        self.lock = threading.RLock()
+        # a C loop may hold it for a spin slice; a thread that wants it makes that loop return (WatchedLock)
+        self.lock = WatchedLock()
+        device.transport_lock = self.lock
         self.msix = Msix(machine.irq_router, n + 1, BAR_MSIX)
         self._add_virtio_cap(CFG_COMMON, BAR_CFG, COMMON_OFF, COMMON_LEN)
         self._add_virtio_cap(CFG_NOTIFY, BAR_NOTIFY, 0, notify_size, struct.pack("<I", NOTIFY_MULTIPLIER))
@@ -119,7 +120,10 @@ class VirtioPci(PciDevice):
             self.remote = RemoteQueues(service, self)
         elif path != "trap":
             # plus the device's host side (a TAP's receive fd), served by the same sidecore as its queues
-            pollables = [QueuePollable(self, q) for q in range(n)] + device.backend_pollables(MODE_OF_PATH[path])
+            queues = [QueuePollable(self, q) for q in range(n)]
+            pollables = queues + device.backend_pollables(MODE_OF_PATH[path])
+            for qp in queues:   # a queue a backend pollable serves in C: its words are not watched meanwhile
+                qp.served_by = device.queue_server(qp.index)
             if sidecore is None:
                 self.sidecore = SidecoreGroup(MODE_OF_PATH[path], poll_ns=poll_ns, name=f"sidecore-virtio{self.slot}")
                 self.sidecore.add(pollables, MODE_OF_PATH[path])
@@ -441,6 +445,7 @@ class QueuePollable:
         self.index = index
         self.budget = budget
         self.backlog = False
+        self.served_by = None   # the pollable that serves this queue in C during the spin (VirtioNet's pair)
         self.wake_fd = t.wake_fds[index] if t.wake_fds else None
         self.shared = t.path == "shared"
         self._notify_addr = None
