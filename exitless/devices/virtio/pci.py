@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import threading
 
 from ...sidecore.engine import SidecoreGroup
 from ...sidecore.loop import QUEUE_BUDGET
@@ -91,6 +92,10 @@ class VirtioPci(PciDevice):
         self.path = path
         # a C loop may hold it for a spin slice; a thread that wants it makes that loop return (WatchedLock)
         self.lock = WatchedLock()
+        # ISR bits and the INTx level only: device threads raise interrupts while holding locks of their
+        # own (virtio-net's per-pair RX lock), which the transport lock, held around handle_queue, nests
+        # outside -- taking the transport lock there deadlocked the vCPU (ABBA) as soon as INTx was used
+        self._isr_lock = threading.Lock()
         device.transport_lock = self.lock
         self.msix = Msix(machine.irq_router, n + 1, BAR_MSIX)
         self._add_virtio_cap(CFG_COMMON, BAR_CFG, COMMON_OFF, COMMON_LEN)
@@ -170,7 +175,8 @@ class VirtioPci(PciDevice):
         self.msix_config = NO_VECTOR
         self.config_generation = 0
         self.queue_select = 0
-        self.isr = 0
+        with self._isr_lock:
+            self.isr = 0
         self.queues = [_QueueState(self.device.queue_max_size) for _ in range(self.device.num_queues)]
         self.update_intx()
 
@@ -246,7 +252,7 @@ class VirtioPci(PciDevice):
     def _config_interrupt(self) -> None:
         self.config_generation = (self.config_generation + 1) & 0xFF
         if self.msix.enabled:
-            with self.lock:
+            with self._isr_lock:
                 self.isr |= 0x2         # §4.1.4.5.1: set before any configuration change notification
             if self.msix_config != NO_VECTOR:
                 self.msix.fire(self.msix_config)
@@ -254,7 +260,7 @@ class VirtioPci(PciDevice):
             self._intx(0x2)
 
     def _intx(self, bits: int) -> None:
-        with self.lock:
+        with self._isr_lock:
             self.isr |= bits
             self.update_intx()
 
@@ -368,7 +374,7 @@ class VirtioPci(PciDevice):
 
     def isr_read(self) -> int:
         """Read-to-clear (§4.1.4.5): the INTx line drops."""
-        with self.lock:
+        with self._isr_lock:
             value, self.isr = self.isr, 0
             self.update_intx()
             return value
