@@ -316,3 +316,25 @@ def test_rx_buffer_changed_while_held_breaks_the_ring(path):
         assert r.dev.needs_reset and r.resets == 1 and r.dev.stats["rx_packets"] == 0
     finally:
         r.close()
+
+
+def test_a_thread_that_wants_the_transport_lock_ends_the_serve_loop():
+    """The serve loop holds the transport lock for its whole slice; another thread's acquisition (a config
+    access, a reset) bumps the word it watches, so the loop returns after one pass, not at its deadline."""
+    import threading
+
+    r = _rig("serve")
+    try:
+        lock = r.dev.transport_lock
+        th = threading.Thread(target=r.dev.serve_pair, args=(0, [], time.monotonic_ns() + 30_000_000_000))
+        th.start()
+        while lock._lock.acquire(blocking=False):     # not bumping the word: wait until the loop holds it
+            lock._lock.release()
+            time.sleep(0.001)
+        t0 = time.monotonic()
+        with lock:
+            waited = time.monotonic() - t0
+        th.join(30)
+        assert not th.is_alive() and waited < 5, waited
+    finally:
+        r.close()
