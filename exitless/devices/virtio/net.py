@@ -64,8 +64,11 @@ Fast path: the common case of TX and RX runs in C with the GIL released
 (``_vring.Ring.net_tx_batch``, ``net_rx_take``, ``net_rx_pump``; see
 ``_vring.c``), with every check of this model; whatever it does not take --
 bad chains, errors, the link down, buffers outside the main RAM region -- it
-leaves, unconsumed, to the code here.  ``EXITLESS_VRING=python`` turns it off;
-``tests/test_net_paths.py`` checks that the two agree.
+leaves, unconsumed, to the code here.  On a poll-mode sidecore the whole pair is
+served in C for a spin slice (:meth:`VirtioNet.serve_pair`, ``Ring.net_serve``):
+TX, newly posted RX buffers, the pump and the re-arm of the TAP's readiness poll,
+with Python once per slice instead of once per batch.  ``EXITLESS_VRING=python``
+turns it off; ``tests/test_net_paths.py`` checks that the three agree.
 
 Threading: TX of a pair is driven by one thread at a time (the transport's
 rule).  RX of a pair -- its RX queue's kicks and its TAP's readiness -- may come
