@@ -41,6 +41,20 @@ def timed(cls, name, key, frames=lambda r: r, after=None):
     setattr(cls, name, wrapper)
 
 
+def cpu_timed(module, name, key, frames=lambda r: 0):
+    """Wrap the module-level function ``module.name``: calls, frames and thread-CPU ns under ``key``."""
+    orig = getattr(module, name)
+
+    def wrapper(*args, **kw):
+        c0 = time.thread_time_ns()
+        r = orig(*args, **kw)
+        counts[key + "_cpu_ns"] += time.thread_time_ns() - c0
+        counts[key + "_calls"] += 1
+        counts[key + "_frames"] += frames(r)
+        return r
+    setattr(module, name, wrapper)
+
+
 def counted(cls, name, key):
     orig = getattr(cls, name)
 
@@ -64,6 +78,22 @@ def main() -> None:
     counted(vnet.VirtioNet, "notify", "notify")
     counted(vnet.VirtioNet, "_handle_rx", "rx_kick")
     counted(sloop.SidecoreLoop, "_poll_once", "python_rounds")
+    # thread CPU of the sidecore: all of it, the GIL-free idle spin, and each C batch (the rest is Python)
+    cpu_timed(sloop, "wait_until", "idle_spin")
+    for name in ("_tx_batch", "_rx_take", "_rx_pump"):
+        if getattr(vnet, name) is not None:
+            cpu_timed(vnet, name, "c" + name, frames=lambda r: r[0])
+    if getattr(vnet, "_serve", None) is not None:   # the pair served in C during the spin (poll mode)
+        cpu_timed(vnet, "_serve", "c_serve", frames=lambda r: r[2] + r[3])
+    orig_run = sloop.SidecoreLoop.run
+
+    def run(self):
+        c0 = time.thread_time_ns()
+        try:
+            orig_run(self)
+        finally:
+            counts["sidecore_cpu_ns"] += time.thread_time_ns() - c0
+    sloop.SidecoreLoop.run = run
     test = next(t for t in bench.TESTS if t.name == a.test)
     ns = bench.Namespace()
     try:
@@ -78,6 +108,16 @@ def main() -> None:
           f"load {os.getloadavg()[0]:.1f}")
     for k in sorted(counts):
         print(f"  {k:24} {counts[k]}")
+    ops = max(1, res["ops"])
+    if counts["sidecore_cpu_ns"]:
+        busy = counts["sidecore_cpu_ns"] - counts["idle_spin_cpu_ns"]
+        c = sum(counts[f"c{n}_cpu_ns"] for n in ("_tx_batch", "_rx_take", "_rx_pump", "_serve"))
+        print(f"  sidecore thread CPU per op (ns; whole run incl. ARP and set-up): total "
+              f"{counts['sidecore_cpu_ns'] / ops:.0f}, idle spin {counts['idle_spin_cpu_ns'] / ops:.0f}, "
+              f"busy {busy / ops:.0f} = C batches {c / ops:.0f} (TX {counts['c_tx_batch_cpu_ns'] / ops:.0f}, "
+              f"RX pump {counts['c_rx_pump_cpu_ns'] / ops:.0f}, RX take {counts['c_rx_take_cpu_ns'] / ops:.0f}, "
+              f"pair served in the spin {counts['c_serve_cpu_ns'] / ops:.0f}) "
+              f"+ Python {(busy - c) / ops:.0f}")
     for key in ("tx_batch", "rx_pump"):
         hist = sorted((n, c) for (k, n), c in sizes.items() if k == key)
         print(f"  {key} frames per call (frames: calls): {dict(hist)}")

@@ -1,5 +1,6 @@
-"""virtio-net's C fast path (``_vring.Ring.net_tx_batch`` / ``net_rx_take`` / ``net_rx_pump``) and the
-pure-Python model agree, on hostile input too.
+"""virtio-net's C fast path (``_vring.Ring.net_tx_batch`` / ``net_rx_take`` / ``net_rx_pump``), the pair
+served in C for a spin slice (``Ring.net_serve``, :meth:`VirtioNet.serve_pair`) and the pure-Python model
+agree, on hostile input too.
 
 The same guest program -- TX chains with any header, any length, split anyhow, or raw descriptors
 (wild addresses, loops, huge lengths); RX buffer layouts with unusable chains, duplicate heads and
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -33,6 +35,7 @@ from exitless.devices.virtio.constants import (
     VIRTIO_NET_F_MRG_RXBUF,
 )
 from exitless.devices.virtio.net import MAX_FRAME
+from exitless.sidecore.spin import WatchedLock
 
 try:
     from test_virtio_net import BCAST, MAC, MiB, Rig, hdr
@@ -47,13 +50,37 @@ REGIONS = [(0, 64 * MiB), (HIGH, 1 * MiB)]
 _WILD = st.sampled_from([64 * MiB - 8, 64 * MiB, HIGH - 16, HIGH + MiB - 4, 1 << 40, (1 << 64) - 16])
 
 
+PATHS = ("python", "c", "serve")
+
+
 def _rig(path: str, **kw) -> Rig:
     saved = qmod.C_VRING
-    qmod.C_VRING = path == "c"
+    qmod.C_VRING = path != "python"
     try:
-        return Rig(regions=REGIONS, **kw)
+        r = Rig(regions=REGIONS, **kw)
     finally:
         qmod.C_VRING = saved
+    if path == "serve":   # as VirtioPci + a poll-mode sidecore: a transport lock and the TAP's readiness poll
+        r.dev.transport_lock = WatchedLock()
+        r.dev.backend_pollables("poll")
+        r.dev.handle_queue(0)      # the RX queue is looked at once (it sizes the held FIFO)
+    return r
+
+
+def _serve(r: Rig) -> None:
+    """Serve pair 0 in C until a call finds nothing to do (each call: until 1 ms passed or it returned)."""
+    while True:
+        before = (dict(r.dev.stats), r.dev._pairs[0].held_count, r.dev.needs_reset)
+        if r.dev.serve_pair(0, [], time.monotonic_ns() + 1_000_000) is None:
+            return
+        if (dict(r.dev.stats), r.dev._pairs[0].held_count, r.dev.needs_reset) == before:
+            return
+
+
+def _pump(r: Rig, path: str) -> None:
+    if path == "serve":
+        _serve(r)
+    r.dev.rx_pump(0)
 
 
 def _drain(sock: socket.socket) -> list[bytes]:
@@ -140,17 +167,19 @@ def _tx_observe(r: Rig) -> tuple:
          chains=[("frame", (1, 0, 0, 0, 44, 16), 60, "one"), ("frame", (1, 0, 0, 0, 42, 16), 60, "one")])
 def test_tx_paths_agree(features, chains, budgets):
     seen = []
-    for path in ("python", "c"):
+    for path in PATHS:
         r = _rig(path, drop=_tx_drop(features))
         try:
             for i, chain in enumerate(chains):
                 _add_tx(r, chain, i)
+            if path == "serve":
+                _serve(r)
             for b in budgets + [None]:
                 r.dev.handle_queue(1, b)
             seen.append(_tx_observe(r))
         finally:
             r.close()
-    assert seen[0] == seen[1]
+    assert seen[0] == seen[1] == seen[2]
 
 
 # -- RX -----------------------------------------------------------------------------------------------
@@ -243,7 +272,7 @@ def _rx_observe(r: Rig, posted: list) -> tuple:
        later=st.lists(_rx_buf, min_size=0, max_size=6), pumps=st.integers(1, 3), ring_error=_ring_error)
 def test_rx_paths_agree(mrg, csum, mode, first, frames, later, pumps, ring_error):
     seen = []
-    for path in ("python", "c"):
+    for path in PATHS:
         r = _rig(path, drop=_rx_features(mrg, csum))
         try:
             _set_mode(r, mode)
@@ -253,14 +282,16 @@ def test_rx_paths_agree(mrg, csum, mode, first, frames, later, pumps, ring_error
             for i, (n, dst, flags, gso) in enumerate(frames):
                 r.tap.peers[0].send(hdr(flags, gso, 54, 1448, 34, 16, 0x5555) + _frame(n, dst, i))
             for _ in range(pumps):
-                r.dev.rx_pump(0)
+                _pump(r, path)
             posted += _post(r, later, high_at)
+            if path == "serve":        # new buffers are taken by the serve loop itself
+                _serve(r)
             r.dev.handle_queue(0)
-            r.dev.rx_pump(0)
+            _pump(r, path)
             seen.append(_rx_observe(r, posted))
         finally:
             r.close()
-    assert seen[0] == seen[1]
+    assert seen[0] == seen[1] == seen[2]
 
 
 @settings(max_examples=60, deadline=None)
@@ -283,5 +314,27 @@ def test_rx_buffer_changed_while_held_breaks_the_ring(path):
         r.tap.peers[0].send(hdr() + _frame(100, MAC, 0))
         assert r.dev.rx_pump(0) == 0
         assert r.dev.needs_reset and r.resets == 1 and r.dev.stats["rx_packets"] == 0
+    finally:
+        r.close()
+
+
+def test_a_thread_that_wants_the_transport_lock_ends_the_serve_loop():
+    """The serve loop holds the transport lock for its whole slice; another thread's acquisition (a config
+    access, a reset) bumps the word it watches, so the loop returns after one pass, not at its deadline."""
+    import threading
+
+    r = _rig("serve")
+    try:
+        lock = r.dev.transport_lock
+        th = threading.Thread(target=r.dev.serve_pair, args=(0, [], time.monotonic_ns() + 30_000_000_000))
+        th.start()
+        while lock._lock.acquire(blocking=False):     # not bumping the word: wait until the loop holds it
+            lock._lock.release()
+            time.sleep(0.001)
+        t0 = time.monotonic()
+        with lock:
+            waited = time.monotonic() - t0
+        th.join(30)
+        assert not th.is_alive() and waited < 5, waited
     finally:
         r.close()

@@ -157,6 +157,44 @@ def test_attach_errors(ns):
         Tap.open("lo", netns=ns)
 
 
+def test_a_tap_exitless_creates_is_up_and_says_so(ns):
+    """A TAP that Tap.open creates is brought up (a down one drops every frame) and has a hint with an
+    ``ip addr add`` line; it goes away with its fd.  A TAP that existed is left as it was (here: down)."""
+    from pyroute2 import NetNS
+
+    def flags(name):
+        with NetNS(ns, flags=0) as ipr:
+            links = ipr.get_links(ifname=name)
+            return links[0]["flags"] if links else None
+
+    with Tap.open("exlnew0", netns=ns) as tap:
+        assert tap.created and flags("exlnew0") & 1       # IFF_UP
+        assert f"ip -n {ns} addr add" in tap.hint() and "exlnew0" in tap.hint()
+    assert flags("exlnew0") is None                      # not persistent
+    N.set_link(ns, "exltap0", False)
+    try:
+        with Tap.open("exltap0", netns=ns) as tap:
+            assert not tap.created and tap.hint() is None
+            assert not flags("exltap0") & 1
+    finally:
+        N.set_link(ns, "exltap0", True)
+
+
+@pytest.mark.kvm
+def test_cli_run_prints_the_hint_for_a_tap_it_created(ns):
+    """``exitless run --net tap=NEW,netns=NS``: the created TAP's hint reaches the user (stderr)."""
+    import subprocess
+    import sys
+
+    from exitless.guestkit import guestkit_path
+
+    cmd = [sys.executable, "-m", "exitless", "run", "--kernel", str(guestkit_path()), "--mem", "64M",
+           "--append", "idle ms=10", "--net", f"tap=exlnew1,netns={ns},io=trap"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "created TAP exlnew1" in p.stderr and f"ip -n {ns} addr add" in p.stderr, p.stderr
+
+
 def _teardown(worker, efd: int, r, tap) -> None:
     """Stop the test's sidecore (it must not have died), close its eventfd, the device and the TAP."""
     import os

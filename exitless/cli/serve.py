@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import signal
+import sys
 import threading
 
 from ..argtypes import host_user, non_negative_float
@@ -147,6 +148,8 @@ def cmd_serve_net(args) -> int:
     from ..sidecore.aio_poll import SYSCALLS as AIO_SYSCALLS
 
     tap = Tap.open(args.tap, queues=args.queues, netns=args.netns)
+    if tap.hint():
+        print(f"exitless: {tap.hint()}", file=sys.stderr)
     try:
         dev = VirtioNet(tap, mac=args.mac, queue_pairs=args.queues, queue_size=args.queue_size, ctrl_queue=False)
         where = f" in netns {args.netns}" if args.netns else ""

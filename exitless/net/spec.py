@@ -6,12 +6,15 @@ namespace (``/run/netns/NS``); ``mac`` defaults to 52:54:00 plus a hash of the T
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from ..errors import ExitlessError
 from ..sidecore.paths import PATHS
 
 __all__ = ["NetSpec", "NetSpecError", "add_nic", "add_nics"]
+
+log = logging.getLogger(__name__)
 
 
 class NetSpecError(ExitlessError, ValueError):
@@ -89,6 +92,8 @@ def add_nic(machine, spec: NetSpec, sidecore=None):
 
     tap = Tap.open(spec.tap, queues=spec.queues, netns=spec.netns)
     machine.add_worker(_TapCloser(tap))
+    if tap.hint():
+        log.warning("%s", tap.hint())
     dev = VirtioNet(tap, mac=spec.mac, queue_pairs=spec.queues)
     return VirtioPci(machine, dev, spec.io, sidecore=sidecore)
 

@@ -17,6 +17,12 @@ With no offload the kernel hands over only complete, checksummed frames.
 
 The fds are non-blocking: the sidecore never sleeps in a read or a write.
 
+A TAP that :meth:`Tap.open` creates (no interface of that name existed) lives
+as long as its fds and is brought up at once (``SIOCSIFFLAGS IFF_UP``): a down
+interface drops every frame, which looked like a dead NIC.  It has no address;
+:attr:`Tap.created` is True and :meth:`Tap.hint` says how to give it one.  A TAP
+that existed is left as it was.
+
 Network namespaces: :func:`Tap.open` with ``netns="NAME"`` attaches (or
 creates) the TAP inside ``/run/netns/NAME``: a TUNSETIFF names an interface of
 the calling thread's namespace, so the fds are opened by a short-lived thread
@@ -45,6 +51,9 @@ TUNSETOFFLOAD = 0x400454D0
 TUNGETIFF = 0x800454D2
 TUNSETVNETHDRSZ = 0x400454D8
 TUNSETQUEUE = 0x400454D9
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
 IFF_TAP = 0x0002
 IFF_MULTI_QUEUE = 0x0100
 IFF_ATTACH_QUEUE = 0x0200
@@ -152,32 +161,74 @@ def _attach_fds(name: str, flags: int, queues: int) -> list[int]:
         raise
 
 
+def _set_up(name: str) -> None:
+    """``IFF_UP`` on interface ``name`` of the calling thread's namespace.  Raises :class:`TapError`."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            flags = struct.unpack_from("H", fcntl.ioctl(s, SIOCGIFFLAGS, _ifreq(name, 0)), IFNAMSIZ)[0]
+            if not flags & IFF_UP:
+                fcntl.ioctl(s, SIOCSIFFLAGS, _ifreq(name, flags | IFF_UP))
+        except OSError as e:
+            raise TapError(e.errno, f"TAP {name}: cannot bring it up: {e.strerror}") from None
+
+
+def _attach_or_create(name: str, flags: int, queues: int) -> tuple[list[int], bool]:
+    """:func:`_attach_fds`, and whether the TAP was created by it (then it is brought up)."""
+    try:
+        socket.if_nametoindex(name)
+        created = False
+    except OSError:
+        created = True
+    fds = _attach_fds(name, flags, queues)
+    if created:
+        try:
+            _set_up(name)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+    return fds, created
+
+
 class Tap:
     """An attached TAP interface: ``fds[i]`` is queue ``i`` (non-blocking, close-on-exec).
 
     Use :meth:`open`; :meth:`close` detaches (a TAP that exitless created without
-    persistence disappears with its last fd).
+    persistence disappears with its last fd).  :attr:`created`: :meth:`open` made it (and brought it
+    up, with no address: see :meth:`hint`).
     """
 
-    def __init__(self, name: str, fds: list[int], netns: str | None):
+    def __init__(self, name: str, fds: list[int], netns: str | None, created: bool = False):
         self.name = name
         self.fds = fds
         self.netns = netns
         self.offloads = 0
+        self.created = created
 
     @classmethod
     def open(cls, name: str, queues: int = 1, netns: str | None = None) -> "Tap":
         """Attach ``queues`` fds to TAP ``name`` (created if it does not exist) in ``netns``.
 
-        Raises :class:`TapError` if ``/dev/net/tun`` cannot be opened, the name is
-        taken by a non-TAP interface or by a TAP with other flags (single- vs
-        multi-queue, no vnet header), or the namespace does not exist.
+        A TAP created here is brought up (see the module docstring).  Raises :class:`TapError` if
+        ``/dev/net/tun`` cannot be opened, the name is taken by a non-TAP interface or by a TAP with other
+        flags (single- vs multi-queue, no vnet header), the namespace does not exist, or a created TAP
+        cannot be brought up.
         """
         check_name(name)
         if not 1 <= queues <= 256:
             raise TapError(errno.EINVAL, f"TAP {name}: {queues} queues (1..256)")
         flags = _flags(queues)
-        return cls(name, _in_netns(netns, lambda: _attach_fds(name, flags, queues)), netns)
+        fds, created = _in_netns(netns, lambda: _attach_or_create(name, flags, queues))
+        return cls(name, fds, netns, created)
+
+    def hint(self) -> str | None:
+        """For a TAP :meth:`open` created: one line saying so and how to give it an address; else None."""
+        if not self.created:
+            return None
+        where = f"ip -n {self.netns} " if self.netns else "ip "
+        return (f"created TAP {self.name}" + (f" in network namespace {self.netns}" if self.netns else "")
+                + f" (up, no address; it goes away with exitless): e.g. `{where}addr add 10.0.0.1/24 dev {self.name}`"
+                + " -- or create a persistent one first (`ip tuntap add dev NAME mode tap vnet_hdr`) and attach to it")
 
     def reattach(self) -> None:
         """Attach every queue again to TAP :attr:`name`, which was deleted and has been created again

@@ -77,6 +77,12 @@ class AioPoll:
         self._events_addr = ctypes.addressof(self._events)
         self._zero = ctypes.create_string_buffer(struct.pack("<qq", 0, 0), 16)   # timespec {0, 0}
 
+    def serve_args(self, seen: int, armed: bool) -> tuple:
+        """``(ctx, iocb address, tail address, seen, armed, events address)``: this poll for a C loop that
+        reaps and re-arms it itself (``_vring.Ring.net_serve``; ``seen``: the tail last consumed, ``armed``:
+        whether a poll is pending).  The buffers stay valid until :meth:`close`."""
+        return (self.ctx, self._iocb_addr, self.tail_addr, seen, armed, self._events_addr)
+
     def tail(self) -> int:
         """The completion ring's tail: it moves when a poll completed."""
         return self._tail.value

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 import time
+from array import array
 
 from . import _spin
 
@@ -49,3 +51,36 @@ def drain_eventfd(fd: int | None) -> int:
         except BlockingIOError:
             pass
     return 0
+
+
+class WatchedLock:
+    """A re-entrant lock that a GIL-free spin may hold for a whole slice: every acquisition first
+    bumps :attr:`word` (a u32 at :attr:`word_address`), which such a spin watches -- a thread that wants
+    the lock makes the holder return within one pass instead of waiting out its slice.  Use as a context
+    manager (or :meth:`acquire` / :meth:`release`), as ``threading.RLock``.
+
+    The bump is a plain store, not an atomic increment: two threads may store the same value, but the
+    word still differs from what a spin that started before either saw.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._word = array("I", [0])
+        self.word_address = self._word.buffer_info()[0]
+
+    @property
+    def word(self) -> int:
+        return self._word[0]
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        self._word[0] = (self._word[0] + 1) & 0xFFFFFFFF
+        return self._lock.acquire(blocking, timeout)
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()

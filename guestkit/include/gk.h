@@ -161,6 +161,9 @@ extern volatile u32 irq_flag;
  * condition, then call this */
 void wait_for_irq(volatile u32 *flag);
 void lapic_init(void);
+/* route IOAPIC input `gsi` (a PCI INTx line) to `vector` on this CPU, level-triggered; `ack` runs in the
+ * handler before the EOI and must clear the device's condition (e.g. read its ISR) */
+void ioapic_route_level(u32 gsi, u8 vector, void (*ack)(void));
 u32 lapic_id(void);
 bool lapic_is_x2apic(void);
 void lapic_eoi(void);

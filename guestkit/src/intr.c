@@ -178,6 +178,10 @@ static const char *const exc_names[32] = {
     "#NP", "#SS", "#GP", "#PF", "15", "#MF", "#AC", "#MC", "#XM", "#VE", "#CP",
 };
 
+/* level-triggered lines (INTx through the IOAPIC): the device's condition is cleared by `ack` before the
+ * EOI, or the IOAPIC delivers the still-asserted line again at once */
+static void (*level_ack[256])(void);
+
 void isr_dispatch(struct frame *f)
 {
     u32 v = (u32)f->vec;
@@ -196,7 +200,29 @@ void isr_dispatch(struct frame *f)
     if (v == VEC_SPURIOUS)
         return; /* no EOI for spurious */
     irq_flag = 1;
+    if (level_ack[v])
+        level_ack[v]();
     lapic_eoi();
+}
+
+/* ---- IOAPIC (82093AA: IOREGSEL at +0, IOWIN at +0x10; redirection entry i at registers 0x10 + 2i) ---- */
+#define IOAPIC_BASE 0xFEC00000UL
+#define IOAPIC_RTE_LEVEL (1u << 15)
+#define IOAPIC_RTE_MASKED (1u << 16)
+
+static void ioapic_write(u32 reg, u32 v)
+{
+    mmio_w32(IOAPIC_BASE, reg);
+    mmio_w32(IOAPIC_BASE + 0x10, v);
+}
+
+void ioapic_route_level(u32 gsi, u8 vector, void (*ack)(void))
+{
+    lapic_init();
+    level_ack[vector] = ack;
+    idt_set(vector, isr_stub_table[vector], 0x8E);   /* the full path: the fast stubs (xAPIC) EOI without the ack */
+    ioapic_write(0x11 + 2 * gsi, lapic_id() << 24);              /* physical destination: this CPU */
+    ioapic_write(0x10 + 2 * gsi, vector | IOAPIC_RTE_LEVEL);     /* fixed, active high, level, unmasked */
 }
 
 /* ---- LAPIC ---- */

@@ -37,6 +37,7 @@
 #include <errno.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <sched.h>
@@ -729,6 +730,7 @@ done:
 #define TXF_TSO6 4
 #define TXF_ECN 8
 #define NET_IOV_MAX 1024
+#define RX_PUBLISH_EVERY 8   /* used.idx stores of the RX pump: every 8 frames and at its end */
 
 /* The ring state a batch carries in and out (Virtqueue's _last_avail, _shadow_avail, _used_idx, _avail_event). */
 typedef struct {
@@ -880,38 +882,16 @@ static int get_u64s(PyObject *obj, Py_buffer *b, Py_ssize_t n, const char *what)
     return 0;
 }
 
-/* net_tx_batch(last_avail, shadow_avail, used_idx, avail_event, event_idx, notify_enabled, max_batch, times,
- *              fd, offer, counters) -> (completed, more, last_avail, shadow_avail, used_idx, avail_event)
- * offer: TXF_* bits negotiated; counters: writable u64[4] to which tx_packets, tx_bytes, tx_gso and
- * tx_dropped (TAP queue full) are added.  Stops before consuming a chain VirtioNet._tx would drop
- * (bad chain or header: it logs why) or that C cannot walk, and before a frame whose write failed other
- * than with EAGAIN (Python writes it again and decides about the link).  times: unused (None). */
-static PyObject *ring_net_tx_batch(Ring *r, PyObject *args)
+/* The TX batch, without the GIL: at most max_batch frames written to `fd`, one used.idx store.  Returns
+ * the number completed; *more_out is set when the next chain is for VirtioNet._tx (see net_tx_batch). */
+static unsigned tx_run(Ring *r, rstate_t *s, unsigned max_batch, int fd, unsigned offer, uint64_t *ctr, int *more_out,
+                       seg_t *segs, struct iovec *iov)
 {
-    unsigned int max_batch, offer;
-    int fd;
-    PyObject *times_obj, *ctr_obj;
-    rstate_t s;
-    if (!PyArg_ParseTuple(args, "IIIIppIOiIO", &s.last, &s.shadow, &s.used_idx, &s.avail_event, &s.evt,
-                          &s.notify_enabled, &max_batch, &times_obj, &fd, &offer, &ctr_obj))
-        return NULL;
-    Py_buffer cb;
-    if (get_u64s(ctr_obj, &cb, 4, "net_tx_batch counters") < 0)
-        return NULL;
-    uint64_t *ctr = (uint64_t *)cb.buf;
-    rstate_norm(&s);
     unsigned int done = 0;
     int more = 0;
     uint16_t head;
-    if (s.last == s.shadow && __atomic_load_n(&((volatile uint16_t *)r->avail.buf)[1], __ATOMIC_ACQUIRE) == s.last) {
-        PyBuffer_Release(&cb);
-        return Py_BuildValue("(IOIIII)", 0, Py_False, s.last, s.shadow, s.used_idx, s.avail_event);
-    }
-    seg_t segs[MAX_SEGS];
-    struct iovec iov[NET_IOV_MAX];
-    Py_BEGIN_ALLOW_THREADS
     while (done < max_batch) {
-        int p = peek_head(r, &s, &head);
+        int p = peek_head(r, s, &head);
         if (p == 0)
             break;
         if (p < 0) {
@@ -953,12 +933,45 @@ static PyObject *ring_net_tx_batch(Ring *r, PyObject *args)
             if (hdr[1])
                 ctr[2]++;
         }
-        consume_head(r, &s);
-        put_used(r, &s, head, 0);
+        consume_head(r, s);
+        put_used(r, s, head, 0);
         done++;
     }
     if (done)
-        publish_used(r, &s);
+        publish_used(r, s);
+    *more_out = more;
+    return done;
+}
+
+/* net_tx_batch(last_avail, shadow_avail, used_idx, avail_event, event_idx, notify_enabled, max_batch, times,
+ *              fd, offer, counters) -> (completed, more, last_avail, shadow_avail, used_idx, avail_event)
+ * offer: TXF_* bits negotiated; counters: writable u64[4] to which tx_packets, tx_bytes, tx_gso and
+ * tx_dropped (TAP queue full) are added.  Stops before consuming a chain VirtioNet._tx would drop
+ * (bad chain or header: it logs why) or that C cannot walk, and before a frame whose write failed other
+ * than with EAGAIN (Python writes it again and decides about the link).  times: unused (None). */
+static PyObject *ring_net_tx_batch(Ring *r, PyObject *args)
+{
+    unsigned int max_batch, offer;
+    int fd;
+    PyObject *times_obj, *ctr_obj;
+    rstate_t s;
+    if (!PyArg_ParseTuple(args, "IIIIppIOiIO", &s.last, &s.shadow, &s.used_idx, &s.avail_event, &s.evt,
+                          &s.notify_enabled, &max_batch, &times_obj, &fd, &offer, &ctr_obj))
+        return NULL;
+    Py_buffer cb;
+    if (get_u64s(ctr_obj, &cb, 4, "net_tx_batch counters") < 0)
+        return NULL;
+    rstate_norm(&s);
+    unsigned int done = 0;
+    int more = 0;
+    if (s.last == s.shadow && __atomic_load_n(&((volatile uint16_t *)r->avail.buf)[1], __ATOMIC_ACQUIRE) == s.last) {
+        PyBuffer_Release(&cb);
+        return Py_BuildValue("(IOIIII)", 0, Py_False, s.last, s.shadow, s.used_idx, s.avail_event);
+    }
+    seg_t segs[MAX_SEGS];
+    struct iovec iov[NET_IOV_MAX];
+    Py_BEGIN_ALLOW_THREADS
+    done = tx_run(r, &s, max_batch, fd, offer, (uint64_t *)cb.buf, &more, segs, iov);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&cb);
     return Py_BuildValue("(IOIIII)", done, more ? Py_True : Py_False, s.last, s.shadow, s.used_idx, s.avail_event);
@@ -969,6 +982,52 @@ static PyObject *ring_net_tx_batch(Ring *r, PyObject *args)
 static inline int rx_usable(int nseg, uint64_t rlen, uint64_t wlen)
 {
     return nseg >= 0 && rlen == 0 && wlen >= NET_HDR && nseg < NET_IOV_MAX;
+}
+
+/* The held RX buffers: a FIFO of heads (start ctl[0], count ctl[1], capacity hcap), a flag per head
+ * (flen of them), the pump's ctl words, its bounce buffer and the RX filter (NULL: promiscuous). */
+typedef struct {
+    uint16_t *held;
+    uint8_t *hflags;
+    Py_ssize_t flen;
+    uint64_t *ctl;
+    uint64_t hcap;
+    uint8_t *bounce;
+    int mrg, guest_csum;
+    const uint8_t *filt;
+    Py_ssize_t filt_len;
+} rxheld_t;
+
+/* The RX take, without the GIL: every available usable chain, at most max_batch, appended to the held
+ * FIFO.  Returns the number taken; *more_out is set at a chain Python must look at (see net_rx_take). */
+static unsigned rx_take_run(Ring *r, rstate_t *s, unsigned max_batch, rxheld_t *x, int *more_out, seg_t *segs)
+{
+    unsigned int done = 0;
+    int more = 0;
+    uint16_t head;
+    uint64_t *ctl = x->ctl;
+    while (done < max_batch) {
+        int p = peek_head(r, s, &head);
+        if (p == 0)
+            break;
+        uint64_t rlen = 0, wlen = 0;
+        if (p < 0 || head >= (uint64_t)x->flen || x->hflags[head] || ctl[1] >= x->hcap) {
+            more = 1;
+            break;
+        }
+        int nseg = walk(r, head, segs, &rlen, &wlen);
+        if (!rx_usable(nseg, rlen, wlen)) {
+            more = 1;
+            break;
+        }
+        x->hflags[head] = 1;
+        x->held[(ctl[0] + ctl[1]) % x->hcap] = head;
+        ctl[1]++;
+        consume_head(r, s);
+        done++;
+    }
+    *more_out = more;
+    return done;
 }
 
 /* net_rx_take(last_avail, shadow_avail, used_idx, avail_event, event_idx, notify_enabled, max_batch, times,
@@ -988,36 +1047,13 @@ static PyObject *ring_net_rx_take(Ring *r, PyObject *args)
     Py_buffer hb, fb, cb;
     if (get_held(held_obj, flags_obj, ctl_obj, 2, &hb, &fb, &cb, "net_rx_take ctl") < 0)
         return NULL;
-    uint16_t *held = (uint16_t *)hb.buf;
-    uint8_t *hflags = (uint8_t *)fb.buf;
-    uint64_t *ctl = (uint64_t *)cb.buf;
-    uint64_t hcap = (uint64_t)hb.len / 2;
+    rxheld_t x = {(uint16_t *)hb.buf, (uint8_t *)fb.buf, fb.len, (uint64_t *)cb.buf, (uint64_t)hb.len / 2};
     rstate_norm(&s);
     unsigned int done = 0;
     int more = 0;
-    uint16_t head;
     seg_t segs[MAX_SEGS];
     Py_BEGIN_ALLOW_THREADS
-    while (done < max_batch) {
-        int p = peek_head(r, &s, &head);
-        if (p == 0)
-            break;
-        uint64_t rlen = 0, wlen = 0;
-        if (p < 0 || head >= (uint64_t)fb.len || hflags[head] || ctl[1] >= hcap) {
-            more = 1;
-            break;
-        }
-        int nseg = walk(r, head, segs, &rlen, &wlen);
-        if (!rx_usable(nseg, rlen, wlen)) {
-            more = 1;
-            break;
-        }
-        hflags[head] = 1;
-        held[(ctl[0] + ctl[1]) % hcap] = head;
-        ctl[1]++;
-        consume_head(r, &s);
-        done++;
-    }
+    done = rx_take_run(r, &s, max_batch, &x, &more, segs);
     Py_END_ALLOW_THREADS
     release3(&hb, &fb, &cb);
     return Py_BuildValue("(IOIIII)", done, more ? Py_True : Py_False, s.last, s.shadow, s.used_idx, s.avail_event);
@@ -1077,55 +1113,21 @@ static int rx_accept(const uint8_t *f, Py_ssize_t flen, const uint8_t dst[6])
 
 enum { RX_BUDGET_DONE, RX_EMPTY, RX_EAGAIN, RX_ERROR, RX_EOF, RX_DEFER_USE, RX_PENDING };
 
-/* net_rx_pump(last_avail, shadow_avail, used_idx, avail_event, event_idx, notify_enabled, max_reads, times,
- *             fd, held, held_flags, ctl, bounce, mrg_rxbuf, guest_csum, filter)
- *   -> (delivered, more, last_avail, shadow_avail, used_idx, avail_event)
- * The RX pump of VirtioNet (_rx_pump_locked) over the held FIFO, without the GIL: readv from the TAP
- * straight into the first held buffer (then the bounce buffer up to NET_MAX_RX), MRG_RXBUF spill into the
- * next held buffers, the RX filter, the header (flags cleared without GUEST_CSUM, num_buffers), used
- * elements, one used.idx store.  Held chains are walked again, with every check, when they are used.
- * ctl: u64[10] = held start, held count, status (RX_*), value (errno for RX_ERROR, frame bytes for
- * RX_PENDING), reads (readv calls made), then rx_packets, rx_bytes, rx_gso, rx_dropped, rx_filtered
- * (added to).  RX_DEFER_USE: the first held chain did not walk in C (Python uses it); RX_PENDING: a frame of
- * `value` bytes was read into the first held buffer and the bounce buffer, and a spill buffer did not walk
- * in C: Python finishes that frame. */
-static PyObject *ring_net_rx_pump(Ring *r, PyObject *args)
+/* The RX pump, without the GIL (see net_rx_pump): at most max_reads readv calls on `fd`, one used.idx
+ * store for the frames delivered.  Sets ctl[2] (status), ctl[3] (value) and ctl[4] (reads) and adds to
+ * the counters ctl[5..9]; returns the frames delivered. */
+static unsigned rx_pump_run(Ring *r, rstate_t *sp, unsigned max_reads, int fd, rxheld_t *x, seg_t *segs, seg_t *segs2,
+                            struct iovec *iov)
 {
-    unsigned int max_reads;
-    int fd, mrg, guest_csum;
-    PyObject *times_obj, *held_obj, *flags_obj, *ctl_obj, *bounce_obj, *filter_obj;
-    rstate_t s;
-    if (!PyArg_ParseTuple(args, "IIIIppIOiOOOOppO", &s.last, &s.shadow, &s.used_idx, &s.avail_event, &s.evt,
-                          &s.notify_enabled, &max_reads, &times_obj, &fd, &held_obj, &flags_obj, &ctl_obj,
-                          &bounce_obj, &mrg, &guest_csum, &filter_obj))
-        return NULL;
-    Py_buffer hb, fb, cb, bb, filt;
-    int have_filt = 0;
-    if (get_held(held_obj, flags_obj, ctl_obj, 10, &hb, &fb, &cb, "net_rx_pump ctl") < 0)
-        return NULL;
-    if (PyObject_GetBuffer(bounce_obj, &bb, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0)
-        goto fail_c;
-    if (bb.len < NET_MAX_RX) {
-        PyErr_SetString(PyExc_ValueError, "net_rx_pump: the bounce buffer is smaller than MAX_RX");
-        goto fail_b;
-    }
-    if (filter_obj != Py_None) {
-        if (PyObject_GetBuffer(filter_obj, &filt, PyBUF_SIMPLE) < 0)
-            goto fail_b;
-        have_filt = 1;
-    }
-    uint16_t *held = (uint16_t *)hb.buf;
-    uint8_t *hflags = (uint8_t *)fb.buf;
-    uint64_t *ctl = (uint64_t *)cb.buf;
-    uint8_t *bounce = (uint8_t *)bb.buf;
-    uint64_t hcap = (uint64_t)hb.len / 2;
-    rstate_norm(&s);
+    rstate_t s = *sp;
+    uint16_t *held = x->held;
+    uint8_t *hflags = x->hflags;
+    uint64_t *ctl = x->ctl;
+    const uint64_t hcap = x->hcap;
+    uint8_t *bounce = x->bounce;
+    const int mrg = x->mrg, guest_csum = x->guest_csum, have_filt = x->filt != NULL;
     unsigned int delivered = 0, reads = 0;
     uint64_t status = RX_BUDGET_DONE, value = 0;
-    /* segs of the first chain, then of each spill chain in turn */
-    static __thread seg_t segs[MAX_SEGS], segs2[MAX_SEGS];
-    struct iovec iov[NET_IOV_MAX + 1];
-    Py_BEGIN_ALLOW_THREADS
     while (reads < max_reads) {
         if (ctl[1] == 0 || hcap == 0) {
             status = RX_EMPTY;
@@ -1212,7 +1214,7 @@ static PyObject *ring_net_rx_pump(Ring *r, PyObject *args)
                 else
                     dst[i] = bounce[off - cap];
             }
-            if (!rx_accept((const uint8_t *)filt.buf, filt.len, dst)) {
+            if (!rx_accept(x->filt, x->filt_len, dst)) {
                 ctl[9]++;
                 continue;
             }
@@ -1252,13 +1254,71 @@ static PyObject *ring_net_rx_pump(Ring *r, PyObject *args)
         ctl[5]++;
         ctl[6] += (uint64_t)n - NET_HDR;
         delivered++;
+        /* a polling driver starts on the first frames while the rest are read: with a batch of echoes
+         * the guest answers the first replies (and sends anew) while the pump is still reading */
+        if (delivered % RX_PUBLISH_EVERY == 0)
+            publish_used(r, &s);
     }
+    if (delivered % RX_PUBLISH_EVERY)
+        publish_used(r, &s);
     if (delivered)
         publish_used(r, &s);
-    Py_END_ALLOW_THREADS
     ctl[2] = status;
     ctl[3] = value;
     ctl[4] = reads;
+    *sp = s;
+    return delivered;
+}
+
+/* net_rx_pump(last_avail, shadow_avail, used_idx, avail_event, event_idx, notify_enabled, max_reads, times,
+ *             fd, held, held_flags, ctl, bounce, mrg_rxbuf, guest_csum, filter)
+ *   -> (delivered, more, last_avail, shadow_avail, used_idx, avail_event)
+ * The RX pump of VirtioNet (_rx_pump_locked) over the held FIFO, without the GIL: readv from the TAP
+ * straight into the first held buffer (then the bounce buffer up to NET_MAX_RX), MRG_RXBUF spill into the
+ * next held buffers, the RX filter, the header (flags cleared without GUEST_CSUM, num_buffers), used
+ * elements, one used.idx store.  Held chains are walked again, with every check, when they are used.
+ * ctl: u64[10] = held start, held count, status (RX_*), value (errno for RX_ERROR, frame bytes for
+ * RX_PENDING), reads (readv calls made), then rx_packets, rx_bytes, rx_gso, rx_dropped, rx_filtered
+ * (added to).  RX_DEFER_USE: the first held chain did not walk in C (Python uses it); RX_PENDING: a frame of
+ * `value` bytes was read into the first held buffer and the bounce buffer, and a spill buffer did not walk
+ * in C: Python finishes that frame. */
+static PyObject *ring_net_rx_pump(Ring *r, PyObject *args)
+{
+    unsigned int max_reads;
+    int fd, mrg, guest_csum;
+    PyObject *times_obj, *held_obj, *flags_obj, *ctl_obj, *bounce_obj, *filter_obj;
+    rstate_t s;
+    if (!PyArg_ParseTuple(args, "IIIIppIOiOOOOppO", &s.last, &s.shadow, &s.used_idx, &s.avail_event, &s.evt,
+                          &s.notify_enabled, &max_reads, &times_obj, &fd, &held_obj, &flags_obj, &ctl_obj,
+                          &bounce_obj, &mrg, &guest_csum, &filter_obj))
+        return NULL;
+    Py_buffer hb, fb, cb, bb, filt;
+    int have_filt = 0;
+    if (get_held(held_obj, flags_obj, ctl_obj, 10, &hb, &fb, &cb, "net_rx_pump ctl") < 0)
+        return NULL;
+    if (PyObject_GetBuffer(bounce_obj, &bb, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0)
+        goto fail_c;
+    if (bb.len < NET_MAX_RX) {
+        PyErr_SetString(PyExc_ValueError, "net_rx_pump: the bounce buffer is smaller than MAX_RX");
+        goto fail_b;
+    }
+    if (filter_obj != Py_None) {
+        if (PyObject_GetBuffer(filter_obj, &filt, PyBUF_SIMPLE) < 0)
+            goto fail_b;
+        have_filt = 1;
+    }
+    rxheld_t x = {(uint16_t *)hb.buf, (uint8_t *)fb.buf, fb.len, (uint64_t *)cb.buf, (uint64_t)hb.len / 2,
+                  (uint8_t *)bb.buf, mrg, guest_csum, have_filt ? (const uint8_t *)filt.buf : NULL,
+                  have_filt ? filt.len : 0};
+    rstate_norm(&s);
+    unsigned int delivered = 0;
+    /* segs of the first chain, then of each spill chain in turn */
+    static __thread seg_t segs[MAX_SEGS], segs2[MAX_SEGS];
+    struct iovec iov[NET_IOV_MAX + 1];
+    Py_BEGIN_ALLOW_THREADS
+    delivered = rx_pump_run(r, &s, max_reads, fd, &x, segs, segs2, iov);
+    Py_END_ALLOW_THREADS
+    uint64_t status = x.ctl[2];
     if (have_filt)
         PyBuffer_Release(&filt);
     PyBuffer_Release(&bb);
@@ -1272,7 +1332,228 @@ fail_c:
     return NULL;
 }
 
+/* ---------------------------------------------------------------------------------------------- */
+/* net_serve: one virtio-net queue pair served in C for a spin slice (the sidecore's poll mode), so that
+ * the Python loop runs once per slice, not once per batch of frames.  A pass: the AIO poll's completion
+ * (the TAP became readable) is reaped; newly posted RX buffers are taken (rx_take_run); TX frames are
+ * written (tx_run, at most max_batch); the TAP is read into held buffers (rx_pump_run) if it may hold
+ * frames (its poll fired or is not armed, or frames were just written: a local peer answers inside our
+ * writev); a drained TAP gets its one-shot poll re-armed (io_submit).  After each published batch the
+ * interrupt is decided as Virtqueue.should_signal does; C raises none: it returns and Python does.
+ * Between passes it spins (pause) on the rings, the poll's completion word and the `watches` of the
+ * sidecore's other pollables.
+ *
+ * tx_ring.net_serve(tx_state, rx_ring, rx_state, max_batch, rx_budget, fd, offer, txc, held, held_flags, ctl,
+ *                   bounce, mrg_rxbuf, guest_csum, filter, aio, watches, deadline_ns)
+ *   state: (last_avail, shadow_avail, used_idx, avail_event, event_idx, notify_enabled, signalled_used,
+ *           signalled_valid) of each queue; aio: (ctx, iocb_address, tail_address, tail_seen, armed,
+ *           events_address (room for 4 io_events)); watches: [(address, expected u32)] (a word of this pair --
+ *           either ring's avail area or the poll's tail -- is skipped: served here).
+ *   -> (reason, value, tx_done, rx_done, (tx last, shadow, used_idx, avail_event, signalled_used,
+ *       signalled_valid), (the same for rx), tail_seen, armed, tx_signal, rx_signal, now_ns)
+ * reason: NS_DEADLINE; NS_TX (the next TX chain is for VirtioNet._tx); NS_RX_TAKE (the next RX chain is for
+ * Python); NS_RX_PUMP (the pump's status ctl[2] is for Python: an error, end of file, a chain it cannot
+ * walk, a frame to finish); NS_SIGNAL (tx_signal / rx_signal: the driver wants a used-buffer notification);
+ * NS_WATCH (watch number `value` changed); NS_ARM (re-arming the poll failed: value = errno).
+ * The other arguments are those of net_tx_batch / net_rx_take / net_rx_pump.  Both rings must be of the
+ * same guest RAM region; with notifications enabled (the shared path's doorbell page) avail_event follows
+ * as Virtqueue.pop moves it.  The caller keeps every buffer and fd alive. */
+enum { NS_DEADLINE, NS_TX, NS_RX_TAKE, NS_RX_PUMP, NS_SIGNAL, NS_WATCH, NS_ARM };
+
+static int net_want_signal(const Ring *r, const rstate_t *s, uint32_t *sig_used, int *sig_valid)
+{
+    qstate_t q = {0};
+    q.used_idx = s->used_idx;
+    q.evt = s->evt;
+    q.signalled_used = *sig_used;
+    q.signalled_valid = *sig_valid;
+    int want = want_signal(r, &q);
+    *sig_used = q.signalled_used & 0xFFFF;
+    *sig_valid = q.signalled_valid;
+    return want;
+}
+
+static PyObject *ring_net_serve(Ring *tx, PyObject *args)
+{
+    rstate_t ts, rs;
+    unsigned int tsig, rsig, max_batch, rx_budget, offer, seen;
+    int tsig_valid, rsig_valid, fd, mrg, guest_csum, armed;
+    unsigned long long ctx, iocb, tail_addr, events, deadline;
+    PyObject *rx_obj, *txc_obj, *held_obj, *flags_obj, *ctl_obj, *bounce_obj, *filter_obj, *watch_obj;
+    if (!PyArg_ParseTuple(args, "(IIIIppIp)O!(IIIIppIp)IIiIOOOOOppO(KKKIpK)OK", &ts.last, &ts.shadow, &ts.used_idx,
+                          &ts.avail_event, &ts.evt, &ts.notify_enabled, &tsig, &tsig_valid, &RingType, &rx_obj,
+                          &rs.last, &rs.shadow, &rs.used_idx, &rs.avail_event, &rs.evt, &rs.notify_enabled, &rsig,
+                          &rsig_valid, &max_batch, &rx_budget, &fd, &offer, &txc_obj, &held_obj, &flags_obj,
+                          &ctl_obj, &bounce_obj, &mrg, &guest_csum, &filter_obj, &ctx, &iocb, &tail_addr, &seen,
+                          &armed, &events, &watch_obj, &deadline))
+        return NULL;
+    Ring *rx = (Ring *)rx_obj;
+    if (!tx->have_used || !rx->have_used || tx->ram.buf != rx->ram.buf) {
+        PyErr_SetString(PyExc_ValueError, "net_serve: two rings of one RAM region");
+        return NULL;
+    }
+    PyObject *watch_seq = PySequence_Fast(watch_obj, "net_serve: watches must be a sequence");
+    if (watch_seq == NULL)
+        return NULL;
+    Py_ssize_t nw = PySequence_Fast_GET_SIZE(watch_seq);
+    if (nw > MAX_JOBS) {
+        Py_DECREF(watch_seq);
+        PyErr_SetString(PyExc_ValueError, "net_serve: at most 1024 watches");
+        return NULL;
+    }
+    uintptr_t waddr[MAX_JOBS];
+    uint32_t wval[MAX_JOBS];
+    Py_ssize_t nwatch = 0;
+    const uintptr_t own[3] = {(uintptr_t)tx->avail.buf, (uintptr_t)rx->avail.buf, (uintptr_t)tail_addr};
+    for (Py_ssize_t i = 0; i < nw; i++) {
+        unsigned long long addr, value;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(watch_seq, i), "KK;net_serve: (address, value) watches", &addr,
+                              &value)) {
+            Py_DECREF(watch_seq);
+            return NULL;
+        }
+        if (addr == own[0] || addr == own[1] || addr == own[2])
+            continue;
+        waddr[nwatch] = (uintptr_t)addr;
+        wval[nwatch++] = (uint32_t)value;
+    }
+    Py_DECREF(watch_seq);
+    Py_buffer txcb, hb, fb, cb, bb, filt;
+    int have_filt = 0;
+    if (get_u64s(txc_obj, &txcb, 4, "net_serve counters") < 0)
+        return NULL;
+    if (get_held(held_obj, flags_obj, ctl_obj, 10, &hb, &fb, &cb, "net_serve ctl") < 0)
+        goto fail_t;
+    if (PyObject_GetBuffer(bounce_obj, &bb, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0)
+        goto fail_c;
+    if (bb.len < NET_MAX_RX) {
+        PyErr_SetString(PyExc_ValueError, "net_serve: the bounce buffer is smaller than MAX_RX");
+        goto fail_b;
+    }
+    if (filter_obj != Py_None) {
+        if (PyObject_GetBuffer(filter_obj, &filt, PyBUF_SIMPLE) < 0)
+            goto fail_b;
+        have_filt = 1;
+    }
+    rxheld_t x = {(uint16_t *)hb.buf, (uint8_t *)fb.buf, fb.len, (uint64_t *)cb.buf, (uint64_t)hb.len / 2,
+                  (uint8_t *)bb.buf, mrg, guest_csum, have_filt ? (const uint8_t *)filt.buf : NULL,
+                  have_filt ? filt.len : 0};
+    uint64_t *txc = (uint64_t *)txcb.buf, *ctl = x.ctl;
+    rstate_norm(&ts);
+    rstate_norm(&rs);
+    int reason = NS_DEADLINE, tx_signal = 0, rx_signal = 0;
+    long value = 0;
+    unsigned long long tx_done = 0, rx_done = 0, now = 0;
+    static __thread seg_t segs[MAX_SEGS], segs2[MAX_SEGS];
+    static __thread struct iovec iov[NET_IOV_MAX + 1];
+    /* the counters are added to by every pass: ctl[5..9] as one pump call would, read back by Python */
+    Py_BEGIN_ALLOW_THREADS
+    const volatile uint16_t *tx_avail = (const volatile uint16_t *)tx->avail.buf;
+    const volatile uint16_t *rx_avail = (const volatile uint16_t *)rx->avail.buf;
+    const volatile uint32_t *tail = (const volatile uint32_t *)(uintptr_t)tail_addr;
+    for (unsigned iter = 1;; iter++) {
+        int worked = 0, more = 0, fired = 0;
+        uint32_t t = __atomic_load_n(tail, __ATOMIC_ACQUIRE);
+        if (t != seen) {          /* the poll completed: it is spent (one-shot); reap its event */
+            struct timespec zero = {0, 0};
+            seen = t;
+            armed = 0;
+            fired = 1;
+            (void)syscall(SYS_io_getevents, (unsigned long)ctx, 0L, 4L, (void *)(uintptr_t)events, &zero);
+        }
+        if (rs.last != rs.shadow || __atomic_load_n(&rx_avail[1], __ATOMIC_ACQUIRE) != rs.last) {
+            rx_take_run(rx, &rs, rx->size, &x, &more, segs);
+            if (more) {
+                reason = NS_RX_TAKE;
+                break;
+            }
+        }
+        unsigned n = 0;
+        if (ts.last != ts.shadow || __atomic_load_n(&tx_avail[1], __ATOMIC_ACQUIRE) != ts.last) {
+            n = tx_run(tx, &ts, max_batch, fd, offer, txc, &more, segs, iov);
+            if (n) {
+                worked = 1;
+                tx_done += n;
+                if (net_want_signal(tx, &ts, &tsig, &tsig_valid))
+                    tx_signal = 1;
+            }
+            if (more) {
+                reason = NS_TX;
+                break;
+            }
+        }
+        if (ctl[1] && (!armed || fired || n)) {
+            unsigned d = rx_pump_run(rx, &rs, rx_budget, fd, &x, segs, segs2, iov);
+            if (d) {
+                worked = 1;
+                rx_done += d;
+                if (net_want_signal(rx, &rs, &rsig, &rsig_valid))
+                    rx_signal = 1;
+            }
+            uint64_t status = ctl[2];
+            if (status == RX_EAGAIN) {
+                if (!armed) {     /* drained: one readiness poll (checked at once by the kernel: no lost wake-up) */
+                    void *iocbs[1] = {(void *)(uintptr_t)iocb};
+                    if (syscall(SYS_io_submit, (unsigned long)ctx, 1L, iocbs) != 1) {
+                        reason = NS_ARM;
+                        value = errno;
+                        break;
+                    }
+                    armed = 1;
+                }
+            } else if (status == RX_BUDGET_DONE) {
+                worked = 1;
+            } else if (status != RX_EMPTY) {
+                reason = NS_RX_PUMP;
+                break;
+            }
+        }
+        if (tx_signal || rx_signal) {
+            reason = NS_SIGNAL;
+            break;
+        }
+        for (Py_ssize_t i = 0; i < nwatch; i++) {
+            if (__atomic_load_n((const volatile uint32_t *)waddr[i], __ATOMIC_RELAXED) != wval[i]) {
+                reason = NS_WATCH;
+                value = (long)i;
+                break;
+            }
+        }
+        if (reason)
+            break;
+        if (worked) {
+            if (now_ns() >= deadline)
+                break;
+            continue;
+        }
+        cpu_relax();
+        if ((iter & 63) == 0 && now_ns() >= deadline)
+            break;
+    }
+    now = now_ns();
+    Py_END_ALLOW_THREADS
+    if (have_filt)
+        PyBuffer_Release(&filt);
+    PyBuffer_Release(&bb);
+    release3(&hb, &fb, &cb);
+    PyBuffer_Release(&txcb);
+    return Py_BuildValue("(ilKK(IIIIIO)(IIIIIO)IOOOK)", reason, value, tx_done, rx_done, ts.last, ts.shadow,
+                         ts.used_idx, ts.avail_event, tsig, tsig_valid ? Py_True : Py_False, rs.last, rs.shadow,
+                         rs.used_idx, rs.avail_event, rsig, rsig_valid ? Py_True : Py_False, seen,
+                         armed ? Py_True : Py_False, tx_signal ? Py_True : Py_False, rx_signal ? Py_True : Py_False,
+                         now);
+fail_b:
+    PyBuffer_Release(&bb);
+fail_c:
+    release3(&hb, &fb, &cb);
+fail_t:
+    PyBuffer_Release(&txcb);
+    return NULL;
+}
+
 static PyMethodDef ring_methods[] = {
+    {"net_serve", (PyCFunction)ring_net_serve, METH_VARARGS,
+     "net_serve(...): a virtio-net queue pair served in C for a spin slice (see _vring.c)"},
     {"walk", (PyCFunction)ring_walk, METH_O,
      "walk(head) -> ([(gpa, len, writable)], readable_len, writable_len), or None: Python decides"},
     {"blk_batch", (PyCFunction)ring_blk_batch, METH_VARARGS,

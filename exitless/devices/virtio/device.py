@@ -121,6 +121,10 @@ class VirtioDevice:
         self.on_needs_reset: Callable[[], None] | None = None
         #: Set by the transport: called when the configuration space changed (config interrupt).
         self.on_config_changed: Callable[[], None] | None = None
+        #: the transport's lock (a :class:`~exitless.sidecore.spin.WatchedLock`), set by a transport whose
+        #: device model runs under it: a C loop serving queues for a whole spin slice holds it and watches
+        #: its word (:meth:`VirtioNet.serve_pair`); None where the device has no such transport
+        self.transport_lock = None
         self.log = RateLimitedLog(log)
         #: Exceptions other than a broken ring that escaped :meth:`process`: bugs in exitless
         #: (each also logged, and the device put in NEEDS_RESET).  Fuzz targets require it to stay 0.
@@ -156,6 +160,11 @@ class VirtioDevice:
     def has_feature(self, bit: int) -> bool:
         """Was feature ``bit`` negotiated (valid after :meth:`activate`)?"""
         return bool(self.driver_features >> bit & 1)
+
+    def queue_server(self, index: int):
+        """The backend pollable (:meth:`backend_pollables`) that serves queue ``index`` in C while the
+        sidecore spins (it has ``serve_spin``), or None: the queue's words are watched as usual."""
+        return None
 
     # -- configuration space ----------------------------------------------------------
     def config_bytes(self) -> bytes:

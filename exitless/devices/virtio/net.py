@@ -64,8 +64,11 @@ Fast path: the common case of TX and RX runs in C with the GIL released
 (``_vring.Ring.net_tx_batch``, ``net_rx_take``, ``net_rx_pump``; see
 ``_vring.c``), with every check of this model; whatever it does not take --
 bad chains, errors, the link down, buffers outside the main RAM region -- it
-leaves, unconsumed, to the code here.  ``EXITLESS_VRING=python`` turns it off;
-``tests/test_net_paths.py`` checks that the two agree.
+leaves, unconsumed, to the code here.  On a poll-mode sidecore the whole pair is
+served in C for a spin slice (:meth:`VirtioNet.serve_pair`, ``Ring.net_serve``):
+TX, newly posted RX buffers, the pump and the re-arm of the TAP's readiness poll,
+with Python once per slice instead of once per batch.  ``EXITLESS_VRING=python``
+turns it off; ``tests/test_net_paths.py`` checks that the three agree.
 
 Threading: TX of a pair is driven by one thread at a time (the transport's
 rule).  RX of a pair -- its RX queue's kicks and its TAP's readiness -- may come
@@ -85,6 +88,7 @@ import threading
 from typing import Protocol
 
 from ...sidecore.aio_poll import AioPoll
+from ...sidecore.loop import QUEUE_BUDGET
 from .constants import (
     VIRTIO_ID_NET,
     VIRTIO_NET_CTRL_ANNOUNCE,
@@ -131,6 +135,9 @@ _vring = _queue._vring
 _tx_batch = _vring.Ring.net_tx_batch if _vring is not None else None
 _rx_take = _vring.Ring.net_rx_take if _vring is not None else None
 _rx_pump = _vring.Ring.net_rx_pump if _vring is not None else None
+_serve = _vring.Ring.net_serve if _vring is not None else None
+# net_serve's reasons for returning (see _vring.c)
+_NS_DEADLINE, _NS_TX, _NS_RX_TAKE, _NS_RX_PUMP, _NS_SIGNAL, _NS_WATCH, _NS_ARM = range(7)
 # net_rx_pump's status word (ctl[2]); see _vring.c
 _RX_BUDGET_DONE, _RX_EMPTY, _RX_EAGAIN, _RX_ERROR, _RX_EOF, _RX_DEFER_USE, _RX_PENDING = range(7)
 # ctl words: held start, held count, status, value, reads, then the counters below
@@ -462,6 +469,12 @@ class VirtioNet(VirtioDevice):
                 p.poller = TapRxPollable(self, p.index)
         return [p.poller for p in self._pairs]
 
+    def queue_server(self, index: int):
+        """The pair's :class:`TapRxPollable` for its RX and TX queues (it serves them in C in poll mode)."""
+        if index < 2 * self.queue_pairs:
+            return self._pairs[index // 2].poller
+        return None
+
     # -- queue dispatch ----------------------------------------------------------------------------
     def handle_queue(self, index: int, budget: int | None = None) -> int:
         """TX and control queues: the base class's drain loop (``budget``: see there); an RX queue:
@@ -488,6 +501,69 @@ class VirtioNet(VirtioDevice):
             if p.ctl[1] and not p.gone:
                 self.rx_pump(p.index)
         return n, more
+
+    def serve_pair(self, pair: int, watches: list[tuple[int, int]], deadline_ns: int) -> int | None:
+        """Serve queue pair ``pair`` -- TX frames, RX buffers, the TAP's readiness poll -- in C for a spin
+        slice (``_vring.Ring.net_serve``, GIL released): until ``deadline_ns`` (CLOCK_MONOTONIC), one of
+        ``watches`` (``(address, expected u32)``, the sidecore's other words) changes, another thread wants
+        the transport lock (held meanwhile, its word watched), or something needs this model (a chain to
+        drop, a TAP error, an interrupt to raise), which is then done here.  Returns the monotonic time at
+        return (ns), or None when the pair cannot be served in C now (no C ring or transport lock, not
+        live, link down, an interrupt not decided yet): the caller spins instead.
+        For a sidecore in poll mode (its loop decides): no Python runs per batch of frames."""
+        lock = self.transport_lock
+        p = self._pairs[pair]
+        if _serve is None or lock is None or p.poller is None or p.gone or not self.activated or self.needs_reset \
+                or not self.link_up or not self._rx_live(pair):
+            return None
+        tx_i, rx_i = self.tx_queue(pair), self.rx_queue(pair)
+        with lock:
+            tq, rq = self.queues[tx_i], self.queues[rx_i]
+            if not (tq.configured and rq.configured) or len(p.held) != rq.size:
+                return None
+            ts, rs = tq.serve_state(), rq.serve_state()
+            if ts is None or rs is None:
+                return None
+            poller = p.poller
+            with p.lock:
+                (reason, value, _ntx, _nrx, tstate, rstate, seen, armed, tx_signal, rx_signal, now) = _serve(
+                    tq._cring, ts, rq._cring, rs, QUEUE_BUDGET, RX_BUDGET, self.backend.fds[pair], self._tx_offer,
+                    p.txc, p.held, p.held_heads, p.ctl, p.bounce, self.mrg_rxbuf, self.guest_csum, self._rx_filter(),
+                    poller.aio.serve_args(poller.seen, p.armed), watches + [(lock.word_address, lock.word)],
+                    deadline_ns)
+                tq.take_serve_state(tstate)
+                rq.take_serve_state(rstate)
+                poller.seen, p.armed = seen, armed
+                _fold(p.txc, 0, _TX_COUNTERS, self.stats)
+                _fold(p.ctl, 5, _RX_COUNTERS, self.stats)
+                status, pending = p.ctl[2], int(p.ctl[3])
+            if tx_signal:
+                self._raise(tx_i)
+            if rx_signal:
+                self._raise(rx_i)
+            if reason == _NS_TX:                # a chain for _tx (to drop and log), or a write that failed
+                self.handle_queue(tx_i, QUEUE_BUDGET)
+            elif reason == _NS_RX_TAKE:         # an RX chain to return unused (or a broken ring)
+                self._handle_rx(pair)
+            elif reason == _NS_RX_PUMP:         # a TAP error or end of file, a held chain C cannot use
+                if status == _RX_PENDING:       # a frame C read whose spill buffers it could not walk
+                    self._rx_finish_pending(p, rq, pending)
+                self.rx_pump(pair)
+            elif reason == _NS_ARM:             # the TAP cannot be watched any more (closed, or gone)
+                self.log(logging.WARNING, "virtio-net: cannot watch TAP queue %d: %s", pair, os.strerror(value))
+                p.gone = True
+        return now
+
+    def _rx_finish_pending(self, p: _Pair, q: Virtqueue, n: int) -> None:
+        """Deliver the ``n``-byte frame the C pump read into the first held buffer (and the bounce buffer)
+        but could not finish (RX_PENDING: a spill buffer it cannot walk)."""
+        with p.lock:
+            try:
+                if self._rx_frame(p, q, self._held_chain(q, p.held_at(0)), n):
+                    self.notify(self.rx_queue(p.index))
+            except VirtqueueError as e:
+                self.notify(self.rx_queue(p.index))
+                self._set_needs_reset(self.rx_queue(p.index), e)
 
     def process(self, queue_index: int, chain: DescriptorChain) -> int:
         if queue_index == self.ctrl_index:
@@ -989,7 +1065,7 @@ class TapRxPollable:
         except BaseException:
             os.close(self.wake_fd)
             raise
-        self._seen = self.aio.tail()
+        self.seen = self.aio.tail()     # the completion ring's tail last consumed
 
     def arm_tap(self) -> bool:
         """Ask for one readiness event (the kernel checks at once: no lost wake-up); False if refused."""
@@ -1002,9 +1078,9 @@ class TapRxPollable:
 
     def _event_seen(self) -> bool:
         tail = self.aio.tail()
-        if tail == self._seen:
+        if tail == self.seen:
             return False
-        self._seen = tail
+        self.seen = tail
         self.aio.reap()
         return True
 
@@ -1020,11 +1096,16 @@ class TapRxPollable:
         return dev.rx_pump(self.pair) > 0
 
     def watches(self) -> list[tuple[int, int]]:
-        return [(self.aio.tail_addr, self._seen)]
+        return [(self.aio.tail_addr, self.seen)]
+
+    def serve_spin(self, watches: list[tuple[int, int]], deadline_ns: int) -> int | None:
+        """The sidecore's spin in poll mode, serving this pair in C meanwhile
+        (:meth:`VirtioNet.serve_pair`; None: it cannot now, spin instead)."""
+        return self.device.serve_pair(self.pair, watches, deadline_ns)
 
     def arm(self) -> bool:
         p = self.device._pairs[self.pair]
-        return self.aio.tail() != self._seen or (not p.armed and bool(p.held_count) and not p.gone)
+        return self.aio.tail() != self.seen or (not p.armed and bool(p.held_count) and not p.gone)
 
     def disarm(self) -> None:
         pass

@@ -38,7 +38,7 @@ from ...sidecore.loop import QUEUE_BUDGET
 from ...sidecore.paths import MODE_OF_PATH, PATHS, REMOTE_PATHS
 from ...bus import BusError
 from ...memory import GuestMemoryError
-from ...sidecore.spin import address_of, drain_eventfd, fence
+from ...sidecore.spin import WatchedLock, address_of, drain_eventfd, fence
 from ..pci.device import Bar, PciDevice
 from ..pci.msix import CAP_ID_MSIX, NO_VECTOR, Msix
 from .constants import VIRTIO_STATUS_DEVICE_NEEDS_RESET, VIRTIO_STATUS_DRIVER_OK, VIRTIO_STATUS_FEATURES_OK
@@ -90,7 +90,13 @@ class VirtioPci(PciDevice):
         self.machine = machine
         self.device = device
         self.path = path
-        self.lock = threading.RLock()
+        # a C loop may hold it for a spin slice; a thread that wants it makes that loop return (WatchedLock)
+        self.lock = WatchedLock()
+        # ISR bits and the INTx level only: device threads raise interrupts while holding locks of their
+        # own (virtio-net's per-pair RX lock), which the transport lock, held around handle_queue, nests
+        # outside -- taking the transport lock there deadlocked the vCPU (ABBA) as soon as INTx was used
+        self._isr_lock = threading.Lock()
+        device.transport_lock = self.lock
         self.msix = Msix(machine.irq_router, n + 1, BAR_MSIX)
         self._add_virtio_cap(CFG_COMMON, BAR_CFG, COMMON_OFF, COMMON_LEN)
         self._add_virtio_cap(CFG_NOTIFY, BAR_NOTIFY, 0, notify_size, struct.pack("<I", NOTIFY_MULTIPLIER))
@@ -119,7 +125,10 @@ class VirtioPci(PciDevice):
             self.remote = RemoteQueues(service, self)
         elif path != "trap":
             # plus the device's host side (a TAP's receive fd), served by the same sidecore as its queues
-            pollables = [QueuePollable(self, q) for q in range(n)] + device.backend_pollables(MODE_OF_PATH[path])
+            queues = [QueuePollable(self, q) for q in range(n)]
+            pollables = queues + device.backend_pollables(MODE_OF_PATH[path])
+            for qp in queues:   # a queue a backend pollable serves in C: its words are not watched meanwhile
+                qp.served_by = device.queue_server(qp.index)
             if sidecore is None:
                 self.sidecore = SidecoreGroup(MODE_OF_PATH[path], poll_ns=poll_ns, name=f"sidecore-virtio{self.slot}")
                 self.sidecore.add(pollables, MODE_OF_PATH[path])
@@ -166,7 +175,8 @@ class VirtioPci(PciDevice):
         self.msix_config = NO_VECTOR
         self.config_generation = 0
         self.queue_select = 0
-        self.isr = 0
+        with self._isr_lock:
+            self.isr = 0
         self.queues = [_QueueState(self.device.queue_max_size) for _ in range(self.device.num_queues)]
         self.update_intx()
 
@@ -242,7 +252,7 @@ class VirtioPci(PciDevice):
     def _config_interrupt(self) -> None:
         self.config_generation = (self.config_generation + 1) & 0xFF
         if self.msix.enabled:
-            with self.lock:
+            with self._isr_lock:
                 self.isr |= 0x2         # §4.1.4.5.1: set before any configuration change notification
             if self.msix_config != NO_VECTOR:
                 self.msix.fire(self.msix_config)
@@ -250,7 +260,7 @@ class VirtioPci(PciDevice):
             self._intx(0x2)
 
     def _intx(self, bits: int) -> None:
-        with self.lock:
+        with self._isr_lock:
             self.isr |= bits
             self.update_intx()
 
@@ -364,7 +374,7 @@ class VirtioPci(PciDevice):
 
     def isr_read(self) -> int:
         """Read-to-clear (§4.1.4.5): the INTx line drops."""
-        with self.lock:
+        with self._isr_lock:
             value, self.isr = self.isr, 0
             self.update_intx()
             return value
@@ -441,6 +451,7 @@ class QueuePollable:
         self.index = index
         self.budget = budget
         self.backlog = False
+        self.served_by = None   # the pollable that serves this queue in C during the spin (VirtioNet's pair)
         self.wake_fd = t.wake_fds[index] if t.wake_fds else None
         self.shared = t.path == "shared"
         self._notify_addr = None

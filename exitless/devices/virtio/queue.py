@@ -725,27 +725,39 @@ class Virtqueue:
             self._unsignalled = True
         return n, more
 
+    def serve_state(self) -> tuple | None:
+        """This queue's consumer state for a C loop that completes chains and decides their interrupts
+        itself -- ``(last_avail, shadow_avail, used_idx, avail_event, event_idx, notify_enabled,
+        signalled_used, signalled_valid)`` -- or None when it must stay with Python: no C ring, broken, or
+        a completion pushed whose interrupt is not decided yet.  :meth:`take_serve_state` takes it back."""
+        if self._cring is None or self.broken or self._unsignalled:
+            return None
+        return (self._last_avail, self._shadow_avail, self._used_idx, self._avail_event, self._evt,
+                self._notify_enabled, self._signalled_used, self._signalled_valid)
+
+    def take_serve_state(self, state: tuple) -> None:
+        """Take back ``(last_avail, shadow_avail, used_idx, avail_event, signalled_used, signalled_valid)``
+        from a C loop that had :meth:`serve_state`.  Its interrupt decisions were made in C (as
+        :meth:`should_signal`), so nothing is left unsignalled."""
+        (self._last_avail, self._shadow_avail, self._used_idx, self._avail_event, self._signalled_used,
+         self._signalled_valid) = state
+
     def serve_job(self, *device_args, call_fd: int) -> tuple | None:
         """This queue's state as one job of ``_vring.serve`` (many queues served in C, interrupts
-        included: see :meth:`served`), or None when it must be polled in Python this round: no C
-        ring, broken, notifications enabled (kick-driven: :meth:`enable_notifications` handshakes in
-        Python), or a completion pushed whose interrupt is not decided yet.  ``device_args``: the
-        device's part of the job (for virtio-blk: fd, capacity in sectors, largest request in bytes,
-        writable); ``call_fd``: the eventfd (a KVM irqfd) to write when the driver wants a used-buffer
-        notification, -1 for none."""
-        ring = self._cring
-        if ring is None or self.broken or self._notify_enabled or self._unsignalled:
-            return None
-        return (ring, self._last_avail, self._shadow_avail, self._used_idx, self._avail_event, self._evt, False,
-                self._signalled_used, self._signalled_valid, *device_args, call_fd)
+        included: see :meth:`served`), or None when it must be polled in Python this round (see
+        :meth:`serve_state`; or notifications are enabled: kick-driven, :meth:`enable_notifications`
+        handshakes in Python).  ``device_args``: the device's part of the job (for virtio-blk: fd, capacity
+        in sectors, largest request in bytes, writable); ``call_fd``: the eventfd (a KVM irqfd) to write
+        when the driver wants a used-buffer notification, -1 for none."""
+        state = self.serve_state()
+        return None if state is None or self._notify_enabled else (self._cring, *state, *device_args, call_fd)
 
     def served(self, result: tuple) -> tuple[int, int, int]:
         """Take back this queue's state from a ``_vring.serve`` result; returns ``(completed,
         last_work_ns, interrupts)`` (``last_work_ns``: CLOCK_MONOTONIC of its last completion).  The
         interrupt decisions were made in C (as :meth:`should_signal`), so nothing is left unsignalled."""
-        (self._last_avail, self._shadow_avail, used_idx, self._avail_event, self._signalled_used,
-         self._signalled_valid, n, last_work, irqs) = result
-        self._used_idx = used_idx
+        *state, n, last_work, irqs = result
+        self.take_serve_state(state)
         return n, last_work, irqs
 
     # -- completing ----------------------------------------------------------------
