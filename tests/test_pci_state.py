@@ -158,7 +158,20 @@ class BarDecode(RuleBasedStateMachine):
         self.cfgs[dev].write(COMMAND, cmd | (CMD_MEMORY if memory else 0) | (CMD_INTX_DISABLE if intx_disable else 0), 2)
 
     def wanted(self) -> list[dict[int, int]]:
-        return [d.decoded_bars(self.window) for d in self.devs]
+        """What decodes, read from config space as the guest sees it (PCI 3.0 §6.2.2, §6.2.5.1) --
+        not from PciDevice.decoded_bars, whose memo is part of what is tested."""
+        lo, hi = self.window
+        out = []
+        for d, cfg in zip(self.devs, self.cfgs):
+            want = {}
+            if cfg.read(COMMAND, 2) & CMD_MEMORY:
+                for i, bar in d.bars.items():
+                    a = cfg.read(bar_reg(i)) & ~0xF
+                    if a and lo <= a and a + bar.size <= hi:
+                        want[i] = a
+            assert d.decoded_bars(self.window) == want
+            out.append(want)
+        return out
 
     @invariant()
     def buses_match_config_space(self):

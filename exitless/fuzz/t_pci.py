@@ -134,9 +134,11 @@ class _MachineHarness:
         for d, bars, cmd in zip(self.devs, self.bars, self.commands):
             if d.command == cmd and all(d.bar_address(i) == a and self._decodes(d, a) for i, a in bars.items()):
                 continue     # untouched: nothing to re-map
+            # as firmware would: decoding off while BARs move (only the moved ones are rewritten)
             self.cfg_write(d.slot, COMMAND, 2, 0)
             for i, addr in bars.items():
-                self.cfg_write(d.slot, BAR0 + 4 * i, 4, addr)
+                if d.bar_address(i) != addr:
+                    self.cfg_write(d.slot, BAR0 + 4 * i, 4, addr)
             self.cfg_write(d.slot, COMMAND, 2, cmd)
         for d, bars in zip(self.devs, self.bars):   # (a BAR restored over another still-moved one
             for i, addr in bars.items():            # decodes once that one is back: check at the end)
@@ -262,17 +264,16 @@ class PciConfigHarness(_MachineHarness):
     def check(self) -> None:
         self.check_counters()
         self.check_ioeventfds()      # right after the input, as well as after the firmware state is back
+        d = self.devs[0]             # BAR sizing, as Linux does it (on the trap-path function), from
+        self.cfg_write(d.slot, COMMAND, 2, 0)           # wherever the input left it: the restore
+        self.cfg_write(d.slot, BAR0, 4, 0xFFFF_FFFF)    # below then puts back its BAR0 with the rest
+        if self.cfg_read(d.slot, BAR0, 4) != (~(d.bars[0].size - 1)) & 0xFFFF_FFFF:
+            raise InvariantViolation(f"slot {d.slot}: BAR0 sizing reads back wrong")
         self.restore_decoding()
         for d in self.devs:
             if self.cfg_read(d.slot, 0, 4) != (d.config_read(2, 2) << 16 | 0x1AF4):
                 raise InvariantViolation(f"slot {d.slot}: identity changed")
         self.check_ioeventfds()
-        d = self.devs[0]             # BAR sizing, as Linux does it (on the trap-path function)
-        self.cfg_write(d.slot, COMMAND, 2, 0)
-        self.cfg_write(d.slot, BAR0, 4, 0xFFFF_FFFF)
-        if self.cfg_read(d.slot, BAR0, 4) != (~(d.bars[0].size - 1)) & 0xFFFF_FFFF:
-            raise InvariantViolation(f"slot {d.slot}: BAR0 sizing reads back wrong")
-        self.restore_decoding()
         for d in self.devs:
             self.driver_session(d)
         self.check_counters()

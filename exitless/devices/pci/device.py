@@ -73,6 +73,8 @@ class PciDevice:
         self.devfn = None
         self.mapped: dict[int, int] = {}      # bar index -> address where it is mapped on the buses now
         self.map_refusals = 0                 # BAR maps the buses refused (overlapping BARs)
+        self._decoded_key: tuple | None = None  # decoded_bars()'s memo: (COMMAND, BARs, window) -> dict
+        self._decoded: dict[int, int] = {}
         # INTx: the GSI is the slot's wiring, fixed when the function is plugged in (the guest-writable
         # Interrupt Line register is only a note for its driver).
         self.intx_gsi: int | None = None
@@ -147,34 +149,39 @@ class PciDevice:
 
         COMMAND.MEMORY set, a non-zero address, and the whole BAR inside the host
         bridge's PCI ``window`` [start, end) -- an address outside it (RAM, the
-        irqchip) never reaches the PCI bus.
+        irqchip) never reaches the PCI bus.  The dict is shared (kept until COMMAND
+        or a BAR register changes): do not modify it.
         """
-        if not self.command & CMD_MEMORY:
-            return {}
-        lo, hi = window
+        # A pure function of COMMAND, the BAR registers and the window: recomputed only when one
+        # changed (the bus asks after every config write that may move a BAR, for every function).
+        key = (bytes(self.config[COMMAND:COMMAND + 2]), bytes(self.config[BAR0:BAR0 + 24]), window)
+        if key == self._decoded_key:
+            return self._decoded
         want = {}
-        for i, bar in self.bars.items():
-            a = self.bar_address(i)
-            if a and lo <= a and a + bar.size <= hi:
-                want[i] = a
+        if self.command & CMD_MEMORY:
+            lo, hi = window
+            for i, bar in self.bars.items():
+                a = self.bar_address(i)
+                if a and lo <= a and a + bar.size <= hi:
+                    want[i] = a
+        self._decoded_key, self._decoded = key, want
         return want
 
-    def unmap_stale(self, window: tuple[int, int]) -> None:
-        """Unmap every BAR mapped where config space no longer says it decodes."""
-        want = self.decoded_bars(window)
+    def unmap_stale(self, want: dict[int, int]) -> None:
+        """Unmap every BAR mapped where ``want`` (:meth:`decoded_bars`) no longer says it decodes."""
         for i, addr in sorted(self.mapped.items()):
             if want.get(i) != addr:
                 self.unmap_bar(i, addr)
                 del self.mapped[i]
 
-    def map_pending(self, window: tuple[int, int]) -> bool:
-        """Map every BAR that should decode and is not mapped; True if any got mapped.
+    def map_pending(self, want: dict[int, int]) -> bool:
+        """Map every BAR of ``want`` (:meth:`decoded_bars`) that is not mapped; True if any got mapped.
 
         A map the buses refuse (:class:`BusError`: the range overlaps another BAR) leaves
         that BAR unmapped, to be retried; the other BARs are mapped regardless.
         """
         progress = False
-        for i, addr in sorted(self.decoded_bars(window).items()):
+        for i, addr in sorted(want.items()):
             if i in self.mapped:
                 continue
             try:

@@ -86,11 +86,16 @@ class PciRoot:
         BAR the buses refuse (it overlaps another: undefined decode) stays unmapped until a
         later config write lets it in.  Called with the lock held.
         """
-        devs = [self.devices[k] for k in sorted(self.devices)]
-        for d in devs:
-            d.unmap_stale(self.window)
-        for d in devs:
-            d.map_pending(self.window)
+        # Only a function whose mappings differ from what its config space says has anything to
+        # do (the one just written, or one holding a BAR the buses refused): the others cost a
+        # dict comparison.
+        wants = [(d, d.decoded_bars(self.window)) for _, d in sorted(self.devices.items())]
+        for d, want in wants:
+            if d.mapped != want:
+                d.unmap_stale(want)
+        for d, want in wants:
+            if d.mapped != want:
+                d.map_pending(want)
 
     def _target(self) -> tuple[PciDevice | None, int]:
         a = self.address
