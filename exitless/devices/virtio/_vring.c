@@ -998,6 +998,54 @@ typedef struct {
     Py_ssize_t filt_len;
 } rxheld_t;
 
+/* The Python buffers one RX delivery works on: the held heads, their flags, the control words, the bounce
+ * buffer and the optional MAC filter -- taken together (rx_buffers_get) and released together
+ * (rx_buffers_release) by every entry point that receives frames. */
+typedef struct {
+    Py_buffer hb, fb, cb, bb, filt;
+    int have_filt;
+} rxbufs_t;
+
+/* 0 with every buffer held and *x pointing into them, or -1 with a Python exception and none held.
+ * ``who`` names the entry point in the errors. */
+static int rx_buffers_get(rxbufs_t *b, rxheld_t *x, PyObject *held_obj, PyObject *flags_obj, PyObject *ctl_obj,
+                          PyObject *bounce_obj, PyObject *filter_obj, int mrg, int guest_csum, const char *who)
+{
+    char what[64];
+    snprintf(what, sizeof what, "%s ctl", who);
+    if (get_held(held_obj, flags_obj, ctl_obj, 10, &b->hb, &b->fb, &b->cb, what) < 0)
+        return -1;
+    if (PyObject_GetBuffer(bounce_obj, &b->bb, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0)
+        goto fail_c;
+    if (b->bb.len < NET_MAX_RX) {
+        PyErr_Format(PyExc_ValueError, "%s: the bounce buffer is smaller than MAX_RX", who);
+        goto fail_b;
+    }
+    b->have_filt = 0;
+    if (filter_obj != Py_None) {
+        if (PyObject_GetBuffer(filter_obj, &b->filt, PyBUF_SIMPLE) < 0)
+            goto fail_b;
+        b->have_filt = 1;
+    }
+    *x = (rxheld_t){(uint16_t *)b->hb.buf, (uint8_t *)b->fb.buf, b->fb.len, (uint64_t *)b->cb.buf,
+                    (uint64_t)b->hb.len / 2, (uint8_t *)b->bb.buf, mrg, guest_csum,
+                    b->have_filt ? (const uint8_t *)b->filt.buf : NULL, b->have_filt ? b->filt.len : 0};
+    return 0;
+fail_b:
+    PyBuffer_Release(&b->bb);
+fail_c:
+    release3(&b->hb, &b->fb, &b->cb);
+    return -1;
+}
+
+static void rx_buffers_release(rxbufs_t *b)
+{
+    if (b->have_filt)
+        PyBuffer_Release(&b->filt);
+    PyBuffer_Release(&b->bb);
+    release3(&b->hb, &b->fb, &b->cb);
+}
+
 /* The RX take, without the GIL: every available usable chain, at most max_batch, appended to the held
  * FIFO.  Returns the number taken; *more_out is set at a chain Python must look at (see net_rx_take). */
 static unsigned rx_take_run(Ring *r, rstate_t *s, unsigned max_batch, rxheld_t *x, int *more_out, seg_t *segs)
@@ -1292,24 +1340,11 @@ static PyObject *ring_net_rx_pump(Ring *r, PyObject *args)
                           &s.notify_enabled, &max_reads, &times_obj, &fd, &held_obj, &flags_obj, &ctl_obj,
                           &bounce_obj, &mrg, &guest_csum, &filter_obj))
         return NULL;
-    Py_buffer hb, fb, cb, bb, filt;
-    int have_filt = 0;
-    if (get_held(held_obj, flags_obj, ctl_obj, 10, &hb, &fb, &cb, "net_rx_pump ctl") < 0)
+    rxbufs_t bufs;
+    rxheld_t x;
+    if (rx_buffers_get(&bufs, &x, held_obj, flags_obj, ctl_obj, bounce_obj, filter_obj, mrg, guest_csum,
+                       "net_rx_pump") < 0)
         return NULL;
-    if (PyObject_GetBuffer(bounce_obj, &bb, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0)
-        goto fail_c;
-    if (bb.len < NET_MAX_RX) {
-        PyErr_SetString(PyExc_ValueError, "net_rx_pump: the bounce buffer is smaller than MAX_RX");
-        goto fail_b;
-    }
-    if (filter_obj != Py_None) {
-        if (PyObject_GetBuffer(filter_obj, &filt, PyBUF_SIMPLE) < 0)
-            goto fail_b;
-        have_filt = 1;
-    }
-    rxheld_t x = {(uint16_t *)hb.buf, (uint8_t *)fb.buf, fb.len, (uint64_t *)cb.buf, (uint64_t)hb.len / 2,
-                  (uint8_t *)bb.buf, mrg, guest_csum, have_filt ? (const uint8_t *)filt.buf : NULL,
-                  have_filt ? filt.len : 0};
     rstate_norm(&s);
     unsigned int delivered = 0;
     /* segs of the first chain, then of each spill chain in turn */
@@ -1319,17 +1354,9 @@ static PyObject *ring_net_rx_pump(Ring *r, PyObject *args)
     delivered = rx_pump_run(r, &s, max_reads, fd, &x, segs, segs2, iov);
     Py_END_ALLOW_THREADS
     uint64_t status = x.ctl[2];
-    if (have_filt)
-        PyBuffer_Release(&filt);
-    PyBuffer_Release(&bb);
-    release3(&hb, &fb, &cb);
+    rx_buffers_release(&bufs);
     return Py_BuildValue("(IOIIII)", delivered, status == RX_BUDGET_DONE ? Py_True : Py_False, s.last, s.shadow,
                          s.used_idx, s.avail_event);
-fail_b:
-    PyBuffer_Release(&bb);
-fail_c:
-    release3(&hb, &fb, &cb);
-    return NULL;
 }
 
 /* ---------------------------------------------------------------------------------------------- */
@@ -1418,26 +1445,16 @@ static PyObject *ring_net_serve(Ring *tx, PyObject *args)
         wval[nwatch++] = (uint32_t)value;
     }
     Py_DECREF(watch_seq);
-    Py_buffer txcb, hb, fb, cb, bb, filt;
-    int have_filt = 0;
+    Py_buffer txcb;
     if (get_u64s(txc_obj, &txcb, 4, "net_serve counters") < 0)
         return NULL;
-    if (get_held(held_obj, flags_obj, ctl_obj, 10, &hb, &fb, &cb, "net_serve ctl") < 0)
-        goto fail_t;
-    if (PyObject_GetBuffer(bounce_obj, &bb, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0)
-        goto fail_c;
-    if (bb.len < NET_MAX_RX) {
-        PyErr_SetString(PyExc_ValueError, "net_serve: the bounce buffer is smaller than MAX_RX");
-        goto fail_b;
+    rxbufs_t bufs;
+    rxheld_t x;
+    if (rx_buffers_get(&bufs, &x, held_obj, flags_obj, ctl_obj, bounce_obj, filter_obj, mrg, guest_csum,
+                       "net_serve") < 0) {
+        PyBuffer_Release(&txcb);
+        return NULL;
     }
-    if (filter_obj != Py_None) {
-        if (PyObject_GetBuffer(filter_obj, &filt, PyBUF_SIMPLE) < 0)
-            goto fail_b;
-        have_filt = 1;
-    }
-    rxheld_t x = {(uint16_t *)hb.buf, (uint8_t *)fb.buf, fb.len, (uint64_t *)cb.buf, (uint64_t)hb.len / 2,
-                  (uint8_t *)bb.buf, mrg, guest_csum, have_filt ? (const uint8_t *)filt.buf : NULL,
-                  have_filt ? filt.len : 0};
     uint64_t *txc = (uint64_t *)txcb.buf, *ctl = x.ctl;
     rstate_norm(&ts);
     rstate_norm(&rs);
@@ -1532,23 +1549,13 @@ static PyObject *ring_net_serve(Ring *tx, PyObject *args)
     }
     now = now_ns();
     Py_END_ALLOW_THREADS
-    if (have_filt)
-        PyBuffer_Release(&filt);
-    PyBuffer_Release(&bb);
-    release3(&hb, &fb, &cb);
+    rx_buffers_release(&bufs);
     PyBuffer_Release(&txcb);
     return Py_BuildValue("(ilKK(IIIIIO)(IIIIIO)IOOOK)", reason, value, tx_done, rx_done, ts.last, ts.shadow,
                          ts.used_idx, ts.avail_event, tsig, tsig_valid ? Py_True : Py_False, rs.last, rs.shadow,
                          rs.used_idx, rs.avail_event, rsig, rsig_valid ? Py_True : Py_False, seen,
                          armed ? Py_True : Py_False, tx_signal ? Py_True : Py_False, rx_signal ? Py_True : Py_False,
                          now);
-fail_b:
-    PyBuffer_Release(&bb);
-fail_c:
-    release3(&hb, &fb, &cb);
-fail_t:
-    PyBuffer_Release(&txcb);
-    return NULL;
 }
 
 static PyMethodDef ring_methods[] = {
