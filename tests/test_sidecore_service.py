@@ -69,7 +69,7 @@ class Running:
             assert time.monotonic() < deadline, f"{self.svc.clients} clients, expected {n}"
             time.sleep(0.02)
 
-    def wait_detached(self, n: int, timeout: float = 15.0) -> None:
+    def wait_detached(self, n: int, timeout: float = 30.0) -> None:
         """Until ``n`` connections in all have been detached (logged, fds closed)."""
         deadline = time.monotonic() + timeout
         while self.svc.detached < n:
