@@ -1,6 +1,7 @@
 /* guestkit app "blk": virtio-blk driver over modern virtio-pci (VIRTIO 1.2, 5.2)
  * with split virtqueues, MSI-X or polling, EVENT_IDX, and a workload generator. */
 #include "virtio.h"
+#include "workload.h"
 
 #define VIRTIO_ID_BLK_MODERN 0x1042
 
@@ -36,10 +37,6 @@
 
 #define SECTOR 512
 #define MAX_QUEUES 16
-#define MAX_QD 128
-#define MAX_BS (128u << 10)
-#define MAX_SAMPLES (1u << 20)
-#define GOLDEN 0x9E3779B97F4A7C15ULL
 #define VEC_BASE 0x40 /* LAPIC vector = VEC_BASE + MSI-X entry */
 
 struct blk_hdr {
@@ -69,11 +66,6 @@ struct blk_dwz_seg { /* struct virtio_blk_discard_write_zeroes */
     u32 flags;
 };
 
-enum rw_mode { RW_READ, RW_WRITE, RW_RANDREAD, RW_RANDWRITE, RW_FILL, RW_VERIFY, RW_FLUSH,
-               RW_IDENT, RW_MALFORMED, RW_DISCARD, RW_WRITE_ZEROES };
-static const char *const rw_names[] = {"read", "write", "randread", "randwrite", "fill",
-                                       "verify", "flush", "ident", "malformed",
-                                       "discard", "write_zeroes"};
 
 /* ---- driver state ---- */
 static struct vdev vd;
@@ -82,8 +74,7 @@ static u32 nq = 1;
 static u16 qsize;
 static bool use_irq = true, want_event_idx = true;
 static u32 apic;
-static struct req reqs[MAX_QD];
-static u32 qd = 1;
+static struct req reqs[WL_MAX_QD];
 static u64 capacity; /* sectors */
 static u32 blk_size, seg_max;
 static u64 timer_irqs_run, irqs_run;
@@ -97,48 +88,7 @@ static u64 queue_irqs(void)
 }
 static u64 timeout_cyc;
 static u64 resets;
-static u64 qd_requested;
 static bool use_indirect;
-
-/* ---- statistics ---- */
-static u64 *samples;
-static u64 nsamples, max_samples;
-static u64 lat_sum, lat_min = ~0ULL, lat_max;
-static u64 ops_done, bytes_done, errors, verify_errors, flushes, completions;
-static u32 first_error_status = 0xFFFFFFFF;
-static u64 first_bad_sector = ~0ULL;
-
-/* ---- pattern ---- */
-static u64 seed, seed_mix;
-static bool expect_zero; /* verify against zeroes instead of the pattern */
-
-static void pattern_fill(u8 *buf, u64 sector, u32 nsec)
-{
-    u64 *p = (u64 *)buf;
-    for (u32 s = 0; s < nsec; s++) {
-        u64 base = (sector + s) << 6;
-        for (u32 w = 0; w < 64; w++)
-            *p++ = (base | w) ^ seed_mix;
-    }
-}
-
-static u64 pattern_check(const u8 *buf, u64 sector, u32 nsec)
-{
-    const u64 *p = (const u64 *)buf;
-    u64 bad = 0;
-    for (u32 s = 0; s < nsec; s++, p += 64) {
-        u64 base = (sector + s) << 6;
-        for (u32 w = 0; w < 64; w++) {
-            if (p[w] != (expect_zero ? 0 : ((base | w) ^ seed_mix))) {
-                if (first_bad_sector == ~0ULL)
-                    first_bad_sector = sector + s;
-                bad++;
-                break;
-            }
-        }
-    }
-    return bad;
-}
 
 /* ---- interrupts ---- */
 static u32 msix_entry_for_queue(u32 q)
@@ -188,7 +138,7 @@ static bool blk_init_device(bool quiet)
 
 static void reqs_bind(void)
 {
-    for (u32 k = 0; k < qd; k++) {
+    for (u32 k = 0; k < wl.qd; k++) {
         reqs[k].vq = &vqs[k % nq];
         reqs[k].head = (u16)(use_indirect ? k / nq : 3 * (k / nq));
         reqs[k].busy = false;
@@ -249,49 +199,18 @@ static void kick_all(void)
         virtq_kick(&vqs[q]);
 }
 
-static void record_latency(u64 cyc)
-{
-    if (nsamples < max_samples)
-        samples[nsamples++] = cyc;
-    lat_sum += cyc;
-    if (cyc < lat_min)
-        lat_min = cyc;
-    if (cyc > lat_max)
-        lat_max = cyc;
-}
-
-static bool verify_reads;
 static u32 inflight;
-static enum rw_mode mode;
 
 static void req_complete(struct req *r, u64 now)
 {
     u8 st = *r->status;
     r->busy = false;
     inflight--;
-    completions++;
-    record_latency(now - r->t_submit);
-    if (st != VIRTIO_BLK_S_OK) {
-        errors++;
-        if (first_error_status == 0xFFFFFFFF)
-            first_error_status = st;
-        return;
-    }
-    if (r->type == VIRTIO_BLK_T_FLUSH) {
-        flushes++;
-        if (mode == RW_FLUSH)
-            ops_done++;
-        return;
-    }
-    if (r->type == VIRTIO_BLK_T_IN || r->type == VIRTIO_BLK_T_OUT) {
-        ops_done++;
-        bytes_done += r->len;
-    } else if (r->type == VIRTIO_BLK_T_DISCARD || r->type == VIRTIO_BLK_T_WRITE_ZEROES) {
-        ops_done++;
-        bytes_done += r->nbytes;
-    }
-    if (r->type == VIRTIO_BLK_T_IN && verify_reads)
-        verify_errors += pattern_check(r->data, r->sector, r->len / SECTOR);
+    enum io_op op = r->type == VIRTIO_BLK_T_IN ? IO_READ : r->type == VIRTIO_BLK_T_OUT ? IO_WRITE
+                  : r->type == VIRTIO_BLK_T_FLUSH ? IO_FLUSH : r->type == VIRTIO_BLK_T_DISCARD ? IO_DISCARD
+                  : r->type == VIRTIO_BLK_T_WRITE_ZEROES ? IO_WRITE_ZEROES : IO_IDENT;
+    u64 bytes = op == IO_DISCARD || op == IO_WRITE_ZEROES ? r->nbytes : r->len;
+    wl_complete(op, st != VIRTIO_BLK_S_OK ? st : 0, bytes, r->data, r->sector, now - r->t_submit);
 }
 
 /* consume used entries of every queue; returns number completed */
@@ -314,7 +233,7 @@ static u32 reap(void)
             if (id >= vq->size || (!use_indirect && id % 3))
                 panic("device returned bad used id %u on queue %u", id, q);
             u32 k = (use_indirect ? id : id / 3) * nq + q;
-            if (k >= qd || !reqs[k].busy)
+            if (k >= wl.qd || !reqs[k].busy)
                 panic("device completed an idle request (id %u, queue %u)", id, q);
             req_complete(&reqs[k], now);
             done++;
@@ -360,111 +279,33 @@ static bool wait_any(void)
     }
 }
 
-/* ---- workload ---- */
-static u32 bs;
-static u64 range_off, range_sectors; /* in sectors */
-static u64 n_ops, duration_cyc;
-static u64 flush_every;
-static u64 rng;
-static u64 gen_issued, gen_pos, writes_since_flush;
+/* ---- workload (workload.c generates; here it becomes a virtio-blk request) ---- */
 static u32 dwz_chunk; /* sectors per discard / write-zeroes request */
 static bool wz_unmap;
-static bool gen_done_flag;
-
-static u64 xorshift(void)
-{
-    rng ^= rng << 13;
-    rng ^= rng >> 7;
-    rng ^= rng << 17;
-    return rng;
-}
 
 /* fill in the next request; false when the workload is exhausted */
 static bool gen_next(struct req *r, u64 t_start)
 {
-    if (gen_done_flag)
+    struct io_next io;
+    if (!wl_next(&io, r->data, t_start))
         return false;
-    if (flush_every && writes_since_flush >= flush_every) {
-        writes_since_flush = 0;
-        r->type = VIRTIO_BLK_T_FLUSH;
-        r->len = 0;
-        r->sector = 0;
-        return true;
-    }
-    if (duration_cyc) {
-        if (rdtsc() - t_start >= duration_cyc) {
-            gen_done_flag = true;
-            return false;
-        }
-    } else if (gen_issued >= n_ops) {
-        gen_done_flag = true;
-        return false;
-    }
-    u32 bsec = bs / SECTOR;
-    switch (mode) {
-    case RW_FILL:
-    case RW_VERIFY: {
-        u64 left = range_sectors - gen_pos;
-        u32 ns = left < bsec ? (u32)left : bsec;
-        r->sector = range_off + gen_pos;
-        r->len = ns * SECTOR;
-        gen_pos += ns;
-        break;
-    }
-    case RW_READ:
-    case RW_WRITE:
-        if (gen_pos + bsec > range_sectors)
-            gen_pos = 0;
-        r->sector = range_off + gen_pos;
-        r->len = bs;
-        gen_pos += bsec;
-        break;
-    case RW_RANDREAD:
-    case RW_RANDWRITE: {
-        u64 nblk = range_sectors / bsec;
-        r->sector = range_off + (xorshift() % nblk) * bsec;
-        r->len = bs;
-        break;
-    }
-    case RW_FLUSH:
-        r->type = VIRTIO_BLK_T_FLUSH;
-        r->len = 0;
-        r->sector = 0;
-        gen_issued++;
-        return true;
-    case RW_DISCARD:
-    case RW_WRITE_ZEROES: {
-        u64 left = range_sectors - gen_pos;
-        u32 ns = left < dwz_chunk ? (u32)left : dwz_chunk;
+    static const u32 type[] = {[IO_READ] = VIRTIO_BLK_T_IN, [IO_WRITE] = VIRTIO_BLK_T_OUT,
+                               [IO_FLUSH] = VIRTIO_BLK_T_FLUSH, [IO_DISCARD] = VIRTIO_BLK_T_DISCARD,
+                               [IO_WRITE_ZEROES] = VIRTIO_BLK_T_WRITE_ZEROES, [IO_IDENT] = VIRTIO_BLK_T_GET_ID};
+    r->type = type[io.op];
+    r->sector = io.block;
+    r->len = io.blocks * SECTOR;
+    if (io.op == IO_DISCARD || io.op == IO_WRITE_ZEROES) {
         struct blk_dwz_seg *seg = (struct blk_dwz_seg *)r->data;
-        seg->sector = range_off + gen_pos;
-        seg->num_sectors = ns;
-        seg->flags = (mode == RW_WRITE_ZEROES && wz_unmap) ? VIRTIO_BLK_WZ_F_UNMAP : 0;
-        r->type = mode == RW_DISCARD ? VIRTIO_BLK_T_DISCARD : VIRTIO_BLK_T_WRITE_ZEROES;
+        seg->sector = io.block;
+        seg->num_sectors = io.blocks;
+        seg->flags = (io.op == IO_WRITE_ZEROES && wz_unmap) ? VIRTIO_BLK_WZ_F_UNMAP : 0;
         r->sector = 0; /* header sector is unused for these commands */
         r->len = sizeof(*seg);
-        r->nbytes = (u64)ns * SECTOR;
-        gen_pos += ns;
-        gen_issued++;
-        writes_since_flush++;
-        return true;
-    }
-    case RW_IDENT:
-        r->type = VIRTIO_BLK_T_GET_ID;
+        r->nbytes = (u64)io.blocks * SECTOR;
+    } else if (io.op == IO_IDENT) {
         r->len = 20;
-        r->sector = 0;
-        gen_issued++;
-        return true;
-    default:
-        return false;
     }
-    bool wr = mode == RW_WRITE || mode == RW_RANDWRITE || mode == RW_FILL;
-    r->type = wr ? VIRTIO_BLK_T_OUT : VIRTIO_BLK_T_IN;
-    if (wr) {
-        pattern_fill(r->data, r->sector, r->len / SECTOR);
-        writes_since_flush++;
-    }
-    gen_issued++;
     return true;
 }
 
@@ -473,7 +314,7 @@ static bool run_loop(u64 t_start)
 {
     for (;;) {
         bool posted = false;
-        for (u32 k = 0; k < qd && !gen_done_flag; k++) {
+        for (u32 k = 0; k < wl.qd && !wl.gen_done; k++) {
             if (reqs[k].busy)
                 continue;
             if (!gen_next(&reqs[k], t_start))
@@ -645,8 +486,8 @@ static void app_blk_malformed(u64 bad_addr, u64 case_ms)
         printf("guestkit: malformed %s -> %s\n", names[c], oc_names[oc]);
     }
     /* the device must still work */
-    errors = 0;
-    bool final_ok = run_one(VIRTIO_BLK_T_IN, 0, 4096) && errors == 0;
+    wl.errors = 0;
+    bool final_ok = run_one(VIRTIO_BLK_T_IN, 0, 4096) && wl.errors == 0;
     json_begin("blk");
     json_str("rw", "malformed");
     for (u32 c = 0; c < ncases; c++)
@@ -669,24 +510,17 @@ static void app_blk_malformed(u64 bad_addr, u64 case_ms)
 #define GATE_BYTES 4096u
 static u64 gate_token;
 
-static void stats_reset(void)
-{
-    ops_done = bytes_done = completions = flushes = 0;
-    nsamples = 0;
-    lat_sum = lat_max = 0;
-    lat_min = ~0ULL;
-}
 
 static bool gate_wait(u64 sector, u64 ms)
 {
     printf("guestkit: blk waiting at the gate\n");
-    bool verify = verify_reads;
-    verify_reads = false; /* the gate block holds the token, not the pattern */
+    bool verify = wl.verify_reads;
+    wl.verify_reads = false; /* the gate block holds the token, not the pattern */
     u64 t0 = rdtsc(), limit = ns_to_tsc(ms * 1000000ULL);
     lapic_timer_periodic_ns(1000000ULL);
     bool open = false;
     while (!open && rdtsc() - t0 < limit) {
-        if (!run_one(VIRTIO_BLK_T_IN, sector, GATE_BYTES) || errors)
+        if (!run_one(VIRTIO_BLK_T_IN, sector, GATE_BYTES) || wl.errors)
             break;
         open = *(volatile u64 *)reqs[0].data == gate_token;
         if (!open) {
@@ -695,37 +529,16 @@ static bool gate_wait(u64 sector, u64 ms)
         }
     }
     lapic_timer_stop();
-    verify_reads = verify;
-    stats_reset();
+    wl.verify_reads = verify;
+    wl_stats_reset();
     return open;
 }
 
 /* ---- the app ---- */
 static void print_results(u64 elapsed_cyc, const char *error)
 {
-    u64 ens = tsc_to_ns(elapsed_cyc);
-    sort_u64(samples, nsamples);
-    u64 nlat = completions;
     json_begin("blk");
-    json_str("rw", rw_names[mode]);
-    json_u64("bs", bs);
-    json_u64("qd", qd);
-    if (qd_requested != qd)
-        json_u64("qd_requested", qd_requested);
-    json_u64("ops", ops_done);
-    json_u64("errors", errors);
-    json_u64("verify_errors", verify_errors);
-    json_u64("verify", verify_reads);
-    json_u64("bytes", bytes_done);
-    json_u64("elapsed_us", ens / 1000);
-    json_u64("iops", ens ? ops_done * 1000000000ULL / ens : 0);
-    json_u64("kib_s", ens ? (bytes_done >> 10) * 1000000000ULL / ens : 0);
-    json_u64("p50_ns", tsc_to_ns(percentile_sorted(samples, nsamples, 500)));
-    json_u64("p99_ns", tsc_to_ns(percentile_sorted(samples, nsamples, 990)));
-    json_u64("mean_ns", nlat ? tsc_to_ns(lat_sum) / nlat : 0);
-    json_u64("min_ns", nlat ? tsc_to_ns(lat_min) : 0);
-    json_u64("max_ns", tsc_to_ns(lat_max));
-    json_u64("flushes", flushes);
+    wl_json(elapsed_cyc);
     u64 notifies = 0;
     for (u32 q = 0; q < nq; q++)
         notifies += vqs[q].notifies;
@@ -738,17 +551,9 @@ static void print_results(u64 elapsed_cyc, const char *error)
     json_u64("queue_size", qsize);
     json_u64("indirect", use_indirect);
     json_u64("capacity", capacity);
-    json_u64("offset", range_off * SECTOR);
-    json_u64("size", range_sectors * SECTOR);
-    json_u64("seed", seed);
     json_hex("features", vd.features);
-    json_u64("tsc_khz", tsc_khz);
-    if (first_error_status != 0xFFFFFFFF)
-        json_u64("first_error_status", first_error_status);
-    if (first_bad_sector != ~0ULL)
-        json_u64("first_bad_sector", first_bad_sector);
-    if (nsamples < nlat)
-        json_u64("samples", nsamples);
+    if (wl.first_error_status != 0xFFFFFFFF)
+        json_u64("first_error_status", wl.first_error_status);
     if (error)
         json_str("error", error);
     json_end();
@@ -771,37 +576,8 @@ void app_blk(void)
                                        "bar_window", "reassign_bars", "indirect", "expect",
                                        "unmap", "gate", "gate_ms", NULL};
     args_allow(keys);
-    const char *rw = arg_str("rw", "randread");
-    int m = -1;
-    for (u32 i = 0; i < ARRAY_SIZE(rw_names); i++)
-        if (!strcmp(rw, rw_names[i]))
-            m = (int)i;
-    if (m < 0)
-        usage_error("bad rw '%s' (read|write|randread|randwrite|fill|verify|flush|ident|malformed|"
-                    "discard|write_zeroes)", rw);
-    mode = (enum rw_mode)m;
-    bs = (u32)arg_u64("bs", 4096);
-    if (!bs || bs % SECTOR || bs > MAX_BS)
-        usage_error("bs=%u must be a multiple of 512 up to 131072", bs);
-    u64 qd_req = arg_u64("qd", 1);
-    if (qd_req < 1 || qd_req > MAX_QD)
-        usage_error("qd must be 1..128");
-    qd = (u32)qd_req;
-    qd_requested = qd_req;
-    seed = arg_u64("seed", 1);
-    seed_mix = seed * GOLDEN;
-    rng = seed ^ 0x2545F4914F6CDD1DULL;
-    if (!rng)
-        rng = 1;
-    verify_reads = arg_u64("verify", mode == RW_VERIFY) != 0 || mode == RW_VERIFY;
-    const char *expect = arg_str("expect", "pattern");
-    if (strcmp(expect, "pattern") && strcmp(expect, "zero"))
-        usage_error("expect must be pattern or zero");
-    expect_zero = !strcmp(expect, "zero");
+    const char *rw = wl_parse();
     wz_unmap = arg_u64("unmap", 0) != 0;
-    flush_every = arg_u64("flush_every", 0);
-    if (arg_u64("fua", 0))
-        flush_every = 1; /* virtio-blk has no FUA: emulate with a flush after each write */
     const char *irq = arg_str("irq", "msix");
     if (!strcmp(irq, "poll"))
         use_irq = false;
@@ -821,8 +597,6 @@ void app_blk(void)
     timeout_cyc = ns_to_tsc(arg_u64("timeout_ms", 5000) * 1000000ULL);
     pci_bar_window = arg_hex("bar_window", pci_bar_window);
     pci_force_assign = arg_u64("reassign_bars", 0) != 0;
-    u64 ms = arg_u64("ms", 0);
-    duration_cyc = ms ? ns_to_tsc(ms * 1000000ULL) : 0;
 
     lapic_init();
     apic = lapic_id();
@@ -844,14 +618,14 @@ void app_blk(void)
     if (nq_req > dev_queues)
         fail_json(rw, "more queues requested than the device has");
     nq = (u32)nq_req;
-    if (mode == RW_MALFORMED || mode == RW_IDENT || mode == RW_FLUSH)
+    if (wl.mode == RW_MALFORMED || wl.mode == RW_IDENT || wl.mode == RW_FLUSH)
         nq = 1;
     /* queue size: enough for 3 descriptors per request slot, or 1 with an
      * indirect table per request (auto: only when 3 per slot do not fit) */
     bool ind_offered = (vd.dev_features >> VIRTIO_F_INDIRECT_DESC) & 1;
     if (indirect_mode == 1 && !ind_offered)
         fail_json(rw, "device does not offer VIRTIO_F_INDIRECT_DESC");
-    u32 per_q = (qd + nq - 1) / nq;
+    u32 per_q = (wl.qd + nq - 1) / nq;
     u32 need = 16;
     while (need < 3 * per_q)
         need <<= 1;
@@ -863,12 +637,12 @@ void app_blk(void)
         qs = devmax;
     qsize = (u16)qs;
     use_indirect = indirect_mode == 1 || (indirect_mode == 2 && ind_offered && 3 * per_q > qsize &&
-                                          mode != RW_MALFORMED);
+                                          wl.mode != RW_MALFORMED);
     u32 qd_cap = use_indirect ? qsize * nq : (qsize / 3) * nq;
     u64 qd_capped_from = 0;
-    if (qd > qd_cap) {
-        qd_capped_from = qd;
-        qd = qd_cap;
+    if (wl.qd > qd_cap) {
+        qd_capped_from = wl.qd;
+        wl.qd = qd_cap;
     }
 
     if (!blk_init_device(false))
@@ -880,25 +654,24 @@ void app_blk(void)
         seg_max = vdev_cfg_read32(&vd, BLKCFG_SEG_MAX);
 
     /* request memory */
-    for (u32 k = 0; k < qd; k++) {
+    for (u32 k = 0; k < wl.qd; k++) {
         reqs[k].hdr = heap_alloc(sizeof(struct blk_hdr), 16);
         reqs[k].status = heap_alloc(1, 16);
-        reqs[k].data = heap_alloc(MAX(bs, 4096u), 4096);
+        reqs[k].data = heap_alloc(MAX(wl.bs, 4096u), 4096);
         reqs[k].itab = heap_alloc(3 * sizeof(struct vring_desc), 16);
     }
     reqs_bind();
 
-    if (mode == RW_MALFORMED) {
+    if (wl.mode == RW_MALFORMED) {
         u64 top = MAX(ram_top(), 0x100000000ULL);
         u64 bad = ALIGN_UP(top, 1ULL << 30) + (64ULL << 30);
         app_blk_malformed(arg_hex("bad_addr", bad), arg_u64("case_ms", 500));
     }
 
-    bool writes = mode == RW_WRITE || mode == RW_RANDWRITE || mode == RW_FILL || flush_every ||
-                  mode == RW_DISCARD || mode == RW_WRITE_ZEROES;
+    bool writes = wl_writes();
     if (writes && (vd.features & (1ULL << VIRTIO_BLK_F_RO)))
         fail_json(rw, "device is read-only (VIRTIO_BLK_F_RO)");
-    if (flush_every && !(vd.features & (1ULL << VIRTIO_BLK_F_FLUSH)))
+    if (wl.flush_every && !(vd.features & (1ULL << VIRTIO_BLK_F_FLUSH)))
         fail_json(rw, "device does not offer VIRTIO_BLK_F_FLUSH");
 
     /* disk range */
@@ -909,47 +682,34 @@ void app_blk(void)
     gate_token = arg_hex("gate", 0);
     if (gate_token && disk < off + GATE_BYTES + SECTOR)
         fail_json(rw, "gate needs a disk larger than offset + 4096 bytes");
-    if (gate_token && (mode == RW_FILL || mode == RW_MALFORMED))
+    if (gate_token && (wl.mode == RW_FILL || wl.mode == RW_MALFORMED))
         fail_json(rw, "gate is for read/write workloads");
     u64 size = arg_u64("size", disk - off - (gate_token ? GATE_BYTES : 0));
     if (gate_token && off + size > disk - GATE_BYTES)
         fail_json(rw, "offset + size overlaps the gate block (the disk's last 4096 bytes)");
     if (!size || size % SECTOR || off + size > disk)
         fail_json(rw, "size must be a non-zero multiple of 512 inside the disk");
-    range_off = off / SECTOR;
-    range_sectors = size / SECTOR;
-    if ((mode == RW_READ || mode == RW_WRITE || mode == RW_RANDREAD || mode == RW_RANDWRITE) &&
-        size < bs)
-        fail_json(rw, "size is smaller than bs");
+    wl.block_bytes = SECTOR;
+    wl.range_start = off / SECTOR;
+    wl.range_blocks = size / SECTOR;
 
-    if (mode == RW_DISCARD || mode == RW_WRITE_ZEROES) {
-        u32 bit = mode == RW_DISCARD ? VIRTIO_BLK_F_DISCARD : VIRTIO_BLK_F_WRITE_ZEROES;
+    if (wl.mode == RW_DISCARD || wl.mode == RW_WRITE_ZEROES) {
+        u32 bit = wl.mode == RW_DISCARD ? VIRTIO_BLK_F_DISCARD : VIRTIO_BLK_F_WRITE_ZEROES;
         if (!(vd.features & (1ULL << bit)))
-            fail_json(rw, mode == RW_DISCARD ? "device does not offer VIRTIO_BLK_F_DISCARD"
+            fail_json(rw, wl.mode == RW_DISCARD ? "device does not offer VIRTIO_BLK_F_DISCARD"
                                              : "device does not offer VIRTIO_BLK_F_WRITE_ZEROES");
-        u32 mx = vdev_cfg_read32(&vd, mode == RW_DISCARD ? BLKCFG_MAX_DISCARD_SECTORS
+        u32 mx = vdev_cfg_read32(&vd, wl.mode == RW_DISCARD ? BLKCFG_MAX_DISCARD_SECTORS
                                                          : BLKCFG_MAX_WRITE_ZEROES_SECTORS);
-        dwz_chunk = bs / SECTOR;
+        dwz_chunk = wl.bs / SECTOR;
         if (mx && mx < dwz_chunk)
             dwz_chunk = mx;
     }
-    u64 ndef = 1000;
-    if (mode == RW_FILL || mode == RW_VERIFY)
-        ndef = (range_sectors + bs / SECTOR - 1) / (bs / SECTOR);
-    else if (mode == RW_DISCARD || mode == RW_WRITE_ZEROES)
-        ndef = (range_sectors + dwz_chunk - 1) / dwz_chunk;
-    else if (mode == RW_FLUSH || mode == RW_IDENT)
-        ndef = 1;
-    n_ops = arg_u64("n", ndef);
-    if (mode == RW_FILL || mode == RW_VERIFY || mode == RW_DISCARD || mode == RW_WRITE_ZEROES) {
-        n_ops = ndef; /* exactly one pass over the range */
-        duration_cyc = 0;
-    }
-    if (mode == RW_FLUSH && !(vd.features & (1ULL << VIRTIO_BLK_F_FLUSH)))
+    wl.chunk_blocks = dwz_chunk;
+    const char *plan_error = wl_plan();
+    if (plan_error)
+        fail_json(rw, plan_error);
+    if (wl.mode == RW_FLUSH && !(vd.features & (1ULL << VIRTIO_BLK_F_FLUSH)))
         fail_json(rw, "device does not offer VIRTIO_BLK_F_FLUSH");
-
-    max_samples = duration_cyc ? MAX_SAMPLES : MIN(n_ops + n_ops / MAX(flush_every, 1) + 2, (u64)MAX_SAMPLES);
-    samples = heap_alloc(max_samples * sizeof(u64), 64);
 
     if (gate_token && !gate_wait(capacity - GATE_BYTES / SECTOR, arg_u64("gate_ms", 120000)))
         fail_json(rw, "gate: the token never appeared in the disk's last 4096 bytes");
@@ -961,7 +721,7 @@ void app_blk(void)
     bench_mark(BENCH_MARK_START);
     u64 t0 = rdtsc();
     bool ok = run_loop(t0);
-    if (ok && mode == RW_FILL && (vd.features & (1ULL << VIRTIO_BLK_F_FLUSH)))
+    if (ok && wl.mode == RW_FILL && (vd.features & (1ULL << VIRTIO_BLK_F_FLUSH)))
         ok = run_one(VIRTIO_BLK_T_FLUSH, 0, 0);
     u64 t1 = rdtsc();
     bench_mark(BENCH_MARK_END);
@@ -969,14 +729,14 @@ void app_blk(void)
     timer_irqs_run = timer_ticks - ticks0;
     irqs_run = queue_irqs() - irqs0;
 
-    if (mode == RW_IDENT) {
+    if (wl.mode == RW_IDENT) {
         char id[21];
         memcpy(id, reqs[0].data, 20);
         id[20] = 0;
         json_begin("blk");
         json_str("rw", "ident");
         json_str("id", id);
-        json_u64("errors", errors);
+        json_u64("errors", wl.errors);
         json_u64("capacity", capacity);
         json_u64("blk_size", blk_size);
         json_u64("seg_max", seg_max);
@@ -989,10 +749,10 @@ void app_blk(void)
         if (!ok)
             json_str("error", "timeout");
         json_end();
-        gk_exit(ok && !errors ? EXIT_OK : EXIT_FAIL);
+        gk_exit(ok && !wl.errors ? EXIT_OK : EXIT_FAIL);
     }
     if (qd_capped_from)
-        printf("guestkit: qd capped from %llu to %u by queue size %u\n", qd_capped_from, qd, qsize);
+        printf("guestkit: qd capped from %llu to %u by queue size %u\n", qd_capped_from, wl.qd, qsize);
     print_results(t1 - t0, ok ? NULL : "timeout waiting for completions");
-    gk_exit(ok && !errors && !verify_errors ? EXIT_OK : EXIT_FAIL);
+    gk_exit(ok && !wl.errors && !wl.verify_errors ? EXIT_OK : EXIT_FAIL);
 }

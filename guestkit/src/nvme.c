@@ -3,6 +3,7 @@
  * PRP lists (optionally starting mid-page and chained), and the blk app's workloads. */
 #include "gk.h"
 #include "pci.h"
+#include "workload.h"
 
 #define NVME_VENDOR 0x1B36 /* QEMU's and exitless's NVMe controllers */
 #define NVME_DEVICE 0x0010
@@ -35,11 +36,7 @@
 #define PAGE 4096
 #define SECTOR 512
 #define MAX_QUEUES 16
-#define MAX_QD 128
-#define MAX_BS (128u << 10)
-#define MAX_SAMPLES (1u << 20)
 #define ADMIN_QSIZE 16
-#define GOLDEN 0x9E3779B97F4A7C15ULL
 #define VEC_BASE 0x40 /* LAPIC vector = VEC_BASE + MSI-X entry (entry 0: admin CQ, q: I/O CQ q) */
 #define STATUS_PENDING 0xFFFF
 
@@ -76,33 +73,22 @@ struct req {
     u64 t_submit;
 };
 
-enum rw_mode { RW_READ, RW_WRITE, RW_RANDREAD, RW_RANDWRITE, RW_FILL, RW_VERIFY, RW_FLUSH, RW_IDENT,
-               RW_MALFORMED, RW_DISCARD, RW_WRITE_ZEROES };
-static const char *const rw_names[] = {"read", "write", "randread", "randwrite", "fill", "verify",
-                                       "flush", "ident", "malformed", "discard", "write_zeroes"};
 
 static struct pci_dev pd;
 static uptr regs;
 static u64 cap;
 static u32 dstrd;
 static struct queue admin, ioq[MAX_QUEUES];
-static u32 nq = 1, qsize, qd = 1, bs, lba_size;
-static struct req reqs[MAX_QD];
+static u32 nq = 1, qsize, lba_size;
+static struct req reqs[WL_MAX_QD];
 static bool use_irq = true, use_dbbuf;
 static volatile u32 *shadow, *event_idx;
 static u64 nsze, timeout_cyc, oacs, oncs, mdts;
 static u64 doorbells, sq_doorbells, cq_doorbells, shadow_writes;
 static u32 prp_off;
 static char serial[21], model[41];
-static enum rw_mode mode;
 
-static u64 *samples;
-static u64 nsamples, max_samples, lat_sum, lat_min = ~0ULL, lat_max;
-static u64 ops_done, bytes_done, errors, verify_errors, flushes, completions, inflight;
-static u32 first_error_status = 0xFFFFFFFF;
-static u64 first_bad_sector = ~0ULL;
-static u64 seed, seed_mix, rng;
-static bool expect_zero, verify_reads;
+static u64 inflight;
 
 static u64 queue_irqs(void)
 {
@@ -112,29 +98,6 @@ static u64 queue_irqs(void)
     return n;
 }
 
-/* ---- pattern (same as blk: 512-byte disk sectors) ---- */
-static void pattern_fill(u8 *buf, u64 sector, u32 nsec)
-{
-    u64 *p = (u64 *)buf;
-    for (u32 s = 0; s < nsec; s++)
-        for (u32 w = 0; w < 64; w++)
-            *p++ = (((sector + s) << 6) | w) ^ seed_mix;
-}
-
-static u64 pattern_check(const u8 *buf, u64 sector, u32 nsec)
-{
-    const u64 *p = (const u64 *)buf;
-    u64 bad = 0;
-    for (u32 s = 0; s < nsec; s++, p += 64)
-        for (u32 w = 0; w < 64; w++)
-            if (p[w] != (expect_zero ? 0 : ((((sector + s) << 6) | w) ^ seed_mix))) {
-                if (first_bad_sector == ~0ULL)
-                    first_bad_sector = sector + s;
-                bad++;
-                break;
-            }
-    return bad;
-}
 
 /* ---- doorbells: MMIO, or shadow + EventIdx (NVMe 1.4 5.7; Linux nvme_dbbuf_update_and_check_event) ---- */
 static bool need_event(u16 event, u16 new_idx, u16 old)
@@ -333,40 +296,14 @@ static void req_post(struct req *r)
     r->t_submit = rdtsc();
 }
 
-static void record(u64 cyc)
-{
-    if (nsamples < max_samples)
-        samples[nsamples++] = cyc;
-    lat_sum += cyc;
-    if (cyc < lat_min)
-        lat_min = cyc;
-    if (cyc > lat_max)
-        lat_max = cyc;
-}
-
 static void req_complete(struct req *r, u16 status, u64 now)
 {
     r->busy = false;
     r->status = status;
     inflight--;
-    completions++;
-    record(now - r->t_submit);
-    if (status) {
-        errors++;
-        if (first_error_status == 0xFFFFFFFF)
-            first_error_status = status;
-        return;
-    }
-    if (r->op == OP_FLUSH) {
-        flushes++;
-        if (mode == RW_FLUSH)
-            ops_done++;
-        return;
-    }
-    ops_done++;
-    bytes_done += r->len;
-    if (r->op == OP_READ && verify_reads)
-        verify_errors += pattern_check(r->data, r->sector, r->len / SECTOR);
+    enum io_op op = r->op == OP_READ ? IO_READ : r->op == OP_WRITE ? IO_WRITE : r->op == OP_FLUSH ? IO_FLUSH
+                  : r->op == OP_DSM ? IO_DISCARD : IO_WRITE_ZEROES;
+    wl_complete(op, status, r->len, r->data, r->sector, now - r->t_submit);
 }
 
 static u32 reap(void)
@@ -380,7 +317,7 @@ static u32 reap(void)
             if (!now)
                 now = rdtsc();
             u32 k = c.cid;
-            if (k >= qd || !reqs[k].busy || reqs[k].q != q)
+            if (k >= wl.qd || !reqs[k].busy || reqs[k].q != q)
                 panic("controller completed an idle command (cid %u, sq %u)", k, c.sq_id);
             req_complete(&reqs[k], (c.status >> 1) & 0x7FF, now);
             done++;
@@ -424,79 +361,20 @@ static bool wait_any(void)
     }
 }
 
-/* ---- workload ---- */
-static u64 range_lba, range_nlb, n_ops, duration_cyc, flush_every, gen_issued, gen_pos, writes_since_flush;
-static bool gen_done;
-
-static u64 xorshift(void)
-{
-    rng ^= rng << 13;
-    rng ^= rng >> 7;
-    rng ^= rng << 17;
-    return rng;
-}
-
+/* ---- workload (workload.c generates; here it becomes an NVMe command) ---- */
 static bool gen_next(struct req *r, u64 t_start)
 {
-    if (gen_done)
+    struct io_next io;
+    if (!wl_next(&io, r->data, t_start))
         return false;
-    if (flush_every && writes_since_flush >= flush_every) {
-        writes_since_flush = 0;
-        r->op = OP_FLUSH;
-        r->len = 0;
-        return true;
-    }
-    if (duration_cyc ? rdtsc() - t_start >= duration_cyc : gen_issued >= n_ops) {
-        gen_done = true;
-        return false;
-    }
-    u32 bl = bs / lba_size;
-    switch (mode) {
-    case RW_FILL:
-    case RW_VERIFY:
-    case RW_DISCARD:
-    case RW_WRITE_ZEROES: {
-        u64 left = range_nlb - gen_pos;
-        u32 n = left < bl ? (u32)left : bl;
-        r->slba = range_lba + gen_pos;
-        r->len = n * lba_size;
-        gen_pos += n;
-        break;
-    }
-    case RW_READ:
-    case RW_WRITE:
-        if (gen_pos + bl > range_nlb)
-            gen_pos = 0;
-        r->slba = range_lba + gen_pos;
-        r->len = bs;
-        gen_pos += bl;
-        break;
-    case RW_RANDREAD:
-    case RW_RANDWRITE:
-        r->slba = range_lba + (xorshift() % (range_nlb / bl)) * bl;
-        r->len = bs;
-        break;
-    case RW_FLUSH:
-        r->op = OP_FLUSH;
-        r->len = 0;
-        gen_issued++;
-        return true;
-    default:
-        return false;
-    }
-    r->sector = r->slba * (lba_size / SECTOR);
-    gen_issued++;
-    if (mode == RW_DISCARD || mode == RW_WRITE_ZEROES) {
-        r->op = mode == RW_DISCARD ? OP_DSM : OP_WRITE_ZEROES;
-        writes_since_flush++;
-        return true;
-    }
-    bool wr = mode == RW_WRITE || mode == RW_RANDWRITE || mode == RW_FILL;
-    r->op = wr ? OP_WRITE : OP_READ;
-    if (wr) {
-        pattern_fill(r->data, r->sector, r->len / SECTOR);
-        writes_since_flush++;
-    }
+    static const u8 op[] = {[IO_READ] = OP_READ, [IO_WRITE] = OP_WRITE, [IO_FLUSH] = OP_FLUSH,
+                            [IO_DISCARD] = OP_DSM, [IO_WRITE_ZEROES] = OP_WRITE_ZEROES};
+    if (io.op == IO_IDENT)
+        return false; /* identify is an admin command: the app does it before any I/O */
+    r->op = op[io.op];
+    r->slba = io.block;
+    r->sector = io.block * (lba_size / SECTOR);
+    r->len = io.blocks * lba_size;
     return true;
 }
 
@@ -506,7 +384,7 @@ static bool run_loop(u64 t_start)
     for (;;) {
         memset(posted_q, 0, sizeof(posted_q));
         bool posted = false;
-        for (u32 k = 0; k < qd && !gen_done; k++) {
+        for (u32 k = 0; k < wl.qd && !wl.gen_done; k++) {
             if (reqs[k].busy)
                 continue;
             if (!gen_next(&reqs[k], t_start))
@@ -567,15 +445,15 @@ static u16 io_raw(struct sqe *e, u64 case_cyc)
     reqs[0].busy = true;
     reqs[0].t_submit = rdtsc();
     inflight++;
-    errors = 0;
-    first_error_status = 0xFFFFFFFF;
+    wl.errors = 0;
+    wl.first_error_status = 0xFFFFFFFF;
     sq_put(q, e);
     ring(q, false);
     u64 t0 = rdtsc();
     while (rdtsc() - t0 < case_cyc) {
         if (any_cqe()) {
             reap();
-            return first_error_status == 0xFFFFFFFF ? 0 : (u16)first_error_status;
+            return wl.first_error_status == 0xFFFFFFFF ? 0 : (u16)wl.first_error_status;
         }
         cpu_pause();
     }
@@ -672,11 +550,11 @@ static noreturn void app_nvme_malformed(u64 bad_addr, u64 case_ms)
         if (st == STATUS_PENDING)
             break;
     }
-    errors = 0;
-    first_error_status = 0xFFFFFFFF;
+    wl.errors = 0;
+    wl.first_error_status = 0xFFFFFFFF;
     inflight = 0;
     reqs[0].busy = false;
-    bool final_ok = run_one(OP_READ, 0, 4096) && errors == 0;
+    bool final_ok = run_one(OP_READ, 0, 4096) && wl.errors == 0;
     bool fatal = mmio_r32(regs + REG_CSTS) & CSTS_CFS;
     json_begin("nvme");
     json_str("rw", "malformed");
@@ -696,25 +574,8 @@ static u64 irqs_run, timer_irqs_run;
 
 static void print_results(u64 elapsed_cyc, const char *error)
 {
-    u64 ens = tsc_to_ns(elapsed_cyc);
-    sort_u64(samples, nsamples);
     json_begin("nvme");
-    json_str("rw", rw_names[mode]);
-    json_u64("bs", bs);
-    json_u64("qd", qd);
-    json_u64("ops", ops_done);
-    json_u64("errors", errors);
-    json_u64("verify_errors", verify_errors);
-    json_u64("bytes", bytes_done);
-    json_u64("elapsed_us", ens / 1000);
-    json_u64("iops", ens ? ops_done * 1000000000ULL / ens : 0);
-    json_u64("kib_s", ens ? (bytes_done >> 10) * 1000000000ULL / ens : 0);
-    json_u64("p50_ns", tsc_to_ns(percentile_sorted(samples, nsamples, 500)));
-    json_u64("p99_ns", tsc_to_ns(percentile_sorted(samples, nsamples, 990)));
-    json_u64("mean_ns", completions ? tsc_to_ns(lat_sum) / completions : 0);
-    json_u64("min_ns", completions ? tsc_to_ns(lat_min) : 0);
-    json_u64("max_ns", tsc_to_ns(lat_max));
-    json_u64("flushes", flushes);
+    wl_json(elapsed_cyc);
     json_u64("doorbells", doorbells);
     json_u64("sq_doorbells", sq_doorbells);
     json_u64("cq_doorbells", cq_doorbells);
@@ -728,16 +589,10 @@ static void print_results(u64 elapsed_cyc, const char *error)
     json_u64("lba_size", lba_size);
     json_u64("nsze", nsze);
     json_u64("capacity", nsze * (lba_size / SECTOR));
-    json_u64("offset", range_lba * lba_size);
-    json_u64("size", range_nlb * lba_size);
-    json_u64("seed", seed);
     json_hex("oacs", oacs);
     json_u64("mdts", mdts);
-    json_u64("tsc_khz", tsc_khz);
-    if (first_error_status != 0xFFFFFFFF)
-        json_hex("first_error_status", first_error_status);
-    if (first_bad_sector != ~0ULL)
-        json_u64("first_bad_sector", first_bad_sector);
+    if (wl.first_error_status != 0xFFFFFFFF)
+        json_hex("first_error_status", wl.first_error_status);
     if (error)
         json_str("error", error);
     json_end();
@@ -750,32 +605,7 @@ void app_nvme(void)
                                        "bad_addr", "case_ms", "bar_window", "reassign_bars", "expect", "dbbuf",
                                        "prp_off", NULL};
     args_allow(keys);
-    const char *rw = arg_str("rw", "randread");
-    int m = -1;
-    for (u32 i = 0; i < ARRAY_SIZE(rw_names); i++)
-        if (!strcmp(rw, rw_names[i]))
-            m = (int)i;
-    if (m < 0)
-        usage_error("bad rw '%s'", rw);
-    mode = (enum rw_mode)m;
-    bs = (u32)arg_u64("bs", 4096);
-    if (!bs || bs % SECTOR || bs > MAX_BS)
-        usage_error("bs=%u must be a multiple of 512 up to 131072", bs);
-    u64 qd_req = arg_u64("qd", 1);
-    if (qd_req < 1 || qd_req > MAX_QD)
-        usage_error("qd must be 1..128");
-    qd = (u32)qd_req;
-    seed = arg_u64("seed", 1);
-    seed_mix = seed * GOLDEN;
-    rng = (seed ^ 0x2545F4914F6CDD1DULL) ? seed ^ 0x2545F4914F6CDD1DULL : 1;
-    verify_reads = arg_u64("verify", 0) != 0 || mode == RW_VERIFY;
-    const char *expect = arg_str("expect", "pattern");
-    if (strcmp(expect, "pattern") && strcmp(expect, "zero"))
-        usage_error("expect must be pattern or zero");
-    expect_zero = !strcmp(expect, "zero");
-    flush_every = arg_u64("flush_every", 0);
-    if (arg_u64("fua", 0))
-        flush_every = 1;
+    const char *rw = wl_parse();
     const char *irq = arg_str("irq", "msix");
     if (!strcmp(irq, "poll"))
         use_irq = false;
@@ -786,7 +616,7 @@ void app_nvme(void)
     if (nq_req < 1 || nq_req > MAX_QUEUES)
         usage_error("queues must be 1..%u", MAX_QUEUES);
     nq = (u32)nq_req;
-    if (mode == RW_MALFORMED || mode == RW_IDENT || mode == RW_FLUSH)
+    if (wl.mode == RW_MALFORMED || wl.mode == RW_IDENT || wl.mode == RW_FLUSH)
         nq = 1;
     prp_off = (u32)arg_u64("prp_off", 0);
     if (prp_off % 8 || prp_off >= PAGE)
@@ -794,8 +624,6 @@ void app_nvme(void)
     timeout_cyc = ns_to_tsc(arg_u64("timeout_ms", 5000) * 1000000ULL);
     pci_bar_window = arg_hex("bar_window", pci_bar_window);
     pci_force_assign = arg_u64("reassign_bars", 0) != 0;
-    u64 ms = arg_u64("ms", 0);
-    duration_cyc = ms ? ns_to_tsc(ms * 1000000ULL) : 0;
 
     lapic_init();
     u32 apic = lapic_id();
@@ -847,7 +675,7 @@ void app_nvme(void)
     lba_size = 1u << ((*(u32 *)(id + 0x80 + 4 * flbas) >> 16) & 0xFF);
     if (lba_size < SECTOR || lba_size > PAGE)
         fail_json(rw, "unsupported LBA size");
-    if (bs % lba_size)
+    if (wl.bs % lba_size)
         fail_json(rw, "bs is not a multiple of the LBA size");
 
     struct sqe e = {0};
@@ -860,7 +688,7 @@ void app_nvme(void)
     if ((dw0 & 0xFFFF) + 1 < nq || (dw0 >> 16) + 1 < nq)
         fail_json(rw, "more queues requested than the controller allocates");
 
-    u32 per_q = (qd + nq - 1) / nq;
+    u32 per_q = (wl.qd + nq - 1) / nq;
     u64 qs_req = arg_u64("qsize", 0);
     qsize = qs_req ? (u32)qs_req : MAX(64u, per_q + 1);
     if (qsize > mqes)
@@ -889,18 +717,18 @@ void app_nvme(void)
     printf("guestkit: nvme %02x:%02x.%x regs=%#lx model='%s' lba=%u nsze=%llu queues=%u qsize=%u dbbuf=%u\n",
            pd.bus, pd.dev, pd.fn, (unsigned long)regs, model, lba_size, nsze, nq, qsize, use_dbbuf);
 
-    for (u32 k = 0; k < qd; k++) {
+    for (u32 k = 0; k < wl.qd; k++) {
         reqs[k].q = &ioq[k % nq];
         reqs[k].cid = (u16)k;
-        reqs[k].data = heap_alloc(MAX(bs, (u32)PAGE) + 2 * PAGE, PAGE);
+        reqs[k].data = heap_alloc(MAX(wl.bs, (u32)PAGE) + 2 * PAGE, PAGE);
         reqs[k].prp_list = heap_alloc(2 * PAGE, PAGE);
     }
 
-    if (mode == RW_MALFORMED) {
+    if (wl.mode == RW_MALFORMED) {
         u64 top = MAX(ram_top(), 0x100000000ULL);
         app_nvme_malformed(arg_hex("bad_addr", ALIGN_UP(top, 1ULL << 30) + (64ULL << 30)), arg_u64("case_ms", 500));
     }
-    if (mode == RW_IDENT) {
+    if (wl.mode == RW_IDENT) {
         json_begin("nvme");
         json_str("rw", "ident");
         json_str("serial", serial);
@@ -919,9 +747,9 @@ void app_nvme(void)
         json_end();
         gk_exit(EXIT_OK);
     }
-    if (mode == RW_DISCARD && !(oncs & ONCS_DSM))
+    if (wl.mode == RW_DISCARD && !(oncs & ONCS_DSM))
         fail_json(rw, "controller does not support Dataset Management (ONCS bit 2)");
-    if (mode == RW_WRITE_ZEROES && !(oncs & ONCS_WRITE_ZEROES))
+    if (wl.mode == RW_WRITE_ZEROES && !(oncs & ONCS_WRITE_ZEROES))
         fail_json(rw, "controller does not support Write Zeroes (ONCS bit 3)");
 
     u64 disk = nsze * lba_size;
@@ -931,23 +759,13 @@ void app_nvme(void)
     u64 size = arg_u64("size", disk - off);
     if (!size || size % lba_size || off + size > disk)
         fail_json(rw, "size must be a non-zero multiple of the LBA size inside the namespace");
-    range_lba = off / lba_size;
-    range_nlb = size / lba_size;
-    if ((mode == RW_READ || mode == RW_WRITE || mode == RW_RANDREAD || mode == RW_RANDWRITE) && size < bs)
-        fail_json(rw, "size is smaller than bs");
-    u64 per = bs / lba_size;
-    u64 ndef = 1000;
-    if (mode == RW_FILL || mode == RW_VERIFY || mode == RW_DISCARD || mode == RW_WRITE_ZEROES)
-        ndef = (range_nlb + per - 1) / per;
-    else if (mode == RW_FLUSH)
-        ndef = 1;
-    n_ops = arg_u64("n", ndef);
-    if (mode == RW_FILL || mode == RW_VERIFY || mode == RW_DISCARD || mode == RW_WRITE_ZEROES) {
-        n_ops = ndef;
-        duration_cyc = 0;
-    }
-    max_samples = duration_cyc ? MAX_SAMPLES : MIN(n_ops + n_ops / MAX(flush_every, 1) + 2, (u64)MAX_SAMPLES);
-    samples = heap_alloc(max_samples * sizeof(u64), 64);
+    wl.block_bytes = lba_size;
+    wl.range_start = off / lba_size;
+    wl.range_blocks = size / lba_size;
+    wl.chunk_blocks = wl.bs / lba_size;
+    const char *plan_error = wl_plan();
+    if (plan_error)
+        fail_json(rw, plan_error);
 
     u64 ticks0 = timer_ticks, irqs0 = queue_irqs();
     if (use_irq)
@@ -955,7 +773,7 @@ void app_nvme(void)
     bench_mark(BENCH_MARK_START);
     u64 t0 = rdtsc();
     bool ok = run_loop(t0);
-    if (ok && mode == RW_FILL)
+    if (ok && wl.mode == RW_FILL)
         ok = run_one(OP_FLUSH, 0, 0);
     u64 t1 = rdtsc();
     bench_mark(BENCH_MARK_END);
@@ -963,5 +781,5 @@ void app_nvme(void)
     timer_irqs_run = timer_ticks - ticks0;
     irqs_run = queue_irqs() - irqs0;
     print_results(t1 - t0, ok ? NULL : "timeout waiting for completions");
-    gk_exit(ok && !errors && !verify_errors ? EXIT_OK : EXIT_FAIL);
+    gk_exit(ok && !wl.errors && !wl.verify_errors ? EXIT_OK : EXIT_FAIL);
 }
