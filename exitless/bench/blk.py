@@ -19,12 +19,10 @@ from pathlib import Path
 
 from ..devices.virtio.blk import VirtioBlk
 from ..devices.virtio.pci import VirtioPci
-from ..guestkit import guestkit_cmdline, guestkit_path
-from ..vm import Machine, VmConfig
 from . import qemu, vhost
-from .common import BenchError, Progress, Report, guest_result, no_progress, plot_panels, ratio_notes
+from .common import Progress, Report, no_progress, plot_panels, ratio_notes
 from .options import BLK_PATHS as EXITLESS_PATHS
-from .workload import (COLUMNS, FILL_APP, SPREAD_COLUMNS, TESTS, Test, app, make_image, per_io_row,
+from .workload import (COLUMNS, FILL_APP, SPREAD_COLUMNS, TESTS, Test, app, exitless_guest_run, make_image, per_io_row,
                        run_rounds, select_tests, target_ratios)
 
 # How the guest driver waits for completions: an interrupt (msix), or by polling the used ring
@@ -35,17 +33,7 @@ QEMU_BUILTIN = (("ioeventfd", False), ("iothread-poll", True))
 
 
 def _exitless_run(image: Path, path: str, append: str, timeout: float) -> dict:
-    console = bytearray()
-    with Machine(VmConfig(mem_mib=128, console=console.extend)) as m:
-        VirtioPci(m, VirtioBlk(image), path)
-        m.boot_pvh(guestkit_path(), guestkit_cmdline(append))
-        exit = m.run(timeout=timeout)
-        window = m.bench_marker.window()
-    if exit.kind != "debug-exit" or exit.status != 0 or window is None:
-        raise BenchError(f"exitless/{path}: {append}: {exit.kind} {exit.status} {exit.message}\n"
-                         f"{console.decode(errors='replace')[-600:]}")
-    res = guest_result(bytes(console), "blk")
-    return {"res": res, "exits": window["kvm"]["exits"], "cpu": window["vmm_cpu"]}
+    return exitless_guest_run(lambda m: VirtioPci(m, VirtioBlk(image), path), "blk", append, f"exitless/{path}", timeout)
 
 
 @dataclass(frozen=True)

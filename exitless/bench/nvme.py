@@ -17,12 +17,11 @@ from pathlib import Path
 
 from ..devices.nvme.namespace import Namespace
 from ..devices.nvme.pci import NvmePci
-from ..guestkit import guestkit_cmdline, guestkit_path
-from ..vm import Machine, VmConfig
+from ..guestkit import guestkit_path
 from . import qemu
 from .common import BenchError, Progress, Report, guest_result, no_progress, plot_panels, ratio_over_rounds
 from .options import NVME_PATHS
-from .workload import COLUMNS, SPREAD_COLUMNS, TESTS, Test, make_image, per_io_row, run_rounds, select_tests
+from .workload import COLUMNS, SPREAD_COLUMNS, exitless_guest_run, TESTS, Test, make_image, per_io_row, run_rounds, select_tests
 
 FILL_APP = "nvme rw=fill bs=131072 qd=4 seed=5"
 # How the guest waits for completions (an interrupt, or polling the CQ phase tags) and whether it sends
@@ -47,16 +46,7 @@ def _nvme_row(vmm: str, path: str, test: Test, irq: str, dbbuf: int, full: dict,
 
 
 def _exitless_run(image: Path, path: str, append: str, timeout: float) -> dict:
-    console = bytearray()
-    with Machine(VmConfig(mem_mib=128, console=console.extend)) as m:
-        NvmePci(m, Namespace(image), path, queues=1)
-        m.boot_pvh(guestkit_path(), guestkit_cmdline(append))
-        exit = m.run(timeout=timeout)
-        window = m.bench_marker.window()
-    if exit.kind != "debug-exit" or exit.status != 0 or window is None:
-        raise BenchError(f"exitless/{path}: {append}: {exit.kind} {exit.status} {exit.message}\n"
-                         f"{console.decode(errors='replace')[-600:]}")
-    return {"res": guest_result(bytes(console), "nvme"), "exits": window["kvm"]["exits"], "cpu": window["vmm_cpu"]}
+    return exitless_guest_run(lambda m: NvmePci(m, Namespace(image), path, queues=1), "nvme", append, f"exitless/{path}", timeout)
 
 
 @dataclass(frozen=True)

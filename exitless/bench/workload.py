@@ -15,9 +15,12 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
-from .common import BenchError, Progress, aggregate, differential_per_op, interleave, mark_best, no_progress, ratio_over_rounds
+from ..guestkit import guestkit_cmdline, guestkit_path
+from ..vm import Machine, VmConfig
+from .common import BenchError, Progress, aggregate, differential_per_op, guest_result, interleave, mark_best, no_progress, \
+    ratio_over_rounds
 
 IMAGE_BYTES = 64 << 20
 #: Writes the whole image once, so that reads hit allocated blocks in every VMM.
@@ -69,6 +72,27 @@ def make_image(directory: str | None = None) -> Path:
     os.ftruncate(fd, IMAGE_BYTES)
     os.close(fd)
     return Path(name)
+
+
+def exitless_guest_run(attach: Callable[[Machine], object], app_name: str, append: str, label: str,
+                       timeout: float) -> dict:
+    """One guest-kit run in exitless's own VMM: ``attach(machine)`` adds the device, the guest kit runs
+    ``append`` (its ``app_name`` app) with the bench's marks around its loop.
+
+    Returns ``{"res": the app's JSON result, "exits": KVM exits in the marked loop, "cpu": VMM CPU
+    seconds in it}``; raises :class:`BenchError` (with the console's tail) unless the guest passed and
+    marked its loop.  ``timeout``: seconds for the whole run.
+    """
+    console = bytearray()
+    with Machine(VmConfig(mem_mib=128, console=console.extend)) as m:
+        attach(m)
+        m.boot_pvh(guestkit_path(), guestkit_cmdline(append))
+        exit = m.run(timeout=timeout)
+        window = m.bench_marker.window()
+    if exit.kind != "debug-exit" or exit.status != 0 or window is None:
+        raise BenchError(f"{label}: {append}: {exit.kind} {exit.status} {exit.message}\n"
+                         f"{console.decode(errors='replace')[-600:]}")
+    return {"res": guest_result(bytes(console), app_name), "exits": window["kvm"]["exits"], "cpu": window["vmm_cpu"]}
 
 
 def per_io_row(vmm: str, path: str, test: Test, irq: str, full: dict, base: dict | None = None) -> dict:
