@@ -99,6 +99,10 @@ try:
                     os.close(pfd)
                 elif variant.startswith("qlen"):
                     ipr.link("set", index=idx, txqlen=int(variant[4:]))
+            if variant in ("noqueue", "pfifo", "fq_codel"):
+                subprocess.run(["ip", "netns", "exec", ns.name, "tc", "qdisc", "replace", "dev", TAP_NAME, "root", variant],
+                               check=True)
+            subprocess.run(["ip", "netns", "exec", ns.name, "tc", "qdisc", "show", "dev", TAP_NAME], check=False)
             if variant == "nogro":
                 subprocess.run(["ip", "netns", "exec", ns.name, "ethtool", "-K", TAP_NAME, "gro", "off"], check=False)
             floor(fd, mac, modes)
