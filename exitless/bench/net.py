@@ -26,7 +26,7 @@ hand-off (32 echoes out, 32 replies back in flood-64) waits for a scheduler time
 trips/s instead of tens of thousands (docs/results/net-flood.md).  QEMU gets the same placement: its vCPU
 thread on the vCPU's CPU, its other threads (the main loop serving the TAP, RCU, workers) on the
 sidecore's CPU -- unpinned on a loaded host its rows ran up to 1.8x slower (docs/results/net-pps.md, session 5).
-A vhost-user back-end process is not pinned.
+A vhost-user back-end process runs on the sidecore's CPU.
 """
 from __future__ import annotations
 
@@ -162,15 +162,16 @@ def _row(vmm: str, path: str, test: Test, full: dict, base: dict | None, note: s
 
 
 class _ServeNet:
-    """``exitless serve net`` in a child process (own GIL; its CPU is added to QEMU's)."""
+    """``exitless serve net`` in a child process (own GIL; its CPU is added to QEMU's); ``cpu``: the CPU it runs
+    on (where exitless's sidecore runs), None: the scheduler's choice."""
 
-    def __init__(self, ns: Namespace, io: str, directory: str):
+    def __init__(self, ns: Namespace, io: str, directory: str, cpu: int | None = None):
         import subprocess
         import sys
 
         self.sock = os.path.join(directory, f"net-{io}.sock")
         self.log_path = os.path.join(directory, f"serve-net-{io}.log")
-        with open(self.log_path, "wb") as log:
+        with open(self.log_path, "wb") as log, on_cpu(cpu):     # the child inherits the CPU at fork
             self.proc = subprocess.Popen([sys.executable, "-m", "exitless.cli", "serve", "net", "--socket", self.sock,
                                           "--tap", TAP_NAME, "--netns", ns.name, "--io", io],
                                          stdout=subprocess.DEVNULL, stderr=log)
@@ -228,7 +229,8 @@ def _measure(ns: Namespace, setup: Setup, test: Test, n: int, timeout: float, tm
             full = _qemu_run(_app(test, n), dev, timeout=timeout, pass_fds=(fd,), pin=pin)
         row = _row("qemu", "tap", test, full, base, note="vhost=off: no /dev/vhost-net on this host")
     else:
-        be = _ServeNet(ns, setup.path, tmp)   # a TAP queue takes one reader: one back-end at a time
+        # a TAP queue takes one reader: one back-end at a time
+        be = _ServeNet(ns, setup.path, tmp, pin and pin.sidecore)
         try:
             # vectors=0: QEMU 7.2 + vhost-user-net + MSI-X without KVM irqfds crashes
             # (see tests/test_vhost_user_net_qemu.py); the guest kit polls anyway.
@@ -241,6 +243,8 @@ def _measure(ns: Namespace, setup: Setup, test: Test, n: int, timeout: float, tm
         row = _row("qemu+exitless", setup.path, test, full, base)
     row["accel"] = full["accel"]
     row["pinned"] = None if pin is None else {"vcpu": pin.vcpu, "other_threads": pin.sidecore}
+    if pin is not None and setup.vmm == "qemu+exitless":
+        row["pinned"]["backend"] = pin.sidecore
     return row
 
 
