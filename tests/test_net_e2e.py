@@ -213,8 +213,9 @@ def test_bench_net_json_on_stdout():
         assert x["rounds"] == 2 and len(x["per_round"]["pps"]) == 2 and x["errors"] == 0 and x["pps"] > 0
     assert rows[0]["p50_us"] > 0 and "vhost=off" in rows[1]["note"]
     assert "rr64_p50_exitless_over_qemu" in r.stderr
-    # exitless's vCPU and sidecore pinned to two CPUs by default (QEMU never: its rows say nothing)
+    # exitless's vCPU and sidecore pinned to two CPUs by default, QEMU's vCPU and other threads the same way
     cpus = sorted(os.sched_getaffinity(0))
     want = {"vcpu": cpus[0], "sidecore": cpus[1]} if len(cpus) >= 2 else None
-    assert [x.get("pinned", "absent") for x in rows] == [want, "absent", want, "absent"]
+    want_qemu = {"vcpu": cpus[0], "other_threads": cpus[1]} if len(cpus) >= 2 else None
+    assert [x.get("pinned", "absent") for x in rows] == [want, want_qemu, want, want_qemu]
     assert ("vCPU on CPU" in r.stderr) == (want is not None)

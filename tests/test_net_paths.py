@@ -98,7 +98,8 @@ def _frame(n: int, dst: bytes, seed: int) -> bytes:
 
 
 # -- TX -----------------------------------------------------------------------------------------------
-_lengths = st.sampled_from([0, 1, 11, 13, 14, 20, 60, 60, 64, 64, 1514, 9000, MAX_FRAME, MAX_FRAME + 1])
+# 256/257: the largest frame C copies whole and writes with write(2), the smallest it hands to writev
+_lengths = st.sampled_from([0, 1, 11, 13, 14, 20, 60, 60, 64, 64, 256, 257, 1514, 9000, MAX_FRAME, MAX_FRAME + 1])
 # near-valid headers (each field valid or just past a limit) reach every check of check_tx_header
 _header = st.tuples(st.sampled_from([0, 1, 1, 2, 3, 0xFF]), st.sampled_from([0, 0, 1, 3, 4, 0x81, 0x84, 0x7F]),
                     st.sampled_from([0, 54, 60, 61, 0xFFFF]) | st.integers(0, 0xFFFF),
@@ -165,6 +166,10 @@ def _tx_observe(r: Rig) -> tuple:
          chains=[("frame", (1, 1, 54, 1448, 34, 16), 1514, "split"), ("frame", (1, 4, 54, 1448, 34, 16), 1514, "one")])
 @example(features={VIRTIO_NET_F_CSUM}, budgets=[None],                                 # the checksum field's end
          chains=[("frame", (1, 0, 0, 0, 44, 16), 60, "one"), ("frame", (1, 0, 0, 0, 42, 16), 60, "one")])
+@example(features=set(), budgets=[None],                    # either side of C's whole-frame copy (TX_COPY_MAX)
+         chains=[("frame", (0, 0, 0, 0, 0, 6), 256, "split"), ("frame", (0, 0, 0, 0, 0, 6), 257, "indirect"),
+                 ("frame", (0, 0, 0, 0, 0, 6), 256, "indirect"), ("frame", (0, 0, 0, 0, 0, 6), 257, "split"),
+                 ("frame", (0, 0, 0, 0, 0, 6), 64, "one"), ("frame", (0, 0, 0, 0, 0, 6), 257, "one")])
 def test_tx_paths_agree(features, chains, budgets):
     seen = []
     for path in PATHS:

@@ -23,8 +23,10 @@ Placement (as ``bench doorbell``): exitless's vCPU thread runs pinned to one CPU
 sidecore (its TAP thread on ``trap``) to another (``--no-pin``: the scheduler's choice; rows say
 ``pinned``).  Unpinned on a busy host, a polling sidecore lands on the spinning vCPU's CPU and every
 hand-off (32 echoes out, 32 replies back in flood-64) waits for a scheduler time slice: ~1k round
-trips/s instead of tens of thousands (docs/results/net-flood.md).  QEMU is not pinned: its I/O thread
-sleeps until the vCPU's ioeventfd wakes it.
+trips/s instead of tens of thousands (docs/results/net-flood.md).  QEMU gets the same placement: its vCPU
+thread on the vCPU's CPU, its other threads (the main loop serving the TAP, RCU, workers) on the
+sidecore's CPU -- unpinned on a loaded host its rows ran up to 1.8x slower (docs/results/net-pps.md, session 5).
+A vhost-user back-end process runs on the sidecore's CPU.
 """
 from __future__ import annotations
 
@@ -125,9 +127,11 @@ def _exitless_run(ns: Namespace, path: str, app: str, timeout: float, pin: Pinni
     return {"res": guest_result(bytes(console), "net"), "exits": window["kvm"]["exits"], "cpu": window["vmm_cpu"]}
 
 
-def _qemu_run(app: str, device: list[str], *, timeout: float, pass_fds=(), backend=None) -> dict:
+def _qemu_run(app: str, device: list[str], *, timeout: float, pass_fds=(), backend=None,
+              pin: Pinning | None = None) -> dict:
     r = qemu.run_guestkit(guestkit_path(), app, device_args=device, shared_memory=backend is not None,
-                          timeout=timeout, pass_fds=pass_fds, extra_cpu=backend.cpu if backend else None)
+                          timeout=timeout, pass_fds=pass_fds, extra_cpu=backend.cpu if backend else None,
+                          pin=(pin.vcpu, pin.sidecore) if pin else None)
     if r.exit_status != 0:
         raise BenchError(f"qemu ({r.accel}): {app}: no result\n{r.console.decode(errors='replace')[-600:]}\n"
                          f"{r.stderr[-600:]}")
@@ -158,15 +162,16 @@ def _row(vmm: str, path: str, test: Test, full: dict, base: dict | None, note: s
 
 
 class _ServeNet:
-    """``exitless serve net`` in a child process (own GIL; its CPU is added to QEMU's)."""
+    """``exitless serve net`` in a child process (own GIL; its CPU is added to QEMU's); ``cpu``: the CPU it runs
+    on (where exitless's sidecore runs), None: the scheduler's choice."""
 
-    def __init__(self, ns: Namespace, io: str, directory: str):
+    def __init__(self, ns: Namespace, io: str, directory: str, cpu: int | None = None):
         import subprocess
         import sys
 
         self.sock = os.path.join(directory, f"net-{io}.sock")
         self.log_path = os.path.join(directory, f"serve-net-{io}.log")
-        with open(self.log_path, "wb") as log:
+        with open(self.log_path, "wb") as log, on_cpu(cpu):     # the child inherits the CPU at fork
             self.proc = subprocess.Popen([sys.executable, "-m", "exitless.cli", "serve", "net", "--socket", self.sock,
                                           "--tap", TAP_NAME, "--netns", ns.name, "--io", io],
                                          stdout=subprocess.DEVNULL, stderr=log)
@@ -209,7 +214,8 @@ COLUMNS = [("vmm", "vmm"), ("path", "path"), ("test", "test"), ("p50_us", "p50 Â
 def _measure(ns: Namespace, setup: Setup, test: Test, n: int, timeout: float, tmp: str,
              pin: Pinning | None = None) -> dict:
     """One sample of ``test`` on ``setup``: exitless over the guest's marked window (``pin``: see
-    :func:`_exitless_run`), QEMU differential (never pinned: its I/O thread sleeps until woken)."""
+    :func:`_exitless_run`), QEMU differential (``pin``: its vCPU thread where exitless's vCPU runs, its other
+    threads where the sidecore runs)."""
     if setup.vmm == "exitless":
         row = _row("exitless", setup.path, test, _exitless_run(ns, setup.path, _app(test, n), timeout, pin), None)
         row["pinned"] = None if pin is None else {"vcpu": pin.vcpu, "sidecore": pin.sidecore}
@@ -219,22 +225,26 @@ def _measure(ns: Namespace, setup: Setup, test: Test, n: int, timeout: float, tm
             fd = tap.fds[0]
             dev = ["-netdev", f"tap,id=n0,fd={fd},vhost=off",
                    "-device", "virtio-net-pci,netdev=n0,disable-legacy=on,romfile="]
-            base = _qemu_run(_app(test, max(1, n // 10)), dev, timeout=timeout, pass_fds=(fd,))
-            full = _qemu_run(_app(test, n), dev, timeout=timeout, pass_fds=(fd,))
+            base = _qemu_run(_app(test, max(1, n // 10)), dev, timeout=timeout, pass_fds=(fd,), pin=pin)
+            full = _qemu_run(_app(test, n), dev, timeout=timeout, pass_fds=(fd,), pin=pin)
         row = _row("qemu", "tap", test, full, base, note="vhost=off: no /dev/vhost-net on this host")
     else:
-        be = _ServeNet(ns, setup.path, tmp)   # a TAP queue takes one reader: one back-end at a time
+        # a TAP queue takes one reader: one back-end at a time
+        be = _ServeNet(ns, setup.path, tmp, pin and pin.sidecore)
         try:
             # vectors=0: QEMU 7.2 + vhost-user-net + MSI-X without KVM irqfds crashes
             # (see tests/test_vhost_user_net_qemu.py); the guest kit polls anyway.
             dev = ["-chardev", f"socket,id=c0,path={be.sock}", "-netdev", "vhost-user,id=n0,chardev=c0",
                    "-device", "virtio-net-pci,netdev=n0,disable-legacy=on,vectors=0,romfile="]
-            base = _qemu_run(_app(test, max(1, n // 10)), dev, timeout=timeout, backend=be)
-            full = _qemu_run(_app(test, n), dev, timeout=timeout, backend=be)
+            base = _qemu_run(_app(test, max(1, n // 10)), dev, timeout=timeout, backend=be, pin=pin)
+            full = _qemu_run(_app(test, n), dev, timeout=timeout, backend=be, pin=pin)
         finally:
             be.stop()
         row = _row("qemu+exitless", setup.path, test, full, base)
     row["accel"] = full["accel"]
+    row["pinned"] = None if pin is None else {"vcpu": pin.vcpu, "other_threads": pin.sidecore}
+    if pin is not None and setup.vmm == "qemu+exitless":
+        row["pinned"]["backend"] = pin.sidecore
     return row
 
 
@@ -292,7 +302,8 @@ def main(args) -> int:
         rows = run(tests, args.paths, with_qemu=not args.no_qemu, with_vhost=not args.no_vhost, scale=args.scale,
                    rounds=args.rounds, pin=args.pin, progress=progress, notes=report.note)
     where = pinning(args.pin)
-    placed = f"exitless: vCPU on CPU {where.vcpu}, sidecore on CPU {where.sidecore}" if where else "not pinned"
+    placed = (f"vCPU on CPU {where.vcpu}, exitless's sidecore and QEMU's other threads on CPU {where.sidecore}"
+              if where else "not pinned")
     report.table(f"virtio-net (same guest driver; a private namespace's kernel answers; {placed})", rows, COLUMNS,
                  spread=SPREAD_COLUMNS)
     report.ties_note(args.rounds, rows)

@@ -125,6 +125,23 @@ def vcpu_threads_cpu(pid: int) -> float:
     return vcpu
 
 
+def pin_threads(pid: int, vcpu_cpu: int, other_cpu: int) -> None:
+    """Pin process ``pid``'s vCPU threads (:func:`exitless.threadname.is_vcpu`) to CPU ``vcpu_cpu`` and its
+    other threads (QEMU's main loop, which serves a ``-netdev tap``, its RCU and worker threads) to CPU
+    ``other_cpu``: the placement the benches give exitless (vCPU on one CPU, the device's sidecore on the
+    other).  Threads QEMU starts later inherit their creator's CPU.  A thread that ends meanwhile is skipped."""
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return
+    for task in tasks:
+        try:
+            comm = (task / "comm").read_text().rstrip("\n")
+            os.sched_setaffinity(int(task.name), {vcpu_cpu} if is_vcpu(comm) else {other_cpu})
+        except OSError:
+            continue
+
+
 def builtin_device(image: Path, iothread: bool, cache: str = "writeback") -> list[str]:
     """QEMU's own virtio-blk-pci on ``image``; ``cache=writeback`` is the host page cache, as exitless's
     virtio-blk uses by default (buffered I/O)."""
@@ -184,7 +201,7 @@ def guestkit_command(kernel: Path, append: str, qmp_path: str, *, device_args: l
 def run_guestkit(kernel: Path, append: str, *, device_args: list[str] = (), shared_memory: bool = False,
                  accel: str = "auto", mem_mib: int = 128, timeout: float = 300,
                  extra_cpu: Callable[[], float] | None = None, pass_fds: tuple[int, ...] = (),
-                 kill_at_timeout: bool = False) -> QemuResult:
+                 kill_at_timeout: bool = False, pin: tuple[int, int] | None = None) -> QemuResult:
     """Boot the guest kit under QEMU and measure it.
 
     The firmware is qboot where installed (:func:`firmware_args`).  QEMU starts paused
@@ -197,6 +214,8 @@ def run_guestkit(kernel: Path, append: str, *, device_args: list[str] = (), shar
     ``kill_at_timeout``: a guest still running after ``timeout`` seconds ends with SIGKILL to QEMU
     instead of a QMP ``quit`` -- no vhost-user teardown, the back-end just sees its socket close
     (``killed`` in the result says it happened).
+    ``pin``: (vCPU CPU, other CPU) -- QEMU's threads pinned by :func:`pin_threads` before the guest runs
+    (None: the scheduler's choice).
     """
     accel = resolve_accel(accel)
     tmp = tempfile.mkdtemp(prefix="exitless-qemu-")
@@ -213,6 +232,8 @@ def run_guestkit(kernel: Path, append: str, *, device_args: list[str] = (), shar
     try:
         qmp = Qmp(qmp_path)
         try:
+            if pin is not None:
+                pin_threads(proc.pid, *pin)
             exits0 = kvm_exits(qmp) if accel == "kvm" else None
             (q0, v0), e0 = qemu_cpu(proc.pid), extra()
             qmp.cmd("cont")
