@@ -132,3 +132,19 @@ def test_plot_has_a_panel_per_vm_count_and_metric(tmp_path):
 
     w, h = Image.open(tmp_path / "p.png").size
     assert rows == before and w / 2 < h < w   # two panels to a line, two lines (one line of 4 would be 4.5:1)
+
+
+def test_service_variants_are_rows_of_the_shared_layout():
+    """`--modes poll --service-args '' --service-args '--idle-yield-us 20'`: two shared rows side by side, the
+    variant's options in its mode (and passed to `exitless sidecore`), one QEMU row."""
+    rows = sidecore.layouts(["shared", "qemu"], ["poll"], ["", "--idle-yield-us 20"])
+    assert [(r.layout, r.mode, r.service_args) for r in rows] == [
+        ("shared", "poll", ""), ("shared", "poll --idle-yield-us 20", "--idle-yield-us 20"),
+        ("qemu", f"poll-max-ns={sidecore.QEMU_IOTHREAD_POLL_NS}", "")]
+
+
+@pytest.mark.parametrize("text", ["--socket /tmp/x", "--mode=poll", "20", "'unclosed"])
+def test_bad_service_args_are_a_usage_error(text):
+    r = subprocess.run([sys.executable, "-m", "exitless", "bench", "sidecore", "--service-args", text],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--service-args" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -8,6 +8,7 @@ nothing else goes there; ``--rounds`` is the number of interleaved rounds.
 from __future__ import annotations
 
 import argparse
+import shlex
 
 from ..argtypes import (mem_size, non_negative_float, non_negative_int, output_file, positive_float, positive_int,
                         scale_factor)
@@ -154,8 +155,27 @@ def add_sidecore(p) -> None:
     p.add_argument("--seconds", type=positive_float, default=5.0,
                    help="seconds of I/O per VM and sample, all VMs at once (default 5)")
     p.add_argument("--qd", type=positive_int, default=1, help="requests in flight per VM (default 1)")
+    p.add_argument("--modes", nargs="+", choices=("poll", "adaptive"), default=["poll", "adaptive"],
+                   help="the exitless sidecore's modes, a row each (default: poll adaptive)")
+    p.add_argument("--service-args", action="append", type=service_args, metavar="'OPTS'",
+                   help="more options for `exitless sidecore` (shared layout), e.g. '--idle-yield-us 20'; repeat it "
+                        "for more variants, each a row per mode measured side by side (default: none)")
     p.add_argument("--plot", type=output_file, metavar="PNG", help="write a PNG plot here")
     _common(p)
+
+
+def service_args(text: str) -> str:
+    """``--service-args``: options of ``exitless sidecore`` only (each token an option or its value), as
+    one normalised string."""
+    try:
+        tokens = shlex.split(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+    if tokens and not tokens[0].startswith("--"):
+        raise argparse.ArgumentTypeError(f"{text!r}: options of `exitless sidecore`, e.g. '--idle-yield-us 20'")
+    if any(t in ("--socket", "--mode") or t.startswith(("--socket=", "--mode=")) for t in tokens):
+        raise argparse.ArgumentTypeError(f"{text!r}: the bench sets --socket and --mode itself (see --modes)")
+    return shlex.join(tokens)
 
 
 def add_soak(p) -> None:

@@ -45,6 +45,7 @@ import json
 import os
 import re
 import random
+import shlex
 import signal
 import struct
 import subprocess
@@ -97,6 +98,7 @@ class Layout:
     layout: str
     mode: str
     note: str = ""
+    service_args: str = ""      # more options for `exitless sidecore` (shared), shell-quoted
 
     def label(self) -> str:
         return f"{self.vmm}/{self.layout}/{self.mode}"
@@ -105,15 +107,19 @@ class Layout:
 EXITLESS_MODES = ("poll", "adaptive")
 
 
-def layouts(names: Sequence[str], modes: Sequence[str] = EXITLESS_MODES) -> list[Layout]:
-    """The :class:`Layout` rows for the layout ``names`` (a subset of :data:`LAYOUTS`)."""
+def layouts(names: Sequence[str], modes: Sequence[str] = EXITLESS_MODES,
+            service_args: Sequence[str] = ("",)) -> list[Layout]:
+    """The :class:`Layout` rows for the layout ``names`` (a subset of :data:`LAYOUTS`); the shared layout gets
+    one row per mode and ``service_args`` variant (its mode then reads e.g. ``poll --idle-yield-us 20``)."""
     out = []
     for name in names:
         if name == "qemu":
             out.append(Layout("qemu", "qemu", f"poll-max-ns={QEMU_IOTHREAD_POLL_NS}",
                               "one QEMU per VM, one iothread each"))
         elif name == "shared":
-            out += [Layout("exitless", "shared", m, "one `exitless sidecore` service for all VMs") for m in modes]
+            out += [Layout("exitless", "shared", f"{m} {extra}".strip(), "one `exitless sidecore` service for all VMs",
+                           extra)
+                    for extra in service_args for m in modes]
         elif name == "shared-1proc":
             out += [Layout("exitless", "shared-1proc", m,
                            "all VMs in ONE exitless process on one sidecore thread (not the service)") for m in modes]
@@ -278,7 +284,8 @@ def launch(layout: Layout, images: Sequence[Path], append: str, workdir: Path, t
             elif layout.layout == "shared":
                 sock = workdir / "sidecore.sock"
                 fleet.service = popen([sys.executable, "-m", "exitless", "sidecore", "--socket", str(sock),
-                                                  "--mode", layout.mode], subprocess.DEVNULL)
+                                       "--mode", layout.mode.split()[0], *shlex.split(layout.service_args)],
+                                      subprocess.DEVNULL)
                 _wait_serving(fleet.service, timeout=60)
                 fleet.stats = stats
                 fleet.procs = [popen([*run, "--disk", f"{img},io=poll", "--sidecore", str(sock),
@@ -404,10 +411,12 @@ def _window(path: Path) -> dict:
 
 def run(vms: Sequence[int] = (1, 2, 4, 8), layout_names: Sequence[str] = ("shared", "per-vm", "qemu"), *,
         rounds: int = 3, seconds: float = 5.0, qd: int = 1, timeout: float = 300, progress: Progress = no_progress,
-        notes=lambda text: None) -> list[dict]:
+        notes=lambda text: None, modes: Sequence[str] = EXITLESS_MODES,
+        service_args: Sequence[str] = ("",)) -> list[dict]:
     """Every (VM count, layout) row in ``rounds`` interleaved rounds; aggregated rows with ``per_round`` and
     ``spread`` (:func:`~exitless.bench.common.aggregate`).  Layouts that cannot run here are left out
-    with a note (QEMU not installed or without KVM)."""
+    with a note (QEMU not installed or without KVM).  ``modes``: the exitless rows' sidecore modes;
+    ``service_args``: variants of extra ``exitless sidecore`` options (shared layout only)."""
     if not vms or min(vms) < 1:
         raise BenchError(f"--vms {','.join(map(str, vms))}: positive VM counts")
     names = list(layout_names)
@@ -419,7 +428,7 @@ def run(vms: Sequence[int] = (1, 2, 4, 8), layout_names: Sequence[str] = ("share
               "(the VMs in ONE exitless process on one sidecore thread)")
         names[names.index("shared")] = "shared-1proc"
         names = list(dict.fromkeys(names))
-    cells = [(layout, n) for n in vms for layout in layouts(names)]
+    cells = [(layout, n) for n in vms for layout in layouts(names, modes, service_args)]
     if not cells:
         raise BenchError("no layout can run here")
     images = make_images(max(vms))
@@ -494,7 +503,8 @@ def main(args) -> int:
     report = Report(args.json)
     with report.progress() as progress:
         rows = run(args.vms, args.layouts, rounds=args.rounds, seconds=args.seconds, qd=args.qd, progress=progress,
-                   notes=report.note)
+                   notes=report.note, modes=getattr(args, "modes", EXITLESS_MODES),
+                   service_args=getattr(args, "service_args", None) or ("",))
     report.table(f"QD{args.qd} 4 KiB random reads, N VMs side by side, completions by interrupt "
                  f"({args.seconds:g} s per VM)", rows, COLUMNS, spread=SPREAD_COLUMNS)
     report.ties_note(args.rounds, rows)

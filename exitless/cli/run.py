@@ -70,7 +70,7 @@ def register(sub) -> None:
     run.add_argument("--stats", metavar="FILE", type=output_path,
                      help="guest kit: when the VM stops, write KVM's counters over the guest's measured loop (its "
                           "start and end marks on port 0x511) as JSON to FILE: {\"window\": {\"kvm\": {\"exits\": "
-                          "...}, \"vmm_cpu\": s, \"wall\": s} or null, \"exit\": kind}")
+                          "...}, \"vmm_cpu\": s, \"vcpu_cpu\": s, \"wall\": s} or null, \"exit\": kind}")
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ARGS",
                      help="run CMD in the fetched Linux guest and exit with its status")
     run.set_defaults(func=cmd_run)

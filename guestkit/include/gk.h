@@ -143,7 +143,6 @@ void args_allow(const char *const *keys);    /* exit 2 on unknown keys */
 noreturn void usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 /* ---- CPU tables, ring-0 services, interrupts, LAPIC (intr.c) ---- */
-#define SYS_WAIT 1
 #define SYS_RDMSR 2
 #define SYS_WRMSR 3
 #define SYS_FLUSH_TLB 4

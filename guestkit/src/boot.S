@@ -19,8 +19,6 @@
 #define SEL_UCODE  0x28
 #define SEL_TSS    0x30
 
-#define SYS_WAIT 1
-
 /* ---- PVH ELF note (name "Xen", 8-byte descriptor like Linux) ---- */
     .section .note.Xen, "a", @note
     .balign 4
@@ -124,9 +122,10 @@ isr_\vec:
     .endr
 
 /* Fast IRQ entry (vectors 0x20..0xFE except 0x80; installed for xAPIC only):
- * on a nested software-virtualised host every ring-0 instruction is emulated,
- * so an interrupt costs as few instructions as possible: count it, raise
- * irq_flag, EOI through the xAPIC MMIO register, return. */
+ * on this software-nested host every ring-0 instruction is emulated, so an
+ * interrupt costs as few instructions as possible: count it, raise irq_flag,
+ * EOI through the xAPIC MMIO register, return -- to ring 3 at once when it
+ * ended the ring-3 wait's HLT (isr_to_user). */
     .macro ISR_FAST vec
     .balign 16
 isr_fast_\vec:
@@ -136,6 +135,8 @@ isr_fast_\vec:
     movq lapic_eoi_reg(%rip), %rax
     movl $0, (%rax)
     popq %rax
+    cmpq $gk_wait_woken, (%rsp)     /* woke the ring-3 wait's HLT? */
+    je isr_to_user
     iretq
     .endm
 
@@ -147,26 +148,43 @@ isr_fast_\vec:
 
 /* Ring-3 services: the app executes UD2 with rax = service, rdi/rsi = args
  * (a software-nested KVM may not run SYSCALL or INT n from ring 3 the
- * architectural way, but delivers exceptions faithfully).  SYS_WAIT
- * (rdi = u32 *flag) has this short path: sleep until the next interrupt
- * unless *flag is already non-zero, then resume after the UD2.  Everything
- * else goes through isr_common -> isr_dispatch -> service_call(). */
+ * architectural way, but delivers exceptions faithfully); everything but the
+ * wait goes through isr_common -> isr_dispatch -> service_call().
+ *
+ * The wait for an interrupt (wait_for_irq from ring 3) is the one service on
+ * the I/O path, so it has its own UD2, gk_wait_ud2 in gk_wait_user(rdi =
+ * u32 *flag), and the shortest ring-0 path: recognised by its return
+ * address alone (only ring 3 executes it), sleep unless *flag is already
+ * non-zero, with interrupts off from the #UD entry to the STI;HLT so that an
+ * interrupt after the check still ends the HLT.  The return address is moved
+ * past the UD2 before the HLT, so after the wake-up one IRETQ goes back. */
+    .text
+    .globl gk_wait_user
+gk_wait_user:
+    .globl gk_wait_ud2
+gk_wait_ud2:
+    ud2
+    ret
+
     .balign 16
 isr_ud:
-    cmpl $SYS_WAIT, %eax
+    cmpq $gk_wait_ud2, (%rsp)       /* frame: rip, cs, rflags, rsp, ss */
     jne 9f
-    testb $3, 8(%rsp)               /* from ring 3? (frame: rip, cs, ...) */
-    jz 9f
-    movq (%rsp), %rax
-    cmpw $0x0b0f, (%rax)            /* really a UD2? */
-    movl $SYS_WAIT, %eax            /* (mov keeps the flags) */
-    jne 9f
+    addq $2, (%rsp)
     cmpl $0, (%rdi)
     jne 1f
     sti
     hlt
-    cli
-1:  addq $2, (%rsp)
+    .globl gk_wait_woken
+gk_wait_woken:
+1:  iretq
+/* an interrupt that ended the wait's HLT returns straight to ring 3: its own
+ * frame (rip = gk_wait_woken, cs, rflags, rsp, ss) is dropped by going back
+ * to the RSP it saved (the frame's start was aligned down to 16 bytes, so
+ * that RSP, not a fixed offset, finds the #UD frame), whose rip is already
+ * past the UD2: one IRETQ per wake-up instead of two */
+isr_to_user:
+    movq 24(%rsp), %rsp
     iretq
 9:  pushq $0
     pushq $6
@@ -203,6 +221,7 @@ isr_common:
     .macro ISR_FAST_ADDR vec
     .quad isr_fast_\vec
     .endm
+
     .section .rodata
     .balign 8
     .globl isr_stub_table

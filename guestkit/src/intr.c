@@ -35,6 +35,7 @@ struct tss64 {
 
 extern const u64 isr_stub_table[256];
 extern const u64 isr_fast_table[256 - 32 - 1];
+extern void gk_wait_user(volatile u32 *flag); /* boot.S: the UD2 that isr_ud turns into the wait */
 
 extern u64 gdt_tss[2];
 extern char kstack_top[];
@@ -121,7 +122,7 @@ void wrmsr(u32 msr, u64 v)
 void wait_for_irq(volatile u32 *flag)
 {
     if (in_ring3()) {
-        sys_call(SYS_WAIT, (u64)(uptr)flag, 0);
+        gk_wait_user(flag);
         return;
     }
     __asm__ __volatile__("cli" ::: "memory");
@@ -153,10 +154,6 @@ noreturn void halt_forever(void)
 static u64 service_call(u64 nr, u64 a, u64 b)
 {
     switch (nr) {
-    case SYS_WAIT:
-        if (!*(volatile u32 *)(uptr)a)
-            __asm__ __volatile__("sti; hlt; cli" ::: "memory");
-        return SYS_WAIT;
     case SYS_RDMSR:
         return raw_rdmsr((u32)a);
     case SYS_WRMSR:

@@ -55,7 +55,9 @@ class BenchMarker:
             self.end = mark
 
     def window(self) -> dict | None:
-        """Counters over the last START..END pair: exits (less the END mark's own), CPU outside vCPUs."""
+        """Counters over the last START..END pair: exits (less the END mark's own), CPU outside vCPUs
+        (``vmm_cpu``) and of the marking vCPU thread (``vcpu_cpu``: the guest's running time plus KVM's
+        work on its behalf), in seconds."""
         start, end = self.start, self.end
         if start is None or end is None or end.wall < start.wall:
             return None
@@ -64,7 +66,8 @@ class BenchMarker:
         kvm["io_exits"] -= 1
         vmm_cpu = (end.process_cpu - start.process_cpu) - (end.vcpu_cpu - start.vcpu_cpu) + \
                   (end.extra_cpu - start.extra_cpu)
-        return {"kvm": kvm, "vmm_cpu": max(0.0, vmm_cpu), "wall": end.wall - start.wall}
+        return {"kvm": kvm, "vmm_cpu": max(0.0, vmm_cpu), "vcpu_cpu": end.vcpu_cpu - start.vcpu_cpu,
+                "wall": end.wall - start.wall}
 
 
 class WindowFileError(ExitlessError, OSError):
@@ -73,7 +76,7 @@ class WindowFileError(ExitlessError, OSError):
 
 def write_window(path: str, window: dict | None, exit_kind: str) -> None:
     """Write ``{"window": window, "exit": exit_kind}`` as JSON to ``path``: a :meth:`BenchMarker.window`
-    (KVM counters, VMM CPU seconds outside the vCPUs, wall seconds; None when the guest marked no start
+    (KVM counters, VMM CPU seconds outside the vCPUs, the marking vCPU thread's CPU seconds, wall seconds; None when the guest marked no start
     and end) and how the VM stopped (``VmExit.kind``).  Raises WindowFileError when ``path`` cannot be
     written (``run --stats``: exit status 2)."""
     try:
