@@ -1,5 +1,5 @@
 """virtio-net's C fast path (``_vring.Ring.net_tx_batch`` / ``net_rx_take`` / ``net_rx_pump``), the pair
-served in C for a spin slice (``Ring.net_serve``, :meth:`VirtioNet.serve_pair`) and the pure-Python model
+served in C for a spin slice (a net job of ``_vring.serve``, the sidecore loop's C round) and the pure-Python model
 agree, on hostile input too.
 
 The same guest program -- TX chains with any header, any length, split anyhow, or raw descriptors
@@ -35,6 +35,8 @@ from exitless.devices.virtio.constants import (
     VIRTIO_NET_F_MRG_RXBUF,
 )
 from exitless.devices.virtio.net import MAX_FRAME
+from exitless.sidecore import loop as loop_mod
+from exitless.sidecore.loop import SidecoreLoop
 from exitless.sidecore.spin import WatchedLock
 
 try:
@@ -67,14 +69,32 @@ def _rig(path: str, **kw) -> Rig:
     return r
 
 
-def _serve(r: Rig) -> None:
-    """Serve pair 0 in C until a call finds nothing to do (each call: until 1 ms passed or it returned)."""
-    while True:
-        before = (dict(r.dev.stats), r.dev._pairs[0].held_count, r.dev.needs_reset)
-        if r.dev.serve_pair(0, [], time.monotonic_ns() + 1_000_000) is None:
-            return
-        if (dict(r.dev.stats), r.dev._pairs[0].held_count, r.dev.needs_reset) == before:
-            return
+def _loop(*rigs: Rig, mode: str = "poll") -> SidecoreLoop:
+    """A sidecore loop over every pair of ``rigs`` (their TAP pollables: each serves its pair in C)."""
+    loop = SidecoreLoop([p.poller for r in rigs for p in r.dev._pairs], mode)
+    with loop._cond:
+        loop._apply_pending()
+    return loop
+
+
+def _serve(*rigs: Rig) -> None:
+    """Serve every pair of ``rigs`` in the loop's C round until a round finds nothing to do (each round:
+    until its 1 ms slice passed or a job returned to Python)."""
+    loop = _loop(*rigs)
+    try:
+        while True:
+            before = [(_stats(r), [p.held_count for p in r.dev._pairs], r.dev.needs_reset) for r in rigs]
+            if not loop._poll_round(None):
+                return
+            if [(_stats(r), [p.held_count for p in r.dev._pairs], r.dev.needs_reset) for r in rigs] == before:
+                return
+    finally:
+        loop.close()
+
+
+def _stats(r: Rig) -> dict:
+    """The device's counters but ``c_slices`` (how often the C round served a pair: path-dependent)."""
+    return {k: v for k, v in r.dev.stats.items() if k != "c_slices"}
 
 
 def _pump(r: Rig, path: str) -> None:
@@ -153,7 +173,7 @@ def _add_tx(r: Rig, chain, seed: int) -> None:
 
 
 def _tx_observe(r: Rig) -> tuple:
-    return (r.drivers[1].get_used(), _drain(r.tap.peers[0]), dict(r.dev.stats), r.resets, r.dev.needs_reset)
+    return (r.drivers[1].get_used(), _drain(r.tap.peers[0]), _stats(r), r.resets, r.dev.needs_reset)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -263,7 +283,7 @@ def _rx_observe(r: Rig, posted: list) -> tuple:
         if head in lens and n:
             gpas, sizes = lens[head]
             data.append(b"".join(r.mem.read(g, s) for g, s in zip(gpas, sizes))[:n])
-    return used, data, dict(r.dev.stats), r.resets, r.dev.needs_reset, r.dev._pairs[0].held_count
+    return used, data, _stats(r), r.resets, r.dev.needs_reset, r.dev._pairs[0].held_count
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -318,15 +338,17 @@ def test_rx_buffer_changed_while_held_breaks_the_ring(path):
         r.close()
 
 
-def test_a_thread_that_wants_the_transport_lock_ends_the_serve_loop():
-    """The serve loop holds the transport lock for its whole slice; another thread's acquisition (a config
-    access, a reset) bumps the word it watches, so the loop returns after one pass, not at its deadline."""
+def test_a_thread_that_wants_the_transport_lock_ends_the_serve_loop(monkeypatch):
+    """The C round holds the transport lock for its whole slice; another thread's acquisition (a config
+    access, a reset) bumps the word it watches, so the round returns after one pass, not at its deadline."""
     import threading
 
     r = _rig("serve")
+    monkeypatch.setattr(loop_mod, "SPIN_SLICE_NS", 30_000_000_000)
+    loop = _loop(r)
     try:
         lock = r.dev.transport_lock
-        th = threading.Thread(target=r.dev.serve_pair, args=(0, [], time.monotonic_ns() + 30_000_000_000))
+        th = threading.Thread(target=loop._poll_round, args=(None,))
         th.start()
         while lock._lock.acquire(blocking=False):     # not bumping the word: wait until the loop holds it
             lock._lock.release()
@@ -336,5 +358,7 @@ def test_a_thread_that_wants_the_transport_lock_ends_the_serve_loop():
             waited = time.monotonic() - t0
         th.join(30)
         assert not th.is_alive() and waited < 5, waited
+        assert r.dev.stats["c_slices"] == 1
     finally:
+        loop.close()
         r.close()
