@@ -11,6 +11,7 @@ frames on the TAP, the counters, and whether the device needed a reset.  No KVM.
 """
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import time
@@ -36,9 +37,9 @@ from exitless.devices.virtio.constants import (
     VIRTIO_NET_F_HOST_TSO6,
     VIRTIO_NET_F_MRG_RXBUF,
 )
-from exitless.devices.virtio.net import MAX_FRAME
+from exitless.devices.virtio.net import HDR_LEN, MAX_FRAME
 from exitless.sidecore import loop as loop_mod
-from exitless.sidecore.loop import SidecoreLoop
+from exitless.sidecore.loop import SidecoreLoop, SidecoreThread
 from exitless.sidecore.spin import WatchedLock
 
 try:
@@ -390,6 +391,132 @@ def _post_pair(r: Rig, pair: int, bufs: list) -> list:
         head, gpas = d.add([], sizes, indirect=indirect)
         out.append((head, gpas, sizes))
     return out
+
+
+# -- adaptive: C while busy, then every queue and TAP armed, asleep, and woken by either ------------------
+def _pci_pollables(r: Rig, mode: str) -> tuple:
+    """What a VirtioPci gives its sidecore (a QueuePollable per queue, with its kick eventfd; the TAP
+    pollables, each serving its pair's two queues) over ``r``'s device; returns ``(kick fds, pollables)``."""
+    from types import SimpleNamespace
+
+    from exitless.devices.virtio.pci import QueuePollable
+
+    t = SimpleNamespace(device=r.dev, lock=WatchedLock(), path=mode, machine=SimpleNamespace(mem=r.mem),
+                        wake_fds=[os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in r.dev.queues])
+    r.dev.transport_lock = t.lock
+    queues = [QueuePollable(t, i) for i in range(len(r.dev.queues))]
+    taps = r.dev.backend_pollables(mode)
+    for qp in queues:
+        qp.served_by = r.dev.queue_server(qp.index)
+    for q in r.dev.queues:        # a polled path: the driver is asked not to kick (VirtioPci's activation)
+        q.disable_notifications()
+    return t.wake_fds, queues + taps
+
+
+def _until(cond, timeout: float = 10.0) -> bool:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.002)
+    return True
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pairs=st.integers(1, 2),
+       steps=st.lists(st.tuples(st.sampled_from(["tx", "rx", "post"]), st.integers(0, 1),
+                                st.sampled_from([0, 0, 0.0002, 0.003])), min_size=1, max_size=14))
+def test_adaptive_pairs_run_in_c_then_sleep_armed_and_wake(pairs, steps):
+    """An adaptive sidecore over a NIC's pairs (with kick eventfds, as VirtioPci): while frames come, the
+    pairs are served in the C round; once idle, every queue is armed (EVENT_IDX: avail_event = the next
+    index) and every TAP watched, and the loop sleeps; then a TX chain (its driver must kick) and a TAP
+    frame are each delivered -- no lost wake-up -- and every frame arrives intact, in order."""
+    r = _rig("c", pairs=pairs)
+    kicks, pollables = _pci_pollables(r, "adaptive")
+    loop = SidecoreLoop(pollables, "adaptive", poll_ns=16_000, poll_max_ns=64_000)
+    th = SidecoreThread(loop).start()
+    sent_tx: list[list[bytes]] = [[] for _ in range(pairs)]
+    sent_rx: list[list[bytes]] = [[] for _ in range(pairs)]
+    posted: list[dict] = [{} for _ in range(pairs)]
+    got_rx: list[list[bytes]] = [[] for _ in range(pairs)]
+
+    def publish(i: int) -> bool:
+        kick = r.drivers[i].publish()
+        if kick:
+            os.eventfd_write(kicks[i], 1)
+        return kick
+
+    def post(pair: int, n: int) -> None:
+        d = r.drivers[2 * pair]
+        for _ in range(n):
+            head, gpas = d.add([], [2048], publish=False)
+            posted[pair][head] = gpas[0]
+        publish(2 * pair)
+
+    def tx(pair: int, seed: int) -> bool:
+        data = _frame(60 + seed, BCAST, seed)
+        r.drivers[2 * pair + 1].add([hdr() + data], [], publish=False)
+        sent_tx[pair].append(data)
+        return publish(2 * pair + 1)
+
+    def rx(pair: int, seed: int) -> None:
+        data = _frame(70 + seed, MAC, seed)
+        r.tap.peers[pair].send(hdr() + data)
+        sent_rx[pair].append(data)
+
+    def delivered() -> bool:
+        for pair in range(pairs):
+            for head, n in r.drivers[2 * pair].get_used():
+                got_rx[pair].append(r.mem.read(posted[pair].pop(head), n)[HDR_LEN:])
+            r.drivers[2 * pair + 1].get_used()
+        return all(len(got_rx[p]) == len(sent_rx[p]) for p in range(pairs)) and all(
+            sum(r.tap.peer_seen[p]) == len(sent_tx[p]) for p in range(pairs))
+
+    r.tap.peer_seen = [[] for _ in range(pairs)]
+
+    def drain_peers() -> None:
+        for p in range(pairs):
+            for f in _drain(r.tap.peers[p]):
+                r.tap.peer_seen[p].append(1)
+                assert f[HDR_LEN:] == sent_tx[p][len(r.tap.peer_seen[p]) - 1]
+
+    try:
+        for pair in range(pairs):
+            post(pair, 32)
+        for k, (op, pair, pause) in enumerate(steps):
+            pair %= pairs
+            if op == "tx":
+                tx(pair, k)
+            elif op == "rx":
+                rx(pair, k)
+            else:
+                post(pair, 1)
+            if pause:
+                time.sleep(pause)
+        assert _until(lambda: (drain_peers(), delivered())[1]), th.error
+        assert r.dev.stats["c_slices"] > 0      # the busy phase ran in C
+        # idle: every window runs out; the loop arms everything and sleeps (and stays asleep)
+        def asleep() -> bool:
+            before = loop.sleeps
+            time.sleep(0.02)
+            return before > 0 and loop.sleeps == before
+        for wake in ("kick", "tap"):
+            assert _until(asleep), th.error
+            for q in r.dev.queues[:2 * pairs]:
+                assert q.notifications_enabled and r.mem.read_u16(q.used_addr + 4 + 8 * q.size) == q.last_avail_idx
+            assert all(p.armed for p in r.dev._pairs[:pairs])
+            if wake == "kick":
+                assert tx(pairs - 1, 99)         # armed: the driver must kick, and the kick wakes the loop
+            else:
+                rx(pairs - 1, 98)                # the TAP's readiness poll wakes it
+            assert _until(lambda: (drain_peers(), delivered())[1]), wake
+        assert got_rx == sent_rx
+        assert th.error is None and not r.dev.needs_reset
+    finally:
+        th.stop()
+        for fd in kicks:
+            os.close(fd)
+        r.close()
 
 
 @pytest.mark.parametrize("path", ["python", "c"])
