@@ -473,7 +473,8 @@ class VirtioNet(VirtioDevice):
         return [p.poller for p in self._pairs]
 
     def queue_server(self, index: int):
-        """The pair's :class:`TapRxPollable` for its RX and TX queues (it serves them in C in poll mode)."""
+        """The pair's :class:`TapRxPollable` for its RX and TX queues (its job of the sidecore's C round
+        serves them, in poll and adaptive mode)."""
         if index < 2 * self.queue_pairs:
             return self._pairs[index // 2].poller
         return None
