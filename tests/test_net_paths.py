@@ -560,3 +560,23 @@ def test_a_thread_that_wants_the_transport_lock_ends_the_serve_loop(monkeypatch)
     finally:
         loop.close()
         r.close()
+
+
+def test_watched_lock_bumps_its_word_for_other_threads_only():
+    """A thread that wants the lock bumps the word (a C round holding it returns); the holder taking it
+    again (a second pair of the same device, a queue polled beside the round) does not end its own round."""
+    import threading
+
+    lock = WatchedLock()
+    w0 = lock.word
+    with lock:
+        w1 = lock.word
+        with lock:
+            assert lock.word == w1
+        assert w1 != w0 and lock.word == w1
+        got = []
+        th = threading.Thread(target=lambda: got.append(lock.acquire(timeout=5)) or lock.release())
+        th.start()
+        assert _until(lambda: lock.word != w1, 5)    # the waiter's bump, while we still hold it
+    th.join(5)
+    assert got == [True]
