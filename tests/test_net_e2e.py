@@ -75,11 +75,11 @@ def ns_mq():
 @pytest.mark.parametrize("path", ["poll", "adaptive"])
 def test_two_nics_one_with_two_pairs_on_one_sidecore(ns, ns_mq, path):
     """Two NICs -- the second with two queue pairs (MQ) -- on one shared sidecore: the guest kit drives each
-    in turn (``index=``), and each NIC's pair is served by the one loop's C round (its ``c_slices``),
-    whichever NIC it is."""
+    in turn (``index=``; on the second, its pair 1: MQ negotiated, VQ_PAIRS_SET 2 on the control queue),
+    and each NIC's pair is served by the one loop's C round (its ``c_slices``), whichever NIC and pair."""
     from exitless.net.spec import add_nics
 
-    for index, ip in ((1, "10.0.1"), (0, "10.0.0")):
+    for index, ip, pair in ((1, "10.0.1", 1), (0, "10.0.0", 0)):
         out = bytearray()
         with Machine(VmConfig(mem_mib=128, console=out.extend)) as m:
             groups: dict = {}
@@ -88,15 +88,16 @@ def test_two_nics_one_with_two_pairs_on_one_sidecore(ns, ns_mq, path):
             assert len(groups) == 1 and all(nic.sidecore is None for nic in nics)   # one loop serves both
             for group in groups.values():
                 group.start_on(m)
-            m.boot_pvh(guestkit_path(), f"net test=rr n=200 index={index} ip={ip}.2 peer={ip}.1")
+            m.boot_pvh(guestkit_path(), f"net test=rr n=200 index={index} pair={pair} ip={ip}.2 peer={ip}.1")
             exit = m.run(timeout=120)
             stats = [dict(nic.device.stats) for nic in nics]
         lines = [x for x in out.decode(errors="replace").splitlines() if x.startswith('{"app":')]
         assert lines, out.decode(errors="replace")[-2000:]
         res = json.loads(lines[-1])
         assert exit.kind == "debug-exit" and exit.status == 0, (exit, res)
-        assert res["ops"] == 200 and res["errors"] == 0 and res["timeouts"] == 0, res
+        assert res["ops"] == 200 and res["errors"] == 0 and res["timeouts"] == 0 and res["pair"] == pair, res
         used, idle = stats[index], stats[1 - index]
+        assert used["ctrl_ok"] == (1 if pair else 0), used
         assert used["tx_packets"] >= 200 and used["rx_packets"] >= 200 and idle["tx_packets"] == 0, stats
         assert used["c_slices"] > 0, stats
 

@@ -494,7 +494,7 @@ def test_adaptive_pairs_run_in_c_then_sleep_armed_and_wake(pairs, steps):
             if pause:
                 time.sleep(pause)
         assert _until(lambda: (drain_peers(), delivered())[1]), th.error
-        assert r.dev.stats["c_slices"] > 0      # the busy phase ran in C
+        assert _until(lambda: r.dev.stats["c_slices"] > 0)      # the busy phase ran in C
         # idle: every window runs out; the loop arms everything and sleeps (and stays asleep)
         def asleep() -> bool:
             before = loop.sleeps

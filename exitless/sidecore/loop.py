@@ -365,7 +365,10 @@ class SidecoreLoop:
                         check_at = now
             if not jobs:
                 return now, check_at, False
-            last = self._c_round(jobs, [pollables[i] for i in at], rest, lock_watches, max(0, check_at - now), bd)
+            # while C sees work the windows cannot run out: it goes on by the shortest window after it
+            extend = min(self.windows[i] for i in at)
+            last = self._c_round(jobs, [pollables[i] for i in at], rest, lock_watches, max(0, check_at - now), bd,
+                                 extend)
         finally:
             _release(held)
         now = time.monotonic_ns()
@@ -448,16 +451,18 @@ class SidecoreLoop:
             raise
         return jobs, at, held, list(lock_watches.values())
 
-    def _c_round(self, jobs: list, owners: list, rest: list, lock_watches: list, timeout_ns: int, bd) -> list[int]:
+    def _c_round(self, jobs: list, owners: list, rest: list, lock_watches: list, timeout_ns: int, bd,
+                 extend_ns: int = 0) -> list[int]:
         """Serve ``jobs`` in C (``_vring.serve``: chains, used ring, interrupt decision and irqfd write,
         ``QUEUE_BUDGET`` chains per queue or TX frames per pair per pass) for up to ``timeout_ns`` ns, or
         until a watched word of ``rest`` or ``lock_watches`` changes or a job needs the Python device model
-        (its ``c_done`` does that, and the pollable is then polled here).  Returns each owner's last
-        completion time (CLOCK_MONOTONIC ns; 0: none)."""
+        (its ``c_done`` does that, and the pollable is then polled here); ``extend_ns`` (adaptive): work
+        seen in C moves the end to at least that long after it, up to :data:`SPIN_SLICE_NS` in all.
+        Returns each owner's last completion time (CLOCK_MONOTONIC ns; 0: none)."""
         watches = [w for p in rest for w in p.watches()] + lock_watches
         times = bytearray(40) if bd is not None else None
         reason, index, results, idle_ns, yields = _c_serve(jobs, watches, timeout_ns, QUEUE_BUDGET, times,
-                                                           self.idle_yield_ns)
+                                                           self.idle_yield_ns, extend_ns, SPIN_SLICE_NS)
         self.yields += yields
         last = []
         done = 0

@@ -479,7 +479,7 @@ static PyObject *ring_blk_batch(Ring *r, PyObject *args)
 }
 
 /* ---------------------------------------------------------------------------------------------- */
-/* serve(jobs, watches, timeout_ns, budget, times, yield_ns=0)
+/* serve(jobs, watches, timeout_ns, budget, times, yield_ns=0, extend_ns=0, limit_ns=0)
  *   -> (reason, index, [(last_avail, shadow_avail, used_idx, avail_event, signalled_used, signalled_valid,
  *                        completed, last_work_ns, interrupts)] per blk job, or a net job's result (see
  *       net_job_new), idle_ns, yields)
@@ -494,6 +494,11 @@ static PyObject *ring_blk_batch(Ring *r, PyObject *args)
  * `watches` ([(address, expected u32)], the words of pollables served in Python) changed (reason 2,
  * index = that watch).  One visit takes at most `budget` chains, so a flooded queue delays the others by
  * one budget per pass (issue 12's fairness); a pair's visit takes at most `budget` TX frames.
+ *
+ * extend_ns, limit_ns: while busy, the round goes on -- each pass with work moves the end to at least
+ * extend_ns after it (0: never), but never past limit_ns after the start (the adaptive sidecore: timeout_ns
+ * is when every idle window could run out, and work seen in C pushes that on by at least the shortest
+ * window, so a busy round is not cut at each window to let Python find out that nothing is to be armed).
  *
  * yield_ns: once no queue has had work for this long (0: never), the idle spin calls sched_yield() at
  * each of its clock reads (every 64 pauses): a runnable thread waiting for this CPU -- on a host with
@@ -529,9 +534,10 @@ typedef struct {
 static PyObject *vring_serve(PyObject *self, PyObject *args)
 {
     PyObject *jobs_obj, *watch_obj, *times_obj;
-    unsigned long long timeout_ns, yield_ns = 0;
+    unsigned long long timeout_ns, yield_ns = 0, extend_ns = 0, limit_ns = 0;
     unsigned int budget;
-    if (!PyArg_ParseTuple(args, "OOKIO|K", &jobs_obj, &watch_obj, &timeout_ns, &budget, &times_obj, &yield_ns))
+    if (!PyArg_ParseTuple(args, "OOKIO|KKK", &jobs_obj, &watch_obj, &timeout_ns, &budget, &times_obj, &yield_ns,
+                          &extend_ns, &limit_ns))
         return NULL;
     if (budget == 0) {
         PyErr_SetString(PyExc_ValueError, "serve: budget must be at least 1");
@@ -623,7 +629,9 @@ static PyObject *vring_serve(PyObject *self, PyObject *args)
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS
-    const uint64_t start = now_ns(), deadline = start + timeout_ns, cpu_start = times ? thread_cpu_ns() : 0;
+    const uint64_t start = now_ns(), cpu_start = times ? thread_cpu_ns() : 0;
+    const uint64_t limit = start + (limit_ns > timeout_ns ? limit_ns : timeout_ns);
+    uint64_t deadline = start + timeout_ns;
     uint64_t last_busy = start;
     for (unsigned iter = 1;; iter++) {
         int worked = 0;
@@ -703,6 +711,8 @@ static PyObject *vring_serve(PyObject *self, PyObject *args)
             break;
         if (worked) {
             last_busy = now_ns();
+            if (extend_ns && last_busy + extend_ns > deadline)
+                deadline = last_busy + extend_ns < limit ? last_busy + extend_ns : limit;
             if (last_busy >= deadline)
                 break;
             continue;
@@ -1659,7 +1669,8 @@ static PyTypeObject RingType = {
 
 static PyMethodDef module_methods[] = {
     {"serve", vring_serve, METH_VARARGS,
-     "serve(jobs, watches, timeout_ns, budget, times, yield_ns=0) -> (reason, index, [per-job state], idle_ns, "
+     "serve(jobs, watches, timeout_ns, budget, times, yield_ns=0, extend_ns=0, limit_ns=0) -> (reason, index, "
+     "[per-job state], idle_ns, "
      "yields): "
      "many virtio-blk queues served and their irqfds written without the GIL"},
     {NULL, NULL, 0, NULL},
