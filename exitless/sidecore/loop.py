@@ -37,7 +37,8 @@ set, its idle spin yields the CPU to waiting threads after that long without wor
 (:data:`IDLE_YIELD_NS`).  The other pollables are polled in Python and their words watched by the C
 round; a chain C leaves (errors, flush, ...) goes to ``poll()`` at once.  ``c_done(result)`` takes
 the queue's state back.  Both poll and adaptive mode use it; in adaptive mode a C round lasts until
-the next window can run out (see :meth:`SidecoreLoop._adaptive_c_round`), and an armed queue
+the next window can run out -- pushed on, while C sees work, to the shortest window after it, up to
+a slice (see :meth:`SidecoreLoop._adaptive_c_round`) --, and an armed queue
 (kick-driven: its handshake is Python's) is watched, then disarmed and served in C as soon as it
 has work.
 

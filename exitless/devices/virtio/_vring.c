@@ -484,9 +484,9 @@ static PyObject *ring_blk_batch(Ring *r, PyObject *args)
  *                        completed, last_work_ns, interrupts)] per blk job, or a net job's result (see
  *       net_job_new), idle_ns, yields)
  *
- * A sidecore round for many virtio-blk queues and virtio-net queue pairs at once, without the GIL
- * (a net job -- a tuple whose first item is "net" -- is described with net_job_new below): visit every job in turn, take
- * at most `budget` chains from it (blk_run), and at the end of the pass, for each queue that completed
+ * A sidecore round for many virtio-blk queues and virtio-net queue pairs at once, without the GIL (a net
+ * job -- a tuple whose first item is "net" -- is described with net_job_new below): visit every job in
+ * turn, take at most `budget` chains from it (blk_run), and at the end of the pass, for each queue that completed
  * some, decide the interrupt as Virtqueue.should_signal does and write the queue's irqfd (call_fd; -1:
  * the caller signals) -- so a completion reaches the guest with no Python in between.  Spin (pause)
  * while nothing is available, until `timeout_ns` have passed (reason 0; at least one pass is made),
@@ -741,9 +741,10 @@ static PyObject *vring_serve(PyObject *self, PyObject *args)
         goto done;
     for (Py_ssize_t i = 0; i < nj; i++) {
         job_t *j = &jobs[i];
-        PyObject *t = j->net ? net_job_result(j->net, j->last_work) : Py_BuildValue("(IIIIIOIKI)", j->st.last, j->st.shadow, j->st.used_idx, j->st.avail_event,
-                                    j->st.signalled_used, j->st.signalled_valid ? Py_True : Py_False, j->done,
-                                    (unsigned long long)j->last_work, j->irqs);
+        PyObject *t = j->net ? net_job_result(j->net, j->last_work)
+                             : Py_BuildValue("(IIIIIOIKI)", j->st.last, j->st.shadow, j->st.used_idx, j->st.avail_event,
+                                             j->st.signalled_used, j->st.signalled_valid ? Py_True : Py_False,
+                                             j->done, (unsigned long long)j->last_work, j->irqs);
         if (t == NULL) {
             Py_DECREF(list);
             goto done;
