@@ -28,6 +28,7 @@ except ImportError:  # pragma: no cover - tests/ as a package
 pytestmark = pytest.mark.skipif(N.can_make_netns() is not None, reason=N.can_make_netns() or "")
 QEMU = shutil.which("qemu-system-x86_64")
 TAP = "exlgk0"
+TAP_MQ = "exlgk1"
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +62,44 @@ def test_guestkit_ping_pong_and_flood_on_every_path(ns, path):
         assert res["notifies"] == 0        # the driver never had to ring: notifications suppressed
     exit, res, _ = run_exitless(ns, "net test=flood n=2000 qd=16 size=64 max_timeouts=0", path)
     assert exit.status == 0 and res["ops"] == 2000 and res["errors"] == 0, res
+
+
+@pytest.fixture(scope="module")
+def ns_mq():
+    """A second namespace with a two-queue TAP (10.0.1.1): a second NIC's, with MQ offered."""
+    with N.netns_with_tap(TAP_MQ, queues=2, address="10.0.1.1/24") as name:
+        yield name
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("path", ["poll", "adaptive"])
+def test_two_nics_one_with_two_pairs_on_one_sidecore(ns, ns_mq, path):
+    """Two NICs -- the second with two queue pairs (MQ) -- on one shared sidecore: the guest kit drives each
+    in turn (``index=``; on the second, its pair 1: MQ negotiated, VQ_PAIRS_SET 2 on the control queue),
+    and each NIC's pair is served by the one loop's C round (its ``c_slices``), whichever NIC and pair."""
+    from exitless.net.spec import add_nics
+
+    for index, ip, pair in ((1, "10.0.1", 1), (0, "10.0.0", 0)):
+        out = bytearray()
+        with Machine(VmConfig(mem_mib=128, console=out.extend)) as m:
+            groups: dict = {}
+            nics = add_nics(m, [NetSpec(TAP, io=path, netns=ns), NetSpec(TAP_MQ, io=path, netns=ns_mq, queues=2)],
+                            groups=groups)
+            assert len(groups) == 1 and all(nic.sidecore is None for nic in nics)   # one loop serves both
+            for group in groups.values():
+                group.start_on(m)
+            m.boot_pvh(guestkit_path(), f"net test=rr n=200 index={index} pair={pair} ip={ip}.2 peer={ip}.1")
+            exit = m.run(timeout=120)
+            stats = [dict(nic.device.stats) for nic in nics]
+        lines = [x for x in out.decode(errors="replace").splitlines() if x.startswith('{"app":')]
+        assert lines, out.decode(errors="replace")[-2000:]
+        res = json.loads(lines[-1])
+        assert exit.kind == "debug-exit" and exit.status == 0, (exit, res)
+        assert res["ops"] == 200 and res["errors"] == 0 and res["timeouts"] == 0 and res["pair"] == pair, res
+        used, idle = stats[index], stats[1 - index]
+        assert used["ctrl_ok"] == (1 if pair else 0), used
+        assert used["tx_packets"] >= 200 and used["rx_packets"] >= 200 and idle["tx_packets"] == 0, stats
+        assert used["c_slices"] > 0, stats
 
 
 @pytest.mark.kvm

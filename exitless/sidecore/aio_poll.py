@@ -79,7 +79,7 @@ class AioPoll:
 
     def serve_args(self, seen: int, armed: bool) -> tuple:
         """``(ctx, iocb address, tail address, seen, armed, events address)``: this poll for a C loop that
-        reaps and re-arms it itself (``_vring.Ring.net_serve``; ``seen``: the tail last consumed, ``armed``:
+        reaps and re-arms it itself (a net job of ``_vring.serve``; ``seen``: the tail last consumed, ``armed``:
         whether a poll is pending).  The buffers stay valid until :meth:`close`."""
         return (self.ctx, self._iocb_addr, self.tail_addr, seen, armed, self._events_addr)
 

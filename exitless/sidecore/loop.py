@@ -22,15 +22,23 @@ keeps a watch that is already "changed", so the GIL-free spin returns at once an
 comes straight back to it.
 
 The C round: a pollable that offers ``c_job()`` (a virtio-blk ring of the sidecore service,
-:class:`~exitless.vhost_user.backend.VringPollable`) is served by ``_vring.serve`` -- a GIL-free C
-loop over all those queues that completes plain reads/writes, decides each interrupt (used_event /
-NO_INTERRUPT) and writes the queue's irqfd itself (after each pass), for a spin slice; Python runs
-once per slice, not once per request, and no Python runs for an idle queue.  With ``idle_yield_ns``
+:class:`~exitless.vhost_user.backend.VringPollable`; a virtio-net queue pair, its
+:class:`~exitless.devices.virtio.net.TapRxPollable`, in the VMM and in ``serve net``) is served by
+``_vring.serve`` -- a GIL-free C loop over all those queues and pairs that completes plain
+reads/writes and frames, decides each interrupt (used_event / NO_INTERRUPT) and writes the queue's
+irqfd itself (after each pass; a pair without one returns to Python for it), for a spin slice;
+Python runs once per slice, not once per request, and no Python runs for an idle queue.  A pair's
+job serves its two queues: their own pollables name it as ``served_by`` and form its *group* --
+neither polled nor watched while it has a job, and armed and disarmed with it (adaptive).  A job's
+``c_locks()`` (the VMM transport's :class:`~exitless.sidecore.spin.WatchedLock`, the pair's RX
+lock) are held from ``c_job()`` to ``c_done()``; a lock's word is watched, so a vCPU thread that
+wants it ends the round.  With ``idle_yield_ns``
 set, its idle spin yields the CPU to waiting threads after that long without work
 (:data:`IDLE_YIELD_NS`).  The other pollables are polled in Python and their words watched by the C
 round; a chain C leaves (errors, flush, ...) goes to ``poll()`` at once.  ``c_done(result)`` takes
 the queue's state back.  Both poll and adaptive mode use it; in adaptive mode a C round lasts until
-the next window can run out (see :meth:`SidecoreLoop._adaptive_c_round`), and an armed queue
+the next window can run out -- pushed on, while C sees work, to the shortest window after it, up to
+a slice (see :meth:`SidecoreLoop._adaptive_c_round`) --, and an armed queue
 (kick-driven: its handshake is Python's) is watched, then disarmed and served in C as soon as it
 has work.
 
@@ -38,7 +46,7 @@ A *pollable* has ``poll() -> bool`` (do available work, at most a round's budget
 ``(address, consumed value)`` words whose change means new work), ``arm() ->
 bool`` (enable guest notifications; True if work arrived meanwhile),
 ``disarm()``, ``drain()`` and ``wake_fd``; one with a C path also ``c_job()``, ``c_done(result)`` and
-``has_work()``.
+``has_work()``, and may have ``c_locks()``; any may name its C-path server as ``served_by``.
 """
 from __future__ import annotations
 
@@ -122,7 +130,8 @@ class SidecoreLoop:
         self._poller = None          # select.poll over the wake fds (adaptive/notify sleeps), per membership
         self._any_c_path = False     # does any pollable have a C round (c_job)?  per membership
         self._c_jobs: list = []      # each pollable's c_job method, or None (per membership)
-        self._server = None          # poll mode: a pollable that serves its own work in C while we spin
+        self._c_locks: list = []     # each pollable's c_locks method, or None (per membership)
+        self._group: list[list[int]] = []   # each pollable's group: its server and the pollables it serves
         self.sleeps = 0
         self.polls = 0
         self.work = 0
@@ -178,11 +187,18 @@ class SidecoreLoop:
         # not pay a getattr per pollable per round (0.3-0.7 µs of a 1.2 µs doorbell round trip)
         self._c_jobs = [getattr(p, "c_job", None) if _c_serve is not None else None for p in self.pollables]
         self._any_c_path = any(j is not None for j in self._c_jobs)
-        # A pollable with serve_spin (a NIC's queue pair) serves its own frames in C during the spin, so
-        # that Python runs once per slice rather than once per batch; the others' words stay watched.  One
-        # per loop: a second one's work is noticed through its words and done in Python, as before.
-        self._server = next((p for p in self.pollables if getattr(p, "serve_spin", None)), None) \
-            if self.mode == "poll" else None
+        self._c_locks = [getattr(p, "c_locks", None) for p in self.pollables]
+        # groups: a pollable whose ``served_by`` (a NIC queue's pollable: its pair's server) is a member
+        # joins its server's group -- not polled nor watched while the server has a C job, and armed and
+        # disarmed with it, so that a pair is kick-driven as a whole or polled as a whole
+        where = {id(p): i for i, p in enumerate(self.pollables)}
+        groups = [[i] for i in range(len(self.pollables))]
+        self._group = list(groups)
+        for i, p in enumerate(self.pollables):
+            owner = where.get(id(getattr(p, "served_by", None)))
+            if owner is not None and owner != i:
+                groups[owner].append(i)
+                self._group[i] = groups[owner]
         self._applied = self._requested
         self._cond.notify_all()
 
@@ -245,15 +261,20 @@ class SidecoreLoop:
         so that its locals (jobs pinning a detached VM's rings) die with the round."""
         if not self._any_c_path:
             return False
-        jobs, owners, rest = self._split(self.pollables)
-        if not jobs:
-            return False
-        self.polls += 1
-        for p in rest:
-            if p.poll():
-                self.work += 1
-        self._c_round(jobs, owners, rest, SPIN_SLICE_NS, bd)
-        return True
+        jobs, at, held, lock_watches = self._take_jobs(None)
+        try:
+            if not jobs:
+                return False
+            self.polls += 1
+            served = {k for i in at for k in self._group[i]}
+            rest = [p for i, p in enumerate(self.pollables) if i not in served]
+            for p in rest:
+                if p.poll():
+                    self.work += 1
+            self._c_round(jobs, [self.pollables[i] for i in at], rest, lock_watches, SPIN_SLICE_NS, bd)
+            return True
+        finally:
+            _release(held)
 
     def _run_adaptive(self, bd) -> None:
         """Adaptive mode, with one idle window per pollable (see the module docstring).
@@ -314,24 +335,28 @@ class SidecoreLoop:
 
     def _adaptive_c_round(self, now: int, check_at: int, bd) -> tuple[int, int, bool]:
         """One adaptive round with the C round: poll the pollables without a C job this round (armed
-        queues, which C cannot serve: their handshake is Python's; pollables with no C path) -- one
+        ones, which C does not serve: their handshake is Python's; pollables with no C path) -- one
         with work is disarmed --, then serve the others in C until ``check_at`` (ns), a watched word
-        of the polled ones changes or a chain needs Python.  Returns ``(now, check_at, served)``: the
+        of the polled ones changes or a job needs Python.  Returns ``(now, check_at, served)``: the
         monotonic time after the round (ns), ``check_at`` (now, if a polled one was disarmed: its window
         must be counted) and whether the C round ran (it did the waiting, so no spin follows).
-        Each C-served queue's last work is its last completion's time, read in C.  A pollable with a
-        C path also has ``has_work() -> bool``: an armed one with work is disarmed and served in C."""
+        Each C-served pollable's last work (and its group's) is its last completion's time, read in C.
+        A pollable with a C path also has ``has_work() -> bool``: an armed one with work is disarmed
+        (with its group) and served in C."""
         pollables, last_work, armed_at = self.pollables, self._last_work, self._armed_at
-        jobs, owners, at, rest = [], [], [], []
-        for i, p in enumerate(pollables):
-            c_job = self._c_jobs[i]
-            if c_job is not None and armed_at[i] is not None and p.has_work():
+        for i, c_job in enumerate(self._c_jobs):
+            if c_job is not None and armed_at[i] is not None and pollables[i].has_work():
                 # an armed queue with work: disarmed first, so that C serves it this round (in Python
                 # its requests would cost a handle_queue each, interrupt included)
                 self._disarm(i, now)
                 check_at = now
-            job = c_job() if c_job is not None else None
-            if job is None:
+        jobs, at, held, lock_watches = self._take_jobs(armed_at)
+        try:
+            served = {k for i in at for k in self._group[i]}
+            rest = []
+            for i, p in enumerate(pollables):
+                if i in served:
+                    continue
                 rest.append(p)
                 if p.poll():
                     self.work += 1
@@ -339,17 +364,19 @@ class SidecoreLoop:
                     if armed_at[i] is not None:
                         self._disarm(i, now)
                         check_at = now
-            else:
-                jobs.append(job)
-                owners.append(p)
-                at.append(i)
-        if not jobs:
-            return now, check_at, False
-        last = self._c_round(jobs, owners, rest, max(0, check_at - now), bd)
+            if not jobs:
+                return now, check_at, False
+            # while C sees work the windows cannot run out: it goes on by the shortest window after it
+            extend = min(self.windows[i] for i in at)
+            last = self._c_round(jobs, [pollables[i] for i in at], rest, lock_watches, max(0, check_at - now), bd,
+                                 extend)
+        finally:
+            _release(held)
         now = time.monotonic_ns()
         for i, t in zip(at, last):
-            if t > last_work[i]:
-                last_work[i] = t
+            for k in self._group[i]:
+                if t > last_work[k]:
+                    last_work[k] = t
         return now, check_at, True
 
     def _arm_idle(self, now: int) -> int | None:
@@ -372,39 +399,71 @@ class SidecoreLoop:
         if latest > now:
             return min(latest, now + SPIN_SLICE_NS)
         check_at = None
+        slipped = []
         for i, p in enumerate(pollables):
             if armed_at[i] is not None:
                 continue
             if not p.arm():           # nothing slipped in: kick-driven from now on
                 armed_at[i] = now
-                continue
-            p.disarm()                # work arrived while arming: keep polling it, and look again now
-            last_work[i] = check_at = now
+            else:
+                slipped.append(i)
+        for i in slipped:             # work arrived while arming: keep polling it and its group, look again now
+            for k in self._group[i]:
+                if k == i or armed_at[k] is not None:
+                    pollables[k].disarm()
+                    armed_at[k] = None
+                    last_work[k] = now
+            check_at = now
         return check_at
 
-    def _split(self, pollables: list) -> tuple[list, list, list]:
-        """``(jobs, owners, rest)`` for one round: the C round's jobs (``p.c_job()``) with their
-        pollables, and the pollables polled in Python (no C path, or not this round)."""
-        jobs, owners, rest = [], [], []
-        for p in pollables:
-            c_job = getattr(p, "c_job", None) if _c_serve is not None else None
-            job = c_job() if c_job is not None else None
-            if job is None:
-                rest.append(p)
-            else:
+    def _take_jobs(self, armed_at: list | None) -> tuple[list, list[int], list, list[tuple[int, int]]]:
+        """``(jobs, at, held, lock_watches)`` for one C round: each job (``p.c_job()``) with its pollable's
+        index, the locks taken for them (``p.c_locks()``, held until :func:`_release`: from before the job's
+        state is read until after ``c_done``), and the watches of those locks that have a word (a
+        :class:`~exitless.sidecore.spin.WatchedLock`: a thread that wants one ends the round), read when
+        this thread first took it.  ``armed_at``: adaptive, an armed pollable gets no job (None: poll)."""
+        jobs, at, held = [], [], []
+        lock_watches: dict[int, tuple[int, int]] = {}
+        try:
+            for i, c_job in enumerate(self._c_jobs):
+                if c_job is None or (armed_at is not None and armed_at[i] is not None):
+                    continue
+                locks = self._c_locks[i]() if self._c_locks[i] is not None else ()
+                taken = []
+                try:
+                    for lock in locks:
+                        lock.acquire()
+                        taken.append(lock)
+                        addr = getattr(lock, "word_address", None)
+                        if addr is not None and addr not in lock_watches:
+                            lock_watches[addr] = (addr, lock.word)
+                    job = c_job()
+                except BaseException:
+                    _release([taken])
+                    raise
+                if job is None:
+                    _release([taken])
+                    continue
+                held.append(taken)
                 jobs.append(job)
-                owners.append(p)
-        return jobs, owners, rest
+                at.append(i)
+        except BaseException:
+            _release(held)
+            raise
+        return jobs, at, held, list(lock_watches.values())
 
-    def _c_round(self, jobs: list, owners: list, rest: list, timeout_ns: int, bd) -> list[int]:
+    def _c_round(self, jobs: list, owners: list, rest: list, lock_watches: list, timeout_ns: int, bd,
+                 extend_ns: int = 0) -> list[int]:
         """Serve ``jobs`` in C (``_vring.serve``: chains, used ring, interrupt decision and irqfd write,
-        ``QUEUE_BUDGET`` chains per queue per pass) for up to ``timeout_ns`` ns, or until a watched
-        word of ``rest`` changes or a job's next chain needs the Python device model (that pollable
-        is then polled here).  Returns each owner's last completion time (CLOCK_MONOTONIC ns; 0: none)."""
-        watches = [w for p in rest for w in p.watches()]
+        ``QUEUE_BUDGET`` chains per queue or TX frames per pair per pass) for up to ``timeout_ns`` ns, or
+        until a watched word of ``rest`` or ``lock_watches`` changes or a job needs the Python device model
+        (its ``c_done`` does that, and the pollable is then polled here); ``extend_ns`` (adaptive): work
+        seen in C moves the end to at least that long after it, up to :data:`SPIN_SLICE_NS` in all.
+        Returns each owner's last completion time (CLOCK_MONOTONIC ns; 0: none)."""
+        watches = [w for p in rest for w in p.watches()] + lock_watches
         times = bytearray(40) if bd is not None else None
         reason, index, results, idle_ns, yields = _c_serve(jobs, watches, timeout_ns, QUEUE_BUDGET, times,
-                                                           self.idle_yield_ns)
+                                                           self.idle_yield_ns, extend_ns, SPIN_SLICE_NS)
         self.yields += yields
         last = []
         done = 0
@@ -430,12 +489,6 @@ class SidecoreLoop:
         """Wait until ``deadline_ns`` (monotonic) for a watched word to change, in C without the GIL;
         returns the monotonic time at return."""
         if bd is None:
-            server = self._server
-            if server is not None:   # its own queues' words (served_by) are served, not watched
-                now = server.serve_spin([w for p in self.pollables if getattr(p, "served_by", None) is not server
-                                         for w in p.watches()], deadline_ns)
-                if now is not None:
-                    return now
             return wait_until(self._all_watches(), deadline_ns)
         c_idle, t_idle = time.thread_time_ns(), time.monotonic_ns()
         now = wait_until(self._all_watches(), deadline_ns)
@@ -481,12 +534,15 @@ class SidecoreLoop:
         return fired
 
     def _disarm(self, i: int, now: int) -> None:
-        """Armed pollable ``i`` is busy again (or the loop woke) at ``now`` (ns): polled from now on, on a
-        fresh window adapted to the armed spell that just ended."""
-        self.pollables[i].disarm()
-        self._adapt(i, now - self._armed_at[i])
-        self._armed_at[i] = None
-        self._last_work[i] = now
+        """Armed pollable ``i`` is busy again (or the loop woke) at ``now`` (ns): it and its group are
+        polled from now on, each on a fresh window adapted to the armed spell that just ended."""
+        armed_at = self._armed_at
+        for k in self._group[i]:
+            if armed_at[k] is not None:
+                self.pollables[k].disarm()
+                self._adapt(k, now - armed_at[k])
+                armed_at[k] = None
+                self._last_work[k] = now
 
     def _adapt(self, i: int, armed_ns: int) -> None:
         """Pollable ``i``'s window after an armed spell of ``armed_ns``.  QEMU's rule
@@ -501,6 +557,13 @@ class SidecoreLoop:
             self.windows[i] = min(self.windows[i] * 2, self.poll_max_ns)
         else:
             self.windows[i] = max(self.windows[i] // 2, ADAPTIVE_MIN_NS)
+
+
+def _release(held: list) -> None:
+    """Release the locks of :meth:`SidecoreLoop._take_jobs` (each job's, in reverse order)."""
+    for locks in reversed(held):
+        for lock in reversed(locks):
+            lock.release()
 
 
 class SidecoreThread:

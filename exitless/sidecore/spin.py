@@ -60,27 +60,40 @@ class WatchedLock:
     manager (or :meth:`acquire` / :meth:`release`), as ``threading.RLock``.
 
     The bump is a plain store, not an atomic increment: two threads may store the same value, but the
-    word still differs from what a spin that started before either saw.
+    word still differs from what a spin that started before either saw.  A re-entrant acquisition by
+    the holder does not bump it (the holder is not waiting: a sidecore that takes the lock once per
+    queue pair of one device must not end its own round).
     """
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self._word = array("I", [0])
         self.word_address = self._word.buffer_info()[0]
+        self._owner: int | None = None    # the holding thread's ident (another thread never sees its own)
+        self._depth = 0
 
     @property
     def word(self) -> int:
         return self._word[0]
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        self._word[0] = (self._word[0] + 1) & 0xFFFFFFFF
-        return self._lock.acquire(blocking, timeout)
+        me = threading.get_ident()
+        if self._owner != me:
+            self._word[0] = (self._word[0] + 1) & 0xFFFFFFFF
+        if not self._lock.acquire(blocking, timeout):
+            return False
+        self._owner = me
+        self._depth += 1
+        return True
 
     def release(self) -> None:
+        self._depth -= 1
+        if not self._depth:
+            self._owner = None
         self._lock.release()
 
     def __enter__(self) -> bool:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
-        self._lock.release()
+        self.release()

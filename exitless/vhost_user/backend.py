@@ -119,6 +119,7 @@ class VringPollable:
         self.device = device
         self.index = index
         self.call_fd = call_fd      # the frontend's interrupt eventfd (a KVM irqfd), written by the C round
+        self.served_by = None       # the pollable whose C job serves this ring (a virtio-net pair's)
         self.q = device.queues[index]
         self.wake_fd = kick_fd if kick_fd >= 0 else None
         self.done = 0                                           # requests completed
@@ -503,8 +504,15 @@ class VhostUserBackend:
                 queues[i].disable_notifications()
         pollables = self._pollables = [VringPollable(dev, i, self.rings[i].kick_fd, self.rings[i].call_fd)
                                         for i in live]
-        # the device's host side (a TAP's receive fd) is served by the same loop as its rings
+        # the device's host side (a TAP's receive fd) is served by the same loop as its rings; a virtio-net
+        # pair's is also the server of its two rings in the loop's C round, and writes their call fds
         served = pollables + dev.backend_pollables(mode)
+        for vp in pollables:
+            vp.served_by = dev.queue_server(vp.index)
+        for i, ring in enumerate(self.rings):   # kept across sessions: no fd of an earlier one stays there
+            server = dev.queue_server(i)
+            if server is not None:
+                server.set_call_fd(i, ring.call_fd if ring.live else -1)
         if self.dataplane is not None and self.dataplane.mode == mode:
             self.dataplane.attach(served)
             self._attached = served

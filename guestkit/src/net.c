@@ -1,6 +1,9 @@
 /* guestkit: virtio-net driver (VIRTIO 1.2 section 5.1) and the `net` app.
  *
- * One queue pair: receiveq0 (queue 0) and transmitq0 (queue 1).  Every RX buffer is one
+ * One queue pair: receiveq0 (queue 0) and transmitq0 (queue 1) -- or, with pair=N (N > 0), MQ and the
+ * control queue are negotiated, VQ_PAIRS_SET N+1 is sent (VIRTIO 1.2 section 5.1.6.5.5) and only pair N's
+ * queues (2N, 2N+1) are set up: the device then detaches the TAP's other queues, so the host's replies
+ * come back on that pair.  Every RX buffer is one
  * device-writable descriptor of RX_BUF bytes (12-byte virtio_net_hdr_v1 + a full frame), every
  * TX chain one device-readable descriptor (header + frame, contiguous).  Completions are polled
  * (no interrupts: used_event is kept far ahead with EVENT_IDX, VRING_AVAIL_F_NO_INTERRUPT
@@ -25,6 +28,10 @@
 #define VIRTIO_NET_F_MAC 5
 #define VIRTIO_NET_F_MRG_RXBUF 15
 #define VIRTIO_NET_F_STATUS 16
+#define VIRTIO_NET_F_CTRL_VQ 17
+#define VIRTIO_NET_F_MQ 22
+#define VIRTIO_NET_CTRL_MQ 4
+#define VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET 0
 #define VIRTIO_NET_S_LINK_UP 1
 #define HDR_LEN 12
 #define RX_BUF 2048
@@ -46,7 +53,8 @@
 #define MAX_SAMPLES (1u << 20)
 
 static struct vdev vd;
-static struct virtq rxq, txq;
+static struct virtq rxq, txq, ctrlq;
+static u16 pair;                   /* the queue pair used (pair=N; 0: no MQ) */
 static u8 *rxbufs, *txbufs;
 static u16 qsize;
 static u16 tx_free_head[MAX_QSIZE]; /* stack of free TX descriptor slots */
@@ -419,9 +427,39 @@ static noreturn void fail_json(const char *test, const char *msg)
     gk_exit(EXIT_FAIL);
 }
 
+/* VQ_PAIRS_SET n on the control queue: class, command, le16 pairs; the device's ack byte must be OK (0) */
+static bool set_pairs(u16 n)
+{
+    u8 *cmd = heap_alloc(8, 8);
+    cmd[0] = VIRTIO_NET_CTRL_MQ;
+    cmd[1] = VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET;
+    cmd[2] = (u8)n;
+    cmd[3] = (u8)(n >> 8);
+    cmd[4] = 0xFF;   /* the ack, written by the device */
+    ctrlq.desc[0].addr = (u64)(uptr)cmd;
+    ctrlq.desc[0].len = 4;
+    ctrlq.desc[0].flags = VRING_DESC_F_NEXT;
+    ctrlq.desc[0].next = 1;
+    ctrlq.desc[1].addr = (u64)(uptr)(cmd + 4);
+    ctrlq.desc[1].len = 1;
+    ctrlq.desc[1].flags = VRING_DESC_F_WRITE;
+    ctrlq.avail->ring[0] = 0;
+    ctrlq.avail_idx = 1;
+    virtq_kick(&ctrlq);
+    u64 t0 = rdtsc(), limit = ns_to_tsc(2000000000ULL);
+    while (virtq_used_idx(&ctrlq) != 1)
+        if (rdtsc() - t0 > limit)
+            return false;
+    barrier();
+    return *(volatile u8 *)(cmd + 4) == 0;
+}
+
 static bool net_init(u32 want_qsize, bool want_mrg, bool want_event_idx, bool tso)
 {
     u64 want = (1ULL << VIRTIO_F_VERSION_1) | (1ULL << VIRTIO_NET_F_MAC) | (1ULL << VIRTIO_NET_F_STATUS);
+    u64 mq = (1ULL << VIRTIO_NET_F_CTRL_VQ) | (1ULL << VIRTIO_NET_F_MQ);
+    if (pair)
+        want |= mq;
     if (tso)
         want |= (1ULL << VIRTIO_NET_F_CSUM) | (1ULL << VIRTIO_NET_F_HOST_TSO4);
     if (want_mrg)
@@ -432,6 +470,14 @@ static bool net_init(u32 want_qsize, bool want_mrg, bool want_event_idx, bool ts
         return false;
     if (tso && (vd.features & want) != want)
         return false;
+    u16 max_pairs = 1;
+    if (pair) {
+        if ((vd.features & mq) != mq)
+            return false;
+        max_pairs = vdev_cfg_read16(&vd, 8);
+        if (pair >= max_pairs)
+            return false;
+    }
     event_idx = (vd.features >> VIRTIO_F_EVENT_IDX) & 1;
     if ((vd.features >> VIRTIO_NET_F_MAC) & 1) {
         for (u32 i = 0; i < 6; i++)
@@ -440,15 +486,17 @@ static bool net_init(u32 want_qsize, bool want_mrg, bool want_event_idx, bool ts
         static const u8 def[6] = {0x52, 0x54, 0x00, 0x47, 0x4b, 0x01};
         memcpy(my_mac, def, 6);
     }
-    u16 max = vdev_max_queue_size(&vd, 0);
-    u16 max1 = vdev_max_queue_size(&vd, 1);
+    u16 max = vdev_max_queue_size(&vd, 2 * pair);
+    u16 max1 = vdev_max_queue_size(&vd, 2 * pair + 1);
     qsize = (u16)MIN(MIN(want_qsize, (u32)max), (u32)max1);
     if (!qsize || qsize & (qsize - 1))
         return false;
     if (vd.pci.msix_n)
         vdev_set_config_vector(&vd, VIRTIO_MSI_NO_VECTOR);
-    virtq_setup(&vd, &rxq, 0, qsize, VIRTIO_MSI_NO_VECTOR, event_idx);
-    virtq_setup(&vd, &txq, 1, qsize, VIRTIO_MSI_NO_VECTOR, event_idx);
+    virtq_setup(&vd, &rxq, 2 * pair, qsize, VIRTIO_MSI_NO_VECTOR, event_idx);
+    virtq_setup(&vd, &txq, 2 * pair + 1, qsize, VIRTIO_MSI_NO_VECTOR, event_idx);
+    if (pair)
+        virtq_setup(&vd, &ctrlq, 2 * max_pairs, 2, VIRTIO_MSI_NO_VECTOR, false);
     if (!event_idx) {
         rxq.avail->flags = intx ? 0 : VRING_AVAIL_F_NO_INTERRUPT;
         txq.avail->flags = VRING_AVAIL_F_NO_INTERRUPT;
@@ -467,6 +515,8 @@ static bool net_init(u32 want_qsize, bool want_mrg, bool want_event_idx, bool ts
     vdev_driver_ok(&vd);
     if (vdev_status(&vd) & (VIRTIO_S_NEEDS_RESET | VIRTIO_S_FAILED))
         return false;
+    if (pair && !set_pairs(pair + 1))
+        return false;
     virtq_kick(&rxq);
     return true;
 }
@@ -475,7 +525,7 @@ void app_net(void)
 {
     static const char *const keys[] = {"test", "n", "warmup", "size", "qd", "ip", "peer", "qsize", "mrg", "tso",
                                        "event_idx", "timeout_ms", "max_timeouts", "index", "bar_window",
-                                       "intx", NULL};
+                                       "intx", "pair", NULL};
     args_allow(keys);
     const char *test = arg_str("test", "rr");
     bool rr = !strcmp(test, "rr"), flood = !strcmp(test, "flood"), tx_only = !strcmp(test, "tx");
@@ -509,6 +559,10 @@ void app_net(void)
     u64 timeout = ns_to_tsc(arg_u64("timeout_ms", 2000) * 1000000ULL);
     u64 max_timeouts = arg_u64("max_timeouts", 3);
     pci_bar_window = arg_hex("bar_window", pci_bar_window);
+    u64 want_pair = arg_u64("pair", 0);
+    if (want_pair > 0x7FFF)
+        usage_error("pair must be 0..32767");
+    pair = (u16)want_pair;
 
     if (!vdev_probe(&vd, VIRTIO_ID_NET_MODERN, (u32)arg_u64("index", 0)))
         fail_json(test, "no virtio-net (1af4:1041) device on PCI bus 0");
@@ -693,6 +747,7 @@ void app_net(void)
     json_u64("event_idx", event_idx);
     json_u64("mrg_rxbuf", (vd.features >> VIRTIO_NET_F_MRG_RXBUF) & 1);
     json_u64("queue_size", qsize);
+    json_u64("pair", pair);
     json_u64("link_up", status & VIRTIO_NET_S_LINK_UP);
     json_str("mac", mb);
     json_str("peer_mac", pb);

@@ -479,19 +479,26 @@ static PyObject *ring_blk_batch(Ring *r, PyObject *args)
 }
 
 /* ---------------------------------------------------------------------------------------------- */
-/* serve(jobs, watches, timeout_ns, budget, times, yield_ns=0)
+/* serve(jobs, watches, timeout_ns, budget, times, yield_ns=0, extend_ns=0, limit_ns=0)
  *   -> (reason, index, [(last_avail, shadow_avail, used_idx, avail_event, signalled_used, signalled_valid,
- *                        completed, last_work_ns, interrupts)] per job, idle_ns, yields)
+ *                        completed, last_work_ns, interrupts)] per blk job, or a net job's result (see
+ *       net_job_new), idle_ns, yields)
  *
- * A sidecore round for many virtio-blk queues at once, without the GIL: visit every job in turn, take
- * at most `budget` chains from it (blk_run), and at the end of the pass, for each queue that completed
+ * A sidecore round for many virtio-blk queues and virtio-net queue pairs at once, without the GIL (a net
+ * job -- a tuple whose first item is "net" -- is described with net_job_new below): visit every job in
+ * turn, take at most `budget` chains from it (blk_run), and at the end of the pass, for each queue that completed
  * some, decide the interrupt as Virtqueue.should_signal does and write the queue's irqfd (call_fd; -1:
  * the caller signals) -- so a completion reaches the guest with no Python in between.  Spin (pause)
  * while nothing is available, until `timeout_ns` have passed (reason 0; at least one pass is made),
  * a job's next chain is for Python (reason 1, index = that job: the caller pops it), or one of
  * `watches` ([(address, expected u32)], the words of pollables served in Python) changed (reason 2,
  * index = that watch).  One visit takes at most `budget` chains, so a flooded queue delays the others by
- * one budget per pass (issue 12's fairness).
+ * one budget per pass (issue 12's fairness); a pair's visit takes at most `budget` TX frames.
+ *
+ * extend_ns, limit_ns: while busy, the round goes on -- each pass with work moves the end to at least
+ * extend_ns after it (0: never), but never past limit_ns after the start (the adaptive sidecore: timeout_ns
+ * is when every idle window could run out, and work seen in C pushes that on by at least the shortest
+ * window, so a busy round is not cut at each window to let Python find out that nothing is to be armed).
  *
  * yield_ns: once no queue has had work for this long (0: never), the idle spin calls sched_yield() at
  * each of its clock reads (every 64 pauses): a runnable thread waiting for this CPU -- on a host with
@@ -505,7 +512,17 @@ static PyObject *ring_blk_batch(Ring *r, PyObject *args)
  * The caller keeps every ring's memory mapped and every fd open for the duration of the call (the
  * sidecore loop detaches a queue only between rounds). */
 #define MAX_JOBS 1024
+#define SERVE_IOV (MAX_SEGS + 1)     /* iovecs of a round: a blk request's, or a frame's plus the bounce buffer */
+struct netjob;
+static struct netjob *net_job_new(PyObject *t);
+static void net_job_free(struct netjob *n);
+static int net_job_pass(struct netjob *n, unsigned budget, seg_t *segs, seg_t *segs2, struct iovec *iov);
+static void net_job_signal(struct netjob *n);
+static int net_job_reason(const struct netjob *n);
+static PyObject *net_job_result(const struct netjob *n, unsigned long long last_work);
+
 typedef struct {
+    struct netjob *net;       /* a virtio-net pair (the fields below are then unused but last_work) */
     Ring *ring;
     qstate_t st;
     int fd, writable, call_fd;
@@ -517,9 +534,10 @@ typedef struct {
 static PyObject *vring_serve(PyObject *self, PyObject *args)
 {
     PyObject *jobs_obj, *watch_obj, *times_obj;
-    unsigned long long timeout_ns, yield_ns = 0;
+    unsigned long long timeout_ns, yield_ns = 0, extend_ns = 0, limit_ns = 0;
     unsigned int budget;
-    if (!PyArg_ParseTuple(args, "OOKIO|K", &jobs_obj, &watch_obj, &timeout_ns, &budget, &times_obj, &yield_ns))
+    if (!PyArg_ParseTuple(args, "OOKIO|KKK", &jobs_obj, &watch_obj, &timeout_ns, &budget, &times_obj, &yield_ns,
+                          &extend_ns, &limit_ns))
         return NULL;
     if (budget == 0) {
         PyErr_SetString(PyExc_ValueError, "serve: budget must be at least 1");
@@ -540,7 +558,7 @@ static PyObject *vring_serve(PyObject *self, PyObject *args)
     PyObject *result = NULL;
     Py_buffer tb;
     uint64_t *times = NULL;
-    Py_ssize_t held = 0;      /* rings INCREF'd so far */
+    int any_net = 0;
     if (nj > MAX_JOBS || nw > MAX_JOBS) {
         PyErr_SetString(PyExc_ValueError, "serve: at most 1024 jobs and 1024 watches");
         goto done;
@@ -554,16 +572,21 @@ static PyObject *vring_serve(PyObject *self, PyObject *args)
     }
     for (Py_ssize_t i = 0; i < nj; i++) {
         job_t *j = &jobs[i];
-        PyObject *ring;
+        PyObject *ring, *item = PySequence_Fast_GET_ITEM(jobs_seq, i);
         unsigned int last, shadow, used_idx, avail_event, signalled_used;
         int evt, notify_enabled, signalled_valid;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(jobs_seq, i), "O!IIIIppIpiKKpi;serve: a job tuple",
+        if (PyTuple_Check(item) && PyTuple_GET_SIZE(item) && PyUnicode_Check(PyTuple_GET_ITEM(item, 0))) {
+            if ((j->net = net_job_new(item)) == NULL)
+                goto done;
+            any_net = 1;
+            continue;
+        }
+        if (!PyArg_ParseTuple(item, "O!IIIIppIpiKKpi;serve: a job tuple",
                               &RingType, &ring, &last, &shadow, &used_idx, &avail_event, &evt, &notify_enabled,
                               &signalled_used, &signalled_valid, &j->fd, &j->capacity, &j->max_bytes, &j->writable,
                               &j->call_fd))
             goto done;
         Py_INCREF(ring);
-        held = i + 1;
         j->ring = (Ring *)ring;
         if (!j->ring->have_used) {
             PyErr_SetString(PyExc_ValueError, "serve: a Ring that was never initialised");
@@ -594,9 +617,11 @@ static PyObject *vring_serve(PyObject *self, PyObject *args)
     long index = -1;
     uint64_t idle = 0, busy = 0, yields = 0;
     seg_t *segs = PyMem_Malloc(MAX_SEGS * sizeof(seg_t));
-    struct iovec *iov = PyMem_Malloc(MAX_SEGS * sizeof(struct iovec));
-    if (segs == NULL || iov == NULL) {
+    seg_t *segs2 = any_net ? PyMem_Malloc(MAX_SEGS * sizeof(seg_t)) : NULL;   /* a frame's spill buffers */
+    struct iovec *iov = PyMem_Malloc(SERVE_IOV * sizeof(struct iovec));
+    if (segs == NULL || iov == NULL || (any_net && segs2 == NULL)) {
         PyMem_Free(segs);
+        PyMem_Free(segs2);
         PyMem_Free(iov);
         if (times)
             PyBuffer_Release(&tb);
@@ -604,12 +629,28 @@ static PyObject *vring_serve(PyObject *self, PyObject *args)
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS
-    const uint64_t start = now_ns(), deadline = start + timeout_ns, cpu_start = times ? thread_cpu_ns() : 0;
+    const uint64_t start = now_ns(), cpu_start = times ? thread_cpu_ns() : 0;
+    const uint64_t limit = start + (limit_ns > timeout_ns ? limit_ns : timeout_ns);
+    uint64_t deadline = start + timeout_ns;
     uint64_t last_busy = start;
     for (unsigned iter = 1;; iter++) {
         int worked = 0;
         for (Py_ssize_t i = 0; i < nj && !reason; i++) {
             job_t *j = &jobs[i];
+            if (j->net) {
+                uint64_t t_busy = times ? thread_cpu_ns() : 0;
+                if (net_job_pass(j->net, budget, segs, segs2, iov)) {
+                    worked = 1;
+                    j->last_work = now_ns();
+                }
+                if (times)
+                    busy += thread_cpu_ns() - t_busy;
+                if (net_job_reason(j->net)) {
+                    reason = 1;
+                    index = (long)i;
+                }
+                continue;
+            }
             const volatile uint16_t *avail = (const volatile uint16_t *)j->ring->avail.buf;
             if (j->st.last == j->st.shadow && __atomic_load_n(&avail[1], __ATOMIC_ACQUIRE) == j->st.last)
                 continue;
@@ -639,6 +680,14 @@ static PyObject *vring_serve(PyObject *self, PyObject *args)
             uint64_t t_busy = times ? thread_cpu_ns() : 0;
             for (Py_ssize_t i = 0; i < nj; i++) {
                 job_t *j = &jobs[i];
+                if (j->net) {         /* its queues that published; one with no call fd returns to Python */
+                    net_job_signal(j->net);
+                    if (!reason && net_job_reason(j->net)) {
+                        reason = 1;
+                        index = (long)i;
+                    }
+                    continue;
+                }
                 if (!j->signal_due)
                     continue;
                 j->signal_due = 0;
@@ -662,6 +711,8 @@ static PyObject *vring_serve(PyObject *self, PyObject *args)
             break;
         if (worked) {
             last_busy = now_ns();
+            if (extend_ns && last_busy + extend_ns > deadline)
+                deadline = last_busy + extend_ns < limit ? last_busy + extend_ns : limit;
             if (last_busy >= deadline)
                 break;
             continue;
@@ -681,6 +732,7 @@ static PyObject *vring_serve(PyObject *self, PyObject *args)
         idle = thread_cpu_ns() - cpu_start - busy;
     Py_END_ALLOW_THREADS
     PyMem_Free(segs);
+    PyMem_Free(segs2);
     PyMem_Free(iov);
     if (times)
         PyBuffer_Release(&tb);
@@ -689,9 +741,10 @@ static PyObject *vring_serve(PyObject *self, PyObject *args)
         goto done;
     for (Py_ssize_t i = 0; i < nj; i++) {
         job_t *j = &jobs[i];
-        PyObject *t = Py_BuildValue("(IIIIIOIKI)", j->st.last, j->st.shadow, j->st.used_idx, j->st.avail_event,
-                                    j->st.signalled_used, j->st.signalled_valid ? Py_True : Py_False, j->done,
-                                    (unsigned long long)j->last_work, j->irqs);
+        PyObject *t = j->net ? net_job_result(j->net, j->last_work)
+                             : Py_BuildValue("(IIIIIOIKI)", j->st.last, j->st.shadow, j->st.used_idx, j->st.avail_event,
+                                             j->st.signalled_used, j->st.signalled_valid ? Py_True : Py_False,
+                                             j->done, (unsigned long long)j->last_work, j->irqs);
         if (t == NULL) {
             Py_DECREF(list);
             goto done;
@@ -700,8 +753,10 @@ static PyObject *vring_serve(PyObject *self, PyObject *args)
     }
     result = Py_BuildValue("(ilNKK)", reason, index, list, (unsigned long long)idle, (unsigned long long)yields);
 done:
-    for (Py_ssize_t i = 0; i < held; i++)
-        Py_DECREF((PyObject *)jobs[i].ring);
+    for (Py_ssize_t i = 0; jobs != NULL && i < nj; i++) {
+        net_job_free(jobs[i].net);
+        Py_XDECREF((PyObject *)jobs[i].ring);
+    }
     PyMem_Free(jobs);
     PyMem_Free(waddr);
     PyMem_Free(wval);
@@ -1415,34 +1470,183 @@ static PyObject *ring_net_rx_pump(Ring *r, PyObject *args)
 }
 
 /* ---------------------------------------------------------------------------------------------- */
-/* net_serve: one virtio-net queue pair served in C for a spin slice (the sidecore's poll mode), so that
- * the Python loop runs once per slice, not once per batch of frames.  A pass: the AIO poll's completion
+/* net jobs of serve(): a virtio-net queue pair served in C for a spin slice, beside virtio-blk queues, so
+ * that the sidecore's Python runs once per slice, not once per batch of frames -- for every pair of every
+ * NIC of the loop (MQ pairs, several NICs).  One visit of a pair (net_job_pass): the AIO poll's completion
  * (the TAP became readable) is reaped; newly posted RX buffers are taken (rx_take_run); TX frames are
- * written (tx_run, at most max_batch); the TAP is read into held buffers (rx_pump_run) if it may hold
- * frames (its poll fired or is not armed, or frames were just written: a local peer answers inside our
- * writev); a drained TAP gets its one-shot poll re-armed (io_submit).  After each published batch the
- * interrupt is decided as Virtqueue.should_signal does; C raises none: it returns and Python does.
- * Between passes it spins (pause) on the rings, the poll's completion word and the `watches` of the
- * sidecore's other pollables.
+ * written (tx_run, at most `budget`: the same per-visit share as a blk queue's); the TAP is read into held
+ * buffers (rx_pump_run, at most rx_budget reads) if it may hold frames (its poll fired or is not armed, or
+ * frames were just written: a local peer answers inside our writev); a drained TAP gets its one-shot poll
+ * re-armed (io_submit: the kernel checks readiness at once, so no wake-up is lost).  At the end of each
+ * pass the interrupt of each queue that published is decided as Virtqueue.should_signal does and written
+ * to its call fd (vhost-user) -- or, with call fd -1 (the VMM's MSI-X, which Python masks and routes), the
+ * round returns and Python raises it.
  *
- * tx_ring.net_serve(tx_state, rx_ring, rx_state, max_batch, rx_budget, fd, offer, txc, held, held_flags, ctl,
- *                   bounce, mrg_rxbuf, guest_csum, filter, aio, watches, deadline_ns)
+ * job: ("net", tx_ring, tx_state, rx_ring, rx_state, rx_budget, fd, offer, txc, held, held_flags, ctl,
+ *       bounce, mrg_rxbuf, guest_csum, filter, aio, tx_call_fd, rx_call_fd)
  *   state: (last_avail, shadow_avail, used_idx, avail_event, event_idx, notify_enabled, signalled_used,
  *           signalled_valid) of each queue; aio: (ctx, iocb_address, tail_address, tail_seen, armed,
- *           events_address (room for 4 io_events)); watches: [(address, expected u32)] (a word of this pair --
- *           either ring's avail area or the poll's tail -- is skipped: served here).
- *   -> (reason, value, tx_done, rx_done, (tx last, shadow, used_idx, avail_event, signalled_used,
- *       signalled_valid), (the same for rx), tail_seen, armed, tx_signal, rx_signal, now_ns)
- * reason: NS_DEADLINE; NS_TX (the next TX chain is for VirtioNet._tx); NS_RX_TAKE (the next RX chain is for
- * Python); NS_RX_PUMP (the pump's status ctl[2] is for Python: an error, end of file, a chain it cannot
- * walk, a frame to finish); NS_SIGNAL (tx_signal / rx_signal: the driver wants a used-buffer notification);
- * NS_WATCH (watch number `value` changed); NS_ARM (re-arming the poll failed: value = errno).
- * The other arguments are those of net_tx_batch / net_rx_take / net_rx_pump.  Both rings must be of the
- * same guest RAM region; with notifications enabled (the shared path's doorbell page) avail_event follows
- * as Virtqueue.pop moves it.  The caller keeps every buffer and fd alive. */
+ *           events_address (room for 4 io_events)); the rest as net_tx_batch / net_rx_take / net_rx_pump.
+ *   result: (reason, value, tx_done, rx_done, (tx last, shadow, used_idx, avail_event, signalled_used,
+ *           signalled_valid), (the same for rx), tail_seen, armed, tx_signal, rx_signal, last_work_ns, irqs)
+ * reason (the job's own): NS_DEADLINE (nothing for Python); NS_TX (the next TX chain is for VirtioNet._tx);
+ * NS_RX_TAKE (the next RX chain is for Python); NS_RX_PUMP (the pump's status ctl[2] is for Python: an
+ * error, end of file, a chain it cannot walk, a frame to finish); NS_SIGNAL (tx_signal / rx_signal: Python
+ * raises that interrupt); NS_ARM (re-arming the poll failed: value = errno).  Any but NS_DEADLINE ends the
+ * round with serve()'s reason 1.  Both rings must be of the same guest RAM region; with notifications
+ * enabled (the shared path's doorbell page) avail_event follows as Virtqueue.pop moves it. */
 enum { NS_DEADLINE, NS_TX, NS_RX_TAKE, NS_RX_PUMP, NS_SIGNAL, NS_WATCH, NS_ARM };
+_Static_assert(NET_IOV_MAX + 1 <= SERVE_IOV, "serve's iovecs hold a frame and the bounce buffer");
 
-static int net_want_signal(const Ring *r, const rstate_t *s, uint32_t *sig_used, int *sig_valid)
+struct netjob {
+    Ring *tx, *rx;                       /* references held by the job */
+    rstate_t ts, rs;
+    uint32_t tsig, rsig, seen;
+    int tsig_valid, rsig_valid, fd, armed, tx_call, rx_call;
+    unsigned rx_budget, offer;
+    unsigned long long ctx, iocb, tail_addr, events;
+    Py_buffer txcb;
+    rxbufs_t bufs;
+    rxheld_t x;
+    int have_txc, have_bufs;
+    int reason;
+    long value;
+    unsigned long long tx_done, rx_done;
+    int tx_due, rx_due;                  /* published this pass: decide the interrupt at its end */
+    int tx_signal, rx_signal;            /* an interrupt for Python to raise */
+    unsigned irqs;
+};
+
+static void net_job_free(struct netjob *n)
+{
+    if (n == NULL)
+        return;
+    if (n->have_bufs)
+        rx_buffers_release(&n->bufs);
+    if (n->have_txc)
+        PyBuffer_Release(&n->txcb);
+    Py_XDECREF((PyObject *)n->tx);
+    Py_XDECREF((PyObject *)n->rx);
+    PyMem_Free(n);
+}
+
+/* a net job from its tuple (see above), every buffer held; NULL with a Python exception */
+static struct netjob *net_job_new(PyObject *t)
+{
+    struct netjob *n = PyMem_Calloc(1, sizeof(*n));
+    if (n == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    const char *kind;
+    PyObject *tx_obj, *rx_obj, *txc_obj, *held_obj, *flags_obj, *ctl_obj, *bounce_obj, *filter_obj;
+    int mrg, guest_csum;
+    if (!PyArg_ParseTuple(t, "sO!(IIIIppIp)O!(IIIIppIp)IiIOOOOOppO(KKKIpK)ii;serve: a net job tuple", &kind,
+                          &RingType, &tx_obj, &n->ts.last, &n->ts.shadow, &n->ts.used_idx, &n->ts.avail_event,
+                          &n->ts.evt, &n->ts.notify_enabled, &n->tsig, &n->tsig_valid, &RingType, &rx_obj,
+                          &n->rs.last, &n->rs.shadow, &n->rs.used_idx, &n->rs.avail_event, &n->rs.evt,
+                          &n->rs.notify_enabled, &n->rsig, &n->rsig_valid, &n->rx_budget, &n->fd, &n->offer, &txc_obj,
+                          &held_obj, &flags_obj, &ctl_obj, &bounce_obj, &mrg, &guest_csum, &filter_obj, &n->ctx,
+                          &n->iocb, &n->tail_addr, &n->seen, &n->armed, &n->events, &n->tx_call, &n->rx_call))
+        goto fail;
+    if (strcmp(kind, "net") != 0) {
+        PyErr_Format(PyExc_ValueError, "serve: unknown job kind %s", kind);
+        goto fail;
+    }
+    Py_INCREF(tx_obj);
+    n->tx = (Ring *)tx_obj;
+    Py_INCREF(rx_obj);
+    n->rx = (Ring *)rx_obj;
+    if (!n->tx->have_used || !n->rx->have_used || n->tx->ram.buf != n->rx->ram.buf || !n->tail_addr) {
+        PyErr_SetString(PyExc_ValueError, "serve: a net job needs two initialised rings of one RAM region");
+        goto fail;
+    }
+    if (get_u64s(txc_obj, &n->txcb, 4, "serve: net job counters") < 0)
+        goto fail;
+    n->have_txc = 1;
+    if (rx_buffers_get(&n->bufs, &n->x, held_obj, flags_obj, ctl_obj, bounce_obj, filter_obj, mrg, guest_csum,
+                       "serve: net job") < 0)
+        goto fail;
+    n->have_bufs = 1;
+    rstate_norm(&n->ts);
+    rstate_norm(&n->rs);
+    n->tsig &= 0xFFFF;
+    n->rsig &= 0xFFFF;
+    return n;
+fail:
+    net_job_free(n);
+    return NULL;
+}
+
+/* One visit of a pair, without the GIL; returns 1 if anything moved (frames or RX buffers).  Sets
+ * n->reason when Python must look at the pair (the visit then stops). */
+static int net_job_pass(struct netjob *n, unsigned budget, seg_t *segs, seg_t *segs2, struct iovec *iov)
+{
+    int worked = 0, more = 0, fired = 0;
+    Ring *tx = n->tx, *rx = n->rx;
+    uint64_t *ctl = n->x.ctl;
+    uint32_t t = __atomic_load_n((const volatile uint32_t *)(uintptr_t)n->tail_addr, __ATOMIC_ACQUIRE);
+    if (t != n->seen) {          /* the poll completed: it is spent (one-shot); reap its event */
+        struct timespec zero = {0, 0};
+        n->seen = t;
+        n->armed = 0;
+        fired = 1;
+        (void)syscall(SYS_io_getevents, (unsigned long)n->ctx, 0L, 4L, (void *)(uintptr_t)n->events, &zero);
+    }
+    if (n->rs.last != n->rs.shadow
+        || __atomic_load_n(&((const volatile uint16_t *)rx->avail.buf)[1], __ATOMIC_ACQUIRE) != n->rs.last) {
+        if (rx_take_run(rx, &n->rs, rx->size, &n->x, &more, segs))
+            worked = 1;
+        if (more) {
+            n->reason = NS_RX_TAKE;
+            return worked;
+        }
+    }
+    unsigned sent = 0;
+    if (n->ts.last != n->ts.shadow
+        || __atomic_load_n(&((const volatile uint16_t *)tx->avail.buf)[1], __ATOMIC_ACQUIRE) != n->ts.last) {
+        sent = tx_run(tx, &n->ts, budget, n->fd, n->offer, (uint64_t *)n->txcb.buf, &more, segs, iov);
+        if (sent) {
+            worked = 1;
+            n->tx_done += sent;
+            n->tx_due = 1;
+        }
+        if (more) {
+            n->reason = NS_TX;
+            return worked;
+        }
+    }
+    if (ctl[1] && (!n->armed || fired || sent)) {
+        unsigned d = rx_pump_run(rx, &n->rs, n->rx_budget, n->fd, &n->x, segs, segs2, iov);
+        if (d) {
+            worked = 1;
+            n->rx_done += d;
+            n->rx_due = 1;
+        }
+        uint64_t status = ctl[2];
+        if (status == RX_EAGAIN) {
+            if (!n->armed) {     /* drained: one readiness poll */
+                void *iocbs[1] = {(void *)(uintptr_t)n->iocb};
+                if (syscall(SYS_io_submit, (unsigned long)n->ctx, 1L, iocbs) != 1) {
+                    n->reason = NS_ARM;
+                    n->value = errno;
+                    return worked;
+                }
+                n->armed = 1;
+            }
+        } else if (status == RX_BUDGET_DONE) {
+            worked = 1;
+        } else if (status != RX_EMPTY) {
+            n->reason = NS_RX_PUMP;
+        }
+    }
+    return worked;
+}
+
+/* The interrupt of one queue that published this pass: decided as Virtqueue.should_signal does, then
+ * written to call_fd, or (call_fd -1) left to Python in *py_signal.  Returns 1 if an irq was written. */
+static int net_queue_signal(const Ring *r, const rstate_t *s, uint32_t *sig_used, int *sig_valid, int call_fd,
+                            int *py_signal)
 {
     qstate_t q = {0};
     q.used_idx = s->used_idx;
@@ -1452,170 +1656,47 @@ static int net_want_signal(const Ring *r, const rstate_t *s, uint32_t *sig_used,
     int want = want_signal(r, &q);
     *sig_used = q.signalled_used & 0xFFFF;
     *sig_valid = q.signalled_valid;
-    return want;
+    if (!want)
+        return 0;
+    if (call_fd < 0) {
+        *py_signal = 1;
+        return 0;
+    }
+    static const uint64_t one = 1;
+    /* EAGAIN: a counter at its maximum (a hostile peer's fd) already signals */
+    return write(call_fd, &one, sizeof one) == sizeof one;
 }
 
-static PyObject *ring_net_serve(Ring *tx, PyObject *args)
+/* the end of a pass for a pair: its queues' interrupts; sets NS_SIGNAL if Python must raise one */
+static void net_job_signal(struct netjob *n)
 {
-    rstate_t ts, rs;
-    unsigned int tsig, rsig, max_batch, rx_budget, offer, seen;
-    int tsig_valid, rsig_valid, fd, mrg, guest_csum, armed;
-    unsigned long long ctx, iocb, tail_addr, events, deadline;
-    PyObject *rx_obj, *txc_obj, *held_obj, *flags_obj, *ctl_obj, *bounce_obj, *filter_obj, *watch_obj;
-    if (!PyArg_ParseTuple(args, "(IIIIppIp)O!(IIIIppIp)IIiIOOOOOppO(KKKIpK)OK", &ts.last, &ts.shadow, &ts.used_idx,
-                          &ts.avail_event, &ts.evt, &ts.notify_enabled, &tsig, &tsig_valid, &RingType, &rx_obj,
-                          &rs.last, &rs.shadow, &rs.used_idx, &rs.avail_event, &rs.evt, &rs.notify_enabled, &rsig,
-                          &rsig_valid, &max_batch, &rx_budget, &fd, &offer, &txc_obj, &held_obj, &flags_obj,
-                          &ctl_obj, &bounce_obj, &mrg, &guest_csum, &filter_obj, &ctx, &iocb, &tail_addr, &seen,
-                          &armed, &events, &watch_obj, &deadline))
-        return NULL;
-    Ring *rx = (Ring *)rx_obj;
-    if (!tx->have_used || !rx->have_used || tx->ram.buf != rx->ram.buf) {
-        PyErr_SetString(PyExc_ValueError, "net_serve: two rings of one RAM region");
-        return NULL;
+    if (n->tx_due) {
+        n->tx_due = 0;
+        n->irqs += net_queue_signal(n->tx, &n->ts, &n->tsig, &n->tsig_valid, n->tx_call, &n->tx_signal);
     }
-    PyObject *watch_seq = PySequence_Fast(watch_obj, "net_serve: watches must be a sequence");
-    if (watch_seq == NULL)
-        return NULL;
-    Py_ssize_t nw = PySequence_Fast_GET_SIZE(watch_seq);
-    if (nw > MAX_JOBS) {
-        Py_DECREF(watch_seq);
-        PyErr_SetString(PyExc_ValueError, "net_serve: at most 1024 watches");
-        return NULL;
+    if (n->rx_due) {
+        n->rx_due = 0;
+        n->irqs += net_queue_signal(n->rx, &n->rs, &n->rsig, &n->rsig_valid, n->rx_call, &n->rx_signal);
     }
-    uintptr_t waddr[MAX_JOBS];
-    uint32_t wval[MAX_JOBS];
-    Py_ssize_t nwatch = 0;
-    const uintptr_t own[3] = {(uintptr_t)tx->avail.buf, (uintptr_t)rx->avail.buf, (uintptr_t)tail_addr};
-    for (Py_ssize_t i = 0; i < nw; i++) {
-        unsigned long long addr, value;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(watch_seq, i), "KK;net_serve: (address, value) watches", &addr,
-                              &value)) {
-            Py_DECREF(watch_seq);
-            return NULL;
-        }
-        if (addr == own[0] || addr == own[1] || addr == own[2])
-            continue;
-        waddr[nwatch] = (uintptr_t)addr;
-        wval[nwatch++] = (uint32_t)value;
-    }
-    Py_DECREF(watch_seq);
-    Py_buffer txcb;
-    if (get_u64s(txc_obj, &txcb, 4, "net_serve counters") < 0)
-        return NULL;
-    rxbufs_t bufs;
-    rxheld_t x;
-    if (rx_buffers_get(&bufs, &x, held_obj, flags_obj, ctl_obj, bounce_obj, filter_obj, mrg, guest_csum,
-                       "net_serve") < 0) {
-        PyBuffer_Release(&txcb);
-        return NULL;
-    }
-    uint64_t *txc = (uint64_t *)txcb.buf, *ctl = x.ctl;
-    rstate_norm(&ts);
-    rstate_norm(&rs);
-    int reason = NS_DEADLINE, tx_signal = 0, rx_signal = 0;
-    long value = 0;
-    unsigned long long tx_done = 0, rx_done = 0, now = 0;
-    static __thread seg_t segs[MAX_SEGS], segs2[MAX_SEGS];
-    static __thread struct iovec iov[NET_IOV_MAX + 1];
-    /* the counters are added to by every pass: ctl[5..9] as one pump call would, read back by Python */
-    Py_BEGIN_ALLOW_THREADS
-    const volatile uint16_t *tx_avail = (const volatile uint16_t *)tx->avail.buf;
-    const volatile uint16_t *rx_avail = (const volatile uint16_t *)rx->avail.buf;
-    const volatile uint32_t *tail = (const volatile uint32_t *)(uintptr_t)tail_addr;
-    for (unsigned iter = 1;; iter++) {
-        int worked = 0, more = 0, fired = 0;
-        uint32_t t = __atomic_load_n(tail, __ATOMIC_ACQUIRE);
-        if (t != seen) {          /* the poll completed: it is spent (one-shot); reap its event */
-            struct timespec zero = {0, 0};
-            seen = t;
-            armed = 0;
-            fired = 1;
-            (void)syscall(SYS_io_getevents, (unsigned long)ctx, 0L, 4L, (void *)(uintptr_t)events, &zero);
-        }
-        if (rs.last != rs.shadow || __atomic_load_n(&rx_avail[1], __ATOMIC_ACQUIRE) != rs.last) {
-            rx_take_run(rx, &rs, rx->size, &x, &more, segs);
-            if (more) {
-                reason = NS_RX_TAKE;
-                break;
-            }
-        }
-        unsigned n = 0;
-        if (ts.last != ts.shadow || __atomic_load_n(&tx_avail[1], __ATOMIC_ACQUIRE) != ts.last) {
-            n = tx_run(tx, &ts, max_batch, fd, offer, txc, &more, segs, iov);
-            if (n) {
-                worked = 1;
-                tx_done += n;
-                if (net_want_signal(tx, &ts, &tsig, &tsig_valid))
-                    tx_signal = 1;
-            }
-            if (more) {
-                reason = NS_TX;
-                break;
-            }
-        }
-        if (ctl[1] && (!armed || fired || n)) {
-            unsigned d = rx_pump_run(rx, &rs, rx_budget, fd, &x, segs, segs2, iov);
-            if (d) {
-                worked = 1;
-                rx_done += d;
-                if (net_want_signal(rx, &rs, &rsig, &rsig_valid))
-                    rx_signal = 1;
-            }
-            uint64_t status = ctl[2];
-            if (status == RX_EAGAIN) {
-                if (!armed) {     /* drained: one readiness poll (checked at once by the kernel: no lost wake-up) */
-                    void *iocbs[1] = {(void *)(uintptr_t)iocb};
-                    if (syscall(SYS_io_submit, (unsigned long)ctx, 1L, iocbs) != 1) {
-                        reason = NS_ARM;
-                        value = errno;
-                        break;
-                    }
-                    armed = 1;
-                }
-            } else if (status == RX_BUDGET_DONE) {
-                worked = 1;
-            } else if (status != RX_EMPTY) {
-                reason = NS_RX_PUMP;
-                break;
-            }
-        }
-        if (tx_signal || rx_signal) {
-            reason = NS_SIGNAL;
-            break;
-        }
-        for (Py_ssize_t i = 0; i < nwatch; i++) {
-            if (__atomic_load_n((const volatile uint32_t *)waddr[i], __ATOMIC_RELAXED) != wval[i]) {
-                reason = NS_WATCH;
-                value = (long)i;
-                break;
-            }
-        }
-        if (reason)
-            break;
-        if (worked) {
-            if (now_ns() >= deadline)
-                break;
-            continue;
-        }
-        cpu_relax();
-        if ((iter & 63) == 0 && now_ns() >= deadline)
-            break;
-    }
-    now = now_ns();
-    Py_END_ALLOW_THREADS
-    rx_buffers_release(&bufs);
-    PyBuffer_Release(&txcb);
-    return Py_BuildValue("(ilKK(IIIIIO)(IIIIIO)IOOOK)", reason, value, tx_done, rx_done, ts.last, ts.shadow,
-                         ts.used_idx, ts.avail_event, tsig, tsig_valid ? Py_True : Py_False, rs.last, rs.shadow,
-                         rs.used_idx, rs.avail_event, rsig, rsig_valid ? Py_True : Py_False, seen,
-                         armed ? Py_True : Py_False, tx_signal ? Py_True : Py_False, rx_signal ? Py_True : Py_False,
-                         now);
+    if ((n->tx_signal || n->rx_signal) && n->reason == NS_DEADLINE)
+        n->reason = NS_SIGNAL;
+}
+
+static int net_job_reason(const struct netjob *n)
+{
+    return n->reason;
+}
+
+static PyObject *net_job_result(const struct netjob *n, unsigned long long last_work)
+{
+    return Py_BuildValue("(ilKK(IIIIIO)(IIIIIO)IOOOKI)", n->reason, n->value, n->tx_done, n->rx_done, n->ts.last,
+                         n->ts.shadow, n->ts.used_idx, n->ts.avail_event, n->tsig, n->tsig_valid ? Py_True : Py_False,
+                         n->rs.last, n->rs.shadow, n->rs.used_idx, n->rs.avail_event, n->rsig,
+                         n->rsig_valid ? Py_True : Py_False, n->seen, n->armed ? Py_True : Py_False,
+                         n->tx_signal ? Py_True : Py_False, n->rx_signal ? Py_True : Py_False, last_work, n->irqs);
 }
 
 static PyMethodDef ring_methods[] = {
-    {"net_serve", (PyCFunction)ring_net_serve, METH_VARARGS,
-     "net_serve(...): a virtio-net queue pair served in C for a spin slice (see _vring.c)"},
     {"walk", (PyCFunction)ring_walk, METH_O,
      "walk(head) -> ([(gpa, len, writable)], readable_len, writable_len), or None: Python decides"},
     {"blk_batch", (PyCFunction)ring_blk_batch, METH_VARARGS,
@@ -1644,7 +1725,8 @@ static PyTypeObject RingType = {
 
 static PyMethodDef module_methods[] = {
     {"serve", vring_serve, METH_VARARGS,
-     "serve(jobs, watches, timeout_ns, budget, times, yield_ns=0) -> (reason, index, [per-job state], idle_ns, "
+     "serve(jobs, watches, timeout_ns, budget, times, yield_ns=0, extend_ns=0, limit_ns=0) -> (reason, index, "
+     "[per-job state], idle_ns, "
      "yields): "
      "many virtio-blk queues served and their irqfds written without the GIL"},
     {NULL, NULL, 0, NULL},

@@ -123,7 +123,7 @@ class VirtioDevice:
         self.on_config_changed: Callable[[], None] | None = None
         #: the transport's lock (a :class:`~exitless.sidecore.spin.WatchedLock`), set by a transport whose
         #: device model runs under it: a C loop serving queues for a whole spin slice holds it and watches
-        #: its word (:meth:`VirtioNet.serve_pair`); None where the device has no such transport
+        #: its word (:meth:`VirtioNet.pair_locks`); None where the device has no such transport
         self.transport_lock = None
         self.log = RateLimitedLog(log)
         #: Exceptions other than a broken ring that escaped :meth:`process`: bugs in exitless
@@ -162,8 +162,9 @@ class VirtioDevice:
         return bool(self.driver_features >> bit & 1)
 
     def queue_server(self, index: int):
-        """The backend pollable (:meth:`backend_pollables`) that serves queue ``index`` in C while the
-        sidecore spins (it has ``serve_spin``), or None: the queue's words are watched as usual."""
+        """The backend pollable (:meth:`backend_pollables`) whose job of the sidecore's C round serves
+        queue ``index`` (it has ``c_job``; the transport makes it the queue pollable's ``served_by``),
+        or None: the queue is polled and watched as usual."""
         return None
 
     # -- configuration space ----------------------------------------------------------

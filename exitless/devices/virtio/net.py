@@ -64,11 +64,13 @@ Fast path: the common case of TX and RX runs in C with the GIL released
 (``_vring.Ring.net_tx_batch``, ``net_rx_take``, ``net_rx_pump``; see
 ``_vring.c``), with every check of this model; whatever it does not take --
 bad chains, errors, the link down, buffers outside the main RAM region -- it
-leaves, unconsumed, to the code here.  On a poll-mode sidecore the whole pair is
-served in C for a spin slice (:meth:`VirtioNet.serve_pair`, ``Ring.net_serve``):
-TX, newly posted RX buffers, the pump and the re-arm of the TAP's readiness poll,
-with Python once per slice instead of once per batch.  ``EXITLESS_VRING=python``
-turns it off; ``tests/test_net_paths.py`` checks that the three agree.
+leaves, unconsumed, to the code here.  On a polling sidecore (poll, and adaptive while
+busy) every pair of every NIC is served in C for a spin slice, beside the other devices'
+queues (:meth:`VirtioNet.pair_job`, a net job of ``_vring.serve``; the loop's C round):
+TX, newly posted RX buffers, the pump and the re-arm of the TAP's readiness poll, the
+interrupts to a vhost-user call fd, with Python once per slice instead of once per
+batch.  ``EXITLESS_VRING=python`` turns it off; ``tests/test_net_paths.py`` checks that
+the three agree.
 
 Threading: TX of a pair is driven by one thread at a time (the transport's
 rule).  RX of a pair -- its RX queue's kicks and its TAP's readiness -- may come
@@ -135,8 +137,7 @@ _vring = _queue._vring
 _tx_batch = _vring.Ring.net_tx_batch if _vring is not None else None
 _rx_take = _vring.Ring.net_rx_take if _vring is not None else None
 _rx_pump = _vring.Ring.net_rx_pump if _vring is not None else None
-_serve = _vring.Ring.net_serve if _vring is not None else None
-# net_serve's reasons for returning (see _vring.c)
+# a net job's reasons for returning to Python (see _vring.c, net_job_new)
 _NS_DEADLINE, _NS_TX, _NS_RX_TAKE, _NS_RX_PUMP, _NS_SIGNAL, _NS_WATCH, _NS_ARM = range(7)
 # net_rx_pump's status word (ctl[2]); see _vring.c
 _RX_BUDGET_DONE, _RX_EMPTY, _RX_EAGAIN, _RX_ERROR, _RX_EOF, _RX_DEFER_USE, _RX_PENDING = range(7)
@@ -226,7 +227,8 @@ class _Pair:
         self.poller: TapRxPollable | None = None
         # RX of a pair may be driven from two threads on the trap path (the vCPU thread handles the
         # RX queue's kick, a sidecore thread the TAP fd): the pump and the held buffers are guarded.
-        self.lock = threading.Lock()
+        # Re-entrant: a sidecore's C round holds it from pair_job to pair_done, which pumps in Python.
+        self.lock = threading.RLock()
         # The spill of an RX frame past its first buffer (MRG_RXBUF), one per pair: two pairs are pumped
         # concurrently (different locks, readv without the GIL), so a shared one mixes their frames.
         self.bounce = memoryview(bytearray(MAX_RX))
@@ -292,10 +294,11 @@ class VirtioNet(VirtioDevice):
         self.link_up = True
         #: counters: frames and bytes moved, GSO frames among them (offloads passed through),
         #: drops (TAP full/down, frame too big for the guest's buffers), filtered by the RX mode,
-        #: bad TX chains, control commands, link changes
+        #: bad TX chains, control commands, link changes; ``c_slices``: a queue pair served by the
+        #: sidecore's C round for a slice (:meth:`pair_job`), once per pair per slice
         self.stats = dict.fromkeys(("rx_packets", "rx_bytes", "rx_gso", "rx_dropped", "rx_filtered",
                                     "tx_packets", "tx_bytes", "tx_gso", "tx_dropped", "tx_bad", "ctrl_ok",
-                                    "ctrl_err", "link_changes"), 0)
+                                    "ctrl_err", "link_changes", "c_slices"), 0)
         self._pairs = [_Pair(i) for i in range(pairs)]
         self._closing = threading.Event()
         self._reattacher: threading.Thread | None = None
@@ -470,7 +473,8 @@ class VirtioNet(VirtioDevice):
         return [p.poller for p in self._pairs]
 
     def queue_server(self, index: int):
-        """The pair's :class:`TapRxPollable` for its RX and TX queues (it serves them in C in poll mode)."""
+        """The pair's :class:`TapRxPollable` for its RX and TX queues (its job of the sidecore's C round
+        serves them, in poll and adaptive mode)."""
         if index < 2 * self.queue_pairs:
             return self._pairs[index // 2].poller
         return None
@@ -502,57 +506,67 @@ class VirtioNet(VirtioDevice):
                 self.rx_pump(p.index)
         return n, more
 
-    def serve_pair(self, pair: int, watches: list[tuple[int, int]], deadline_ns: int) -> int | None:
-        """Serve queue pair ``pair`` -- TX frames, RX buffers, the TAP's readiness poll -- in C for a spin
-        slice (``_vring.Ring.net_serve``, GIL released): until ``deadline_ns`` (CLOCK_MONOTONIC), one of
-        ``watches`` (``(address, expected u32)``, the sidecore's other words) changes, another thread wants
-        the transport lock (held meanwhile, its word watched), or something needs this model (a chain to
-        drop, a TAP error, an interrupt to raise), which is then done here.  Returns the monotonic time at
-        return (ns), or None when the pair cannot be served in C now (no C ring or transport lock, not
-        live, link down, an interrupt not decided yet): the caller spins instead.
-        For a sidecore in poll mode (its loop decides): no Python runs per batch of frames."""
-        lock = self.transport_lock
+    def pair_job(self, pair: int, tx_call: int = -1, rx_call: int = -1) -> tuple | None:
+        """Queue pair ``pair`` -- TX frames, RX buffers, the TAP's readiness poll -- as a net job of the
+        sidecore's C round (``_vring.serve``, GIL released; see ``_vring.c``), or None when it cannot be
+        served in C now (no C ring, not live, link down, the TAP gone, an interrupt not decided yet): then
+        its queues and TAP are polled in Python.  ``tx_call`` / ``rx_call``: the eventfds (vhost-user call
+        fds) C writes when the driver wants a used-buffer notification; -1: C returns and
+        :meth:`pair_done` raises it (the VMM's MSI-X).  The caller holds :meth:`pair_locks` from this call
+        until :meth:`pair_done`, and keeps the queues' memory mapped meanwhile."""
         p = self._pairs[pair]
-        if _serve is None or lock is None or p.poller is None or p.gone or not self.activated or self.needs_reset \
+        if _vring is None or p.poller is None or p.gone or not self.activated or self.needs_reset \
                 or not self.link_up or not self._rx_live(pair):
             return None
+        tq, rq = self.queues[self.tx_queue(pair)], self.queues[self.rx_queue(pair)]
+        if not (tq.configured and rq.configured) or len(p.held) != rq.size:
+            return None
+        ts, rs = tq.serve_state(), rq.serve_state()
+        if ts is None or rs is None:
+            return None
+        poller = p.poller
+        return ("net", tq._cring, ts, rq._cring, rs, RX_BUDGET, self.backend.fds[pair], self._tx_offer, p.txc,
+                p.held, p.held_heads, p.ctl, p.bounce, self.mrg_rxbuf, self.guest_csum, self._rx_filter(),
+                poller.aio.serve_args(poller.seen, p.armed), tx_call, rx_call)
+
+    def pair_locks(self, pair: int) -> tuple:
+        """The locks a C round serving ``pair`` holds (in this order): the transport's (a
+        :class:`~exitless.sidecore.spin.WatchedLock`, whose word the round watches: a thread that wants
+        it ends the round), if any, and the pair's RX lock."""
+        p = self._pairs[pair]
+        return (p.lock,) if self.transport_lock is None else (self.transport_lock, p.lock)
+
+    def pair_done(self, pair: int, result: tuple) -> tuple[int, int]:
+        """Take back pair ``pair`` from the C round's ``result`` for its :meth:`pair_job`: ring states,
+        counters, the TAP poll's state; raise the interrupts C left to Python and do what it handed back
+        (a chain to drop, a TAP error, a frame to finish).  Returns ``(frames moved, last_work_ns)``."""
+        (reason, value, ntx, nrx, tstate, rstate, seen, armed, tx_signal, rx_signal, last_work, _irqs) = result
+        p = self._pairs[pair]
         tx_i, rx_i = self.tx_queue(pair), self.rx_queue(pair)
-        with lock:
-            tq, rq = self.queues[tx_i], self.queues[rx_i]
-            if not (tq.configured and rq.configured) or len(p.held) != rq.size:
-                return None
-            ts, rs = tq.serve_state(), rq.serve_state()
-            if ts is None or rs is None:
-                return None
-            poller = p.poller
-            with p.lock:
-                (reason, value, _ntx, _nrx, tstate, rstate, seen, armed, tx_signal, rx_signal, now) = _serve(
-                    tq._cring, ts, rq._cring, rs, QUEUE_BUDGET, RX_BUDGET, self.backend.fds[pair], self._tx_offer,
-                    p.txc, p.held, p.held_heads, p.ctl, p.bounce, self.mrg_rxbuf, self.guest_csum, self._rx_filter(),
-                    poller.aio.serve_args(poller.seen, p.armed), watches + [(lock.word_address, lock.word)],
-                    deadline_ns)
-                tq.take_serve_state(tstate)
-                rq.take_serve_state(rstate)
-                poller.seen, p.armed = seen, armed
-                _fold(p.txc, 0, _TX_COUNTERS, self.stats)
-                _fold(p.ctl, 5, _RX_COUNTERS, self.stats)
-                status, pending = p.ctl[2], int(p.ctl[3])
-            if tx_signal:
-                self._raise(tx_i)
-            if rx_signal:
-                self._raise(rx_i)
-            if reason == _NS_TX:                # a chain for _tx (to drop and log), or a write that failed
-                self.handle_queue(tx_i, QUEUE_BUDGET)
-            elif reason == _NS_RX_TAKE:         # an RX chain to return unused (or a broken ring)
-                self._handle_rx(pair)
-            elif reason == _NS_RX_PUMP:         # a TAP error or end of file, a held chain C cannot use
-                if status == _RX_PENDING:       # a frame C read whose spill buffers it could not walk
-                    self._rx_finish_pending(p, rq, pending)
-                self.rx_pump(pair)
-            elif reason == _NS_ARM:             # the TAP cannot be watched any more (closed, or gone)
-                self.log(logging.WARNING, "virtio-net: cannot watch TAP queue %d: %s", pair, os.strerror(value))
-                p.gone = True
-        return now
+        tq, rq = self.queues[tx_i], self.queues[rx_i]
+        tq.take_serve_state(tstate)
+        rq.take_serve_state(rstate)
+        p.poller.seen, p.armed = seen, armed
+        _fold(p.txc, 0, _TX_COUNTERS, self.stats)
+        _fold(p.ctl, 5, _RX_COUNTERS, self.stats)
+        self.stats["c_slices"] += 1
+        status, pending = p.ctl[2], int(p.ctl[3])
+        if tx_signal:
+            self._raise(tx_i)
+        if rx_signal:
+            self._raise(rx_i)
+        if reason == _NS_TX:                # a chain for _tx (to drop and log), or a write that failed
+            self.handle_queue(tx_i, QUEUE_BUDGET)
+        elif reason == _NS_RX_TAKE:         # an RX chain to return unused (or a broken ring)
+            self._handle_rx(pair)
+        elif reason == _NS_RX_PUMP:         # a TAP error or end of file, a held chain C cannot use
+            if status == _RX_PENDING:       # a frame C read whose spill buffers it could not walk
+                self._rx_finish_pending(p, rq, pending)
+            self.rx_pump(pair)
+        elif reason == _NS_ARM:             # the TAP cannot be watched any more (closed, or gone)
+            self.log(logging.WARNING, "virtio-net: cannot watch TAP queue %d: %s", pair, os.strerror(value))
+            p.gone = True
+        return ntx + nrx, last_work
 
     def _rx_finish_pending(self, p: _Pair, q: Virtqueue, n: int) -> None:
         """Deliver the ``n``-byte frame the C pump read into the first held buffer (and the bounce buffer)
@@ -1054,6 +1068,12 @@ class TapRxPollable:
     Readiness comes from an AIO poll (:mod:`exitless.sidecore.aio_poll`): the kernel advances a
     word in memory, which a polling sidecore watches in its GIL-free spin, and signals
     ``wake_fd``, on which a sleeping one waits.  The same in every mode.
+
+    With the C extension it is also the pair's server in the sidecore's C round (``c_job`` /
+    ``c_done``): its RX and TX queues' pollables name it as their ``served_by``, and the loop
+    neither polls nor watches them while the pair has a job.  ``call_fds``: ``(tx, rx)`` eventfds
+    the C round writes for the queues' interrupts (a vhost-user back-end's call fds); -1: Python
+    raises them (the VMM's MSI-X).
     """
 
     def __init__(self, device: VirtioNet, pair: int):
@@ -1066,6 +1086,7 @@ class TapRxPollable:
             os.close(self.wake_fd)
             raise
         self.seen = self.aio.tail()     # the completion ring's tail last consumed
+        self.call_fds = (-1, -1)        # (tx, rx) interrupt eventfds for the C round; -1: Python raises it
 
     def arm_tap(self) -> bool:
         """Ask for one readiness event (the kernel checks at once: no lost wake-up); False if refused."""
@@ -1098,10 +1119,44 @@ class TapRxPollable:
     def watches(self) -> list[tuple[int, int]]:
         return [(self.aio.tail_addr, self.seen)]
 
-    def serve_spin(self, watches: list[tuple[int, int]], deadline_ns: int) -> int | None:
-        """The sidecore's spin in poll mode, serving this pair in C meanwhile
-        (:meth:`VirtioNet.serve_pair`; None: it cannot now, spin instead)."""
-        return self.device.serve_pair(self.pair, watches, deadline_ns)
+    # -- the sidecore's C round: the whole pair (its two queues and this TAP) in C ---------------------
+    def c_locks(self) -> tuple:
+        """Held by the loop from :meth:`c_job` to :meth:`c_done` (:meth:`VirtioNet.pair_locks`)."""
+        return self.device.pair_locks(self.pair)
+
+    def c_job(self) -> tuple | None:
+        """The pair as a job of ``_vring.serve`` (:meth:`VirtioNet.pair_job`), or None (polled in Python)."""
+        return self.device.pair_job(self.pair, *self.call_fds)
+
+    def c_done(self, result: tuple) -> tuple[int, int]:
+        """The C round's result for the pair: ``(frames moved, last_work_ns)``."""
+        return self.device.pair_done(self.pair, result)
+
+    def set_call_fd(self, index: int, fd: int) -> None:
+        """Queue ``index`` (this pair's RX or TX queue) raises its interrupt by writing eventfd ``fd``
+        from the C round (a vhost-user call fd; -1: Python raises it).  The caller keeps ``fd`` open
+        while a loop serves the pair."""
+        tx, rx = self.call_fds
+        if index == self.device.tx_queue(self.pair):
+            tx = fd
+        elif index == self.device.rx_queue(self.pair):
+            rx = fd
+        else:
+            raise ValueError(f"queue {index} is not of queue pair {self.pair}")
+        self.call_fds = (tx, rx)
+
+    def has_work(self) -> bool:
+        """Frames to send, RX buffers posted, or the TAP readable (or not watched while buffers are held)."""
+        dev = self.device
+        p = dev._pairs[self.pair]
+        if self.aio.tail() != self.seen or (not p.armed and p.held_count and not p.gone):
+            return True
+        if not dev.activated or dev.needs_reset:
+            return False
+        for i in (dev.tx_queue(self.pair), dev.rx_queue(self.pair)):
+            if i < len(dev.queues) and dev.queues[i].configured and dev.queues[i].has_work():
+                return True
+        return False
 
     def arm(self) -> bool:
         p = self.device._pairs[self.pair]
