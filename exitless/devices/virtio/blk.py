@@ -153,7 +153,7 @@ class VirtioBlk(VirtioDevice):
         base = os.O_CLOEXEC | (os.O_RDONLY if read_only else os.O_RDWR)
         try:
             if fds is None:
-                self.fd = self._open(base | (os.O_DIRECT if direct else 0))
+                self.fd = self._open(base | (os.O_DIRECT if direct else 0), lock=True)
             else:
                 self._check_fds(read_only, direct)
             size = backing_size(self.fd, self.path, "virtio-blk", SECTOR, BackingFileError)
@@ -179,8 +179,8 @@ class VirtioBlk(VirtioDevice):
         return self._flusher.failed
 
     # -- backing store -----------------------------------------------------------------
-    def _open(self, flags: int) -> int:
-        return open_backing(self.path, flags, "virtio-blk", BackingFileError, BackingFileMissing)
+    def _open(self, flags: int, lock: bool = False) -> int:
+        return open_backing(self.path, flags, "virtio-blk", BackingFileError, BackingFileMissing, lock=lock)
 
     def _check_fds(self, read_only: bool, direct: bool) -> None:
         """Fds handed over (``fds=``): open, for writing unless ``read_only``, O_DIRECT exactly when
