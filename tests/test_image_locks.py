@@ -236,3 +236,26 @@ def test_exitless_and_qemu_see_each_others_image_locks(tmp_path) -> None:
             q.stderr.close()
     finally:
         assert served.stop() == 0
+
+
+def test_lock_off_is_serve_blks_alone(tmp_path) -> None:
+    """``lock=off`` (back-ends kept up side by side that take turns on one image, ``bench vhost``): a
+    ``serve blk`` so started opens an image another process writes; ``run --disk`` does not take it."""
+    from exitless.disk import DiskSpec, DiskSpecError
+
+    assert DiskSpec.parse("a.img,lock=off", ("ro", "direct", "lock")).lock is False
+    assert DiskSpec.parse("a.img,lock=off", ("ro", "direct", "lock")).format() == "a.img,lock=off"
+    for bad, why in (("a.img,lock=on", "lock takes only off"), ("a.img,lock", "lock takes only off")):
+        with pytest.raises(DiskSpecError, match=why):
+            DiskSpec.parse(bad, ("ro", "direct", "lock"))
+    with pytest.raises(DiskSpecError, match="not accepted here"):
+        DiskSpec.parse("a.img,lock=off")
+    img = tmp_path / "a.img"
+    img.write_bytes(bytes(1 << 20))
+    first = ServeProcess("blk", ["--socket", str(tmp_path / "a.sock"), "--disk", str(img)], tmp_path / "a.log")
+    try:
+        second = ServeProcess("blk", ["--socket", str(tmp_path / "b.sock"), "--disk", f"{img},lock=off"],
+                              tmp_path / "b.log")
+        assert second.stop() == 0
+    finally:
+        assert first.stop() == 0

@@ -118,6 +118,11 @@ class VirtioBlk(VirtioDevice):
     when it raises, and ``path`` only names the disk in messages (``exitless sidecore`` receives
     these fds from a VM).  Their access mode must fit ``read_only`` and ``direct``, else
     :class:`BackingFileError`.
+
+    ``lock``: the file it opens takes the image locks of a reader or a writer
+    (:mod:`exitless.devices.imagelock`): :class:`BackingFileError` (errno EAGAIN) naming the
+    holder if another open file description conflicts.  Fds handed over are not locked here
+    (the process that opened them did).
     """
 
     DEVICE_ID = VIRTIO_ID_BLOCK
@@ -130,7 +135,8 @@ class VirtioBlk(VirtioDevice):
 
     def __init__(self, path: str | os.PathLike, read_only: bool = False, direct: bool = False,
                  num_queues: int = 1, queue_size: int = 256, serial: str | None = None,
-                 discard: bool = True, write_zeroes: bool = True, fds: tuple[int, int] | None = None):
+                 discard: bool = True, write_zeroes: bool = True, fds: tuple[int, int] | None = None,
+                 lock: bool = True):
         try:
             super().__init__(num_queues=num_queues, queue_max_size=queue_size)
         except BaseException:
@@ -153,7 +159,7 @@ class VirtioBlk(VirtioDevice):
         base = os.O_CLOEXEC | (os.O_RDONLY if read_only else os.O_RDWR)
         try:
             if fds is None:
-                self.fd = self._open(base | (os.O_DIRECT if direct else 0), lock=True)
+                self.fd = self._open(base | (os.O_DIRECT if direct else 0), lock=lock)
             else:
                 self._check_fds(read_only, direct)
             size = backing_size(self.fd, self.path, "virtio-blk", SECTOR, BackingFileError)
