@@ -195,7 +195,7 @@ def _run_linux(args) -> int:
     from ..boot.initramfs import EXIT_MARKER, parse_exit_status
     from ..boot.linux import BootConsole, boot_linux
     from ..guest.plan import plan_guest
-    from ..vm import Machine, VmConfig
+    from ..vm import Machine, VmConfig, stdout_console
 
     command = list(args.cmd or [])
     if command and command[0] == "--":
@@ -207,7 +207,7 @@ def _run_linux(args) -> int:
                       modules=args.modules, decompress=args.decompress, quiet=not args.boot_log,
                       progress=stderr_progress())
 
-    sink = CommandOutput() if easy and not args.boot_log else _stdout
+    sink = CommandOutput() if easy and not args.boot_log else stdout_console
     console = BootConsole(sink)
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
 
@@ -268,8 +268,9 @@ class CommandOutput:
 
     def __init__(self, write=None):
         from ..boot.initramfs import EXIT_MARKER, READY_MARKER
+        from ..vm import stdout_console
 
-        self.write = write or _stdout
+        self.write = write or stdout_console
         self.ready = READY_MARKER.encode()
         self.marker = EXIT_MARKER.encode()
         self.state = "boot"        # boot -> command -> done
@@ -327,11 +328,6 @@ class CommandOutput:
 
 
 _HELD_LINE_MAX = 4096      # bytes of one console line held back, whatever the guest prints
-
-
-def _stdout(data: bytes) -> None:
-    sys.stdout.buffer.write(data)
-    sys.stdout.buffer.flush()
 
 
 def _stderr(msg: str) -> None:
