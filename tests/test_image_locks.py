@@ -8,7 +8,9 @@ exitless and QEMU see each other's locks.  The error is one line naming the hold
 """
 from __future__ import annotations
 
+import fcntl
 import os
+import struct
 import subprocess
 import sys
 import time
@@ -48,6 +50,7 @@ class ImageUsers(RuleBasedStateMachine):
                 f.truncate(64 * 1024)
             self.paths.append(p)
         self.users: dict[int, list[bool]] = {0: [], 1: []}       # image -> read_only of each open device
+        self.devices: list = []
 
     @rule(target=opened, image=st.integers(0, 1), read_only=st.booleans(), nvme=st.booleans(),
           direct=st.booleans())
@@ -66,6 +69,7 @@ class ImageUsers(RuleBasedStateMachine):
             return None
         assert allowed, f"image {image} opened {'ro' if read_only else 'rw'} beside {holders}"
         holders.append(read_only)
+        self.devices.append(dev)
         return (image, read_only, dev)
 
     @rule(entry=consumes(opened))
@@ -74,22 +78,24 @@ class ImageUsers(RuleBasedStateMachine):
             return
         image, read_only, dev = entry
         dev.close()
+        self.devices.remove(dev)
         self.users[image].remove(read_only)
 
     @invariant()
-    def holders_are_seen(self):
+    def held_exactly_while_open(self):
+        """Byte 100 (consistent read) is locked by someone else exactly while a device has the image."""
         for image, holders in self.users.items():
             fd = os.open(self.paths[image], os.O_RDONLY | os.O_CLOEXEC)
             try:
-                assert bool(lock_holders(fd)) == bool(holders)
+                probe = struct.pack("hhxxxxqqixxxx", fcntl.F_WRLCK, os.SEEK_SET, 100, 1, 0)
+                locked = struct.unpack("hhxxxxqqixxxx", fcntl.fcntl(fd, fcntl.F_OFD_GETLK, probe))[0] != fcntl.F_UNLCK
+                assert locked == bool(holders)
             finally:
                 os.close(fd)
 
     def teardown(self):
-        for image in self.users:
-            self.users[image].clear()
-        import gc
-        gc.collect()
+        for dev in self.devices:
+            dev.close()
         self.dir.cleanup()
 
 
