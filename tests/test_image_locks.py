@@ -265,3 +265,28 @@ def test_lock_off_is_serve_blks_alone(tmp_path) -> None:
         assert second.stop() == 0
     finally:
         assert first.stop() == 0
+
+
+def test_a_file_system_without_ofd_locks_opens_unlocked_with_a_warning(tmp_path, monkeypatch, caplog) -> None:
+    """As QEMU does: a file system that keeps no OFD locks (ENOLCK, EINVAL: some network file systems)
+    is no reason to refuse the disk, but the user is told that it is unprotected."""
+    import errno as E
+
+    import exitless.devices.imagelock as imagelock
+
+    img = tmp_path / "a.img"
+    img.write_bytes(bytes(1 << 16))
+    real = imagelock.fcntl.fcntl
+
+    def no_locks(fd, cmd, arg=0):
+        if cmd in (fcntl.F_OFD_SETLK, fcntl.F_OFD_GETLK):
+            raise OSError(E.ENOLCK, os.strerror(E.ENOLCK))
+        return real(fd, cmd, arg)
+
+    monkeypatch.setattr(imagelock.fcntl, "fcntl", no_locks)
+    with caplog.at_level("WARNING", logger="exitless.devices.imagelock"):
+        dev = VirtioBlk(img)
+    try:
+        assert "keeps no OFD locks" in caplog.text and "not locked" in caplog.text
+    finally:
+        dev.close()
