@@ -290,3 +290,28 @@ def test_a_file_system_without_ofd_locks_opens_unlocked_with_a_warning(tmp_path,
         assert "keeps no OFD locks" in caplog.text and "not locked" in caplog.text
     finally:
         dev.close()
+
+
+def test_handed_over_fds_take_the_lock_too(tmp_path) -> None:
+    """``exitless sidecore`` builds a disk from fds a VM hands it.  The VM's exitless locked them (the
+    lock is the open file description's, so the service's copy holds it already); an fd opened without
+    the lock -- another VMM, a hostile peer -- is locked by the service, and refused if another process
+    uses the image."""
+    img = tmp_path / "a.img"
+    img.write_bytes(bytes(1 << 16))
+    holder = VirtioBlk(img)                     # as another VM would
+    try:
+        fd = os.open(img, os.O_RDWR | os.O_CLOEXEC)
+        with pytest.raises(BackingError, match="locked by this process"):
+            VirtioBlk("vm#1's disk", fds=(fd, -1))       # owns fd from here on, even when it raises
+        served = VirtioBlk("vm#2's disk", fds=(os.dup(holder.fd), -1), read_only=False)
+        served.close()                                   # the same open file description: its own lock
+    finally:
+        holder.close()
+    fd = os.open(img, os.O_RDWR | os.O_CLOEXEC)
+    served = VirtioBlk("vm#3's disk", fds=(fd, -1))
+    try:
+        with pytest.raises(BackingError, match="locked by this process"):
+            VirtioBlk(img, read_only=True)
+    finally:
+        served.close()

@@ -175,11 +175,20 @@ def open_backing(path: str, flags: int, what: str, error: type[BackingError],
         raise error(e.errno, f"{what} backing file: {e.strerror}", path) from None
     if lock:
         try:
-            lock_image(fd, path, flags & os.O_ACCMODE == os.O_RDONLY, what)
-        except OSError as e:
+            lock_backing(fd, path, flags & os.O_ACCMODE == os.O_RDONLY, what, error)
+        except BaseException:
             os.close(fd)
-            raise error(e.errno, e.strerror, path) from None
+            raise
     return fd
+
+
+def lock_backing(fd: int, path: str, read_only: bool, what: str, error: type[BackingError]) -> None:
+    """Take the image locks of a reader or a writer on ``fd`` (:func:`exitless.devices.imagelock.lock_image`);
+    a conflict (or a lock error) raises ``error`` naming ``path`` and the holder.  Leaves ``fd`` open."""
+    try:
+        lock_image(fd, path, read_only, what)
+    except OSError as e:
+        raise error(e.errno, e.strerror, path) from None
 
 
 def backing_size(fd: int, path: str, what: str, block: int, error: type[BackingError]) -> int:

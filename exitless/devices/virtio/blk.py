@@ -49,7 +49,7 @@ import struct
 import time
 
 from ..hostio import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, BackingError,
-                      StickySync, backing_size, fallocate, open_backing, transfer, zero_range)
+                      StickySync, backing_size, fallocate, lock_backing, open_backing, transfer, zero_range)
 from .constants import (
     VIRTIO_BLK_F_BLK_SIZE,
     VIRTIO_BLK_F_DISCARD,
@@ -121,8 +121,9 @@ class VirtioBlk(VirtioDevice):
 
     ``lock``: the file it opens takes the image locks of a reader or a writer
     (:mod:`exitless.devices.imagelock`): :class:`BackingFileError` (errno EAGAIN) naming the
-    holder if another open file description conflicts.  Fds handed over are not locked here
-    (the process that opened them did).
+    holder if another open file description conflicts.  Fds handed over take them too: the
+    locks belong to the open file description, so the VM's own locked fd passes as it is, and
+    an fd opened without them is refused if another process uses the image.
     """
 
     DEVICE_ID = VIRTIO_ID_BLOCK
@@ -162,6 +163,8 @@ class VirtioBlk(VirtioDevice):
                 self.fd = self._open(base | (os.O_DIRECT if direct else 0), lock=lock)
             else:
                 self._check_fds(read_only, direct)
+                if lock:        # a no-op on the VM's own locked file description; an unlocked fd gets it here
+                    lock_backing(self.fd, self.path, read_only, "virtio-blk", BackingFileError)
             size = backing_size(self.fd, self.path, "virtio-blk", SECTOR, BackingFileError)
             self.capacity = size // SECTOR          # in 512-byte sectors; a partial tail sector is not exposed
             self.dio_align = 1
