@@ -79,10 +79,14 @@ def register(sub) -> None:
 def cmd_run(args) -> int:
     """The one dispatch of ``run``: a Linux kernel or the easy form, else a PVH ELF (the guest kit)."""
     from ..boot.files import check_image
+    from ..guest.plan import is_linux_kernel
 
     if args.kernel is not None:      # a missing kernel is reported as such, not as a form it was taken for
         check_image(args.kernel, "", args.mem << 20)
     form = ("easy" if args.cmd else "linux") if wants_linux_loader(args) else "guestkit"
+    if form == "easy" and args.kernel is not None and not is_linux_kernel(args.kernel):
+        raise RunOptionError(f"-- CMD needs a Linux --kernel (a bzImage) to run the command in: {args.kernel} is not "
+                             "Linux (the guest kit runs its own apps: --append 'APP [key=value...]', no -- CMD)")
     refuse_unused_options(args, form)
     if args.initrd is not None:
         check_image(args.initrd, "initrd", args.mem << 20)
