@@ -70,7 +70,8 @@ def lock_image(fd: int, path: str, read_only: bool, what: str) -> bool:
     open file description -- another process, or another device of this one -- holds a
     conflicting lock; the bytes taken so far are released then.
     """
-    if not stat.S_ISREG(os.fstat(fd).st_mode) and not stat.S_ISBLK(os.fstat(fd).st_mode):
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode) and not stat.S_ISBLK(mode):
         return False            # not an image: the device's own type check reports it
     take, check = lock_bytes(read_only)
     try:
