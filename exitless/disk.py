@@ -1,11 +1,14 @@
 """The ``--disk`` grammar, one for every command that takes a disk, and plugging disks into a machine.
 
-    PATH[,ro][,direct][,io=trap|ioeventfd|shared|poll|adaptive][,queues=1..16]
+    PATH[,ro][,direct][,io=trap|ioeventfd|shared|poll|adaptive][,queues=1..16][,lock=off]
 
 ``PATH`` comes first; a comma inside it is written ``,,`` (QEMU's convention), so
 every path can be spelled.  Each option appears at most once, in any order.  A
-command accepts a subset of the options (``serve blk`` takes ``ro`` and
-``direct``); :func:`syntax` gives its syntax string for ``--help``.
+command accepts a subset of the options (``serve blk`` takes ``ro``, ``direct`` and
+``lock``); :func:`syntax` gives its syntax string for ``--help``.  ``lock=off``: the
+image is opened without its image lock (:mod:`exitless.devices.imagelock`), for back-ends
+kept up side by side that take turns on one image (``bench vhost``, as its
+qemu-storage-daemon's ``locking=off``); only ``serve blk`` takes it.
 """
 from __future__ import annotations
 
@@ -16,12 +19,14 @@ from dataclasses import dataclass
 from .errors import ExitlessError
 from .sidecore.paths import PATHS, REMOTE_PATHS
 
-#: Every option of the grammar; ``run --disk`` takes them all.
+#: Every option of the grammar.
+GRAMMAR = ("ro", "direct", "io", "queues", "lock")
+#: The options of ``run --disk``.
 OPTIONS = ("ro", "direct", "io", "queues")
 MAX_QUEUES = 16
 DEFAULT_IO = "ioeventfd"
 
-_VALUES = {"io": "|".join(PATHS), "queues": f"1..{MAX_QUEUES}"}
+_VALUES = {"io": "|".join(PATHS), "queues": f"1..{MAX_QUEUES}", "lock": "off"}
 
 
 class DiskSpecError(ExitlessError, ValueError):
@@ -35,13 +40,15 @@ def syntax(options: tuple[str, ...] = OPTIONS) -> str:
 
 @dataclass(frozen=True)
 class DiskSpec:
-    """One disk: its backing file (or block device), access mode, I/O path and number of virtqueues."""
+    """One disk: its backing file (or block device), access mode, I/O path, number of virtqueues and
+    whether it takes its image lock."""
 
     path: str
     read_only: bool = False
     direct: bool = False
     io: str = DEFAULT_IO
     queues: int = 1
+    lock: bool = True
 
     @classmethod
     def parse(cls, text: str, options: tuple[str, ...] = OPTIONS) -> "DiskSpec":
@@ -59,7 +66,7 @@ class DiskSpec:
             key, eq, value = opt.partition("=")
             if not opt:
                 raise DiskSpecError(f"{text!r}: empty option (a comma in PATH is written ',,')")
-            if key not in OPTIONS:
+            if key not in GRAMMAR:
                 raise DiskSpecError(f"{text!r}: unknown option {opt!r} (syntax: {syntax(options)})")
             if key not in options:
                 raise DiskSpecError(f"{text!r}: option {opt!r} is not accepted here (syntax: {syntax(options)})")
@@ -74,6 +81,10 @@ class DiskSpec:
                 if value not in PATHS:
                     raise DiskSpecError(f"{text!r}: option {opt!r}: the I/O path is one of {', '.join(PATHS)}")
                 fields["io"] = value
+            elif key == "lock":
+                if value != "off":
+                    raise DiskSpecError(f"{text!r}: option {opt!r}: lock takes only off (lock=off)")
+                fields["lock"] = False
             else:  # queues
                 if not (value.isascii() and value.isdigit() and 1 <= int(value) <= MAX_QUEUES):
                     raise DiskSpecError(f"{text!r}: option {opt!r}: queues is a number in 1..{MAX_QUEUES}")
@@ -91,6 +102,8 @@ class DiskSpec:
             parts.append(f"io={self.io}")
         if self.queues != 1:
             parts.append(f"queues={self.queues}")
+        if not self.lock:
+            parts.append("lock=off")
         return ",".join(parts)
 
 

@@ -95,7 +95,7 @@ class Machine:
             self._map_region(region)
         self.pio = Bus("pio")
         self.mmio = Bus("mmio")
-        out = cfg.console or _stdout_console
+        out = cfg.console or stdout_console
         self.serial = Serial(out, lambda level: self.vm.irq_line(L.COM1_IRQ, level))
         self.pio.insert(L.COM1_PORT, 8, self.serial, "com1")
         self.pio.insert(L.DEBUG_EXIT_PORT, 4, DebugExit(), "debug-exit")
@@ -300,6 +300,35 @@ class VcpuStats:
             s.close()
 
 
-def _stdout_console(data: bytes) -> None:
-    sys.stdout.buffer.write(data)
-    sys.stdout.buffer.flush()
+class _StdoutConsole:
+    """The guest's console on this process's stdout (``stdout_console``).
+
+    A reader that goes away (``exitless run … | head``) must not turn each later byte into a
+    traceback from the serial port's handler: the first EPIPE drops the output for good, with
+    one warning, and points stdout at /dev/null so that the interpreter's exit flush is quiet
+    too.  The guest runs on; its exit status is still exitless's.
+    """
+
+    def __init__(self):
+        self.dropped = False
+        self._lock = threading.Lock()
+
+    def __call__(self, data: bytes) -> None:
+        if self.dropped:
+            return
+        try:
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+        except BrokenPipeError:
+            with self._lock:
+                if self.dropped:
+                    return
+                self.dropped = True
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
+            log.warning("stdout was closed by its reader: the guest's console output is dropped from here on")
+
+
+#: ``console=`` callable writing to stdout; every command that shows the guest's console uses it.
+stdout_console = _StdoutConsole()

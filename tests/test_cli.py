@@ -201,7 +201,7 @@ def test_every_disk_option_uses_the_one_grammar_and_shows_its_syntax() -> None:
             assert "SPEC is PATH[,ro][,direct]" in disk[0].help, name
             assert isinstance(disk[0].type("img,ro"), DiskSpec), name
     assert {"run", "serve blk"} <= set(with_disk)
-    assert syntax() in with_disk["run"].help and syntax(("ro", "direct")) + " " in with_disk["serve blk"].help
+    assert syntax() in with_disk["run"].help and syntax(("ro", "direct", "lock")) + " " in with_disk["serve blk"].help
     with pytest.raises(argparse.ArgumentTypeError, match="'img,io=poll': option 'io=poll' is not accepted here"):
         with_disk["serve blk"].type("img,io=poll")
 

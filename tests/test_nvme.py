@@ -223,7 +223,8 @@ def test_flush_fails_for_good_after_a_failed_fdatasync(rig, monkeypatch):
     assert rw(d, 1, K.NVM_WRITE, 0, 1, DATA, cdw12_extra=1 << 30) != K.SC_SUCCESS     # FUA
     assert rw(d, 1, K.NVM_WRITE, 0, 1, DATA) == K.SC_SUCCESS       # a cached write needs no sync
     assert len(calls) == 1
-    fresh = Namespace(rig.ns.path)                                 # a new device (a restart) starts clean
+    rig.ns.close()                                                 # a restart: the old device is gone
+    fresh = Namespace(rig.ns.path)                                 # a new device starts clean
     try:
         fresh.flush()
     finally:

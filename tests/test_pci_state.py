@@ -61,11 +61,12 @@ class BlkMachine:
     def __init__(self, *paths: str):
         import tempfile
         self.tmp = tempfile.TemporaryDirectory()
-        img = f"{self.tmp.name}/d.img"
-        with open(img, "wb") as f:
-            f.truncate(65536)
+        imgs = [f"{self.tmp.name}/d{i}.img" for i in range(len(paths))]    # one each: a writer locks its image
+        for img in imgs:
+            with open(img, "wb") as f:
+                f.truncate(65536)
         self.m = Machine(VmConfig(mem_mib=32))
-        self.devs = [VirtioPci(self.m, VirtioBlk(img), path) for path in paths]
+        self.devs = [VirtioPci(self.m, VirtioBlk(img), path) for img, path in zip(imgs, paths)]
         self.cfgs = [Cfg(self.m, d.slot) for d in self.devs]
 
     def close(self) -> None:

@@ -32,6 +32,14 @@ def disk(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def own_disk(tmp_path_factory):
+    """A disk of the tests that open their own device: ``server``'s device holds ``disk``'s image lock."""
+    path = tmp_path_factory.mktemp("hostile-own") / "disk.img"
+    path.write_bytes(b"\0" * MIB)
+    return path
+
+
+@pytest.fixture(scope="module")
 def server(disk):
     dev = VirtioBlk(disk)
     srv = VhostUserServer(str(disk.parent / "vu.sock"), dev, "kick", io_timeout=0.5).start()
@@ -331,11 +339,11 @@ def _make_fd(kind: str) -> int:
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.booleans(), st.lists(messages(), max_size=12))
-def test_backend_handles_any_message_sequence(disk, live, seq):
+def test_backend_handles_any_message_sequence(own_disk, live, seq):
     """Whatever a frontend sends, handle() answers or raises ProtocolError -- nothing else -- and
     closing the session releases every fd and leaves the device reset.  With ``live`` the
     sequence starts with a valid set-up, so the random messages hit a running data plane."""
-    dev = VirtioBlk(disk)
+    dev = VirtioBlk(own_disk)
     before = open_fds()
     b = VhostUserBackend(dev, "poll")
     good = [

@@ -258,7 +258,9 @@ def test_flush_syncs(rig, monkeypatch):
 def test_write_through_without_flush_feature(disk, monkeypatch):
     calls = []
     monkeypatch.setattr(blkmod.os, "fdatasync", lambda fd: calls.append(fd))
-    base = VirtioBlk(disk).device_features()
+    probe = VirtioBlk(disk)
+    base = probe.device_features()
+    probe.close()           # before the rig opens the image for writing: it holds the image lock
     r = Rig(disk, features=base & ~(1 << VIRTIO_BLK_F_FLUSH))
     try:
         assert rig_status(r.request(VIRTIO_BLK_T_OUT, sector=0, out=b"\1" * 512)) == VIRTIO_BLK_S_OK

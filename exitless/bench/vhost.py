@@ -85,9 +85,10 @@ class BackendProcess:
 
 
 def serve_process(image: Path, io: str, directory: str, cache: str, *, confine: bool = True) -> BackendProcess:
-    """``exitless serve blk`` on ``image`` with I/O path ``io`` (under its seccomp filter unless not ``confine``)."""
+    """``exitless serve blk`` on ``image`` with I/O path ``io`` (under its seccomp filter unless not ``confine``).
+    It takes no image lock (``lock=off``): it stays up while the other rows, one at a time, use the same image."""
     sock = os.path.join(directory, f"exitless-{io}.sock")
-    disk = f"{image},direct" if cache == "none" else str(image)
+    disk = f"{image},direct,lock=off" if cache == "none" else f"{image},lock=off"
     return BackendProcess([sys.executable, "-m", "exitless.cli", "serve", "blk", "--socket", sock, "--disk", disk,
                            "--io", io] + ([] if confine else ["--no-confine"]), sock, os.path.join(directory, f"exitless-{io}.log"), "exitless serve blk")
 

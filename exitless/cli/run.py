@@ -79,10 +79,14 @@ def register(sub) -> None:
 def cmd_run(args) -> int:
     """The one dispatch of ``run``: a Linux kernel or the easy form, else a PVH ELF (the guest kit)."""
     from ..boot.files import check_image
+    from ..guest.plan import is_linux_kernel
 
     if args.kernel is not None:      # a missing kernel is reported as such, not as a form it was taken for
         check_image(args.kernel, "", args.mem << 20)
     form = ("easy" if args.cmd else "linux") if wants_linux_loader(args) else "guestkit"
+    if form == "easy" and args.kernel is not None and not is_linux_kernel(args.kernel):
+        raise RunOptionError(f"-- CMD needs a Linux --kernel (a bzImage) to run the command in: {args.kernel} is not "
+                             "Linux (the guest kit runs its own apps: --append 'APP [key=value...]', no -- CMD)")
     refuse_unused_options(args, form)
     if args.initrd is not None:
         check_image(args.initrd, "initrd", args.mem << 20)
@@ -195,7 +199,7 @@ def _run_linux(args) -> int:
     from ..boot.initramfs import EXIT_MARKER, parse_exit_status
     from ..boot.linux import BootConsole, boot_linux
     from ..guest.plan import plan_guest
-    from ..vm import Machine, VmConfig
+    from ..vm import Machine, VmConfig, stdout_console
 
     command = list(args.cmd or [])
     if command and command[0] == "--":
@@ -207,7 +211,7 @@ def _run_linux(args) -> int:
                       modules=args.modules, decompress=args.decompress, quiet=not args.boot_log,
                       progress=stderr_progress())
 
-    sink = CommandOutput() if easy and not args.boot_log else _stdout
+    sink = CommandOutput() if easy and not args.boot_log else stdout_console
     console = BootConsole(sink)
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
 
@@ -268,8 +272,9 @@ class CommandOutput:
 
     def __init__(self, write=None):
         from ..boot.initramfs import EXIT_MARKER, READY_MARKER
+        from ..vm import stdout_console
 
-        self.write = write or _stdout
+        self.write = write or stdout_console
         self.ready = READY_MARKER.encode()
         self.marker = EXIT_MARKER.encode()
         self.state = "boot"        # boot -> command -> done
@@ -327,11 +332,6 @@ class CommandOutput:
 
 
 _HELD_LINE_MAX = 4096      # bytes of one console line held back, whatever the guest prints
-
-
-def _stdout(data: bytes) -> None:
-    sys.stdout.buffer.write(data)
-    sys.stdout.buffer.flush()
 
 
 def _stderr(msg: str) -> None:

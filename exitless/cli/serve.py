@@ -49,8 +49,9 @@ def _add_blk(ssub) -> None:
                           description=BLK_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
     blk.add_argument("--socket", required=True, action="append", metavar="PATH",
                      help="unix socket to listen on (repeatable: the n-th --socket serves the n-th --disk)")
-    add_disk_argument(blk, ("ro", "direct"), required=True, action="append",
-                      help="the disk image or block device served (repeatable)")
+    add_disk_argument(blk, ("ro", "direct", "lock"), required=True, action="append",
+                      help="the disk image or block device served (repeatable); lock=off: take no image lock "
+                           "(back-ends that take turns on one image)")
     blk.add_argument("--io", choices=IO_MODES, default="kick",
                      help="kick: sleep on kick eventfds; poll: poll the avail rings (no kicks); adaptive: both "
                           "(default kick)")
@@ -85,7 +86,7 @@ def cmd_serve_blk(args) -> int:
     try:
         for path, disk in zip(args.socket, args.disk):
             dev = VirtioBlk(disk.path, read_only=disk.read_only, direct=disk.direct, num_queues=args.queues,
-                            queue_size=args.queue_size)
+                            queue_size=args.queue_size, lock=disk.lock)
             served.append((path, dev, f"{disk.path} ({dev.capacity} sectors{', read-only' if disk.read_only else ''}, "
                                       f"{dev.num_queues} queue(s) of {dev.queue_max_size})"))
     except BaseException:

@@ -17,6 +17,7 @@ import os
 import stat
 
 from ..errors import ExitlessError
+from .imagelock import lock_image
 
 log = logging.getLogger(__name__)
 
@@ -153,15 +154,18 @@ class BackingError(ExitlessError, OSError):
 
 
 def open_backing(path: str, flags: int, what: str, error: type[BackingError],
-                 missing: type[BackingError] | None = None) -> int:
+                 missing: type[BackingError] | None = None, lock: bool = False) -> int:
     """``os.open(path, flags)`` for the backing file of device ``what`` ("virtio-blk", "NVMe").
 
+    With ``lock``, the fd takes the image locks of a reader (``O_RDONLY``) or a writer
+    (:mod:`exitless.devices.imagelock`, QEMU's protocol): the device's main fd does, once.
     Raises ``missing`` (default ``error``) when the file does not exist, else ``error`` with
-    ``"<what> backing file: <strerror>"`` (``PATH: NVMe backing file: Is a directory``) or a
-    sentence saying the file system refuses O_DIRECT.
+    ``"<what> backing file: <strerror>"`` (``PATH: NVMe backing file: Is a directory``), a
+    sentence saying the file system refuses O_DIRECT, or one naming the process whose image
+    lock conflicts (errno EAGAIN).
     """
     try:
-        return os.open(path, flags)
+        fd = os.open(path, flags)
     except FileNotFoundError:
         raise (missing or error)(errno.ENOENT, f"{what} backing file does not exist", path) from None
     except OSError as e:
@@ -169,6 +173,22 @@ def open_backing(path: str, flags: int, what: str, error: type[BackingError],
             raise error(errno.EINVAL, f"the filesystem of the {what} backing file does not support O_DIRECT "
                                       "(direct)", path) from None
         raise error(e.errno, f"{what} backing file: {e.strerror}", path) from None
+    if lock:
+        try:
+            lock_backing(fd, path, flags & os.O_ACCMODE == os.O_RDONLY, what, error)
+        except BaseException:
+            os.close(fd)
+            raise
+    return fd
+
+
+def lock_backing(fd: int, path: str, read_only: bool, what: str, error: type[BackingError]) -> None:
+    """Take the image locks of a reader or a writer on ``fd`` (:func:`exitless.devices.imagelock.lock_image`);
+    a conflict (or a lock error) raises ``error`` naming ``path`` and the holder.  Leaves ``fd`` open."""
+    try:
+        lock_image(fd, path, read_only, what)
+    except OSError as e:
+        raise error(e.errno, e.strerror, path) from None
 
 
 def backing_size(fd: int, path: str, what: str, block: int, error: type[BackingError]) -> int:

@@ -78,13 +78,14 @@ class _MachineHarness:
 
     def __init__(self, paths: tuple[str, ...]):
         self.tmp = tempfile.TemporaryDirectory(prefix="exitless-fuzz-")
-        img = os.path.join(self.tmp.name, "disk.img")
-        with open(img, "wb") as f:
-            f.truncate(1 << 20)
+        imgs = [os.path.join(self.tmp.name, f"disk{i}.img") for i in range(len(paths))]   # a writer locks its image
+        for img in imgs:
+            with open(img, "wb") as f:
+                f.truncate(1 << 20)
         self.m = Machine(VmConfig(mem_mib=32, console=lambda b: None))
         self.ioeventfds = IoeventfdLedger()
         self.m.vm.ioeventfd = self.ioeventfds.ioeventfd    # before any function registers one
-        self.devs = [VirtioPci(self.m, VirtioBlk(img, queue_size=16), path) for path in paths]
+        self.devs = [VirtioPci(self.m, VirtioBlk(img, queue_size=16), path) for img, path in zip(imgs, paths)]
         for d in self.devs:
             # The harness runs the queues itself (driver_session), on this thread: a live sidecore
             # thread would race it for the GIL on every wake-up (0.5 ms per eventfd write under

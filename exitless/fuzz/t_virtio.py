@@ -148,11 +148,12 @@ class BlkHarness:
     def __init__(self):
         self.mem = fuzz_memory()
         self.tmp = tempfile.TemporaryDirectory(prefix="exitless-fuzz-", dir=_tmpdir())
-        path = os.path.join(self.tmp.name, "disk.img")
-        with open(path, "wb") as f:
-            f.truncate(self.DISK_BYTES)
+        path, ro_path = (os.path.join(self.tmp.name, name) for name in ("disk.img", "ro.img"))
+        for p in (path, ro_path):       # two images: the writer's image lock keeps a reader off its image
+            with open(p, "wb") as f:
+                f.truncate(self.DISK_BYTES)
         self.rw = VirtioBlk(path, queue_size=16, serial="fuzz")
-        self.ro = VirtioBlk(path, read_only=True, queue_size=16)
+        self.ro = VirtioBlk(ro_path, read_only=True, queue_size=16)
         self.path = path
         self.requests = 0
         self.check_ring = None

@@ -30,6 +30,7 @@ import logging
 import os
 import select
 import socket
+import stat
 import threading
 
 from ..errors import ExitlessError
@@ -41,6 +42,16 @@ log = logging.getLogger("exitless.sidecore.remote")
 #: Protocol features the VM asks for (if offered): REPLY_ACK makes every request synchronous, so a
 #: queue is served (or refused) by the time the driver's DRIVER_OK write returns.
 WANTED_PROTOCOL = 1 << P.PROTOCOL_F_REPLY_ACK
+
+
+def _unreachable_hint(path: str) -> str:
+    """What to do when nothing answers at ``path``: it is no socket, or no service listens on it."""
+    try:
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            return " (it is not a socket: give the --socket PATH of a running `exitless sidecore`)"
+    except OSError:
+        pass
+    return f" (start one first: `exitless sidecore --socket {path}`)"
 
 
 class RemoteSidecoreError(ExitlessError, OSError):
@@ -67,8 +78,8 @@ class RemoteQueues:
             try:
                 self.fe = Frontend.connect(path, timeout)
             except OSError as e:
-                raise RemoteSidecoreError(e.errno or errno.EIO,
-                                          f"cannot reach the sidecore service at {path}: {e.strerror or e}") from None
+                raise RemoteSidecoreError(e.errno or errno.EIO, f"cannot reach the sidecore service at {path}: "
+                                                                f"{e.strerror or e}{_unreachable_hint(path)}") from None
             self._handshake(dev)
         except BaseException:
             self.close()

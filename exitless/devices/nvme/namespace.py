@@ -42,7 +42,7 @@ class Namespace:
         self._flusher = StickySync("NVMe")
         # O_NONBLOCK: opening a FIFO must fail the type check below, not wait for a writer
         flags = os.O_CLOEXEC | os.O_NONBLOCK | (os.O_RDONLY if read_only else os.O_RDWR)
-        self.fd = self._open(flags | (os.O_DIRECT if direct else 0))
+        self.fd = self._open(flags | (os.O_DIRECT if direct else 0), lock=True)
         try:
             size = backing_size(self.fd, self.path, "NVMe", lba_size, NamespaceError)
             self.nsze = size // lba_size
@@ -55,8 +55,8 @@ class Namespace:
         self.eui64 = digest[16:20] + digest[:4]
         self.serial = "EXL" + digest.hex()[:17]
 
-    def _open(self, flags: int) -> int:
-        return open_backing(self.path, flags, "NVMe", NamespaceError)
+    def _open(self, flags: int, lock: bool = False) -> int:
+        return open_backing(self.path, flags, "NVMe", NamespaceError, lock=lock)
 
     def close(self) -> None:
         if self._fd_buffered >= 0 and self._fd_buffered != self.fd:

@@ -49,7 +49,7 @@ import struct
 import time
 
 from ..hostio import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, BackingError,
-                      StickySync, backing_size, fallocate, open_backing, transfer, zero_range)
+                      StickySync, backing_size, fallocate, lock_backing, open_backing, transfer, zero_range)
 from .constants import (
     VIRTIO_BLK_F_BLK_SIZE,
     VIRTIO_BLK_F_DISCARD,
@@ -118,6 +118,12 @@ class VirtioBlk(VirtioDevice):
     when it raises, and ``path`` only names the disk in messages (``exitless sidecore`` receives
     these fds from a VM).  Their access mode must fit ``read_only`` and ``direct``, else
     :class:`BackingFileError`.
+
+    ``lock``: the file it opens takes the image locks of a reader or a writer
+    (:mod:`exitless.devices.imagelock`): :class:`BackingFileError` (errno EAGAIN) naming the
+    holder if another open file description conflicts.  Fds handed over take them too: the
+    locks belong to the open file description, so the VM's own locked fd passes as it is, and
+    an fd opened without them is refused if another process uses the image.
     """
 
     DEVICE_ID = VIRTIO_ID_BLOCK
@@ -130,7 +136,8 @@ class VirtioBlk(VirtioDevice):
 
     def __init__(self, path: str | os.PathLike, read_only: bool = False, direct: bool = False,
                  num_queues: int = 1, queue_size: int = 256, serial: str | None = None,
-                 discard: bool = True, write_zeroes: bool = True, fds: tuple[int, int] | None = None):
+                 discard: bool = True, write_zeroes: bool = True, fds: tuple[int, int] | None = None,
+                 lock: bool = True):
         try:
             super().__init__(num_queues=num_queues, queue_max_size=queue_size)
         except BaseException:
@@ -153,9 +160,11 @@ class VirtioBlk(VirtioDevice):
         base = os.O_CLOEXEC | (os.O_RDONLY if read_only else os.O_RDWR)
         try:
             if fds is None:
-                self.fd = self._open(base | (os.O_DIRECT if direct else 0))
+                self.fd = self._open(base | (os.O_DIRECT if direct else 0), lock=lock)
             else:
                 self._check_fds(read_only, direct)
+                if lock:        # a no-op on the VM's own locked file description; an unlocked fd gets it here
+                    lock_backing(self.fd, self.path, read_only, "virtio-blk", BackingFileError)
             size = backing_size(self.fd, self.path, "virtio-blk", SECTOR, BackingFileError)
             self.capacity = size // SECTOR          # in 512-byte sectors; a partial tail sector is not exposed
             self.dio_align = 1
@@ -179,8 +188,8 @@ class VirtioBlk(VirtioDevice):
         return self._flusher.failed
 
     # -- backing store -----------------------------------------------------------------
-    def _open(self, flags: int) -> int:
-        return open_backing(self.path, flags, "virtio-blk", BackingFileError, BackingFileMissing)
+    def _open(self, flags: int, lock: bool = False) -> int:
+        return open_backing(self.path, flags, "virtio-blk", BackingFileError, BackingFileMissing, lock=lock)
 
     def _check_fds(self, read_only: bool, direct: bool) -> None:
         """Fds handed over (``fds=``): open, for writing unless ``read_only``, O_DIRECT exactly when
