@@ -163,7 +163,7 @@ def test_run_without_a_service_is_a_usage_error(tmp_path):
     r = subprocess.run([sys.executable, "-m", "exitless", "run", "--kernel", str(guestkit_path()),
                         "--disk", f"{img},io=ioeventfd", "--sidecore", str(tmp_path / "none.sock"),
                         "--append", "blk rw=fill bs=4096 qd=4 seed=1"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "no --disk on a polled path" in r.stderr, r.stdout + r.stderr
+    assert r.returncode == 2 and "no --disk or --net on a polled path" in r.stderr, r.stdout + r.stderr
 
 
 def test_device_reset_detaches_and_a_dead_service_needs_reset(tmp_path):
