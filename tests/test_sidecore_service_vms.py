@@ -37,13 +37,18 @@ DISK_BYTES = 16 << 20
 
 
 class Vm:
-    """``python3 -m exitless run`` of the guest kit with one disk on the service; stdout collected."""
+    """``python3 -m exitless run`` of the guest kit with one disk on the service; stdout collected.
+    ``devices``: other device options instead of the disk (``["--net", "tap=…,io=poll"]``), ``probed``:
+    the guest kit's line once its driver found the device."""
 
-    def __init__(self, image: Path, io: str, app: str, sock: Path, timeout: int = 180):
+    def __init__(self, image: Path | None, io: str, app: str, sock: Path, timeout: int = 180, *,
+                 devices: list[str] | None = None, probed: str = "guestkit: virtio-blk"):
+        devices = devices if devices is not None else ["--disk", f"{image},io={io}"]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "exitless", "run", "--kernel", str(guestkit_path()), "--mem", "64M",
-             "--disk", f"{image},io={io}", "--sidecore", str(sock), "--timeout", str(timeout), "--append", app],
+             *devices, "--sidecore", str(sock), "--timeout", str(timeout), "--append", app],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.probe_line = probed
         self.lines: list[str] = []
         self.probed = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -53,7 +58,7 @@ class Vm:
         for raw in self.proc.stdout:
             line = raw.decode(errors="replace")
             self.lines.append(line)
-            if line.startswith("guestkit: virtio-blk"):    # the driver found the disk: I/O starts now
+            if line.startswith(self.probe_line):    # the driver found the device: I/O starts now
                 self.probed.set()
 
     def wait_probed(self, timeout: float = 60) -> None:

@@ -104,13 +104,22 @@ def add_nic(machine, spec: NetSpec, sidecore=None, service: str | None = None):
 
 
 def refuse_shared_on_service(specs: list[NetSpec], service: str | None) -> None:
-    """Refuse a NIC on the ``shared`` path with a sidecore service: its control queue stays in this VMM,
-    and on that path its doorbell is a RAM page that nothing here would watch.  Raises :class:`NetSpecError`."""
+    """Refuse, with a sidecore service, a NIC on the ``shared`` path -- its control queue stays in this
+    VMM, and on that path its doorbell is a RAM page that nothing here would watch -- and one with more
+    queue pairs than one hand-over carries (:data:`exitless.sidecore.service_net.MAX_PAIRS`).
+    Raises :class:`NetSpecError`."""
+    if not service:
+        return
+    from ..sidecore.service_net import MAX_PAIRS
+
     for spec in specs:
-        if service and spec.io == "shared":
+        if spec.io == "shared":
             raise NetSpecError(f"--net tap={spec.tap},io=shared with --sidecore: the NIC's control queue stays in "
                                f"this VMM and on the shared path nothing here sees its doorbell; use "
                                f"io={' or io='.join(REMOTE_NIC_PATHS)} (the service serves the queue pairs)")
+        if spec.io in REMOTE_NIC_PATHS and spec.queues > MAX_PAIRS:
+            raise NetSpecError(f"--net tap={spec.tap},queues={spec.queues} with --sidecore: at most {MAX_PAIRS} "
+                               "queue pairs (their TAP fds and one more go over in one message of at most 8 fds)")
 
 
 def refuse_shared_taps(specs: list[NetSpec]) -> None:

@@ -56,8 +56,9 @@ from .remote import RemoteQueues
 
 log = logging.getLogger("exitless.sidecore.remote")
 
-#: Most queue pairs a NIC may hand over (``--net …,queues=N``'s limit).
-MAX_PAIRS = 16
+#: Most queue pairs a NIC may hand over: a vhost-user message carries at most 8 fds
+#: (:data:`exitless.vhost_user.protocol.MAX_FDS`), a TAP queue per pair and the config eventfd.
+MAX_PAIRS = P.MAX_FDS - 1
 #: The ioctls the service makes on TAP fds it receives, on whatever fd number they arrive as (its
 #: seccomp filter, ``exitless.confine.confine(ioctls=…)``): reading what the fd is, then the offloads
 #: and queue attach/detach the guest's features and VQ_PAIRS_SET ask for.
