@@ -277,16 +277,49 @@ def test_a_good_hand_over_offers_the_vmms_features_minus_the_control_queue(servi
 
 
 # ---------------------------------------------------------------------------------------------------------
-# the VM side: link status
+# the VM side, driven register by register
 # ---------------------------------------------------------------------------------------------------------
+def driver_ok(pci, mem, features: int, queues: int) -> list:
+    """What a driver does up to DRIVER_OK: features (``features`` and VERSION_1), then ``queues`` rings of
+    64 (:class:`DriverRing`, returned) -- rx0, tx0, ..., ctrl."""
+    pci.common_write(0x14, 1, 0x3)                                   # ACKNOWLEDGE | DRIVER
+    for select in (0, 1):
+        pci.common_write(0x08, 4, select)
+        pci.common_write(0x0C, 4, (features | 1 << 32) >> (32 * select) & 0xFFFFFFFF)
+    pci.common_write(0x14, 1, 0xB)                                   # FEATURES_OK
+    assert pci.status & 0x8
+    rings = []
+    for q in range(queues):
+        ring = DriverRing(mem, size=64, base=0x10_0000 + q * 0x4000)
+        rings.append(ring)
+        pci.common_write(0x16, 2, q)
+        pci.common_write(0x18, 2, 64)
+        for off, gpa in ((0x20, ring.desc), (0x28, ring.avail), (0x30, ring.used)):
+            pci.common_write(off, 8, gpa)
+        pci.common_write(0x1C, 2, 1)
+    pci.common_write(0x14, 1, 0xF)                                   # DRIVER_OK: the pairs to the service
+    return rings
+
+
+FRAME_GPA = 0x20_0000
+
+
+def send_frame(mem, tx) -> None:
+    """A broadcast frame behind a zero virtio-net header on TX ring ``tx``; waits until it is used."""
+    from exitless.devices.virtio.net import HDR_LEN
+
+    mem.write(FRAME_GPA, bytes(HDR_LEN) + b"\xff" * 6 + bytes.fromhex("525400000001") + b"\x08\x06" + bytes(46))
+    tx.add([(FRAME_GPA, HDR_LEN + 60, False)])
+    wait_for(lambda: tx.reap(), 10, lambda: "the service did not complete the TX chain")
+
+
 @pytest.mark.kvm
 def test_link_follows_the_tap_and_a_dead_service_is_link_down(tmp_path):
-    """Driven register by register: DRIVER_OK hands the pair to the service (a TX frame goes out through
-    it); the TAP set down makes the service drop the next frame and the VM's NIC show link down
-    (configuration interrupt, STATUS read back through GET_CONFIG); up again, the next frame brings the link
-    up; then the service goes away: link down again, and the device does not need a reset."""
+    """DRIVER_OK hands the pair to the service (a TX frame goes out through it); the TAP set down makes
+    the service drop the next frame and the VM's NIC show link down (configuration interrupt, STATUS read
+    back through GET_CONFIG); up again, the next frame brings the link up; then the service goes away:
+    link down again, and the device does not need a reset."""
     from exitless.devices.virtio.constants import VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS
-    from exitless.devices.virtio.net import HDR_LEN
     from exitless.net.spec import NetSpec, add_nic
     from exitless.net.tap import create_tap
     from exitless.vm import Machine, VmConfig
@@ -299,50 +332,69 @@ def test_link_follows_the_tap_and_a_dead_service_is_link_down(tmp_path):
             with Machine(VmConfig(mem_mib=64, console=lambda b: None)) as m:
                 pci = add_nic(m, NetSpec("exlsl0", io="poll", netns=ns), service=run.svc.path)
                 dev = pci.device
-                features = (1 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_NET_F_STATUS) | (1 << VIRTIO_NET_F_CTRL_VQ)
-                pci.common_write(0x14, 1, 0x3)
-                pci.common_write(0x08, 4, 0)
-                pci.common_write(0x0C, 4, features)
-                pci.common_write(0x08, 4, 1)
-                pci.common_write(0x0C, 4, 1)                         # VIRTIO_F_VERSION_1
-                pci.common_write(0x14, 1, 0xB)
-                assert pci.status & 0x8
-                rings = []
-                for q in range(3):                                    # rx0, tx0, ctrl
-                    ring = DriverRing(m.mem, size=64, base=0x10_0000 + q * 0x4000)
-                    rings.append(ring)
-                    pci.common_write(0x16, 2, q)
-                    pci.common_write(0x18, 2, 64)
-                    for off, gpa in ((0x20, ring.desc), (0x28, ring.avail), (0x30, ring.used)):
-                        pci.common_write(off, 8, gpa)
-                    pci.common_write(0x1C, 2, 1)
-                pci.common_write(0x14, 1, 0xF)                       # DRIVER_OK: the pair to the service
+                rings = driver_ok(pci, m.mem, (1 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_NET_F_STATUS)
+                                  | (1 << VIRTIO_NET_F_CTRL_VQ), 3)
                 wait_for(lambda: len(loop.pollables) == 3, 10, lambda: f"{len(loop.pollables)} pollables")
                 tx = rings[1]
-                frame = 0x20_0000
-                # a broadcast ARP-sized frame behind a zero header
-                m.mem.write(frame, bytes(HDR_LEN) + b"\xff" * 6 + bytes.fromhex("525400000001") + b"\x08\x06"
-                            + bytes(46))
-
-                def send() -> None:
-                    tx.add([(frame, HDR_LEN + 60, False)])
-                    wait_for(lambda: tx.reap(), 10, lambda: "the service did not complete the TX chain")
-
-                send()
+                send_frame(m.mem, tx)
                 assert dev.link_up and dev.stats["tx_packets"] == 0   # the service sent it, not this model
                 gen = pci.config_generation
                 N.set_link(ns, "exlsl0", False)
-                send()                                                # EIO: dropped, link down
+                send_frame(m.mem, tx)                                 # EIO: dropped, link down
                 wait_for(lambda: not dev.link_up, 10, lambda: "the VM's NIC still shows link up")
                 assert pci.config_generation != gen                   # a configuration interrupt
                 assert int.from_bytes(dev.read_config(6, 2), "little") & 1 == 0
                 N.set_link(ns, "exlsl0", True)
-                send()                                                # written: link up again
+                send_frame(m.mem, tx)                                 # written: link up again
                 wait_for(lambda: dev.link_up, 10, lambda: "the VM's NIC did not come back up")
                 run.stop()                                            # the service goes away
                 wait_for(lambda: not dev.link_up, 10, lambda: "a NIC without its service shows link up")
                 assert not pci.status & 0x40                          # link down, not DEVICE_NEEDS_RESET
                 pci.common_write(0x14, 1, 0)                          # a reset and a new DRIVER_OK: still down
-                assert not dev.link_up
+                driver_ok(pci, m.mem, 1 << VIRTIO_NET_F_STATUS, 3)
+                assert not dev.link_up and not pci.status & 0x40
+        finally:
+            run.stop()
+
+
+@pytest.mark.kvm
+def test_vq_pairs_set_enables_the_second_pair_on_the_service(tmp_path):
+    """Two pairs on a multi-queue TAP: at DRIVER_OK only pair 0 is served (§5.1.6.5.5: one pair until
+    VQ_PAIRS_SET); the driver's VQ_PAIRS_SET 2 on the control queue -- answered by the VMM -- enables
+    pair 1's rings on the service (SET_VRING_ENABLE), which then sends its frames; VQ_PAIRS_SET 1 takes
+    it off again."""
+    from exitless.devices.virtio.constants import (VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
+                                                   VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MQ, VIRTIO_NET_OK)
+    from exitless.net.spec import NetSpec, add_nic
+    from exitless.net.tap import create_tap
+    from exitless.vm import Machine, VmConfig
+
+    with N.netns_only() as ns:
+        create_tap("exlsq0", ns, queues=2, address="10.0.0.1/24")
+        run = Running(tmp_path / "s.sock", "poll")
+        loop = run.svc.dataplane.loop
+        try:
+            with Machine(VmConfig(mem_mib=64, console=lambda b: None)) as m:
+                pci = add_nic(m, NetSpec("exlsq0", io="poll", queues=2, netns=ns), service=run.svc.path)
+                rings = driver_ok(pci, m.mem, (1 << VIRTIO_NET_F_CTRL_VQ) | (1 << VIRTIO_NET_F_MQ), 5)
+                # pair 0's two rings and both pairs' TAP pollables
+                wait_for(lambda: len(loop.pollables) == 4, 10, lambda: f"{len(loop.pollables)} pollables")
+                ctrl = rings[4]
+                cmd, ack = 0x21_0000, 0x21_1000
+
+                def vq_pairs_set(n: int) -> None:
+                    m.mem.write(cmd, struct.pack("<BBH", VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, n))
+                    m.mem.write(ack, b"\xee")
+                    ctrl.add([(cmd, 4, False), (ack, 1, True)])
+                    os.eventfd_write(pci.wake_fds[4], 1)               # the doorbell's ioeventfd
+                    wait_for(lambda: ctrl.reap(), 10, lambda: "the VMM did not answer the control command")
+                    assert m.mem.read(ack, 1)[0] == VIRTIO_NET_OK
+
+                vq_pairs_set(2)
+                wait_for(lambda: len(loop.pollables) == 6, 10, lambda: f"{len(loop.pollables)} pollables")
+                send_frame(m.mem, rings[3])                           # tx1, through the service
+                vq_pairs_set(1)
+                wait_for(lambda: len(loop.pollables) == 4, 10, lambda: f"{len(loop.pollables)} pollables")
+                assert pci.device.link_up and not pci.status & 0x40
         finally:
             run.stop()
