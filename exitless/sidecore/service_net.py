@@ -10,8 +10,9 @@ Split as QEMU splits virtio-net with a vhost-user-net back-end (and as ``exitles
   network namespace, with its privileges) and hands the queue fds over;
 * the **service** builds a ``VirtioNet(ctrl_queue=False)`` on those fds -- the device ``serve net``
   builds -- and serves its pairs (and the TAPs' readiness, :class:`~exitless.devices.virtio.net.TapRxPollable`)
-  from the one loop that serves every other VM's queues: they are ordinary pollables of it, so a NIC
-  pair is served by the loop's C path like any other.
+  from the one loop that serves every other VM's queues: they are ordinary pollables of it (the pair's
+  rings are :class:`~exitless.vhost_user.backend.VringPollable`\ s, as under ``serve net``), so whatever the
+  loop does for a vhost-user NIC pair it does for these.
 
 Hand-over (:class:`RemoteNic`): EXITLESS_SET_BACKEND with device id 1, ``num_queues`` = 2 x pairs, the
 MAC as its serial, and the fds: one TAP queue per pair (IFF_MULTI_QUEUE when several), then a
