@@ -23,12 +23,15 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from exitless import confine
 from exitless.bench.soak import lost_sectors_of
 from exitless.guestkit import guestkit_path
 from exitless.vhost_user import protocol as P
 from exitless.vhost_user.frontend import Frontend
+from exitless.vhost_user.protocol import ProtocolError
 
 try:
     import netns as N
@@ -252,6 +255,35 @@ def test_hostile_nic_hand_over_is_refused_and_the_service_lives(service, taps, t
         assert open_fds() == fds0                # the service closed every fd it was handed
     finally:
         good.close()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(queues=st.integers(0, 9), flags=st.sampled_from([0, P.BACKEND_F_RO, P.BACKEND_F_DIRECT, 1 << 9]),
+       serial=st.sampled_from(["52:54:00:12:34:56", "01:00:5e:00:00:01", "", "52:54:00:12:34", "\x7f" * 20]),
+       kinds=st.lists(st.sampled_from(["mq0", "eventfd", "pipe", "socket"]), min_size=8, max_size=8),
+       first=st.sampled_from(["mq0", "tun", "no vnet header", "10-byte header", "unattached"]))
+def test_any_nic_hand_over_builds_a_device_or_is_refused_and_closes_every_fd(taps, queues, flags, serial, kinds,
+                                                                               first):
+    """The service's NIC builder on any payload with the fd count the protocol lets through: a device (its
+    ``close`` closes the fds) or ProtocolError (the fds closed already) -- never another error, never an fd left."""
+    from exitless.sidecore.service_net import served_nic
+
+    makers = {**taps, "pipe": _pipe, "eventfd": _eventfd,
+              "socket": lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).detach()}
+    n = queues // 2 + 1
+    if n > P.MAX_FDS:
+        return                                   # the server refuses the message before any builder sees it
+    before = open_fds()
+    fds = [makers[k]() for k in ([first] + kinds)[:n - 1]] + [makers[kinds[-1]]()]
+    spec = P.Backend(P.BACKEND_VERSION, 1, flags, queues, 256, serial)
+    try:
+        dev, what = served_nic(spec, fds, "vm#1")
+    except ProtocolError:
+        pass
+    else:
+        assert queues % 2 == 0 and flags == 0 and "TAP" in what
+        dev.close()
+    assert open_fds() == before
 
 
 def test_a_good_hand_over_offers_the_vmms_features_minus_the_control_queue(service, taps):

@@ -11,7 +11,7 @@ Split as QEMU splits virtio-net with a vhost-user-net back-end (and as ``exitles
 * the **service** builds a ``VirtioNet(ctrl_queue=False)`` on those fds -- the device ``serve net``
   builds -- and serves its pairs (and the TAPs' readiness, :class:`~exitless.devices.virtio.net.TapRxPollable`)
   from the one loop that serves every other VM's queues: they are ordinary pollables of it (the pair's
-  rings are :class:`~exitless.vhost_user.backend.VringPollable`\ s, as under ``serve net``), so whatever the
+  rings are :class:`~exitless.vhost_user.backend.VringPollable` objects, as under ``serve net``), so whatever the
   loop does for a vhost-user NIC pair it does for these.
 
 Hand-over (:class:`RemoteNic`): EXITLESS_SET_BACKEND with device id 1, ``num_queues`` = 2 x pairs, the
