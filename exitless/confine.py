@@ -167,14 +167,15 @@ def unlink_on_exit(path: str) -> Callable[[], None]:
 
 
 def confine(*, user: str | None = None, extra: tuple[str, ...] = (),
-            ioctls: tuple[tuple[int, int], ...] = ()) -> bool:
+            ioctls: tuple[tuple[int | None, int], ...] = ()) -> bool:
     """Confine the calling process from now on; returns False if opted out (EXITLESS_CONFINE=0).
 
     Call it once, after setup and before the process starts serving (threads started later
     inherit the filter; the filter is also synchronised to threads that already exist).
     ``extra`` names more system calls to allow; ``ioctls``, ``(fd, request)`` pairs, device
     ioctls allowed on exactly that fd (a TAP's TUNSETOFFLOAD on its own queue fds, not on any
-    fd the process may hold).  Raises :class:`ConfinementError` if it cannot.
+    fd the process may hold); fd None: on any fd (the sidecore service's TAP fds arrive later, under
+    numbers not known yet).  Raises :class:`ConfinementError` if it cannot.
     """
     sc = _binding() if enabled() else None      # imported before a user drop can hide the module
     if enabled() and sc is None:
@@ -204,7 +205,7 @@ def confine(*, user: str | None = None, extra: tuple[str, ...] = (),
     for request in IOCTLS:                   # isatty() and fd flags; no device ioctls (no KVM, no TIOCSTI)
         f.add_rule(sc.ALLOW, "ioctl", sc.Arg(1, sc.EQ, request))
     for fd, request in ioctls:               # the caller's device ioctls, each on its own fd only
-        f.add_rule(sc.ALLOW, "ioctl", sc.Arg(0, sc.EQ, fd), sc.Arg(1, sc.EQ, request))
+        f.add_rule(sc.ALLOW, "ioctl", *([sc.Arg(0, sc.EQ, fd)] if fd is not None else []), sc.Arg(1, sc.EQ, request))
     # removing files: refused with EPERM (the server tolerates it) -- unlink_on_exit() does it instead
     for name in ("unlink", "unlinkat"):
         f.add_rule(sc.ERRNO(errno.EPERM), name)

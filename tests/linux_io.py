@@ -8,7 +8,9 @@ every test module by ``tests/conftest.py``) boots Debian's cloud kernel once, wi
   kernel), each backed by its own image file;
 * one virtio-net NIC per I/O path (:data:`NET_PATHS`), each on its own TAP in one network namespace
   the fixture creates (subnet 10.0.<i>.0/24, host end 10.0.<i>.1), when this process may create
-  namespaces (root, /dev/net/tun, pyroute2); else no NIC and the net tests skip with the reason.
+  namespaces (root, /dev/net/tun, pyroute2); else no NIC and the net tests skip with the reason;
+* one more NIC (:data:`SERVICE_NIC`, io=adaptive) whose queue pair an ``exitless sidecore --mode
+  adaptive`` process serves (``run --sidecore``; the VMM keeps its control queue): its log is kept.
 
 Polling devices share one sidecore per mode (as ``run --one-sidecore``), so one thread spins, not five.
 The initramfs's command (:func:`guest_script`) runs every check and prints one line per result:
@@ -46,6 +48,8 @@ except ImportError:  # pragma: no cover - tests/ as a package
 
 NVME_PATHS = ("trap", "ioeventfd", "shared", "poll", "adaptive")
 NET_PATHS = ("trap", "ioeventfd", "shared", "poll", "adaptive")
+#: the key of the NIC served by the sidecore service in ``LinuxIo.net`` (its index: len(NET_PATHS))
+SERVICE_NIC = "sidecore"
 NVME_IMAGE_BYTES = 32 << 20
 #: bytes of the file written on each ext4 filesystem, and moved over TCP each way per NIC
 FILE_BYTES = 256 << 10
@@ -139,6 +143,7 @@ class LinuxIo:
     responders: list = field(default_factory=list)
     net_skip: str | None = None
     down_md5: list[str] = field(default_factory=list)
+    service_log: str = ""                                        # the sidecore service's stderr
 
     def lines(self, tag: str) -> list[list[str]]:
         return [line.split()[1:] for line in self.console.splitlines() if line.startswith(tag + " ")]
@@ -181,7 +186,7 @@ def boot_linux_io(tmp: Path) -> LinuxIo:
     pvm = kvm_flavour() == "pvm"
     guest = fetch_guest()
     net_skip = N.can_make_netns()
-    nics = 0 if net_skip else len(NET_PATHS)
+    nics = 0 if net_skip else len(NET_PATHS) + 1        # + the service's NIC
     rd = build_initramfs(guest.busybox, modules=["virtio_pci", "virtio_net"], modules_root=guest.modules_root,
                          kver=guest.kernel_version, command=guest_script(len(NVME_PATHS), nics),
                          applets=(*DEFAULT_APPLETS, "ping", "nc", "basename", "readlink"), extra_files=host_tools(),
@@ -207,6 +212,16 @@ def boot_linux_io(tmp: Path) -> LinuxIo:
                                    timeout=timeout)
                 stack.callback(r.close)
                 result.responders.append(r)
+        service = None
+        if nics:
+            try:
+                from serveproc import ServeProcess
+            except ImportError:  # pragma: no cover - tests/ as a package
+                from tests.serveproc import ServeProcess
+            # adaptive: it sleeps while Linux boots (a spinning process would take a loaded host's CPU)
+            service = ServeProcess(None, ["--socket", str(tmp / "sidecore.sock"), "--mode", "adaptive"],
+                                   tmp / "sidecore.log", command=("sidecore",))
+            stack.callback(service.stop)
         nvme_devs, net_devs = {}, {}
         snap = SnapshotConsole(lambda: {**{f"nvme-{p}": d.stats() for p, d in nvme_devs.items()},
                                         **{f"net-{p}": dict(d.device.stats) for p, d in net_devs.items()}},
@@ -227,6 +242,11 @@ def boot_linux_io(tmp: Path) -> LinuxIo:
                 net_devs[path] = add_nic(m, NetSpec(f"exlio{i}", mac=bytes.fromhex(nic_mac(i).replace(":", "")),
                                                     io=path, netns=ns), sidecore_group(groups, path))
                 result.net[path] = {"index": i}
+            if service is not None:
+                i = len(NET_PATHS)
+                net_devs[SERVICE_NIC] = add_nic(m, NetSpec(f"exlio{i}", mac=bytes.fromhex(nic_mac(i).replace(":", "")),
+                                                           io="adaptive", netns=ns), service=str(tmp / "sidecore.sock"))
+                result.net[SERVICE_NIC] = {"index": i}
             for group in groups.values():
                 group.start_on(m)
                 if group.mode != "notify" and SIDECORE_NICE:
@@ -241,6 +261,11 @@ def boot_linux_io(tmp: Path) -> LinuxIo:
             for path, dev in net_devs.items():
                 result.net[path].update(dev.device.stats, slot=dev.slot)
         result.seconds = time.monotonic() - t0
+        if service is not None:
+            deadline = time.monotonic() + 30      # the VM is gone: the service logs the detach
+            while " detached " not in service.text() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            result.service_log = service.text()
         result.console = console.text
         result.ready_at = console.ready_at
         result.snaps = snap.snaps

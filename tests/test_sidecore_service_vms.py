@@ -37,13 +37,18 @@ DISK_BYTES = 16 << 20
 
 
 class Vm:
-    """``python3 -m exitless run`` of the guest kit with one disk on the service; stdout collected."""
+    """``python3 -m exitless run`` of the guest kit with one disk on the service; stdout collected.
+    ``devices``: other device options instead of the disk (``["--net", "tap=…,io=poll"]``), ``probed``:
+    the guest kit's line once its driver found the device."""
 
-    def __init__(self, image: Path, io: str, app: str, sock: Path, timeout: int = 180):
+    def __init__(self, image: Path | None, io: str, app: str, sock: Path, timeout: int = 180, *,
+                 devices: list[str] | None = None, probed: str = "guestkit: virtio-blk"):
+        devices = devices if devices is not None else ["--disk", f"{image},io={io}"]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "exitless", "run", "--kernel", str(guestkit_path()), "--mem", "64M",
-             "--disk", f"{image},io={io}", "--sidecore", str(sock), "--timeout", str(timeout), "--append", app],
+             *devices, "--sidecore", str(sock), "--timeout", str(timeout), "--append", app],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.probe_line = probed
         self.lines: list[str] = []
         self.probed = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -53,7 +58,7 @@ class Vm:
         for raw in self.proc.stdout:
             line = raw.decode(errors="replace")
             self.lines.append(line)
-            if line.startswith("guestkit: virtio-blk"):    # the driver found the disk: I/O starts now
+            if line.startswith(self.probe_line):    # the driver found the device: I/O starts now
                 self.probed.set()
 
     def wait_probed(self, timeout: float = 60) -> None:
@@ -163,7 +168,7 @@ def test_run_without_a_service_is_a_usage_error(tmp_path):
     r = subprocess.run([sys.executable, "-m", "exitless", "run", "--kernel", str(guestkit_path()),
                         "--disk", f"{img},io=ioeventfd", "--sidecore", str(tmp_path / "none.sock"),
                         "--append", "blk rw=fill bs=4096 qd=4 seed=1"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "no --disk on a polled path" in r.stderr, r.stdout + r.stderr
+    assert r.returncode == 2 and "no --disk or --net on a polled path" in r.stderr, r.stdout + r.stderr
 
 
 def test_device_reset_detaches_and_a_dead_service_needs_reset(tmp_path):

@@ -46,8 +46,9 @@ def register(sub) -> None:
                      help="disks, NVMe controllers and NICs on the same polling mode share one sidecore thread "
                           "(default: one each)")
     run.add_argument("--sidecore", metavar="PATH",
-                     help="hand the polled disks (io=shared|poll|adaptive) to the sidecore service listening on "
-                          "PATH (exitless sidecore --socket PATH) instead of a sidecore of this VMM")
+                     help="hand the polled disks (io=shared|poll|adaptive) and the NICs' queue pairs "
+                          "(io=poll|adaptive) to the sidecore service listening on PATH (exitless sidecore --socket "
+                          "PATH) instead of a sidecore of this VMM")
     add_disk_argument(run, action="append", default=[],
                       help="a virtio-blk disk (repeatable: /dev/vda, vdb...); io is its I/O path (default ioeventfd), "
                            "queues its number of virtqueues")
@@ -115,17 +116,22 @@ FORM_NAMES = {"guestkit": "the guest kit (a PVH ELF that is not Linux)", "linux"
 def refuse_unused_options(args, form: str) -> None:
     """Raise :class:`RunOptionError`, before anything boots, for an option given (not at its default)
     that ``form`` -- ``guestkit``, ``linux`` or ``easy`` -- does not use (:data:`FORM_OPTIONS`), and
-    for ``--sidecore`` without a disk on a polled path (the service would serve nothing)."""
+    for ``--sidecore`` without a disk or NIC on a polled path (the service would serve nothing);
+    :class:`~exitless.net.spec.NetSpecError` for a shared-path NIC with ``--sidecore``."""
     from ..disk import DEFAULT_IO
-    from ..sidecore.paths import REMOTE_PATHS
+    from ..net.spec import refuse_shared_on_service
+    from ..sidecore.paths import REMOTE_NIC_PATHS, REMOTE_PATHS
 
     for option, (dest, forms, why) in FORM_OPTIONS.items():
         value = getattr(args, dest)
         if form not in forms and value not in (None, False, "auto"):
             raise RunOptionError(f"{option} does nothing with {FORM_NAMES[form]}: {why}")
-    if args.sidecore and not any(d.io in REMOTE_PATHS for d in args.disk):
-        raise RunOptionError(f"--sidecore {args.sidecore}: no --disk on a polled path to hand over (add "
-                             f",io={'|'.join(REMOTE_PATHS)} to a --disk; the default is io={DEFAULT_IO})")
+    refuse_shared_on_service(args.net, args.sidecore)
+    if args.sidecore and not any(d.io in REMOTE_PATHS for d in args.disk) \
+            and not any(n.io in REMOTE_NIC_PATHS for n in args.net):
+        raise RunOptionError(f"--sidecore {args.sidecore}: no --disk or --net on a polled path to hand over (add "
+                             f",io={'|'.join(REMOTE_PATHS)} to a --disk or ,io={'|'.join(REMOTE_NIC_PATHS)} to a "
+                             f"--net; the default is io={DEFAULT_IO})")
 
 
 def wants_linux_loader(args) -> bool:
@@ -151,7 +157,7 @@ def attach_devices(machine, args) -> None:
     if args.net:
         from ..net.spec import add_nics
 
-        add_nics(machine, args.net, groups=groups)
+        add_nics(machine, args.net, groups=groups, service=args.sidecore)
     for group in (groups or {}).values():
         group.start_on(machine)
 

@@ -18,15 +18,19 @@ USAGE = """\
         --append "blk rw=randread qd=1"
     exitless run --kernel guestkit/build/guestkit.elf --disk b.img,io=poll --sidecore /tmp/sidecore.sock ...
 
-One polling loop serves the polled disks (io=shared|poll|adaptive) of every VM started with
---sidecore PATH.  A VM that exits, is killed or misbehaves is detached; the others go on.
+    exitless run --kernel guestkit/build/guestkit.elf --net tap=tap0,io=poll --sidecore /tmp/sidecore.sock ...
+
+One polling loop serves the polled disks (io=shared|poll|adaptive) and the NICs' RX/TX queue pairs
+(io=poll|adaptive; the VM keeps the control queue) of every VM started with --sidecore PATH.  A NIC
+whose TAP goes down, or whose service goes away, shows link down in the guest.  A VM that exits, is
+killed or misbehaves is detached; the others go on.
 Exit status 2 if the socket path is taken by a live listener (or is not a socket).
 """
 
 
 def register(sub) -> None:
     """Add ``sidecore`` to the top-level subparsers."""
-    p = sub.add_parser("sidecore", help="a sidecore service: one polling loop for the polled disks of many VMs "
+    p = sub.add_parser("sidecore", help="a sidecore service: one polling loop for the polled disks and NICs of many VMs "
                                         "(run --sidecore PATH)",
                        description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--socket", required=True, metavar="PATH", help="unix socket the VMs connect to")
@@ -56,7 +60,9 @@ def register(sub) -> None:
 
 def cmd_sidecore(args) -> int:
     from ..confine import confine, unlink_on_exit
+    from ..sidecore.aio_poll import SYSCALLS as AIO_SYSCALLS
     from ..sidecore.service import SidecoreService
+    from ..sidecore.service_net import SERVICE_IOCTLS
 
     log = logging.getLogger("exitless.sidecore.service")
     log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
@@ -76,7 +82,8 @@ def cmd_sidecore(args) -> int:
     try:
         if not args.no_confine:
             remove = unlink_on_exit(args.socket)     # a confined process may not unlink its socket
-        confined = not args.no_confine and confine(user=args.user)
+        # a NIC's TAP fds arrive with the VM: the TUN ioctls on any fd, and the AIO polls on them
+        confined = not args.no_confine and confine(user=args.user, ioctls=SERVICE_IOCTLS, extra=AIO_SYSCALLS)
         log.info("sidecore: serving on %s, mode %s, at most %d VMs, %s", args.socket, args.mode, args.max_vms,
                  "confined (seccomp)" if confined else "NOT confined")
         service.serve_forever()

@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass
 
 from ..errors import ExitlessError
-from ..sidecore.paths import PATHS
+from ..sidecore.paths import PATHS, REMOTE_NIC_PATHS
 
 __all__ = ["NetSpec", "NetSpecError", "add_nic", "add_nics"]
 
@@ -81,10 +81,14 @@ class _TapCloser:
         self.tap.close()
 
 
-def add_nic(machine, spec: NetSpec, sidecore=None):
+def add_nic(machine, spec: NetSpec, sidecore=None, service: str | None = None):
     """Attach the TAP and plug a virtio-net-pci device into ``machine``; returns the VirtioPci.
 
-    Raises :class:`~exitless.net.tap.TapError` if the TAP cannot be attached.
+    ``service``: the socket of an ``exitless sidecore`` service that serves the NIC's queue pairs
+    (io ``poll`` or ``adaptive``; the control queue stays here); ``trap`` and ``ioeventfd`` NICs stay in
+    this VMM, ``shared`` is refused (:func:`refuse_shared_on_service`).
+    Raises :class:`~exitless.net.tap.TapError` if the TAP cannot be attached,
+    :class:`exitless.sidecore.remote.RemoteSidecoreError` if the service cannot be reached or refuses it.
     """
     from ..devices.virtio.net import VirtioNet
     from ..devices.virtio.pci import VirtioPci
@@ -95,7 +99,27 @@ def add_nic(machine, spec: NetSpec, sidecore=None):
     if tap.hint():
         log.warning("%s", tap.hint())
     dev = VirtioNet(tap, mac=spec.mac, queue_pairs=spec.queues)
-    return VirtioPci(machine, dev, spec.io, sidecore=sidecore)
+    remote = service if spec.io in REMOTE_NIC_PATHS else None
+    return VirtioPci(machine, dev, spec.io, sidecore=None if remote else sidecore, service=remote)
+
+
+def refuse_shared_on_service(specs: list[NetSpec], service: str | None) -> None:
+    """Refuse, with a sidecore service, a NIC on the ``shared`` path -- its control queue stays in this
+    VMM, and on that path its doorbell is a RAM page that nothing here would watch -- and one with more
+    queue pairs than one hand-over carries (:data:`exitless.sidecore.service_net.MAX_PAIRS`).
+    Raises :class:`NetSpecError`."""
+    if not service:
+        return
+    from ..sidecore.service_net import MAX_PAIRS
+
+    for spec in specs:
+        if spec.io == "shared":
+            raise NetSpecError(f"--net tap={spec.tap},io=shared with --sidecore: the NIC's control queue stays in "
+                               f"this VMM and on the shared path nothing here sees its doorbell; use "
+                               f"io={' or io='.join(REMOTE_NIC_PATHS)} (the service serves the queue pairs)")
+        if spec.io in REMOTE_NIC_PATHS and spec.queues > MAX_PAIRS:
+            raise NetSpecError(f"--net tap={spec.tap},queues={spec.queues} with --sidecore: at most {MAX_PAIRS} "
+                               "queue pairs (their TAP fds and one more go over in one message of at most 8 fds)")
 
 
 def refuse_shared_taps(specs: list[NetSpec]) -> None:
@@ -110,13 +134,16 @@ def refuse_shared_taps(specs: list[NetSpec]) -> None:
         seen.add(key)
 
 
-def add_nics(machine, specs: list[NetSpec], *, groups: dict | None = None) -> list:
+def add_nics(machine, specs: list[NetSpec], *, groups: dict | None = None, service: str | None = None) -> list:
     """Plug every NIC: each with its own sidecore, as the I/O path asks, or with ``groups`` (see
     :func:`exitless.disk.sidecore_group`) those on a polling path join the shared sidecores (with the
-    disks and NVMe controllers), which the caller starts after the last device.  One TAP given to two
-    NICs is refused first (:func:`refuse_shared_taps`)."""
+    disks and NVMe controllers), which the caller starts after the last device; ``service``: see
+    :func:`add_nic`.  One TAP given to two NICs, and a shared-path NIC with a service, are refused first
+    (:func:`refuse_shared_taps`, :func:`refuse_shared_on_service`)."""
     from ..disk import sidecore_group
 
     refuse_shared_taps(specs)
-    return [add_nic(machine, spec, sidecore_group(groups, spec.io) if groups is not None else None)
+    refuse_shared_on_service(specs, service)
+    return [add_nic(machine, spec, None if service and spec.io in REMOTE_NIC_PATHS else
+                    sidecore_group(groups, spec.io) if groups is not None else None, service)
             for spec in specs]

@@ -42,13 +42,14 @@ import threading
 from ..errors import ExitlessError
 from ..interrupts import uninterruptible
 
-__all__ = ["Tap", "TapError", "create_tap", "TUN_F_CSUM", "TUN_F_TSO4", "TUN_F_TSO6", "TUN_F_TSO_ECN",
+__all__ = ["ReceivedTap", "Tap", "TapError", "create_tap", "TUN_F_CSUM", "TUN_F_TSO4", "TUN_F_TSO6", "TUN_F_TSO_ECN",
            "VNET_HDR_LEN"]
 
 # <linux/if_tun.h>: _IOW('T', nr, int) = 0x40045400 | nr
 TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
 TUNGETIFF = 0x800454D2
+TUNGETVNETHDRSZ = 0x800454D7
 TUNSETVNETHDRSZ = 0x400454D8
 TUNSETQUEUE = 0x400454D9
 SIOCGIFFLAGS = 0x8913
@@ -306,6 +307,63 @@ class Tap:
     def __repr__(self) -> str:
         where = f" in netns {self.netns}" if self.netns else ""
         return f"Tap({self.name!r}{where}, queues={len(self.fds)})"
+
+
+class ReceivedTap:
+    """The queue fds of a TAP that another process attached and handed over (SCM_RIGHTS): the sidecore
+    service's side of a VM's NIC.  It offers what :class:`Tap` does after :meth:`Tap.open` --
+    :meth:`set_offload`, :meth:`set_queue_enabled`, :meth:`close` -- but no ``reattach``: the interface's
+    name means nothing in this process's network namespace (and re-attaching needs privileges the service
+    has dropped), so a deleted TAP stays down here.  Use :meth:`adopt`, which checks the fds."""
+
+    set_offload = Tap.set_offload
+    set_queue_enabled = Tap.set_queue_enabled
+    close = Tap.close
+
+    def __init__(self, name: str, fds: list[int]):
+        self.name = name
+        self.fds = fds
+        self.offloads = 0
+
+    @classmethod
+    def adopt(cls, fds: list[int]) -> "ReceivedTap":
+        """Take ``fds`` (queue ``i`` is ``fds[i]``) after checking that each is a queue of one and the same
+        TAP (TUNGETIFF: IFF_TAP, IFF_NO_PI, IFF_VNET_HDR, IFF_MULTI_QUEUE exactly when there are several)
+        with the 12-byte header (TUNGETVNETHDRSZ), and making them non-blocking.  The fds are the caller's
+        to close if this raises :class:`TapError` (a socket, a file, a TUN device, another TAP per queue...)."""
+        name = None
+        for i, fd in enumerate(fds):
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError as e:
+                raise TapError(e.errno, f"queue {i}: bad fd: {e.strerror}") from None
+            if target != "/dev/net/tun":        # no TUN ioctl reaches another kind of file
+                raise TapError(errno.EINVAL, f"queue {i}: the fd is {target!r}, not a TAP queue (/dev/net/tun)")
+            try:
+                raw = fcntl.ioctl(fd, TUNGETIFF, bytes(40))
+                hdr = struct.unpack("i", fcntl.ioctl(fd, TUNGETVNETHDRSZ, bytes(4)))[0]
+            except OSError as e:
+                raise TapError(e.errno, f"queue {i}: the fd is not an attached TAP queue ({e.strerror})") from None
+            ifname, flags = struct.unpack_from(f"{IFNAMSIZ}sH", raw)
+            ifname = ifname.split(b"\0", 1)[0].decode(errors="replace")
+            want = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (IFF_MULTI_QUEUE if len(fds) > 1 else 0)
+            mask = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE
+            if flags & mask != want:
+                raise TapError(errno.EINVAL, f"queue {i}: {ifname} has flags {flags:#x}, not {want:#x} (a TAP "
+                                             "with the vnet header, multi-queue for several queues)")
+            if hdr != VNET_HDR_LEN:
+                raise TapError(errno.EINVAL, f"queue {i}: {ifname}'s vnet header is {hdr} bytes, not {VNET_HDR_LEN}")
+            if name is not None and ifname != name:
+                raise TapError(errno.EINVAL, f"queue {i} is on {ifname}, queue 0 on {name}: one TAP per NIC")
+            name = ifname
+        for fd in fds:
+            fl = fcntl.fcntl(fd, fcntl.F_GETFL)
+            if not fl & os.O_NONBLOCK:        # a blocking read would stop the loop of every VM the service serves
+                fcntl.fcntl(fd, fcntl.F_SETFL, fl | os.O_NONBLOCK)
+        return cls(name or "?", list(fds))
+
+    def __repr__(self) -> str:
+        return f"ReceivedTap({self.name!r}, queues={len(self.fds)})"
 
 
 def create_tap(name: str, netns: str | None = None, *, queues: int = 1, address: str | None = None,

@@ -24,6 +24,9 @@ PATHS = ("trap", "ioeventfd", "shared", "poll", "adaptive")
 MODE_OF_PATH = {"ioeventfd": "notify", "shared": "poll", "poll": "poll", "adaptive": "adaptive"}
 #: The I/O paths whose queues ``exitless sidecore`` can serve (the polled ones; ``run --sidecore``).
 REMOTE_PATHS = ("shared", "poll", "adaptive")
+#: ... and those of a NIC's queue pairs: not ``shared``, whose doorbells are a RAM page -- the NIC's control
+#: queue stays in the VMM (:mod:`exitless.sidecore.service_net`), and nothing there would watch its doorbell.
+REMOTE_NIC_PATHS = ("poll", "adaptive")
 
 
 @dataclass

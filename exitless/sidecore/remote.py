@@ -60,13 +60,25 @@ class RemoteSidecoreError(ExitlessError, OSError):
 
 class RemoteQueues:
     """The queues of virtio-pci function ``pci`` (its ``device`` a :class:`~exitless.devices.virtio.blk.VirtioBlk`),
-    served by the ``exitless sidecore`` listening on ``path``.  Raises :class:`RemoteSidecoreError`."""
+    served by the ``exitless sidecore`` listening on ``path``.  Raises :class:`RemoteSidecoreError`.
+
+    A device of another kind subclasses it (:class:`~exitless.sidecore.service_net.RemoteNic`) and
+    overrides :meth:`handover`, :meth:`expected_features`, :meth:`ring_enabled`, :meth:`on_failure` and
+    the attributes :attr:`served` (the queues the service serves), :attr:`local_queues` (those this
+    VMM serves itself) and :attr:`events` (more eventfds the relay thread watches: fd -> callback)."""
+
+    served: range | None = None                   # None: every queue
+    failure_effect = "the device needs a reset"   # what on_failure(broken=False) does, for the log
+    wanted_protocol = WANTED_PROTOCOL
+    local_queues: list[int] = []
+    events: dict = {}
 
     def __init__(self, path: str, pci, *, timeout: float = 10.0):
         self.path = path
         self.pci = pci
         dev = pci.device
         n = dev.num_queues
+        self._offer = 0
         self.fe: Frontend | None = None
         self.started: list[int] = []
         self.relay_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(n)]
@@ -87,22 +99,39 @@ class RemoteQueues:
         self._watcher = threading.Thread(target=self._watch, name=f"sidecore-remote-virtio{pci.slot}", daemon=True)
         self._watcher.start()
 
+    def handover(self, dev) -> tuple[int, list[int], str]:
+        """EXITLESS_SET_BACKEND's flags, fds and serial for ``dev``: a disk's."""
+        flags = (P.BACKEND_F_RO if dev.read_only else 0) | (P.BACKEND_F_DIRECT if dev.direct else 0)
+        return flags, [dev.fd] + ([dev._fd_buffered] if dev.direct else []), dev.serial
+
+    def what(self, dev) -> str:
+        """The device, for messages: a disk's path."""
+        return dev.path
+
+    def expected_features(self, dev) -> int:
+        """The device features the service's model must offer: exactly this VMM's model's."""
+        return dev.device_features()
+
+    def ring_enabled(self, index: int) -> bool:
+        """Is queue ``index`` enabled at DRIVER_OK (SET_VRING_ENABLE 1)?  A disk's: always."""
+        return True
+
     def _handshake(self, dev) -> None:
         fe = self.fe
-        flags = (P.BACKEND_F_RO if dev.read_only else 0) | (P.BACKEND_F_DIRECT if dev.direct else 0)
-        fds = [dev.fd] + ([dev._fd_buffered] if dev.direct else [])
-        body = P.encode_backend(P.Backend(P.BACKEND_VERSION, dev.device_id, flags, dev.num_queues,
-                                          dev.queue_max_size, dev.serial))
+        flags, fds, serial = self.handover(dev)
+        n = len(self.served) if self.served is not None else dev.num_queues
+        body = P.encode_backend(P.Backend(P.BACKEND_VERSION, dev.device_id, flags, n, dev.queue_max_size, serial))
         try:
             if fe.request(P.EXITLESS_SET_BACKEND, body, fds, expect_reply=True) != P.U64.pack(0):
                 raise FrontendError("EXITLESS_SET_BACKEND refused")
             offered = fe.get_features()
-            want = dev.device_features() | (1 << P.F_PROTOCOL_FEATURES)
+            want = self.expected_features(dev) | (1 << P.F_PROTOCOL_FEATURES)
             if offered != want:
                 raise FrontendError(f"its device offers features {offered:#x}, this VM's {want:#x} "
                                     "(a service of another exitless version?)")
+            self._offer = offered
             fe.set_features(1 << P.F_PROTOCOL_FEATURES)
-            fe.set_protocol_features(fe.get_protocol_features() & WANTED_PROTOCOL)
+            fe.set_protocol_features(fe.get_protocol_features() & self.wanted_protocol)
             fe.set_owner()
             mem, ram = self.pci.machine.mem, {gpa for gpa, _ in self.pci.machine.ram_layout}
             regions = [(r.gpa, r.size, r.gpa, r.offset) for r in mem.regions if r.gpa in ram]
@@ -115,7 +144,7 @@ class RemoteQueues:
                 why = ("it closed the connection (it may already serve its --max-vms VMs, or refused the "
                        "hand-over: its log says which)")
             raise RemoteSidecoreError(errno.EPROTO, f"the sidecore service at {self.path} refused "
-                                                    f"{dev.path}: {why}") from None
+                                                    f"{self.what(dev)}: {why}") from None
 
     # -- the device's life cycle (called by VirtioPci on the vCPU thread, under its lock) --------------------
     def activate(self, driver_features: int, queues, kick_fds: list[int | None]) -> bool:
@@ -123,13 +152,14 @@ class RemoteQueues:
         ``enable``, ``desc``/``driver``/``device`` guest-physical addresses, ``msix_vector``) to the service;
         False (logged) if it refused or is gone."""
         if self._failed:                 # the service is gone: the driver learns it at once, again
-            self.pci.remote_failed()
+            self.on_failure(False)
             return False
         fe, msix = self.fe, self.pci.msix
         try:
-            fe.set_features(driver_features | (1 << P.F_PROTOCOL_FEATURES))
+            # (what the VMM's model offers beyond the service's -- a NIC's control queue -- stays here)
+            fe.set_features(driver_features & self._offer | (1 << P.F_PROTOCOL_FEATURES))
             for i, st in enumerate(queues):
-                if not st.enable:
+                if not st.enable or (self.served is not None and i not in self.served):
                     continue
                 fe.set_vring_num(i, st.size)
                 fe.set_vring_base(i, 0)
@@ -138,8 +168,8 @@ class RemoteQueues:
                 fe.set_vring_call(i, vec.fd if vec is not None and vec.address else self.relay_fds[i])
                 fe.set_vring_err(i, self.err_fd)
                 fe.set_vring_kick(i, kick_fds[i])
-                fe.set_vring_enable(i, True)
                 self.started.append(i)
+                fe.set_vring_enable(i, self.ring_enabled(i))
         except (FrontendError, OSError) as e:
             self._fail(f"refused the queues at DRIVER_OK: {e}")
             return False
@@ -156,17 +186,22 @@ class RemoteQueues:
         except (FrontendError, OSError) as e:
             self._fail(f"failed to stop the queues at reset: {e}")
 
-    def _fail(self, why: str) -> None:
+    def _fail(self, why: str, broken: bool = False) -> None:
         if not self._failed:
             self._failed = True
-            log.error("virtio%d: the sidecore service at %s %s; the device needs a reset and its queues are "
-                      "not served", self.pci.slot, self.path, why)
+            log.error("virtio%d: the sidecore service at %s %s; %s and its queues are not served",
+                      self.pci.slot, self.path, why, "the device needs a reset" if broken else self.failure_effect)
+        self.on_failure(broken)
+
+    def on_failure(self, broken: bool) -> None:
+        """The service refused the queues or went away (``broken``: it reported a broken ring): a
+        disk needs a reset (DEVICE_NEEDS_RESET and a configuration interrupt)."""
         self.pci.remote_failed()
 
     # -- the relay thread: INTx/no-vector interrupts, ring errors, the service going away ----------------------
     def _watch(self) -> None:
         poller = select.poll()
-        for fd in self.relay_fds + [self.err_fd, self._stop_fd]:
+        for fd in self.relay_fds + [self.err_fd, self._stop_fd, *self.events]:
             poller.register(fd, select.POLLIN)
         sock = self.fe.sock.fileno()
         poller.register(sock, select.POLLRDHUP)
@@ -183,7 +218,9 @@ class RemoteQueues:
                 except BlockingIOError:
                     continue
                 if fd == self.err_fd:
-                    self._fail("reported a broken ring")
+                    self._fail("reported a broken ring", broken=True)
+                elif fd in self.events:
+                    self.events[fd]()
                 else:
                     self.pci.signal_queue(self.relay_fds.index(fd))
 

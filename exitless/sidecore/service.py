@@ -1,7 +1,8 @@
 """``exitless sidecore``: one polling loop serving the polled virtqueues of many VMs, as a service.
 
 A VM started with ``exitless run … --sidecore PATH`` connects to the service's unix socket once
-per polled disk and hands the disk over (:mod:`exitless.sidecore.remote` is that side).
+per polled disk or NIC and hands the device over (:mod:`exitless.sidecore.remote` is that side; a
+NIC's RX/TX pairs go over with its TAP fds, :mod:`exitless.sidecore.service_net`).
 
 Protocol: vhost-user (QEMU ``docs/interop/vhost-user.rst``) with one extension message.  vhost-user
 already carries exactly what a polled queue needs -- the guest's memfd and its regions
@@ -39,13 +40,14 @@ import threading
 import time
 
 from ..devices.virtio.blk import BackingFileError, VirtioBlk
-from ..devices.virtio.constants import VIRTIO_ID_BLOCK
+from ..devices.virtio.constants import VIRTIO_ID_BLOCK, VIRTIO_ID_NET
 from ..errors import ExitlessError
 from ..vhost_user import protocol as P
 from ..vhost_user.backend import LOOP_MODE, VhostUserBackend
 from ..vhost_user.server import (PeerClosed, ProtocolError, TooManyFds, close_socket, listen_socket, peer_name,
                                  recv_message, run_session)
 from .loop import ADAPTIVE_MAX_NS, ADAPTIVE_MIN_NS, IDLE_YIELD_NS, SidecoreLoop, SidecoreThread
+from .service_net import served_nic
 
 log = logging.getLogger("exitless.sidecore.service")
 
@@ -194,11 +196,10 @@ class SidecoreService:
             if device is None:
                 why = "backend stopping" if self._stopping else "closed the connection"
                 return
+            device, what = device
             session = VhostUserBackend(device, self.mode, poll_ns=self.poll_ns, name=f"sidecore {name}",
                                        dataplane=self.dataplane.loop)
-            log.info("sidecore: %s serves its disk %s (%d sectors%s, %d queue(s) of %d)", name, device.serial,
-                     device.capacity, ", read-only" if device.read_only else "", device.num_queues,
-                     device.queue_max_size)
+            log.info("sidecore: %s serves its %s", name, what)
             why = run_session(conn, session, self, self._stop_fd, self.io_timeout)
         except (ProtocolError, BackingFileError, OSError) as e:
             self.errors += 1
@@ -220,10 +221,10 @@ class SidecoreService:
                 self._clients.pop(cid, None)
                 self.detached += 1
 
-    def _handshake(self, conn: socket.socket, name: str) -> VirtioBlk | None:
-        """The connection's first message, EXITLESS_SET_BACKEND: the VM's disk as a device model, or
-        None if the peer left (or the service stops) before sending it.  Raises ProtocolError or
-        BackingFileError for anything else."""
+    def _handshake(self, conn: socket.socket, name: str) -> tuple[object, str] | None:
+        """The connection's first message, EXITLESS_SET_BACKEND: the VM's device as a device model (a
+        disk, a NIC: :data:`DEVICES`) and its description, or None if the peer left (or the service
+        stops) before sending it.  Raises ProtocolError or BackingFileError for anything else."""
         poller = select.poll()
         poller.register(conn.fileno(), select.POLLIN)
         poller.register(self._stop_fd, select.POLLIN)
@@ -245,18 +246,14 @@ class SidecoreService:
             spec = P.backend(msg)
             if len(msg.fds) != P.expected_fds(msg):
                 raise ProtocolError(f"{msg.name}: {len(msg.fds)} fds, expected {P.expected_fds(msg)}")
-            if spec.device_id != VIRTIO_ID_BLOCK:
-                raise ProtocolError(f"{msg.name}: virtio device {spec.device_id} is not served (virtio-blk: "
-                                    f"{VIRTIO_ID_BLOCK})")
-            if not 1 <= spec.num_queues <= MAX_QUEUES:
-                raise ProtocolError(f"{msg.name}: {spec.num_queues} queues (1..{MAX_QUEUES})")
+            if spec.device_id not in DEVICES:
+                raise ProtocolError(f"{msg.name}: virtio device {spec.device_id} is not served ("
+                                    + ", ".join(f"{kind}: {k}" for k, (kind, _) in DEVICES.items()) + ")")
             q = spec.queue_size
             if not 1 <= q <= MAX_QUEUE_SIZE or q & (q - 1):
                 raise ProtocolError(f"{msg.name}: queue size {q} is not a power of two in 1..{MAX_QUEUE_SIZE}")
-            direct = bool(spec.flags & P.BACKEND_F_DIRECT)
-            fds, msg.fds = (msg.fds[0], msg.fds[1] if direct else -1), []
-            device = VirtioBlk(f"{name}'s disk", read_only=bool(spec.flags & P.BACKEND_F_RO), direct=direct,
-                               num_queues=spec.num_queues, queue_size=q, serial=spec.serial, fds=fds)
+            fds, msg.fds = msg.fds, []
+            device = DEVICES[spec.device_id][1](spec, fds, name)      # owns the fds from here on
         finally:
             for fd in msg.fds:
                 os.close(fd)
@@ -264,6 +261,27 @@ class SidecoreService:
         try:
             conn.sendall(P.reply_u64(P.EXITLESS_SET_BACKEND, 0))
         except BaseException:
-            device.close()
+            device[0].close()
             raise
         return device
+
+
+def virtio_blk(spec: P.Backend, fds: list[int], name: str) -> tuple[VirtioBlk, str]:
+    """EXITLESS_SET_BACKEND for a disk (``fds``, owned: the disk, and its buffered fd with
+    BACKEND_F_DIRECT); raises ProtocolError or BackingFileError."""
+    direct = bool(spec.flags & P.BACKEND_F_DIRECT)
+    fds = (fds[0], fds[1] if direct else -1)
+    if not 1 <= spec.num_queues <= MAX_QUEUES:
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
+        raise ProtocolError(f"EXITLESS_SET_BACKEND: {spec.num_queues} queues (1..{MAX_QUEUES})")
+    dev = VirtioBlk(f"{name}'s disk", read_only=bool(spec.flags & P.BACKEND_F_RO), direct=direct,
+                    num_queues=spec.num_queues, queue_size=spec.queue_size, serial=spec.serial, fds=fds)
+    return dev, (f"disk {dev.serial} ({dev.capacity} sectors{', read-only' if dev.read_only else ''}, "
+                 f"{dev.num_queues} queue(s) of {dev.queue_max_size})")
+
+
+#: The device models the service builds, by virtio device id: (name, ``build(spec, fds, name)`` -> (device,
+#: description)); the NIC's is :mod:`exitless.sidecore.service_net`.
+DEVICES = {VIRTIO_ID_BLOCK: ("virtio-blk", virtio_blk), VIRTIO_ID_NET: ("virtio-net", served_nic)}

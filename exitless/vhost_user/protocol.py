@@ -111,6 +111,9 @@ REQUEST_NAMES = {globals()[n]: n for n in _REQUESTS}
 #: The first message on a connection to ``exitless sidecore``: which device model the service builds for
 #: this connection and its backing file, by SCM_RIGHTS.  Payload :data:`BACKEND`; fds: the disk (opened
 #: O_DIRECT when ``BACKEND_F_DIRECT``), then, with ``BACKEND_F_DIRECT``, a buffered fd of the same file.
+#: virtio-net (device id 1; ``num_queues`` = 2 x queue pairs, no flags, ``serial`` the MAC as text): one
+#: TAP fd per queue pair, then an eventfd the service writes when the device's configuration (its link
+#: status) changes -- the frontend then reads it with GET_CONFIG (:mod:`exitless.sidecore.service_net`).
 #: Reply: u64 0 (accepted) or the connection is closed.  A request number far above the spec's (which
 #: ends at 40) so that a later vhost-user request cannot collide with it.
 EXITLESS_SET_BACKEND = 0x4558_0001
@@ -121,6 +124,7 @@ BACKEND = struct.Struct("<IIIII20s")         # version, virtio device id, flags,
 BACKEND_F_RO = 1 << 0
 BACKEND_F_DIRECT = 1 << 1
 BACKEND_FLAGS = BACKEND_F_RO | BACKEND_F_DIRECT
+BACKEND_NET = 1                               # virtio device id of virtio-net (its fds differ: see above)
 
 
 def request_name(request: int) -> str:
@@ -276,7 +280,7 @@ def config(msg: Message) -> tuple[int, int, int, bytes]:
 
 @dataclass(frozen=True)
 class Backend:
-    """EXITLESS_SET_BACKEND's payload: ``device_id`` (virtio: 2 = block), ``flags`` (BACKEND_F_*),
+    """EXITLESS_SET_BACKEND's payload: ``device_id`` (virtio: 2 = block, 1 = net), ``flags`` (BACKEND_F_*),
     ``num_queues`` and ``queue_size`` of the device, ``serial`` (its GET_ID string, ASCII)."""
     version: int
     device_id: int
@@ -308,7 +312,10 @@ def encode_backend(b: Backend) -> bytes:
 #: How many fds each request carries (a function of the payload for the vring fd requests).
 def expected_fds(msg: Message) -> int:
     if msg.request == EXITLESS_SET_BACKEND:
-        return 2 if backend(msg).flags & BACKEND_F_DIRECT else 1
+        b = backend(msg)
+        if b.device_id == BACKEND_NET:
+            return b.num_queues // 2 + 1          # a TAP fd per queue pair, the config eventfd
+        return 2 if b.flags & BACKEND_F_DIRECT else 1
     if msg.request == SET_MEM_TABLE:
         return len(mem_table(msg))
     if msg.request in (SET_VRING_KICK, SET_VRING_CALL, SET_VRING_ERR):

@@ -145,7 +145,7 @@ _RX_BUDGET_DONE, _RX_EMPTY, _RX_EAGAIN, _RX_ERROR, _RX_EOF, _RX_DEFER_USE, _RX_P
 _RX_COUNTERS = ("rx_packets", "rx_bytes", "rx_gso", "rx_dropped", "rx_filtered")
 _TX_COUNTERS = ("tx_packets", "tx_bytes", "tx_gso", "tx_dropped")
 
-__all__ = ["HDR_LEN", "MAX_FRAME", "MAX_RX", "NetBackend", "TapRxPollable", "VirtioNet", "parse_mac", "format_mac"]
+__all__ = ["CTRL_FEATURES", "HDR_LEN", "MAX_FRAME", "MAX_RX", "NetBackend", "TapRxPollable", "VirtioNet", "parse_mac", "format_mac"]
 
 #: struct virtio_net_hdr_v1: flags u8, gso_type u8, hdr_len, gso_size, csum_start, csum_offset, num_buffers (le16)
 _HDR = struct.Struct("<BBHHHHH")
@@ -169,6 +169,12 @@ _LINK_ERRNOS = (errno.EIO, errno.EBADFD, errno.ENODEV, errno.ENXIO, errno.EPIPE,
 _GONE_ERRNOS = (errno.EBADFD, errno.ENODEV, errno.ENXIO)
 #: Seconds between two attempts to re-attach a deleted TAP (see the module docstring).
 REATTACH_INTERVAL = 0.5
+#: The features that come with the control queue, offered only by a device that has one.  Without our
+#: own control queue (vhost-user; a NIC whose pairs the sidecore service serves) the frontend keeps it and
+#: offers these itself -- GUEST_ANNOUNCE too: QEMU passes it through to the driver, which then requires a
+#: control queue.
+CTRL_FEATURES = sum(1 << b for b in (VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_CTRL_RX, VIRTIO_NET_F_CTRL_RX_EXTRA,
+                                      VIRTIO_NET_F_CTRL_MAC_ADDR, VIRTIO_NET_F_GUEST_ANNOUNCE))
 
 log = logging.getLogger("exitless.virtio.net")
 
@@ -327,14 +333,9 @@ class VirtioNet(VirtioDevice):
         bits = [VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_CSUM,
                 VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_ECN,
                 VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_ECN]
-        if self.ctrl_queue:
-            # Without our own control queue (vhost-user) GUEST_ANNOUNCE is not ours to offer: QEMU
-            # passes it through to the driver, which then requires a control queue.
-            bits += [VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_CTRL_RX, VIRTIO_NET_F_CTRL_RX_EXTRA,
-                     VIRTIO_NET_F_CTRL_MAC_ADDR, VIRTIO_NET_F_GUEST_ANNOUNCE]
         if self.queue_pairs > 1:
             bits.append(VIRTIO_NET_F_MQ)
-        f = 0
+        f = CTRL_FEATURES if self.ctrl_queue else 0
         for b in bits:
             f |= 1 << b
         return f

@@ -41,7 +41,8 @@ from ...memory import GuestMemoryError
 from ...sidecore.spin import WatchedLock, address_of, drain_eventfd, fence
 from ..pci.device import Bar, PciDevice
 from ..pci.msix import CAP_ID_MSIX, NO_VECTOR, Msix
-from .constants import VIRTIO_STATUS_DEVICE_NEEDS_RESET, VIRTIO_STATUS_DRIVER_OK, VIRTIO_STATUS_FEATURES_OK
+from .constants import (VIRTIO_ID_NET, VIRTIO_STATUS_DEVICE_NEEDS_RESET, VIRTIO_STATUS_DRIVER_OK,
+                        VIRTIO_STATUS_FEATURES_OK)
 from .device import VirtioDevice
 
 log = logging.getLogger(__name__)
@@ -74,8 +75,8 @@ class VirtioPci(PciDevice):
         """``sidecore``: a group shared with other devices, which the caller starts with
         ``group.start_on(machine)`` after the last device joined (so that it stops before
         any of them); by default the device gets a sidecore of its own.  ``service``: the
-        socket of an ``exitless sidecore`` that serves the queues instead (a polled path and a
-        virtio-blk device only); raises :class:`~exitless.sidecore.remote.RemoteSidecoreError`
+        socket of an ``exitless sidecore`` that serves the queues instead (a polled path; a
+        virtio-net device keeps its control queue here); raises :class:`~exitless.sidecore.remote.RemoteSidecoreError`
         if it cannot be reached or refuses the device."""
         if path not in PATHS:
             raise ValueError(f"I/O path {path!r}: one of {', '.join(PATHS)}")
@@ -120,9 +121,16 @@ class VirtioPci(PciDevice):
         self.slot = machine.pci.add(self)
         machine.add_worker(self)
         if service is not None:
-            from ...sidecore.remote import RemoteQueues   # the VM side of the service (it imports vhost_user)
-
-            self.remote = RemoteQueues(service, self)
+            # the VM side of the service (it imports vhost_user); a NIC keeps its control queue here
+            if device.device_id == VIRTIO_ID_NET:
+                from ...sidecore.service_net import RemoteNic as Remote
+            else:
+                from ...sidecore.remote import RemoteQueues as Remote
+            self.remote = Remote(service, self)
+            if self.remote.local_queues:     # on their ioeventfds (Linux kicks the control queue and waits)
+                self.sidecore = SidecoreGroup("notify", name=f"ctrl-virtio{self.slot}")
+                self.sidecore.add([QueuePollable(self, q) for q in self.remote.local_queues], "notify")
+                self.sidecore.start()
         elif path != "trap":
             # plus the device's host side (a TAP's receive fd), served by the same sidecore as its queues
             queues = [QueuePollable(self, q) for q in range(n)]
@@ -353,20 +361,28 @@ class VirtioPci(PciDevice):
 
     def _activate(self) -> None:
         if self.remote is not None:
+            if self.remote.local_queues:     # the model here serves them (and learns which pairs are on)
+                self._activate_model()
             # a kick fd only where the guest's doorbell write reaches one (not the shared path's RAM page)
             kicks = [fd if self.path != "shared" else None for fd in self.wake_fds] or [None] * len(self.queues)
             self.remote.activate(self.driver_features, self.queues, kicks)
+            self._wake_sidecore()
             return
-        vqs = self.device.create_queues(self.machine.mem)
-        for vq, st in zip(vqs, self.queues):
-            vq.size, vq.desc_addr, vq.avail_addr, vq.used_addr = st.size, st.desc, st.driver, st.device
-            vq.ready = bool(st.enable)
-        self.device.activate(self.machine.mem, vqs, self.driver_features, self.signal_queue)
+        vqs = self._activate_model()
         if self.path in ("poll", "adaptive"):
             for vq in vqs:
                 if vq.configured:
                     vq.disable_notifications()
         self._wake_sidecore()
+
+    def _activate_model(self) -> list:
+        """DRIVER_OK for the device model here: its queues as the driver set them up."""
+        vqs = self.device.create_queues(self.machine.mem)
+        for vq, st in zip(vqs, self.queues):
+            vq.size, vq.desc_addr, vq.avail_addr, vq.used_addr = st.size, st.desc, st.driver, st.device
+            vq.ready = bool(st.enable)
+        self.device.activate(self.machine.mem, vqs, self.driver_features, self.signal_queue)
+        return vqs
 
     def _wake_sidecore(self) -> None:
         for fd in self.wake_fds:
