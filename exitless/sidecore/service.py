@@ -59,6 +59,16 @@ MAX_QUEUE_SIZE = 1024
 MAX_QUEUES = 16
 
 
+def _activity(session, device) -> str:
+    """What a detached VM's device did, for its log line: a NIC's frames (and the C round's slices that
+    served them), a disk's requests."""
+    stats = getattr(device, "stats", None)
+    if isinstance(stats, dict) and "tx_packets" in stats:
+        return (f"{stats['tx_packets']} frames sent, {stats['rx_packets']} received, "
+                f"{stats.get('c_slices', 0)} C slices")
+    return f"{session.completed if session is not None else 0} requests"
+
+
 class ServiceConfigError(ExitlessError, ValueError):
     """``exitless sidecore`` was given a bad mode or client limit."""
 
@@ -215,8 +225,8 @@ class SidecoreService:
                 device.close()
             conn.close()
             (log.warning if why.startswith(("refused", "protocol", "internal", "socket")) else log.info)(
-                "sidecore: %s detached (%s): %s after %.1f s, %d requests", name, peer, why,
-                time.monotonic() - t0, session.completed if session is not None else 0)
+                "sidecore: %s detached (%s): %s after %.1f s, %s", name, peer, why,
+                time.monotonic() - t0, _activity(session, device))
             with self._lock:
                 self._clients.pop(cid, None)
                 self.detached += 1
