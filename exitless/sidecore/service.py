@@ -57,6 +57,16 @@ MAX_QUEUE_SIZE = 1024
 MAX_QUEUES = 16
 
 
+def _families() -> dict:
+    """Device families besides virtio-blk, by the request number of a connection's first message: a
+    factory ``(first message, name, loop, poll_ns) -> session`` (``handle``, ``error_reply``, ``name``,
+    ``completed``, ``describe()``, ``close()``), raising ProtocolError for a first message it refuses.
+    Each family's messages and session live in modules of their own."""
+    from . import nvme_protocol, nvme_service
+
+    return {nvme_protocol.EXITLESS_NVME_SET_BACKEND: nvme_service.open_session}
+
+
 class ServiceConfigError(ExitlessError, ValueError):
     """``exitless sidecore`` was given a bad mode or client limit."""
 
@@ -194,11 +204,15 @@ class SidecoreService:
             if device is None:
                 why = "backend stopping" if self._stopping else "closed the connection"
                 return
-            session = VhostUserBackend(device, self.mode, poll_ns=self.poll_ns, name=f"sidecore {name}",
-                                       dataplane=self.dataplane.loop)
-            log.info("sidecore: %s serves its disk %s (%d sectors%s, %d queue(s) of %d)", name, device.serial,
-                     device.capacity, ", read-only" if device.read_only else "", device.num_queues,
-                     device.queue_max_size)
+            if not isinstance(device, VirtioBlk):        # another family's session (_families)
+                session, device = device, None
+                log.info("sidecore: %s serves %s", name, session.describe())
+            else:
+                session = VhostUserBackend(device, self.mode, poll_ns=self.poll_ns, name=f"sidecore {name}",
+                                           dataplane=self.dataplane.loop)
+                log.info("sidecore: %s serves its disk %s (%d sectors%s, %d queue(s) of %d)", name, device.serial,
+                         device.capacity, ", read-only" if device.read_only else "", device.num_queues,
+                         device.queue_max_size)
             why = run_session(conn, session, self, self._stop_fd, self.io_timeout)
         except (ProtocolError, BackingFileError, OSError) as e:
             self.errors += 1
@@ -220,10 +234,11 @@ class SidecoreService:
                 self._clients.pop(cid, None)
                 self.detached += 1
 
-    def _handshake(self, conn: socket.socket, name: str) -> VirtioBlk | None:
-        """The connection's first message, EXITLESS_SET_BACKEND: the VM's disk as a device model, or
-        None if the peer left (or the service stops) before sending it.  Raises ProtocolError or
-        BackingFileError for anything else."""
+    def _handshake(self, conn: socket.socket, name: str):
+        """The connection's first message: EXITLESS_SET_BACKEND gives the VM's disk as a device model,
+        another family's first message (:func:`_families`) that family's session; None if the peer left
+        (or the service stops) before sending it.  Raises ProtocolError or BackingFileError for anything
+        else."""
         poller = select.poll()
         poller.register(conn.fileno(), select.POLLIN)
         poller.register(self._stop_fd, select.POLLIN)
@@ -239,6 +254,20 @@ class SidecoreService:
         except TooManyFds as t:
             raise ProtocolError(str(t)) from None
         self.messages += 1
+        family = _families().get(msg.request)
+        if family is not None:
+            try:
+                session = family(msg, name, self.dataplane.loop, self.poll_ns)
+            finally:
+                for fd in msg.fds:
+                    os.close(fd)
+                msg.fds = []
+            try:
+                conn.sendall(P.reply_u64(msg.request, 0))
+            except BaseException:
+                session.close()
+                raise
+            return session
         try:
             if msg.request != P.EXITLESS_SET_BACKEND:
                 raise ProtocolError(f"the first message is {msg.name}, not EXITLESS_SET_BACKEND")
