@@ -5,7 +5,8 @@ boot to userspace takes minutes, so a session-scoped fixture (:func:`linux_io`, 
 every test module by ``tests/conftest.py``) boots Debian's cloud kernel once, with 1 vCPU and
 
 * one NVMe controller per I/O path (:data:`NVME_PATHS`; Linux's nvme driver is built into that
-  kernel), each backed by its own image file;
+  kernel), each backed by its own image file, and one more (``sidecore``: io=adaptive) whose I/O queue
+  pairs an ``exitless sidecore`` service process serves (``run --nvme …,io=adaptive --sidecore PATH``);
 * one virtio-net NIC per I/O path (:data:`NET_PATHS`), each on its own TAP in one network namespace
   the fixture creates (subnet 10.0.<i>.0/24, host end 10.0.<i>.1), when this process may create
   namespaces (root, /dev/net/tun, pyroute2); else no NIC and the net tests skip with the reason.
@@ -44,7 +45,10 @@ try:
 except ImportError:  # pragma: no cover - tests/ as a package
     from tests import netns as N
 
-NVME_PATHS = ("trap", "ioeventfd", "shared", "poll", "adaptive")
+#: the NVMe controllers: one per I/O path, and "sidecore": io=adaptive, its I/O queues served by an
+#: ``exitless sidecore`` process (SIDECORE_SERVED's path)
+NVME_PATHS = ("trap", "ioeventfd", "shared", "poll", "adaptive", "sidecore")
+SIDECORE_SERVED = "adaptive"
 NET_PATHS = ("trap", "ioeventfd", "shared", "poll", "adaptive")
 NVME_IMAGE_BYTES = 32 << 20
 #: bytes of the file written on each ext4 filesystem, and moved over TCP each way per NIC
@@ -136,6 +140,7 @@ class LinuxIo:
     nvme: dict[str, dict] = field(default_factory=dict)          # path -> final stats (+ "slot", "image")
     net: dict[str, dict] = field(default_factory=dict)           # path -> final stats (+ "index", "slot")
     snaps: dict[str, dict[str, dict]] = field(default_factory=dict)   # label -> {"nvme-<path>": stats}
+    sidecore_log: str = ""                                       # the sidecore service's log, once it stopped
     responders: list = field(default_factory=list)
     net_skip: str | None = None
     down_md5: list[str] = field(default_factory=list)
@@ -178,6 +183,11 @@ def boot_linux_io(tmp: Path) -> LinuxIo:
     from exitless.nvme import NvmeSpec, add_nvme
     from exitless.vm import Machine, VmConfig
 
+    try:
+        from serveproc import ServeProcess
+    except ImportError:  # pragma: no cover - tests/ as a package
+        from tests.serveproc import ServeProcess
+
     pvm = kvm_flavour() == "pvm"
     guest = fetch_guest()
     net_skip = N.can_make_netns()
@@ -207,6 +217,10 @@ def boot_linux_io(tmp: Path) -> LinuxIo:
                                    timeout=timeout)
                 stack.callback(r.close)
                 result.responders.append(r)
+        sock = tmp / "sidecore.sock"
+        service = ServeProcess(None, ["--socket", str(sock), "--mode", "adaptive"], tmp / "sidecore.log",
+                               command=("sidecore",))
+        stack.callback(lambda: setattr(result, "sidecore_log", (service.stop(), service.text())[1]))
         nvme_devs, net_devs = {}, {}
         snap = SnapshotConsole(lambda: {**{f"nvme-{p}": d.stats() for p, d in nvme_devs.items()},
                                         **{f"net-{p}": dict(d.device.stats) for p, d in net_devs.items()}},
@@ -220,8 +234,12 @@ def boot_linux_io(tmp: Path) -> LinuxIo:
                 image = tmp / f"nvme-{path}.img"
                 with open(image, "wb") as f:
                     f.truncate(NVME_IMAGE_BYTES)
-                nvme_devs[path] = add_nvme(m, NvmeSpec(str(image), io=path, queues=2),
-                                           sidecore_group(groups, path))
+                if path == "sidecore":
+                    nvme_devs[path] = add_nvme(m, NvmeSpec(str(image), io=SIDECORE_SERVED, queues=2),
+                                               service=str(sock))
+                else:
+                    nvme_devs[path] = add_nvme(m, NvmeSpec(str(image), io=path, queues=2),
+                                               sidecore_group(groups, path))
                 result.nvme[path] = {"image": image}
             for i, path in enumerate(NET_PATHS[:nics]):
                 net_devs[path] = add_nic(m, NetSpec(f"exlio{i}", mac=bytes.fromhex(nic_mac(i).replace(":", "")),

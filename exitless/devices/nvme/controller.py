@@ -633,8 +633,9 @@ class NvmeController:
         if fid not in self.features:
             return K.SC_INVALID_FIELD, 0
         self.features[fid] = value & 1 if fid == K.FEAT_VOLATILE_WRITE_CACHE else value
-        if fid == K.FEAT_VOLATILE_WRITE_CACHE:
-            self.listener.write_cache_changed()
+        changed = getattr(self.listener, "write_cache_changed", None)   # (a listener may not care)
+        if fid == K.FEAT_VOLATILE_WRITE_CACHE and changed is not None:
+            changed()
         return K.SC_SUCCESS, 0
 
     def _get_features(self, cmd):
