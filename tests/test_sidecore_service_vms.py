@@ -37,12 +37,15 @@ DISK_BYTES = 16 << 20
 
 
 class Vm:
-    """``python3 -m exitless run`` of the guest kit with one disk on the service; stdout collected."""
+    """``python3 -m exitless run`` of the guest kit with one disk on the service; stdout collected.
+    ``device``: its option (``--nvme``: an NVMe controller, ``options`` after its path)."""
 
-    def __init__(self, image: Path, io: str, app: str, sock: Path, timeout: int = 180):
+    def __init__(self, image: Path, io: str, app: str, sock: Path, timeout: int = 180, *, device: str = "--disk",
+                 options: str = ""):
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "exitless", "run", "--kernel", str(guestkit_path()), "--mem", "64M",
-             "--disk", f"{image},io={io}", "--sidecore", str(sock), "--timeout", str(timeout), "--append", app],
+             device, f"{image},io={io}{options}", "--sidecore", str(sock), "--timeout", str(timeout),
+             "--append", app],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.lines: list[str] = []
         self.probed = threading.Event()
@@ -53,7 +56,7 @@ class Vm:
         for raw in self.proc.stdout:
             line = raw.decode(errors="replace")
             self.lines.append(line)
-            if line.startswith("guestkit: virtio-blk"):    # the driver found the disk: I/O starts now
+            if line.startswith(("guestkit: virtio-blk", "guestkit: nvme")):   # the driver is ready: I/O starts now
                 self.probed.set()
 
     def wait_probed(self, timeout: float = 60) -> None:
