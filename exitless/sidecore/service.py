@@ -17,6 +17,11 @@ disk's fd(s) by SCM_RIGHTS); the service builds that VM's device model on those 
 and from then on the connection is an ordinary vhost-user session.  The version field lets either
 side refuse a peer it does not understand.
 
+Other device families start their connection with a first message of their own and speak their own
+messages over the same framing; the service dispatches on that first message (:func:`_families`) and
+serves the family's session from the same loop.  NVMe I/O queue pairs are one
+(:mod:`exitless.sidecore.nvme_protocol`).
+
 Every session's rings are attached to one :class:`~exitless.sidecore.loop.SidecoreLoop` (the
 engine's loop with per-queue budget and per-queue adaptive windows) between its rounds, and
 detached when the session reconfigures or ends.  Each connection has a control thread of its own

@@ -32,6 +32,10 @@ A completion queue's EventIdx is parked unless a submission queue waits for
 room in it (CQ full); then it is armed the same way (publish, fence, re-read:
 the order QEMU got wrong before 7.2.1).
 
+Split controller (``exitless sidecore``): ``remote`` names the I/O queue pairs another process
+serves; their doorbells are not run here, and the listener takes a pair back (``dbbuf_unbound``)
+before it is deleted, the controller reset or the shadow pages changed.
+
 Failures: a command gets its spec status (with DNR); an admin queue or
 completion queue the controller cannot access puts it in the fatal state
 (CSTS.CFS) until the driver resets it.  Nothing touches host memory outside
