@@ -437,3 +437,22 @@ def test_split_controller_hands_over_takes_back_and_survives_the_service(tmp_pat
             assert image[512 * lba:512 * lba + 4096] == data, lba
     finally:
         run.stop()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(N.REQUESTS), st.binary(max_size=160), st.data())
+def test_payloads_decode_or_are_refused(request, payload, data):
+    """Every decoder of the family takes any bytes and either decodes them or raises ProtocolError (nothing
+    else); what encodes decodes back to itself."""
+    msg = P.Message(request, P.VERSION, payload)
+    for decode in (N.backend, N.attach, N.qid, N.expected_fds, lambda m: N.state(m.payload)):
+        try:
+            decode(msg)
+        except P.ProtocolError:
+            pass
+    fields = {f: data.draw(st.integers(0, 2**32 - 1)) for f in ("sq_head", "sq_tail", "sq_shadow_seen", "cq_head",
+                                                                  "cq_tail", "cq_phase", "cq_shadow_seen", "sqid",
+                                                                  "cqid", "sq_size", "cq_size")}
+    a = N.Attach(**fields, sq_base=data.draw(U64), cq_base=data.draw(U64), flags=data.draw(st.sampled_from([0, 7])),
+                 shadow=data.draw(U64), event_idx=data.draw(U64))
+    assert N.attach(P.Message(N.EXITLESS_NVME_ATTACH_QP, P.VERSION, N.encode_attach(a))) == a

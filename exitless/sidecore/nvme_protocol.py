@@ -60,7 +60,7 @@ BACKEND = struct.Struct("<IIII")          # version, flags, lba_size, max_qid
 F_RO, F_DIRECT = 1 << 0, 1 << 1
 BACKEND_FLAGS = F_RO | F_DIRECT
 
-ATTACH = struct.Struct("<IIIIQQIIIIIIIIQQ")
+ATTACH = struct.Struct("<7IIIIIQQIQQ")      # QueueState, then Attach's own fields, in order
 F_IRQFD, F_WAKE, F_VWC = 1 << 0, 1 << 1, 1 << 2
 ATTACH_FLAGS = F_IRQFD | F_WAKE | F_VWC
 QID = struct.Struct("<I")
@@ -80,37 +80,36 @@ class Backend:
 
 
 @dataclass(frozen=True)
-class Attach:
-    """ATTACH_QP: a pair's geometry (bases guest-physical, sizes in entries), the state the VMM leaves it
-    in, flags, and the shadow doorbell / EventIdx pages (guest-physical)."""
+class QueueState:
+    """Where a pair's queues are: SQ head (next entry fetched) and tail, CQ head, tail (next entry
+    posted) and phase, and the last value read from each one's shadow doorbell slot."""
+    sq_head: int
+    sq_tail: int
+    sq_shadow_seen: int
+    cq_head: int
+    cq_tail: int
+    cq_phase: int
+    cq_shadow_seen: int
+
+
+@dataclass(frozen=True)
+class Attach(QueueState):
+    """ATTACH_QP: the state the VMM leaves the pair in, its geometry (bases guest-physical, sizes in
+    entries), flags, and the shadow doorbell / EventIdx pages (guest-physical)."""
     sqid: int
     cqid: int
     sq_size: int
     cq_size: int
     sq_base: int
     cq_base: int
-    sq_head: int
-    sq_tail: int
-    sq_shadow_seen: int
-    cq_head: int
-    cq_tail: int
-    cq_phase: int
-    cq_shadow_seen: int
     flags: int
     shadow: int
     event_idx: int
 
 
 @dataclass(frozen=True)
-class State:
+class State(QueueState):
     """DETACH_QP's reply: where the pair's queues were left, and ``counters`` (name -> count)."""
-    sq_head: int
-    sq_tail: int
-    sq_shadow_seen: int
-    cq_head: int
-    cq_tail: int
-    cq_phase: int
-    cq_shadow_seen: int
     counters: dict
 
 
@@ -161,8 +160,7 @@ def encode_attach(a: Attach) -> bytes:
 
 
 def encode_state(s: State) -> bytes:
-    return STATE.pack(s.sq_head, s.sq_tail, s.sq_shadow_seen, s.cq_head, s.cq_tail, s.cq_phase, s.cq_shadow_seen,
-                      *(s.counters.get(k, 0) & 0xFFFF_FFFF_FFFF_FFFF for k in COUNTERS))
+    return STATE.pack(*astuple(s)[:7], *(s.counters.get(k, 0) & 0xFFFF_FFFF_FFFF_FFFF for k in COUNTERS))
 
 
 def state(payload: bytes) -> State:

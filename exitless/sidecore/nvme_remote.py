@@ -88,8 +88,10 @@ class RemoteQueuePairs:
             return False
         flags = (N.F_IRQFD if irqfd is not None else 0) | (N.F_WAKE if wake_fd is not None else 0) | \
             (N.F_VWC if vwc else 0)
-        a = N.Attach(sq.sqid, cq.cqid, sq.size, cq.size, sq.base, cq.base, sq.head, sq.tail, sq.shadow_seen,
-                     cq.head, cq.tail, cq.phase, cq.shadow_seen, flags, dbbuf[0], dbbuf[1])
+        a = N.Attach(sq_head=sq.head, sq_tail=sq.tail, sq_shadow_seen=sq.shadow_seen, cq_head=cq.head,
+                     cq_tail=cq.tail, cq_phase=cq.phase, cq_shadow_seen=cq.shadow_seen, sqid=sq.sqid, cqid=cq.cqid,
+                     sq_size=sq.size, cq_size=cq.size, sq_base=sq.base, cq_base=cq.base, flags=flags,
+                     shadow=dbbuf[0], event_idx=dbbuf[1])
         fds = [fd for fd in (irqfd, wake_fd) if fd is not None]
         try:
             self.fe.request(N.EXITLESS_NVME_ATTACH_QP, N.encode_attach(a), fds)

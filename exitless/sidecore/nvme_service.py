@@ -15,7 +15,6 @@ then takes every pair off the loop before the memory is unmapped and the fds clo
 """
 from __future__ import annotations
 
-import errno
 import logging
 import os
 
@@ -24,7 +23,7 @@ from ..devices.nvme.controller import CompletionQueue, NvmeController, Submissio
 from ..devices.nvme.namespace import LBA_SIZES, Namespace, NamespaceError
 from ..devices.nvme.pci import QueuePairPollable
 from ..vhost_user import protocol as P
-from ..vhost_user.backend import _eventfd
+from ..vhost_user.backend import VhostUserBackend, _eventfd
 from ..vhost_user.memory import VhostMemory
 from ..vhost_user.protocol import Message, ProtocolError
 from . import nvme_protocol as N
@@ -36,12 +35,7 @@ MAX_QID = 64                      # NvmePci's most I/O queue pairs
 MAX_QUEUE_ENTRIES = NvmeController.MQES + 1
 
 
-def _write_event(fd: int) -> None:
-    try:
-        os.eventfd_write(fd, 1)
-    except OSError as e:          # a full (hostile) counter, or a VM gone: nothing to tell
-        if e.errno not in (errno.EAGAIN, errno.EBADF):
-            raise
+_write_event = VhostUserBackend._write_event    # an eventfd write that a full counter or a VM gone cannot fail
 
 
 class ServedController(NvmeController):

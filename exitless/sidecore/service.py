@@ -260,44 +260,37 @@ class SidecoreService:
             raise ProtocolError(str(t)) from None
         self.messages += 1
         family = _families().get(msg.request)
-        if family is not None:
-            try:
-                session = family(msg, name, self.dataplane.loop, self.poll_ns)
-            finally:
-                for fd in msg.fds:
-                    os.close(fd)
-                msg.fds = []
-            try:
-                conn.sendall(P.reply_u64(msg.request, 0))
-            except BaseException:
-                session.close()
-                raise
-            return session
         try:
-            if msg.request != P.EXITLESS_SET_BACKEND:
-                raise ProtocolError(f"the first message is {msg.name}, not EXITLESS_SET_BACKEND")
-            spec = P.backend(msg)
-            if len(msg.fds) != P.expected_fds(msg):
-                raise ProtocolError(f"{msg.name}: {len(msg.fds)} fds, expected {P.expected_fds(msg)}")
-            if spec.device_id != VIRTIO_ID_BLOCK:
-                raise ProtocolError(f"{msg.name}: virtio device {spec.device_id} is not served (virtio-blk: "
-                                    f"{VIRTIO_ID_BLOCK})")
-            if not 1 <= spec.num_queues <= MAX_QUEUES:
-                raise ProtocolError(f"{msg.name}: {spec.num_queues} queues (1..{MAX_QUEUES})")
-            q = spec.queue_size
-            if not 1 <= q <= MAX_QUEUE_SIZE or q & (q - 1):
-                raise ProtocolError(f"{msg.name}: queue size {q} is not a power of two in 1..{MAX_QUEUE_SIZE}")
-            direct = bool(spec.flags & P.BACKEND_F_DIRECT)
-            fds, msg.fds = (msg.fds[0], msg.fds[1] if direct else -1), []
-            device = VirtioBlk(f"{name}'s disk", read_only=bool(spec.flags & P.BACKEND_F_RO), direct=direct,
-                               num_queues=spec.num_queues, queue_size=q, serial=spec.serial, fds=fds)
+            made = family(msg, name, self.dataplane.loop, self.poll_ns) if family is not None else \
+                self._virtio_blk(msg, name)
         finally:
-            for fd in msg.fds:
+            for fd in msg.fds:        # those the device or session did not take
                 os.close(fd)
             msg.fds = []
         try:
-            conn.sendall(P.reply_u64(P.EXITLESS_SET_BACKEND, 0))
+            conn.sendall(P.reply_u64(msg.request, 0))
         except BaseException:
-            device.close()
+            made.close()
             raise
-        return device
+        return made
+
+    def _virtio_blk(self, msg, name: str) -> VirtioBlk:
+        """The device model of a first message EXITLESS_SET_BACKEND (taking the disk's fds from ``msg``).
+        Raises ProtocolError or BackingFileError."""
+        if msg.request != P.EXITLESS_SET_BACKEND:
+            raise ProtocolError(f"the first message is {msg.name}, not EXITLESS_SET_BACKEND")
+        spec = P.backend(msg)
+        if len(msg.fds) != P.expected_fds(msg):
+            raise ProtocolError(f"{msg.name}: {len(msg.fds)} fds, expected {P.expected_fds(msg)}")
+        if spec.device_id != VIRTIO_ID_BLOCK:
+            raise ProtocolError(f"{msg.name}: virtio device {spec.device_id} is not served (virtio-blk: "
+                                f"{VIRTIO_ID_BLOCK})")
+        if not 1 <= spec.num_queues <= MAX_QUEUES:
+            raise ProtocolError(f"{msg.name}: {spec.num_queues} queues (1..{MAX_QUEUES})")
+        q = spec.queue_size
+        if not 1 <= q <= MAX_QUEUE_SIZE or q & (q - 1):
+            raise ProtocolError(f"{msg.name}: queue size {q} is not a power of two in 1..{MAX_QUEUE_SIZE}")
+        direct = bool(spec.flags & P.BACKEND_F_DIRECT)
+        fds, msg.fds = (msg.fds[0], msg.fds[1] if direct else -1), []
+        return VirtioBlk(f"{name}'s disk", read_only=bool(spec.flags & P.BACKEND_F_RO), direct=direct,
+                         num_queues=spec.num_queues, queue_size=q, serial=spec.serial, fds=fds)
