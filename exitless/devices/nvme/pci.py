@@ -246,7 +246,9 @@ class NvmePci(PciDevice):
 
     def stats(self) -> dict:
         """The controller's counters, plus ``ioeventfd_doorbells``: I/O doorbell writes KVM turned into
-        eventfd signals (summed from the eventfd counters as the sidecore drains them)."""
+        eventfd signals (summed from the eventfd counters as the sidecore drains them), and
+        ``handovers``: the pairs a sidecore service took.  A pair the service serves adds its counters
+        when it comes back (Delete I/O SQ, reset, VM exit), not while it is served."""
         return dict(self.ctrl.stats, path=self.path, msix_fired=self.msix.fired,
                     ioeventfd_doorbells=self.ioeventfd_doorbells, handovers=self.handovers)
 
