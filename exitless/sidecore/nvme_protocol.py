@@ -36,8 +36,8 @@ answer is the pair's state.  A message of another kind, or with the wrong fds, e
    did (counters).  The VMM answers the guest's command (or shows CSTS.RDY 0) only after that reply.
 
 A connection that ends (VM exit, a VMM killed mid-I/O) detaches every pair of that VM.  A service that
-goes away, or breaks a pair, makes the VMM's controller fatal (CSTS.CFS): the driver resets it, and the
-pairs it creates next are served by the VMM itself.  Known limit: the irqfd bypasses MSI-X masking, as
+goes away while it serves pairs, or breaks a pair, makes the VMM's controller fatal (CSTS.CFS): the
+driver resets it, and the pairs it creates next are served by the VMM itself.  Known limit: the irqfd bypasses MSI-X masking, as
 for virtio-blk (:mod:`exitless.sidecore.remote`); Linux and the guest kit do not mask live vectors.
 """
 from __future__ import annotations

@@ -11,8 +11,9 @@ taken back -- the service no longer touching it -- before the guest learns that 
 deleted or its controller reset.
 
 A relay thread turns the service's eventfds into the controller's asynchronous event (Invalid
-Doorbell Value) or fatal status, and a service that hangs up into the fatal status too: the driver
-resets the controller, and the pairs it creates next are served by this VMM (their handover fails).
+Doorbell Value) or fatal status, and a service that hangs up while it serves pairs into the fatal
+status too: the driver resets the controller, and the pairs it creates next are served by this VMM
+(their handover fails).
 """
 from __future__ import annotations
 
@@ -116,16 +117,24 @@ class RemoteQueuePairs:
             body = self.fe.request(N.EXITLESS_NVME_DETACH_QP, N.QID.pack(sqid), expect_reply=True)
             return N.state(body)
         except (FrontendError, ProtocolError, OSError) as e:
-            self._fail(f"did not give back SQ {sqid}: {e}")
+            self._fail(f"did not give back SQ {sqid}: {e}", lost=True)
             return None
 
-    def _fail(self, why: str) -> None:
-        if not self._failed:
-            self._failed = True
-            log.error("NVMe %02x: the sidecore service at %s %s; the controller is fatal (CSTS.CFS) until the "
-                      "driver resets it, and this VMM serves the queues it creates next", self.pci.slot,
-                      self.path, why)
-        self.pci.ctrl.remote_fatal(f"the sidecore service {why}")
+    def _fail(self, why: str, *, lost: bool = False) -> None:
+        """The service refused to go on or is gone: no pair goes to it any more.  If it serves pairs now
+        (or ``lost``: it kept a pair's state), the controller is fatal (CSTS.CFS) until the driver resets
+        it; the pairs it creates next are served by this VMM.  (Under the controller's lock: a handover
+        on the vCPU thread is either complete, and then counted here, or sees the failure.)"""
+        ctrl = self.pci.ctrl
+        with ctrl.lock:
+            first, self._failed = not self._failed, True
+            fatal = lost or bool(ctrl.remote)
+            if fatal:
+                ctrl.remote_fatal(f"the sidecore service {why}")
+        if first:
+            log.error("NVMe %02x: the sidecore service at %s %s; %s", self.pci.slot, self.path, why,
+                      "the controller is fatal (CSTS.CFS) until the driver resets it, and this VMM serves the "
+                      "queue pairs it creates next" if fatal else "this VMM serves the queue pairs from now on")
 
     # -- the relay thread --------------------------------------------------------------------------------------
     def _watch(self) -> None:
@@ -149,7 +158,7 @@ class RemoteQueuePairs:
                 if fd == self.event_fd:
                     self.pci.ctrl.remote_bad_doorbell("a shadow doorbell value the sidecore service ignored")
                 else:
-                    self._fail("reported a queue pair it cannot serve (its log says why)")
+                    self._fail("reported a queue pair it cannot serve (its log says why)", lost=True)
 
     def close(self) -> None:
         """Hang up (the service detaches whatever it still serves) and close the fds (idempotent)."""
