@@ -75,12 +75,10 @@ def test_doorbell_buffer_config_and_shadow_doorbells(linux_io, path):
     assert stats["fatal"] == 0 and stats["bad_doorbells"] == 0, stats
     assert stats["shadow_doorbells"] > 0, stats
     if path == "sidecore":
-        # the pairs were served by the service: their counters came back with them (Linux's queue deletion
-        # at poweroff, or VM exit), not during the I/O phase
-        assert stats["handovers"] >= 1 and stats["io_commands"] > 100, stats
+        # its pairs were served by the service (the counters fetched from it: GET_COUNTERS, DETACH_QP)
         log = linux_io.sidecore_log
+        assert stats["handovers"] >= 1, stats
         assert "serves NVMe SQ 1" in log and " detached " in log and "Traceback" not in log, log
-        return
     commands, doorbells = io_delta(linux_io, path)
     assert commands > 100, (commands, stats)                 # mkfs, mount, writes, reads
     per_io = doorbells / commands

@@ -160,10 +160,13 @@ def test_two_vms_pairs_share_the_loop_taken_back_and_handed_over_again(tmp_path,
         for i in range(4):
             a.roundtrip(i, 8 * i)
             b.roundtrip(50 + i, 8 * i)
+        got = N.counts(a.fe.request(N.EXITLESS_NVME_GET_COUNTERS, expect_reply=True))
+        assert got["io_commands"] == 8 and got["write_bytes"] == got["read_bytes"] == 4 * 4096, got
+        assert N.counts(a.fe.request(N.EXITLESS_NVME_GET_COUNTERS, expect_reply=True))["io_commands"] == 0
         # a batch in flight, then DETACH: the reply is where the service left the queues ...
         cids = [a.submit(K.NVM_READ, 8 * i, 8, DATA + 4096 * i) for i in range(6)]
         st = a.detach()
-        assert st.counters["io_commands"] >= 8 and st.counters["write_bytes"] == 4 * 4096
+        assert st.counters["write_bytes"] == 0 and st.counters["read_bytes"] <= 6 * 4096   # since GET_COUNTERS
         done = a.reap(want=(st.cq_tail - a.cq_head) % QSIZE) if st.cq_tail != a.cq_head else []
         # ... and handed over again from there, the rest completes: every command exactly once
         assert a.attach(sq_head=st.sq_head, sq_tail=st.sq_tail, sq_shadow_seen=st.sq_shadow_seen,
@@ -393,6 +396,7 @@ def test_split_controller_hands_over_takes_back_and_survives_the_service(tmp_pat
             assert d.enable_dbbuf() == 0
             assert ctrl.remote == {1: 1} and dev.handovers == 1 and len(loop.pollables) == 1
             io(1, 8, 2)
+            assert dev.stats()["io_commands"] == 3 + 8 and ctrl.remote == {1: 1}   # fetched from the service
             mmio = ctrl.stats["io_mmio_doorbells"]
             ctrl.write_register(K.DOORBELL_BASE + 8, 4, d.sq[1][2])          # a stray MMIO write: not run twice
             assert ctrl.stats["io_mmio_doorbells"] == mmio + 1

@@ -34,6 +34,9 @@ answer is the pair's state.  A message of another kind, or with the wrong fds, e
    loop -- it has stopped touching the rings when it answers -- and replies :data:`STATE`: where it
    left the queues (so the VMM goes on from there: no completion lost or posted twice) and what it
    did (counters).  The VMM answers the guest's command (or shows CSTS.RDY 0) only after that reply.
+5. ``EXITLESS_NVME_GET_COUNTERS`` (no payload): what the served pairs did since the previous
+   GET_COUNTERS or DETACH_QP reply (:data:`COUNTS`), so that the VMM's counters are current while
+   pairs are served (``NvmePci.stats()``).
 
 A connection that ends (VM exit, a VMM killed mid-I/O) detaches every pair of that VM.  A service that
 goes away while it serves pairs, or breaks a pair, makes the VMM's controller fatal (CSTS.CFS): the
@@ -51,8 +54,10 @@ from ..vhost_user.protocol import Message, ProtocolError
 EXITLESS_NVME_SET_BACKEND = 0x4558_0101
 EXITLESS_NVME_ATTACH_QP = 0x4558_0102
 EXITLESS_NVME_DETACH_QP = 0x4558_0103
-REQUESTS = (EXITLESS_NVME_SET_BACKEND, EXITLESS_NVME_ATTACH_QP, EXITLESS_NVME_DETACH_QP)
-for _r, _n in zip(REQUESTS, ("EXITLESS_NVME_SET_BACKEND", "EXITLESS_NVME_ATTACH_QP", "EXITLESS_NVME_DETACH_QP")):
+EXITLESS_NVME_GET_COUNTERS = 0x4558_0104
+REQUESTS = (EXITLESS_NVME_SET_BACKEND, EXITLESS_NVME_ATTACH_QP, EXITLESS_NVME_DETACH_QP, EXITLESS_NVME_GET_COUNTERS)
+for _r, _n in zip(REQUESTS, ("EXITLESS_NVME_SET_BACKEND", "EXITLESS_NVME_ATTACH_QP", "EXITLESS_NVME_DETACH_QP",
+                             "EXITLESS_NVME_GET_COUNTERS")):
     P.REQUEST_NAMES[_r] = _n
 
 VERSION = 1
@@ -69,6 +74,7 @@ QID = struct.Struct("<I")
 COUNTERS = ("io_commands", "commands", "shadow_doorbells", "read_bytes", "write_bytes",
             "host_reads", "host_writes", "data_units_read", "data_units_written")
 STATE = struct.Struct(f"<7I{len(COUNTERS)}Q")
+COUNTS = struct.Struct(f"<{len(COUNTERS)}Q")
 
 
 @dataclass(frozen=True)
@@ -161,6 +167,17 @@ def encode_attach(a: Attach) -> bytes:
 
 def encode_state(s: State) -> bytes:
     return STATE.pack(*astuple(s)[:7], *(s.counters.get(k, 0) & 0xFFFF_FFFF_FFFF_FFFF for k in COUNTERS))
+
+
+def encode_counts(counters: dict) -> bytes:
+    return COUNTS.pack(*(counters.get(k, 0) & 0xFFFF_FFFF_FFFF_FFFF for k in COUNTERS))
+
+
+def counts(payload: bytes) -> dict:
+    """Decode GET_COUNTERS' reply payload; ProtocolError if it is not one."""
+    if len(payload) != COUNTS.size:
+        raise ProtocolError(f"EXITLESS_NVME_GET_COUNTERS: reply of {len(payload)} bytes, expected {COUNTS.size}")
+    return dict(zip(COUNTERS, COUNTS.unpack(payload)))
 
 
 def state(payload: bytes) -> State:

@@ -120,6 +120,17 @@ class RemoteQueuePairs:
             self._fail(f"did not give back SQ {sqid}: {e}", lost=True)
             return None
 
+    def counters(self) -> dict:
+        """What the served pairs did since the previous call or DETACH (name -> count); {} if the
+        service is gone (its failure is handled as in :meth:`detach`)."""
+        if self._failed:
+            return {}
+        try:
+            return N.counts(self.fe.request(N.EXITLESS_NVME_GET_COUNTERS, expect_reply=True))
+        except (FrontendError, ProtocolError, OSError) as e:
+            self._fail(f"did not answer GET_COUNTERS: {e}")
+            return {}
+
     def _fail(self, why: str, *, lost: bool = False) -> None:
         """The service refused to go on or is gone: no pair goes to it any more.  If it serves pairs now
         (or ``lost``: it kept a pair's state), the controller is fatal (CSTS.CFS) until the driver resets

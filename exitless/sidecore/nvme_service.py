@@ -32,6 +32,7 @@ from .loop import SidecoreLoop, SidecoreThread
 log = logging.getLogger("exitless.sidecore.service")
 
 MAX_QID = 64                      # NvmePci's most I/O queue pairs
+SESSION_REQUESTS = (P.SET_MEM_TABLE, N.EXITLESS_NVME_ATTACH_QP, N.EXITLESS_NVME_DETACH_QP, N.EXITLESS_NVME_GET_COUNTERS)
 MAX_QUEUE_ENTRIES = NvmeController.MQES + 1
 
 
@@ -130,7 +131,7 @@ class NvmeQueueSession:
     # -- messages ---------------------------------------------------------------------------------------------
     def handle(self, msg: Message) -> bytes | None:
         """One message after the first; the reply.  Raises ProtocolError (see :meth:`error_reply`)."""
-        if msg.request not in (P.SET_MEM_TABLE, N.EXITLESS_NVME_ATTACH_QP, N.EXITLESS_NVME_DETACH_QP):
+        if msg.request not in SESSION_REQUESTS:
             raise ProtocolError(f"{msg.name}: not a message of an NVMe queue-pair session")
         n = N.expected_fds(msg)
         if len(msg.fds) != n:
@@ -139,14 +140,17 @@ class NvmeQueueSession:
             self._set_mem_table(msg)
         elif msg.request == N.EXITLESS_NVME_ATTACH_QP:
             self._attach(msg)
-        else:
+        elif msg.request == N.EXITLESS_NVME_DETACH_QP:
             return self._detach(N.qid(msg))
+        else:
+            P.no_payload(msg)
+            return P.encode(msg.request, N.encode_counts(self._delta()), reply=True)
         return P.reply_u64(msg.request, 0)
 
     def error_reply(self, msg: Message) -> bytes | None:
         """A refused request of this family is answered u64 1 (the VM then serves that pair itself);
         anything else ends the connection (None)."""
-        if msg.request in (P.SET_MEM_TABLE, N.EXITLESS_NVME_ATTACH_QP, N.EXITLESS_NVME_DETACH_QP):
+        if msg.request in SESSION_REQUESTS:
             return P.reply_u64(msg.request, 1)
         return None
 
@@ -236,12 +240,21 @@ class NvmeQueueSession:
             fd = ctrl.irqfds.pop(cq.cqid, None)
             if fd is not None:
                 os.close(fd)
+        delta = self._delta()
+        return P.encode(N.EXITLESS_NVME_DETACH_QP, N.encode_state(N.State(
+            sq.head, sq.tail, sq.shadow_seen, cq.head, cq.tail, cq.phase, cq.shadow_seen, delta)), reply=True)
+
+    def _delta(self) -> dict:
+        """The counters (:data:`~exitless.sidecore.nvme_protocol.COUNTERS`) since the previous call."""
+        ctrl = self.ctrl
+        if ctrl is None:
+            return {}
+        with ctrl.lock:
             now = {k: ctrl.stats.get(k, ctrl.smart.get(k, 0)) for k in N.COUNTERS}
         delta = {k: v - self._reported.get(k, 0) for k, v in now.items()}
         self._reported = now
         self.completed += delta["io_commands"]
-        return P.encode(N.EXITLESS_NVME_DETACH_QP, N.encode_state(N.State(
-            sq.head, sq.tail, sq.shadow_seen, cq.head, cq.tail, cq.phase, cq.shadow_seen, delta)), reply=True)
+        return delta
 
     def _take_off(self, sqid: int) -> None:
         """Take pair ``sqid`` off its loop; from the return on, the loop does not touch it."""

@@ -201,9 +201,7 @@ class NvmePci(PciDevice):
         sq, cq = ctrl.sqs[qid], ctrl.cqs[cqid]
         sq.head, sq.tail, sq.shadow_seen = st.sq_head, st.sq_tail, st.sq_shadow_seen
         cq.head, cq.tail, cq.phase, cq.shadow_seen = st.cq_head, st.cq_tail, st.cq_phase, st.cq_shadow_seen
-        for key, n in st.counters.items():
-            table = ctrl.stats if key in ctrl.stats else ctrl.smart
-            table[key] += n
+        self._add_counters(st.counters)
         if resume:
             ctrl.service_queue(qid)              # what the driver wrote meanwhile; EventIdx armed
 
@@ -247,10 +245,20 @@ class NvmePci(PciDevice):
     def stats(self) -> dict:
         """The controller's counters, plus ``ioeventfd_doorbells``: I/O doorbell writes KVM turned into
         eventfd signals (summed from the eventfd counters as the sidecore drains them), and
-        ``handovers``: the pairs a sidecore service took.  A pair the service serves adds its counters
-        when it comes back (Delete I/O SQ, reset, VM exit), not while it is served."""
+        ``handovers``: the pairs a sidecore service took (whose counters are fetched from it first).
+        """
+        if self.remote is not None:
+            with self.ctrl.lock:
+                if self.ctrl.remote:
+                    self._add_counters(self.remote.counters())
         return dict(self.ctrl.stats, path=self.path, msix_fired=self.msix.fired,
                     ioeventfd_doorbells=self.ioeventfd_doorbells, handovers=self.handovers)
+
+    def _add_counters(self, counters: dict) -> None:
+        ctrl = self.ctrl
+        for key, n in counters.items():
+            table = ctrl.stats if key in ctrl.stats else ctrl.smart
+            table[key] += n
 
     def stop(self) -> None:
         if self.remote is not None:              # the pairs back (their counters with them), then hang up
