@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from .devices.nvme.namespace import LBA_SIZES
 from .disk import sidecore_group, split_spec
 from .errors import ExitlessError
-from .sidecore.paths import PATHS
+from .sidecore.paths import PATHS, REMOTE_PATHS
 
 MAX_QUEUES = 64
 DEFAULT_IO = "ioeventfd"
@@ -67,24 +67,31 @@ class NvmeSpec:
         return cls(path, **fields)
 
 
-def add_nvme(machine, spec: NvmeSpec, sidecore=None):
+def add_nvme(machine, spec: NvmeSpec, sidecore=None, service: str | None = None):
     """Open the namespace's backing file and plug an NVMe controller into ``machine``'s PCI bus.
 
-    Raises :class:`~exitless.devices.nvme.namespace.NamespaceError` for a missing or unusable file.
+    ``service``: the socket of an ``exitless sidecore`` that serves the controller's I/O queue pairs
+    if its path polls (``shared``, ``poll``, ``adaptive``); ``trap`` and ``ioeventfd`` stay in this VMM.
+    Raises :class:`~exitless.devices.nvme.namespace.NamespaceError` for a missing or unusable file,
+    :class:`exitless.sidecore.remote.RemoteSidecoreError` if the service cannot be reached.
     """
     from .devices.nvme.namespace import Namespace
     from .devices.nvme.pci import NvmePci
 
     ns = Namespace(spec.path, lba_size=spec.lba, read_only=spec.read_only, direct=spec.direct)
     try:
-        return NvmePci(machine, ns, spec.io, queues=spec.queues, sidecore=sidecore)
+        remote = service if spec.io in REMOTE_PATHS else None
+        return NvmePci(machine, ns, spec.io, queues=spec.queues, sidecore=None if remote else sidecore,
+                       service=remote)
     except BaseException:
         ns.close()
         raise
 
 
-def add_nvmes(machine, specs: list[NvmeSpec], *, groups: dict | None = None) -> list:
+def add_nvmes(machine, specs: list[NvmeSpec], *, groups: dict | None = None, service: str | None = None) -> list:
     """Plug every controller; with ``groups`` (see :func:`exitless.disk.sidecore_group`) those on a
-    polling path join the shared sidecores, which the caller starts after the last device."""
-    return [add_nvme(machine, spec, sidecore_group(groups, spec.io) if groups is not None else None)
+    polling path join the shared sidecores, which the caller starts after the last device; with
+    ``service`` (see :func:`add_nvme`) those on a polled path are served by that sidecore service."""
+    return [add_nvme(machine, spec, None if service and spec.io in REMOTE_PATHS else
+                     sidecore_group(groups, spec.io) if groups is not None else None, service)
             for spec in specs]

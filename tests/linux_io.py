@@ -5,7 +5,8 @@ boot to userspace takes minutes, so a session-scoped fixture (:func:`linux_io`, 
 every test module by ``tests/conftest.py``) boots Debian's cloud kernel once, with 1 vCPU and
 
 * one NVMe controller per I/O path (:data:`NVME_PATHS`; Linux's nvme driver is built into that
-  kernel), each backed by its own image file;
+  kernel), each backed by its own image file, and one more (``sidecore``: io=adaptive) whose I/O queue
+  pairs an ``exitless sidecore`` service process serves (``run --nvme …,io=adaptive --sidecore PATH``);
 * one virtio-net NIC per I/O path (:data:`NET_PATHS`), each on its own TAP in one network namespace
   the fixture creates (subnet 10.0.<i>.0/24, host end 10.0.<i>.1), when this process may create
   namespaces (root, /dev/net/tun, pyroute2); else no NIC and the net tests skip with the reason;
@@ -46,7 +47,10 @@ try:
 except ImportError:  # pragma: no cover - tests/ as a package
     from tests import netns as N
 
-NVME_PATHS = ("trap", "ioeventfd", "shared", "poll", "adaptive")
+#: the NVMe controllers: one per I/O path, and "sidecore": io=adaptive, its I/O queues served by an
+#: ``exitless sidecore`` process (SIDECORE_SERVED's path)
+NVME_PATHS = ("trap", "ioeventfd", "shared", "poll", "adaptive", "sidecore")
+SIDECORE_SERVED = "adaptive"
 NET_PATHS = ("trap", "ioeventfd", "shared", "poll", "adaptive")
 #: the key of the NIC served by the sidecore service in ``LinuxIo.net`` (its index: len(NET_PATHS))
 SERVICE_NIC = "sidecore"
@@ -143,7 +147,7 @@ class LinuxIo:
     responders: list = field(default_factory=list)
     net_skip: str | None = None
     down_md5: list[str] = field(default_factory=list)
-    service_log: str = ""                                        # the sidecore service's stderr
+    service_log: str = ""                                        # the sidecore service's log, once it stopped
 
     def lines(self, tag: str) -> list[list[str]]:
         return [line.split()[1:] for line in self.console.splitlines() if line.startswith(tag + " ")]
@@ -183,6 +187,11 @@ def boot_linux_io(tmp: Path) -> LinuxIo:
     from exitless.nvme import NvmeSpec, add_nvme
     from exitless.vm import Machine, VmConfig
 
+    try:
+        from serveproc import ServeProcess
+    except ImportError:  # pragma: no cover - tests/ as a package
+        from tests.serveproc import ServeProcess
+
     pvm = kvm_flavour() == "pvm"
     guest = fetch_guest()
     net_skip = N.can_make_netns()
@@ -212,16 +221,12 @@ def boot_linux_io(tmp: Path) -> LinuxIo:
                                    timeout=timeout)
                 stack.callback(r.close)
                 result.responders.append(r)
-        service = None
-        if nics:
-            try:
-                from serveproc import ServeProcess
-            except ImportError:  # pragma: no cover - tests/ as a package
-                from tests.serveproc import ServeProcess
-            # adaptive: it sleeps while Linux boots (a spinning process would take a loaded host's CPU)
-            service = ServeProcess(None, ["--socket", str(tmp / "sidecore.sock"), "--mode", "adaptive"],
-                                   tmp / "sidecore.log", command=("sidecore",))
-            stack.callback(service.stop)
+        # one service for the sixth NVMe controller's I/O queue pairs and the last NIC's queue pairs;
+        # adaptive: it sleeps while Linux boots (a spinning process would take a loaded host's CPU)
+        sock = tmp / "sidecore.sock"
+        service = ServeProcess(None, ["--socket", str(sock), "--mode", "adaptive"], tmp / "sidecore.log",
+                               command=("sidecore",))
+        stack.callback(lambda: setattr(result, "service_log", (service.stop(), service.text())[1]))
         nvme_devs, net_devs = {}, {}
         snap = SnapshotConsole(lambda: {**{f"nvme-{p}": d.stats() for p, d in nvme_devs.items()},
                                         **{f"net-{p}": dict(d.device.stats) for p, d in net_devs.items()}},
@@ -235,17 +240,21 @@ def boot_linux_io(tmp: Path) -> LinuxIo:
                 image = tmp / f"nvme-{path}.img"
                 with open(image, "wb") as f:
                     f.truncate(NVME_IMAGE_BYTES)
-                nvme_devs[path] = add_nvme(m, NvmeSpec(str(image), io=path, queues=2),
-                                           sidecore_group(groups, path))
+                if path == "sidecore":
+                    nvme_devs[path] = add_nvme(m, NvmeSpec(str(image), io=SIDECORE_SERVED, queues=2),
+                                               service=str(sock))
+                else:
+                    nvme_devs[path] = add_nvme(m, NvmeSpec(str(image), io=path, queues=2),
+                                               sidecore_group(groups, path))
                 result.nvme[path] = {"image": image}
             for i, path in enumerate(NET_PATHS[:nics]):
                 net_devs[path] = add_nic(m, NetSpec(f"exlio{i}", mac=bytes.fromhex(nic_mac(i).replace(":", "")),
                                                     io=path, netns=ns), sidecore_group(groups, path))
                 result.net[path] = {"index": i}
-            if service is not None:
+            if nics:
                 i = len(NET_PATHS)
                 net_devs[SERVICE_NIC] = add_nic(m, NetSpec(f"exlio{i}", mac=bytes.fromhex(nic_mac(i).replace(":", "")),
-                                                           io="adaptive", netns=ns), service=str(tmp / "sidecore.sock"))
+                                                           io="adaptive", netns=ns), service=str(sock))
                 result.net[SERVICE_NIC] = {"index": i}
             for group in groups.values():
                 group.start_on(m)
@@ -261,11 +270,9 @@ def boot_linux_io(tmp: Path) -> LinuxIo:
             for path, dev in net_devs.items():
                 result.net[path].update(dev.device.stats, slot=dev.slot)
         result.seconds = time.monotonic() - t0
-        if service is not None:
-            deadline = time.monotonic() + 30      # the VM is gone: the service logs the detach
-            while " detached " not in service.text() and time.monotonic() < deadline:
-                time.sleep(0.1)
-            result.service_log = service.text()
+        deadline = time.monotonic() + 30      # the VM is gone: the service logs each connection's detach
+        while service.text().count(" detached ") < service.text().count(" connected ") and time.monotonic() < deadline:
+            time.sleep(0.1)
         result.console = console.text
         result.ready_at = console.ready_at
         result.snaps = snap.snaps

@@ -203,7 +203,7 @@ def test_sidecore_without_a_polled_disk_is_refused(tmp_path, capsys):
         assert cli.main(["run", "--kernel", str(guestkit_path()), *disks, "--sidecore", str(tmp_path / "s.sock"),
                          "--append", "info"]) == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "no --disk or --net on a polled path" in err, err
+        assert err.count("\n") == 1 and "no --disk, --nvme or --net on a polled path" in err, err
 
 
 def test_a_missing_subcommand_names_the_choices(capsys):

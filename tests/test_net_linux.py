@@ -63,8 +63,10 @@ def test_linux_virtio_net_through_the_sidecore_service(linux_io):
     assert local["ctrl_ok"] >= 1 and local["ctrl_err"] == 0, local      # Linux's control commands, here
     log = linux_io.service_log
     assert "serves its NIC" in log and "confined (seccomp)" in log, log
-    served = re.search(r"vm#1 detached \(.*\): closed the connection after [0-9.]+ s, ([0-9]+) requests", log)
-    assert served and int(served.group(1)) > 200, log       # the frames of 1 MiB each way and the pings
+    nic = re.search(r"(vm#[0-9]+) serves its NIC", log)       # the VM's NVMe controller has a connection too
+    served = nic and re.search(nic.group(1) + r" detached \(.*\): closed the connection after [0-9.]+ s, "
+                                               r"([0-9]+) frames sent, ([0-9]+) received", log)
+    assert served and int(served.group(1)) > 200 and int(served.group(2)) > 200, log   # 1 MiB each way, pings
     assert "Traceback" not in log and "refused" not in log, log
 
 

@@ -38,7 +38,7 @@ def test_every_submission_completes_once_in_order(tmp_path, mode):
         drv = Driver(mem, ctrl)
         drv.enable()
         assert drv.create_pair(1, size=8) == 0 and drv.enable_dbbuf() == 0
-        loop = SidecoreLoop([QueuePairPollable(SimpleNamespace(ctrl=ctrl, wake_fds=[wake], ioeventfd_doorbells=0), 1)], mode,
+        loop = SidecoreLoop([QueuePairPollable(ctrl, 1, wake, SimpleNamespace(ioeventfd_doorbells=0))], mode,
                             poll_ns=2000)
         worker = SidecoreThread(loop).start()
         rings = 0

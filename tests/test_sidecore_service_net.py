@@ -130,7 +130,7 @@ def test_cli_refuses_what_the_service_cannot_serve(tmp_path):
     assert r.returncode == 2 and "at most 7 queue pairs" in r.stderr, r.stderr
     for io in ("trap", "ioeventfd"):
         r = subprocess.run(base + ["--net", f"tap=exlnone0,io={io}"], capture_output=True, text=True, timeout=60)
-        assert r.returncode == 2 and "no --disk or --net on a polled path" in r.stderr, r.stderr
+        assert r.returncode == 2 and "no --disk, --nvme or --net on a polled path" in r.stderr, r.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------

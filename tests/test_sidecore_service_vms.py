@@ -38,12 +38,14 @@ DISK_BYTES = 16 << 20
 
 class Vm:
     """``python3 -m exitless run`` of the guest kit with one disk on the service; stdout collected.
-    ``devices``: other device options instead of the disk (``["--net", "tap=…,io=poll"]``), ``probed``:
-    the guest kit's line once its driver found the device."""
+    ``device``: its option (``--nvme``: an NVMe controller, ``options`` after its path); ``devices``: other
+    device options instead (``["--net", "tap=…,io=poll"]``); ``probed``: the guest kit's line(s) once its
+    driver found the device."""
 
     def __init__(self, image: Path | None, io: str, app: str, sock: Path, timeout: int = 180, *,
-                 devices: list[str] | None = None, probed: str = "guestkit: virtio-blk"):
-        devices = devices if devices is not None else ["--disk", f"{image},io={io}"]
+                 device: str = "--disk", options: str = "", devices: list[str] | None = None,
+                 probed: str | tuple[str, ...] = ("guestkit: virtio-blk", "guestkit: nvme")):
+        devices = devices if devices is not None else [device, f"{image},io={io}{options}"]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "exitless", "run", "--kernel", str(guestkit_path()), "--mem", "64M",
              *devices, "--sidecore", str(sock), "--timeout", str(timeout), "--append", app],
@@ -168,7 +170,7 @@ def test_run_without_a_service_is_a_usage_error(tmp_path):
     r = subprocess.run([sys.executable, "-m", "exitless", "run", "--kernel", str(guestkit_path()),
                         "--disk", f"{img},io=ioeventfd", "--sidecore", str(tmp_path / "none.sock"),
                         "--append", "blk rw=fill bs=4096 qd=4 seed=1"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "no --disk or --net on a polled path" in r.stderr, r.stdout + r.stderr
+    assert r.returncode == 2 and "no --disk, --nvme or --net on a polled path" in r.stderr, r.stdout + r.stderr
 
 
 def test_device_reset_detaches_and_a_dead_service_needs_reset(tmp_path):

@@ -46,9 +46,9 @@ def register(sub) -> None:
                      help="disks, NVMe controllers and NICs on the same polling mode share one sidecore thread "
                           "(default: one each)")
     run.add_argument("--sidecore", metavar="PATH",
-                     help="hand the polled disks (io=shared|poll|adaptive) and the NICs' queue pairs "
-                          "(io=poll|adaptive) to the sidecore service listening on PATH (exitless sidecore --socket "
-                          "PATH) instead of a sidecore of this VMM")
+                     help="hand the polled disks and NVMe controllers' I/O queues (io=shared|poll|adaptive) "
+                          "and the NICs' queue pairs (io=poll|adaptive) to the sidecore service listening on "
+                          "PATH (exitless sidecore --socket PATH) instead of a sidecore of this VMM")
     add_disk_argument(run, action="append", default=[],
                       help="a virtio-blk disk (repeatable: /dev/vda, vdb...); io is its I/O path (default ioeventfd), "
                            "queues its number of virtqueues")
@@ -127,11 +127,11 @@ def refuse_unused_options(args, form: str) -> None:
         if form not in forms and value not in (None, False, "auto"):
             raise RunOptionError(f"{option} does nothing with {FORM_NAMES[form]}: {why}")
     refuse_shared_on_service(args.net, args.sidecore)
-    if args.sidecore and not any(d.io in REMOTE_PATHS for d in args.disk) \
+    if args.sidecore and not any(d.io in REMOTE_PATHS for d in [*args.disk, *args.nvme]) \
             and not any(n.io in REMOTE_NIC_PATHS for n in args.net):
-        raise RunOptionError(f"--sidecore {args.sidecore}: no --disk or --net on a polled path to hand over (add "
-                             f",io={'|'.join(REMOTE_PATHS)} to a --disk or ,io={'|'.join(REMOTE_NIC_PATHS)} to a "
-                             f"--net; the default is io={DEFAULT_IO})")
+        raise RunOptionError(f"--sidecore {args.sidecore}: no --disk, --nvme or --net on a polled path to hand over "
+                             f"(add ,io={'|'.join(REMOTE_PATHS)} to a --disk or --nvme or ,io={'|'.join(REMOTE_NIC_PATHS)} "
+                             f"to a --net; the default is io={DEFAULT_IO})")
 
 
 def wants_linux_loader(args) -> bool:
@@ -153,7 +153,7 @@ def attach_devices(machine, args) -> None:
     refuse_shared_images([*args.disk, *args.nvme])
     groups = {} if args.one_sidecore else None    # one sidecore per polling mode, for disks, NVMe and NICs alike
     add_disks(machine, args.disk, one_sidecore=args.one_sidecore, groups=groups, service=args.sidecore)
-    add_nvmes(machine, args.nvme, groups=groups)
+    add_nvmes(machine, args.nvme, groups=groups, service=args.sidecore)
     if args.net:
         from ..net.spec import add_nics
 

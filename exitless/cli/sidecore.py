@@ -18,19 +18,21 @@ USAGE = """\
         --append "blk rw=randread qd=1"
     exitless run --kernel guestkit/build/guestkit.elf --disk b.img,io=poll --sidecore /tmp/sidecore.sock ...
 
+    exitless run --kernel guestkit/build/guestkit.elf --nvme c.img,io=adaptive --sidecore /tmp/sidecore.sock \
+        --append "nvme rw=randread qd=1"
     exitless run --kernel guestkit/build/guestkit.elf --net tap=tap0,io=poll --sidecore /tmp/sidecore.sock ...
 
-One polling loop serves the polled disks (io=shared|poll|adaptive) and the NICs' RX/TX queue pairs
-(io=poll|adaptive; the VM keeps the control queue) of every VM started with --sidecore PATH.  A NIC
-whose TAP goes down, or whose service goes away, shows link down in the guest.  A VM that exits, is
-killed or misbehaves is detached; the others go on.
+One polling loop serves the polled disks and NVMe I/O queue pairs (io=shared|poll|adaptive) and the
+NICs' RX/TX queue pairs (io=poll|adaptive; the VM keeps the control queue) of every VM started with
+--sidecore PATH.  A NIC whose TAP goes down, or whose service goes away, shows link down in the guest.
+A VM that exits, is killed or misbehaves is detached; the others go on.
 Exit status 2 if the socket path is taken by a live listener (or is not a socket).
 """
 
 
 def register(sub) -> None:
     """Add ``sidecore`` to the top-level subparsers."""
-    p = sub.add_parser("sidecore", help="a sidecore service: one polling loop for the polled disks and NICs of many VMs "
+    p = sub.add_parser("sidecore", help="a sidecore service: one polling loop for the polled disks, NVMe queues and NICs of many VMs "
                                         "(run --sidecore PATH)",
                        description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--socket", required=True, metavar="PATH", help="unix socket the VMs connect to")
@@ -51,7 +53,7 @@ def register(sub) -> None:
                         "threads): less CPU per I/O, but under other processes' load the service waits its "
                         "turn (µs; default %(default)g: never)")
     p.add_argument("--max-vms", type=positive_int, default=64, metavar="N",
-                   help="disks (connections) served at once; more are refused (default 64)")
+                   help="disks and NVMe controllers (connections) served at once; more are refused (default 64)")
     p.add_argument("--no-confine", action="store_true",
                    help="do not install the seccomp filter (debugging: strace, profilers)")
     p.add_argument("--user", metavar="USER", type=host_user, help="drop to this user after setup (needs root)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import logging
 import mmap
 import os
@@ -212,3 +213,27 @@ def backing_size(fd: int, path: str, what: str, block: int, error: type[BackingE
         log.warning("%s: %s backing file of %d bytes is not a multiple of %d bytes: its last %d bytes are not "
                     "visible to the guest", path, what, size, block, size % block)
     return size
+
+
+def check_handed_fds(fd: int, fd_buffered: int, *, read_only: bool, direct: bool, what: str, path: str,
+                     error: type[BackingError]) -> None:
+    """Fds of a backing file handed over by another process (``exitless sidecore``): ``fd`` open for
+    reading, and for writing unless ``read_only``, O_DIRECT exactly when ``direct``; with ``direct``
+    also ``fd_buffered``, the same checks without O_DIRECT (else it must be -1).  Raises ``error``
+    (``what`` names the device, ``path`` the disk in the message)."""
+    wanted = [(fd, direct)] + ([(fd_buffered, False)] if direct else [])
+    if not direct and fd_buffered >= 0:
+        raise error(errno.EINVAL, f"{what} backing file: a second fd without direct", path)
+    for f, want_direct in wanted:
+        try:
+            flags = fcntl.fcntl(f, fcntl.F_GETFL)
+        except (OSError, OverflowError) as e:
+            raise error(errno.EBADF, f"{what} backing file: fd {f}: {e}", path) from None
+        if not read_only and flags & os.O_ACCMODE != os.O_RDWR:
+            raise error(errno.EBADF, f"{what} backing file: fd not open for reading and writing (the disk is "
+                                     "not read-only)", path)
+        if flags & os.O_ACCMODE == os.O_WRONLY:
+            raise error(errno.EBADF, f"{what} backing file: fd not open for reading", path)
+        if bool(flags & os.O_DIRECT) != want_direct:
+            raise error(errno.EINVAL, f"{what} backing file: fd " + ("without O_DIRECT" if want_direct else
+                                                                    "with O_DIRECT"), path)

@@ -18,6 +18,11 @@ disk's fd(s) by SCM_RIGHTS); the service builds that VM's device model on those 
 and from then on the connection is an ordinary vhost-user session.  The version field lets either
 side refuse a peer it does not understand.
 
+Other device families start their connection with a first message of their own and speak their own
+messages over the same framing; the service dispatches on that first message (:func:`_families`) and
+serves the family's session from the same loop.  NVMe I/O queue pairs are one
+(:mod:`exitless.sidecore.nvme_protocol`).
+
 Every session's rings are attached to one :class:`~exitless.sidecore.loop.SidecoreLoop` (the
 engine's loop with per-queue budget and per-queue adaptive windows) between its rounds, and
 detached when the session reconfigures or ends.  Each connection has a control thread of its own
@@ -67,6 +72,16 @@ def _activity(session, device) -> str:
         return (f"{stats['tx_packets']} frames sent, {stats['rx_packets']} received, "
                 f"{stats.get('c_slices', 0)} C slices")
     return f"{session.completed if session is not None else 0} requests"
+
+
+def _families() -> dict:
+    """Device families besides virtio-blk, by the request number of a connection's first message: a
+    factory ``(first message, name, loop, poll_ns) -> session`` (``handle``, ``error_reply``, ``name``,
+    ``completed``, ``describe()``, ``close()``), raising ProtocolError for a first message it refuses.
+    Each family's messages and session live in modules of their own."""
+    from . import nvme_protocol, nvme_service
+
+    return {nvme_protocol.EXITLESS_NVME_SET_BACKEND: nvme_service.open_session}
 
 
 class ServiceConfigError(ExitlessError, ValueError):
@@ -206,10 +221,14 @@ class SidecoreService:
             if device is None:
                 why = "backend stopping" if self._stopping else "closed the connection"
                 return
-            device, what = device
-            session = VhostUserBackend(device, self.mode, poll_ns=self.poll_ns, name=f"sidecore {name}",
-                                       dataplane=self.dataplane.loop)
-            log.info("sidecore: %s serves its %s", name, what)
+            if isinstance(device, tuple):                # a virtio device model and its description
+                device, what = device
+                session = VhostUserBackend(device, self.mode, poll_ns=self.poll_ns, name=f"sidecore {name}",
+                                           dataplane=self.dataplane.loop)
+                log.info("sidecore: %s serves its %s", name, what)
+            else:                                        # another family's session (_families)
+                session, device = device, None
+                log.info("sidecore: %s serves %s", name, session.describe())
             why = run_session(conn, session, self, self._stop_fd, self.io_timeout)
         except (ProtocolError, BackingFileError, OSError) as e:
             self.errors += 1
@@ -231,10 +250,11 @@ class SidecoreService:
                 self._clients.pop(cid, None)
                 self.detached += 1
 
-    def _handshake(self, conn: socket.socket, name: str) -> tuple[object, str] | None:
-        """The connection's first message, EXITLESS_SET_BACKEND: the VM's device as a device model (a
-        disk, a NIC: :data:`DEVICES`) and its description, or None if the peer left (or the service
-        stops) before sending it.  Raises ProtocolError or BackingFileError for anything else."""
+    def _handshake(self, conn: socket.socket, name: str):
+        """The connection's first message: EXITLESS_SET_BACKEND gives the VM's device as a device model (a
+        disk, a NIC: :data:`DEVICES`) and its description, another family's first message
+        (:func:`_families`) that family's session; None if the peer left (or the service stops) before
+        sending it.  Raises ProtocolError or BackingFileError for anything else."""
         poller = select.poll()
         poller.register(conn.fileno(), select.POLLIN)
         poller.register(self._stop_fd, select.POLLIN)
@@ -250,30 +270,38 @@ class SidecoreService:
         except TooManyFds as t:
             raise ProtocolError(str(t)) from None
         self.messages += 1
+        family = _families().get(msg.request)
         try:
-            if msg.request != P.EXITLESS_SET_BACKEND:
-                raise ProtocolError(f"the first message is {msg.name}, not EXITLESS_SET_BACKEND")
-            spec = P.backend(msg)
-            if len(msg.fds) != P.expected_fds(msg):
-                raise ProtocolError(f"{msg.name}: {len(msg.fds)} fds, expected {P.expected_fds(msg)}")
-            if spec.device_id not in DEVICES:
-                raise ProtocolError(f"{msg.name}: virtio device {spec.device_id} is not served ("
-                                    + ", ".join(f"{kind}: {k}" for k, (kind, _) in DEVICES.items()) + ")")
-            q = spec.queue_size
-            if not 1 <= q <= MAX_QUEUE_SIZE or q & (q - 1):
-                raise ProtocolError(f"{msg.name}: queue size {q} is not a power of two in 1..{MAX_QUEUE_SIZE}")
-            fds, msg.fds = msg.fds, []
-            device = DEVICES[spec.device_id][1](spec, fds, name)      # owns the fds from here on
+            made = family(msg, name, self.dataplane.loop, self.poll_ns) if family is not None else \
+                self._virtio(msg, name)
         finally:
-            for fd in msg.fds:
+            for fd in msg.fds:        # those the device or session did not take
                 os.close(fd)
             msg.fds = []
         try:
-            conn.sendall(P.reply_u64(P.EXITLESS_SET_BACKEND, 0))
+            conn.sendall(P.reply_u64(msg.request, 0))
         except BaseException:
-            device[0].close()
+            (made[0] if isinstance(made, tuple) else made).close()
             raise
-        return device
+        return made
+
+    @staticmethod
+    def _virtio(msg, name: str) -> tuple[object, str]:
+        """The device model (:data:`DEVICES`) of a first message EXITLESS_SET_BACKEND, taking its fds from
+        ``msg``, and its description.  Raises ProtocolError or BackingFileError."""
+        if msg.request != P.EXITLESS_SET_BACKEND:
+            raise ProtocolError(f"the first message is {msg.name}, not EXITLESS_SET_BACKEND")
+        spec = P.backend(msg)
+        if len(msg.fds) != P.expected_fds(msg):
+            raise ProtocolError(f"{msg.name}: {len(msg.fds)} fds, expected {P.expected_fds(msg)}")
+        if spec.device_id not in DEVICES:
+            raise ProtocolError(f"{msg.name}: virtio device {spec.device_id} is not served ("
+                                + ", ".join(f"{kind}: {k}" for k, (kind, _) in DEVICES.items()) + ")")
+        q = spec.queue_size
+        if not 1 <= q <= MAX_QUEUE_SIZE or q & (q - 1):
+            raise ProtocolError(f"{msg.name}: queue size {q} is not a power of two in 1..{MAX_QUEUE_SIZE}")
+        fds, msg.fds = msg.fds, []
+        return DEVICES[spec.device_id][1](spec, fds, name)      # owns the fds from here on
 
 
 def virtio_blk(spec: P.Backend, fds: list[int], name: str) -> tuple[VirtioBlk, str]:

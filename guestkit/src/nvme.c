@@ -25,6 +25,7 @@
 #define OP_DSM 0x09
 #define ADM_DELETE_SQ 0x00
 #define ADM_CREATE_SQ 0x01
+#define ADM_DELETE_CQ 0x04
 #define ADM_CREATE_CQ 0x05
 #define ADM_IDENTIFY 0x06
 #define ADM_SET_FEATURES 0x09
@@ -86,6 +87,7 @@ static volatile u32 *shadow, *event_idx;
 static u64 nsze, timeout_cyc, oacs, oncs, mdts;
 static u64 doorbells, sq_doorbells, cq_doorbells, shadow_writes;
 static u32 prp_off;
+static u64 cycle_every, next_cycle, cycles, resets; /* cycle=N: every N ops delete/re-create the queues or reset */
 static char serial[21], model[41];
 
 static u64 inflight;
@@ -216,9 +218,14 @@ static u16 create_pair(struct queue *q, u32 qid, u32 size)
 {
     q->qid = (u16)qid;
     q->size = (u16)size;
-    q->sq = heap_alloc(ALIGN_UP(size * sizeof(struct sqe), PAGE), PAGE);
-    q->cq = heap_alloc(ALIGN_UP(size * sizeof(struct cqe), PAGE), PAGE);
+    if (!q->sq) { /* a queue re-created (cycle=N) reuses its pages */
+        q->sq = heap_alloc(ALIGN_UP(size * sizeof(struct sqe), PAGE), PAGE);
+        q->cq = heap_alloc(ALIGN_UP(size * sizeof(struct cqe), PAGE), PAGE);
+    }
+    memset((void *)q->cq, 0, ALIGN_UP(size * sizeof(struct cqe), PAGE)); /* no stale phase tags */
     q->phase = 1;
+    q->sq_tail = q->cq_head = q->sq_db_old = q->cq_db_old = 0;
+    q->cq_dirty = false;
     struct sqe e = {0};
     e.cdw0 = ADM_CREATE_CQ;
     e.prp1 = (u64)(uptr)q->cq;
@@ -378,13 +385,21 @@ static bool gen_next(struct req *r, u64 t_start)
     return true;
 }
 
+static void cycle_queues(void);
+
 static bool run_loop(u64 t_start)
 {
     bool posted_q[MAX_QUEUES];
     for (;;) {
         memset(posted_q, 0, sizeof(posted_q));
         bool posted = false;
-        for (u32 k = 0; k < wl.qd && !wl.gen_done; k++) {
+        bool cycling = cycle_every && wl.ops_done >= next_cycle && !wl.gen_done;
+        if (cycling && !inflight) { /* quiesced: every command completed */
+            cycle_queues();
+            next_cycle = wl.ops_done + cycle_every;
+            cycling = false;
+        }
+        for (u32 k = 0; k < wl.qd && !wl.gen_done && !cycling; k++) {
             if (reqs[k].busy)
                 continue;
             if (!gen_next(&reqs[k], t_start))
@@ -580,6 +595,8 @@ static void print_results(u64 elapsed_cyc, const char *error)
     json_u64("sq_doorbells", sq_doorbells);
     json_u64("cq_doorbells", cq_doorbells);
     json_u64("shadow_writes", shadow_writes);
+    json_u64("cycles", cycles);
+    json_u64("resets", resets);
     json_u64("irqs", irqs_run);
     json_u64("timer_irqs", timer_irqs_run);
     json_str("irq", use_irq ? "msix" : "poll");
@@ -598,12 +615,106 @@ static void print_results(u64 elapsed_cyc, const char *error)
     json_end();
 }
 
+/* ---- bring-up (NVMe 1.4 7.6.1), also for a reset mid-run (cycle=N) ---- */
+static u64 ctrl_to_ms;
+static bool want_dbbuf, dbbuf_required;
+
+/* disable, set up the admin queue (pages allocated by the caller), enable */
+static void ctrl_enable(const char *rw)
+{
+    mmio_w32(regs + REG_CC, 0);
+    if (!wait_reg(CSTS_RDY, 0, ctrl_to_ms))
+        fail_json(rw, "controller did not become ready for reset (CSTS.RDY stays 1)");
+    admin.qid = 0;
+    admin.size = ADMIN_QSIZE;
+    admin.phase = 1;
+    admin.sq_tail = admin.cq_head = 0;
+    memset((void *)admin.cq, 0, PAGE);
+    mmio_w32(regs + REG_AQA, (ADMIN_QSIZE - 1) | (ADMIN_QSIZE - 1) << 16);
+    mmio_w32(regs + REG_ASQ, (u32)(uptr)admin.sq);
+    mmio_w32(regs + REG_ASQ + 4, 0);
+    mmio_w32(regs + REG_ACQ, (u32)(uptr)admin.cq);
+    mmio_w32(regs + REG_ACQ + 4, 0);
+    mmio_w32(regs + REG_CC, 1 | 6u << 16 | 4u << 20); /* EN, CSS NVM, MPS 4 KiB, IOSQES 64, IOCQES 16 */
+    if (!wait_reg(CSTS_RDY | CSTS_CFS, CSTS_RDY, ctrl_to_ms))
+        fail_json(rw, "controller did not become ready (CSTS.RDY) or reported a fatal status");
+}
+
+static void create_queues(const char *rw)
+{
+    for (u32 i = 0; i < nq; i++) {
+        u16 st = create_pair(&ioq[i], i + 1, qsize);
+        if (st)
+            fail_json(rw, "Create I/O Completion/Submission Queue failed");
+    }
+}
+
+/* Number of Queues, the I/O queue pairs, then shadow doorbells (after the queues, as Linux does) */
+static void io_setup(const char *rw)
+{
+    struct sqe e = {0};
+    u32 dw0 = 0;
+    e.cdw0 = ADM_SET_FEATURES;
+    e.cdw10 = 0x07; /* Number of Queues */
+    e.cdw11 = (nq - 1) | (nq - 1) << 16;
+    if (admin_cmd(&e, &dw0, 2000))
+        fail_json(rw, "Set Features (Number of Queues) failed");
+    if ((dw0 & 0xFFFF) + 1 < nq || (dw0 >> 16) + 1 < nq)
+        fail_json(rw, "more queues requested than the controller allocates");
+    create_queues(rw);
+    use_dbbuf = false;
+    if (want_dbbuf && (oacs & OACS_DBBUF)) {
+        if (!shadow) {
+            shadow = heap_alloc(PAGE, PAGE);
+            event_idx = heap_alloc(PAGE, PAGE);
+        }
+        memset((void *)shadow, 0, PAGE);
+        memset((void *)event_idx, 0, PAGE);
+        memset(&e, 0, sizeof(e));
+        e.cdw0 = ADM_DBBUF;
+        e.prp1 = (u64)(uptr)shadow;
+        e.prp2 = (u64)(uptr)event_idx;
+        if (admin_cmd(&e, NULL, 2000))
+            fail_json(rw, "Doorbell Buffer Config failed");
+        use_dbbuf = true;
+    } else if (want_dbbuf && dbbuf_required) {
+        fail_json(rw, "controller does not support Doorbell Buffer Config (OACS bit 8)");
+    }
+}
+
+/* cycle=N, with every command completed: odd cycles delete every I/O queue pair (SQ, then CQ) and
+ * create it again; even ones reset the controller (CC.EN 0) and bring it up again */
+static void cycle_queues(void)
+{
+    const char *rw = rw_names[wl.mode];
+    cycles++;
+    if (cycles % 2) {
+        for (u32 i = 0; i < nq; i++) {
+            struct sqe e = {0};
+            e.cdw0 = ADM_DELETE_SQ;
+            e.cdw10 = ioq[i].qid;
+            if (admin_cmd(&e, NULL, 2000))
+                fail_json(rw, "Delete I/O Submission Queue failed");
+            memset(&e, 0, sizeof(e));
+            e.cdw0 = ADM_DELETE_CQ;
+            e.cdw10 = ioq[i].qid;
+            if (admin_cmd(&e, NULL, 2000))
+                fail_json(rw, "Delete I/O Completion Queue failed");
+        }
+        create_queues(rw);
+    } else {
+        resets++;
+        ctrl_enable(rw);
+        io_setup(rw);
+    }
+}
+
 void app_nvme(void)
 {
     static const char *const keys[] = {"rw", "bs", "qd", "n", "ms", "seed", "verify", "offset", "size",
                                        "fua", "flush_every", "irq", "queues", "qsize", "timeout_ms", "index",
                                        "bad_addr", "case_ms", "bar_window", "reassign_bars", "expect", "dbbuf",
-                                       "prp_off", NULL};
+                                       "prp_off", "cycle", NULL};
     args_allow(keys);
     const char *rw = wl_parse();
     const char *irq = arg_str("irq", "msix");
@@ -611,13 +722,13 @@ void app_nvme(void)
         use_irq = false;
     else if (strcmp(irq, "msix"))
         usage_error("irq must be msix or poll");
-    u64 want_dbbuf = arg_u64("dbbuf", 1);
     u64 nq_req = arg_u64("queues", 1);
     if (nq_req < 1 || nq_req > MAX_QUEUES)
         usage_error("queues must be 1..%u", MAX_QUEUES);
     nq = (u32)nq_req;
     if (wl.mode == RW_MALFORMED || wl.mode == RW_IDENT || wl.mode == RW_FLUSH)
         nq = 1;
+    cycle_every = next_cycle = arg_u64("cycle", 0);
     prp_off = (u32)arg_u64("prp_off", 0);
     if (prp_off % 8 || prp_off >= PAGE)
         usage_error("prp_off must be a multiple of 8 below 4096");
@@ -643,24 +754,11 @@ void app_nvme(void)
     /* controller bring-up (NVMe 1.4 7.6.1) */
     cap = (u64)mmio_r32(regs + REG_CAP) | (u64)mmio_r32(regs + REG_CAP + 4) << 32;
     dstrd = (cap >> 32) & 0xF;
-    u64 to_ms = (((cap >> 24) & 0xFF) + 1) * 500;
     u32 mqes = (u32)(cap & 0xFFFF) + 1;
-    mmio_w32(regs + REG_CC, 0);
-    if (!wait_reg(CSTS_RDY, 0, to_ms))
-        fail_json(rw, "controller did not become ready for reset (CSTS.RDY stays 1)");
-    admin.qid = 0;
-    admin.size = ADMIN_QSIZE;
+    ctrl_to_ms = (((cap >> 24) & 0xFF) + 1) * 500;
     admin.sq = heap_alloc(PAGE, PAGE);
     admin.cq = heap_alloc(PAGE, PAGE);
-    admin.phase = 1;
-    mmio_w32(regs + REG_AQA, (ADMIN_QSIZE - 1) | (ADMIN_QSIZE - 1) << 16);
-    mmio_w32(regs + REG_ASQ, (u32)(uptr)admin.sq);
-    mmio_w32(regs + REG_ASQ + 4, 0);
-    mmio_w32(regs + REG_ACQ, (u32)(uptr)admin.cq);
-    mmio_w32(regs + REG_ACQ + 4, 0);
-    mmio_w32(regs + REG_CC, 1 | 6u << 16 | 4u << 20); /* EN, CSS NVM, MPS 4 KiB, IOSQES 64, IOCQES 16 */
-    if (!wait_reg(CSTS_RDY | CSTS_CFS, CSTS_RDY, to_ms))
-        fail_json(rw, "controller did not become ready (CSTS.RDY) or reported a fatal status");
+    ctrl_enable(rw);
 
     u8 *id = heap_alloc(PAGE, PAGE);
     identify(1, 0, id, rw);
@@ -678,16 +776,6 @@ void app_nvme(void)
     if (wl.bs % lba_size)
         fail_json(rw, "bs is not a multiple of the LBA size");
 
-    struct sqe e = {0};
-    u32 dw0 = 0;
-    e.cdw0 = ADM_SET_FEATURES;
-    e.cdw10 = 0x07; /* Number of Queues */
-    e.cdw11 = (nq - 1) | (nq - 1) << 16;
-    if (admin_cmd(&e, &dw0, 2000))
-        fail_json(rw, "Set Features (Number of Queues) failed");
-    if ((dw0 & 0xFFFF) + 1 < nq || (dw0 >> 16) + 1 < nq)
-        fail_json(rw, "more queues requested than the controller allocates");
-
     u32 per_q = (wl.qd + nq - 1) / nq;
     u64 qs_req = arg_u64("qsize", 0);
     qsize = qs_req ? (u32)qs_req : MAX(64u, per_q + 1);
@@ -695,25 +783,9 @@ void app_nvme(void)
         qsize = mqes;
     if (qsize < 2 || qsize - 1 < per_q)
         fail_json(rw, "queue size too small for qd (each queue holds size-1 commands)");
-    for (u32 i = 0; i < nq; i++) {
-        u16 st = create_pair(&ioq[i], i + 1, qsize);
-        if (st)
-            fail_json(rw, "Create I/O Completion/Submission Queue failed");
-    }
-    /* shadow doorbells after the I/O queues exist, as Linux does */
-    if (want_dbbuf && (oacs & OACS_DBBUF)) {
-        shadow = heap_alloc(PAGE, PAGE);
-        event_idx = heap_alloc(PAGE, PAGE);
-        memset(&e, 0, sizeof(e));
-        e.cdw0 = ADM_DBBUF;
-        e.prp1 = (u64)(uptr)shadow;
-        e.prp2 = (u64)(uptr)event_idx;
-        if (admin_cmd(&e, NULL, 2000))
-            fail_json(rw, "Doorbell Buffer Config failed");
-        use_dbbuf = true;
-    } else if (want_dbbuf && arg_present("dbbuf")) {
-        fail_json(rw, "controller does not support Doorbell Buffer Config (OACS bit 8)");
-    }
+    want_dbbuf = arg_u64("dbbuf", 1);
+    dbbuf_required = arg_present("dbbuf");
+    io_setup(rw);
     printf("guestkit: nvme %02x:%02x.%x regs=%#lx model='%s' lba=%u nsze=%llu queues=%u qsize=%u dbbuf=%u\n",
            pd.bus, pd.dev, pd.fn, (unsigned long)regs, model, lba_size, nsze, nq, qsize, use_dbbuf);
 

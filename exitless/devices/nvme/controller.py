@@ -32,6 +32,10 @@ A completion queue's EventIdx is parked unless a submission queue waits for
 room in it (CQ full); then it is armed the same way (publish, fence, re-read:
 the order QEMU got wrong before 7.2.1).
 
+Split controller (``exitless sidecore``): ``remote`` names the I/O queue pairs another process
+serves; their doorbells are not run here, and the listener takes a pair back (``dbbuf_unbound``)
+before it is deleted, the controller reset or the shadow pages changed.
+
 Failures: a command gets its spec status (with DNR); an admin queue or
 completion queue the controller cannot access puts it in the fatal state
 (CSTS.CFS) until the driver resets it.  Nothing touches host memory outside
@@ -93,6 +97,7 @@ class CompletionQueue:
 class _NoListener:
     def dbbuf_bound(self, qid: int) -> None: ...
     def dbbuf_unbound(self, qid: int) -> None: ...
+    def write_cache_changed(self) -> None: ...
 
 
 class NvmeController:
@@ -132,6 +137,9 @@ class NvmeController:
         self.smart = {"data_units_read": 0, "data_units_written": 0, "host_reads": 0, "host_writes": 0}
         self.sqs: dict[int, SubmissionQueue] = {}
         self.cqs: dict[int, CompletionQueue] = {}
+        # I/O queue pairs served elsewhere (``exitless sidecore``): SQ id -> its CQ id.  Their state here
+        # is stale until taken back (the listener's dbbuf_unbound), so their doorbells are not ours
+        self.remote: dict[int, int] = {}
         self.shadow = self.event_idx = None     # u32 views of the shadow doorbell and EventIdx pages
         self._reset_registers()
         self._id_ctrl = identify_controller(namespace, mdts=self.MDTS, acl=self.ACL, aerl=self.AERL)
@@ -152,6 +160,7 @@ class NvmeController:
                     self.listener.dbbuf_unbound(qid)
         self.sqs = {}
         self.cqs = {}
+        self.remote = {}
         self.shadow = self.event_idx = None
         self.dbbuf = (0, 0)
         self.aers: list[int] = []           # CIDs of outstanding Asynchronous Event Requests
@@ -165,6 +174,17 @@ class NvmeController:
     @property
     def ready(self) -> bool:
         return bool(self.csts & K.CSTS_RDY) and not self.csts & K.CSTS_CFS
+
+    def remote_bad_doorbell(self, why: str) -> None:
+        """Where a pair is served elsewhere: it found a bad shadow doorbell value (the asynchronous event
+        is this controller's to send)."""
+        with self.lock:
+            self._bad_doorbell(K.AER_INFO_INVALID_DOORBELL_VALUE, why)
+
+    def remote_fatal(self, why: str) -> None:
+        """Where a pair is served elsewhere: it cannot go on (CSTS.CFS until the driver resets)."""
+        with self.lock:
+            self._fatal(why)
 
     def _fatal(self, why: str) -> None:
         self.log(logging.WARNING, "NVMe controller fatal status (CSTS.CFS): %s", why)
@@ -264,6 +284,10 @@ class NvmeController:
             qid, is_cq = index >> 1, index & 1
             if qid:
                 self.stats["io_mmio_doorbells"] += 1
+                if (qid in self.remote.values()) if is_cq else (qid in self.remote):
+                    # the pair is served elsewhere from the shadow slot, which the driver wrote first (§5.7);
+                    # running it here too would race the service
+                    return
             if is_cq:
                 cq = self.cqs.get(qid)
                 if cq is None:
@@ -537,10 +561,10 @@ class NvmeController:
         qid = cmd[10] & 0xFFFF
         if qid == 0 or qid not in self.sqs:
             return K.SC_INVALID_QUEUE_IDENTIFIER, 0
+        if self.shadow is not None:
+            self.listener.dbbuf_unbound(qid)     # first: a pair served elsewhere comes back before it goes
         sq = self.sqs.pop(qid)
         self.cqs[sq.cqid].sqs.remove(sq)
-        if self.shadow is not None:
-            self.listener.dbbuf_unbound(qid)
         return K.SC_SUCCESS, 0
 
     def _delete_cq(self, cmd):
@@ -613,6 +637,9 @@ class NvmeController:
         if fid not in self.features:
             return K.SC_INVALID_FIELD, 0
         self.features[fid] = value & 1 if fid == K.FEAT_VOLATILE_WRITE_CACHE else value
+        changed = getattr(self.listener, "write_cache_changed", None)   # (a listener may not care)
+        if fid == K.FEAT_VOLATILE_WRITE_CACHE and changed is not None:
+            changed()
         return K.SC_SUCCESS, 0
 
     def _get_features(self, cmd):

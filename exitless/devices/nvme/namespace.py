@@ -17,7 +17,8 @@ import os
 
 from ...sidecore.spin import address_of
 from ..hostio import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, BackingError,
-                      StickySync, backing_size, fallocate, open_backing, transfer, zero_range)
+                      StickySync, backing_size, check_handed_fds, fallocate, lock_backing, open_backing, transfer,
+                      zero_range)
 
 LBA_SIZES = (512, 4096)
 
@@ -28,25 +29,41 @@ class NamespaceError(BackingError):
 
 
 class Namespace:
-    """``Namespace(path, lba_size=512, read_only=False, direct=False)``; ``nsze`` is the size in LBAs."""
+    """``Namespace(path, lba_size=512, read_only=False, direct=False)``; ``nsze`` is the size in LBAs.
+
+    ``fds``: the backing file already open, as ``(fd, buffered fd or -1)`` (the fd opened O_DIRECT
+    when ``direct``, then a buffered one of the same file); the namespace owns them from here on,
+    even when it raises, and ``path`` only names it in messages (``exitless sidecore`` receives them
+    from a VM).  Raises :class:`NamespaceError` for a file that cannot serve (or fds whose access
+    mode does not fit ``read_only``/``direct``).
+    """
 
     def __init__(self, path: str | os.PathLike, *, lba_size: int = 512, read_only: bool = False,
-                 direct: bool = False):
-        if lba_size not in LBA_SIZES:
-            raise NamespaceError(errno.EINVAL, f"NVMe LBA size {lba_size}: one of 512, 4096")
+                 direct: bool = False, fds: tuple[int, int] | None = None):
+        self.fd, self._fd_buffered = fds if fds is not None else (-1, -1)
         self.path = os.fspath(path)
-        self.lba_size = lba_size
-        self.read_only = read_only
-        self.direct = direct
-        self.fd = self._fd_buffered = -1
         self._flusher = StickySync("NVMe")
-        # O_NONBLOCK: opening a FIFO must fail the type check below, not wait for a writer
-        flags = os.O_CLOEXEC | os.O_NONBLOCK | (os.O_RDONLY if read_only else os.O_RDWR)
-        self.fd = self._open(flags | (os.O_DIRECT if direct else 0), lock=True)
         try:
+            if lba_size not in LBA_SIZES:
+                raise NamespaceError(errno.EINVAL, f"NVMe LBA size {lba_size}: one of 512, 4096")
+            self.lba_size = lba_size
+            self.read_only = read_only
+            self.direct = direct
+            # O_NONBLOCK: opening a FIFO must fail the type check below, not wait for a writer
+            flags = os.O_CLOEXEC | os.O_NONBLOCK | (os.O_RDONLY if read_only else os.O_RDWR)
+            if fds is None:
+                self.fd = self._open(flags | (os.O_DIRECT if direct else 0), lock=True)
+            else:
+                check_handed_fds(self.fd, self._fd_buffered, read_only=read_only, direct=direct, what="NVMe",
+                                 path=self.path, error=NamespaceError)
+                # a no-op on the VM's own locked file description; an fd opened without the lock gets it here
+                lock_backing(self.fd, self.path, read_only, "NVMe", NamespaceError)
             size = backing_size(self.fd, self.path, "NVMe", lba_size, NamespaceError)
             self.nsze = size // lba_size
-            self._fd_buffered = self._open(flags) if direct else self.fd
+            if fds is None:
+                self._fd_buffered = self._open(flags) if direct else self.fd
+            elif not direct:
+                self._fd_buffered = self.fd
         except BaseException:
             self.close()
             raise

@@ -23,6 +23,14 @@ commands are rare).  The I/O queues' doorbells, per path:
 
 Before Doorbell Buffer Config the non-trap paths fall back to trapped
 doorbells, and say so in the log once.
+
+With ``service`` (``run --sidecore PATH``, the polled paths only) the controller is split: the
+admin queue, registers, asynchronous events, reset and Doorbell Buffer Config stay here, and each I/O
+queue pair is handed to the ``exitless sidecore`` service once it has shadow doorbells
+(:class:`~exitless.sidecore.nvme_remote.RemoteQueuePairs`; the protocol:
+:mod:`exitless.sidecore.nvme_protocol`), and taken back -- synchronously -- at Delete I/O SQ, reset
+and VM exit.  A pair the service cannot take (a CQ shared by two SQs, MSI-X off, a refusal) is served
+here with trapped doorbells (EventIdx armed), as before Doorbell Buffer Config.
 """
 from __future__ import annotations
 
@@ -31,7 +39,7 @@ import os
 import struct
 
 from ...sidecore.engine import SidecoreGroup
-from ...sidecore.paths import MODE_OF_PATH, PATHS
+from ...sidecore.paths import MODE_OF_PATH, PATHS, REMOTE_PATHS
 from ...sidecore.spin import address_of, drain_eventfd
 from ..pci.device import Bar, PciDevice
 from ..pci.msix import CAP_ID_MSIX, Msix
@@ -46,17 +54,22 @@ BAR_REGS_SIZE = 0x4000
 
 
 class NvmePci(PciDevice):
-    """``NvmePci(machine, namespace, path="trap", queues=4, poll_ns=64_000, sidecore=None)``.
+    """``NvmePci(machine, namespace, path="trap", queues=4, poll_ns=64_000, sidecore=None, service=None)``.
 
     ``queues``: I/O queue pairs offered (1..64).  ``sidecore``: a group shared with
     other devices, started by the caller after the last one joined; by default the
-    device gets a sidecore of its own (for every path but ``trap``).
+    device gets a sidecore of its own (for every path but ``trap``).  ``service``: the
+    socket of an ``exitless sidecore`` that serves the I/O queue pairs instead (a polled
+    path only); raises :class:`~exitless.sidecore.remote.RemoteSidecoreError` if it cannot
+    be reached or refuses the namespace.
     """
 
     def __init__(self, machine, namespace: Namespace, path: str = "trap", *, queues: int = 4,
-                 poll_ns: int = 64_000, sidecore: SidecoreGroup | None = None):
+                 poll_ns: int = 64_000, sidecore: SidecoreGroup | None = None, service: str | None = None):
         if path not in PATHS:
             raise ValueError(f"I/O path {path!r}: one of {', '.join(PATHS)}")
+        if service is not None and (path not in REMOTE_PATHS or sidecore is not None):
+            raise ValueError(f"the {path} path cannot be served by a sidecore service")
         super().__init__(vendor=K.PCI_VENDOR_REDHAT, device=K.PCI_DEVICE_EXITLESS_NVME, revision=2,
                          class_code=K.PCI_CLASS_NVME, subsystem_vendor=K.PCI_VENDOR_REDHAT,
                          subsystem=K.PCI_DEVICE_EXITLESS_NVME,
@@ -68,7 +81,8 @@ class NvmePci(PciDevice):
         self.msix.cap_offset = self.add_capability(CAP_ID_MSIX, body, writable)
         self.ctrl = NvmeController(machine.mem, namespace, max_io_queues=queues, num_vectors=queues + 1,
                                    irq=self._irq, listener=self)
-        self.ctrl.park_event_idx = path in ("shared", "poll", "adaptive")
+        # with a service, a pair served here traps (EventIdx armed); the service parks its own pairs'
+        self.ctrl.park_event_idx = path in ("shared", "poll", "adaptive") and service is None
         self.wake_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(queues)] \
             if path in ("ioeventfd", "adaptive") else []
         self._bound: set[int] = set()         # I/O queues whose doorbells are shadowed
@@ -77,10 +91,18 @@ class NvmePci(PciDevice):
         self._warned_fallback = False
         self.ioeventfd_doorbells = 0           # summed by QueuePairPollable.drain (one sidecore thread)
         self.sidecore = None
+        self.remote = None
+        self.handovers = 0                     # pairs the service took
+        self._warned_local: set[str] = set()
         self.slot = machine.pci.add(self)
         machine.add_worker(self)
-        if path != "trap":
-            pollables = [QueuePairPollable(self, qid) for qid in range(1, queues + 1)]
+        if service is not None:
+            from ...sidecore.nvme_remote import RemoteQueuePairs   # the VM side of the service (it imports vhost_user)
+
+            self.remote = RemoteQueuePairs(service, self)
+        elif path != "trap":
+            pollables = [QueuePairPollable(self.ctrl, qid, self.wake_fds[qid - 1] if self.wake_fds else None, self)
+                         for qid in range(1, queues + 1)]
             if sidecore is None:
                 self.sidecore = SidecoreGroup(MODE_OF_PATH[path], poll_ns=poll_ns, name=f"sidecore-nvme{self.slot}")
                 self.sidecore.add(pollables, MODE_OF_PATH[path])
@@ -97,7 +119,8 @@ class NvmePci(PciDevice):
         self._bar0 = address
         with self.ctrl.lock:
             for qid in self._bound:
-                self._register_ioeventfds(qid)
+                if self.remote is None or qid in self.ctrl.remote:   # a pair served here traps
+                    self._register_ioeventfds(qid)
 
     def unmap_bar(self, index: int, address: int) -> None:
         self.machine.mmio.remove(address)
@@ -116,13 +139,71 @@ class NvmePci(PciDevice):
     # -- shadow doorbells bound / unbound (the controller's listener; its lock is held) ----------
     def dbbuf_bound(self, qid: int) -> None:
         self._bound.add(qid)
+        if self.remote is not None:
+            self._hand_over(qid)
+            return
         self._register_ioeventfds(qid)
         if self.wake_fds:
             os.eventfd_write(self.wake_fds[qid - 1], 1)   # let the sidecore look at the new queue
 
     def dbbuf_unbound(self, qid: int) -> None:
         self._bound.discard(qid)
+        if self.remote is not None:
+            self._take_back(qid, resume=False)   # the pair goes away (delete, reset) or is bound anew
         self._unregister_ioeventfds(qid)
+
+    def write_cache_changed(self) -> None:
+        """Set Features (Volatile Write Cache): the served pairs get the new setting (taken back, handed over)."""
+        if self.remote is not None:
+            for qid in list(self.ctrl.remote):
+                self._take_back(qid, resume=False)
+                self._hand_over(qid)
+
+    # -- pairs served by the sidecore service (the controller's lock held) ------------------------------
+    def _local(self, why: str) -> None:
+        if why not in self._warned_local:
+            self._warned_local.add(why)
+            log.warning("NVMe %02x: %s: this VMM serves that queue pair (trapped doorbells)", self.slot, why)
+
+    def _hand_over(self, qid: int) -> None:
+        ctrl = self.ctrl
+        sq = ctrl.sqs[qid]
+        cq = ctrl.cqs[sq.cqid]
+        if len(cq.sqs) > 1:
+            # one owner per CQ: the pair already served comes back, and both are served here
+            for other in cq.sqs:
+                self._take_back(other.sqid, resume=True)
+            self._local(f"CQ {cq.cqid} is shared by several SQs")
+            return
+        if cq.ien and not self.msix.enabled:
+            self._local("MSI-X is off (INTx is this VMM's)")
+            return
+        wake = self.wake_fds[qid - 1] if self.wake_fds else None
+        if wake is not None:
+            self._register_ioeventfds(qid)       # before the service may arm EventIdx
+        if self.remote.attach(sq, cq, ctrl.dbbuf, self.msix.irqfd(cq.iv) if cq.ien else None, wake,
+                              bool(ctrl.features[K.FEAT_VOLATILE_WRITE_CACHE])):
+            ctrl.remote[qid] = cq.cqid
+            self.handovers += 1
+        else:
+            self._unregister_ioeventfds(qid)
+
+    def _take_back(self, qid: int, *, resume: bool) -> None:
+        """Pair ``qid`` back from the service, if it serves it; ``resume``: serve it here from now on."""
+        ctrl = self.ctrl
+        cqid = ctrl.remote.pop(qid, None)
+        if cqid is None:
+            return
+        st = self.remote.detach(qid)
+        self._unregister_ioeventfds(qid)
+        if st is None:
+            return                               # the service failed: the controller is fatal
+        sq, cq = ctrl.sqs[qid], ctrl.cqs[cqid]
+        sq.head, sq.tail, sq.shadow_seen = st.sq_head, st.sq_tail, st.sq_shadow_seen
+        cq.head, cq.tail, cq.phase, cq.shadow_seen = st.cq_head, st.cq_tail, st.cq_phase, st.cq_shadow_seen
+        self._add_counters(st.counters)
+        if resume:
+            ctrl.service_queue(qid)              # what the driver wrote meanwhile; EventIdx armed
 
     def _register_ioeventfds(self, qid: int) -> None:
         if not self.wake_fds or self._bar0 is None or qid in self._ioeventfds:
@@ -163,11 +244,29 @@ class NvmePci(PciDevice):
 
     def stats(self) -> dict:
         """The controller's counters, plus ``ioeventfd_doorbells``: I/O doorbell writes KVM turned into
-        eventfd signals (summed from the eventfd counters as the sidecore drains them)."""
+        eventfd signals (summed from the eventfd counters as the sidecore drains them), and
+        ``handovers``: the pairs a sidecore service took (whose counters are fetched from it first).
+        """
+        if self.remote is not None:
+            with self.ctrl.lock:
+                if self.ctrl.remote:
+                    self._add_counters(self.remote.counters())
         return dict(self.ctrl.stats, path=self.path, msix_fired=self.msix.fired,
-                    ioeventfd_doorbells=self.ioeventfd_doorbells)
+                    ioeventfd_doorbells=self.ioeventfd_doorbells, handovers=self.handovers)
+
+    def _add_counters(self, counters: dict) -> None:
+        ctrl = self.ctrl
+        for key, n in counters.items():
+            table = ctrl.stats if key in ctrl.stats else ctrl.smart
+            table[key] += n
 
     def stop(self) -> None:
+        if self.remote is not None:              # the pairs back (their counters with them), then hang up
+            with self.ctrl.lock:
+                for qid in list(self.ctrl.remote):
+                    self._take_back(qid, resume=False)
+            self.remote.close()
+            self.remote = None
         if self.sidecore is not None:
             self.sidecore.stop()
             self.sidecore = None
@@ -195,19 +294,24 @@ class _Registers:
 
 
 class QueuePairPollable:
-    """I/O queue pair ``qid`` as seen by a sidecore (see :mod:`exitless.sidecore.loop`)."""
+    """I/O queue pair ``qid`` of controller ``ctrl`` as seen by a sidecore (see :mod:`exitless.sidecore.loop`).
 
-    def __init__(self, t: NvmePci, qid: int):
-        self.t = t
+    ``wake_fd``: the eventfd its doorbells' ioeventfds signal (None: polled only); ``counts``: an
+    object whose ``ioeventfd_doorbells`` the doorbell writes drained from it are added to.
+    """
+
+    def __init__(self, ctrl: NvmeController, qid: int, wake_fd: int | None, counts):
+        self.ctrl = ctrl
         self.qid = qid
-        self.wake_fd = t.wake_fds[qid - 1] if t.wake_fds else None
+        self.wake_fd = wake_fd
+        self.counts = counts
         self._page = (None, 0)     # (shadow page gpa, its host address)
 
     def poll(self) -> bool:
-        return self.t.ctrl.service_queue(self.qid) > 0
+        return self.ctrl.service_queue(self.qid) > 0
 
     def watches(self) -> list[tuple[int, int]]:
-        ctrl = self.t.ctrl
+        ctrl = self.ctrl
         words = ctrl.shadow_words(self.qid)
         if not words:
             return []
@@ -217,11 +321,11 @@ class QueuePairPollable:
         return [(self._page[1] + 4 * slot, value) for slot, value in words]
 
     def arm(self) -> bool:
-        return self.t.ctrl.arm(self.qid)
+        return self.ctrl.arm(self.qid)
 
     def disarm(self) -> None:
-        self.t.ctrl.disarm(self.qid)
+        self.ctrl.disarm(self.qid)
 
     def drain(self) -> None:
         # an eventfd's counter is the number of writes since the last read: each is one doorbell write
-        self.t.ioeventfd_doorbells += drain_eventfd(self.wake_fd)
+        self.counts.ioeventfd_doorbells += drain_eventfd(self.wake_fd)

@@ -98,6 +98,12 @@ class Msix:
                 self._entry_changed(i)
 
     # -- the device side ----------------------------------------------------
+    def irqfd(self, i: int) -> int:
+        """The KVM irqfd of vector ``i`` (allocated now if the guest has not programmed it yet), for a
+        device whose completions are signalled by another process (``exitless sidecore``).  Writing it
+        bypasses masking and the pending bit: the known limit of every such device."""
+        return self._vector(i).fd
+
     def fire(self, i: int) -> bool:
         """Signal vector ``i``; returns False if it had to stay pending (masked, or unprogrammed)."""
         if not 0 <= i < self.n:

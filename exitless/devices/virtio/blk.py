@@ -40,7 +40,6 @@ later flush fails too (``VirtioBlk._sync``).
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import logging
 import mmap
@@ -49,7 +48,8 @@ import struct
 import time
 
 from ..hostio import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, BackingError,
-                      StickySync, backing_size, fallocate, lock_backing, open_backing, transfer, zero_range)
+                      StickySync, backing_size, check_handed_fds, fallocate, lock_backing, open_backing, transfer,
+                      zero_range)
 from .constants import (
     VIRTIO_BLK_F_BLK_SIZE,
     VIRTIO_BLK_F_DISCARD,
@@ -162,7 +162,8 @@ class VirtioBlk(VirtioDevice):
             if fds is None:
                 self.fd = self._open(base | (os.O_DIRECT if direct else 0), lock=lock)
             else:
-                self._check_fds(read_only, direct)
+                check_handed_fds(self.fd, self._fd_buffered, read_only=read_only, direct=direct,
+                                 what="virtio-blk", path=self.path, error=BackingFileError)
                 if lock:        # a no-op on the VM's own locked file description; an unlocked fd gets it here
                     lock_backing(self.fd, self.path, read_only, "virtio-blk", BackingFileError)
             size = backing_size(self.fd, self.path, "virtio-blk", SECTOR, BackingFileError)
@@ -190,26 +191,6 @@ class VirtioBlk(VirtioDevice):
     # -- backing store -----------------------------------------------------------------
     def _open(self, flags: int, lock: bool = False) -> int:
         return open_backing(self.path, flags, "virtio-blk", BackingFileError, BackingFileMissing, lock=lock)
-
-    def _check_fds(self, read_only: bool, direct: bool) -> None:
-        """Fds handed over (``fds=``): open, for writing unless ``read_only``, O_DIRECT exactly when
-        ``direct`` (and its buffered twin without it); else :class:`BackingFileError`."""
-        wanted = [(self.fd, direct)] + ([(self._fd_buffered, False)] if direct else [])
-        if not direct and self._fd_buffered >= 0:
-            raise BackingFileError(errno.EINVAL, "virtio-blk backing file: a second fd without direct", self.path)
-        for fd, want_direct in wanted:
-            try:
-                flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-            except (OSError, OverflowError) as e:
-                raise BackingFileError(errno.EBADF, f"virtio-blk backing file: fd {fd}: {e}", self.path) from None
-            if not read_only and flags & os.O_ACCMODE != os.O_RDWR:
-                raise BackingFileError(errno.EBADF, "virtio-blk backing file: fd not open for reading and "
-                                                    "writing (the disk is not read-only)", self.path)
-            if flags & os.O_ACCMODE == os.O_WRONLY:
-                raise BackingFileError(errno.EBADF, "virtio-blk backing file: fd not open for reading", self.path)
-            if bool(flags & os.O_DIRECT) != want_direct:
-                raise BackingFileError(errno.EINVAL, "virtio-blk backing file: fd " +
-                                       ("without O_DIRECT" if want_direct else "with O_DIRECT"), self.path)
 
     def _sync(self) -> None:
         """``fdatasync`` the backing file; OSError if it fails -- and ever after, once it has failed
