@@ -20,20 +20,17 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import select
-import socket
-import threading
 
 from ..vhost_user import protocol as P
-from ..vhost_user.frontend import Frontend, FrontendError
+from ..vhost_user.frontend import FrontendError
 from ..vhost_user.protocol import ProtocolError
 from . import nvme_protocol as N
-from .remote import RemoteSidecoreError
+from .remote import RemoteSidecoreError, ServiceLink
 
 log = logging.getLogger("exitless.sidecore.remote")
 
 
-class RemoteQueuePairs:
+class RemoteQueuePairs(ServiceLink):
     """The I/O queue pairs of NVMe controller ``pci`` (an :class:`~exitless.devices.nvme.pci.NvmePci`)
     that the ``exitless sidecore`` listening on ``path`` serves.  Raises :class:`RemoteSidecoreError`
     if the service cannot be reached or refuses the controller."""
@@ -41,24 +38,16 @@ class RemoteQueuePairs:
     def __init__(self, path: str, pci, *, timeout: float = 10.0):
         self.path = path
         self.pci = pci
-        self.fe: Frontend | None = None
         self.event_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.fatal_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._failed = False
-        self._watcher: threading.Thread | None = None
+        self._link_init()
         try:
-            try:
-                self.fe = Frontend.connect(path, timeout)
-            except OSError as e:
-                raise RemoteSidecoreError(e.errno or errno.EIO,
-                                          f"cannot reach the sidecore service at {path}: {e.strerror or e}") from None
+            self._connect(path, timeout)
             self._handshake()
         except BaseException:
             self.close()
             raise
-        self._watcher = threading.Thread(target=self._watch, name=f"sidecore-remote-nvme{pci.slot}", daemon=True)
-        self._watcher.start()
+        self._start_relay(f"sidecore-remote-nvme{pci.slot}")
 
     def _handshake(self) -> None:
         fe, ns = self.fe, self.pci.ctrl.ns
@@ -148,44 +137,16 @@ class RemoteQueuePairs:
                       "queue pairs it creates next" if fatal else "this VMM serves the queue pairs from now on")
 
     # -- the relay thread --------------------------------------------------------------------------------------
-    def _watch(self) -> None:
-        poller = select.poll()
-        for fd in (self.event_fd, self.fatal_fd, self._stop_fd):
-            poller.register(fd, select.POLLIN)
-        sock = self.fe.sock.fileno()
-        poller.register(sock, select.POLLRDHUP)
-        while True:
-            for fd, _ in poller.poll():
-                if fd == self._stop_fd:
-                    return
-                if fd == sock:
-                    poller.unregister(sock)
-                    self._fail("closed the connection")
-                    continue
-                try:
-                    os.eventfd_read(fd)
-                except BlockingIOError:
-                    continue
-                if fd == self.event_fd:
-                    self.pci.ctrl.remote_bad_doorbell("a shadow doorbell value the sidecore service ignored")
-                else:
-                    self._fail("reported a queue pair it cannot serve (its log says why)", lost=True)
+    def relay_handlers(self) -> dict:
+        return {self.event_fd: lambda: self.pci.ctrl.remote_bad_doorbell("a shadow doorbell value the sidecore "
+                                                                          "service ignored"),
+                self.fatal_fd: lambda: self._fail("reported a queue pair it cannot serve (its log says why)",
+                                                  lost=True)}
 
     def close(self) -> None:
         """Hang up (the service detaches whatever it still serves) and close the fds (idempotent)."""
-        if self._watcher is not None:
-            os.eventfd_write(self._stop_fd, 1)
-            self._watcher.join(5)
-            self._watcher = None
-        if self.fe is not None:
-            self._failed = True          # the watcher is gone: a hang-up from here on is ours
-            try:
-                self.fe.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            self.fe.close()
-            self.fe = None
-        for fd in (self.event_fd, self.fatal_fd, self._stop_fd):
+        self._hang_up()
+        for fd in (self.event_fd, self.fatal_fd):
             if fd >= 0:
                 os.close(fd)
-        self.event_fd = self.fatal_fd = self._stop_fd = -1
+        self.event_fd = self.fatal_fd = -1

@@ -58,7 +58,80 @@ class RemoteSidecoreError(ExitlessError, OSError):
     """The sidecore service cannot be reached or refused the disk (the message says which and why)."""
 
 
-class RemoteQueues:
+class ServiceLink:
+    """The VM side of one connection to the ``exitless sidecore`` service: the vhost-user frontend
+    :attr:`fe`, and a relay thread that runs the callback of each eventfd the service writes
+    (:meth:`relay_handlers`: fd -> callback) and calls ``self._fail(why)`` when the service hangs up.
+    :class:`RemoteQueues` (virtio devices) and :class:`~exitless.sidecore.nvme_remote.RemoteQueuePairs`
+    (NVMe queue pairs) are links."""
+
+    def _link_init(self) -> None:
+        self.fe: Frontend | None = None
+        self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._failed = False
+        self._watcher: threading.Thread | None = None
+
+    def _connect(self, path: str, timeout: float) -> None:
+        """Connect to the service at ``path``; :class:`RemoteSidecoreError` (with a hint) if there is none."""
+        try:
+            self.fe = Frontend.connect(path, timeout)
+        except OSError as e:
+            raise RemoteSidecoreError(e.errno or errno.EIO, f"cannot reach the sidecore service at {path}: "
+                                                            f"{e.strerror or e}{_unreachable_hint(path)}") from None
+
+    def relay_handlers(self) -> dict:
+        """The eventfds the relay thread reads, each with what to do when it fires."""
+        raise NotImplementedError
+
+    def _fail(self, why: str) -> None:
+        raise NotImplementedError
+
+    def _start_relay(self, name: str) -> None:
+        self._watcher = threading.Thread(target=self._watch, name=name, daemon=True)
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        handlers = self.relay_handlers()
+        poller = select.poll()
+        for fd in (*handlers, self._stop_fd):
+            poller.register(fd, select.POLLIN)
+        sock = self.fe.sock.fileno()
+        poller.register(sock, select.POLLRDHUP)
+        while True:
+            for fd, _ in poller.poll():
+                if fd == self._stop_fd:
+                    return
+                if fd == sock:
+                    poller.unregister(sock)
+                    self._fail("closed the connection")
+                    continue
+                try:
+                    os.eventfd_read(fd)
+                except BlockingIOError:
+                    continue
+                handlers[fd]()
+
+    def _hang_up(self) -> None:
+        """Stop the relay thread, hang up (the service detaches what it serves for us) and close the
+        link's own fds (idempotent)."""
+        if self._watcher is not None:
+            os.eventfd_write(self._stop_fd, 1)
+            self._watcher.join(5)
+            self._watcher = None
+        if self.fe is not None:
+            self._failed = True          # the watcher is gone: a hang-up from here on is ours
+            try:
+                self.fe.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self.fe.close()
+            self.fe = None
+        if self._stop_fd >= 0:
+            os.close(self._stop_fd)
+            self._stop_fd = -1
+
+
+class RemoteQueues(ServiceLink):
     """The queues of virtio-pci function ``pci`` (its ``device`` a :class:`~exitless.devices.virtio.blk.VirtioBlk`),
     served by the ``exitless sidecore`` listening on ``path``.  Raises :class:`RemoteSidecoreError`.
 
@@ -79,25 +152,17 @@ class RemoteQueues:
         dev = pci.device
         n = dev.num_queues
         self._offer = 0
-        self.fe: Frontend | None = None
         self.started: list[int] = []
         self.relay_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(n)]
         self.err_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._failed = False
-        self._watcher: threading.Thread | None = None
+        self._link_init()
         try:
-            try:
-                self.fe = Frontend.connect(path, timeout)
-            except OSError as e:
-                raise RemoteSidecoreError(e.errno or errno.EIO, f"cannot reach the sidecore service at {path}: "
-                                                                f"{e.strerror or e}{_unreachable_hint(path)}") from None
+            self._connect(path, timeout)
             self._handshake(dev)
         except BaseException:
             self.close()
             raise
-        self._watcher = threading.Thread(target=self._watch, name=f"sidecore-remote-virtio{pci.slot}", daemon=True)
-        self._watcher.start()
+        self._start_relay(f"sidecore-remote-virtio{pci.slot}")
 
     def handover(self, dev) -> tuple[int, list[int], str]:
         """EXITLESS_SET_BACKEND's flags, fds and serial for ``dev``: a disk's."""
@@ -199,46 +264,16 @@ class RemoteQueues:
         self.pci.remote_failed()
 
     # -- the relay thread: INTx/no-vector interrupts, ring errors, the service going away ----------------------
-    def _watch(self) -> None:
-        poller = select.poll()
-        for fd in self.relay_fds + [self.err_fd, self._stop_fd, *self.events]:
-            poller.register(fd, select.POLLIN)
-        sock = self.fe.sock.fileno()
-        poller.register(sock, select.POLLRDHUP)
-        while True:
-            for fd, ev in poller.poll():
-                if fd == self._stop_fd:
-                    return
-                if fd == sock:
-                    poller.unregister(sock)
-                    self._fail("closed the connection")
-                    continue
-                try:
-                    os.eventfd_read(fd)
-                except BlockingIOError:
-                    continue
-                if fd == self.err_fd:
-                    self._fail("reported a broken ring", broken=True)
-                elif fd in self.events:
-                    self.events[fd]()
-                else:
-                    self.pci.signal_queue(self.relay_fds.index(fd))
+    def relay_handlers(self) -> dict:
+        handlers = {fd: (lambda i=i: self.pci.signal_queue(i)) for i, fd in enumerate(self.relay_fds)}
+        handlers[self.err_fd] = lambda: self._fail("reported a broken ring", broken=True)
+        handlers.update(self.events)
+        return handlers
 
     def close(self) -> None:
         """Hang up (the service detaches the queues) and close the fds (idempotent)."""
-        if self._watcher is not None:
-            os.eventfd_write(self._stop_fd, 1)
-            self._watcher.join(5)
-            self._watcher = None
-        if self.fe is not None:
-            self._failed = True          # the watcher is gone: a hang-up from here on is ours
-            try:
-                self.fe.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            self.fe.close()
-            self.fe = None
-        for fd in self.relay_fds + [self.err_fd, self._stop_fd]:
+        self._hang_up()
+        for fd in self.relay_fds + [self.err_fd]:
             if fd >= 0:
                 os.close(fd)
-        self.relay_fds, self.err_fd, self._stop_fd = [], -1, -1
+        self.relay_fds, self.err_fd = [], -1
