@@ -36,16 +36,14 @@ from exitless.vhost_user.protocol import ProtocolError
 try:
     import netns as N
     from fds import open_fds
-    from serveproc import ServeProcess
     from test_sidecore_service import Running, hello_with, roundtrip
-    from test_sidecore_service_vms import DISK_BYTES, Vm, counts, wait_for
+    from test_sidecore_service_vms import DISK_BYTES, Vm, confined_service, counts, images, wait_for
     from test_vhost_user_backend import DriverRing, Session
 except ImportError:  # pragma: no cover - tests/ as a package
     from tests import netns as N
     from tests.fds import open_fds
-    from tests.serveproc import ServeProcess
     from tests.test_sidecore_service import Running, hello_with, roundtrip
-    from tests.test_sidecore_service_vms import DISK_BYTES, Vm, counts, wait_for
+    from tests.test_sidecore_service_vms import DISK_BYTES, Vm, confined_service, counts, images, wait_for
     from tests.test_vhost_user_backend import DriverRing, Session
 
 pytestmark = pytest.mark.skipif(N.can_make_netns() is not None, reason=N.can_make_netns() or "")
@@ -63,18 +61,11 @@ def nic_vm(ns: str, tap: str, io: str, app: str, k: int, sock, timeout: int = 18
 def test_two_nics_and_a_disk_on_one_service_one_nic_killed_mid_flood(tmp_path, mode):
     from exitless.net.tap import create_tap
 
-    sock = tmp_path / "sidecore.sock"
-    img = tmp_path / "d.img"
-    with open(img, "wb") as f:
-        f.truncate(DISK_BYTES)
-    vms: list[Vm] = []
+    img, = images(tmp_path, ("d",), DISK_BYTES)
     with N.netns_only() as ns:
         for k in (1, 2, 3):
             create_tap(f"exlsn{k}", ns, address=f"10.0.{k}.1/24")
-        svc = ServeProcess(None, ["--socket", str(sock), "--mode", mode], tmp_path / "sidecore.log",
-                           command=("sidecore",))
-        try:
-            assert "confined (seccomp)" in svc.text()
+        with confined_service(tmp_path, mode) as (svc, sock, vms):
             base = counts(svc.proc.pid)
             # the victim floods for far longer than the test; the others run meanwhile
             victim = nic_vm(ns, "exlsn3", "adaptive", "net test=flood n=100000000 qd=16 size=64 max_timeouts=1000000",
@@ -107,14 +98,6 @@ def test_two_nics_and_a_disk_on_one_service_one_nic_killed_mid_flood(tmp_path, m
             assert svc.proc.poll() is None          # every VM gone, the service still serves
             wait_for(lambda: counts(svc.proc.pid) == base, 30,
                      lambda: f"service fds/threads {counts(svc.proc.pid)} != {base} at start\n{svc.text()}")
-        finally:
-            for vm in vms:
-                vm.kill()
-            rc = svc.stop()
-    log = svc.text()
-    assert rc == 0, log
-    assert "Traceback" not in log and "SIGSYS" not in log and "internal error" not in log, log
-    assert not sock.exists()
 
 
 def test_cli_refuses_what_the_service_cannot_serve(tmp_path):

@@ -19,13 +19,11 @@ from exitless import confine
 from exitless.guestkit import guestkit_path
 
 try:
-    from serveproc import ServeProcess
     from test_nvme_e2e import pattern
-    from test_sidecore_service_vms import Vm, counts, wait_for
+    from test_sidecore_service_vms import Vm, confined_service, counts, images, wait_for
 except ImportError:  # run from the repository root as a package
-    from tests.serveproc import ServeProcess
     from tests.test_nvme_e2e import pattern
-    from tests.test_sidecore_service_vms import Vm, counts, wait_for
+    from tests.test_sidecore_service_vms import Vm, confined_service, counts, images, wait_for
 
 pytestmark = pytest.mark.kvm
 DISK_BYTES = 4 << 20
@@ -38,18 +36,8 @@ def nvme_vm(image, io, app, sock) -> Vm:
 @pytest.mark.skipif(not confine.status()[0], reason=confine.status()[1])
 @pytest.mark.parametrize("mode", ["poll", "adaptive"])
 def test_three_nvme_vms_on_one_service_cycles_and_one_killed(tmp_path, mode):
-    sock = tmp_path / "sidecore.sock"
-    images = []
-    for name in ("a", "b", "victim"):
-        p = tmp_path / f"{name}.img"
-        with open(p, "wb") as f:
-            f.truncate(DISK_BYTES)
-        images.append(p)
-    a_img, b_img, v_img = images
-    svc = ServeProcess(None, ["--socket", str(sock), "--mode", mode], tmp_path / "sidecore.log", command=("sidecore",))
-    vms: list[Vm] = []
-    try:
-        assert "confined (seccomp)" in svc.text()
+    a_img, b_img, v_img = images(tmp_path, ("a", "b", "victim"), DISK_BYTES)
+    with confined_service(tmp_path, mode) as (svc, sock, vms):
         base = counts(svc.proc.pid)
         victim = nvme_vm(v_img, "shared", "nvme rw=randwrite bs=4096 qd=16 queues=2 ms=60000 seed=3", sock)
         vms.append(victim)
@@ -81,14 +69,6 @@ def test_three_nvme_vms_on_one_service_cycles_and_one_killed(tmp_path, mode):
         assert svc.proc.poll() is None                     # every VM gone, the service still serves
         wait_for(lambda: counts(svc.proc.pid) == base, 30,
                  lambda: f"service fds/threads {counts(svc.proc.pid)} != {base} at start\n{svc.text()}")
-    finally:
-        for vm in vms:
-            vm.kill()
-        rc = svc.stop()
-    log = svc.text()
-    assert rc == 0, log
-    assert "Traceback" not in log and "SIGSYS" not in log and "): refused" not in log, log
-    assert not sock.exists()
 
 
 def test_run_nvme_sidecore_usage_errors(tmp_path):

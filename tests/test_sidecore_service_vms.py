@@ -9,6 +9,7 @@ kvm_pvm), and the VM side is driven register by register for device reset and a 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 import os
@@ -98,21 +99,45 @@ def wait_for(cond, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
-@pytest.mark.skipif(not confine.status()[0], reason=confine.status()[1])
-@pytest.mark.parametrize("mode", ["poll", "adaptive"])
-def test_three_vms_on_one_service_one_killed_mid_io(tmp_path, mode):
-    sock = tmp_path / "sidecore.sock"
-    images = []
-    for name in ("a", "b", "victim"):
+def images(tmp_path: Path, names, nbytes: int) -> list[Path]:
+    """Empty (sparse) images ``tmp_path/NAME.img`` of ``nbytes`` each."""
+    out = []
+    for name in names:
         p = tmp_path / f"{name}.img"
         with open(p, "wb") as f:
-            f.truncate(DISK_BYTES)
-        images.append(p)
-    a_img, b_img, v_img = images
+            f.truncate(nbytes)
+        out.append(p)
+    return out
+
+
+@contextlib.contextmanager
+def confined_service(tmp_path: Path, mode: str):
+    """An ``exitless sidecore --mode MODE`` process for a test's VMs: yields ``(service, socket path, vms)``
+    (append every :class:`Vm` started to ``vms``: they are killed on the way out).  On the way out it checks
+    that the service stops cleanly (exit 0), logged no traceback, seccomp kill or refusal, and removed its
+    socket although confined."""
+    sock = tmp_path / "sidecore.sock"
     svc = ServeProcess(None, ["--socket", str(sock), "--mode", mode], tmp_path / "sidecore.log", command=("sidecore",))
     vms: list[Vm] = []
     try:
         assert "confined (seccomp)" in svc.text()
+        yield svc, sock, vms
+    finally:
+        for vm in vms:
+            vm.kill()
+        rc = svc.stop()
+    log = svc.text()
+    assert rc == 0, log
+    assert "Traceback" not in log and "SIGSYS" not in log and "internal error" not in log, log
+    assert "): refused" not in log, log
+    assert not sock.exists()
+
+
+@pytest.mark.skipif(not confine.status()[0], reason=confine.status()[1])
+@pytest.mark.parametrize("mode", ["poll", "adaptive"])
+def test_three_vms_on_one_service_one_killed_mid_io(tmp_path, mode):
+    a_img, b_img, v_img = images(tmp_path, ("a", "b", "victim"), DISK_BYTES)
+    with confined_service(tmp_path, mode) as (svc, sock, vms):
         base = counts(svc.proc.pid)
         # the victim writes for a long time on the shared path; a and b fill their disks meanwhile
         victim = Vm(v_img, "shared", "blk rw=randwrite bs=4096 qd=16 ms=60000 seed=3", sock)
@@ -139,21 +164,12 @@ def test_three_vms_on_one_service_one_killed_mid_io(tmp_path, mode):
         for vm in checks:
             res = vm.result()
             assert res["errors"] == 0 and res["verify_errors"] == 0, res
-        log = svc.text()
         wait_for(lambda: svc.text().count(" detached ") == 5, 30, svc.text)
         assert svc.proc.poll() is None          # every VM gone, the service still serves
         wait_for(lambda: counts(svc.proc.pid) == base, 30,
                  lambda: f"service fds/threads {counts(svc.proc.pid)} != {base} at start\n{svc.text()}")
         for vm in range(1, 6):
             assert f"vm#{vm} detached" in svc.text()
-    finally:
-        for vm in vms:
-            vm.kill()
-        rc = svc.stop()
-    log = svc.text()
-    assert rc == 0, log
-    assert "Traceback" not in log and "SIGSYS" not in log, log
-    assert not sock.exists()                    # removed on the way out, although confined
 
 
 def test_run_without_a_service_is_a_usage_error(tmp_path):
