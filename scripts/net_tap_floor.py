@@ -12,15 +12,7 @@ try:
     tap = Tap.open(TAP_NAME, netns=ns.name)
     fd = tap.fds[0]
     hdr = bytes(12)
-    os.write(fd, hdr + N.arp_request(src_ip="10.0.0.2", target_ip="10.0.0.1"))
-    mac = None
-    t_end = time.monotonic() + 3
-    while mac is None and time.monotonic() < t_end:
-        try:
-            mac = N.parse_arp_reply(os.read(fd, 4096)[12:])
-        except BlockingIOError:
-            time.sleep(0.01)
-            os.write(fd, hdr + N.arp_request(src_ip="10.0.0.2", target_ip="10.0.0.1"))
+    mac = N.resolve_mac(fd, timeout=3)
     w, r, tot, immediate = [], [], [], 0
     for seq in range(3000):
         f = hdr + N.icmp_echo(mac, 0x4758, seq, bytes(22))

@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, "tests")
 import netns as N  # noqa: E402
@@ -27,15 +26,7 @@ with tempfile.TemporaryDirectory() as tmp:
         with Tap.open(TAP_NAME, netns=ns.name) as tap:
             fd = tap.fds[0]
             hdr = bytes(12)
-            mac = None
-            deadline = time.monotonic() + 3
-            os.write(fd, hdr + N.arp_request(src_ip="10.0.0.2", target_ip="10.0.0.1"))
-            while mac is None and time.monotonic() < deadline:
-                try:
-                    mac = N.parse_arp_reply(os.read(fd, 4096)[12:])
-                except BlockingIOError:
-                    time.sleep(0.01)
-                    os.write(fd, hdr + N.arp_request(src_ip="10.0.0.2", target_ip="10.0.0.1"))
+            mac = N.resolve_mac(fd, timeout=3)
             if mac is None:
                 sys.exit("no ARP reply from the namespace")
             os.set_inheritable(fd, True)

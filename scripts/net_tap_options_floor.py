@@ -7,7 +7,7 @@ VARIANT: base; napi (a TAP made with IFF_NAPI: writes go through NAPI/GRO); xdp 
 drops EtherType 0x88B5 -- the TX-only frames -- before an skb is built, passes the rest); qlenN (txqueuelen N);
 nogro (ethtool -K gro off).  The napi TAP has its own subnet (10.0.1.0/24): run only tx modes with it.
 Run as root (makes and removes its own namespace)."""
-import ctypes, os, struct, subprocess, sys, tempfile, time
+import ctypes, os, struct, subprocess, sys, tempfile
 sys.path.insert(0, "tests")
 import netns as N
 from exitless.bench.net import Namespace, TAP_NAME
@@ -39,18 +39,11 @@ tmpdir = tempfile.mkdtemp()
 exe = os.path.join(tmpdir, "tap_io_floor")
 subprocess.run(["gcc", "-O2", "-o", exe, src], check=True)
 
-def arp_mac(fd):
-    hdr = bytes(12)
-    deadline = time.monotonic() + 5
-    os.write(fd, hdr + N.arp_request(src_ip="10.0.0.2", target_ip="10.0.0.1"))
-    while time.monotonic() < deadline:
-        try:
-            mac = N.parse_arp_reply(os.read(fd, 4096)[12:])
-            if mac: return mac
-        except BlockingIOError:
-            time.sleep(0.02)
-            os.write(fd, hdr + N.arp_request(src_ip="10.0.0.2", target_ip="10.0.0.1"))
-    raise SystemExit("no ARP reply")
+def arp_mac(fd, src_ip="10.0.0.2", target_ip="10.0.0.1"):
+    mac = N.resolve_mac(fd, src_ip, target_ip)
+    if mac is None:
+        raise SystemExit("no ARP reply")
+    return mac
 
 def floor(fd, mac, modes):
     os.set_inheritable(fd, True)
@@ -75,16 +68,7 @@ try:
             ipr.link("set", index=idx, state="up")
         fd = fds[0]
         # ARP for 10.0.1.1 from 10.0.1.2
-        hdr = bytes(12)
-        deadline = time.monotonic() + 5; mac = None
-        while mac is None and time.monotonic() < deadline:
-            os.write(fd, hdr + N.arp_request(src_ip="10.0.1.2", target_ip="10.0.1.1"))
-            time.sleep(0.05)
-            try:
-                while mac is None:
-                    mac = N.parse_arp_reply(os.read(fd, 4096)[12:])
-            except BlockingIOError:
-                pass
+        mac = arp_mac(fd, "10.0.1.2", "10.0.1.1")
         floor(fd, mac, modes)
         os.close(fd)
     else:

@@ -12,6 +12,7 @@ import os
 import socket
 import struct
 import threading
+import time
 
 HOST_IP = "10.0.0.1"
 GUEST_IP = "10.0.0.2"
@@ -171,6 +172,23 @@ def parse_arp_reply(frame: bytes) -> bytes | None:
     if len(frame) < 42 or frame[12:14] != b"\x08\x06" or struct.unpack("!H", frame[20:22])[0] != 2:
         return None
     return frame[22:28]
+
+
+def resolve_mac(fd: int, src_ip: str = GUEST_IP, target_ip: str = HOST_IP, timeout: float = 5.0) -> bytes | None:
+    """The MAC of ``target_ip`` behind a TAP's queue ``fd`` (non-blocking, 12-byte vnet header): an ARP
+    request from ``src_ip``, sent again every 20 ms until a reply comes or ``timeout`` seconds pass (None)."""
+    hdr = bytes(12)
+    deadline = time.monotonic() + timeout
+    os.write(fd, hdr + arp_request(src_ip=src_ip, target_ip=target_ip))
+    while time.monotonic() < deadline:
+        try:
+            mac = parse_arp_reply(os.read(fd, 4096)[12:])
+            if mac is not None:
+                return mac
+        except BlockingIOError:
+            time.sleep(0.02)
+            os.write(fd, hdr + arp_request(src_ip=src_ip, target_ip=target_ip))
+    return None
 
 
 def parse_echo_reply(frame: bytes) -> tuple[int, int, bytes] | None:
