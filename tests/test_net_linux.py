@@ -26,18 +26,23 @@ def line(linux_io, tag: str, i: int) -> list[str]:
     return found[0]
 
 
-@pytest.mark.parametrize("path", NET_PATHS)
-def test_linux_virtio_net_pings_and_moves_data_both_ways(linux_io, path):
-    if linux_io.net_skip:
-        pytest.skip(linux_io.net_skip)
-    i = linux_io.net[path]["index"]
-    assert line(linux_io, "NET-IF", i), f"no interface has the NIC's MAC ({path})"
-    assert line(linux_io, "NET-PING", i)[:1] == ["3"], (path, nic_subnet(i))
+def assert_pinged_and_moved_data(linux_io, i: int, nic: str, context: str = "") -> None:
+    """NIC ``i`` (``nic`` names it in messages) came up in Linux with its MAC, answered 3 pings, and moved
+    the responder's data both ways with matching MD5s."""
+    assert line(linux_io, "NET-IF", i), f"no interface has the NIC's MAC ({nic})"
+    assert line(linux_io, "NET-PING", i)[:1] == ["3"], (nic, nic_subnet(i), context)
     up = line(linux_io, "NET-UP", i)
     responder = linux_io.responders[i]
     assert not responder.errors, responder.errors
     assert len(up) == 2 and up[0] == up[1] == responder.received_md5, (up, responder.received_md5)
     assert line(linux_io, "NET-DOWN", i) == [linux_io.down_md5[i]]
+
+
+@pytest.mark.parametrize("path", NET_PATHS)
+def test_linux_virtio_net_pings_and_moves_data_both_ways(linux_io, path):
+    if linux_io.net_skip:
+        pytest.skip(linux_io.net_skip)
+    assert_pinged_and_moved_data(linux_io, linux_io.net[path]["index"], path)
     stats = linux_io.net[path]
     assert stats["tx_bad"] == 0 and stats["rx_packets"] > 100 and stats["tx_packets"] > 100, stats
 
@@ -50,14 +55,7 @@ def test_linux_virtio_net_through_the_sidecore_service(linux_io):
     out before the last NICs.)"""
     if linux_io.net_skip:
         pytest.skip(linux_io.net_skip)
-    i = linux_io.net[SERVICE_NIC]["index"]
-    assert line(linux_io, "NET-IF", i), "no interface has the served NIC's MAC"
-    assert line(linux_io, "NET-PING", i)[:1] == ["3"], (nic_subnet(i), linux_io.service_log)
-    up = line(linux_io, "NET-UP", i)
-    responder = linux_io.responders[i]
-    assert not responder.errors, responder.errors
-    assert len(up) == 2 and up[0] == up[1] == responder.received_md5, (up, responder.received_md5)
-    assert line(linux_io, "NET-DOWN", i) == [linux_io.down_md5[i]]
+    assert_pinged_and_moved_data(linux_io, linux_io.net[SERVICE_NIC]["index"], SERVICE_NIC, linux_io.service_log)
     local = linux_io.net[SERVICE_NIC]
     assert local["tx_packets"] == local["rx_packets"] == 0, local       # every frame went through the service
     assert local["ctrl_ok"] >= 1 and local["ctrl_err"] == 0, local      # Linux's control commands, here
